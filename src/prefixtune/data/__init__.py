@@ -1,0 +1,17 @@
+"""Datasets: every loader returns a list of `Record`s for a split."""
+from __future__ import annotations
+
+from .e2e import load_e2e
+from .records import DATA_ENV, Record, resolve_data_dir, sample_pairs, training_pairs
+
+LOADERS = {"e2e": load_e2e}
+
+
+def load_task(task: str, split: str, data_dir=None, **options) -> list[Record]:
+    """Records of `task` (e2e, webnlg, dart, xsum) for `split`; options are the loader's own."""
+    if task not in LOADERS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(LOADERS)}")
+    return LOADERS[task](split, data_dir=data_dir, **options)
+
+
+__all__ = ["DATA_ENV", "LOADERS", "Record", "load_task", "resolve_data_dir", "sample_pairs", "training_pairs"]
