@@ -1,10 +1,13 @@
 """Datasets: every loader returns a list of `Record`s for a split."""
 from __future__ import annotations
 
+from .dart import load_dart
 from .e2e import load_e2e
 from .records import DATA_ENV, Record, resolve_data_dir, sample_pairs, training_pairs
+from .webnlg import load_webnlg
+from .xsum import load_xsum
 
-LOADERS = {"e2e": load_e2e}
+LOADERS = {"e2e": load_e2e, "webnlg": load_webnlg, "dart": load_dart, "xsum": load_xsum}
 
 
 def load_task(task: str, split: str, data_dir=None, **options) -> list[Record]:

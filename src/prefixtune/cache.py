@@ -1,0 +1,158 @@
+"""The one place that knows how transformers runs attention and stores past keys and values.
+
+Prefixes enter the frozen model inside attention: we register an attention
+function ("prefixtune") that prepends each row's prefix keys/values to the keys
+and values of every attention it is given a prefix for (decoder self-attention,
+encoder self-attention, cross-attention) and widens the mask to match. The
+prefix travels as a keyword argument (`prefix_kv`) that transformers passes
+through every layer down to the attention function. Because the prefix never
+enters transformers' own cache:
+  * positions and masks of the real tokens are computed exactly as without a
+    prefix, in training and in generation alike;
+  * each row of a batch can carry its own prefix, of its own length (serving);
+  * gradient checkpointing works (the prefix is an argument of the layer call,
+    so recomputation sees it), where PEFT refuses to run.
+When transformers changes its attention or cache API, this file changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache, EncoderDecoderCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTN_IMPLEMENTATION = "prefixtune"
+SLOT_ATTR = "_prefixtune_slot"  # set on each attention module: "decoder.3", "encoder.0", "cross.5"
+
+
+@dataclass
+class PrefixKV:
+    """Per-row prefix keys and values for one forward pass.
+
+    keys/values: slot -> (batch, kv_heads, prefix_len, head_dim), already in the
+    model's key space (for RoPE models: the keys as they would sit in the cache).
+    mask: (batch, prefix_len) bool; rows with shorter prefixes are padded with False.
+    query_visible: optional (batch, query_len) bool; a False query does not see the
+    prefix (used by infix, where the source must not attend to it).
+    capture: when a dict, the attention function records every slot's keys/values
+    into it instead (used to initialise a prefix from real words).
+    """
+
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+    query_visible: torch.Tensor | None = None
+    capture: dict | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def select(self, rows: torch.Tensor) -> "PrefixKV":
+        """The same prefixes for a re-indexed batch (beam expansion, dropping finished rows)."""
+        return PrefixKV(
+            keys={s: k.index_select(0, rows) for s, k in self.keys.items()},
+            values={s: v.index_select(0, rows) for s, v in self.values.items()},
+            mask=None if self.mask is None else self.mask.index_select(0, rows),
+        )
+
+
+def _bool_mask(module, attention_mask, batch, q_len, k_len, device):
+    """The real tokens' mask as (batch|1, 1, q, k) bool, whatever transformers handed us."""
+    if attention_mask is None:
+        if getattr(module, "is_causal", False) and q_len > 1:
+            # bottom-right aligned causal: query i sees keys up to i + (k - q)
+            q = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+            return (torch.arange(k_len, device=device)[None, :] <= q)[None, None]
+        return torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return attention_mask[:, :, -q_len:, -k_len:] if attention_mask.shape[-1] >= k_len else attention_mask
+
+
+def prefix_attention(module, query, key, value, attention_mask, prefix_kv: PrefixKV | None = None, **kwargs):
+    slot = getattr(module, SLOT_ATTR, None)
+    if prefix_kv is not None and prefix_kv.capture is not None and slot is not None:
+        prefix_kv.capture[slot] = (key.detach(), value.detach())
+    if prefix_kv is None or slot not in prefix_kv.keys:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    pk, pv = prefix_kv.keys[slot], prefix_kv.values[slot]
+    batch, _, q_len, _ = query.shape
+    k_len, p_len = key.shape[2], pk.shape[2]
+    real = _bool_mask(module, attention_mask, batch, q_len, k_len, query.device).expand(batch, 1, q_len, k_len)
+    seen = prefix_kv.mask[:, None, None, :].expand(batch, 1, q_len, p_len)
+    if prefix_kv.query_visible is not None:
+        seen = seen & prefix_kv.query_visible[:, None, -q_len:, None]
+    mask = torch.cat([seen, real], dim=-1)
+    # A query that sees nothing (left padding of a row without a prefix) would give NaN and
+    # poison later layers; let it see everything: its output is never read.
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    position_bias = kwargs.pop("position_bias", None)
+    if position_bias is not None:  # T5: prefix slots have no relative position, so no bias
+        position_bias = F.pad(position_bias, (p_len, 0))
+    key = torch.cat([pk.to(key.dtype), key], dim=2)
+    value = torch.cat([pv.to(value.dtype), value], dim=2)
+    return sdpa_attention_forward(module, query, key, value, mask, position_bias=position_bias, **kwargs)
+
+
+def _always_mask(*args, **kwargs):
+    # Our attention needs an explicit mask to widen: never let transformers skip it for is_causal.
+    kwargs["allow_is_causal_skip"] = False
+    kwargs.pop("allow_is_bidirectional_skip", None)
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _always_mask)
+
+
+def attention_modules(model) -> dict[str, torch.nn.Module]:
+    """slot name -> attention module, for every family prefixtune supports."""
+    mt = model.config.model_type
+    if mt == "gpt2":
+        return {f"decoder.{i}": b.attn for i, b in enumerate(model.transformer.h)}
+    if mt == "t5":
+        slots = {f"encoder.{i}": b.layer[0].SelfAttention for i, b in enumerate(model.encoder.block)}
+        for i, b in enumerate(model.decoder.block):
+            slots[f"decoder.{i}"] = b.layer[0].SelfAttention
+            slots[f"cross.{i}"] = b.layer[1].EncDecAttention
+        return slots
+    if model.config.is_encoder_decoder:  # BART family
+        core = model.get_encoder(), model.get_decoder()
+        slots = {f"encoder.{i}": l.self_attn for i, l in enumerate(core[0].layers)}
+        for i, l in enumerate(core[1].layers):
+            slots[f"decoder.{i}"] = l.self_attn
+            slots[f"cross.{i}"] = l.encoder_attn
+        return slots
+    return {f"decoder.{i}": l.self_attn for i, l in enumerate(model.base_model.layers)}
+
+
+def install(model):
+    """Route the model's attention through prefix_attention (idempotent; a model without a prefix is unchanged)."""
+    for slot, module in attention_modules(model).items():
+        setattr(module, SLOT_ATTR, slot)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def new_cache(model):
+    """An empty cache for incremental decoding of the real tokens (the prefix is not stored in it)."""
+    if model.config.is_encoder_decoder:
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+    return DynamicCache()
+
+
+def reorder_cache(cache, rows: torch.Tensor):
+    """Keep only / reorder the given batch rows of a decoding cache (beam search, finished rows)."""
+    caches = [cache.self_attention_cache, cache.cross_attention_cache] if isinstance(cache, EncoderDecoderCache) else [cache]
+    for c in caches:
+        for layer in c.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(0, rows)
+                layer.values = layer.values.index_select(0, rows)
+    return cache

@@ -1,0 +1,67 @@
+"""Records -> token batches: the source/target masks (loss on y only) and length-grouped batches."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+DEFAULT_TEMPLATES = {"decoder": "{source}\n", "encoder-decoder": "{source}"}
+
+
+def source_ids(tokenizer, family: str, text: str, template: str | None = None, max_len: int = 512) -> list[int]:
+    """Token ids of a formatted source; decoder-only models keep the end (nearest the target) when cutting."""
+    template = template or DEFAULT_TEMPLATES[family]
+    ids = tokenizer(template.format(source=text))["input_ids"]
+    return ids[-max_len:] if family == "decoder" else ids[:max_len]
+
+
+def encode_pair(tokenizer, family: str, source: str, target: str, template: str | None = None,
+                max_source_len: int = 512, max_target_len: int = 256) -> dict:
+    src = source_ids(tokenizer, family, source, template, max_source_len)
+    if family == "decoder":
+        tgt = tokenizer(target, add_special_tokens=False)["input_ids"][: max_target_len - 1] + [tokenizer.eos_token_id]
+        return {"input_ids": src + tgt, "labels": [-100] * len(src) + tgt}
+    tgt = tokenizer(target)["input_ids"][:max_target_len]
+    return {"input_ids": src, "labels": tgt}
+
+
+class Collator:
+    """Pads a list of encoded pairs on the right (training) into tensors."""
+
+    def __init__(self, pad_id: int, family: str, decoder_start_id: int | None = None):
+        self.pad_id, self.family, self.decoder_start_id = pad_id, family, decoder_start_id
+
+    @staticmethod
+    def _pad(seqs, value):
+        longest = max(len(s) for s in seqs)
+        return torch.tensor([s + [value] * (longest - len(s)) for s in seqs], dtype=torch.long)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids = [e["input_ids"] for e in examples]
+        batch = {"input_ids": self._pad(ids, self.pad_id),
+                 "attention_mask": self._pad([[1] * len(s) for s in ids], 0),
+                 "labels": self._pad([e["labels"] for e in examples], -100)}
+        if self.family == "encoder-decoder":
+            dec = [[self.decoder_start_id] + e["labels"][:-1] for e in examples]
+            batch["decoder_input_ids"] = self._pad(dec, self.pad_id)
+            batch["decoder_attention_mask"] = self._pad([[1] * len(s) for s in dec], 0)
+        return batch
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega_batches: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar lengths, to cut padding (HF's LengthGroupedSampler idea).
+
+    Indices are shuffled, cut into mega-batches of `mega_batches * batch_size`, each
+    sorted by length and split into batches; the batch order is shuffled again.
+    Deterministic in `seed`.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = mega_batches * batch_size
+    batches = []
+    for start in range(0, len(order), size):
+        mega = sorted(order[start: start + size], key=lambda i: -lengths[i])
+        batches += [mega[i: i + batch_size] for i in range(0, len(mega), batch_size)]
+    rng.shuffle(batches)
+    return batches

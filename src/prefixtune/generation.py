@@ -1,0 +1,226 @@
+"""Batched decoding with per-row prefixes: greedy and beam search.
+
+transformers' `generate` assumes everything in the cache came from the input ids,
+which a prefix breaks (PEFT's left-padded rows decode into garbage for that
+reason). This loop owns positions and masks, so a row decodes the same tokens
+alone or in any batch, next to any other prefix. The cache of the prefix and the
+source is kept across steps; finished rows leave the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from . import cache
+from .cache import PrefixKV
+from .models import ModelSpec, model_spec
+from .modeling import position_ids, prefix_offsets
+
+
+@dataclass
+class DecodingConfig:
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    stop_at_newline: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.num_beams < 1:
+            raise ValueError("num_beams must be >= 1")
+
+
+@lru_cache(maxsize=8)
+def _newline_ids(tokenizer) -> frozenset[int]:
+    vocab = tokenizer.get_vocab()
+    return frozenset(i for i in vocab.values() if "\n" in tokenizer.decode([i]))
+
+
+def stop_ids(tokenizer, stop_at_newline: bool) -> set[int]:
+    ids = set()
+    eos = tokenizer.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if stop_at_newline:
+        ids |= _newline_ids(tokenizer)
+    return ids
+
+
+class _Decoder:
+    """Incremental decoding state for a batch: cache, masks, positions and prefixes, all row-selectable."""
+
+    def __init__(self, model, spec: ModelSpec, input_ids, attention_mask, prefix_kv: PrefixKV | None):
+        self.model, self.spec, self.prefix_kv = model, spec, prefix_kv
+        self.cache = cache.new_cache(model)
+        self.encoder_outputs = None
+        self.attention_mask = attention_mask
+        if spec.family == "encoder-decoder":
+            self.encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                       prefix_kv=prefix_kv)
+            start = model.config.decoder_start_token_id
+            first = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
+            self.logits = self._decoder_step(first)
+        else:
+            offsets = prefix_offsets(prefix_kv, input_ids.shape[0], input_ids.device)
+            pos = position_ids(attention_mask, offsets)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=self.cache,
+                        use_cache=True, prefix_kv=prefix_kv, logits_to_keep=1)
+            self.next_position = pos[:, -1:] + 1
+            self.logits = out.logits[:, -1].float()
+
+    def _decoder_step(self, tokens):
+        out = self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.attention_mask,
+                         decoder_input_ids=tokens, cache=self.cache, use_cache=True, prefix_kv=self.prefix_kv)
+        return out.logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row; returns next-token logits (batch, vocab)."""
+        if self.encoder_outputs is not None:
+            return self._decoder_step(tokens[:, None])
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(tokens[:, None])], dim=-1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                         position_ids=self.next_position, cache=self.cache, use_cache=True, prefix_kv=self.prefix_kv)
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1].float()
+
+    def select(self, rows: torch.Tensor):
+        """Keep/reorder rows (finished rows leave, beams are reordered)."""
+        cache.reorder_cache(self.cache, rows)
+        self.attention_mask = self.attention_mask.index_select(0, rows)
+        if self.prefix_kv is not None:
+            self.prefix_kv = self.prefix_kv.select(rows)
+        if self.encoder_outputs is not None:
+            self.encoder_outputs.last_hidden_state = self.encoder_outputs.last_hidden_state.index_select(0, rows)
+        else:
+            self.next_position = self.next_position.index_select(0, rows)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, longest - len(s):] = torch.tensor(s)
+            mask[i, longest - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def decode(model, tokenizer, sequences: list[list[int]], prefix_kv: PrefixKV | None = None,
+           config: DecodingConfig | None = None, spec: ModelSpec | None = None) -> list[list[int]]:
+    """Generated token ids (stop token excluded) for each input sequence; row i uses prefix row i."""
+    config = config or DecodingConfig()
+    spec = spec or model_spec(model)
+    cache.install(model)
+    if not sequences:
+        return []
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("cannot decode an empty input")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, attention_mask = left_pad(sequences, pad, model.device)
+    stops = stop_ids(tokenizer, config.stop_at_newline)
+    if config.num_beams == 1:
+        return _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops)
+    return _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops)
+
+
+def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops):
+    batch = input_ids.shape[0]
+    state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv)
+    results: list[list[int]] = [[] for _ in range(batch)]
+    active = torch.arange(batch, device=input_ids.device)  # original row of each live row
+    stop_tensor = torch.tensor(sorted(stops), device=input_ids.device)
+    logits = state.logits
+    for _ in range(config.max_new_tokens):
+        tokens = logits.argmax(-1)
+        done = torch.isin(tokens, stop_tensor)
+        for row, token, is_done in zip(active.tolist(), tokens.tolist(), done.tolist()):
+            if not is_done:
+                results[row].append(token)
+        if done.all():
+            break
+        if done.any():
+            keep = (~done).nonzero().squeeze(-1)
+            state.select(keep)
+            active, tokens = active[keep], tokens[keep]
+        if _ == config.max_new_tokens - 1:
+            break
+        logits = state.step(tokens)
+    return results
+
+
+def _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops):
+    batch, beams = input_ids.shape[0], config.num_beams
+    device = input_ids.device
+    state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv)
+    expand = torch.arange(batch, device=device).repeat_interleave(beams)
+    state.select(expand)
+    logprobs = torch.log_softmax(state.logits.index_select(0, expand), -1)
+    vocab = logprobs.shape[-1]
+    scores = torch.full((batch, beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step one
+    sequences: list[list[list[int]]] = [[[] for _ in range(beams)] for _ in range(batch)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    pad = 0
+
+    def normalised(score, length):
+        return score / (max(length, 1) ** config.length_penalty)
+
+    for step in range(config.max_new_tokens):
+        candidates = (scores[:, :, None] + logprobs.view(batch, beams, vocab)).view(batch, -1)
+        top_scores, top_ids = candidates.topk(2 * beams, dim=-1)
+        next_tokens, next_rows, next_scores = [], [], []
+        for b in range(batch):
+            chosen = []
+            if not done[b]:
+                for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist())):
+                    beam, token = divmod(flat, vocab)
+                    if score == float("-inf"):
+                        break
+                    if token in stops:
+                        if rank < beams:
+                            seq = sequences[b][beam]
+                            finished[b].append((normalised(score, len(seq) + 1), list(seq)))
+                        continue
+                    chosen.append((score, beam, token))
+                    if len(chosen) == beams:
+                        break
+                finished[b].sort(key=lambda x: -x[0])
+                del finished[b][beams:]
+                if len(finished[b]) == beams and chosen:
+                    best_running = normalised(chosen[0][0], step + 1)
+                    done[b] = best_running <= finished[b][-1][0]
+                elif not chosen:
+                    done[b] = True
+            if done[b] or not chosen:
+                chosen = [(float("-inf"), 0, pad)] * beams
+            while len(chosen) < beams:
+                chosen.append((float("-inf"), chosen[0][1], chosen[0][2]))
+            new_seqs = []
+            for score, beam, token in chosen:
+                next_scores.append(score)
+                next_rows.append(b * beams + beam)
+                next_tokens.append(token)
+                new_seqs.append(sequences[b][beam] + [token])
+            sequences[b] = new_seqs
+        if all(done):
+            break
+        scores = torch.tensor(next_scores, device=device).view(batch, beams)
+        if step == config.max_new_tokens - 1:
+            break
+        state.select(torch.tensor(next_rows, device=device))
+        logprobs = torch.log_softmax(state.step(torch.tensor(next_tokens, device=device)), -1)
+    results = []
+    for b in range(batch):
+        if not done[b]:  # ran out of length: running beams compete with finished ones
+            for beam in range(beams):
+                if scores[b, beam] > float("-inf"):
+                    finished[b].append((normalised(scores[b, beam].item(), len(sequences[b][beam])),
+                                        sequences[b][beam]))
+        finished[b].sort(key=lambda x: -x[0])
+        results.append(finished[b][0][1] if finished[b] else [])
+    return results

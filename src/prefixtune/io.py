@@ -1,0 +1,171 @@
+"""Exported prefixes: P alone as safetensors, with metadata, written atomically and checked on load.
+
+A file holds one tensor per attention group (`prefix.decoder`, and for
+encoder-decoder models `prefix.encoder`, `prefix.cross`), each
+`prefix_len x (layers x 2 x kv_heads x head_dim)`, plus string metadata:
+format, base model, a fingerprint of the base model's shapes, the prefix
+length, the layout, the dtype, the training config and a SHA-256 of the tensor
+bytes (so a flipped bit is caught, not only a truncated file).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from .models import ModelSpec
+from .prefix import LAYOUT, group_width, groups_of
+
+FORMAT = "prefixtune.prefix/1"
+TENSOR_PREFIX = "prefix."
+
+
+class PrefixFileError(ValueError):
+    """A prefix file is missing, corrupt, or does not fit the base model."""
+
+
+@dataclass
+class ExportedPrefix:
+    p: dict[str, torch.Tensor]  # group -> (len, width)
+    metadata: dict
+
+    @property
+    def prefix_len(self) -> int:
+        return next(iter(self.p.values())).shape[0]
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.p.values())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj, path: str | os.PathLike):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def prefix_to_bytes(p: dict[str, torch.Tensor], spec: ModelSpec, base_model: str, train_config: dict | None = None,
+                    dtype: torch.dtype = torch.float32) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {TENSOR_PREFIX + g: t.detach().to("cpu", dtype).contiguous() for g, t in p.items()}
+    length = next(iter(p.values())).shape[0]
+    metadata = {
+        "format": FORMAT,
+        "base_model": base_model,
+        "fingerprint": spec.fingerprint(),
+        "model_spec": json.dumps(spec.__dict__, sort_keys=True),
+        "prefix_len": str(length),
+        "layout": LAYOUT,
+        "groups": json.dumps(groups_of(spec)),
+        "dtype": str(dtype).replace("torch.", ""),
+        "train_config": json.dumps(train_config or {}, sort_keys=True, default=str),
+        "sha256": _digest(tensors),
+    }
+    return save(tensors, metadata=metadata)
+
+
+def save_prefix(path, p, spec, base_model, train_config=None, dtype=torch.float32) -> Path:
+    """Write P atomically (temp file, then rename). Returns the path."""
+    atomic_write_bytes(path, prefix_to_bytes(p, spec, base_model, train_config, dtype))
+    return Path(path)
+
+
+def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str, spec: ModelSpec | None) -> ExportedPrefix:
+    if not metadata or metadata.get("format") != FORMAT:
+        raise PrefixFileError(f"{source}: not a prefixtune prefix file (missing or unknown 'format' metadata)")
+    if metadata.get("sha256") != _digest(tensors):
+        raise PrefixFileError(f"{source}: corrupt prefix file (tensor checksum does not match its metadata)")
+    p = {name[len(TENSOR_PREFIX):]: t for name, t in tensors.items() if name.startswith(TENSOR_PREFIX)}
+    if not p:
+        raise PrefixFileError(f"{source}: holds no prefix tensors")
+    lengths = {t.shape[0] for t in p.values()}
+    if len(lengths) != 1 or any(t.dim() != 2 for t in p.values()):
+        raise PrefixFileError(f"{source}: prefix tensors have inconsistent shapes")
+    exported = ExportedPrefix(p={g: t.float() for g, t in p.items()}, metadata=dict(metadata))
+    if spec is not None:
+        check_compatible(exported, spec, source)
+    return exported
+
+
+def check_compatible(exported: ExportedPrefix, spec: ModelSpec, source: str = "prefix"):
+    """Refuse a prefix made for another model, naming what differs."""
+    theirs = exported.metadata.get("fingerprint")
+    if theirs != spec.fingerprint():
+        try:
+            made_for = json.loads(exported.metadata.get("model_spec", "{}"))
+        except json.JSONDecodeError:
+            made_for = {}
+        diffs = [f"{k}: prefix {made_for.get(k)!r} vs model {v!r}" for k, v in spec.__dict__.items()
+                 if made_for.get(k) != v]
+        raise PrefixFileError(
+            f"{source}: made for base model {exported.metadata.get('base_model')!r} with a different shape "
+            f"({'; '.join(diffs) or 'fingerprint differs'}); it cannot be used with this model"
+        )
+    expected = {g: group_width(spec, n) for g, n in groups_of(spec).items()}
+    got = {g: t.shape[1] for g, t in exported.p.items()}
+    if got != expected:
+        raise PrefixFileError(f"{source}: tensor widths {got} do not match the model's {expected}")
+
+
+def load_prefix(path, spec: ModelSpec | None = None) -> ExportedPrefix:
+    """Read and validate an exported prefix; with `spec`, also check it fits that base model."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrefixFileError(f"prefix file not found: {path}")
+    return load_prefix_bytes(path.read_bytes(), spec, source=str(path))
+
+
+def load_prefix_bytes(data: bytes, spec: ModelSpec | None = None, source: str = "upload") -> ExportedPrefix:
+    """Validate a prefix held in memory (server uploads, and files via load_prefix)."""
+    import struct
+
+    from safetensors.torch import load
+
+    try:
+        if len(data) < 8:
+            raise ValueError("too short")
+        header_len = struct.unpack("<Q", data[:8])[0]
+        if header_len > len(data) - 8:
+            raise ValueError("header length beyond end of data")
+        header = json.loads(data[8: 8 + header_len])
+        metadata = header.get("__metadata__")
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError, struct.error) as e:
+        raise PrefixFileError(f"{source}: not a valid safetensors file ({e})") from None
+    return _parse(tensors, metadata, source, spec)

@@ -1,0 +1,20 @@
+"""Training methods: which parameters train and how they enter the frozen model.
+
+Every method has the same interface (see `base.Method`), so the trainer, the CLI's
+`--method` switch and the experiments treat them alike.
+"""
+from __future__ import annotations
+
+from .base import Method
+from .prefix import PrefixMethod
+
+METHODS: dict[str, type[Method]] = {"prefix": PrefixMethod, "prefix-flat": PrefixMethod}
+
+
+def build_method(name: str, model, tokenizer, spec, config) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name](name, model, tokenizer, spec, config)
+
+
+__all__ = ["METHODS", "Method", "build_method"]

@@ -1,0 +1,51 @@
+"""DART metrics as the DART repository's ``evaluation/run_eval_on_dart.sh`` computes them.
+
+* text: DART's reference files are lowercased and split at every non-word
+  character (``' '.join(re.split('(\\W)', s))``, spaces collapsed, no unidecode);
+  hypotheses are normalised the same way here (the script expects hypotheses
+  already in that form; for such files the normalisation changes nothing);
+* BLEU: ``multi-bleu.perl`` (case-sensitive, but everything is lowercased)
+  against the first 3 annotations (fewer -> empty reference lines);
+* METEOR: METEOR 1.5 ``-l en -norm`` against the *first* annotation only
+  (``prepare_files.py`` writes only reference0, padded with empty lines);
+* TER: tercom 0.7.25 against the first annotation only (same file);
+* BERTScore (``bert-score --lang en``: roberta-large F1, max over the 3
+  references), MoverScore (``moverscore_v2``, first reference) and BLEURT
+  (first reference) run only when their packages and weights are present
+  locally; otherwise a note says why they were skipped (see ``optional.py``).
+
+Scales: BLEU, METEOR and TER x100; BERTScore, MoverScore, BLEURT raw.
+"""
+from __future__ import annotations
+
+import re
+
+from .java import Meteor, java_executable
+from .multibleu import multi_bleu
+from .optional import model_based_scores
+from .ter import ter
+
+MAX_REFS = 3
+_NONWORD = re.compile(r"(\W)")
+
+
+def normalize(text: str) -> str:
+    return " ".join(" ".join(_NONWORD.split(text)).split()).lower()
+
+
+def score_dart(hypotheses: list[str], references: list[list[str]], notes: list[str] | None = None,
+               model_metrics: bool = True) -> dict[str, float]:
+    java_executable()
+    hyps = [normalize(h) for h in hypotheses]
+    refs = [[normalize(r) for r in group[:MAX_REFS]] or [""] for group in references]
+    first = [[r[0]] for r in refs]
+    scores = {"BLEU": multi_bleu(hyps, [r + [""] * (MAX_REFS - len(r)) for r in refs])}
+    with Meteor() as meteor:
+        scores["METEOR"] = 100.0 * meteor.corpus_score([h or " " for h in hyps], first)[0]
+    scores["TER"] = ter(hyps, first)
+    if model_metrics:
+        extra, extra_notes = model_based_scores(list(hypotheses), [list(g) for g in references])
+        scores.update(extra)
+        if notes is not None:
+            notes.extend(extra_notes)
+    return scores

@@ -1,0 +1,91 @@
+"""Reading hypothesis and reference files the way the official E2E ``measure_scores.py`` does."""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from .errors import MetricsError
+
+# measure_scores.py's CSV header patterns and mojibake fixes (read_tsv).
+HEADER_SRC = r"(mr|src|source|meaning(?:[_ .-]rep(?:resentation)?)?|da|dial(?:ogue)?[_ .-]act)s?"
+HEADER_REF = r"(trg|tgt|target|ref(?:erence)?|human(?:[_ .-](?:ref(?:erence)?))?)s?"
+_FIXES = (("\ufeff", ""), ("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
+
+
+def _read_text(path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MetricsError(f"{path} is not UTF-8 text: {exc}") from exc
+
+
+def read_lines(path) -> list[str]:
+    """One stripped line per item, empty lines included (``read_lines`` of measure_scores.py)."""
+    return [line.strip() for line in _read_text(path).splitlines()]
+
+
+def _read_csv_refs(path: Path) -> list[list[str]]:
+    lines = _read_text(path).splitlines()
+    for bad, good in _FIXES:
+        lines = [line.replace(bad, good) for line in lines]
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise MetricsError(f"reference file {path} is empty")
+    rows = list(csv.reader(lines, delimiter="\t" if "\t" in lines[0] else ","))
+    header = rows[0]
+    src = [i for i, f in enumerate(header) if re.match(HEADER_SRC, f, re.I)]
+    ref = [i for i, f in enumerate(header) if re.match(HEADER_REF, f, re.I)]
+    if len(src) == 1 and len(ref) == 1:
+        src_col, ref_col, rows = src[0], ref[0], rows[1:]
+    elif not src and not ref and len(header) == 2:
+        src_col, ref_col = 0, 1
+    else:
+        raise MetricsError(f"cannot tell the MR and reference columns of {path} (header {header})")
+    groups: list[list[str]] = []
+    current = None
+    for row in rows:
+        if len(row) <= max(src_col, ref_col):
+            raise MetricsError(f"{path}: a row has {len(row)} columns, expected {len(header)}")
+        if row[src_col] != current:  # consecutive rows with the same MR form one group
+            groups.append([])
+            current = row[src_col]
+        groups[-1].append(row[ref_col])
+    return groups
+
+
+def read_references(path, n_hyps: int) -> list[list[str]]:
+    """Reference groups for ``n_hyps`` hypotheses from ``path``.
+
+    Accepted formats: the official E2E one (the references of one item on
+    consecutive lines, items separated by a blank line), one reference per
+    line (when the file has ``n_hyps`` lines), or an E2E-style CSV/TSV with
+    MR and reference columns (consecutive rows with the same MR are grouped,
+    as ``measure_scores.py`` does when the system output is plain text).
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        groups = _read_csv_refs(path)
+    else:
+        lines = read_lines(path)
+        groups = [[]]
+        for line in lines:
+            if line:
+                groups[-1].append(line)
+            else:
+                groups.append([])
+        while groups and not groups[-1]:
+            groups.pop()
+        if len(groups) != n_hyps and len(lines) == n_hyps:
+            groups = [[line] for line in lines]
+    if len(groups) != n_hyps:
+        raise MetricsError(f"reference file {path} holds {len(groups)} reference groups but there are {n_hyps} "
+                           f"hypotheses (expected blank-line-separated groups, one per hypothesis, or one "
+                           f"reference per line)")
+    for i, group in enumerate(groups):
+        if not group or not any(group):
+            raise MetricsError(f"reference file {path}: item {i + 1} has no reference")
+    return groups

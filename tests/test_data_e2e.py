@@ -1,0 +1,69 @@
+"""E2E loading, the paper's linearisation, the low-data sampler and the collator's loss mask."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny_model
+from prefixtune.data import load_task, sample_pairs, training_pairs
+from prefixtune.data.collate import Collator, encode_pair, length_grouped_batches
+from prefixtune.data.e2e import linearize_mr
+
+
+def test_linearisation_follows_the_paper():
+    mr = "name[The Eagle], eatType[coffee shop], priceRange[less than £20], familyFriendly[yes], near[Burger King]"
+    assert linearize_mr(mr) == ("name : The Eagle | Type : coffee shop | price : less than £20 | "
+                                "family friendly : yes | near : Burger King")
+    with pytest.raises(ValueError, match="cannot parse"):
+        linearize_mr("no brackets here")
+
+
+def test_counts_and_grouping(data_dir):
+    test = load_task("e2e", "test", data_dir)
+    assert len(test) == 630
+    assert sum(len(r.references) for r in test) == 4693
+    assert len(load_task("e2e", "dev", data_dir)) == 547
+    train = load_task("e2e", "train", data_dir)
+    assert len(train) == 4862 and len(training_pairs(train)) == 42061
+    assert test[0].meta["id"] == 0 and all(r.references for r in test)
+
+
+def test_low_data_sampler_is_seeded(data_dir):
+    pairs = training_pairs(load_task("e2e", "train", data_dir))
+    a, b, c = sample_pairs(pairs, 200, 1), sample_pairs(pairs, 200, 1), sample_pairs(pairs, 200, 2)
+    assert a == b and a != c and len(a) == 200 and len(set(a)) == 200
+    with pytest.raises(ValueError):
+        sample_pairs(pairs, 0, 1)
+
+
+def test_missing_data_dir_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("PREFIXTUNE_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match="PREFIXTUNE_DATA"):
+        load_task("e2e", "test")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_task("e2e", "test", tmp_path)
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("nope", "test", tmp_path)
+
+
+def test_loss_only_on_target_tokens(tokenizer):
+    ex = encode_pair(tokenizer, "decoder", "name : X", "X is nice.")
+    src_len = len(tokenizer("name : X\n")["input_ids"])
+    assert ex["labels"][:src_len] == [-100] * src_len
+    assert ex["labels"][src_len:] == tokenizer("X is nice.")["input_ids"] + [tokenizer.eos_token_id]
+    batch = Collator(tokenizer.pad_token_id, "decoder")([ex, encode_pair(tokenizer, "decoder", "a", "b")])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == -100).all()
+
+
+def test_length_grouping_cuts_padding_and_covers_everything():
+    lengths = [i % 37 + 1 for i in range(400)]
+    batches = length_grouped_batches(lengths, 8, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    import random
+
+    order = list(range(400))
+    random.Random(3).shuffle(order)
+    naive = sum(max(lengths[i] for i in order[k:k + 8]) * len(order[k:k + 8]) for k in range(0, 400, 8))
+    assert padded < 0.8 * naive
+    assert batches == length_grouped_batches(lengths, 8, seed=3)

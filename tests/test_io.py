@@ -1,0 +1,77 @@
+"""Exported prefix files: round trips, corruption, mismatched models, atomic writes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from prefixtune.io import PrefixFileError, load_prefix, load_prefix_bytes, save_prefix
+from prefixtune.models import model_spec
+from prefixtune.prefix import PrefixConfig, build_prefix_encoder
+
+
+@pytest.fixture
+def exported(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    spec = model_spec(model)
+    enc = build_prefix_encoder(model, tokenizer, spec, PrefixConfig(prefix_len=5, mlp_dim=16))
+    with torch.no_grad():
+        p = enc()
+    path = save_prefix(tmp_path / "p.safetensors", p, spec, "tiny-llama", {"lr": 0.1})
+    return path, p, spec
+
+
+def test_round_trip_keeps_tensors_and_metadata(exported):
+    path, p, spec = exported
+    loaded = load_prefix(path, spec)
+    assert set(loaded.p) == set(p)
+    for g in p:
+        assert torch.equal(loaded.p[g], p[g])
+    assert loaded.metadata["base_model"] == "tiny-llama"
+    assert loaded.metadata["fingerprint"] == spec.fingerprint()
+    assert loaded.metadata["prefix_len"] == "5"
+    assert "layers x 2 x kv_heads x head_dim" in loaded.metadata["layout"]
+    assert loaded.metadata["dtype"] == "float32"
+    assert '"lr": 0.1' in loaded.metadata["train_config"]
+    assert loaded.prefix_len == 5
+
+
+def test_no_temp_files_left(exported):
+    path, _, _ = exported
+    assert [f.name for f in path.parent.iterdir()] == ["p.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_corrupt_file_is_refused_clearly(exported, damage):
+    path, _, spec = exported
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-10] ^= 0xFF  # inside the tensor bytes: only the checksum can see it
+    elif damage == "garbage":
+        data = bytearray(b"not a safetensors file at all" * 3)
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(PrefixFileError, match="corrupt|not a valid|not a prefixtune"):
+        load_prefix(path, spec)
+
+
+def test_mismatched_model_is_refused_naming_the_difference(exported):
+    path, _, _ = exported
+    other = model_spec(tiny_model("gpt2"))
+    with pytest.raises(PrefixFileError, match="num_kv_heads"):
+        load_prefix(path, other)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PrefixFileError, match="not found"):
+        load_prefix(tmp_path / "nope.safetensors")
+
+
+def test_foreign_safetensors_is_refused(tmp_path):
+    from safetensors.torch import save
+
+    with pytest.raises(PrefixFileError, match="not a prefixtune"):
+        load_prefix_bytes(save({"w": torch.zeros(2)}))

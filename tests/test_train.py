@@ -1,0 +1,109 @@
+"""The trainer: it learns, keeps the best step, resumes a killed run exactly, runs on 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_model
+from prefixtune.io import load_prefix
+from prefixtune.train import CHECKPOINT, TrainConfig, train
+
+PAIRS = [(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food.") for i, f in
+         enumerate(["Thai", "French", "Chinese", "Italian", "English", "Indian"] * 3)]
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=6, batch_size=4, lr=5e-3, prefix_len=3, mlp_dim=16,
+                eval_every=2, save_every=3, seed=7, prefix_dropout=0.1, precision="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_training_lowers_dev_loss_and_exports(family, tokenizer, tmp_path):
+    model = tiny_model(family)
+    result = train(config(tmp_path, max_steps=30, eval_every=10, lr=3e-2), model, tokenizer, PAIRS, PAIRS[:6],
+                   progress=False)
+    losses = [h["dev_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.best_dev_loss == min(losses)
+    exported = load_prefix(result.prefix_file)
+    assert exported.prefix_len == 3
+    assert json.loads(exported.metadata["train_config"])["best_step"] == result.best_step
+    assert result.shipped_params < result.trainable_params  # the MLP is dropped
+
+
+def test_resume_continues_a_killed_run_exactly(tokenizer, tmp_path):
+    straight = train(config(tmp_path / "a"), tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_4(step, logs, module):
+        if step == 4:
+            raise Killed
+
+    cfg = config(tmp_path / "b")
+    with pytest.raises(Killed):
+        train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], on_step=kill_at_4, progress=False)
+    assert torch.load(Path(cfg.output_dir) / CHECKPOINT, weights_only=False)["step"] == 3
+    resumed = train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], resume=True, progress=False)
+    a, b = load_prefix(straight.prefix_file), load_prefix(resumed.prefix_file)
+    for g in a.p:
+        assert torch.equal(a.p[g], b.p[g])
+    assert [h["dev_loss"] for h in straight.history] == [h["dev_loss"] for h in resumed.history]
+
+
+def test_bf16_autocast_matches_fp32_dev_loss(tokenizer, tmp_path):
+    from prefixtune.train import bf16_available
+
+    if not bf16_available(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16")
+    results = [train(config(tmp_path / p, precision=p, max_steps=10, prefix_dropout=0.0), tiny_model("llama"),
+                     tokenizer, PAIRS, PAIRS[:6], progress=False) for p in ("fp32", "bf16")]
+    fp32, bf16 = (r.final_dev_loss for r in results)
+    assert abs(bf16 - fp32) / fp32 < 0.02
+
+
+DIST_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[2])
+from conftest import ByteTokenizer, tiny_model
+from prefixtune.train import TrainConfig, train
+
+out, rank = sys.argv[1], int(os.environ["RANK"])  # set by torchrun
+pairs = [(f"name : P{i}", f"P{i} is a pub near {i}.") for i in range(16)]
+cfg = TrainConfig(output_dir=out, max_steps=4, batch_size=4, lr=1e-2, prefix_len=2, mlp_dim=8, eval_every=2,
+                  save_every=0, precision="fp32", prefix_dropout=0.0)
+
+def dump(step, logs, module):
+    if step == cfg.max_steps:
+        torch.save(module.state_dict(), f"{out}/rank{rank}.pt")
+
+# a different init per rank: the ranks must still agree (DDP broadcasts rank 0, updates are synced)
+torch.manual_seed(rank)
+train(cfg, tiny_model("llama"), ByteTokenizer(), pairs, pairs[:4], on_step=dump, progress=False)
+"""
+
+
+def test_two_process_run_keeps_ranks_identical(tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), str(out), str(REPO / "tests")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert (out / "prefix.safetensors").is_file()
