@@ -70,3 +70,14 @@ def test_left_padded_batch_equals_one_by_one(smol):
         alone = [decode(model, tokenizer, [s], prefix_kv_from_groups([p], spec), config)[0] for s, p in zip(seqs, rows)]
     assert batched == alone
     assert all(len(x) > 0 for x in batched)
+
+
+def test_gguf_path_loads_the_same_model(smol):
+    from prefixtune.models import embedded_gguf
+
+    model, tokenizer = smol
+    direct, direct_tok = load_base_model(str(embedded_gguf("smollm2-135m")))
+    assert model_spec(direct).fingerprint() == model_spec(model).fingerprint()
+    name = "model.layers.3.self_attn.k_proj.weight"
+    assert torch.equal(direct.state_dict()[name], model.state_dict()[name])
+    assert direct_tok("name : The Eagle")["input_ids"] == tokenizer("name : The Eagle")["input_ids"]

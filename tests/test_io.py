@@ -75,3 +75,13 @@ def test_foreign_safetensors_is_refused(tmp_path):
 
     with pytest.raises(PrefixFileError, match="not a prefixtune"):
         load_prefix_bytes(save({"w": torch.zeros(2)}))
+
+
+def test_unknown_model_is_a_clear_error(monkeypatch, tmp_path):
+    from prefixtune.models import load_base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="cannot load model 'no-such-org/no-such-model'"):
+        load_base_model("no-such-org/no-such-model")
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        load_base_model(str(tmp_path / "missing.gguf"))

@@ -57,6 +57,7 @@ class PrefixKV:
             keys={s: k.index_select(0, rows) for s, k in self.keys.items()},
             values={s: v.index_select(0, rows) for s, v in self.values.items()},
             mask=None if self.mask is None else self.mask.index_select(0, rows),
+            query_visible=None if self.query_visible is None else self.query_visible.index_select(0, rows),
         )
 
 
@@ -103,7 +104,11 @@ def _always_mask(*args, **kwargs):
     # Our attention needs an explicit mask to widen: never let transformers skip it for is_causal.
     kwargs["allow_is_causal_skip"] = False
     kwargs.pop("allow_is_bidirectional_skip", None)
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is not None and mask.dtype == torch.bool:
+        # A query that sees nothing (left padding) would give NaN; its output is never read.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
@@ -138,6 +143,19 @@ def install(model):
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
+
+
+def prefilled_cache(prefix_kv: PrefixKV, num_layers: int) -> DynamicCache:
+    """A decoding cache that already holds a decoder-only model's prefix keys/values.
+
+    Decoding then appends to one cache (one copy per step, as without a prefix) instead
+    of prepending the prefix at every step; the caller widens the 2D attention mask by
+    `prefix_kv.mask` and passes no `prefix_kv` to the forward.
+    """
+    cache = DynamicCache()
+    for i in range(num_layers):
+        cache.update(prefix_kv.keys[f"decoder.{i}"], prefix_kv.values[f"decoder.{i}"], i)
+    return cache
 
 
 def new_cache(model):

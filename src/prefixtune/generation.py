@@ -25,6 +25,7 @@ class DecodingConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     stop_at_newline: bool = True
+    ignore_eos: bool = False  # decode exactly max_new_tokens unless a newline stops it (benchmarks)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -39,9 +40,9 @@ def _newline_ids(tokenizer) -> frozenset[int]:
     return frozenset(i for i in vocab.values() if "\n" in tokenizer.decode([i]))
 
 
-def stop_ids(tokenizer, stop_at_newline: bool) -> set[int]:
+def stop_ids(tokenizer, stop_at_newline: bool, ignore_eos: bool = False) -> set[int]:
     ids = set()
-    eos = tokenizer.eos_token_id
+    eos = None if ignore_eos else tokenizer.eos_token_id
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if stop_at_newline:
         ids |= _newline_ids(tokenizer)
@@ -51,13 +52,17 @@ def stop_ids(tokenizer, stop_at_newline: bool) -> set[int]:
 class _Decoder:
     """Incremental decoding state for a batch: cache, masks, positions and prefixes, all row-selectable."""
 
-    def __init__(self, model, spec: ModelSpec, input_ids, attention_mask, prefix_kv: PrefixKV | None):
+    def __init__(self, model, spec: ModelSpec, input_ids, attention_mask, prefix_kv: PrefixKV | None,
+                 embeds_prefix: torch.Tensor | None = None):
         self.model, self.spec, self.prefix_kv = model, spec, prefix_kv
         self.cache = cache.new_cache(model)
         self.encoder_outputs = None
+        inputs = {"input_ids": input_ids}
+        if embeds_prefix is not None:  # virtual tokens (embedding-only): [v; x], as in training
+            inputs, attention_mask = _with_embeds_prefix(model, spec, input_ids, attention_mask, embeds_prefix)
         self.attention_mask = attention_mask
         if spec.family == "encoder-decoder":
-            self.encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+            self.encoder_outputs = model.get_encoder()(**inputs, attention_mask=attention_mask,
                                                        prefix_kv=prefix_kv)
             start = model.config.decoder_start_token_id
             first = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
@@ -65,7 +70,7 @@ class _Decoder:
         else:
             offsets = prefix_offsets(prefix_kv, input_ids.shape[0], input_ids.device)
             pos = position_ids(attention_mask, offsets)
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=self.cache,
+            out = model(**inputs, attention_mask=attention_mask, position_ids=pos, cache=self.cache,
                         use_cache=True, prefix_kv=prefix_kv, logits_to_keep=1)
             self.next_position = pos[:, -1:] + 1
             self.logits = out.logits[:, -1].float()
@@ -97,6 +102,21 @@ class _Decoder:
             self.next_position = self.next_position.index_select(0, rows)
 
 
+def _with_embeds_prefix(model, spec, input_ids, attention_mask, embeds_prefix):
+    """Prepend per-row input embeddings (batch, k, hidden) to the left-padded input: [v; pad; x] for a
+    decoder (positions count real tokens only, so x starts at k as in training) and [v; x; pad] for an
+    encoder (right-aligned, so absolute positions match training's right padding)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    if spec.family == "encoder-decoder":
+        shift = (attention_mask == 0).sum(-1, keepdim=True)
+        index = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] + shift) % input_ids.shape[1]
+        embeds = embeds.gather(1, index[..., None].expand_as(embeds))
+        attention_mask = attention_mask.gather(1, index)
+    ones = torch.ones(embeds_prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+    embeds = torch.cat([embeds_prefix.to(device=embeds.device, dtype=embeds.dtype), embeds], dim=1)
+    return {"inputs_embeds": embeds}, torch.cat([ones, attention_mask], dim=-1)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
@@ -110,8 +130,13 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 
 @torch.no_grad()
 def decode(model, tokenizer, sequences: list[list[int]], prefix_kv: PrefixKV | None = None,
-           config: DecodingConfig | None = None, spec: ModelSpec | None = None) -> list[list[int]]:
-    """Generated token ids (stop token excluded) for each input sequence; row i uses prefix row i."""
+           config: DecodingConfig | None = None, spec: ModelSpec | None = None,
+           embeds_prefix: torch.Tensor | None = None, on_token=None) -> list[list[int]]:
+    """Generated token ids (stop token excluded) for each input sequence; row i uses prefix row i.
+
+    `embeds_prefix` (batch, k, hidden): input embeddings read before each row's tokens (embedding-only).
+    `on_token(row, token)`, if given, is called for every token as greedy decoding emits it (streaming).
+    """
     config = config or DecodingConfig()
     spec = spec or model_spec(model)
     cache.install(model)
@@ -121,18 +146,18 @@ def decode(model, tokenizer, sequences: list[list[int]], prefix_kv: PrefixKV | N
         raise ValueError("cannot decode an empty input")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids, attention_mask = left_pad(sequences, pad, model.device)
-    stops = stop_ids(tokenizer, config.stop_at_newline)
+    stops = stop_ids(tokenizer, config.stop_at_newline, config.ignore_eos)
     if config.num_beams == 1:
-        return _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops)
-    return _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops)
+        return _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix, on_token)
+    return _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix)
 
 
-def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops):
+def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix=None, on_token=None):
     batch = input_ids.shape[0]
-    state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv)
+    state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv, embeds_prefix)
     results: list[list[int]] = [[] for _ in range(batch)]
     active = torch.arange(batch, device=input_ids.device)  # original row of each live row
-    stop_tensor = torch.tensor(sorted(stops), device=input_ids.device)
+    stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=input_ids.device)
     logits = state.logits
     for _ in range(config.max_new_tokens):
         tokens = logits.argmax(-1)
@@ -140,6 +165,8 @@ def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops):
         for row, token, is_done in zip(active.tolist(), tokens.tolist(), done.tolist()):
             if not is_done:
                 results[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
         if done.all():
             break
         if done.any():
@@ -152,10 +179,10 @@ def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops):
     return results
 
 
-def _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops):
+def _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix=None):
     batch, beams = input_ids.shape[0], config.num_beams
     device = input_ids.device
-    state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv)
+    state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv, embeds_prefix)
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
     state.select(expand)
     logprobs = torch.log_softmax(state.logits.index_select(0, expand), -1)

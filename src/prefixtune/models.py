@@ -139,9 +139,16 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
         model, tokenizer = _from_gguf(path, None)
     else:
         # A local directory or a hub id (the latter needs a network on first use).
-        config = AutoConfig.from_pretrained(name)
-        model = _model_class(config).from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        try:
+            config = AutoConfig.from_pretrained(name)
+            model = _model_class(config).from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            kind = "local directory" if Path(name).exists() else "hub id (is the network reachable?)"
+            raise FileNotFoundError(
+                f"cannot load model {name!r} as a {kind}; embedded models: {sorted(EMBEDDED)}; "
+                f"a .gguf path also works. Cause: {str(e).splitlines()[0]}"
+            ) from None
     model = model.to(dtype=dtype)
     if device:
         model = model.to(device)

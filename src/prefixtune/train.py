@@ -58,6 +58,8 @@ class TrainConfig:
     template: str | None = None          # how the source is written before the target, e.g. "{source}\n"
     max_source_len: int = 256
     max_target_len: int = 128
+    adapter_budget: float = 0.001        # adapter: a fraction of the base model's parameters (0.001 / 0.03)
+    export: bool = True                  # write the trained artefact at the end (experiments skip it)
 
     def prefix_config(self) -> PrefixConfig:
         return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",
@@ -77,6 +79,8 @@ class TrainResult:
     trainable_params: int
     shipped_params: int
     history: list = field(default_factory=list)
+    train_seconds: float = 0.0           # optimiser steps only
+    padded_tokens: int = 0               # positions computed, padding included (this process)
 
 
 def bf16_available(device: torch.device) -> bool:
@@ -150,7 +154,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         train_pairs, dev_pairs = load_pairs(config)
     if not train_pairs:
         raise ValueError("no training examples")
-    method = build_method(config.method, model, tokenizer, spec, config.prefix_config())
+    method = build_method(config.method, model, tokenizer, spec, config)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     lr = config.lr if config.lr is not None else method.default_lr
@@ -209,8 +213,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     module.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc=f"train {config.method}", dynamic_ncols=True)
-    tokens = target_tokens = 0
-    start = time.perf_counter()
+    tokens = target_tokens = padded_tokens = 0
+    train_time = 0.0  # optimiser steps only: dev evaluation and checkpoints are not throughput
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed * 100003 + epoch)
@@ -218,6 +222,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             if step >= total_steps:
                 break
             local = global_batch[rank::world] or global_batch[:1]  # each process takes its share
+            step_start = time.perf_counter()
             batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in local]).items()}
             with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
                 loss, n_target = method.loss(module, batch)
@@ -228,11 +233,13 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            loss_value = loss.item()  # also waits for an accelerator to finish the step
+            train_time += time.perf_counter() - step_start
             tokens += int(batch["attention_mask"].sum()) + int(batch.get("decoder_attention_mask", torch.zeros(1)).sum())
             target_tokens += n_target
-            elapsed = time.perf_counter() - start
-            logs = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens * world / elapsed}
+            padded_tokens += sum(v.numel() for k, v in batch.items() if k in ("input_ids", "decoder_input_ids"))
+            logs = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens * world / train_time}
             if config.eval_every and step % config.eval_every == 0 or step == total_steps:
                 logs["dev_loss"] = dev_loss()
                 if logs["dev_loss"] is not None and (best["loss"] is None or logs["dev_loss"] < best["loss"]):
@@ -247,20 +254,22 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             if on_step is not None:
                 on_step(step, logs, accelerator.unwrap_model(module))
     bar.close()
-    elapsed = max(time.perf_counter() - start, 1e-9)
+    elapsed = max(train_time, 1e-9)
     final_dev = history[-1].get("dev_loss") if history else None
     save_checkpoint()
     # Keep the best step: the exported prefix comes from the lowest dev loss seen.
     if best["state"] is not None:
         accelerator.unwrap_model(module).load_state_dict(best["state"])
     prefix_file = None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and config.export:
         prefix_file = str(method.export(out_dir / PREFIX_FILE, {**asdict(config), "best_step": best["step"],
                                                                  "best_dev_loss": best["loss"]}))
     accelerator.wait_for_everyone()
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
-                         method.trainable_parameters(), method.shipped_parameters(), history)
+                         method.trainable_parameters(), method.shipped_parameters(), history,
+                         train_time, padded_tokens)
     if accelerator.is_main_process:
         atomic_write_bytes(out_dir / "result.json", json.dumps(asdict(result), indent=2).encode())
+    result.method = method  # not a field (kept out of result.json): callers decode with the trained method
     return result

@@ -5,13 +5,23 @@ Every method has the same interface (see `base.Method`), so the trainer, the CLI
 """
 from __future__ import annotations
 
+from .adapter import AdapterMethod
 from .base import Method
+from .embedding import EmbeddingMethod
+from .finetune import FinetuneMethod
+from .infix import InfixMethod
 from .prefix import PrefixMethod
 
-METHODS: dict[str, type[Method]] = {"prefix": PrefixMethod, "prefix-flat": PrefixMethod}
+METHODS: dict[str, type[Method]] = {
+    "prefix": PrefixMethod, "prefix-flat": PrefixMethod,
+    "embedding-only": EmbeddingMethod, "infix": InfixMethod,
+    "finetune": FinetuneMethod, "finetune-top2": FinetuneMethod,
+    "adapter": AdapterMethod,
+}
 
 
 def build_method(name: str, model, tokenizer, spec, config) -> Method:
+    """`config` is the TrainConfig: each method reads the fields it needs."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name](name, model, tokenizer, spec, config)

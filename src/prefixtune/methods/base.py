@@ -5,6 +5,22 @@ import torch
 from torch import nn
 
 
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of a module, each shared (tied) tensor counted once."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if (trainable_only and not p.requires_grad) or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def percent_of_base(count: int, base_model: nn.Module) -> float:
+    """`count` as a percentage of the base model's parameters (what the paper's tables report)."""
+    return 100.0 * count / max(count_parameters(base_model), 1)
+
+
 class Method:
     """A way of adapting a frozen model: owns the trainable module and computes the loss.
 
@@ -15,6 +31,7 @@ class Method:
 
     name: str
     module: nn.Module
+    model: nn.Module        # the shared frozen base model (never modified)
     default_lr: float = 5e-5
 
     def loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -24,9 +41,60 @@ class Method:
         """Write what users ship for this method."""
         raise NotImplementedError
 
+    def generate(self, sources: list[str], config=None, batch_size: int = 32) -> list[str]:
+        """Decode sources with the trained method (evaluation and experiments use this)."""
+        raise NotImplementedError
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
     def shipped_parameters(self) -> int:
         """Parameters in the exported artefact (for prefixes: P without the MLP)."""
         return self.trainable_parameters()
+
+    def trainable_percent(self) -> float:
+        """Trainable parameters as a percentage of the frozen base model's parameters."""
+        return percent_of_base(self.trainable_parameters(), self.model)
+
+    def shipped_percent(self) -> float:
+        return percent_of_base(self.shipped_parameters(), self.model)
+
+
+def generate_texts(method: Method, sources: list[str], config, batch_size: int, decode_batch) -> list[str]:
+    """Decode `sources` in length-sorted batches, like `PrefixBank.generate` (same template and text cleanup).
+
+    `method` supplies `model`, `tokenizer`, `spec`, `template` and `max_source_len`;
+    `decode_batch(sequences)` returns the generated ids of each sequence.
+    """
+    from ..data.collate import source_ids
+    from ..generation import DecodingConfig
+
+    config = config or DecodingConfig()
+    encoded = [source_ids(method.tokenizer, method.spec.family, s, method.template, method.max_source_len)
+               for s in sources]
+    order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
+    outputs = [""] * len(sources)
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        for i, seq in zip(rows, decode_batch([encoded[i] for i in rows], config)):
+            text = method.tokenizer.decode(seq, skip_special_tokens=True)
+            outputs[i] = text.split("\n")[0].strip() if config.stop_at_newline else text.strip()
+    return outputs
+
+
+def save_weights(path, tensors: dict[str, torch.Tensor], method: Method, metadata: dict):
+    """Write trained weights (safetensors, atomically) with the method, base model and config as metadata."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from ..io import atomic_write_bytes
+    from ..models import model_name
+
+    tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
+    meta = {"format": "prefixtune.weights/1", "method": method.name, "base_model": model_name(method.model),
+            "fingerprint": method.spec.fingerprint(),
+            "train_config": json.dumps(metadata or {}, sort_keys=True, default=str)}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return Path(path)

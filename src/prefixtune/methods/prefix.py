@@ -1,6 +1,7 @@
 """Prefix-tuning: `prefix` (P' through the MLP, the paper) and `prefix-flat` (P trained directly)."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import torch
@@ -8,15 +9,17 @@ import torch
 from ..io import save_prefix
 from ..modeling import lm_loss, single_prefix_kv
 from ..models import model_name
-from ..prefix import PrefixConfig, build_prefix_encoder
+from ..prefix import build_prefix_encoder
 from .base import Method
 
 
 class PrefixMethod(Method):
-    def __init__(self, name, model, tokenizer, spec, config: PrefixConfig):
+    def __init__(self, name, model, tokenizer, spec, train_config):
+        config = train_config.prefix_config()
         if name == "prefix-flat":
             config = replace(config, reparam=False)
-        self.name, self.model, self.spec, self.config = name, model, spec, config
+        self.name, self.model, self.tokenizer, self.spec, self.config = name, model, tokenizer, spec, config
+        self.template = train_config.template
         self.module = build_prefix_encoder(model, tokenizer, spec, config)
         # A flat P has no MLP to smooth its updates and needs a much larger rate (measured here).
         self.default_lr = 5e-4 if config.reparam else 5e-3
@@ -39,3 +42,12 @@ class PrefixMethod(Method):
 
     def shipped_parameters(self) -> int:
         return sum(t.numel() for t in self.prefix_p().values())
+
+    def generate(self, sources, config=None, batch_size=32):
+        from ..bank import PrefixBank
+        from ..io import ExportedPrefix
+
+        bank = PrefixBank(self.model, self.tokenizer)
+        metadata = {"fingerprint": self.spec.fingerprint(), "train_config": json.dumps({"template": self.template})}
+        bank.add(self.name, ExportedPrefix(self.prefix_p(), metadata))
+        return bank.generate(sources, self.name, config, batch_size=batch_size)

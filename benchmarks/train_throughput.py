@@ -1,0 +1,244 @@
+"""Training throughput: prefixtune against PEFT prefix tuning, on the same model, data and steps.
+
+Contestants (each run in its own process, so peak RSS is its own):
+  ours       prefixtune's trainer as a user runs it (its defaults: bf16 where the CPU has it,
+             target-only logits, length-grouped batches)
+  peft       PEFT PrefixTuningConfig(prefix_projection=True) in the plain PyTorch loop PEFT users
+             write: fp32, shuffled padded batches, loss masked to the target, full logits
+  peft-bf16  the same PEFT loop under the same bf16 autocast as ours
+
+Runs are interleaved (ours, peft, peft-bf16, ours, ...) and the ratios use the mean of each
+contestant's rounds. Dev loss is computed the same way for all (fp32, token-mean cross-entropy
+over the target tokens of the same dev pairs). Achieved FLOP/s counts the matmuls each
+contestant executed (padding included; the backward pass of a frozen model computes input
+gradients only, about one forward) and is divided by a matmul peak measured in this run.
+
+    python benchmarks/train_throughput.py [--steps 30] [--rounds 2] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 2.0, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def body_params(model) -> int:
+    """Parameters every token multiplies through (the transformer body, not the embedding table)."""
+    emb = model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - emb
+
+
+def load_data(data_dir, train_size, dev_size, seed):
+    from prefixtune.data import load_task, sample_pairs, training_pairs
+
+    train = sample_pairs(training_pairs(load_task("e2e", "train", data_dir)), train_size, seed)
+    dev = sample_pairs(training_pairs(load_task("e2e", "dev", data_dir)), dev_size, seed)
+    return train, dev
+
+
+def dev_loss_of(forward_loss, examples, collate, batch_size=16) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            loss, n = forward_loss(collate(examples[i:i + batch_size]))
+            total, count = total + loss.item() * n, count + n
+    return total / count
+
+
+def worker_ours(args, model, tokenizer, train_pairs, dev_pairs):
+    from prefixtune.data.collate import Collator, encode_pair
+    from prefixtune.io import load_prefix
+    from prefixtune.modeling import lm_loss, prefix_kv_from_groups
+    from prefixtune.models import model_spec
+    from prefixtune.train import TrainConfig, train, use_bf16
+
+    spec = model_spec(model)
+    out = Path(args.work_dir) / "ours"
+    config = TrainConfig(output_dir=str(out), train_size=None, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+                         max_steps=args.steps, eval_every=0, save_every=0, prefix_len=10, mlp_dim=512,
+                         init="random", precision=args.precision)
+    result = train(config, model, tokenizer, train_pairs, dev_pairs, progress=False)
+    bf16 = use_bf16(args.precision, torch.device("cpu"))
+    p = load_prefix(result.prefix_file, spec).p
+    dev_examples = [encode_pair(tokenizer, "decoder", s, t) for s, t in dev_pairs]
+    collate = Collator(tokenizer.pad_token_id, "decoder")
+    dev = dev_loss_of(lambda b: lm_loss(model, spec, b, prefix_kv_from_groups([p] * b["input_ids"].shape[0], spec)),
+                      dev_examples, collate)
+    return {"tokens_per_s": result.tokens_per_s, "target_tokens_per_s": result.target_tokens_per_s,
+            "dev_loss": dev, "executed_tokens": result.padded_tokens,
+            "head_tokens": result.target_tokens_per_s * result.train_seconds, "bf16": bf16,
+            "train_seconds": result.train_seconds}
+
+
+def worker_peft(args, model, tokenizer, train_pairs, dev_pairs, autocast: bool):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefixtune.data.collate import encode_pair
+
+    torch.manual_seed(args.seed)
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10,
+                                                          prefix_projection=True, encoder_hidden_size=512))
+    examples = [encode_pair(tokenizer, "decoder", s, t) for s, t in train_pairs]
+    pad = tokenizer.pad_token_id
+
+    def collate(batch):  # right padding, labels masked to the target, as PEFT users write it
+        longest = max(len(e["input_ids"]) for e in batch)
+        ids = torch.tensor([e["input_ids"] + [pad] * (longest - len(e["input_ids"])) for e in batch])
+        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (longest - len(e["input_ids"])) for e in batch])
+        labels = torch.tensor([e["labels"] + [-100] * (longest - len(e["labels"])) for e in batch])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    order = list(range(len(examples)))
+    random.Random(args.seed).shuffle(order)
+    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)][: args.steps]
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (args.steps - s) / args.steps))
+    peft_model.train()
+    tokens = target = executed = 0
+    seconds = 0.0
+    for idx in batches:
+        start = time.perf_counter()
+        batch = collate([examples[i] for i in idx])
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = peft_model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        seconds += time.perf_counter() - start
+        tokens += int(batch["attention_mask"].sum())
+        target += int((batch["labels"][:, 1:] != -100).sum())
+        executed += batch["input_ids"].numel()
+    peft_model.eval()
+    dev_examples = [encode_pair(tokenizer, "decoder", s, t) for s, t in dev_pairs]
+
+    def forward_loss(batch):
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        return peft_model(**batch).loss, n
+
+    dev = dev_loss_of(forward_loss, dev_examples, collate)
+    return {"tokens_per_s": tokens / seconds, "target_tokens_per_s": target / seconds, "dev_loss": dev,
+            "executed_tokens": executed, "head_tokens": executed, "bf16": autocast, "train_seconds": seconds}
+
+
+def run_worker(args):
+    torch.manual_seed(args.seed)
+    from prefixtune.models import load_base_model
+
+    model, tokenizer = load_base_model(args.model)
+    train_pairs, dev_pairs = load_data(args.data_dir, args.train_size, args.dev_size, args.seed)
+    if args.worker == "ours":
+        out = worker_ours(args, model, tokenizer, train_pairs, dev_pairs)
+    else:
+        out = worker_peft(args, model, tokenizer, train_pairs, dev_pairs, autocast=args.worker == "peft-bf16")
+    out["body_params"] = body_params(model)
+    out["hidden"] = model.config.hidden_size
+    out["vocab"] = model.config.vocab_size
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=os.environ.get("PREFIXTUNE_DATA", str(HERE.parent.parent / "shared" / "data")))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-size", type=int, default=200)
+    parser.add_argument("--dev-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--work-dir", default="/tmp/prefixtune-bench")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return run_worker(args)
+
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    contestants = ["ours", "peft", "peft-bf16"]
+    runs = {c: [] for c in contestants}
+    for round_ in range(args.rounds):
+        for c in contestants:
+            cmd = [sys.executable, __file__, "--worker", c] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "json") and v is not None]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                sys.exit(f"{c} failed:\n{proc.stderr[-3000:]}")
+            runs[c].append(json.loads(line[-1][7:]))
+            print(f"round {round_ + 1} {c:9s} {runs[c][-1]['tokens_per_s']:7.1f} tokens/s  "
+                  f"dev loss {runs[c][-1]['dev_loss']:.4f}", file=sys.stderr)
+
+    def mean(c, key):
+        return sum(r[key] for r in runs[c]) / len(runs[c])
+
+    summary = {}
+    for c in contestants:
+        r0 = runs[c][0]
+        tps = mean(c, "tokens_per_s")
+        flops = [2 * (2 * r["body_params"] * r["executed_tokens"] + 2 * r["hidden"] * r["vocab"] * r["head_tokens"])
+                 / r["train_seconds"] for r in runs[c]]
+        peak = peaks["bf16" if r0["bf16"] else "fp32"]
+        summary[c] = {"tokens_per_s": tps, "target_tokens_per_s": mean(c, "target_tokens_per_s"),
+                      "dev_loss": mean(c, "dev_loss"), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[c]),
+                      "flops_per_s": sum(flops) / len(flops), "fraction_of_peak": sum(flops) / len(flops) / peak}
+    print(f"\n{'contestant':12s}{'tokens/s':>10s}{'target tok/s':>14s}{'dev loss':>10s}{'peak RSS MB':>13s}"
+          f"{'GFLOP/s':>10s}{'of peak':>9s}")
+    for c in contestants:
+        s = summary[c]
+        print(f"{c:12s}{s['tokens_per_s']:10.1f}{s['target_tokens_per_s']:14.1f}{s['dev_loss']:10.4f}"
+              f"{s['peak_rss_mb']:13.0f}{s['flops_per_s'] / 1e9:10.1f}{s['fraction_of_peak']:9.2f}")
+    print(f"matmul peak here: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    out = {
+        "ratio_tokens_per_s": summary["ours"]["tokens_per_s"] / summary["peft"]["tokens_per_s"],
+        "ratio_target_tokens_per_s": summary["ours"]["target_tokens_per_s"] / summary["peft"]["target_tokens_per_s"],
+        "ratio_vs_peft_bf16": summary["ours"]["tokens_per_s"] / summary["peft-bf16"]["tokens_per_s"],
+        "dev_loss_ours": summary["ours"]["dev_loss"],
+        "dev_loss_peft": summary["peft"]["dev_loss"],
+        "dev_loss_peft_bf16": summary["peft-bf16"]["dev_loss"],
+        "tokens_per_s_ours": summary["ours"]["tokens_per_s"],
+        "tokens_per_s_peft": summary["peft"]["tokens_per_s"],
+        "tokens_per_s_peft_bf16": summary["peft-bf16"]["tokens_per_s"],
+        "peak_rss_mb_ours": summary["ours"]["peak_rss_mb"],
+        "peak_rss_mb_peft": summary["peft"]["peak_rss_mb"],
+        "fraction_of_matmul_peak": summary["ours"]["fraction_of_peak"],
+        "fraction_of_matmul_peak_peft": summary["peft"]["fraction_of_peak"],
+        "matmul_peak_gflops_fp32": peaks["fp32"] / 1e9,
+        "matmul_peak_gflops_bf16": peaks["bf16"] / 1e9,
+        "steps": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
+    }
+    print(f"ratio tokens/s ours/PEFT: {out['ratio_tokens_per_s']:.2f}x, vs PEFT under bf16: "
+          f"{out['ratio_vs_peft_bf16']:.2f}x; dev loss ours {out['dev_loss_ours']:.4f} vs PEFT {out['dev_loss_peft']:.4f}")
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`infix` (the paper's INFIX-k, [x; INFIX; y]): trainable activations at every layer that x does not see.
+
+The infix is a prefix-shaped set of keys/values (P' through the MLP, as `prefix`)
+that enters attention through `PrefixKV.query_visible`: in a decoder-only model
+only the last source token (which predicts y_1, where the infix would sit) and the
+target tokens attend to it; the rest of x is computed exactly as without it. For
+BART/T5, x lives in the encoder, so the infix is a decoder self-attention prefix
+only (no encoder or cross-attention activations). The length is
+`TrainConfig.prefix_len`. Positions follow the prefix convention (x starts at k),
+the same in training and decoding.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..generation import decode
+from ..modeling import lm_loss, prefix_kv_from_groups, single_prefix_kv
+from ..prefix import build_prefix_encoder
+from .base import Method, generate_texts, save_weights
+
+
+def source_only_hidden(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, len) bool: True from the last source token on (right-padded training batches)."""
+    first_target = (labels != -100).int().argmax(-1)
+    return torch.arange(labels.shape[1], device=labels.device)[None, :] >= (first_target - 1)[:, None]
+
+
+class InfixMethod(Method):
+    def __init__(self, name, model, tokenizer, spec, train_config):
+        self.name, self.model, self.tokenizer, self.spec = name, model, tokenizer, spec
+        self.template, self.max_source_len = train_config.template, train_config.max_source_len
+        config = train_config.prefix_config()
+        self.module = build_prefix_encoder(model, tokenizer, spec, config)
+        if spec.family == "encoder-decoder":  # keep the decoder self-attention group only
+            for group in [g for g in self.module.groups if g != "decoder"]:
+                if config.reparam:
+                    del self.module.embeddings[group]
+                    del self.module.mlps[group]
+                else:
+                    del self.module.prefix[group]
+            self.module.groups = {"decoder": self.module.groups["decoder"]}
+        self.default_lr = 5e-4 if config.reparam else 5e-3
+
+    def loss(self, module, batch):
+        kv = single_prefix_kv(module(), self.spec, batch["input_ids"].shape[0])
+        if self.spec.family == "decoder":
+            kv.query_visible = source_only_hidden(batch["labels"])
+        return lm_loss(self.model, self.spec, batch, kv)
+
+    @torch.no_grad()
+    def infix_p(self) -> dict[str, torch.Tensor]:
+        was_training = self.module.training
+        self.module.eval()
+        p = {g: t.detach().float() for g, t in self.module().items()}
+        self.module.train(was_training)
+        return p
+
+    def export(self, path, metadata: dict):
+        return save_weights(path, {f"infix.{g}": t for g, t in self.infix_p().items()}, self, metadata)
+
+    def shipped_parameters(self) -> int:
+        return sum(t.numel() for t in self.infix_p().values())
+
+    @torch.no_grad()
+    def generate(self, sources, config=None, batch_size=32):
+        p = {g: t.to(self.model.device) for g, t in self.infix_p().items()}
+
+        def run(seqs, cfg):
+            kv = prefix_kv_from_groups([p] * len(seqs), self.spec, device=self.model.device, dtype=self.model.dtype)
+            if self.spec.family == "decoder":  # left-padded: the last column is every row's last source token
+                visible = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.bool, device=self.model.device)
+                visible[:, -1] = True
+                kv.query_visible = visible
+            return decode(self.model, self.tokenizer, seqs, kv, cfg, self.spec)
+
+        return generate_texts(self, sources, config, batch_size, run)
