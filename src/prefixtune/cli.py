@@ -36,7 +36,8 @@ def train(
     train_from: Optional[str] = typer.Option(None, help="DART here: train on another split, e.g. dev"),
     subset: Optional[str] = typer.Option(None, help="WebNLG: all | seen | unseen"),
     scheme: Optional[str] = typer.Option(None, help="XSUM: news-sport | within-news | official"),
-    method: str = typer.Option("prefix", help="prefix | prefix-flat | ..."),
+    method: str = typer.Option("prefix", help="prefix | prefix-flat | embedding-only | infix | finetune | "
+                                                "finetune-top2 | adapter"),
     seed: int = typer.Option(1),
     prefix_len: int = typer.Option(10),
     mlp_dim: int = typer.Option(512, help="d': width of P' and the MLP"),
@@ -55,6 +56,7 @@ def train(
     precision: str = typer.Option("auto", help="auto | bf16 | fp32"),
     gradient_checkpointing: bool = typer.Option(False),
     template: Optional[str] = typer.Option(None, help='source template, default "{source}\\n" (decoder-only)'),
+    adapter_budget: float = typer.Option(0.001, help="adapter: fraction of the model's parameters (0.001, 0.03)"),
     resume: bool = typer.Option(False, help="continue from OUTPUT_DIR/checkpoint.pt"),
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors."""
@@ -66,12 +68,15 @@ def train(
         prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
         batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
-        save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing, template=template)
+        save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing, template=template,
+        adapter_budget=adapter_budget)
     try:
         result = run_train(config, resume=resume)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(json.dumps({"prefix_file": result.prefix_file, "steps": result.steps, "best_step": result.best_step,
+                           "trainable_pct": round(result.method.trainable_percent(), 4),
+                           "shipped_pct": round(result.method.shipped_percent(), 4),
                            "best_dev_loss": result.best_dev_loss, "tokens_per_s": round(result.tokens_per_s, 1)}))
 
 
@@ -95,7 +100,7 @@ def export(
     config = TrainConfig(**ckpt["config"])
     model, tokenizer = load_base_model(config.model)
     spec = model_spec(model)
-    method = build_method(config.method, model, tokenizer, spec, config.prefix_config())
+    method = build_method(config.method, model, tokenizer, spec, config)
     state = ckpt["best"]["state"] if which == "best" and ckpt["best"]["state"] is not None else ckpt["module"]
     method.module.load_state_dict(state)
     target = method.export(out or run_dir / PREFIX_FILE, {**ckpt["config"], "exported_from_step":
@@ -204,6 +209,27 @@ def eval_cmd(
 
 
 @app.command()
+def score(
+    task: str = typer.Argument(..., help="e2e | webnlg | dart | xsum"),
+    hyp: Path = typer.Option(..., "--hyp", help="hypotheses, one per line"),
+    refs: Optional[Path] = typer.Option(None, "--refs", help="references (E2E blank-line groups, or one per line); "
+                                                             "default: the task's split from the data dir"),
+    split: str = typer.Option("test"),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
+    subset: Optional[str] = typer.Option(None, help="WebNLG: all | seen | unseen"),
+    scheme: Optional[str] = typer.Option(None, help="XSUM: news-sport | within-news | official"),
+    nist: str = typer.Option("perl", help="E2E BLEU/NIST: perl (mteval-v13a, measure_scores.py's default) | "
+                                          "python (measure_scores.py -p, the paper's runs)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Score a hypothesis file with the official-equal metrics of TASK."""
+    from .metrics.command import score_command
+
+    raise typer.Exit(score_command(task, hyp, refs, split, data_dir, as_json,
+                                   loader_options=_task_options(None, subset, scheme), mteval_variant=nist))
+
+
+@app.command()
 def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
@@ -220,6 +246,64 @@ def demo(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(json.dumps(summary))
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, help="embedded name, local dir, .gguf file or hub id"),
+    store: Path = typer.Option(Path("prefix-store"), help="directory of the tenants' prefixes (kept across restarts)"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000),
+    keys_file: Optional[Path] = typer.Option(None, help="API keys: JSON {key: tenant} or 'key:tenant' lines "
+                                                         "(also $PREFIXTUNE_API_KEYS='key:tenant,...')"),
+    batch_window_ms: float = typer.Option(10.0, help="requests arriving within this window are decoded together"),
+    max_batch_size: int = typer.Option(32, help="rows per decoding batch"),
+    max_queue: int = typer.Option(256, help="rows waiting to be decoded; beyond that: 429"),
+    request_timeout: float = typer.Option(120.0, help="seconds a completion may wait and decode; then 503"),
+    max_upload_mb: float = typer.Option(16.0, help="largest prefix upload"),
+    max_prefixes: int = typer.Option(64, help="prefixes per tenant"),
+    tenant_quota_mb: float = typer.Option(256.0, help="bytes of prefixes per tenant"),
+    max_tokens_limit: int = typer.Option(512, help="largest max_tokens a request may ask for"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    log_level: str = typer.Option("info"),
+):
+    """Serve many tenants' prefixes from one frozen model: OpenAI-compatible /v1/completions (model = prefix)."""
+    from .serve import serve as run_server
+
+    try:
+        run_server(model, store, host=host, port=port, keys_file=keys_file, threads=threads, log_level=log_level,
+                   batch_window_ms=batch_window_ms, max_batch_size=max_batch_size, max_queue=max_queue,
+                   request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * 2**20),
+                   max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * 2**20),
+                   max_tokens_limit=max_tokens_limit)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def experiment(
+    name: str = typer.Argument(..., help="lowdata | prefix-length | init | ablation | extrapolation | main"),
+    task: Optional[str] = typer.Option(None, help="e2e | webnlg | dart | xsum (main: a comma list or all); "
+                                                  "default: the study's"),
+    scale: str = typer.Option("cpu", help="tiny (seconds) | cpu (about an hour here) | paper (the paper's settings)"),
+    out: Optional[Path] = typer.Option(None, help="default: reports/NAME"),
+    model: Optional[str] = typer.Option(None, help="default: smollm2-135m (cpu), the paper's model (paper)"),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
+    report_only: bool = typer.Option(False, help="rewrite report.md and figures from finished cells; run nothing"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest on a busy 2-core machine)"),
+):
+    """Run a study (resuming finished cells from OUT/cells.jsonl) and write OUT/report.md with PNG figures."""
+    from .experiments import run_experiment
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        result = run_experiment(name, task, scale, out, model, data_dir, report_only=report_only)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def download_dart(data_dir=None, splits=SPLITS, timeout: float = 60.0) -> list[P
             tmp.write_bytes(payload)
             tmp.replace(target)
         except (OSError, ValueError) as exc:
-            raise RuntimeError(f"could not download DART {split} from {url} into {folder}: {exc}") from exc
+            raise OSError(f"could not download DART {split} from {url} into {folder}: {exc}") from exc
         paths.append(target)
     return paths
 

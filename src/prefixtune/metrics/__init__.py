@@ -62,14 +62,14 @@ def _check_inputs(task, hypotheses, references, meta):
 
 
 def score(task: str, hypotheses: list[str], references: list[list[str]], meta: list[dict] | None = None,
-          *, notes: list[str] | None = None, mteval_variant: str = "python",
+          *, notes: list[str] | None = None, mteval_variant: str = "perl",
           model_metrics: bool = True) -> dict[str, float]:
     """Corpus scores of ``hypotheses`` (one per item) against grouped ``references`` for ``task``.
 
     ``notes``: a list that receives one line per skipped optional metric (DART);
-    when None those lines go to stderr. ``mteval_variant``: "python" (pymteval,
-    ``measure_scores.py -p``, the paper's setting) or "perl" (mteval-v13a-sig.pl,
-    the script's default) for E2E BLEU/NIST. ``model_metrics``: try DART's
+    when None those lines go to stderr. ``mteval_variant``: "perl" (default: mteval-v13a-sig.pl, what
+    ``measure_scores.py`` runs without flags) or "python" (pymteval, ``measure_scores.py -p``,
+    the paper's setting) for E2E BLEU/NIST; BLEU is the same, NIST's length penalty differs. ``model_metrics``: try DART's
     BERTScore/MoverScore/BLEURT.
     """
     hyps, refs = _check_inputs(task, hypotheses, references, meta)

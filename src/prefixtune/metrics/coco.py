@@ -11,7 +11,7 @@ METEOR and ROUGE-L in [0, 1], CIDEr raw.
 from __future__ import annotations
 
 from .errors import MetricsError
-from .java import Meteor, java_executable, ptb_tokenize
+from .java import java_executable, meteor_session, ptb_tokenize
 
 COCO_METRICS = ("METEOR", "ROUGE_L", "CIDEr")
 
@@ -36,7 +36,7 @@ def coco_scores(hypotheses: list[str], references: list[list[str]], metrics=COCO
 
     scores: dict[str, float] = {}
     if "METEOR" in metrics:
-        with Meteor() as meteor:
+        with meteor_session() as meteor:
             scores["METEOR"] = meteor.corpus_score([res[i][0] for i in res], [gts[i] for i in gts])[0]
     if "ROUGE_L" in metrics:
         scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])

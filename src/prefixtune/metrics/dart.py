@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from .java import Meteor, java_executable
+from .java import java_executable, meteor_session
 from .multibleu import multi_bleu
 from .optional import model_based_scores
 from .ter import ter
@@ -40,8 +40,8 @@ def score_dart(hypotheses: list[str], references: list[list[str]], notes: list[s
     refs = [[normalize(r) for r in group[:MAX_REFS]] or [""] for group in references]
     first = [[r[0]] for r in refs]
     scores = {"BLEU": multi_bleu(hyps, [r + [""] * (MAX_REFS - len(r)) for r in refs])}
-    with Meteor() as meteor:
-        scores["METEOR"] = 100.0 * meteor.corpus_score([h or " " for h in hyps], first)[0]
+    with meteor_session() as meteor:
+        scores["METEOR"] = 100.0 * meteor.corpus_score(hyps, first)[0]
     scores["TER"] = ter(hyps, first)
     if model_metrics:
         extra, extra_notes = model_based_scores(list(hypotheses), [list(g) for g in references])

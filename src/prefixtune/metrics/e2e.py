@@ -14,7 +14,7 @@ from .mteval import bleu_nist
 E2E_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
 
-def score_e2e(hypotheses: list[str], references: list[list[str]], mteval_variant: str = "python") -> dict[str, float]:
+def score_e2e(hypotheses: list[str], references: list[list[str]], mteval_variant: str = "perl") -> dict[str, float]:
     java_executable()  # fail fast, before the pure-Python half
     bleu, nist = bleu_nist(hypotheses, references, variant=mteval_variant)
     coco = coco_scores(hypotheses, references)

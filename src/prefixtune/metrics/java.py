@@ -4,14 +4,19 @@ Both are run exactly as pycocoevalcap runs them (same jars, same flags), with
 two practical changes that do not alter scores: temporary files go to the
 system temp directory instead of site-packages, and the JVM is told to use
 UTF-8 (``-Dfile.encoding=UTF-8``) so non-ASCII text survives a POSIX locale.
-METEOR keeps one JVM for a whole call (the paraphrase table loads once).
+METEOR keeps one JVM per process (``meteor_session``): its paraphrase table
+takes seconds to load, and segment statistics do not depend on what was scored
+before, so reusing the JVM cannot change a score.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import MetricsError
@@ -122,6 +127,9 @@ class Meteor:
             raise MetricsError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
         return self.aggregate([self.stats(h, r) for h, r in zip(hypotheses, references)])
 
+    def alive(self) -> bool:
+        return getattr(self, "_proc", None) is not None and self._proc.poll() is None
+
     def close(self) -> None:
         proc = getattr(self, "_proc", None)
         if proc is None:
@@ -147,7 +155,38 @@ class Meteor:
         self.close()
 
 
+_shared: Meteor | None = None
+_shared_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def meteor_session():
+    """The process-wide METEOR (started on first use, closed at exit), held exclusively while in use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or not _shared.alive():
+            _shared = Meteor()
+        try:
+            yield _shared
+        except BaseException:
+            _shared.close()  # the stdio protocol may be out of step now; start afresh next time
+            _shared = None
+            raise
+
+
+def close_meteor() -> None:
+    """Stop the shared METEOR JVM (it is also stopped when the process exits)."""
+    global _shared
+    with _shared_lock:
+        if _shared is not None:
+            _shared.close()
+            _shared = None
+
+
+atexit.register(close_meteor)
+
+
 def meteor_score(hypotheses: list[str], references: list[list[str]]) -> float:
     """System-level METEOR 1.5 (``-l en -norm``) in [0, 1]."""
-    with Meteor() as meteor:
+    with meteor_session() as meteor:
         return meteor.corpus_score(hypotheses, references)[0]

@@ -3,10 +3,10 @@
 The official script (github.com/tuetschek/e2e-metrics) offers two equal-in-spirit
 implementations, and both are ported here line by line:
 
-* ``variant="python"`` (default): ``metrics/pymteval.py``, selected by
+* ``variant="python"``: ``metrics/pymteval.py``, selected by
   ``measure_scores.py -p``; this is what Li & Liang ran (``measure_scores.py
   gold pred -p -t -H`` in ``gpt2/run_generation.py``).
-* ``variant="perl"``: ``mteval/mteval-v13a-sig.pl`` as driven by
+* ``variant="perl"`` (default, as the issue asks for mteval-v13a): ``mteval/mteval-v13a-sig.pl`` as driven by
   ``measure_scores.py`` without ``-p`` (references padded with empty segments
   up to the largest reference count, BLEU "closest" brevity penalty that skips
   the empty padding, smoothed BLEU, ASCII-only lowercasing).
@@ -237,7 +237,7 @@ def _bleu_nist_perl(hypotheses: list[str], references: list[list[str]]) -> tuple
     return bleu, nist
 
 
-def bleu_nist(hypotheses: list[str], references: list[list[str]], variant: str = "python") -> tuple[float, float]:
+def bleu_nist(hypotheses: list[str], references: list[list[str]], variant: str = "perl") -> tuple[float, float]:
     """Corpus (BLEU in [0, 1], NIST) of ``hypotheses`` against grouped ``references``."""
     _check(hypotheses, references)
     if variant == "python":

@@ -79,8 +79,8 @@ def read_references(path, n_hyps: int) -> list[list[str]]:
                 groups.append([])
         while groups and not groups[-1]:
             groups.pop()
-        if len(groups) != n_hyps and len(lines) == n_hyps:
-            groups = [[line] for line in lines]
+        if len(groups) == 1 and n_hyps != 1:  # no blank line: one reference per line (measure_scores.py)
+            groups = [[line] for line in groups[0]]
     if len(groups) != n_hyps:
         raise MetricsError(f"reference file {path} holds {len(groups)} reference groups but there are {n_hyps} "
                            f"hypotheses (expected blank-line-separated groups, one per hypothesis, or one "

@@ -23,9 +23,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .java import Meteor, java_executable
+from .java import java_executable, meteor_session
 from .multibleu import multi_bleu
-from .ter import ter
+from .ter import ter_from_statistics, ter_statistics
 
 MAX_REFS = 3
 _NONWORD = re.compile(r"(\W)")
@@ -75,14 +75,16 @@ def score_webnlg(hypotheses: list[str], references: list[list[str]], meta: list[
             if idx:
                 subsets.append((suffix, idx))
 
+    with meteor_session() as meteor:
+        stats = [meteor.stats(h, r) for h, r in zip(hyps, refs)]
+        meteor_scores = {suffix: meteor.aggregate([stats[i] for i in idx])[0] for suffix, idx in subsets}
+    ter_stats = ter_statistics(hyps, refs)
     scores: dict[str, float] = {}
-    with Meteor() as meteor:
-        stats = [meteor.stats(h or " ", r) for h, r in zip(hyps, refs)]  # " ": score an empty line as file mode does
-        for suffix, idx in subsets:
-            sub_h = [hyps[i] for i in idx]
-            sub_r = [refs[i] for i in idx]
-            scores["BLEU" + suffix] = multi_bleu(sub_h, [r + [""] * (MAX_REFS - len(r)) for r in sub_r], lowercase=True)
-            scores["METEOR" + suffix] = 100.0 * meteor.aggregate([stats[i] for i in idx])[0]
-            scores["TER" + suffix] = ter(sub_h, sub_r)
+    for suffix, idx in subsets:
+        sub_h = [hyps[i] for i in idx]
+        sub_r = [refs[i] + [""] * (MAX_REFS - len(refs[i])) for i in idx]
+        scores["BLEU" + suffix] = multi_bleu(sub_h, sub_r, lowercase=True)
+        scores["METEOR" + suffix] = 100.0 * meteor_scores[suffix]
+        scores["TER" + suffix] = ter_from_statistics([ter_stats[i] for i in idx])
     order = [m + s for s, _ in subsets for m in ("BLEU", "METEOR", "TER")]
     return {k: scores[k] for k in order}

@@ -1,0 +1,96 @@
+"""``prefixtune score TASK --hyp FILE [--refs FILE] [--split test] [--json]``: the command body.
+
+``score_command`` returns the exit code: 0 on success; 2 with one ``error: ...``
+line on stderr (no traceback) for bad input, a missing file or data directory,
+an unknown task or a missing Java runtime. Scores go to stdout as a table or as
+one JSON object; notes (skipped optional metrics) go to stderr.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import TASKS, MetricsError, read_lines, read_references, score
+
+# How many decimals each metric is shown with in the table (JSON keeps full precision).
+DECIMALS = {"NIST": 4, "CIDEr": 4, "BERTScore": 4, "MoverScore": 4, "BLEURT": 4}
+
+
+def format_scores(scores: dict[str, float]) -> list[tuple[str, str]]:
+    """(metric, formatted value) rows in the order the scorer returned them."""
+    return [(name, f"{value:.{DECIMALS.get(name.split('_seen')[0].split('_unseen')[0], 2)}f}")
+            for name, value in scores.items()]
+
+
+def print_scores(scores: dict[str, float], title: str, file=None) -> None:
+    """A rich table of ``scores`` (falls back to plain text when rich is unavailable)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(title, file=file or sys.stdout)
+        for name, value in format_scores(scores):
+            print(f"{name}\t{value}", file=file or sys.stdout)
+        return
+    table = Table()
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name, value in format_scores(scores):
+        table.add_row(name, value)
+    console = Console(file=file or sys.stdout)
+    console.print(title, markup=False, highlight=False)
+    console.print(table)
+
+
+def _load_gold(task: str, split: str, data_dir, loader_options: dict):
+    from ..data import load_task
+
+    records = load_task(task, split, data_dir=data_dir, **loader_options)
+    return [r.references for r in records], [r.meta for r in records]
+
+
+def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir: str | None, as_json: bool,
+                  *, loader_options: dict | None = None, mteval_variant: str = "perl") -> int:
+    """Score the hypothesis file ``hyp`` (one output per line) for ``task``; returns the exit code.
+
+    References: ``refs`` (E2E blank-line groups, one per line, or an E2E CSV) or,
+    when None, the loader's ``split`` (data directory from ``data_dir`` or
+    $PREFIXTUNE_DATA). For WebNLG with ``refs`` the seen/unseen breakdown still
+    comes from the loader when its test split is available and the sizes match.
+    ``loader_options`` go to the loader (e.g. ``{"scheme": "within-news"}`` for
+    XSum, ``{"train_from": "dev"}`` for DART).
+    """
+    loader_options = dict(loader_options or {})
+    try:
+        if task not in TASKS:
+            raise MetricsError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        hypotheses = read_lines(hyp)
+        meta = None
+        if refs is not None:
+            references = read_references(refs, len(hypotheses))
+            if task == "webnlg":
+                try:
+                    _, gold_meta = _load_gold(task, split, data_dir, loader_options)
+                    if len(gold_meta) == len(hypotheses):
+                        meta = gold_meta
+                except (OSError, ValueError):
+                    meta = None
+        else:
+            references, meta = _load_gold(task, split, data_dir, loader_options)
+            if len(references) != len(hypotheses):
+                raise MetricsError(f"{hyp} has {len(hypotheses)} lines but the {task} {split} split has "
+                                   f"{len(references)} items (one hypothesis per line, in loader order)")
+        notes: list[str] = []
+        scores = score(task, hypotheses, references, meta, notes=notes, mteval_variant=mteval_variant)
+    except (MetricsError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(note, file=sys.stderr)
+    if as_json:
+        print(json.dumps(scores))
+    else:
+        source = f"{split} split" if refs is None else f"references {refs}"
+        print_scores(scores, f"{task}: {len(hypotheses)} hypotheses in {hyp}, {source}")
+    return 0
