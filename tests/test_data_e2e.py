@@ -67,3 +67,14 @@ def test_length_grouping_cuts_padding_and_covers_everything():
     naive = sum(max(lengths[i] for i in order[k:k + 8]) * len(order[k:k + 8]) for k in range(0, 400, 8))
     assert padded < 0.8 * naive
     assert batches == length_grouped_batches(lengths, 8, seed=3)
+
+
+def test_long_source_keeps_its_start_and_the_separator(tokenizer):
+    from prefixtune.data.collate import source_ids
+
+    article = "Start of the article. " + "filler words " * 100 + "END"
+    ids = source_ids(tokenizer, "decoder", article, max_len=40)
+    text = tokenizer.decode(ids)
+    assert len(ids) <= 40 and text.startswith("Start of the article.") and text.endswith("\n")
+    assert "END" not in text
+    assert source_ids(tokenizer, "decoder", "short") == tokenizer("short\n")["input_ids"]

@@ -110,3 +110,22 @@ def test_bank_generate_keeps_order_and_checks_ids(tokenizer, tmp_path):
         bank.generate(["x"], ["nope"])
     bank.remove("one")
     assert bank.ids() == ["two"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_rows_get_the_same_first_logits_as_alone(family, tokenizer):
+    """Stricter than equal tokens: the prefill logits of a padded row equal the row alone (BART's
+    absolute encoder positions break if its input is left-padded)."""
+    from prefixtune.generation import _Decoder, pad_batch
+
+    model = tiny_model(family, seed=4)
+    spec = model_spec(model)
+    p1, p2 = prefixes(model, tokenizer)
+    rows = [p1, None, p2]
+    sequences = ids(tokenizer, SOURCES[:3])
+    side = "right" if spec.family == "encoder-decoder" else "left"
+    with torch.no_grad():
+        batch = _Decoder(model, spec, *pad_batch(sequences, 0, "cpu", side), prefix_kv_from_groups(rows, spec)).logits
+        for i, (s, p) in enumerate(zip(sequences, rows)):
+            alone = _Decoder(model, spec, *pad_batch([s], 0, "cpu", side), prefix_kv_from_groups([p], spec)).logits
+            assert torch.allclose(batch[i], alone[0], atol=1e-4), (family, i, (batch[i] - alone[0]).abs().max())

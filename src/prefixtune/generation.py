@@ -70,6 +70,15 @@ class _Decoder:
         else:
             offsets = prefix_offsets(prefix_kv, input_ids.shape[0], input_ids.device)
             pos = position_ids(attention_mask, offsets)
+            if prefix_kv is not None and prefix_kv.query_visible is None and prefix_kv.capture is None:
+                # The prefix enters the cache once: each step then appends to one cache, as without a
+                # prefix, instead of prepending the prefix in every attention at every step.
+                dtype = model.dtype
+                in_cache = PrefixKV({k: t.to(dtype) for k, t in prefix_kv.keys.items()},
+                                    {k: t.to(dtype) for k, t in prefix_kv.values.items()}, prefix_kv.mask)
+                self.cache = cache.prefilled_cache(in_cache, spec.num_layers)
+                attention_mask = torch.cat([prefix_kv.mask.to(attention_mask.dtype), attention_mask], dim=-1)
+                self.attention_mask, self.prefix_kv, prefix_kv = attention_mask, None, None
             out = model(**inputs, attention_mask=attention_mask, position_ids=pos, cache=self.cache,
                         use_cache=True, prefix_kv=prefix_kv, logits_to_keep=1)
             self.next_position = pos[:, -1:] + 1
@@ -103,29 +112,31 @@ class _Decoder:
 
 
 def _with_embeds_prefix(model, spec, input_ids, attention_mask, embeds_prefix):
-    """Prepend per-row input embeddings (batch, k, hidden) to the left-padded input: [v; pad; x] for a
+    """Prepend per-row input embeddings (batch, k, hidden) to the padded input: [v; pad; x] for a
     decoder (positions count real tokens only, so x starts at k as in training) and [v; x; pad] for an
-    encoder (right-aligned, so absolute positions match training's right padding)."""
+    encoder (its input is right-padded, as in training)."""
     embeds = model.get_input_embeddings()(input_ids)
-    if spec.family == "encoder-decoder":
-        shift = (attention_mask == 0).sum(-1, keepdim=True)
-        index = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] + shift) % input_ids.shape[1]
-        embeds = embeds.gather(1, index[..., None].expand_as(embeds))
-        attention_mask = attention_mask.gather(1, index)
     ones = torch.ones(embeds_prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
     embeds = torch.cat([embeds_prefix.to(device=embeds.device, dtype=embeds.dtype), embeds], dim=1)
     return {"inputs_embeds": embeds}, torch.cat([ones, attention_mask], dim=-1)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(sequences: list[list[int]], pad_id: int, device, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask, padded on `side`: left for a decoder (new tokens follow the input),
+    right for an encoder (BART's absolute positions then match training's right padding)."""
     longest = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), longest), dtype=torch.long)
     for i, s in enumerate(sequences):
         if s:
-            ids[i, longest - len(s):] = torch.tensor(s)
-            mask[i, longest - len(s):] = 1
+            where = slice(longest - len(s), longest) if side == "left" else slice(0, len(s))
+            ids[i, where] = torch.tensor(s)
+            mask[i, where] = 1
     return ids.to(device), mask.to(device)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch(sequences, pad_id, device, "left")
 
 
 @torch.no_grad()
@@ -145,7 +156,8 @@ def decode(model, tokenizer, sequences: list[list[int]], prefix_kv: PrefixKV | N
     if any(len(s) == 0 for s in sequences):
         raise ValueError("cannot decode an empty input")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, attention_mask = left_pad(sequences, pad, model.device)
+    side = "right" if spec.family == "encoder-decoder" else "left"
+    input_ids, attention_mask = pad_batch(sequences, pad, model.device, side)
     stops = stop_ids(tokenizer, config.stop_at_newline, config.ignore_eos)
     if config.num_beams == 1:
         return _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix, on_token)

@@ -55,8 +55,9 @@ class EmbeddingMethod(Method):
         if self.length < 1:
             raise ValueError(f"embedding-only needs prefix_len >= 1, got {self.length}")
         self.module = VirtualTokens(initial_embeddings(model, tokenizer, self.length, train_config.init))
-        # Input-only prompts need a large rate (prompt tuning uses 3e-1 with Adafactor, PEFT's examples 3e-2).
-        self.default_lr = 1e-2
+        # Input-only prompts need a large rate (prompt tuning: 3e-1 with Adafactor; PEFT's examples: 3e-2).
+        # Measured here (EMB-10, 400 E2E pairs, 60 steps of 8, BLEU on 30 dev MRs): 3e-3 39.0, 1e-2 37.3, 3e-2 41.6.
+        self.default_lr = 3e-2
 
     def loss(self, module, batch):
         v = module()

@@ -1,0 +1,105 @@
+"""The paper's studies, each a grid of cells run through the one trainer, written up as a report.
+
+`run_experiment("lowdata", task="e2e", scale="cpu", out="reports/lowdata")` runs every
+unfinished cell of the study (one JSONL line each in `OUT/cells.jsonl`), then writes
+`OUT/report.md` and its PNG figures. The CLI's `prefixtune experiment` calls it.
+
+Studies: lowdata, prefix-length, init, ablation, extrapolation, main (see docs/experiments.md).
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ablation, extrapolation, init, lowdata, main, prefix_length
+from .runner import CELLS_FILE, Cell, CellStore, Context, Scale, run_cells
+from .scales import SCALES, default_model
+
+STUDIES = {m.NAME: m for m in (lowdata, prefix_length, init, ablation, extrapolation, main)}
+
+
+@dataclass
+class StudyRun:
+    """What the report writer gets: per task, the context (scale, model) and the finished lines."""
+
+    name: str
+    scale: str
+    out_dir: Path
+    command: str
+    contexts: dict = field(default_factory=dict)   # task -> Context
+    lines: dict = field(default_factory=dict)      # task -> list of JSONL lines (cell order)
+    planned: dict = field(default_factory=dict)    # task -> number of cells in the plan
+
+
+def command_line(name: str, task: str | None, scale: str, out, model: str | None, data_dir: str | None) -> str:
+    parts = ["prefixtune", "experiment", name]
+    if task:
+        parts += ["--task", task]
+    parts += ["--scale", scale, "--out", str(out)]
+    if model:
+        parts += ["--model", model]
+    if data_dir:
+        parts += ["--data-dir", str(data_dir)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def resolve_tasks(study, task: str | None) -> list[str]:
+    if task in (None, ""):
+        return list(study.DEFAULT_TASKS)
+    tasks = list(study.TASKS) if task == "all" else [t.strip() for t in task.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in study.TASKS]
+    if bad:
+        raise ValueError(f"study {study.NAME!r} runs on {', '.join(study.TASKS)}; not on {', '.join(bad)}")
+    if len(tasks) > 1 and not getattr(study, "MULTI_TASK", False):
+        raise ValueError(f"study {study.NAME!r} takes one task at a time")
+    return tasks
+
+
+def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: str | Path | None = None,
+                   model: str | None = None, data_dir: str | None = None, *, model_obj=None, tokenizer=None,
+                   loader=None, progress: bool = True, report_only: bool = False) -> dict:
+    """Run (or resume) a study and write its report; returns {"report", "cells", "ran", "planned"}.
+
+    `model_obj`/`tokenizer`: an already loaded model (the tests pass a tiny one); `loader`:
+    (task, split, **options) -> records, instead of the data directory.
+    """
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    study = STUDIES[name]
+    tasks = resolve_tasks(study, task)
+    out_dir = Path(out or Path("reports") / name)
+    run = StudyRun(name, scale, out_dir, command_line(name, ",".join(tasks), scale, out_dir, model, data_dir))
+    models: dict = {}
+    ran = 0
+    for t in tasks:
+        from ..models import model_name as name_of
+
+        s = study.make_scale(scale, t)
+        if model_obj is not None:
+            chosen = model or name_of(model_obj)
+            models.setdefault(chosen, (model_obj, tokenizer))
+        else:
+            chosen = model or default_model(scale, t)
+        loaded = models.get(chosen, (None, None))
+        ctx = Context(out_dir, s, chosen, data_dir, loaded[0], loaded[1], loader, run.command, progress)
+        cells = study.make_cells(t, s)
+        run.planned[t] = len(cells)
+        if report_only:
+            done = CellStore(out_dir / CELLS_FILE).load()
+            lines = [done[i] for i in (c.id(s, chosen) for c in cells) if i in done]
+        else:
+            before = len(CellStore(out_dir / CELLS_FILE).load())
+            lines = run_cells(cells, ctx, f"{name} {t}")
+            ran += len(CellStore(out_dir / CELLS_FILE).load()) - before
+            if ctx.model is not None:
+                models[chosen] = (ctx.model, ctx.tokenizer)
+        run.contexts[t], run.lines[t] = ctx, lines
+    report = study.write_report(run)
+    return {"report": str(report), "cells": sum(len(v) for v in run.lines.values()), "ran": ran,
+            "planned": sum(run.planned.values())}
+
+
+__all__ = ["Cell", "Context", "STUDIES", "Scale", "run_experiment"]

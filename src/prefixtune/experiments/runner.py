@@ -1,0 +1,301 @@
+"""The shared study runner: cells, their stable ids, the JSONL store, and running one cell.
+
+A *cell* is one training run and its evaluations: (study, task, method, config
+values, train size, sample, seed). Its id is a hash of everything that decides
+its numbers (method, hyperparameters, data sample, decoding, test sets, model),
+so a re-run finds finished cells in `cells.jsonl` and skips them: a killed study
+resumes where it stopped, and changing a setting re-runs only the affected cells.
+
+Each finished cell appends one complete JSON line (written with a single
+`write`, then flushed and fsynced); a torn last line from a kill is dropped when
+the store is opened.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from ..data import Record, load_task, sample_pairs, training_pairs
+from ..io import atomic_write_bytes
+
+CELLS_FILE = "cells.jsonl"
+PRIMARY = {"e2e": "BLEU", "webnlg": "BLEU", "dart": "BLEU", "xsum": "ROUGE_2"}
+FALLBACK = {"BLEU": "sacreBLEU"}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a study runs. `cpu` fits about an hour on a 2-core CPU; `paper` follows the paper."""
+
+    name: str
+    max_steps: int | None = None         # None: train `epochs` epochs
+    epochs: float = 5.0
+    batch_size: int = 8
+    train_size: int | None = None        # pairs sampled for studies that are not about data size (None: all)
+    dev_size: int = 50
+    eval_every: int = 0                  # dev loss every N steps (0: only at the end)
+    test_size: int | None = 50           # test inputs per evaluation (None: the whole split)
+    beams: int = 1
+    max_new_tokens: int = 64
+    length_penalty: float = 1.0
+    full_metrics: bool = True            # the official-equal suite (else sacreBLEU / ROUGE only)
+    precision: str = "auto"
+    samples: int = 1                     # data samples per (size, config)
+    seeds: tuple = (1,)                  # training seeds per sample
+    decode_batch: int = 16
+    max_source_len: int = 256
+    max_target_len: int = 128
+    lr: dict = field(default_factory=dict)      # method -> learning rate (absent: the method's default)
+    extra: dict = field(default_factory=dict)   # TrainConfig overrides for every cell (e.g. mlp_dim)
+
+    def describe(self) -> dict:
+        """The settings as a report shows them."""
+        d = asdict(self)
+        if self.max_steps is not None:
+            d.pop("epochs")
+        else:
+            d.pop("max_steps")
+        d["train_size"] = "per cell" if self.train_size is None else self.train_size
+        d["test_size"] = "whole split" if self.test_size is None else self.test_size
+        d["decoding"] = "greedy" if self.beams == 1 else f"beam {self.beams}"
+        d.pop("beams")
+        d["seeds"] = ", ".join(map(str, self.seeds))
+        d["lr"] = ", ".join(f"{m} {v:g}" for m, v in self.lr.items()) or "each method's default"
+        d["extra"] = ", ".join(f"{k}={v}" for k, v in self.extra.items()) or "–"
+        return d
+
+
+@dataclass
+class Cell:
+    study: str
+    task: str
+    method: str
+    label: str                                   # how the report names its configuration, e.g. "EMB-10"
+    train_size: int | None
+    sample: int
+    seed: int
+    params: dict = field(default_factory=dict)   # TrainConfig overrides: prefix_len, init, lr, adapter_budget, ...
+    train_options: dict = field(default_factory=dict)       # loader options of train/dev
+    evals: dict = field(default_factory=lambda: {"test": {}})  # evaluation name -> loader options of its test split
+    tags: dict = field(default_factory=dict)     # what the report groups by (not part of the id beyond `config`)
+
+    def config(self, scale: Scale, model_name: str) -> dict:
+        """Every value that decides this cell's numbers (the id is a hash of it)."""
+        from ..train import TrainConfig
+
+        train = asdict(self.train_config(scale, model_name, "."))
+        for k in ("output_dir", "data_dir", "export", "save_every"):
+            train.pop(k, None)
+        return {"study": self.study, "task": self.task, "method": self.method, "label": self.label,
+                "train_size": self.train_size, "sample": self.sample, "seed": self.seed,
+                "train_options": self.train_options, "evals": self.evals, "train": train,
+                "test_size": scale.test_size, "dev_size": scale.dev_size,
+                "decoding": {"beams": scale.beams, "max_new_tokens": scale.max_new_tokens,
+                             "length_penalty": scale.length_penalty, "greedy": scale.beams == 1},
+                "full_metrics": scale.full_metrics, "tags": self.tags}
+
+    def train_config(self, scale: Scale, model_name: str, output_dir: str):
+        from ..train import TrainConfig
+
+        values = dict(output_dir=output_dir, model=model_name, task=self.task, task_options=self.train_options,
+                      seed=self.seed, method=self.method, batch_size=scale.batch_size, max_steps=scale.max_steps,
+                      epochs=scale.epochs, eval_every=scale.eval_every, dev_size=scale.dev_size, save_every=0,
+                      precision=scale.precision, max_source_len=scale.max_source_len,
+                      max_target_len=scale.max_target_len, lr=scale.lr.get(self.method), export=False)
+        values.update(scale.extra)
+        values.update(self.params)
+        return TrainConfig(**values)
+
+    def id(self, scale: Scale, model_name: str) -> str:
+        blob = json.dumps(self.config(scale, model_name), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+
+class CellStore:
+    """`cells.jsonl`: one complete line per finished cell; a torn last line is dropped on open."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        if not self.path.is_file():
+            return {}
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # killed mid-write: cut the partial line so appends stay whole
+            keep = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:keep]
+        lines = {}
+        for raw in data.splitlines():
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(line, dict) and "id" in line:
+                lines[line["id"]] = line
+        return lines
+
+    def append(self, line: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = (json.dumps(line, sort_keys=True, default=str) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+Loader = Callable[..., list[Record]]
+
+
+@dataclass
+class Context:
+    """What a study run shares across its cells: the frozen model, the data, where things go."""
+
+    out_dir: Path
+    scale: Scale
+    model_name: str
+    data_dir: str | None = None
+    model: object = None
+    tokenizer: object = None
+    loader: Loader | None = None        # (task, split, **options) -> records; default: prefixtune.data.load_task
+    command: str = ""
+    progress: bool = True
+    _cache: dict = field(default_factory=dict)
+
+    def records(self, task: str, split: str, **options) -> list[Record]:
+        key = (task, split, json.dumps(options, sort_keys=True))
+        if key not in self._cache:
+            if self.loader is not None:
+                self._cache[key] = self.loader(task, split, **options)
+            else:
+                self._cache[key] = load_task(task, split, self.data_dir, **options)
+        return self._cache[key]
+
+    def ensure_model(self):
+        if self.model is None:
+            from ..models import load_base_model
+
+            self.model, self.tokenizer = load_base_model(self.model_name)
+        return self.model, self.tokenizer
+
+
+def select_test(records: list[Record], size: int | None) -> list[Record]:
+    """A fixed subset of a test split (the same for every cell and run): `size` records drawn with seed 0, in order."""
+    if size is None or size >= len(records):
+        return list(records)
+    keep = sorted(random.Random(0).sample(range(len(records)), size))
+    return [records[i] for i in keep]
+
+
+def score(task: str, hypotheses: list[str], records: list[Record], full: bool) -> dict:
+    """sacreBLEU always; the task's official-equal suite when `full` (errors are recorded, not raised)."""
+    from ..evaluate import grouped_bleu
+
+    scores: dict = {"sacreBLEU": grouped_bleu(hypotheses, [r.references for r in records])}
+    if full or task == "xsum":  # ROUGE needs no Java: always for summaries
+        try:
+            from ..metrics import score as official
+
+            scores.update(official(task, hypotheses, [r.references for r in records], [r.meta for r in records]))
+        except Exception as e:  # MetricsError, a missing Java runtime, an unfinished metric: keep going
+            scores["metrics_error"] = f"{type(e).__name__}: {e}"[:300]
+    return scores
+
+
+def primary_metric(task: str, lines: list[dict], evaluation: str = "test") -> str:
+    """The task's headline metric if every line has it, else its sacreBLEU fallback."""
+    name = PRIMARY[task]
+    if all(name in line["metrics"].get(evaluation, {}) for line in lines):
+        return name
+    return FALLBACK.get(name, name)
+
+
+def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
+    """Train, decode every evaluation's test inputs, score, and return the cell's JSONL line."""
+    from ..generation import DecodingConfig
+    from ..models import model_spec
+    from ..train import train
+
+    scale = ctx.scale
+    model, tokenizer = ctx.ensure_model()
+    started = time.perf_counter()
+    train_records = ctx.records(cell.task, "train", **cell.train_options)
+    dev_options = {k: v for k, v in cell.train_options.items() if k != "train_from"}
+    dev_records = ctx.records(cell.task, "dev", **dev_options)
+    work = ctx.out_dir / ".work" / cell_id
+    ignore = ctx.out_dir / ".work" / ".gitignore"
+    if not ignore.is_file():  # checkpoints of a killed cell must never be committed with the report
+        atomic_write_bytes(ignore, b"*\n")
+    config = cell.train_config(scale, ctx.model_name, str(work))
+    pairs = sample_pairs(training_pairs(train_records), cell.train_size, seed=cell.sample)
+    dev_pairs = sample_pairs(training_pairs(dev_records), config.dev_size, seed=cell.sample) if config.dev_size else []
+    result = train(config, model, tokenizer, pairs, dev_pairs, resume=True, progress=False)
+    method = result.method
+    train_s = time.perf_counter() - started
+
+    decoding = DecodingConfig(max_new_tokens=scale.max_new_tokens, num_beams=scale.beams,
+                              length_penalty=scale.length_penalty)
+    metrics, hyp_files, primary, test_sizes = {}, {}, {}, {}
+    decode_start = time.perf_counter()
+    for name, options in cell.evals.items():
+        records = select_test(ctx.records(cell.task, "test", **options), scale.test_size)
+        hyps = method.generate([r.source for r in records], decoding, batch_size=scale.decode_batch)
+        path = Path("hypotheses") / f"{cell_id}.{name}.txt"
+        atomic_write_bytes(ctx.out_dir / path, ("\n".join(h.replace("\n", " ") for h in hyps) + "\n").encode())
+        metrics[name] = score(cell.task, hyps, records, scale.full_metrics)
+        key = PRIMARY[cell.task] if PRIMARY[cell.task] in metrics[name] else FALLBACK.get(PRIMARY[cell.task])
+        primary[name] = metrics[name].get(key)
+        hyp_files[name] = str(path)
+        test_sizes[name] = len(records)
+    decode_s = time.perf_counter() - decode_start
+    line = {
+        "id": cell_id, "study": cell.study, "task": cell.task, "method": cell.method, "label": cell.label,
+        "train_size": cell.train_size, "sample": cell.sample, "seed": cell.seed, "tags": cell.tags,
+        "config": cell.config(scale, ctx.model_name), "scale": scale.name, "model": ctx.model_name,
+        "model_type": model_spec(model).model_type,
+        "metrics": metrics, "primary": primary, "test_sizes": test_sizes, "hypotheses": hyp_files,
+        "train_pairs": len(pairs), "lr": config.lr if config.lr is not None else method.default_lr,
+        "trainable_params": result.trainable_params, "shipped_params": result.shipped_params,
+        "trainable_pct": method.trainable_percent(), "shipped_pct": method.shipped_percent(),
+        "steps": result.steps, "best_step": result.best_step, "best_dev_loss": result.best_dev_loss,
+        "final_dev_loss": result.final_dev_loss, "tokens_per_s": result.tokens_per_s,
+        "train_s": round(train_s, 2), "decode_s": round(decode_s, 2),
+        "elapsed_s": round(time.perf_counter() - started, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    del method, result
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints (a fine-tuned copy is ~1.6 GB): not kept
+    return line
+
+
+def run_cells(cells: list[Cell], ctx: Context, desc: str) -> list[dict]:
+    """Run every unfinished cell (a progress bar over cells) and return all lines, in cell order."""
+    from tqdm.auto import tqdm
+
+    store = CellStore(ctx.out_dir / CELLS_FILE)
+    done = store.load()
+    ids = [c.id(ctx.scale, ctx.model_name) for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two cells of the study have the same configuration")
+    todo = [(c, i) for c, i in zip(cells, ids) if i not in done]
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, unit="cell", dynamic_ncols=True,
+              disable=not ctx.progress) as bar:
+        for cell, cell_id in todo:
+            bar.set_postfix_str(f"{cell.label} n={cell.train_size} s{cell.sample} seed{cell.seed}")
+            line = run_cell(cell, ctx, cell_id)
+            store.append(line)
+            done[cell_id] = line
+            bar.update(1)
+    return [done[i] for i in ids]

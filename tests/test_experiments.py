@@ -1,0 +1,171 @@
+"""Every study at `tiny` scale on a tiny random model: JSONL cells, report.md, PNG figures, resume."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # 2 shared cores: a second thread only contends (10x slower)
+
+from conftest import ByteTokenizer, tiny_model
+from prefixtune.data import Record
+from prefixtune.experiments import STUDIES, run_experiment
+from prefixtune.experiments import runner
+from prefixtune.experiments.report import HELD, INCONCLUSIVE, NOT_HELD, Agg, compare
+from prefixtune.experiments.runner import CellStore
+
+FOODS = ["Thai", "French", "Chinese", "Italian", "English", "Indian"]
+AREAS = ["riverside", "city centre"]
+
+
+def synthetic(task, split, **options):
+    """Small stand-in datasets with the loaders' options (subset, scheme, train_from)."""
+    rng = random.Random(f"{task}/{split}/{sorted(options.items())}")
+    n = {"train": 40, "dev": 8, "test": 8}[split]
+    records = []
+    for i in range(n):
+        food, area = rng.choice(FOODS), rng.choice(AREAS)
+        if task == "xsum":
+            src = f"The council in {area} said on Monday that {food} food stalls will open. " * 2
+            records.append(Record(src, [f"{food} stalls open in {area}."], {"id": str(i)}))
+            continue
+        seen = options.get("subset", "seen") != "unseen"
+        name = f"P{i}" if seen else f"Q{i}"
+        records.append(Record(f"name : {name} | food : {food} | area : {area}",
+                              [f"{name} serves {food} food in the {area}.", f"In the {area}, {name} has {food} food."],
+                              {"id": i, "seen": seen, "category": "Food" if seen else "Artist"}))
+    return records
+
+
+def run(name, tmp_path, task=None, **kw):
+    return run_experiment(name, task=task, scale="tiny", out=tmp_path / name, model_obj=tiny_model("llama"),
+                          tokenizer=ByteTokenizer(), loader=synthetic, progress=False, **kw)
+
+
+def lines_of(path):
+    return [json.loads(line) for line in (path / "cells.jsonl").read_text().splitlines()]
+
+
+CASES = [("lowdata", "e2e"), ("prefix-length", "e2e"), ("init", "e2e"), ("ablation", "e2e"),
+         ("extrapolation", "webnlg"), ("extrapolation", "xsum"), ("main", "e2e,xsum")]
+
+
+@pytest.mark.parametrize("name,task", CASES)
+def test_study_runs_end_to_end_and_resumes(name, task, tmp_path):
+    result = run(name, tmp_path, task)
+    out = tmp_path / name
+    lines = lines_of(out)
+    assert result["cells"] == result["planned"] == result["ran"] == len(lines) > 0
+    report = (out / "report.md").read_text()
+    assert f"prefixtune experiment {name} --task {task} --scale tiny --out {out}" in report
+    assert "## The paper's claims and our numbers" in report
+    assert any(v in report for v in (HELD, NOT_HELD, INCONCLUSIVE))
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    for png in pngs:
+        assert f"]({png.name})" in report
+    for line in lines:
+        assert line["id"] in report  # every cell is cited in the report
+        for key in ("config", "metrics", "trainable_pct", "steps", "tokens_per_s", "elapsed_s", "hypotheses"):
+            assert key in line
+        assert line["config"]["train"]["method"] == line["method"]
+        for path in line["hypotheses"].values():
+            hyps = (out / path).read_text().split("\n")
+            assert len(hyps) >= line["test_sizes"][next(iter(line["test_sizes"]))]
+    assert [p.name for p in (out / ".work").iterdir()] == [".gitignore"]  # checkpoints are not kept
+
+    again = run(name, tmp_path, task)
+    assert again["ran"] == 0 and again["cells"] == len(lines)
+    assert lines_of(out) == lines
+
+
+def test_a_killed_study_resumes_and_a_torn_line_is_dropped(tmp_path, monkeypatch):
+    real = runner.run_cell
+    calls = []
+
+    def dies_on_third(cell, ctx, cell_id):
+        calls.append(cell_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cell, ctx, cell_id)
+
+    monkeypatch.setattr(runner, "run_cell", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run("lowdata", tmp_path, "e2e")
+    out = tmp_path / "lowdata"
+    assert len(lines_of(out)) == 2
+    with open(out / "cells.jsonl", "ab") as f:  # a kill in the middle of a write
+        f.write(b'{"id": "torn", "metr')
+    monkeypatch.setattr(runner, "run_cell", real)
+    result = run("lowdata", tmp_path, "e2e")
+    assert result["ran"] == result["planned"] - 2
+    lines = lines_of(out)
+    assert len(lines) == result["planned"] and len({l["id"] for l in lines}) == len(lines)
+
+
+def test_cell_ids_are_stable_and_follow_the_config():
+    from prefixtune.experiments import lowdata
+
+    scale = lowdata.make_scale("cpu", "e2e")
+    a, b = lowdata.make_cells("e2e", scale), lowdata.make_cells("e2e", scale)
+    assert [c.id(scale, "m") for c in a] == [c.id(scale, "m") for c in b]
+    assert len({c.id(scale, "m") for c in a}) == len(a) == 4 * 2 * 2
+    from dataclasses import replace
+
+    assert a[0].id(replace(scale, max_steps=51), "m") != a[0].id(scale, "m")
+    assert a[0].id(scale, "other-model") != a[0].id(scale, "m")
+
+
+def test_every_study_has_a_cpu_and_paper_plan():
+    for name, study in STUDIES.items():
+        for scale_name in ("cpu", "paper"):
+            for task in study.DEFAULT_TASKS:
+                scale = study.make_scale(scale_name, task)
+                cells = study.make_cells(task, scale)
+                assert cells and all(c.study == name for c in cells)
+    from prefixtune.experiments import ablation, init, lowdata
+
+    assert {c.train_size for c in lowdata.make_cells("e2e", lowdata.make_scale("cpu", "e2e"))} == {50, 100, 200, 500}
+    paper = lowdata.make_cells("e2e", lowdata.make_scale("paper", "e2e"))
+    assert len(paper) == 4 * 2 * 5 * 2  # sizes x methods x 5 samples x 2 seeds
+    labels = {c.label for c in ablation.make_cells("e2e", ablation.make_scale("cpu", "e2e"))}
+    assert labels == {"EMB-1", "EMB-10", "EMB-20", "INFIX-1", "INFIX-10", "INFIX-20", "PREFIX-10"}
+    inits = {c.params["init"] for c in init.make_cells("e2e", init.make_scale("cpu", "e2e"))}
+    assert inits == {"random", "words:table-to-text:", "words:summarize", "words:elephant", "words:divide"}
+
+
+def test_store_appends_whole_lines_and_drops_a_torn_tail(tmp_path):
+    store = CellStore(tmp_path / "cells.jsonl")
+    store.append({"id": "a", "x": 1})
+    (tmp_path / "cells.jsonl").open("ab").write(b'{"id": "b", "x"')
+    assert set(CellStore(tmp_path / "cells.jsonl").load()) == {"a"}
+    store.append({"id": "c", "x": 3})
+    assert set(store.load()) == {"a", "c"}
+
+
+def test_verdicts_are_computed_from_the_numbers():
+    hi, lo = Agg([50.0, 51.0, 52.0], ["a", "b", "c"]), Agg([40.0, 41.0, 42.0], ["d", "e", "f"])
+    assert compare(hi, lo)[2] == HELD
+    assert compare(lo, hi)[2] == NOT_HELD
+    assert compare(hi, Agg([51.2, 50.8, 51.0], list("ghi")))[2] == INCONCLUSIVE
+    assert compare(hi, lo, "<")[2] == NOT_HELD
+    assert compare([hi, hi], [lo, lo])[2] == HELD
+    assert compare(Agg([], []), lo)[2] == INCONCLUSIVE
+
+
+def test_cli_experiment_command_is_wired(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    out = tmp_path / "init"
+    result = CliRunner().invoke(app, ["experiment", "init", "--task", "e2e", "--scale", "tiny", "--out", str(out),
+                                      "--report-only"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["cells"] == 0 and summary["planned"] == 5
+    assert "Incomplete" in (out / "report.md").read_text()
+    bad = CliRunner().invoke(app, ["experiment", "nope", "--report-only", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown study" in bad.output
