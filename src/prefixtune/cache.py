@@ -16,10 +16,12 @@ When transformers changes its attention or cache API, this file changes.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, DynamicCache, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -79,7 +81,8 @@ def prefix_attention(module, query, key, value, attention_mask, prefix_kv: Prefi
     if prefix_kv is not None and prefix_kv.capture is not None and slot is not None:
         prefix_kv.capture[slot] = (key.detach(), value.detach())
     if prefix_kv is None or slot not in prefix_kv.keys:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        with _kernels(query):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     pk, pv = prefix_kv.keys[slot], prefix_kv.values[slot]
     batch, _, q_len, _ = query.shape
@@ -97,7 +100,18 @@ def prefix_attention(module, query, key, value, attention_mask, prefix_kv: Prefi
         position_bias = F.pad(position_bias, (p_len, 0))
     key = torch.cat([pk.to(key.dtype), key], dim=2)
     value = torch.cat([pv.to(value.dtype), value], dim=2)
-    return sdpa_attention_forward(module, query, key, value, mask, position_bias=position_bias, **kwargs)
+    with _kernels(query):
+        return sdpa_attention_forward(module, query, key, value, mask, position_bias=position_bias, **kwargs)
+
+
+def _kernels(query: torch.Tensor):
+    """SDPA kernels for this call. On CPUs, with gradients on, the fused flash kernel's backward is
+    slow for the short sequences prefix-tuning trains on (measured here: the math path gave +15%
+    training tokens/s on SmolLM2-135M). The choice depends only on the call itself, so gradient
+    checkpointing recomputes with the same kernel. Accelerators keep PyTorch's own choice."""
+    if query.device.type == "cpu" and torch.is_grad_enabled():
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 def _always_mask(*args, **kwargs):
