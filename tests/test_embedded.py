@@ -64,12 +64,14 @@ def test_left_padded_batch_equals_one_by_one(smol):
                "name : Aromi | Type : pub | price : cheap | near : Café Brazil | family friendly : yes\n"]
     seqs = [tokenizer(s)["input_ids"] for s in sources]
     rows = [p_words, p_rand, None]
-    config = DecodingConfig(max_new_tokens=12)
+    # no early stop: every row decodes 12 tokens, so the comparison covers 36 tokens
+    config = DecodingConfig(max_new_tokens=12, stop_at_newline=False, ignore_eos=True)
     with torch.no_grad():
         batched = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), config)
         alone = [decode(model, tokenizer, [s], prefix_kv_from_groups([p], spec), config)[0] for s, p in zip(seqs, rows)]
     assert batched == alone
-    assert all(len(x) > 0 for x in batched)
+    assert all(len(x) == 12 for x in batched)
+    assert batched[0] != batched[2]  # the prefix changes what the model says
 
 
 def test_gguf_path_loads_the_same_model(smol):
