@@ -31,8 +31,11 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--prefix-len", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -96,7 +99,7 @@ def main():
           f"ours {tps['ours']:.1f}, PEFT generate {tps['peft']:.1f}, ratio {tps['ours'] / tps['peft']:.2f}x")
     out = {"decode_ratio_vs_peft": tps["ours"] / tps["peft"], "decode_tokens_per_s_ours": tps["ours"],
            "decode_tokens_per_s_peft": tps["peft"], "batch_size": args.batch_size, "inputs": args.inputs,
-           "new_tokens": args.new_tokens}
+           "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(out))
 

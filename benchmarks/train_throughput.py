@@ -175,9 +175,12 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--work-dir", default="/tmp/prefixtune-bench")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: PyTorch's default)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         return run_worker(args)
 
@@ -233,6 +236,7 @@ def main():
         "matmul_peak_gflops_fp32": peaks["fp32"] / 1e9,
         "matmul_peak_gflops_bf16": peaks["bf16"] / 1e9,
         "steps": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
     }
     print(f"ratio tokens/s ours/PEFT: {out['ratio_tokens_per_s']:.2f}x, vs PEFT under bf16: "
           f"{out['ratio_vs_peft_bf16']:.2f}x; dev loss ours {out['dev_loss_ours']:.4f} vs PEFT {out['dev_loss_peft']:.4f}")
