@@ -1,0 +1,313 @@
+"""Serving many prefixes from one frozen model: mixed batches against the alternatives, in one run.
+
+32 requests over 32 distinct prefixes (the embedded SmolLM2-135M, E2E test MRs, 40 new tokens each,
+end-of-text ignored so every request decodes the same length), timed as
+  * mixed batch        one `PrefixBank.generate_ids` call, every row with its own prefix
+  * single prefix      the same 32 rows in one batch, all with one prefix
+  * no prefix          the same 32 rows in one batch, no prefix (the cost of a prefix)
+  * sequential         the same code, one request at a time
+  * PEFT               peft's PrefixTuningConfig models, 32 adapters, one request at a time with generate
+  * server             the 32 requests sent at once to the HTTP server (4 tenants), decoded by its batcher
+The batch runs repeat `--rounds` times; the one-at-a-time requests are spread over the same rounds, so every
+configuration samples the same stretches of a shared machine. Times are wall-clock means; tokens/s counts
+generated tokens. `--json` prints one JSON object as the last line.
+
+    python benchmarks/serve_mixed.py --json | tee benchmarks/results/serve_mixed_cpu.txt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from prefixtune.bank import PrefixBank
+from prefixtune.generation import DecodingConfig
+from prefixtune.io import load_prefix_bytes, prefix_to_bytes
+from prefixtune.models import load_base_model, model_spec
+from prefixtune.prefix import PrefixConfig, build_prefix_encoder
+
+SYNTHETIC = ["name : The Eagle | Type : coffee shop | food : Japanese | price : less than £20 | area : riverside",
+             "name : Zizzi | Type : pub | food : English | customer rating : average | family friendly : yes",
+             "name : Aromi | Type : restaurant | food : Chinese | area : city centre | near : Raja Indian Cuisine",
+             "name : The Mill | Type : pub | food : French | price : high | area : riverside | near : Café Rouge"]
+
+
+def e2e_inputs(n: int) -> tuple[list[str], str]:
+    root = Path(os.environ.get("PREFIXTUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if (root / "e2e" / "testset_w_refs.csv").is_file():
+        from prefixtune.data.e2e import load_e2e
+
+        records = load_e2e("test", root)
+        return [r.source for r in records[:n]], f"E2E test MRs ({root / 'e2e'})"
+    return [SYNTHETIC[i % len(SYNTHETIC)] + f" | near : Place {i}" for i in range(n)], "synthetic E2E-like MRs"
+
+
+def make_prefixes(model, tokenizer, spec, n: int, length: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        enc = build_prefix_encoder(model, tokenizer, spec, PrefixConfig(prefix_len=length), seed=1000 + i)
+        with torch.no_grad():
+            out.append(prefix_to_bytes(enc(), spec, "smollm2-135m"))
+    return out
+
+
+class Timer:
+    """Wall and CPU time and generated tokens, in samples: one batch run, or one slot of one-at-a-time requests.
+    Throughput is the median over samples, so a stretch of heavy load on a shared machine moves it little."""
+
+    def __init__(self):
+        self.samples: list[list[float]] = []  # [wall, cpu, tokens]
+
+    def new_sample(self):
+        self.samples.append([0.0, 0.0, 0])
+
+    def __call__(self, fn, tokens=lambda out: sum(len(o) for o in out)):
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        sample = self.samples[-1]
+        sample[0] += time.perf_counter() - w
+        sample[1] += time.process_time() - c
+        sample[2] += tokens(out)
+        return out
+
+    def tps(self, cpu=False) -> float:
+        return statistics.median(t / (c if cpu else w) for w, c, t in self.samples if t)
+
+    def total(self, i: int) -> float:
+        return sum(x[i] for x in self.samples)
+
+
+def peft_setup(model_name: str, n: int, length: int):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    base, _ = load_base_model(model_name)
+    config = PrefixTuningConfig(num_virtual_tokens=length, task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, config, adapter_name="a0")
+    for i in range(1, n):
+        peft_model.add_adapter(f"a{i}", config)
+    peft_model.eval()
+    return peft_model
+
+
+def peft_one(peft_model, tokenizer, seq: list[int], adapter: str, new_tokens: int) -> list[int]:
+    peft_model.set_adapter(adapter)
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def hf_reference(model_name: str, tokenizer, seqs: list[list[int]], new_tokens: int) -> dict:
+    """Plain transformers `generate` on a separate copy of the model, no prefix: one batch against one at a time."""
+    from prefixtune.generation import left_pad
+
+    hf, _ = load_base_model(model_name)
+
+    def gen(ids, mask):
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return out.shape[0] * (out.shape[1] - ids.shape[1])
+
+    ids, mask = left_pad(seqs, tokenizer.pad_token_id, hf.device)
+    gen(ids[:2], mask[:2])
+    start = time.perf_counter()
+    batch_tokens = gen(ids, mask)
+    batch_s = time.perf_counter() - start
+    start, seq_tokens = time.perf_counter(), 0
+    for s in seqs:
+        x = torch.tensor([s])
+        seq_tokens += gen(x, torch.ones_like(x))
+    seq_s = time.perf_counter() - start
+    return {"hf_batch_tokens_per_s": batch_tokens / batch_s, "hf_sequential_tokens_per_s": seq_tokens / seq_s,
+            "hf_ratio_batch_vs_sequential": (batch_tokens / batch_s) / (seq_tokens / seq_s)}
+
+
+def server_run(model, tokenizer, blobs: list[bytes], texts: list[str], new_tokens: int, tenants: int = 4):
+    """The same requests through HTTP, all at once: one batch window collects them. Returns (seconds, tokens)."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from prefixtune.serve import BackgroundServer, KeyRing, ServeSettings, create_app
+
+    keys = [(f"bench-key-{t}", f"tenant{t}") for t in range(tenants)]
+    with tempfile.TemporaryDirectory() as store:
+        settings = ServeSettings(store_dir=store, batch_window_ms=200, max_batch_size=len(texts),
+                                 request_timeout_s=600)
+        app = create_app(model, tokenizer, settings, KeyRing(keys))
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=600) as http:
+            for i, blob in enumerate(blobs):
+                key = keys[i % tenants][0]
+                r = http.put(f"/v1/prefixes/p{i}", content=blob, headers={"Authorization": f"Bearer {key}"})
+                r.raise_for_status()
+
+            def ask(i):
+                body = {"model": f"p{i}", "prompt": texts[i], "max_tokens": new_tokens, "stop": [],
+                        "ignore_eos": True}
+                r = http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {keys[i % tenants][0]}"})
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(len(texts)) as pool:
+                tokens = sum(pool.map(ask, range(len(texts))))
+            seconds = time.perf_counter() - start
+            batches = int(app.state.metrics.value("prefixtune_batches_total"))
+    return seconds, tokens, batches
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--prefix-len", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5, help="batch runs per configuration")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared CPU)")
+    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--hf-reference", action="store_true",
+                    help="also time plain transformers generate (no prefix), one batch against one at a time")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' notes on PEFT's cache arguments
+    began = time.perf_counter()
+    load_before = os.getloadavg()
+
+    model, tokenizer = load_base_model(args.model)
+    spec = model_spec(model)
+    bank = PrefixBank(model, tokenizer)
+    n = args.requests
+    blobs = make_prefixes(model, tokenizer, spec, n, args.prefix_len)
+    for i, blob in enumerate(blobs):  # through the validating path, as an upload would go
+        bank.add(f"p{i}", load_prefix_bytes(blob, spec, f"p{i}"))
+    texts, source = e2e_inputs(n)
+    seqs = [bank.encode(t, "p0") for t in texts]
+    config = DecodingConfig(max_new_tokens=args.new_tokens, stop_at_newline=False, ignore_eos=True)
+    mixed_ids, single_ids, none_ids = [f"p{i}" for i in range(n)], ["p0"] * n, [None] * n
+
+    peft_model, peft_error = None, None
+    if not args.no_peft:
+        try:
+            peft_model = peft_setup(args.model, n, args.prefix_len)
+            peft_one(peft_model, tokenizer, seqs[0], "a0", 2)  # warm-up
+        except Exception as e:  # report, and time what works
+            peft_error = f"{type(e).__name__}: {e}"
+            peft_model = None
+
+    # warm-up (kernels, allocator), then interleaved rounds
+    bank.generate_ids(seqs[:8], mixed_ids[:8], DecodingConfig(max_new_tokens=4, stop_at_newline=False,
+                                                              ignore_eos=True))
+    timers = {k: Timer() for k in ("mixed", "single", "none", "sequential", "peft")}
+    mixed_out, sequential_out, peft_lengths = None, [None] * n, []
+    # each batch run is followed by the next few one-at-a-time requests, so all configurations share the
+    # same stretches of time on a shared machine
+    per_slot = -(-n // (3 * args.rounds))
+    pending = list(range(n))
+    for r in range(args.rounds):
+        for key, ids in (("mixed", mixed_ids), ("single", single_ids), ("none", none_ids)):
+            timers[key].new_sample()
+            out = timers[key](lambda: bank.generate_ids(seqs, ids, config))
+            if key == "mixed":
+                mixed_out = out
+            slot, pending = pending[:per_slot], pending[per_slot:]
+            if not slot:
+                continue
+            timers["sequential"].new_sample()
+            timers["peft"].new_sample()
+            for i in slot:
+                sequential_out[i] = timers["sequential"](
+                    lambda: bank.generate_ids([seqs[i]], [mixed_ids[i]], config)[0], len)
+                if peft_model is not None:
+                    out = timers["peft"](lambda: peft_one(peft_model, tokenizer, seqs[i], f"a{i}", args.new_tokens), len)
+                    peft_lengths.append(len(out))
+        print(f"round {r + 1}/{args.rounds} done at {time.perf_counter() - began:.0f} s", file=sys.stderr)
+
+    server = None
+    if not args.no_server:
+        seconds, tokens, batches = server_run(model, tokenizer, blobs, texts, args.new_tokens)
+        server = {"seconds": seconds, "tokens": tokens, "batches": batches}
+
+    reference = hf_reference(args.model, tokenizer, seqs, args.new_tokens) if args.hf_reference else {}
+
+    t = timers
+    equal = sum(a == b for a, b in zip(mixed_out, sequential_out))
+    result = {
+        "ratio_vs_sequential": t["mixed"].tps() / t["sequential"].tps(),
+        "ratio_vs_peft": t["mixed"].tps() / t["peft"].tps() if peft_model is not None else None,
+        "ratio_vs_single_prefix_batch": t["mixed"].tps() / t["single"].tps(),
+        "prefix_overhead_pct": 100 * (t["none"].tps() / t["mixed"].tps() - 1),
+        "single_prefix_overhead_pct": 100 * (t["none"].tps() / t["single"].tps() - 1),
+        "cpu_ratio_vs_sequential": t["mixed"].tps(True) / t["sequential"].tps(True),
+        "cpu_ratio_vs_peft": t["mixed"].tps(True) / t["peft"].tps(True) if peft_model is not None else None,
+        "cpu_ratio_vs_single_prefix_batch": t["mixed"].tps(True) / t["single"].tps(True),
+        "cpu_prefix_overhead_pct": 100 * (t["none"].tps(True) / t["mixed"].tps(True) - 1),
+        "tokens_per_s": {k: round(v.tps(), 2) for k, v in t.items() if v.total(2)},
+        "samples": {k: len(v.samples) for k, v in t.items() if v.total(2)},
+        "server_tokens_per_s": server and server["tokens"] / server["seconds"],
+        "server_batches": server and server["batches"],
+        "server_ratio_vs_sequential": server and (server["tokens"] / server["seconds"]) / t["sequential"].tps(),
+        **reference,
+        "mixed_equals_sequential": f"{equal}/{n}",
+        "peft_tokens_per_request": sorted(set(peft_lengths)),
+        "peft_error": peft_error,
+        "requests": n, "distinct_prefixes": n, "new_tokens": args.new_tokens, "prefix_len": args.prefix_len,
+        "rounds": args.rounds, "threads": args.threads, "model": args.model, "inputs": source,
+        "mean_input_tokens": round(sum(map(len, seqs)) / n, 1),
+        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "loadavg_before": round(load_before[0], 2), "loadavg_after": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__, "seconds": round(time.perf_counter() - began, 1),
+    }
+    result = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+    rows = [(f"mixed batch ({n} prefixes)", t["mixed"]), ("single-prefix batch", t["single"]),
+            ("no-prefix batch", t["none"]), ("one at a time (same code)", t["sequential"])]
+    if peft_model is not None:
+        rows.append(("PEFT, one adapter at a time", t["peft"]))
+    print(f"\n{n} requests x {args.new_tokens} new tokens, {n} distinct prefixes of {args.prefix_len} tokens, "
+          f"{args.model}, {args.threads} thread(s), {args.rounds} rounds; inputs: {source}, "
+          f"mean {result['mean_input_tokens']} tokens")
+    print("throughput: median over samples (a batch run, or a slot of one-at-a-time requests); "
+          "times: totals over all samples")
+    print(f"{'configuration':<30} {'samples':>7} {'tokens':>7} {'wall s':>8} {'cpu s':>8} {'tokens/s':>9} "
+          f"{'cpu tok/s':>9} {'mixed is':>9}")
+    for label, timer in rows:
+        print(f"{label:<30} {len(timer.samples):>7} {int(timer.total(2)):>7} {timer.total(0):>8.2f} "
+              f"{timer.total(1):>8.2f} {timer.tps():>9.1f} {timer.tps(True):>9.1f} {t['mixed'].tps() / timer.tps():>8.2f}x")
+    if server:
+        label = f"HTTP server, {n} at once"
+        print(f"{label:<30} {1:>7} {server['tokens']:>7} {server['seconds']:>8.2f} {'':>8} "
+              f"{server['tokens'] / server['seconds']:>9.1f} {'':>9} {t['mixed'].tps() / (server['tokens'] / server['seconds']):>8.2f}x"
+              f"   ({server['batches']} decoding batch(es), 4 tenants)")
+    print(f"\ntargets: vs one-at-a-time {result['ratio_vs_sequential']:.2f}x (>= 8), "
+          f"vs single-prefix batch {result['ratio_vs_single_prefix_batch']:.3f} (>= 0.90), "
+          f"prefix overhead {result['prefix_overhead_pct']:.2f}% (<= 5); vs PEFT "
+          + (f"{result['ratio_vs_peft']:.2f}x" if result["ratio_vs_peft"] else "not run"))
+    print(f"mixed batch == one at a time, token for token: {result['mixed_equals_sequential']}; "
+          f"load average {result['loadavg_before']} -> {result['loadavg_after']}; {result['seconds']} s")
+    if reference:
+        print(f"reference, plain transformers generate without a prefix: one batch "
+              f"{reference['hf_batch_tokens_per_s']:.1f} tokens/s, one at a time "
+              f"{reference['hf_sequential_tokens_per_s']:.1f} tokens/s: {reference['hf_ratio_batch_vs_sequential']:.2f}x")
+    if peft_error:
+        print(f"PEFT failed: {peft_error}")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

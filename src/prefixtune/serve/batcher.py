@@ -1,0 +1,247 @@
+"""Dynamic batching: one worker thread decodes whatever arrived together, whatever the prefixes.
+
+Request handlers `submit` jobs (one per prompt) and await their futures. The worker takes the
+first waiting job, waits until `batch_window_ms` after that job arrived (or until `max_batch_size`
+rows wait), and decodes them in one `PrefixBank.generate_ids` call: every row with its own
+prefix. The queue is bounded: a submit beyond `max_queue` rows raises `QueueFull` at once (429).
+
+The model is not thread-safe, so only this thread touches it. Nothing a single request does can
+stop the worker: errors are caught per batch, and a failing batch is retried row by row so that
+only the row at fault fails.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..bank import PrefixBank
+from ..generation import DecodingConfig
+from .metrics import Metrics
+from .settings import ServeSettings
+
+log = logging.getLogger("prefixtune.serve")
+
+
+class JobError(Exception):
+    def __init__(self, status: int, message: str, code: str = "server_error"):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class QueueFull(JobError):
+    def __init__(self, depth: int):
+        super().__init__(429, f"server busy: {depth} rows are waiting; retry later", "queue_full")
+
+
+class ShuttingDown(JobError):
+    def __init__(self):
+        super().__init__(503, "server is not accepting work (decoding worker stopped)", "unavailable")
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    prompt_tokens: int
+
+
+@dataclass(eq=False)
+class Job:
+    bank_id: str | None                 # None: the base model alone
+    text: str
+    max_new_tokens: int
+    num_beams: int = 1
+    stop_at_newline: bool = True
+    raw: bool = False
+    ignore_eos: bool = False
+    on_token: Callable[[int], None] | None = None   # called from the worker thread, one token at a time
+    timeout_s: float = float("inf")
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> float:
+        return self.enqueued + self.timeout_s
+
+    def cancel(self):
+        self.future.cancel()
+
+
+def _resolve(job: Job, result=None, error: Exception | None = None):
+    try:
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+    except InvalidStateError:  # cancelled by its request (timeout, disconnect) or resolved already
+        pass
+
+
+class Batcher:
+    def __init__(self, bank: PrefixBank, settings: ServeSettings, metrics: Metrics | None = None):
+        self.bank, self.settings = bank, settings
+        self.metrics = metrics or Metrics()
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self):
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="prefixtune-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0):
+        with self._cond:
+            self._stopping = True
+            pending = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify_all()
+        for job in pending:
+            _resolve(job, error=ShuttingDown())
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def depth(self) -> int:
+        return len(self._jobs)
+
+    # -- submitting --------------------------------------------------------------------------
+    def submit(self, jobs: list[Job]):
+        """Queue all of `jobs` or none of them."""
+        with self._cond:
+            if not self.alive():
+                raise ShuttingDown()
+            if len(self._jobs) + len(jobs) > self.settings.max_queue:
+                raise QueueFull(len(self._jobs))
+            now = time.monotonic()
+            for job in jobs:
+                job.enqueued = now
+                self._jobs.append(job)
+            self._cond.notify_all()
+
+    # -- the worker --------------------------------------------------------------------------
+    def _collect(self) -> list[Job]:
+        window = self.settings.batch_window_ms / 1000
+        limit = self.settings.max_batch_size
+        with self._cond:
+            while not self._jobs and not self._stopping:
+                self._cond.wait(0.5)
+            if self._stopping:
+                return []
+            window_end = self._jobs[0].enqueued + window
+            while len(self._jobs) < limit and not self._stopping:
+                remaining = window_end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return [self._jobs.popleft() for _ in range(min(limit, len(self._jobs)))]
+
+    def _run(self):
+        log.info("decoding worker started")
+        while not self._stopping:
+            batch: list[Job] = []
+            try:
+                batch = self._collect()
+                if batch:
+                    self._process(batch)
+            except Exception as e:  # never let the worker die; fail what it held instead
+                log.exception("decoding worker error")
+                for job in batch:
+                    _resolve(job, error=JobError(500, f"internal error while decoding ({type(e).__name__})"))
+        log.info("decoding worker stopped")
+
+    def _prepare(self, job: Job) -> list[int] | None:
+        if job.future.done():  # the request gave up (timeout, disconnect): skip it
+            self.metrics.inc("prefixtune_completions_total", outcome="cancelled")
+            return None
+        if time.monotonic() > job.deadline:
+            _resolve(job, error=JobError(503, "request timed out in the queue", "timeout"))
+            self.metrics.inc("prefixtune_completions_total", outcome="timeout")
+            return None
+        if job.bank_id is not None and job.bank_id not in self.bank:
+            _resolve(job, error=JobError(404, "the prefix was deleted before decoding", "model_not_found"))
+            return None
+        try:
+            seq = self.bank.encode(job.text, job.bank_id, job.raw)
+        except Exception as e:
+            _resolve(job, error=JobError(400, f"could not encode the prompt ({type(e).__name__})",
+                                         "invalid_prompt"))
+            return None
+        if not seq:
+            _resolve(job, error=JobError(400, "the prompt encodes to no tokens", "invalid_prompt"))
+            return None
+        return seq
+
+    def _process(self, batch: list[Job]):
+        groups: dict[tuple, list[tuple[Job, list[int]]]] = {}
+        for job in batch:
+            seq = self._prepare(job)
+            if seq is not None:
+                # Greedy rows of any length decode together (a row's tokens do not depend on the batch's
+                # length limit); beam search results do, so beam rows group by their limit.
+                key = (job.num_beams, job.stop_at_newline, job.ignore_eos,
+                       job.max_new_tokens if job.num_beams > 1 else 0)
+                groups.setdefault(key, []).append((job, seq))
+        for items in groups.values():
+            for start in range(0, len(items), self.settings.max_batch_size):
+                self._decode(items[start: start + self.settings.max_batch_size])
+
+    def _decode(self, items: list[tuple[Job, list[int]]], retry: bool = True):
+        jobs = [job for job, _ in items]
+        config = DecodingConfig(max_new_tokens=max(j.max_new_tokens for j in jobs), num_beams=jobs[0].num_beams,
+                                stop_at_newline=jobs[0].stop_at_newline, ignore_eos=jobs[0].ignore_eos)
+        emitted: list[list[int]] = [[] for _ in jobs]
+
+        def on_token(row: int, token: int):
+            job, got = jobs[row], emitted[row]
+            if len(got) >= job.max_new_tokens:
+                return
+            got.append(token)
+            if job.on_token is not None:
+                try:
+                    job.on_token(token)
+                except Exception:  # a broken consumer loses its stream, nothing else
+                    log.debug("stream consumer failed", exc_info=True)
+            if len(got) == job.max_new_tokens:  # done: answer now, the batch may run longer
+                self._finish(job, got, len(items[row][1]))
+
+        started = time.monotonic()
+        try:
+            out = self.bank.generate_ids([seq for _, seq in items], [j.bank_id for j in jobs], config,
+                                         on_token=on_token if config.num_beams == 1 else None)
+        except Exception as e:
+            log.exception("decoding a batch of %d rows failed", len(items))
+            if len(items) == 1 or not retry:
+                for job in jobs:
+                    _resolve(job, error=JobError(500, f"decoding failed ({type(e).__name__})", "decode_error"))
+                    self.metrics.inc("prefixtune_completions_total", outcome="error")
+                return
+            for (job, seq), got in zip(items, emitted):  # isolate the row at fault
+                if got:  # a stream already carries tokens of this try; it cannot restart cleanly
+                    _resolve(job, error=JobError(500, f"decoding failed ({type(e).__name__})", "decode_error"))
+                else:
+                    self._decode([(job, seq)], retry=False)
+            return
+        m = self.metrics
+        m.inc("prefixtune_batches_total")
+        m.observe("prefixtune_batch_size", len(items))
+        m.observe("prefixtune_batch_prefixes", len({j.bank_id for j in jobs}))
+        m.observe("prefixtune_batch_seconds", time.monotonic() - started)
+        for (job, seq), tokens in zip(items, out):
+            self._finish(job, tokens[: job.max_new_tokens], len(seq))
+
+    def _finish(self, job: Job, tokens: list[int], prompt_tokens: int):
+        if job.future.done():
+            return
+        self.metrics.inc("prefixtune_generated_tokens_total", len(tokens))
+        self.metrics.inc("prefixtune_prompt_tokens_total", prompt_tokens)
+        self.metrics.inc("prefixtune_completions_total", outcome="ok")
+        _resolve(job, Result(list(tokens), prompt_tokens))

@@ -1,0 +1,35 @@
+"""Server settings: every limit the server enforces, in one place (the CLI maps its options here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+@dataclass
+class ServeSettings:
+    store_dir: Path
+    model_name: str | None = None        # the base model's name in /v1/models; default: the model's own name
+    batch_window_ms: float = 10.0        # requests arriving within this window of the first are decoded together
+    max_batch_size: int = 32             # rows per decoding batch
+    max_queue: int = 256                 # rows waiting for the worker; beyond that: 429
+    request_timeout_s: float = 120.0     # queueing + decoding; beyond that: 503
+    max_upload_bytes: int = 16 * MiB     # one prefix file
+    max_prefixes_per_tenant: int = 64
+    max_bytes_per_tenant: int = 256 * MiB
+    max_prefix_len: int = 512            # virtual tokens of one uploaded prefix
+    max_tokens_limit: int = 512          # the largest max_tokens a request may ask for
+    default_max_tokens: int = 16         # OpenAI's default when max_tokens is absent
+    max_prompts_per_request: int = 32
+    max_prompt_chars: int = 32_768
+    max_json_bytes: int = 1 * MiB        # body of a JSON request (completions)
+
+    def __post_init__(self):
+        self.store_dir = Path(self.store_dir)
+        for name in ("max_batch_size", "max_queue", "max_upload_bytes", "max_prefixes_per_tenant",
+                     "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.batch_window_ms < 0 or self.request_timeout_s <= 0:
+            raise ValueError("batch_window_ms must be >= 0 and request_timeout_s > 0")

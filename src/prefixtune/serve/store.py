@@ -1,0 +1,176 @@
+"""Per-tenant prefix storage: validated, atomic, quota-bound, and reloaded on restart.
+
+Layout: ``STORE/<tenant-hash>/<name>.safetensors``. The tenant's directory is a hash of the
+tenant name and `name` must match a strict pattern, so no request text ever becomes a path
+component unchecked. In the bank every prefix is namespaced as ``<tenant-hash>/<name>``: two
+tenants may each own an ``e2e`` and neither can reach the other's.
+
+An upload is validated completely (format, checksum, fingerprint against the base model,
+finite values, length) before anything is written; the file is then written with a temp file
+and a rename, so a crash leaves either the old prefix or the new one, never half a file.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..bank import PrefixBank
+from ..io import PrefixFileError, atomic_write_bytes, load_prefix_bytes
+from .settings import ServeSettings
+from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
+
+log = logging.getLogger("prefixtune.serve")
+SUFFIX = ".safetensors"
+
+
+class StoreError(Exception):
+    """A refused store operation; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class PrefixInfo:
+    name: str
+    prefix_len: int
+    bytes: int
+    created: int
+    base_model: str
+
+    def as_dict(self) -> dict:
+        return {"id": self.name, "object": "prefix", "prefix_len": self.prefix_len, "bytes": self.bytes,
+                "created": self.created, "base_model": self.base_model}
+
+
+def check_name(name: str):
+    if not valid_name(name):
+        raise StoreError(400, f"invalid prefix name {name!r}: it must match {NAME_PATTERN}", "invalid_name")
+
+
+class PrefixStore:
+    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str]):
+        self.bank, self.settings = bank, settings
+        self.root = Path(settings.store_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._index: dict[str, dict[str, PrefixInfo]] = {}  # tenant -> name -> info
+        for tenant in tenants:
+            self._load_tenant(tenant)
+
+    # -- naming ------------------------------------------------------------------------------
+    def bank_id(self, tenant: str, name: str) -> str:
+        return f"{tenant_dir_name(tenant)}/{name}"
+
+    def _path(self, tenant: str, name: str) -> Path:
+        check_name(name)
+        return self.root / tenant_dir_name(tenant) / f"{name}{SUFFIX}"
+
+    # -- restart ---------------------------------------------------------------------------
+    def _load_tenant(self, tenant: str):
+        directory = self.root / tenant_dir_name(tenant)
+        index = self._index.setdefault(tenant, {})
+        if not directory.is_dir():
+            return
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # a write interrupted by a crash: never renamed, never valid
+                continue
+            name = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else None
+            if name is None or not valid_name(name) or not path.is_file():
+                continue
+            try:
+                data = path.read_bytes()
+                prefix = self._validate(data, name)
+            except (StoreError, OSError) as e:
+                log.warning("skipping stored prefix %s: %s", path, getattr(e, "message", e))
+                continue
+            self.bank.add(self.bank_id(tenant, name), prefix)
+            index[name] = PrefixInfo(name, prefix.prefix_len, len(data), int(path.stat().st_mtime),
+                                     prefix.metadata.get("base_model", ""))
+        log.info("tenant %s: %d prefixes loaded", tenant, len(index))
+
+    # -- operations --------------------------------------------------------------------------
+    def _validate(self, data: bytes, name: str):
+        try:
+            prefix = load_prefix_bytes(data, self.bank.spec, source=f"prefix {name!r}")
+        except PrefixFileError as e:
+            raise StoreError(400, str(e), "invalid_prefix") from None
+        except Exception as e:  # anything a hostile file could still provoke is the file's fault
+            raise StoreError(400, f"prefix {name!r}: not a valid prefix file ({type(e).__name__})",
+                             "invalid_prefix") from None
+        if prefix.prefix_len > self.settings.max_prefix_len:
+            raise StoreError(400, f"prefix {name!r} has {prefix.prefix_len} virtual tokens; the limit is "
+                                  f"{self.settings.max_prefix_len}", "prefix_too_long")
+        if not all(torch.isfinite(t).all() for t in prefix.p.values()):
+            raise StoreError(400, f"prefix {name!r} holds NaN or infinite values", "invalid_prefix")
+        return prefix
+
+    def put(self, tenant: str, name: str, data: bytes, overwrite: bool = True) -> tuple[PrefixInfo, bool]:
+        """Validate and store; returns (info, created). Nothing changes unless everything passes."""
+        path = self._path(tenant, name)
+        if len(data) > self.settings.max_upload_bytes:
+            raise StoreError(413, f"upload of {len(data)} bytes exceeds the limit of "
+                                  f"{self.settings.max_upload_bytes} bytes", "upload_too_large")
+        prefix = self._validate(data, name)
+        with self._lock:
+            index = self._index.setdefault(tenant, {})
+            old = index.get(name)
+            if old is not None and not overwrite:
+                raise StoreError(412, f"prefix {name!r} already exists", "already_exists")
+            count = len(index) + (old is None)
+            if count > self.settings.max_prefixes_per_tenant:
+                raise StoreError(403, f"quota exceeded: at most {self.settings.max_prefixes_per_tenant} prefixes "
+                                      "per tenant; delete one first", "quota_exceeded")
+            used = sum(i.bytes for i in index.values()) - (old.bytes if old else 0) + len(data)
+            if used > self.settings.max_bytes_per_tenant:
+                raise StoreError(403, f"quota exceeded: {used} bytes would exceed the tenant limit of "
+                                      f"{self.settings.max_bytes_per_tenant} bytes", "quota_exceeded")
+            atomic_write_bytes(path, data)
+            self.bank.add(self.bank_id(tenant, name), prefix)
+            info = PrefixInfo(name, prefix.prefix_len, len(data), int(time.time()),
+                              prefix.metadata.get("base_model", ""))
+            index[name] = info
+        return info, old is None
+
+    def delete(self, tenant: str, name: str):
+        path = self._path(tenant, name)
+        with self._lock:
+            index = self._index.get(tenant, {})
+            if name not in index:
+                raise StoreError(404, f"prefix {name!r} not found", "prefix_not_found")
+            path.unlink(missing_ok=True)
+            del index[name]
+            try:
+                self.bank.remove(self.bank_id(tenant, name))
+            except KeyError:
+                pass
+
+    def get(self, tenant: str, name: str) -> PrefixInfo:
+        check_name(name)
+        with self._lock:
+            info = self._index.get(tenant, {}).get(name)
+        if info is None:
+            raise StoreError(404, f"prefix {name!r} not found", "prefix_not_found")
+        return info
+
+    def list(self, tenant: str) -> list[PrefixInfo]:
+        with self._lock:
+            return sorted(self._index.get(tenant, {}).values(), key=lambda i: i.name)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._index.values())
+
+    def resolve(self, tenant: str, name: str) -> str | None:
+        """The bank id of the tenant's prefix `name`, or None when the tenant has none by that name."""
+        if not valid_name(name):
+            return None
+        with self._lock:
+            return self.bank_id(tenant, name) if name in self._index.get(tenant, {}) else None
