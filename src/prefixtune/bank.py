@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import torch
 
 from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .generation import DecodingConfig, decode

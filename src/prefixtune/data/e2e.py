@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import re
-from pathlib import Path
 
 from .records import Record, resolve_data_dir
 

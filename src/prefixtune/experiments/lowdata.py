@@ -62,7 +62,7 @@ def make_cells(task: str, scale) -> list[Cell]:
     return cells
 
 
-def write_report(run) -> "Path":
+def write_report(run):
     sections, verdicts, metric_names = [], [], {}
     for task, lines in run.lines.items():
         ctx = run.contexts[task]

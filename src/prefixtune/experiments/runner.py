@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -88,8 +88,6 @@ class Cell:
 
     def config(self, scale: Scale, model_name: str) -> dict:
         """Every value that decides this cell's numbers (the id is a hash of it)."""
-        from ..train import TrainConfig
-
         train = asdict(self.train_config(scale, model_name, "."))
         for k in ("output_dir", "data_dir", "export", "save_every"):
             train.pop(k, None)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..generation import decode
-from .base import Method, count_parameters, generate_texts, save_weights
-from .finetune import LossModule, trainable_copy
+from .base import count_parameters
+from .finetune import CopyMethod, LossModule, trainable_copy
 
 
 class Adapter(nn.Module):
@@ -77,7 +76,7 @@ def adapter_width(budget: float, base_params: int, sites: int, dim: int) -> int:
     return min((w for w in (guess - 1, guess, guess + 1) if w >= 1), key=lambda w: abs(fixed + w * per_width - target))
 
 
-class AdapterMethod(Method):
+class AdapterMethod(CopyMethod):
     def __init__(self, name, model, tokenizer, spec, train_config):
         self.name, self.model, self.tokenizer, self.spec = name, model, tokenizer, spec
         self.template, self.max_source_len = train_config.template, train_config.max_source_len
@@ -93,21 +92,5 @@ class AdapterMethod(Method):
         self.default_lr = 5e-4
         self.module = LossModule(self.trained, spec)
 
-    def loss(self, module, batch):
-        return module(batch)
-
-    def trained_state(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.trained.named_parameters() if p.requires_grad}
-
-    def export(self, path, metadata: dict):
-        return save_weights(path, self.trained_state(), self,
-                            {**(metadata or {}), "adapter_width": self.width, "adapter_budget": self.budget})
-
-    def generate(self, sources, config=None, batch_size=32):
-        was_training = self.trained.training
-        self.trained.eval()
-        try:
-            return generate_texts(self, sources, config, batch_size,
-                                  lambda seqs, cfg: decode(self.trained, self.tokenizer, seqs, None, cfg, self.spec))
-        finally:
-            self.trained.train(was_training)
+    def export_metadata(self) -> dict:
+        return {"adapter_width": self.width, "adapter_budget": self.budget}

@@ -54,7 +54,35 @@ def trainable_copy(model, gradient_checkpointing: bool = False):
     return clone
 
 
-class FinetuneMethod(Method):
+class CopyMethod(Method):
+    """A method that trains weights of its own copy of the model (`self.trained`): fine-tuning, adapters."""
+
+    trained: nn.Module
+
+    def loss(self, module, batch):
+        return module(batch)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights only (the full model for `finetune`), tied weights once."""
+        return {n: p for n, p in self.trained.named_parameters() if p.requires_grad}
+
+    def export_metadata(self) -> dict:
+        return {}
+
+    def export(self, path, metadata: dict):
+        return save_weights(path, self.trained_state(), self, {**(metadata or {}), **self.export_metadata()})
+
+    def generate(self, sources, config=None, batch_size=32):
+        was_training = self.trained.training
+        self.trained.eval()
+        try:
+            return generate_texts(self, sources, config, batch_size,
+                                  lambda seqs, cfg: decode(self.trained, self.tokenizer, seqs, None, cfg, self.spec))
+        finally:
+            self.trained.train(was_training)
+
+
+class FinetuneMethod(CopyMethod):
     def __init__(self, name, model, tokenizer, spec, train_config):
         self.name, self.model, self.tokenizer, self.spec = name, model, tokenizer, spec
         self.template, self.max_source_len = train_config.template, train_config.max_source_len
@@ -69,22 +97,3 @@ class FinetuneMethod(Method):
                     p.requires_grad_(True)
             self.default_lr = 1e-4           # fewer weights move: a somewhat larger rate
         self.module = LossModule(self.trained, spec)
-
-    def loss(self, module, batch):
-        return module(batch)
-
-    def trained_state(self) -> dict[str, torch.Tensor]:
-        """The trained weights only (the full model for `finetune`), tied weights once."""
-        return {n: p for n, p in self.trained.named_parameters() if p.requires_grad}
-
-    def export(self, path, metadata: dict):
-        return save_weights(path, self.trained_state(), self, metadata)
-
-    def generate(self, sources, config=None, batch_size=32):
-        was_training = self.trained.training
-        self.trained.eval()
-        try:
-            return generate_texts(self, sources, config, batch_size,
-                                  lambda seqs, cfg: decode(self.trained, self.tokenizer, seqs, None, cfg, self.spec))
-        finally:
-            self.trained.train(was_training)
