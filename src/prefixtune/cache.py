@@ -63,6 +63,12 @@ class PrefixKV:
         )
 
 
+def _unmask_empty_rows(mask: torch.Tensor) -> torch.Tensor:
+    """A query that sees nothing (left padding of a row without a prefix) would give NaN and
+    poison later layers; let it see everything instead: its output is never read."""
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
 def _bool_mask(module, attention_mask, batch, q_len, k_len, device):
     """The real tokens' mask as (batch|1, 1, q, k) bool, whatever transformers handed us."""
     if attention_mask is None:
@@ -91,10 +97,7 @@ def prefix_attention(module, query, key, value, attention_mask, prefix_kv: Prefi
     seen = prefix_kv.mask[:, None, None, :].expand(batch, 1, q_len, p_len)
     if prefix_kv.query_visible is not None:
         seen = seen & prefix_kv.query_visible[:, None, -q_len:, None]
-    mask = torch.cat([seen, real], dim=-1)
-    # A query that sees nothing (left padding of a row without a prefix) would give NaN and
-    # poison later layers; let it see everything: its output is never read.
-    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    mask = _unmask_empty_rows(torch.cat([seen, real], dim=-1))
     position_bias = kwargs.pop("position_bias", None)
     if position_bias is not None:  # T5: prefix slots have no relative position, so no bias
         position_bias = F.pad(position_bias, (p_len, 0))
@@ -119,10 +122,7 @@ def _always_mask(*args, **kwargs):
     kwargs["allow_is_causal_skip"] = False
     kwargs.pop("allow_is_bidirectional_skip", None)
     mask = sdpa_mask(*args, **kwargs)
-    if mask is not None and mask.dtype == torch.bool:
-        # A query that sees nothing (left padding) would give NaN; its output is never read.
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return mask
+    return _unmask_empty_rows(mask) if mask is not None and mask.dtype == torch.bool else mask
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
