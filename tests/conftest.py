@@ -94,3 +94,12 @@ def data_dir():
     if not (path / "e2e").is_dir():
         pytest.skip(f"no data directory at {path} (set PREFIXTUNE_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> str:
+    """$PREFIXTUNE_DATA, else <repo>/../shared/data, as a string; skip when neither exists."""
+    root = os.environ.get("PREFIXTUNE_DATA") or str(SHARED_DATA)
+    if not Path(root).is_dir():
+        pytest.skip(f"shared data not found at {root} (set PREFIXTUNE_DATA to the folder holding e2e/, webnlg2017/, ...)")
+    return root

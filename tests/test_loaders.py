@@ -1,8 +1,6 @@
 """WebNLG, DART and XSum loaders: counts against ../shared/data/README.md, formats, splits, the sampler."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 
@@ -11,16 +9,6 @@ from prefixtune.data.dart import load_dart
 from prefixtune.data.webnlg import linearize_triples, load_webnlg, split_triple
 from prefixtune.data.xsum import load_xsum, parse_article, topic_group, url_topic
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_root() -> str:
-    """$PREFIXTUNE_DATA, else <repo>/../shared/data; skip when neither exists."""
-    root = os.environ.get("PREFIXTUNE_DATA") or str(REPO.parent / "shared" / "data")
-    if not Path(root).is_dir():
-        pytest.skip(f"shared data not found at {root} (set PREFIXTUNE_DATA to the folder holding e2e/, webnlg2017/, ...)")
-    return root
 
 
 def test_all_four_tasks_are_registered():

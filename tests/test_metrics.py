@@ -11,7 +11,6 @@ import math
 import os
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -23,18 +22,9 @@ from prefixtune.metrics.multibleu import multi_bleu
 from prefixtune.metrics.ter import ter, ter_statistics
 from prefixtune.metrics.webnlg import normalize_hypothesis, normalize_reference
 
-REPO = Path(__file__).resolve().parents[1]
 NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2
 needs_java = pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("PREFIXTUNE_JAVA"),
                                 reason="no Java runtime on PATH (METEOR and the PTB tokenizer are Java)")
-
-
-@pytest.fixture(scope="module")
-def data_root() -> str:
-    root = os.environ.get("PREFIXTUNE_DATA") or str(REPO.parent / "shared" / "data")
-    if not Path(root).is_dir():
-        pytest.skip(f"shared data not found at {root} (set PREFIXTUNE_DATA to the folder holding e2e/, webnlg2017/, ...)")
-    return root
 
 
 # --------------------------------------------------------------------------- mteval BLEU / NIST
