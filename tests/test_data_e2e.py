@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import tiny_model
 from prefixtune.data import load_task, sample_pairs, training_pairs
 from prefixtune.data.collate import Collator, encode_pair, length_grouped_batches
 from prefixtune.data.e2e import linearize_mr
