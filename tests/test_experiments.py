@@ -169,3 +169,25 @@ def test_cli_experiment_command_is_wired(tmp_path):
     assert "Incomplete" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["experiment", "nope", "--report-only", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown study" in bad.output
+
+
+@pytest.mark.parametrize("names", [["random", "table-to-text", "summarize", "elephant", "divide"],
+                                   [f"a-rather-long-configuration-{i}" for i in range(9)]])
+def test_bar_figure_tick_labels_do_not_overlap(tmp_path, monkeypatch, names):
+    from prefixtune.experiments import report as R
+
+    shown = {}
+
+    def keep_open(fig, path):  # measure the labels where they are drawn, before the figure closes
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        shown["boxes"] = [t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels() if t.get_text()]
+        return path
+
+    monkeypatch.setattr(R, "save_figure", keep_open)
+    groups = {n: {"prefix": Agg([50.0, 52.0], ["a", "b"])} for n in names}
+    R.bar_figure(tmp_path / "f.png", groups, "BLEU", "title")
+    boxes = shown["boxes"]
+    assert len(boxes) == len(names)
+    for left, right in zip(boxes, boxes[1:]):
+        assert not left.overlaps(right), (left, right)

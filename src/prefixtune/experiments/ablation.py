@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell, primary_metric
+from .runner import Cell
 from .scales import base_scale, task_options, word_init
 
 NAME = "ablation"
@@ -60,12 +60,10 @@ def make_cells(task: str, scale) -> list[Cell]:
 
 
 def write_report(run):
-    sections, verdicts, metric_names = [], [], {}
+    sections, verdicts = [], []
     for task, lines in run.lines.items():
         ctx = run.contexts[task]
-        metric = primary_metric(task, lines)
-        metric_names[task] = {"test": metric}
-        label = R.metric_label(task, metric)
+        metric, label = R.headline(task, lines)
         configs = configurations(ctx.scale)
         aggs = {name: R.collect(lines, metric=metric, label=name) for name, _, _ in configs}
         prefix_name = configs[-1][0]
@@ -88,4 +86,4 @@ def write_report(run):
         verdicts.append(R.claim(f"{task}: prefix beats the best INFIX-k",
                                 "INFIX slightly below PREFIX (Table 4)", aggs[prefix_name], best_infix, ">",
                                 a_name="PREFIX", b_name="best INFIX"))
-    return R.assemble(run, TITLE, DOC, verdicts, sections, metric_names)
+    return R.assemble(run, TITLE, DOC, verdicts, sections)

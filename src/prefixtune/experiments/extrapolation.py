@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell, primary_metric
+from .runner import Cell
 from .scales import base_scale, word_init
 
 NAME = "extrapolation"
@@ -81,10 +81,9 @@ def write_report(run):
 
 
 def webnlg_section(run, lines):
-    metric = primary_metric("webnlg", lines, "seen")
-    if metric != primary_metric("webnlg", lines, "unseen"):
-        metric = "sacreBLEU"
-    label = R.metric_label("webnlg", metric)
+    metric, label = R.headline("webnlg", lines, "seen")
+    if metric != R.headline("webnlg", lines, "unseen")[0]:
+        metric, label = "sacreBLEU", R.metric_label("webnlg", "sacreBLEU")
     aggs = {name: {e: R.collect(lines, e, metric, label=name) for e in ("seen", "unseen")} for name in WEBNLG_METHODS}
     rows = []
     for name, by_eval in aggs.items():
@@ -113,8 +112,7 @@ def webnlg_section(run, lines):
 
 
 def xsum_section(run, lines):
-    metric = primary_metric("xsum", lines)
-    label = R.metric_label("xsum", metric)
+    metric, label = R.headline("xsum", lines)
     aggs = {name: {s: R.collect(lines, metric=metric, config=name, scheme=s) for s in XSUM_SCHEMES}
             for name in XSUM_METHODS}
     rows = [[name] + [f"{aggs[name][s].fmt(2)} (n={aggs[name][s].n})" for s in XSUM_SCHEMES] +

@@ -10,7 +10,7 @@ import statistics
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell, primary_metric
+from .runner import Cell
 from .scales import base_scale, task_options
 
 NAME = "init"
@@ -54,11 +54,9 @@ def make_cells(task: str, scale) -> list[Cell]:
 
 
 def write_report(run):
-    sections, verdicts, metric_names = [], [], {}
+    sections, verdicts = [], []
     for task, lines in run.lines.items():
-        metric = primary_metric(task, lines)
-        metric_names[task] = {"test": metric}
-        label = R.metric_label(task, metric)
+        metric, label = R.headline(task, lines)
         aggs = {name: R.collect(lines, metric=metric, init=name) for name in INITS}
         figure = R.bar_figure(run.out_dir / f"init_{task}.png", {n: {"prefix": a} for n, a in aggs.items()},
                               R.axis_label(metric), f"{task.upper()}: prefix initialisation ({SIZE[run.scale]} examples)")
@@ -76,7 +74,7 @@ def write_report(run):
                                 'slightly above "elephant"/"divide" (Fig. 5)', relevant, irrelevant, ">",
                                 a_name="task words", b_name="other words"))
         verdicts.append(variance_claim(task, aggs))
-    return R.assemble(run, TITLE, DOC, verdicts, sections, metric_names)
+    return R.assemble(run, TITLE, DOC, verdicts, sections)
 
 
 def merge(aggs) -> R.Agg:

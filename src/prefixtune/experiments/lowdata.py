@@ -10,7 +10,7 @@ import math
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell, primary_metric, select_test
+from .runner import Cell, select_test
 from .scales import PAPER, TABLE_TO_TEXT, base_scale, task_options, word_init
 
 NAME = "lowdata"
@@ -63,12 +63,10 @@ def make_cells(task: str, scale) -> list[Cell]:
 
 
 def write_report(run):
-    sections, verdicts, metric_names = [], [], {}
+    sections, verdicts = [], []
     for task, lines in run.lines.items():
         ctx = run.contexts[task]
-        metric = primary_metric(task, lines)
-        metric_names[task] = {"test": metric}
-        label = R.metric_label(task, metric)
+        metric, label = R.headline(task, lines)
         size_list = sizes(ctx.scale)
         aggs = {m: [R.collect(lines, metric=metric, method=m, train_size=n) for n in size_list] for m in METHODS}
         rows = []
@@ -93,7 +91,7 @@ def write_report(run):
                             ["train size", "prefix", "finetune", "prefix − finetune", "cells"], rows) +
                         f"\n\n![low-data {task}]({R.rel(figure, run.out_dir)})\n")
         sections.append(qualitative(run, task, lines, ctx, size_list))
-    return R.assemble(run, TITLE, DOC, verdicts, sections, metric_names)
+    return R.assemble(run, TITLE, DOC, verdicts, sections)
 
 
 def qualitative(run, task, lines, ctx, size_list) -> str:

@@ -7,7 +7,7 @@ hyperparameters; on CPU at small scale.
 from __future__ import annotations
 
 from . import report as R
-from .runner import Cell, primary_metric
+from .runner import Cell
 from .scales import TABLE_TO_TEXT, base_scale, task_options, word_init
 
 NAME = "main"
@@ -46,13 +46,12 @@ def make_cells(task: str, scale) -> list[Cell]:
 
 
 def write_report(run):
-    verdicts, metric_names, rows, groups = [], {}, [], {}
+    verdicts, rows, groups = [], [], {}
     header = ["method", "trainable % (shipped %)"]
     aggs_by_task = {}
     for task, lines in run.lines.items():
-        metric = primary_metric(task, lines)
-        metric_names[task] = {"test": metric}
-        header.append(f"{task} {R.metric_label(task, metric)}")
+        metric, label = R.headline(task, lines)
+        header.append(f"{task} {label}")
         aggs = {name: R.collect(lines, metric=metric, label=name) for name in METHODS}
         aggs_by_task[task] = aggs
         groups[task] = aggs
@@ -80,4 +79,4 @@ def write_report(run):
     figure = R.bar_figure(run.out_dir / "main.png", groups, "score (each task's headline metric)",
                           "Main results")
     sections = ["## Results\n\n" + R.md_table(header, rows) + f"\n\n![main]({R.rel(figure, run.out_dir)})\n"]
-    return R.assemble(run, TITLE, DOC, verdicts, sections, metric_names)
+    return R.assemble(run, TITLE, DOC, verdicts, sections)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell, primary_metric
+from .runner import Cell
 from .scales import base_scale, task_options, word_init
 
 NAME = "prefix-length"
@@ -62,12 +62,10 @@ def make_cells(task: str, scale) -> list[Cell]:
 
 
 def write_report(run):
-    sections, verdicts, metric_names = [], [], {}
+    sections, verdicts = [], []
     for task, lines in run.lines.items():
         ctx = run.contexts[task]
-        metric = primary_metric(task, lines)
-        metric_names[task] = {"test": metric}
-        label = R.metric_label(task, metric)
+        metric, label = R.headline(task, lines)
         ls = lengths(task, ctx.scale)
         aggs = {n: R.collect(lines, metric=metric, length=n) for n in ls}
         figure = R.line_figure(run.out_dir / f"prefix_length_{task}.png", {"prefix": list(aggs.items())},
@@ -93,4 +91,4 @@ def write_report(run):
                                     f"({threshold} vs the best longer one, {top})",
                                     "slight drop beyond the threshold (Fig. 4)", aggs[threshold], aggs[top], ">",
                                     a_name=f"len {threshold}", b_name=f"len {top}"))
-    return R.assemble(run, TITLE, DOC, verdicts, sections, metric_names)
+    return R.assemble(run, TITLE, DOC, verdicts, sections)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_bytes
+from .runner import primary_metric
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive at this scale"
 MIN_MARGIN = 0.5  # points: a difference smaller than this is never called either way
@@ -229,7 +230,11 @@ def bar_figure(path: Path, groups: dict[str, dict[str, Agg]], ylabel: str, title
     names = list(groups)
     members = list(dict.fromkeys(m for g in groups.values() for m in g))
     width = 0.8 / max(len(members), 1)
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.3 * len(names) * max(1, len(members)) * 0.6), 4))
+    # Each group needs room for its bars and for its label (about 0.1 inch a character at this font size);
+    # past 11 inches the labels turn vertical instead of the figure growing further.
+    per_group = max(0.78 * max(1, len(members)), 0.1 * max(map(len, names), default=1) + 0.35)
+    vertical = per_group * len(names) > 11
+    fig, ax = plt.subplots(figsize=(min(11.0, max(5.5, per_group * len(names))), 4))
     cmap = plt.get_cmap("tab10")
     for j, member in enumerate(members):
         xs, means, stds = [], [], []
@@ -249,7 +254,7 @@ def bar_figure(path: Path, groups: dict[str, dict[str, Agg]], ylabel: str, title
         ax.axhline(reference[1].mean, color="black", linestyle="--", linewidth=1.2,
                    label=f"{reference[0]} ({reference[1].mean:.1f})")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names)
+    ax.set_xticklabels(names, rotation=90 if vertical else 0)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if len(members) > 1 or reference is not None:
@@ -292,12 +297,20 @@ def metric_label(task: str, metric: str) -> str:
     return {"BLEU": "BLEU (official-equal script)", "ROUGE_2": "ROUGE-2"}.get(metric, metric)
 
 
+def headline(task: str, lines: list[dict], evaluation: str = "test") -> tuple[str, str]:
+    """The metric a task's tables show (its headline metric, or the sacreBLEU fallback) and its label."""
+    metric = primary_metric(task, lines, evaluation)
+    return metric, metric_label(task, metric)
+
+
 def assemble(run, title: str, doc: str, verdicts: list[Verdict], sections: list[str],
-             metric_names: dict[str, dict[str, str]], notes: dict[str, list[str]] | None = None) -> Path:
+             metric_names: dict[str, dict[str, str]] | None = None, notes: dict[str, list[str]] | None = None) -> Path:
     """The report: command, claims with verdicts, the study's sections, scale, and every cell.
 
-    `metric_names`: task -> evaluation -> metric shown in the cells table.
+    `metric_names`: task -> evaluation -> metric shown in the cells table (default: each task's headline metric).
     """
+    if metric_names is None:
+        metric_names = {task: {"test": headline(task, lines)[0]} for task, lines in run.lines.items()}
     parts = [header(title, run.command, doc)]
     finished = sum(len(v) for v in run.lines.values())
     planned = sum(run.planned.values())
