@@ -191,3 +191,15 @@ def test_bar_figure_tick_labels_do_not_overlap(tmp_path, monkeypatch, names):
     assert len(boxes) == len(names)
     for left, right in zip(boxes, boxes[1:]):
         assert not left.overlaps(right), (left, right)
+
+
+def test_a_hand_written_reading_survives_regeneration(tmp_path):
+    run("init", tmp_path, "e2e")
+    out = tmp_path / "init"
+    (out / "reading.md").write_text("At this scale the inits tie; see the table.\n")
+    result = run("init", tmp_path, "e2e", report_only=True)
+    assert result["ran"] == 0
+    report = (out / "report.md").read_text()
+    assert "## Reading" in report and "At this scale the inits tie; see the table." in report
+    # after the verdicts, before the generated sections
+    assert report.index("## The paper's claims") < report.index("## Reading") < report.index("## e2e:")

@@ -16,6 +16,7 @@ from ..io import atomic_write_bytes
 from .runner import primary_metric
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive at this scale"
+READING = "reading.md"  # an optional hand-written interpretation in the report folder, shown after the verdicts
 MIN_MARGIN = 0.5  # points: a difference smaller than this is never called either way
 
 
@@ -258,7 +259,7 @@ def bar_figure(path: Path, groups: dict[str, dict[str, Agg]], ylabel: str, title
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if len(members) > 1 or reference is not None:
-        ax.legend(fontsize=9)
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars fill the axes
     return save_figure(fig, path)
 
 
@@ -320,6 +321,10 @@ def assemble(run, title: str, doc: str, verdicts: list[Verdict], sections: list[
     parts.append("## The paper's claims and our numbers\n")
     parts.append(verdict_table(verdicts) if verdicts else "No claims could be checked (no finished cells).")
     parts.append("\n" + VERDICT_RULE + "\n")
+    reading = run.out_dir / READING
+    if reading.is_file():  # the one hand-written part: what the numbers mean, kept across regenerations
+        parts.append(f"## Reading\n\n*Written by hand from the tables of this report (`{READING}`); "
+                     f"everything else is generated.*\n\n{reading.read_text().strip()}\n")
     parts += sections
     parts.append("## Scale\n")
     for task, ctx in run.contexts.items():
