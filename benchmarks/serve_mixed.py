@@ -16,7 +16,6 @@ generated tokens. `--json` prints one JSON object as the last line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from common import benchmark_parser
 from prefixtune.bank import PrefixBank
 from prefixtune.generation import DecodingConfig
 from prefixtune.io import load_prefix_bytes, prefix_to_bytes
@@ -40,8 +40,8 @@ SYNTHETIC = ["name : The Eagle | Type : coffee shop | food : Japanese | price : 
              "name : The Mill | Type : pub | food : French | price : high | area : riverside | near : Café Rouge"]
 
 
-def e2e_inputs(n: int) -> tuple[list[str], str]:
-    root = Path(os.environ.get("PREFIXTUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+def e2e_inputs(n: int, data_dir: str) -> tuple[list[str], str]:
+    root = Path(data_dir)
     if (root / "e2e" / "testset_w_refs.csv").is_file():
         from prefixtune.data.e2e import load_e2e
 
@@ -169,18 +169,15 @@ def server_run(model, tokenizer, blobs: list[bytes], texts: list[str], new_token
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads (1: steady on a shared CPU)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--prefix-len", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5, help="batch runs per configuration")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared CPU)")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--hf-reference", action="store_true",
                     help="also time plain transformers generate (no prefix), one batch against one at a time")
-    ap.add_argument("--json", action="store_true", help="end with one JSON line")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' notes on PEFT's cache arguments
@@ -194,7 +191,7 @@ def main(argv=None):
     blobs = make_prefixes(model, tokenizer, spec, n, args.prefix_len)
     for i, blob in enumerate(blobs):  # through the validating path, as an upload would go
         bank.add(f"p{i}", load_prefix_bytes(blob, spec, f"p{i}"))
-    texts, source = e2e_inputs(n)
+    texts, source = e2e_inputs(n, args.data_dir)
     seqs = [bank.encode(t, "p0") for t in texts]
     config = DecodingConfig(max_new_tokens=args.new_tokens, stop_at_newline=False, ignore_eos=True)
     mixed_ids, single_ids, none_ids = [f"p{i}" for i in range(n)], ["p0"] * n, [None] * n

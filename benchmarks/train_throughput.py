@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import subprocess
@@ -29,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+from common import benchmark_parser
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 2.0, n: int = 2048) -> float:
@@ -163,9 +161,7 @@ def run_worker(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data-dir", default=os.environ.get("PREFIXTUNE_DATA", str(HERE.parent.parent / "shared" / "data")))
+    parser = benchmark_parser(__doc__, threads_help="torch threads per run (0: PyTorch's default)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -175,8 +171,6 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--work-dir", default="/tmp/prefixtune-bench")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: PyTorch's default)")
-    parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:

@@ -1,0 +1,22 @@
+"""What every benchmark shares: the source tree on the import path, and the common flags."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without installing
+DEFAULT_DATA = os.environ.get("PREFIXTUNE_DATA") or str(HERE.parent.parent / "shared" / "data")
+
+
+def benchmark_parser(doc: str, threads: int = 0,
+                     threads_help: str = "torch threads (0: PyTorch's default)") -> argparse.ArgumentParser:
+    """--model, --data-dir, --threads and --json, the flags every benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA, help="datasets (default: $PREFIXTUNE_DATA)")
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    return parser
