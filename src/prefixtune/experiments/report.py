@@ -145,7 +145,7 @@ def verdict_table(verdicts: list[Verdict]) -> str:
 def cells_table(lines: list[dict], metric_names: dict[str, str]) -> str:
     """Every cell: its id, configuration, metric(s) and cost; the report's numbers come from these rows."""
     header = ["cell", "label", "train size", "sample", "seed"] + [f"{e}: {m}" for e, m in metric_names.items()] + \
-             ["trainable %", "shipped %", "steps", "tokens/s", "elapsed s", "hypotheses"]
+             ["dev loss", "trainable %", "shipped %", "steps", "tokens/s", "elapsed s", "hypotheses"]
     rows = []
     for line in lines:
         metrics = []
@@ -153,8 +153,10 @@ def cells_table(lines: list[dict], metric_names: dict[str, str]) -> str:
             value = line["metrics"].get(e, {}).get(m)
             metrics.append("–" if value is None else f"{value:.2f}")
         hyps = ", ".join(f"[{e}]({p})" for e, p in line["hypotheses"].items())
+        dev_loss = line.get("best_dev_loss")  # none when a cell trains without a dev set
         rows.append([f"`{line['id']}`", line["label"], line["train_size"] if line["train_size"] else "all",
-                     line["sample"], line["seed"], *metrics, f"{line['trainable_pct']:.4g}",
+                     line["sample"], line["seed"], *metrics, "–" if dev_loss is None else f"{dev_loss:.3f}",
+                     f"{line['trainable_pct']:.4g}",
                      f"{line['shipped_pct']:.4g}", line["steps"],
                      f"{line['tokens_per_s']:.0f}", f"{line['elapsed_s']:.0f}", hyps])
     return md_table(header, rows)
