@@ -272,7 +272,8 @@ def write_report(out_dir: Path, text: str) -> Path:
 
 
 def header(title: str, command: str, study_doc: str) -> str:
-    return (f"# {title}\n\nRegenerate this report (finished cells are reused, missing ones are run):\n\n"
+    return (f"# {title}\n\nRegenerate this report (finished cells are reused, missing ones are run), with "
+            f"`PREFIXTUNE_DATA` pointing at the datasets (or add `--data-dir DIR`):\n\n"
             f"```bash\n{command}\n```\n\n{study_doc.strip()}\n")
 
 
