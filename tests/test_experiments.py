@@ -203,3 +203,64 @@ def test_a_hand_written_reading_survives_regeneration(tmp_path):
     assert "## Reading" in report and "At this scale the inits tie; see the table." in report
     # after the verdicts, before the generated sections
     assert report.index("## The paper's claims") < report.index("## Reading") < report.index("## e2e:")
+
+
+def test_lowdata_with_a_learning_rate_sweep_chooses_on_dev_loss_and_reuses_the_sweep_cells(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from prefixtune.experiments import lowdata
+
+    tiny = lowdata.make_scale("tiny", "e2e")
+    swept = replace(tiny, lr_sweep={"prefix": (1e-3, 3e-2), "finetune": (1e-4, 1e-3)}, sweep_size=6,
+                    early_stop_patience=1, eval_every=1)
+    monkeypatch.setattr(lowdata, "make_scale", lambda scale, task: swept)
+    result = run("lowdata", tmp_path)
+    out = tmp_path / "lowdata"
+    lines = lines_of(out)
+    # 2 sizes x 2 methods; the size-6 cells are sweep cells (2 rates each), so 4 sweep + 2 more cells.
+    assert len(lines) == 6 and result["cells"] == 4
+    for method in ("prefix", "finetune"):
+        tried = [l for l in lines if l["method"] == method and l["train_size"] == 6]
+        best = min(tried, key=lambda l: (l["best_dev_loss"], l["lr"]))
+        finals = [l for l in lines if l["method"] == method and l["train_size"] == 12]
+        assert len(tried) == 2 and len(finals) == 1 and finals[0]["lr"] == best["lr"]
+        assert all(l["stop_reason"] in ("early_stop", "step_limit") for l in tried)
+    report = (out / "report.md").read_text()
+    assert "## Learning rates: chosen on dev loss" in report
+    assert report.count("**chosen**") == 2
+    for line in lines:
+        assert line["id"] in report
+    again = run("lowdata", tmp_path)
+    assert again["ran"] == 0
+
+
+def test_short_sweep_cells_only_measure_dev_loss(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from prefixtune.experiments import main
+
+    tiny = main.make_scale("tiny", "e2e")
+    rates = {"prefix": (1e-3, 1e-2), "finetune": (1e-4,), "finetune-top2": (1e-4,), "adapter": (1e-3,)}
+    monkeypatch.setattr(main, "make_scale", lambda scale, task: replace(tiny, lr_sweep=rates, sweep_max_steps=1))
+    run("main", tmp_path, "e2e")
+    lines = lines_of(tmp_path / "main")
+    sweeps = [l for l in lines if l["tags"].get("sweep")]
+    assert len(sweeps) == 6 and all(l["metrics"] == {} and l["steps"] == 1 for l in sweeps)
+    finals = [l for l in lines if not l["tags"].get("sweep")]
+    assert len(finals) == 5 and all(l["metrics"]["test"] for l in finals)
+
+
+def test_two_workers_never_run_the_same_cell(tmp_path):
+    from prefixtune.experiments.runner import claim
+
+    path = tmp_path / ".work" / "abc.lock"
+    with claim(path) as first:
+        with claim(path) as second:
+            assert (first, second) == (True, False)
+    with claim(path) as again:
+        assert again
+
+
+def test_converged_scale_exists_only_for_the_studies_sized_for_it(tmp_path):
+    with pytest.raises(ValueError, match="no converged scale"):
+        run_experiment("init", scale="converged", out=tmp_path / "x", report_only=True)

@@ -107,3 +107,44 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert (out / "prefix.safetensors").is_file()
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_a_new_best(tokenizer, tmp_path):
+    # A rate far too high makes the dev loss climb after the first evaluations.
+    cfg = config(tmp_path, max_steps=None, epochs=40, eval_every=1, early_stop_patience=2, lr=3.0, save_every=0)
+    result = train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:6], progress=False)
+    steps_per_epoch = 5  # 18 pairs, batch 4
+    assert result.stop_reason == "early_stop"
+    assert result.steps < 40 * steps_per_epoch
+    evaluated = [h for h in result.history if h.get("dev_loss") is not None]
+    after_best = [h for h in evaluated if h["step"] > result.best_step]
+    assert len(after_best) == 2 and all(h["dev_loss"] >= result.best_dev_loss for h in after_best)
+    assert result.epochs_run == pytest.approx(result.steps / steps_per_epoch, abs=1e-3)
+
+
+def test_stop_reason_names_the_limit_that_ended_training(tokenizer, tmp_path):
+    by_epochs = train(config(tmp_path / "e", max_steps=None, epochs=2, save_every=0), tiny_model("llama"), tokenizer,
+                      PAIRS, PAIRS[:4], progress=False)
+    assert (by_epochs.stop_reason, by_epochs.steps, by_epochs.epochs_run) == ("epoch_limit", 10, 2.0)
+    by_steps = train(config(tmp_path / "s", max_steps=3, save_every=0), tiny_model("llama"), tokenizer, PAIRS,
+                     PAIRS[:4], progress=False)
+    assert (by_steps.stop_reason, by_steps.steps) == ("step_limit", 3)
+    assert json.loads((tmp_path / "s" / "run" / "result.json").read_text())["stop_reason"] == "step_limit"
+
+
+def test_a_resumed_run_keeps_its_early_stop_count(tokenizer, tmp_path):
+    cfg = config(tmp_path, max_steps=None, epochs=40, eval_every=1, early_stop_patience=2, lr=3.0, save_every=1)
+    straight = train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:6], progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, logs, module):
+        if step == straight.steps - 1:
+            raise Killed
+
+    cfg2 = config(tmp_path / "k", max_steps=None, epochs=40, eval_every=1, early_stop_patience=2, lr=3.0, save_every=1)
+    with pytest.raises(Killed):
+        train(cfg2, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:6], on_step=kill, progress=False)
+    resumed = train(cfg2, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:6], resume=True, progress=False)
+    assert (resumed.steps, resumed.best_step, resumed.stop_reason) == (straight.steps, straight.best_step, "early_stop")

@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 50                 # dev loss every N steps (0: only at the end)
+    early_stop_patience: int = 0         # stop after N dev evaluations without a new best (0: never)
     dev_size: int = 100                  # dev pairs used for the dev loss
     save_every: int = 50                 # checkpoint every N steps (0: only at the end)
     precision: str = "auto"              # auto (bf16 where the hardware has it) | bf16 | fp32
@@ -81,6 +82,8 @@ class TrainResult:
     history: list = field(default_factory=list)
     train_seconds: float = 0.0           # optimiser steps only
     padded_tokens: int = 0               # positions computed, padding included (this process)
+    stop_reason: str = "step_limit"      # early_stop | epoch_limit | step_limit
+    epochs_run: float = 0.0              # optimiser steps / steps per epoch
 
 
 def bf16_available(device: torch.device) -> bool:
@@ -121,6 +124,14 @@ def lr_lambda(warmup: int, total: int):
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
     return f
+
+
+def early_stop_due(history: list[dict], best_step: int | None, patience: int) -> bool:
+    """True when the last `patience` dev evaluations all came after the best one (none improved on it)."""
+    if patience <= 0 or best_step is None:
+        return False
+    since_best = [h for h in history if h.get("dev_loss") is not None and h["step"] > best_step]
+    return len(since_best) >= patience
 
 
 def load_pairs(config: TrainConfig):
@@ -215,11 +226,12 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
                desc=f"train {config.method}", dynamic_ncols=True)
     tokens = target_tokens = padded_tokens = 0
     train_time = 0.0  # optimiser steps only: dev evaluation and checkpoints are not throughput
-    while step < total_steps:
+    stopped_early = early_stop_due(history, best["step"], config.early_stop_patience)
+    while step < total_steps and not stopped_early:
         epoch, offset = divmod(step, steps_per_epoch)
         batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed * 100003 + epoch)
         for global_batch in batches[offset:]:
-            if step >= total_steps:
+            if step >= total_steps or stopped_early:
                 break
             local = global_batch[rank::world] or global_batch[:1]  # each process takes its share
             step_start = time.perf_counter()
@@ -246,16 +258,18 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
                     best = {"loss": logs["dev_loss"], "step": step,
                             "state": copy.deepcopy(accelerator.unwrap_model(module).state_dict())}
                 history.append({k: v for k, v in logs.items()})
+                stopped_early = early_stop_due(history, best["step"], config.early_stop_patience)
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
                             **({"dev": f"{logs['dev_loss']:.3f}"} if logs.get("dev_loss") is not None else {}))
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
+            if config.save_every and step % config.save_every == 0 and step < total_steps and not stopped_early:
                 save_checkpoint()
             if on_step is not None:
                 on_step(step, logs, accelerator.unwrap_model(module))
     bar.close()
     elapsed = max(train_time, 1e-9)
     final_dev = history[-1].get("dev_loss") if history else None
+    stop_reason = "early_stop" if stopped_early else ("step_limit" if config.max_steps else "epoch_limit")
     save_checkpoint()
     # Keep the best step: the exported prefix comes from the lowest dev loss seen.
     if best["state"] is not None:
@@ -268,7 +282,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
                          method.trainable_parameters(), method.shipped_parameters(), history,
-                         train_time, padded_tokens)
+                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3))
     if accelerator.is_main_process:
         atomic_write_bytes(out_dir / "result.json", json.dumps(asdict(result), indent=2).encode())
     result.method = method  # not a field (kept out of result.json): callers decode with the trained method

@@ -12,11 +12,12 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ablation, extrapolation, init, lowdata, main, prefix_length
+from . import ablation, extrapolation, init, lowdata, main, prefix_length, sweep
 from .runner import CELLS_FILE, Cell, CellStore, Context, Scale, run_cells
 from .scales import SCALES, default_model
 
 STUDIES = {m.NAME: m for m in (lowdata, prefix_length, init, ablation, extrapolation, main)}
+CONVERGED = ("lowdata", "main", "extrapolation")  # the studies sized for `--scale converged`
 
 
 @dataclass
@@ -30,6 +31,7 @@ class StudyRun:
     contexts: dict = field(default_factory=dict)   # task -> Context
     lines: dict = field(default_factory=dict)      # task -> list of JSONL lines (cell order)
     planned: dict = field(default_factory=dict)    # task -> number of cells in the plan
+    sweeps: dict = field(default_factory=dict)     # task -> learning-rate sweep rows (scales with a sweep)
 
 
 def command_line(name: str, task: str | None, scale: str, out, model: str | None, data_dir: str | None) -> str:
@@ -69,6 +71,8 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     study = STUDIES[name]
+    if scale == "converged" and name not in CONVERGED:
+        raise ValueError(f"study {name!r} has no converged scale; it runs for {', '.join(CONVERGED)}")
     tasks = resolve_tasks(study, task)
     out_dir = Path(out or Path("reports") / name)
     run = StudyRun(name, scale, out_dir, command_line(name, ",".join(tasks), scale, out_dir, model, data_dir))
@@ -86,16 +90,23 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
         loaded = models.get(chosen, (None, None))
         ctx = Context(out_dir, s, chosen, data_dir, loaded[0], loaded[1], loader, run.command, progress)
         cells = study.make_cells(t, s)
-        run.planned[t] = len(cells)
-        if report_only:
-            done = CellStore(out_dir / CELLS_FILE).load()
-            lines = [done[i] for i in (c.id(s, chosen) for c in cells) if i in done]
-        else:
-            before = len(CellStore(out_dir / CELLS_FILE).load())
-            lines = run_cells(cells, ctx, f"{name} {t}")
-            ran += len(CellStore(out_dir / CELLS_FILE).load()) - before
+        ids = [c.id(s, chosen) for c in cells]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two cells of the study have the same configuration")
+        planner = lambda done, cells=cells, s=s, chosen=chosen: sum(sweep.plan(cells, s, done, chosen)[:2], [])
+        store = CellStore(out_dir / CELLS_FILE)
+        before = len(store.load())
+        if not report_only:
+            run_cells(planner, ctx, f"{name} {t}")
             if ctx.model is not None:
                 models[chosen] = (ctx.model, ctx.tokenizer)
+        done = store.load()
+        ran += len(done) - before
+        sweep_cells, finals, groups = sweep.plan(cells, s, done, chosen)
+        run.planned[t] = len(cells)
+        lines = [done[i] for i in (c.id(s, chosen) for c in finals) if i in done]
+        if groups:
+            run.sweeps[t] = sweep.sweep_rows(groups, s, done, chosen)
         run.contexts[t], run.lines[t] = ctx, lines
     report = study.write_report(run)
     return {"report": str(report), "cells": sum(len(v) for v in run.lines.values()), "ran": ran,

@@ -18,7 +18,7 @@ TITLE = "Low-data: prefix-tuning vs fine-tuning"
 TASKS = ("e2e", "webnlg", "dart", "xsum")
 DEFAULT_TASKS = ("e2e",)
 METHODS = ("prefix", "finetune")
-SIZES = {"tiny": (6, 12), "cpu": (50, 100, 200, 500), "paper": (50, 100, 200, 500)}
+SIZES = {"tiny": (6, 12), "cpu": (50, 100, 200, 500), "converged": (50, 100, 200, 500), "paper": (50, 100, 200, 500)}
 QUALITATIVE = 3  # test inputs in the qualitative table
 
 DOC = """\
@@ -33,10 +33,23 @@ def make_scale(scale: str, task: str):
     s = replace(base_scale(scale, task), train_size=None)  # the sizes are the study's cells
     if scale == "tiny":
         return s
+    if scale == "converged":
+        # 2 samples per size; 200 test inputs (one output weighs 0.5%); greedy decoding; dev loss on 100 dev
+        # pairs. Rates are swept at size 200 on the first sample (its sweep cells are that size's cells).
+        return replace(s, train_size=None, samples=2, seeds=(1,), test_size=200, beams=1, dev_size=100,
+                       sweep_max_steps=None, sweep_size=200, eval_every=0, save_every=0)
     if scale == "cpu":
         # 16 cells: 4 sizes x 2 methods x 2 samples x 1 seed, 50 steps of 8 (400 examples seen per run).
         return replace(s, max_steps=50 if task != "xsum" else s.max_steps, train_size=None, samples=2, seeds=(1,))
     return replace(s, samples=5, seeds=(1, 2))
+
+
+def converged_budget(size: int, batch_size: int) -> dict:
+    """Enough epochs to overfit (at least 8, and at least 300 steps), a dev evaluation about every epoch
+    (every 25 steps at the least), and a stop after 3 evaluations without a new best."""
+    steps_per_epoch = math.ceil(size / batch_size)
+    every = max(25, steps_per_epoch)
+    return dict(epochs=max(8, math.ceil(300 * batch_size / size)), eval_every=every, save_every=every)
 
 
 def sizes(scale) -> tuple:
@@ -51,6 +64,8 @@ def make_cells(task: str, scale) -> list[Cell]:
             for seed in scale.seeds:
                 for method in METHODS:
                     params = {"init": word_init(task)} if method == "prefix" else {}
+                    if scale.name == "converged":
+                        params.update(converged_budget(size, scale.batch_size))
                     if scale.name == "paper":
                         # Our choice (the paper gives no low-data schedule): at least 200 steps per run and
                         # a dev set of 30% of the training size for early stopping.

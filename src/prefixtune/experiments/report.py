@@ -145,7 +145,7 @@ def verdict_table(verdicts: list[Verdict]) -> str:
 def cells_table(lines: list[dict], metric_names: dict[str, str]) -> str:
     """Every cell: its id, configuration, metric(s) and cost; the report's numbers come from these rows."""
     header = ["cell", "label", "train size", "sample", "seed"] + [f"{e}: {m}" for e, m in metric_names.items()] + \
-             ["dev loss", "trainable %", "shipped %", "steps", "tokens/s", "elapsed s", "hypotheses"]
+             ["dev loss", "trainable %", "shipped %", "steps", "stopped by", "tokens/s", "elapsed s", "hypotheses"]
     rows = []
     for line in lines:
         metrics = []
@@ -157,9 +157,16 @@ def cells_table(lines: list[dict], metric_names: dict[str, str]) -> str:
         rows.append([f"`{line['id']}`", line["label"], line["train_size"] if line["train_size"] else "all",
                      line["sample"], line["seed"], *metrics, "–" if dev_loss is None else f"{dev_loss:.3f}",
                      f"{line['trainable_pct']:.4g}",
-                     f"{line['shipped_pct']:.4g}", line["steps"],
+                     f"{line['shipped_pct']:.4g}", line["steps"], stopped_by(line),
                      f"{line['tokens_per_s']:.0f}", f"{line['elapsed_s']:.0f}", hyps])
     return md_table(header, rows)
+
+
+def stopped_by(line: dict) -> str:
+    """Why a cell's training ended, and after how many epochs ("–" for cells run before this was recorded)."""
+    if "stop_reason" not in line:
+        return "–"
+    return f"{line['stop_reason'].replace('_', ' ')} ({line['epochs_run']:.3g} ep)"
 
 
 def scale_table(scale, model_name: str, notes: list[str] = ()) -> str:
@@ -329,6 +336,14 @@ def assemble(run, title: str, doc: str, verdicts: list[Verdict], sections: list[
         parts.append(f"## Reading\n\n*Written by hand from the tables of this report (`{READING}`); "
                      f"everything else is generated.*\n\n{reading.read_text().strip()}\n")
     parts += sections
+    for task, rows in getattr(run, "sweeps", {}).items():
+        from .sweep import SWEEP_HEADER
+
+        parts.append(f"## Learning rates{f' ({task})' if len(run.lines) > 1 else ''}: chosen on dev loss\n\n"
+                     "Each configuration's first sample was trained once per rate; the rate with the lowest "
+                     "dev loss (its best evaluation) is used by every cell of that configuration. Every method "
+                     "went through the same procedure. Test scores played no part in the choice.\n\n"
+                     + md_table(SWEEP_HEADER, rows) + "\n")
     parts.append("## Scale\n")
     for task, ctx in run.contexts.items():
         lines = run.lines[task]

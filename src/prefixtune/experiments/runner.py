@@ -12,6 +12,8 @@ the store is opened.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +30,9 @@ from ..io import atomic_write_bytes
 CELLS_FILE = "cells.jsonl"
 PRIMARY = {"e2e": "BLEU", "webnlg": "BLEU", "dart": "BLEU", "xsum": "ROUGE_2"}
 FALLBACK = {"BLEU": "sacreBLEU"}
+# TrainConfig fields added after reports were committed: at these values they are left out of a cell's id,
+# so every id computed before they existed stays the same.
+ID_NEUTRAL_DEFAULTS = {"early_stop_patience": 0}
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class Scale:
     max_source_len: int = 256
     max_target_len: int = 128
     lr: dict = field(default_factory=dict)      # method -> learning rate (absent: the method's default)
+    early_stop_patience: int = 0                # stop a cell after N dev evaluations without a new best
+    lr_sweep: dict = field(default_factory=dict)  # method -> rates tried on one sample; the best dev loss wins
+    sweep_max_steps: int | None = None          # sweep cells' budget (None: the full one, and they decode)
+    sweep_size: int | None = None                # sweep at this training size only; its rate serves every size
+    save_every: int = 0                          # checkpoint a cell every N steps (a killed cell resumes there)
     extra: dict = field(default_factory=dict)   # TrainConfig overrides for every cell (e.g. mlp_dim)
 
     def describe(self) -> dict:
@@ -68,6 +78,17 @@ class Scale:
         d.pop("beams")
         d["seeds"] = ", ".join(map(str, self.seeds))
         d["lr"] = ", ".join(f"{m} {v:g}" for m, v in self.lr.items()) or "each method's default"
+        if self.lr_sweep:
+            d["lr"] = "chosen on dev loss (see the learning-rate table)"
+            d["lr_sweep"] = "; ".join(f"{m}: {', '.join(f'{r:g}' for r in rs)}" for m, rs in self.lr_sweep.items())
+            d["sweep_max_steps"] = self.sweep_max_steps or "the full budget (sweep cells are the first sample's cells)"
+            d["sweep_size"] = self.sweep_size or "each training size"
+        else:
+            for k in ("lr_sweep", "sweep_max_steps", "sweep_size"):
+                d.pop(k)
+        if not self.early_stop_patience:
+            d.pop("early_stop_patience")
+        d.pop("save_every")
         d["extra"] = ", ".join(f"{k}={v}" for k, v in self.extra.items()) or "–"
         return d
 
@@ -91,6 +112,9 @@ class Cell:
         train = asdict(self.train_config(scale, model_name, "."))
         for k in ("output_dir", "data_dir", "export", "save_every"):
             train.pop(k, None)
+        for k, default in ID_NEUTRAL_DEFAULTS.items():  # settings added later leave older ids (and reports) valid
+            if train.get(k) == default:
+                train.pop(k)
         return {"study": self.study, "task": self.task, "method": self.method, "label": self.label,
                 "train_size": self.train_size, "sample": self.sample, "seed": self.seed,
                 "train_options": self.train_options, "evals": self.evals, "train": train,
@@ -104,7 +128,9 @@ class Cell:
 
         values = dict(output_dir=output_dir, model=model_name, task=self.task, task_options=self.train_options,
                       seed=self.seed, method=self.method, batch_size=scale.batch_size, max_steps=scale.max_steps,
-                      epochs=scale.epochs, eval_every=scale.eval_every, dev_size=scale.dev_size, save_every=0,
+                      epochs=scale.epochs, eval_every=scale.eval_every, dev_size=scale.dev_size,
+                      save_every=scale.save_every,
+                      early_stop_patience=scale.early_stop_patience,
                       precision=scale.precision, max_source_len=scale.max_source_len,
                       max_target_len=scale.max_target_len, lr=scale.lr.get(self.method), export=False)
         values.update(scale.extra)
@@ -269,6 +295,8 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
         "trainable_pct": method.trainable_percent(), "shipped_pct": method.shipped_percent(),
         "steps": result.steps, "best_step": result.best_step, "best_dev_loss": result.best_dev_loss,
         "final_dev_loss": result.final_dev_loss, "tokens_per_s": result.tokens_per_s,
+        "stop_reason": result.stop_reason, "epochs_run": result.epochs_run,
+        "dev_history": [[h["step"], h["dev_loss"]] for h in result.history if h.get("dev_loss") is not None],
         "train_s": round(train_s, 2), "decode_s": round(decode_s, 2),
         "elapsed_s": round(time.perf_counter() - started, 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -278,22 +306,56 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
     return line
 
 
-def run_cells(cells: list[Cell], ctx: Context, desc: str) -> list[dict]:
-    """Run every unfinished cell (a progress bar over cells) and return all lines, in cell order."""
+@contextlib.contextmanager
+def claim(path: Path):
+    """Hold an exclusive lock on `path` (True) or learn that another worker holds it (False).
+
+    Several `prefixtune experiment` processes can share one study: each runs only the cells it has
+    claimed. The lock goes away with its process, so a killed worker's cell is free again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_cells(planner: Callable[[dict], list[Cell]], ctx: Context, desc: str, poll_s: float = 20.0) -> dict:
+    """Run unfinished cells until the plan has none left; returns every finished line by id.
+
+    `planner(done)` gives the cells known so far from the finished lines (a learning-rate sweep
+    adds a configuration's cells once its sweep has finished), so the plan is asked again after
+    every cell. Cells claimed by another worker are skipped; when only those are left, this worker
+    waits for them, since their lines may add cells to the plan.
+    """
     from tqdm.auto import tqdm
 
     store = CellStore(ctx.out_dir / CELLS_FILE)
-    done = store.load()
-    ids = [c.id(ctx.scale, ctx.model_name) for c in cells]
-    if len(set(ids)) != len(ids):
-        raise ValueError("two cells of the study have the same configuration")
-    todo = [(c, i) for c, i in zip(cells, ids) if i not in done]
-    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, unit="cell", dynamic_ncols=True,
-              disable=not ctx.progress) as bar:
-        for cell, cell_id in todo:
-            bar.set_postfix_str(f"{cell.label} n={cell.train_size} s{cell.sample} seed{cell.seed}")
-            line = run_cell(cell, ctx, cell_id)
-            store.append(line)
-            done[cell_id] = line
-            bar.update(1)
-    return [done[i] for i in ids]
+    locks = ctx.out_dir / ".work"
+    with tqdm(desc=desc, unit="cell", dynamic_ncols=True, disable=not ctx.progress) as bar:
+        while True:
+            done = store.load()
+            planned = {c.id(ctx.scale, ctx.model_name): c for c in planner(done)}
+            todo = [(i, c) for i, c in planned.items() if i not in done]
+            bar.total, bar.n = len(planned), len(planned) - len(todo)
+            bar.refresh()
+            if not todo:
+                return done
+            ran = False
+            for cell_id, cell in todo:
+                with claim(locks / f"{cell_id}.lock") as mine:
+                    if not mine or cell_id in store.load():  # another worker's, or it finished meanwhile
+                        continue
+                    bar.set_postfix_str(f"{cell.label} n={cell.train_size} s{cell.sample} seed{cell.seed} "
+                                        f"lr={cell.params.get('lr', '-')}")
+                    store.append(run_cell(cell, ctx, cell_id))
+                    (locks / f"{cell_id}.lock").unlink(missing_ok=True)  # a late opener sees the line and skips
+                    ran = True
+                    break
+            if not ran:
+                time.sleep(poll_s)
