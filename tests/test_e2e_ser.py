@@ -1,10 +1,18 @@
 """E2E slot error rate: hand-written outputs per attribute, the test references, and the score suite."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import pytest
 
-from prefixtune.metrics import MetricsError
+from prefixtune.metrics import MetricsError, score
+from prefixtune.metrics.command import score_command
 from prefixtune.metrics.e2e_ser import check, parse_mr, slot_error_rate
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("PREFIXTUNE_JAVA"),
+                                reason="no Java runtime on PATH (METEOR and the PTB tokenizer are Java)")
 
 EAGLE = "name[The Eagle], eatType[coffee shop], food[Italian], area[riverside]"
 
@@ -105,3 +113,32 @@ def test_the_test_references_have_the_papers_error_rate(data_root):
     assert (len(refs), result.slots) == (4693, 32332)
     assert (result.missed, result.added, result.wrong) == (3069, 181, 465)
     assert result.ser == pytest.approx(11.49, abs=0.005)
+
+
+@needs_java
+@pytest.mark.java
+def test_score_and_the_score_command_report_ser(tmp_path, capsys, monkeypatch):
+    hyps = ["The Eagle is an Italian coffee shop by the river.", "The Mill is a pub."]
+    refs = [["The Eagle is an Italian coffee shop by the riverside."], ["The Mill is a cheap pub."]]
+    meta = [{"mr": EAGLE}, {"mr": "name[The Mill], eatType[pub], priceRange[cheap]"}]
+    scores = score("e2e", hyps, refs, meta)
+    assert list(scores)[-1] == "SER" and scores["SER"] == pytest.approx(100 * 1 / 7)
+    assert "SER" not in score("e2e", hyps, refs)
+
+    hyp = tmp_path / "hyp.txt"
+    hyp.write_text("\n".join(hyps) + "\n")
+    csv_refs = tmp_path / "refs.csv"
+    csv_refs.write_text("mr,ref\n" + "".join(f'"{m["mr"]}",{r[0]}\n' for m, r in zip(meta, refs)), encoding="utf-8")
+    assert score_command("e2e", hyp, csv_refs, "test", None, True) == 0
+    assert json.loads(capsys.readouterr().out)["SER"] == pytest.approx(100 / 7)
+
+    txt_refs = tmp_path / "refs.txt"
+    txt_refs.write_text("\n\n".join(r[0] for r in refs) + "\n")
+    assert score_command("e2e", hyp, txt_refs, "test", None, False) == 0
+    out, err = capsys.readouterr()
+    assert "SER" not in out and "note: SER skipped" in err
+
+    # from the split: the loader's records carry the MRs
+    monkeypatch.setattr("prefixtune.metrics.command._load_gold", lambda *a: (refs, meta))
+    assert score_command("e2e", hyp, None, "test", None, False) == 0
+    assert "SER" in capsys.readouterr().out
