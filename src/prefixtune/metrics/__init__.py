@@ -4,7 +4,8 @@
 metric names as the paper writes them, on the paper's scales (BLEU, METEOR,
 ROUGE and TER x100; NIST and CIDEr raw):
 
-* ``e2e``: BLEU, NIST, METEOR, ROUGE_L, CIDEr (the E2E ``measure_scores.py``);
+* ``e2e``: BLEU, NIST, METEOR, ROUGE_L, CIDEr (the E2E ``measure_scores.py``),
+  plus SER (slot error rate, %) when ``meta`` carries each item's ``mr``;
 * ``webnlg``: BLEU, METEOR, TER, plus ``*_seen`` / ``*_unseen`` when ``meta``
   carries ``seen`` (or ``category``) for every item (the WebNLG 2017 scripts);
 * ``dart``: BLEU, METEOR, TER, and BERTScore / MoverScore / BLEURT when their
@@ -22,9 +23,9 @@ from .errors import MetricsError
 from .refs import read_lines, read_references
 
 TASKS = ("e2e", "webnlg", "dart", "xsum")
-# Which metrics each task reports, in display order (webnlg adds _seen/_unseen variants).
+# Which metrics each task reports, in display order (webnlg adds _seen/_unseen variants; e2e's SER needs MRs).
 TASK_METRICS = {
-    "e2e": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"),
+    "e2e": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER"),
     "webnlg": ("BLEU", "METEOR", "TER"),
     "dart": ("BLEU", "METEOR", "TER", "BERTScore", "MoverScore", "BLEURT"),
     "xsum": ("ROUGE_1", "ROUGE_2", "ROUGE_L"),
@@ -75,7 +76,7 @@ def score(task: str, hypotheses: list[str], references: list[list[str]], meta: l
     hyps, refs = _check_inputs(task, hypotheses, references, meta)
     if task == "e2e":
         from .e2e import score_e2e
-        return score_e2e(hyps, refs, mteval_variant=mteval_variant)
+        return score_e2e(hyps, refs, mteval_variant=mteval_variant, meta=meta)
     if task == "webnlg":
         from .webnlg import score_webnlg
         return score_webnlg(hyps, refs, meta)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import TASKS, MetricsError, read_lines, read_references, score
+from .refs import read_reference_mrs
 
 # How many decimals each metric is shown with in the table (JSON keeps full precision).
 DECIMALS = {"NIST": 4, "CIDEr": 4, "BERTScore": 4, "MoverScore": 4, "BLEURT": 4}
@@ -58,8 +59,9 @@ def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir:
     when None, the loader's ``split`` (data directory from ``data_dir`` or
     $PREFIXTUNE_DATA). For WebNLG with ``refs`` the seen/unseen breakdown still
     comes from the loader when its test split is available and the sizes match.
-    ``loader_options`` go to the loader (e.g. ``{"scheme": "within-news"}`` for
-    XSum, ``{"train_from": "dev"}`` for DART).
+    E2E's SER needs each item's MR: from the split or an E2E CSV ``refs``, else
+    it is skipped with a note. ``loader_options`` go to the loader (e.g.
+    ``{"scheme": "within-news"}`` for XSum, ``{"train_from": "dev"}`` for DART).
     """
     loader_options = dict(loader_options or {})
     try:
@@ -67,8 +69,14 @@ def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir:
             raise MetricsError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         hypotheses = read_lines(hyp)
         meta = None
+        notes: list[str] = []
         if refs is not None:
             references = read_references(refs, len(hypotheses))
+            if task == "e2e":  # SER needs each item's MR: only an E2E CSV/TSV carries them
+                mrs = read_reference_mrs(refs)
+                meta = [{"mr": mr} for mr in mrs] if mrs else None
+                if meta is None:
+                    notes.append(f"note: SER skipped: {refs} has no MRs (give an E2E CSV, or omit --refs)")
             if task == "webnlg":
                 try:
                     _, gold_meta = _load_gold(task, split, data_dir, loader_options)
@@ -81,7 +89,6 @@ def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir:
             if len(references) != len(hypotheses):
                 raise MetricsError(f"{hyp} has {len(hypotheses)} lines but the {task} {split} split has "
                                    f"{len(references)} items (one hypothesis per line, in loader order)")
-        notes: list[str] = []
         scores = score(task, hypotheses, references, meta, notes=notes, mteval_variant=mteval_variant)
     except (MetricsError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,7 +28,8 @@ def read_lines(path) -> list[str]:
     return [line.strip() for line in _read_text(path).splitlines()]
 
 
-def _read_csv_refs(path: Path) -> list[list[str]]:
+def _read_csv_groups(path: Path) -> list[tuple[str, list[str]]]:
+    """(MR, references) per item of an E2E-style CSV/TSV."""
     lines = _read_text(path).splitlines()
     for bad, good in _FIXES:
         lines = [line.replace(bad, good) for line in lines]
@@ -45,16 +46,22 @@ def _read_csv_refs(path: Path) -> list[list[str]]:
         src_col, ref_col = 0, 1
     else:
         raise MetricsError(f"cannot tell the MR and reference columns of {path} (header {header})")
-    groups: list[list[str]] = []
-    current = None
+    groups: list[tuple[str, list[str]]] = []
     for row in rows:
         if len(row) <= max(src_col, ref_col):
             raise MetricsError(f"{path}: a row has {len(row)} columns, expected {len(header)}")
-        if row[src_col] != current:  # consecutive rows with the same MR form one group
-            groups.append([])
-            current = row[src_col]
-        groups[-1].append(row[ref_col])
+        if not groups or row[src_col] != groups[-1][0]:  # consecutive rows with the same MR form one group
+            groups.append((row[src_col], []))
+        groups[-1][1].append(row[ref_col])
     return groups
+
+
+def read_reference_mrs(path) -> list[str] | None:
+    """The MR of each reference group when ``path`` is an E2E-style CSV/TSV, else None (no MRs)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".tsv"):
+        return None
+    return [mr for mr, _ in _read_csv_groups(path)]
 
 
 def read_references(path, n_hyps: int) -> list[list[str]]:
@@ -68,7 +75,7 @@ def read_references(path, n_hyps: int) -> list[list[str]]:
     """
     path = Path(path)
     if path.suffix.lower() in (".csv", ".tsv"):
-        groups = _read_csv_refs(path)
+        groups = [refs for _, refs in _read_csv_groups(path)]
     else:
         lines = read_lines(path)
         groups = [[]]
