@@ -16,6 +16,8 @@ from .peft import hub_id
 
 DATASETS = {"e2e": "tuetschek/e2e_nlg", "webnlg": "web_nlg", "dart": "Yale-LILY/dart", "xsum": "EdinburghNLP/xsum"}
 TASK_TYPES = {"xsum": "summarization"}
+FILES = {"peft": "`adapter_config.json`, `adapter_model.safetensors` (PEFT PREFIX_TUNING)",
+         "prefixtune": "`prefix.safetensors`"}
 FLAGS_SKIPPED = {"output_dir", "data_dir", "task_options", "max_source_len", "max_target_len", "export"}
 
 
@@ -61,29 +63,29 @@ def find_scores(run_dir) -> list[dict]:
         task, _, split = path.parent.name[len("eval-"):].partition("-")
         try:
             metrics = json.loads(path.read_text())
+            inputs = len((path.parent / "hypotheses.txt").read_text().splitlines())
         except (OSError, json.JSONDecodeError):
             continue
-        found.append({"task": task, "split": split, "metrics": metrics})
+        found.append({"task": task, "split": split, "metrics": metrics, "inputs": inputs})
     return found
 
 
-def _eval_results(config: dict, scores: list[dict], name: str):
+def _eval_results(config: dict, scores: list[dict]):
     from huggingface_hub import EvalResult
 
+    def result(task, split, metric_type, value, metric_name):
+        return EvalResult(task_type=TASK_TYPES.get(task, "text-generation"), dataset_type=DATASETS.get(task, task),
+                          dataset_name=task, dataset_split=split, metric_type=metric_type,
+                          metric_value=round(float(value), 4), metric_name=metric_name)
+
     results = []
-    task = config.get("task")
-    if config.get("best_dev_loss") is not None and task:
-        results.append(EvalResult(task_type=TASK_TYPES.get(task, "text-generation"), dataset_type=DATASETS.get(task, task),
-                                  dataset_name=task, dataset_split="validation", metric_type="loss",
-                                  metric_value=round(float(config["best_dev_loss"]), 4),
-                                  metric_name="dev loss"))
+    if config.get("best_dev_loss") is not None and config.get("task"):
+        results.append(result(config["task"], "validation", "loss", config["best_dev_loss"], "dev loss"))
     for s in scores:
         for metric, value in s["metrics"].items():
             if isinstance(value, (int, float)):
-                results.append(EvalResult(task_type=TASK_TYPES.get(s["task"], "text-generation"),
-                                          dataset_type=DATASETS.get(s["task"], s["task"]), dataset_name=s["task"],
-                                          dataset_split=s["split"], metric_type=re.sub(r"[^a-z0-9]+", "-", metric.lower()),
-                                          metric_value=round(float(value), 4), metric_name=metric))
+                slug = re.sub(r"[^a-z0-9]+", "-", metric.lower())
+                results.append(result(s["task"], s["split"], slug, value, metric))
     return results
 
 
@@ -96,7 +98,7 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
     base = hub_id(exported.metadata.get("base_model", "")) or "unknown"
     task = config.get("task")
     base_params = base_params or config.get("base_params")
-    results = _eval_results(config, scores or [], name)
+    results = _eval_results(config, scores or [])
     tags = ["prefixtune", "prefix-tuning", "text-generation"] + (["peft"] if fmt == "peft" else []) + (
         [task] if task else [])
     data = ModelCardData(base_model=base, library_name="prefixtune", tags=tags,
@@ -114,9 +116,12 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
              f"| attention groups | {', '.join(f'{g} {tuple(t.shape)}' for g, t in exported.p.items())} |",
              f"| layout | {exported.metadata.get('layout', '')} |",
              f"| base model fingerprint | `{exported.metadata.get('fingerprint', '')}` |",
-             f"| files | {'`adapter_config.json`, `adapter_model.safetensors` (PEFT PREFIX_TUNING)' if fmt == 'peft' else '`prefix.safetensors`'} |"]
+             f"| files | {FILES[fmt]} |"]
+    inputs = {(s["task"], s["split"]): s.get("inputs") for s in scores or []}
     for r in results:
-        lines.append(f"| {r.metric_name} ({r.dataset_name} {r.dataset_split}) | {r.metric_value} |")
+        n = inputs.get((r.dataset_name, r.dataset_split))
+        lines.append(f"| {r.metric_name} ({r.dataset_name} {r.dataset_split}{f', {n} inputs' if n else ''}) "
+                     f"| {r.metric_value} |")
     lines += ["", "## Training", ""]
     command = training_command(config)
     if command:
@@ -127,30 +132,30 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
         lines.append("Trained with PEFT (PREFIX_TUNING) and imported with `prefixtune import`.")
     else:
         lines.append("Training command not recorded.")
-    lines += ["", "## Use it", "", *_usage(name, fmt)]
+    lines += ["", "## Use it", "", *_usage(name, fmt, exported.metadata.get("base_model") or base)]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _usage(name: str, fmt: str) -> list[str]:
+def _usage(name: str, fmt: str, base: str) -> list[str]:
     folder = "PREFIX_DIR"
     lines = ["With prefixtune (PREFIX_DIR: this folder, or the one `prefixtune pull` prints):", "",
              "```bash",
              f"prefixtune pull USER/{name}            # prints the local folder",
-             f"prefixtune generate --prefix {folder} 'name : The Eagle | Type : pub'",
+             f"prefixtune generate --model {base} --prefix {folder} 'name : The Eagle | Type : pub'",
              "```", "", "```python",
              "from prefixtune.bank import PrefixBank",
              "from prefixtune.io import ExportedPrefix",
              "from prefixtune.models import load_base_model", "",
-             "model, tokenizer = load_base_model(...)   # the base model above",
+             f"model, tokenizer = load_base_model({base!r})",
              "bank = PrefixBank(model, tokenizer)",
              f"bank.add({name!r}, {folder!r})   # checked against the model; mixed batches with other prefixes"]
     if fmt != "peft":
         lines.append(f"prefix = ExportedPrefix.from_pretrained('USER/{name}')   # or a local folder")
+    put = f"curl -X PUT -H 'Authorization: Bearer KEY' localhost:8000/v1/prefixes/{name} --data-binary"
+    upload = (f"(cd {folder} && zip - adapter_config.json adapter_model.safetensors) | {put} @-" if fmt == "peft"
+              else f"{put} @{folder}/prefix.safetensors")
     lines += ["```", "", "Serve it next to other prefixes (OpenAI-compatible `/v1/completions`, `model` = prefix name):",
-              "", "```bash", "prefixtune serve --keys-file keys.txt &",
-              f"(cd {folder} && zip - {'adapter_config.json adapter_model.safetensors' if fmt == 'peft' else 'prefix.safetensors'}) | "
-              f"curl -X PUT -H 'Authorization: Bearer KEY' --data-binary @- localhost:8000/v1/prefixes/{name}",
-              "```"]
+              "", "```bash", f"prefixtune serve --model {base} --keys-file keys.txt &", upload, "```"]
     if fmt == "peft":
         lines += ["", "With PEFT: `PeftModel.from_pretrained(base_model, PREFIX_DIR)`. Its forward pass uses the prefix "
                       "(the same logits as prefixtune), but measured with peft 0.21.2 and transformers 5.24 its "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import ExportedPrefix, PrefixFileError, atomic_write_bytes, prefix_to_bytes
+from ..io import ExportedPrefix, PrefixFileError, atomic_write_bytes, load_prefix, prefix_to_bytes
 from ..models import ModelSpec
 from . import peft
 from .card import model_card
@@ -66,16 +66,9 @@ def from_pretrained(name_or_path, spec: ModelSpec | None = None, revision: str |
 
     With `spec`, it is checked against that base model (and a PEFT adapter needs one to be read).
     """
-    path = Path(name_or_path)
-    if path.exists():
-        return load_folder(path, spec) if path.is_dir() else _load_file(path, spec)
+    if Path(name_or_path).exists():
+        return load_prefix(name_or_path, spec)  # a file or a folder
     return load_folder(pull(str(name_or_path), revision), spec)
-
-
-def _load_file(path: Path, spec):
-    from ..io import load_prefix
-
-    return load_prefix(path, spec)
 
 
 def pull(repo_id: str, revision: str | None = None, local_dir=None) -> Path:

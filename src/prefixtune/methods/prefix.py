@@ -39,8 +39,6 @@ class PrefixMethod(Method):
 
     def export(self, path, metadata: dict):
         """Write P; a file named prefix.safetensors makes its folder an HF-style prefix folder, with a model card."""
-        from pathlib import Path
-
         from ..interop.card import find_scores
         from ..interop.folders import PREFIX_FILE
         from ..interop.hub import save_card
