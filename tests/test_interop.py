@@ -405,7 +405,8 @@ def test_training_writes_a_model_card_with_hub_metadata(tmp_path):
     assert f"| parameters | {params:,} ({share:.3f}% of the base model's" in card.text
     assert "prefixtune train -o " in card.text and "--prefix-len 3" in card.text and "--mlp-dim 16" in card.text
     assert "--init words:table-to-text:" in card.text and "--max-steps 2" in card.text
-    assert "prefixtune generate --prefix" in card.text and "bank.add(" in card.text and "/v1/prefixes/" in card.text
+    for usage in ("prefixtune generate --model tiny-llama --prefix", "bank.add(", "/v1/prefixes/run"):
+        assert usage in card.text
 
 
 # -- the commands a PEFT user types ------------------------------------------------------------------
@@ -453,24 +454,28 @@ def test_peft_user_commands_import_generate_export_push_pull(tiny_dir, tmp_path,
     pm.save_pretrained(tmp_path / "adapter")
     weight = pm.prompt_encoder["default"].embedding.weight.detach().clone()
 
+    def inline(*args, code=0):  # in this process (fast); the lines a user types run as subprocesses below
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == code, result.output
+        return result
+
     summary = json.loads(cli("import", tmp_path / "adapter", "--model", tiny_dir, "-o", tmp_path / "p.safetensors").stdout)
     assert summary["prefix_len"] == 4
     assert torch.equal(load_prefix(tmp_path / "p.safetensors").p["decoder"], weight)
     by_folder = cli("generate", "--model", tiny_dir, "--prefix", tmp_path / "adapter", "--max-new-tokens", 5,
                     "name : Aromi").stdout
-    assert by_folder == cli("generate", "--model", tiny_dir, "--prefix", tmp_path / "p.safetensors",
-                            "--max-new-tokens", 5, "name : Aromi").stdout
-    assert by_folder != cli("generate", "--model", tiny_dir, "--max-new-tokens", 5, "name : Aromi").stdout
+    assert by_folder == inline("generate", "--model", tiny_dir, "--prefix", tmp_path / "p.safetensors",
+                               "--max-new-tokens", 5, "name : Aromi").stdout
+    assert by_folder != inline("generate", "--model", tiny_dir, "--max-new-tokens", 5, "name : Aromi").stdout
 
     # back to PEFT, and to an HF-style folder; both with a model card
-    cli("export", tmp_path / "p.safetensors", "--format", "peft", "--out", tmp_path / "to-peft")
+    inline("export", tmp_path / "p.safetensors", "--format", "peft", "--out", tmp_path / "to-peft")
     reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(tmp_path / "to-peft"))
     assert torch.equal(reloaded.prompt_encoder["default"].embedding.weight, weight)
-    cli("export", tmp_path / "p.safetensors", "--format", "hf", "--out", tmp_path / "e2e-prefix")
+    inline("export", tmp_path / "p.safetensors", "--format", "hf", "--out", tmp_path / "e2e-prefix")
     assert "Trained with PEFT" in (tmp_path / "e2e-prefix" / "README.md").read_text()
-    assert json.loads(cli("info", tmp_path / "e2e-prefix").stdout)["prefix_len"] == "4"
-    failed = cli("export", tmp_path / "p.safetensors", "--format", "peft", check=False)
-    assert failed.returncode == 2 and "--out" in failed.stderr
+    assert json.loads(inline("info", tmp_path / "e2e-prefix").stdout)["prefix_len"] == "4"
+    assert "--out" in inline("export", tmp_path / "p.safetensors", "--format", "peft", code=2).output
 
     # push (the hub replaced by the local cache), then pull offline in a fresh process
     pushed = []
@@ -483,9 +488,13 @@ def test_peft_user_commands_import_generate_export_push_pull(tiny_dir, tmp_path,
 
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: repo_id)
     monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", upload_folder)
-    result = CliRunner().invoke(app, ["push", str(tmp_path / "e2e-prefix"), "alice/e2e-prefix"])
-    assert result.exit_code == 0, result.output
+    inline("push", tmp_path / "e2e-prefix", "alice/e2e-prefix")
     assert pushed == [["README.md", "prefix.safetensors"]]
+    inline("push", tmp_path / "to-peft", "alice/e2e-peft")
+    assert pushed[-1] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"broken")
+    inline("push", tmp_path / "adapter", "alice/broken", code=2)
+    assert len(pushed) == 2  # checked before anything is uploaded
     folder = Path(cli("pull", "alice/e2e-prefix").stdout.strip())
     assert folder.is_relative_to(offline_hub) and (folder / "README.md").is_file()
     assert torch.equal(load_prefix(folder).p["decoder"], weight)
