@@ -82,12 +82,26 @@ def train(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="a training output dir (holds checkpoint.pt)"),
-    out: Path = typer.Option(None, "--out", help="default: RUN_DIR/prefix.safetensors"),
+    run_dir: Path = typer.Argument(..., help="a training output dir (holds checkpoint.pt); with --format hf|peft "
+                                             "also a prefix file or folder"),
+    out: Path = typer.Option(None, "--out", help="default: RUN_DIR/prefix.safetensors; a folder for hf | peft"),
     which: str = typer.Option("best", help="best (lowest dev loss) | last"),
+    fmt: str = typer.Option("file", "--format", help="file (one .safetensors) | hf (prefix.safetensors + model card) "
+                                                     "| peft (PEFT PREFIX_TUNING adapter + model card)"),
+    allow_lossy: bool = typer.Option(False, help="peft, encoder-decoder models: keep the decoder prefix only"),
 ):
-    """Drop the MLP and write P alone (safetensors + metadata) from a training checkpoint."""
+    """Drop the MLP and write P alone (safetensors + metadata), or a folder for the hub or for PEFT."""
     import torch
+
+    if fmt != "file":
+        from .interop.commands import export_folder
+        from .io import PrefixFileError
+
+        try:
+            typer.echo(str(export_folder(run_dir, out, fmt, which, allow_lossy)))
+        except (PrefixFileError, ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        return
 
     from .methods import build_method
     from .models import load_base_model, model_spec
@@ -305,6 +319,10 @@ def experiment(
         _fail(str(e))
     typer.echo(json.dumps(result))
 
+
+from .interop.commands import register as _register_interop  # noqa: E402  (import, push, pull)
+
+_register_interop(app)
 
 if __name__ == "__main__":
     app()

@@ -38,7 +38,18 @@ class PrefixMethod(Method):
         return p
 
     def export(self, path, metadata: dict):
-        return save_prefix(path, self.prefix_p(), self.spec, model_name(self.model), metadata)
+        """Write P; a file named prefix.safetensors makes its folder an HF-style prefix folder, with a model card."""
+        from ..interop.card import find_scores
+        from ..interop.folders import PREFIX_FILE
+        from ..interop.hub import save_card
+        from ..io import load_prefix
+        from .base import count_parameters
+
+        metadata = {**metadata, "base_params": count_parameters(self.model)}
+        target = save_prefix(path, self.prefix_p(), self.spec, model_name(self.model), metadata)
+        if target.name == PREFIX_FILE:
+            save_card(load_prefix(target), target.parent, scores=find_scores(target.parent))
+        return target
 
     def shipped_parameters(self) -> int:
         return sum(t.numel() for t in self.prefix_p().values())

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-compatible completions over many tenants' prefixes, one frozen model.
 
 Endpoints (all under an API key, `Authorization: Bearer KEY`, except health and metrics):
-  PUT    /v1/prefixes/{name}   upload a `.safetensors` export (raw body), validated, stored atomically
+  PUT    /v1/prefixes/{name}   upload a `.safetensors` export, or a zip/tar of a prefix folder (ours or a PEFT
+                               adapter's two files), as the raw body; validated, stored atomically
   GET    /v1/prefixes          the caller's prefixes
   GET    /v1/prefixes/{name}   one of them
   DELETE /v1/prefixes/{name}   delete it

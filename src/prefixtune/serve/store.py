@@ -5,9 +5,12 @@ tenant name and `name` must match a strict pattern, so no request text ever beco
 component unchecked. In the bank every prefix is namespaced as ``<tenant-hash>/<name>``: two
 tenants may each own an ``e2e`` and neither can reach the other's.
 
-An upload is validated completely (format, checksum, fingerprint against the base model,
-finite values, length) before anything is written; the file is then written with a temp file
-and a rename, so a crash leaves either the old prefix or the new one, never half a file.
+An upload is a prefix file, or a zip/tar archive of a prefix folder: ours (prefix.safetensors)
+or a PEFT prefix-tuning adapter (adapter_config.json + adapter_model.safetensors), which is
+converted to a prefix file first. An upload is validated completely (format, checksum,
+fingerprint against the base model, finite values, length) before anything is written; the
+file is then written with a temp file and a rename, so a crash leaves either the old prefix
+or the new one, never half a file.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..bank import PrefixBank
+from ..interop.folders import archive_to_prefix_bytes, is_archive
 from ..io import PrefixFileError, atomic_write_bytes, load_prefix_bytes
 from .settings import ServeSettings
 from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
@@ -112,12 +116,25 @@ class PrefixStore:
             raise StoreError(400, f"prefix {name!r} holds NaN or infinite values", "invalid_prefix")
         return prefix
 
+    def _unpack(self, data: bytes, name: str) -> bytes:
+        """An archived prefix folder (ours or PEFT's) as a prefix file; anything else as it is."""
+        if not is_archive(data):
+            return data
+        try:
+            return archive_to_prefix_bytes(data, self.bank.spec, self.settings.max_upload_bytes, f"prefix {name!r}")
+        except PrefixFileError as e:
+            raise StoreError(400, str(e), "invalid_prefix") from None
+        except Exception as e:  # as in _validate: whatever a hostile archive provokes is the upload's fault
+            raise StoreError(400, f"prefix {name!r}: not a valid prefix archive ({type(e).__name__})",
+                             "invalid_prefix") from None
+
     def put(self, tenant: str, name: str, data: bytes, overwrite: bool = True) -> tuple[PrefixInfo, bool]:
         """Validate and store; returns (info, created). Nothing changes unless everything passes."""
         path = self._path(tenant, name)
         if len(data) > self.settings.max_upload_bytes:
             raise StoreError(413, f"upload of {len(data)} bytes exceeds the limit of "
                                   f"{self.settings.max_upload_bytes} bytes", "upload_too_large")
+        data = self._unpack(data, name)
         prefix = self._validate(data, name)
         with self._lock:
             index = self._index.setdefault(tenant, {})

@@ -1,0 +1,1 @@
+"""Interoperability: PEFT adapter folders, HF-style prefix folders with model cards, the hub."""

@@ -1,0 +1,140 @@
+"""`prefixtune export --format hf|peft`, `import`, `push` and `pull`: the interop commands.
+
+cli.py registers them; each is a thin layer over interop.peft / interop.hub.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..io import ExportedPrefix, PrefixFileError
+
+FORMATS = {"hf": "prefixtune", "peft": "peft"}
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def prefix_from_run(run_dir: Path, which: str = "best") -> tuple[ExportedPrefix, dict]:
+    """The prefix of a training run's checkpoint (best or last step), with the facts its model card states."""
+    import torch
+
+    from ..io import load_prefix_bytes, prefix_to_bytes
+    from ..methods import build_method
+    from ..methods.base import count_parameters
+    from ..methods.prefix import PrefixMethod
+    from ..models import load_base_model, model_name, model_spec
+    from ..train import CHECKPOINT, TrainConfig
+
+    ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    config = TrainConfig(**ckpt["config"])
+    model, tokenizer = load_base_model(config.model)
+    spec = model_spec(model)
+    method = build_method(config.method, model, tokenizer, spec, config)
+    if not isinstance(method, PrefixMethod):
+        raise ValueError(f"{run_dir} trained {config.method!r}, not a prefix: only prefixes export as folders")
+    best = which == "best" and ckpt["best"]["state"] is not None
+    method.module.load_state_dict(ckpt["best"]["state"] if best else ckpt["module"])
+    base_params = count_parameters(model)
+    facts = {**ckpt["config"], "exported_from_step": ckpt["best"]["step"] if best else ckpt["step"],
+             "base_params": base_params}
+    if best:  # the card's dev loss is the exported step's
+        facts.update(best_step=ckpt["best"]["step"], best_dev_loss=ckpt["best"]["loss"])
+    data = prefix_to_bytes(method.prefix_p(), spec, model_name(model), facts)
+    return load_prefix_bytes(data, spec, str(run_dir)), {"base_params": base_params}
+
+
+def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "best", allow_lossy: bool = False) -> Path:
+    """Write SOURCE (a run dir, a prefix file or a prefixtune folder) as an HF-style or PEFT folder with a card."""
+    from ..io import load_prefix
+    from ..train import CHECKPOINT
+    from .card import find_scores
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be file, hf or peft, got {fmt!r}")
+    if out is None:
+        raise ValueError(f"--format {fmt} writes a folder: give it with --out DIR")
+    if source.is_dir() and (source / CHECKPOINT).is_file():
+        exported, card = prefix_from_run(source, which)
+    else:
+        exported, card = load_prefix(source), {}
+    card["scores"] = find_scores(source if source.is_dir() else source.parent)
+    exported.save_pretrained(out, FORMATS[fmt], allow_lossy, name=out.resolve().name, **card)
+    return out
+
+
+def import_cmd(
+    peft_dir: Path = typer.Argument(..., help="a PEFT PREFIX_TUNING adapter folder (adapter_config.json + "
+                                              "adapter_model.safetensors)"),
+    output: Path = typer.Option(..., "--output", "-o", help="the prefixtune prefix file to write (.safetensors)"),
+    model: Optional[str] = typer.Option(None, help="the base model (default: the adapter's base_model_name_or_path "
+                                                   "when prefixtune embeds it, else smollm2-135m)"),
+):
+    """Convert a PEFT prefix-tuning adapter into a prefixtune prefix file, checked against the base model."""
+    from ..io import atomic_write_bytes
+    from ..models import DEFAULT_MODEL, load_base_model, model_spec
+    from . import peft
+    from .hub import to_bytes
+
+    try:
+        config, _ = peft.read_folder(peft_dir) if peft.is_peft_dir(peft_dir) else (None, None)
+        if config is None:
+            raise PrefixFileError(f"{peft_dir}: no {peft.CONFIG_FILE}: not a PEFT adapter folder")
+        named = config.get("base_model_name_or_path")
+        name = model or peft.embedded_name(named) or named or DEFAULT_MODEL
+        base, _ = load_base_model(name)
+        exported = peft.load_peft(peft_dir, model_spec(base))
+        atomic_write_bytes(output, to_bytes(exported))
+    except (PrefixFileError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"prefix_file": str(output), "base_model": name, "prefix_len": exported.prefix_len,
+                           "params": exported.num_params()}))
+
+
+def push_cmd(
+    folder: Path = typer.Argument(..., help="a prefix folder (prefixtune or PEFT), e.g. from export --format hf"),
+    repo_id: str = typer.Argument(..., help="USER/NAME on the Hugging Face hub (created when missing)"),
+    private: bool = typer.Option(False, help="create the repo private"),
+    token: Optional[str] = typer.Option(None, help="default: HF_TOKEN or the saved login"),
+):
+    """Upload a prefix folder (its prefix files and model card) to the Hugging Face hub."""
+    from .hub import push
+
+    try:
+        typer.echo(push(folder, repo_id, private=private or None, token=token))
+    except PrefixFileError as e:
+        _fail(str(e))
+    except Exception as e:  # the hub's own errors (auth, network) name their cause
+        _fail(f"push to {repo_id!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def pull_cmd(
+    repo_id: str = typer.Argument(..., help="USER/NAME on the Hugging Face hub"),
+    revision: Optional[str] = typer.Option(None, help="branch, tag or commit"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="copy into this folder (default: the HF cache)"),
+):
+    """Download a prefix repo (HF cache; works offline with HF_HUB_OFFLINE=1 once cached); prints its folder."""
+    from .folders import load_folder
+    from .hub import pull
+    from . import peft
+
+    try:
+        folder = pull(repo_id, revision, output)
+        if peft.is_peft_dir(folder):
+            peft.read_folder(folder)
+        else:
+            load_folder(folder)
+    except PrefixFileError as e:
+        _fail(str(e))
+    typer.echo(str(folder))
+
+
+def register(app: typer.Typer):
+    app.command("import")(import_cmd)
+    app.command("push")(push_cmd)
+    app.command("pull")(pull_cmd)
