@@ -50,7 +50,8 @@ def test_train_export_info_generate_eval(tiny_dir, tmp_path, data_dir):
     assert summary["steps"] == 4 and os.path.isfile(summary["prefix_file"])
 
     info = json.loads(run("info", summary["prefix_file"]).stdout)
-    assert info["prefix_len"] == "3" and info["shapes"]["decoder"] == [3, 2 * 2 * 2 * 8]
+    assert info["prefix_len"] == 3 and info["shapes"]["decoder"] == [3, 2 * 2 * 2 * 8]
+    assert info["groups"] == {"decoder": 2} and info["model_spec"]["num_layers"] == 2  # real JSON, not strings
 
     exported = tmp_path / "again.safetensors"
     run("export", out, "--out", exported)

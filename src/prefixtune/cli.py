@@ -111,13 +111,13 @@ def export(
 @app.command()
 def info(prefix: Path = typer.Argument(..., help="an exported .safetensors prefix")):
     """Show an exported prefix's metadata and shapes."""
-    from .io import PrefixFileError, load_prefix
+    from .io import PrefixFileError, load_prefix, readable_metadata
 
     try:
         exported = load_prefix(prefix)
     except PrefixFileError as e:
         _fail(str(e))
-    meta = {k: v for k, v in exported.metadata.items() if k != "train_config"}
+    meta = readable_metadata({k: v for k, v in exported.metadata.items() if k != "train_config"})
     meta["shapes"] = {g: list(t.shape) for g, t in exported.p.items()}
     meta["params"] = exported.num_params()
     typer.echo(json.dumps(meta, indent=2))

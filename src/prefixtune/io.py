@@ -123,6 +123,20 @@ def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str,
     return exported
 
 
+def readable_metadata(metadata: dict) -> dict:
+    """Metadata with its values as real JSON (safetensors stores only strings): numbers, lists, objects."""
+    readable = {}
+    for key, value in metadata.items():
+        if key in ("sha256", "fingerprint", "format", "base_model", "layout", "dtype"):
+            readable[key] = value  # strings by nature (a hex digest may look like a number)
+            continue
+        try:
+            readable[key] = json.loads(value)
+        except (TypeError, json.JSONDecodeError):
+            readable[key] = value
+    return readable
+
+
 def check_compatible(exported: ExportedPrefix, spec: ModelSpec, source: str = "prefix"):
     """Refuse a prefix made for another model, naming what differs."""
     theirs = exported.metadata.get("fingerprint")
