@@ -16,6 +16,24 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 DATA_HELP = "data directory (default: $PREFIXTUNE_DATA)"
 
 
+# Boolean options that default to off are plain flags (no --no-X twin): at 80 columns rich's help
+# table has no room for both names and cuts them ("--gradient-checkpo…"); a test checks every command.
+
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(f"prefixtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    pass
+
+
 def _fail(message: str, code: int = 2):
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -54,10 +72,11 @@ def train(
     dev_size: int = typer.Option(100),
     save_every: int = typer.Option(50),
     precision: str = typer.Option("auto", help="auto | bf16 | fp32"),
-    gradient_checkpointing: bool = typer.Option(False),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="recompute activations in backward (less memory)"),
     template: Optional[str] = typer.Option(None, help='source template, default "{source}\\n" (decoder-only)'),
     adapter_budget: float = typer.Option(0.001, help="adapter: fraction of the model's parameters (0.001, 0.03)"),
-    resume: bool = typer.Option(False, help="continue from OUTPUT_DIR/checkpoint.pt"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT_DIR/checkpoint.pt"),
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors."""
     from .train import TrainConfig, train as run_train
@@ -143,7 +162,7 @@ def generate(
     max_new_tokens: int = typer.Option(64),
     stop_at_newline: bool = typer.Option(True),
     batch_size: int = typer.Option(32),
-    raw: bool = typer.Option(False, help="feed inputs as they are, not through the prefix's template"),
+    raw: bool = typer.Option(False, "--raw", help="feed inputs as they are, not through the prefix's template"),
 ):
     """Decode inputs with a prefix, in left-padded batches (batched output equals one-by-one output)."""
     from .bank import PrefixBank
@@ -178,7 +197,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(64),
     batch_size: int = typer.Option(32),
     out_dir: Optional[Path] = typer.Option(None, help="default: next to the prefix, eval-TASK-SPLIT/"),
-    bleu_only: bool = typer.Option(False, help="sacreBLEU only (skip the official metric suite)"),
+    bleu_only: bool = typer.Option(False, "--bleu-only", help="sacreBLEU only (skip the official metric suite)"),
 ):
     """Decode a split with a prefix, score it, and write hypotheses.txt and scores.json."""
     from .bank import PrefixBank
@@ -289,7 +308,7 @@ def experiment(
     out: Optional[Path] = typer.Option(None, help="default: reports/NAME"),
     model: Optional[str] = typer.Option(None, help="default: smollm2-135m (cpu), the paper's model (paper)"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
-    report_only: bool = typer.Option(False, help="rewrite report.md and figures from finished cells; run nothing"),
+    report_only: bool = typer.Option(False, "--report-only", help="rewrite report.md and figures from finished cells; run nothing"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest on a busy 2-core machine)"),
 ):
     """Run a study (resuming finished cells from OUT/cells.jsonl) and write OUT/report.md with PNG figures."""
