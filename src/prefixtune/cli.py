@@ -13,7 +13,7 @@ from .models import DEFAULT_MODEL
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prefix-tuning of frozen language models: train, export, generate, evaluate, serve.")
 
-DATA_HELP = "data directory (default: $PREFIXTUNE_DATA)"
+DATA_HELP = "data directory (default: $PREFIXTUNE_DATA, else ./data or ../shared/data)"
 
 
 # Boolean options that default to off are plain flags (no --no-X twin): at 80 columns rich's help
