@@ -107,6 +107,9 @@ def save_prefix(path, p, spec, base_model, train_config=None, dtype=torch.float3
 
 
 def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str, spec: ModelSpec | None) -> ExportedPrefix:
+    if metadata and metadata.get("format") == "prefixtune.weights/1":
+        raise PrefixFileError(f"{source}: holds {metadata.get('method')} weights, not a prefix (prefixtune generate "
+                              f"and eval decode with it; a PrefixBank and the server take prefixes only)")
     if not metadata or metadata.get("format") != FORMAT:
         raise PrefixFileError(f"{source}: not a prefixtune prefix file (missing or unknown 'format' metadata)")
     if metadata.get("sha256") != _digest(tensors):
