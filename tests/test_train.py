@@ -107,3 +107,21 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert (out / "prefix.safetensors").is_file()
+
+
+def test_a_run_is_never_replaced_silently(tokenizer, tmp_path):
+    from dataclasses import replace
+
+    cfg = config(tmp_path, max_steps=2, eval_every=0, save_every=0)
+    out = tmp_path / "run"
+    train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
+    with pytest.raises(FileExistsError, match="holds a finished run: pass --overwrite"):
+        train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
+    assert train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], resume=True, progress=False).steps == 2
+    (out / "result.json").unlink()  # as after a kill: a checkpoint, no result
+    with pytest.raises(FileExistsError, match="holds an interrupted run"):
+        train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
+    other = replace(cfg, method="embedding-only")
+    result = train(other, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False, overwrite=True)
+    assert result.steps == 2 and not (out / "prefix.safetensors").exists()  # the old run's export is gone
+    assert (out / "prompt-embeddings.safetensors").is_file()
