@@ -11,14 +11,13 @@ import typer
 
 from .models import DEFAULT_MODEL
 
+# Help is click's plain layout: it wraps to the terminal (up to 120 columns) and never cuts a name or a
+# value, where rich's boxed table cut them at 80 columns ("--gradient-checkpo…"); a test checks every command.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"max_content_width": 120},
                   help="Prefix-tuning of frozen language models: train, export, generate, evaluate, serve.")
 
 DATA_HELP = "data directory (default: $PREFIXTUNE_DATA, else ./data or ../shared/data)"
-
-
-# Boolean options that default to off are plain flags (no --no-X twin): at 80 columns rich's help
-# table has no room for both names and cuts them ("--gradient-checkpo…"); a test checks every command.
 
 
 def _version(value: bool):
