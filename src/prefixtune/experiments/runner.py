@@ -89,7 +89,7 @@ class Cell:
     def config(self, scale: Scale, model_name: str) -> dict:
         """Every value that decides this cell's numbers (the id is a hash of it)."""
         train = asdict(self.train_config(scale, model_name, "."))
-        for k in ("output_dir", "data_dir", "export", "save_every"):
+        for k in ("output_dir", "data_dir", "export", "save_every", "device"):  # where, not what: not in the id
             train.pop(k, None)
         return {"study": self.study, "task": self.task, "method": self.method, "label": self.label,
                 "train_size": self.train_size, "sample": self.sample, "seed": self.seed,
