@@ -78,6 +78,8 @@ def test_study_runs_end_to_end_and_resumes(name, task, tmp_path):
 
     again = run(name, tmp_path, task)
     assert again["ran"] == 0 and again["cells"] == len(lines)
+    if name == "ablation":  # the study text follows the cells: tiny scale runs PREFIX-2, not length 10
+        assert "PREFIX-2" in report and "PREFIX\n(length 2," in report and "length 10" not in report
     assert lines_of(out) == lines
 
 
@@ -203,3 +205,21 @@ def test_a_hand_written_reading_survives_regeneration(tmp_path):
     assert "## Reading" in report and "At this scale the inits tie; see the table." in report
     # after the verdicts, before the generated sections
     assert report.index("## The paper's claims") < report.index("## Reading") < report.index("## e2e:")
+
+
+def test_committed_reports_keep_their_cell_ids():
+    """A new TrainConfig field that does not decide the numbers (e.g. `device`) must not orphan finished cells."""
+    from pathlib import Path
+
+    from conftest import REPO
+
+    for out, name, task in [("ablation", "ablation", "e2e"), ("lowdata", "lowdata", "e2e"),
+                            ("extrapolation-xsum", "extrapolation", "xsum")]:
+        path = Path(REPO) / "reports" / out / "cells.jsonl"
+        if not path.is_file():
+            continue
+        study = STUDIES[name]
+        scale = study.make_scale("cpu", task)
+        planned = {cell.id(scale, "smollm2-135m") for cell in study.make_cells(task, scale)}
+        finished = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
+        assert finished and finished <= planned, out
