@@ -256,7 +256,7 @@ def eval_cmd(
     from .evaluate import score_records, write_results
     from .exported import ExportDecoder, check_export
     from .generation import DecodingConfig
-    from .metrics import TASK_METRICS
+    from .metrics import TASK_METRICS, MetricsError
     from .models import resolve_device
 
     try:  # data, file and options before the model
@@ -279,8 +279,11 @@ def eval_cmd(
     console = Console(stderr=True)
     metrics = "sacreBLEU" if bleu_only else ", ".join(("sacreBLEU",) + TASK_METRICS.get(task, ()))
     console.print(f"scoring {len(hypotheses)} hypotheses: {metrics}", highlight=False)
-    with console.status("scoring…"):  # the official metrics take seconds (METEOR starts a JVM)
-        scores = score_records(task, hypotheses, records, full=not bleu_only)
+    try:
+        with console.status("scoring…"):  # the official metrics take seconds (METEOR starts a JVM)
+            scores = score_records(task, hypotheses, records, full=not bleu_only)
+    except MetricsError as e:  # e.g. no Java for METEOR
+        _fail(f"{e} (--bleu-only scores sacreBLEU without it)")
     write_results(out, hypotheses, scores)
     typer.echo(json.dumps({k: round(v, 4) for k, v in scores.items()}))
     which = f"the first {len(records)} of {len(every)}" if len(records) < len(every) else f"all {len(records)}"
