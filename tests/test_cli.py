@@ -109,6 +109,8 @@ def test_finetune_output_works_with_info_generate_and_eval(tiny_dir, tmp_path, d
     by_dir = invoke("generate", "--model", tiny_dir, "--prefix", out, "--max-new-tokens", 4, *PAIRS_SRC).stdout
     by_file = invoke("generate", "--model", tiny_dir, "--prefix", weights, "--max-new-tokens", 4, *PAIRS_SRC).stdout
     assert len(by_dir.splitlines()) == 3 and by_dir == by_file
-    invoke("eval", "--model", tiny_dir, "--prefix", weights, "--data-dir", data_dir, "--limit", 3,
-           "--max-new-tokens", 4, "--bleu-only")
+    evaluated = invoke("eval", "--model", tiny_dir, "--prefix", weights, "--data-dir", data_dir, "--limit", 3,
+                       "--max-new-tokens", 4, "--bleu-only")
+    assert "scoring 3 hypotheses: sacreBLEU" in evaluated.stderr  # eval says what it does while it scores
+    assert "of the first 3 of 630 e2e test items written to" in evaluated.stderr
     assert len((out / "eval-e2e-test" / "hypotheses.txt").read_text().splitlines()) == 3
