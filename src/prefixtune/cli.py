@@ -148,19 +148,11 @@ def export(
 @app.command()
 def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file, or a training directory")):
     """Show an exported prefix's (or another method's weights') metadata and shapes."""
-    from .exported import WEIGHTS_FORMAT, find_export, read_metadata
-    from .io import PrefixFileError, load_prefix, readable_metadata
+    from .exported import describe, find_export
+    from .io import PrefixFileError, readable_metadata
 
     try:
-        path = find_export(prefix)
-        if read_metadata(path).get("format") == WEIGHTS_FORMAT:
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                metadata, shapes = f.metadata(), {n: f.get_slice(n).get_shape() for n in f.keys()}
-        else:
-            exported = load_prefix(path)
-            metadata, shapes = exported.metadata, {g: list(t.shape) for g, t in exported.p.items()}
+        metadata, shapes = describe(find_export(prefix))
     except PrefixFileError as e:
         _fail(str(e))
     meta = readable_metadata({k: v for k, v in metadata.items() if k != "train_config"})
@@ -376,7 +368,8 @@ def experiment(
     out: Optional[Path] = typer.Option(None, help="default: reports/NAME"),
     model: Optional[str] = typer.Option(None, help="default: smollm2-135m (cpu), the paper's model (paper)"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
-    report_only: bool = typer.Option(False, "--report-only", help="rewrite report.md and figures from finished cells; run nothing"),
+    report_only: bool = typer.Option(False, "--report-only",
+                                     help="rewrite report.md and figures from finished cells; run nothing"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest on a busy 2-core machine)"),
 ):
     """Run a study (resuming finished cells from OUT/cells.jsonl) and write OUT/report.md with PNG figures."""

@@ -48,6 +48,17 @@ def read_metadata(path: Path) -> dict:
         raise PrefixFileError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
+    """(metadata, tensor shapes) of an exported file, checked; a prefix's shapes are per attention group."""
+    if read_metadata(path).get("format") == WEIGHTS_FORMAT:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return f.metadata(), {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    exported = load_prefix(path)
+    return exported.metadata, {group: list(t.shape) for group, t in exported.p.items()}
+
+
 def check_export(path) -> tuple[Path, str]:
     """(the exported file, "prefix" or "weights"), validated as far as possible without the model."""
     path = find_export(path)
@@ -97,5 +108,6 @@ class ExportDecoder:
         if self.method is None:
             return self.bank.generate(texts, self.prefix_id, config, batch_size=batch_size, raw=raw, progress=progress)
         if raw:
-            raise ValueError(f"raw inputs work with prefix files and the bare model, not with {self.method.name} weights")
+            raise ValueError(f"raw inputs work with prefix files and the bare model, "
+                             f"not with {self.method.name} weights")
         return self.method.generate(texts, config, batch_size, progress)
