@@ -81,7 +81,8 @@ def test_unknown_model_is_a_clear_error(monkeypatch, tmp_path):
     from prefixtune.models import load_base_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="cannot load model 'no-such-org/no-such-model'"):
+    with pytest.raises(FileNotFoundError, match="model 'no-such-org/no-such-model' is not in the local hub cache "
+                                                "and HF_HUB_OFFLINE is set"):
         load_base_model("no-such-org/no-such-model")
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         load_base_model(str(tmp_path / "missing.gguf"))

@@ -161,7 +161,8 @@ def check_hub(name: str, timeout: float = 5.0):
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     hint = f"embedded models: {sorted(EMBEDDED)}; a local directory or a .gguf path also works"
-    if constants.HF_HUB_OFFLINE:
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # set after import
+    if constants.HF_HUB_OFFLINE or offline_env:
         raise FileNotFoundError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set; {hint}")
     try:
         huggingface_hub.model_info(name, timeout=timeout)
