@@ -1,10 +1,10 @@
-# prefixtune: `make setup`, `make demo` (the main job), `make test`.
+# prefixtune: `make setup`, `make demo` (the main job), `make test`, `make readme`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= $(abspath ../shared/data)
 export PREFIXTUNE_DATA ?= $(DATA)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast readme bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The README's commands as written (tests/test_readme.py); PREFIXTUNE_README_STEPS=200 trains as the README does.
+readme: setup
+	$(PY) -m pytest -q tests/test_readme.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -76,7 +76,7 @@ def worker_ours(args, model, tokenizer, train_pairs, dev_pairs):
     config = TrainConfig(output_dir=str(out), train_size=None, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
                          max_steps=args.steps, eval_every=0, save_every=0, prefix_len=10, mlp_dim=512,
                          init="random", precision=args.precision)
-    result = train(config, model, tokenizer, train_pairs, dev_pairs, progress=False)
+    result = train(config, model, tokenizer, train_pairs, dev_pairs, progress=False, overwrite=True)  # scratch dir
     bf16 = use_bf16(args.precision, torch.device("cpu"))
     p = load_prefix(result.prefix_file, spec).p
     dev_examples = [encode_pair(tokenizer, "decoder", s, t) for s, t in dev_pairs]

@@ -50,21 +50,25 @@ def test_train_export_info_generate_eval(tiny_dir, tmp_path, data_dir):
     assert summary["steps"] == 4 and os.path.isfile(summary["prefix_file"])
 
     info = json.loads(run("info", summary["prefix_file"]).stdout)
-    assert info["prefix_len"] == "3" and info["shapes"]["decoder"] == [3, 2 * 2 * 2 * 8]
+    assert info["prefix_len"] == 3 and info["shapes"]["decoder"] == [3, 2 * 2 * 2 * 8]
+    assert info["groups"] == {"decoder": 2} and info["model_spec"]["num_layers"] == 2  # real JSON, not strings
 
     exported = tmp_path / "again.safetensors"
     run("export", out, "--out", exported)
     assert json.loads(run("info", exported).stdout)["sha256"] == info["sha256"]  # best step, same P
 
-    by_args = run("generate", "--model", tiny_dir, "--prefix", exported, "--max-new-tokens", 5, *PAIRS_SRC).stdout
+    generated = run("generate", "--model", tiny_dir, "--prefix", exported, "--max-new-tokens", 5, *PAIRS_SRC)
+    by_args = generated.stdout
     assert len(by_args.splitlines()) == 3
+    assert "Loading weights" not in generated.stderr  # no progress bar for loading a local model
     src_file = tmp_path / "inputs.txt"
     src_file.write_text("\n".join(PAIRS_SRC) + "\n")
     by_file = run("generate", "--model", tiny_dir, "--prefix", exported, "--max-new-tokens", 5,
                   "--input-file", src_file).stdout
     by_stdin = run("generate", "--model", tiny_dir, "--prefix", exported, "--max-new-tokens", 5,
                    stdin="\n".join(PAIRS_SRC)).stdout
-    assert by_args == by_file == by_stdin
+    by_run_dir = run("generate", "--model", tiny_dir, "--prefix", out, "--max-new-tokens", 5, *PAIRS_SRC).stdout
+    assert by_args == by_file == by_stdin == by_run_dir  # a training directory means the prefix inside it
 
     eval_dir = tmp_path / "eval"
     scores = json.loads(run("eval", "--model", tiny_dir, "--prefix", exported, "--data-dir", data_dir, "--limit", 4,
@@ -82,3 +86,31 @@ def test_clear_errors(tiny_dir, tmp_path):
     assert proc.returncode == 2 and "unknown task" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("export", tmp_path / "missing", check=False)
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+def test_finetune_output_works_with_info_generate_and_eval(tiny_dir, tmp_path, data_dir):
+    """Every method's export decodes with the CLI (tests/test_methods.py checks each method's tokens)."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    def invoke(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    out = tmp_path / "ft"
+    invoke("train", "-o", out, "--model", tiny_dir, "--method", "finetune", "--data-dir", data_dir,
+           "--train-size", 8, "--max-steps", 2, "--batch-size", 4, "--eval-every", 0, "--dev-size", 4)
+    weights = out / "finetuned-model.safetensors"
+    assert weights.is_file() and not (out / "prefix.safetensors").exists()
+    info = json.loads(invoke("info", weights).stdout)
+    assert info["method"] == "finetune" and info["format"] == "prefixtune.weights/1" and info["params"] > 0
+    by_dir = invoke("generate", "--model", tiny_dir, "--prefix", out, "--max-new-tokens", 4, *PAIRS_SRC).stdout
+    by_file = invoke("generate", "--model", tiny_dir, "--prefix", weights, "--max-new-tokens", 4, *PAIRS_SRC).stdout
+    assert len(by_dir.splitlines()) == 3 and by_dir == by_file
+    evaluated = invoke("eval", "--model", tiny_dir, "--prefix", weights, "--data-dir", data_dir, "--limit", 3,
+                       "--max-new-tokens", 4, "--bleu-only")
+    assert "scoring 3 hypotheses: sacreBLEU" in evaluated.stderr  # eval says what it does while it scores
+    assert "of the first 3 of 630 e2e test items written to" in evaluated.stderr
+    assert len((out / "eval-e2e-test" / "hypotheses.txt").read_text().splitlines()) == 3

@@ -35,7 +35,10 @@ def test_low_data_sampler_is_seeded(data_dir):
 
 
 def test_missing_data_dir_is_a_clear_error(monkeypatch, tmp_path):
+    from prefixtune.data import records
+
     monkeypatch.delenv("PREFIXTUNE_DATA", raising=False)
+    monkeypatch.setattr(records, "default_data_dirs", lambda: [tmp_path / "no-data"])  # no ../shared/data either
     with pytest.raises(FileNotFoundError, match="PREFIXTUNE_DATA"):
         load_task("e2e", "test")
     with pytest.raises(FileNotFoundError, match="not found"):

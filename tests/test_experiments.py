@@ -78,6 +78,8 @@ def test_study_runs_end_to_end_and_resumes(name, task, tmp_path):
 
     again = run(name, tmp_path, task)
     assert again["ran"] == 0 and again["cells"] == len(lines)
+    if name == "ablation":  # the study text follows the cells: tiny scale runs PREFIX-2, not length 10
+        assert "PREFIX-2" in report and "PREFIX\n(length 2," in report and "length 10" not in report
     assert lines_of(out) == lines
 
 

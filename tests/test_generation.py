@@ -129,3 +129,54 @@ def test_padded_rows_get_the_same_first_logits_as_alone(family, tokenizer):
         for i, (s, p) in enumerate(zip(sequences, rows)):
             alone = _Decoder(model, spec, *pad_batch([s], 0, "cpu", side), prefix_kv_from_groups([p], spec)).logits
             assert torch.allclose(batch[i], alone[0], atol=1e-4), (family, i, (batch[i] - alone[0]).abs().max())
+
+
+# --------------------------------------------------------------------------- repetition controls
+
+
+def test_repetition_controls_on_logits():
+    from prefixtune.generation import apply_repetition_controls
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    off = DecodingConfig()
+    assert apply_repetition_controls(logits, [[0, 1], [2]], off) is logits  # off by default: untouched
+    pen = apply_repetition_controls(logits, [[0, 1, 0], []], DecodingConfig(repetition_penalty=2.0))
+    assert pen.tolist() == [[1.0, -2.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]]  # HF's rule: divide > 0, multiply < 0
+    # n=2: history "3 1 3" ends in 3, and "3 1" occurred: token 1 is banned after 3
+    ban = apply_repetition_controls(logits, [[3, 1, 3], [2, 2]], DecodingConfig(no_repeat_ngram_size=2))
+    assert ban[0, 1] == float("-inf") and torch.isfinite(ban[0, [0, 2, 3]]).all()
+    assert ban[1, 2] == float("-inf") and torch.isfinite(ban[1, [0, 1, 3]]).all()
+    one = apply_repetition_controls(logits, [[0, 3], []], DecodingConfig(no_repeat_ngram_size=1))
+    assert one[0, 0] == one[0, 3] == float("-inf") and torch.isfinite(one[1]).all()
+    with pytest.raises(ValueError):
+        DecodingConfig(repetition_penalty=0)
+    with pytest.raises(ValueError):
+        DecodingConfig(no_repeat_ngram_size=-1)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_no_repeat_ngram_decoding_never_repeats_and_batches_exactly(beams, tokenizer):
+    model = tiny_model("llama", seed=1)
+    spec = model_spec(model)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
+    plain = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec),
+                   DecodingConfig(max_new_tokens=12, num_beams=beams, stop_at_newline=False), spec)
+    assert any(len(set(zip(o, o[1:]))) < len(o) - 1 for o in plain)  # a random model loops: the test has teeth
+    config = DecodingConfig(max_new_tokens=12, num_beams=beams, stop_at_newline=False, no_repeat_ngram_size=2,
+                            repetition_penalty=1.3)
+    batched = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), config, spec)
+    for out in batched:
+        bigrams = list(zip(out, out[1:]))
+        assert len(set(bigrams)) == len(bigrams), out
+    alone = [decode(model, tokenizer, [s], prefix_kv_from_groups([r], spec), config, spec)[0]
+             for s, r in zip(seqs, rows)]
+    assert batched == alone
+
+
+def test_bank_passes_repetition_controls(tokenizer):
+    model = tiny_model("gpt2", seed=1)
+    bank = PrefixBank(model, tokenizer)
+    plain = bank.generate(SOURCES, None, max_new_tokens=10, stop_at_newline=False)
+    controlled = bank.generate(SOURCES, None, max_new_tokens=10, stop_at_newline=False, no_repeat_ngram_size=1)
+    assert plain != controlled

@@ -81,7 +81,19 @@ def test_unknown_model_is_a_clear_error(monkeypatch, tmp_path):
     from prefixtune.models import load_base_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="cannot load model 'no-such-org/no-such-model'"):
+    with pytest.raises(FileNotFoundError, match="model 'no-such-org/no-such-model' is not in the local hub cache "
+                                                "and HF_HUB_OFFLINE is set"):
         load_base_model("no-such-org/no-such-model")
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         load_base_model(str(tmp_path / "missing.gguf"))
+
+
+def test_readable_metadata_has_real_json_values(exported):
+    from prefixtune.io import readable_metadata
+
+    path, _, spec = exported
+    meta = readable_metadata(load_prefix(path, spec).metadata)
+    assert meta["prefix_len"] == 5 and meta["groups"] == {"decoder": 2}
+    assert meta["model_spec"]["num_kv_heads"] == 2 and meta["train_config"] == {"lr": 0.1}
+    assert isinstance(meta["sha256"], str) and isinstance(meta["fingerprint"], str)
+    assert readable_metadata({"fingerprint": "1234567890123456"})["fingerprint"] == "1234567890123456"

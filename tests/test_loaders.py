@@ -139,3 +139,31 @@ def test_low_data_sampler_works_for_every_task(data_root, task, options):
     pairs = training_pairs(load_task(task, "train", data_root, **options))
     a, b = sample_pairs(pairs, 50, seed=3), sample_pairs(pairs, 50, seed=3)
     assert a == b and len(a) == 50 and all(isinstance(s, str) and isinstance(t, str) and s and t for s, t in a)
+
+
+def test_data_dir_default_finds_data_and_shared_data(tmp_path, monkeypatch):
+    """Without --data-dir or $PREFIXTUNE_DATA: ./data, then ../shared/data, then beside the checkout."""
+    from prefixtune.data import resolve_data_dir
+    from prefixtune.data.records import default_data_dirs
+
+    monkeypatch.delenv("PREFIXTUNE_DATA", raising=False)
+    work = tmp_path / "clone"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    checkout_places = [p for p in default_data_dirs() if p.is_absolute()]
+    if any((p / "e2e").is_dir() for p in checkout_places):  # this checkout has ../shared/data: found from anywhere
+        assert resolve_data_dir(None, "e2e") in checkout_places
+    (tmp_path / "shared" / "data" / "e2e").mkdir(parents=True)
+    assert resolve_data_dir(None, "e2e").resolve() == (tmp_path / "shared" / "data").resolve()
+    (work / "data" / "dart").mkdir(parents=True)
+    assert resolve_data_dir(None, "dart").resolve() == (work / "data").resolve()
+    assert resolve_data_dir(str(tmp_path), "e2e") == tmp_path  # a flag wins
+
+
+def test_data_dir_error_says_where_it_looked(tmp_path, monkeypatch):
+    from prefixtune.data import records
+
+    monkeypatch.delenv("PREFIXTUNE_DATA", raising=False)
+    monkeypatch.setattr(records, "default_data_dirs", lambda: [tmp_path / "data"])
+    with pytest.raises(FileNotFoundError, match="--data-dir DIR or set PREFIXTUNE_DATA.*looked in"):
+        records.resolve_data_dir(None, "e2e")

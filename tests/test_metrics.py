@@ -205,6 +205,25 @@ def test_score_command_takes_references_from_the_loader(data_root, tmp_path, cap
     assert "has 1 lines but the e2e test split has 630 items" in capsys.readouterr().err
 
 
+def test_score_command_limit_scores_the_first_items_and_says_so(data_root, tmp_path, capsys):
+    """`eval --limit N` decodes the split's first N items; `score --limit N` scores them against those."""
+    from prefixtune.data import load_task
+
+    recs = load_task("xsum", "test", data_root)
+    hyp = tmp_path / "hyp.txt"
+    hyp.write_text("\n".join(r.references[0] for r in recs[:20]) + "\n")
+    assert score_command("xsum", hyp, None, "test", data_root, True) == 2
+    assert f"add --limit 20" in capsys.readouterr().err  # the error says how to score a prefix of the split
+    assert score_command("xsum", hyp, None, "test", data_root, True, limit=20) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == pytest.approx({"ROUGE_1": 100.0, "ROUGE_2": 100.0, "ROUGE_L": 100.0})
+    assert f"scoring the first 20 of the {len(recs)} items of the xsum test split" in captured.err
+    assert score_command("xsum", hyp, None, "test", data_root, False, limit=20) == 0
+    assert "first 20 items of the test split" in " ".join(capsys.readouterr().out.split())  # the title wraps
+    assert score_command("xsum", hyp, None, "test", data_root, True, limit=21) == 2
+    assert "has 20 lines but --limit 21 selects 21 items" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- Java: METEOR, PTB, COCO
 
 @needs_java

@@ -106,7 +106,7 @@ def upload(server, tenant: str, name: str, data: bytes, **headers) -> httpx.Resp
                      timeout=60)
 
 
-def expected(model, tokenizer, data: bytes | None, prompt: str, max_tokens: int, stop_at_newline=True):
+def expected(model, tokenizer, data: bytes | None, prompt: str, max_tokens: int, stop_at_newline=True, **decoding):
     """What decoding this one row alone gives, through the same bank code path."""
     from prefixtune.io import load_prefix_bytes
 
@@ -116,7 +116,8 @@ def expected(model, tokenizer, data: bytes | None, prompt: str, max_tokens: int,
         bank.add("p", load_prefix_bytes(data, bank.spec))
         pid = "p"
     ids = bank.generate_ids([bank.encode(prompt, pid)], [pid],
-                            DecodingConfig(max_new_tokens=max_tokens, stop_at_newline=stop_at_newline))[0]
+                            DecodingConfig(max_new_tokens=max_tokens, stop_at_newline=stop_at_newline,
+                                           **decoding))[0]
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -161,6 +162,12 @@ def test_openai_client_models_completions_and_stream(make_server, model, real_to
 
     beams = oa.completions.create(model="e2e", prompt=PROMPTS[1], max_tokens=6, extra_body={"num_beams": 3})
     assert isinstance(beams.choices[0].text, str)
+
+    controls = {"no_repeat_ngram_size": 1, "repetition_penalty": 1.5}
+    controlled = oa.completions.create(model="e2e", prompt=PROMPTS[0], max_tokens=10, stop=[], extra_body=controls)
+    assert controlled.choices[0].text == expected(model, real_tokenizer, prefixes[0], PROMPTS[0], 10,
+                                                  stop_at_newline=False, **controls)
+    assert controlled.choices[0].text != want  # the random model repeats tokens; the controls forbid it
 
 
 def test_openai_client_errors_are_clear(make_server, prefixes):

@@ -148,3 +148,21 @@ def test_a_resumed_run_keeps_its_early_stop_count(tokenizer, tmp_path):
         train(cfg2, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:6], on_step=kill, progress=False)
     resumed = train(cfg2, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:6], resume=True, progress=False)
     assert (resumed.steps, resumed.best_step, resumed.stop_reason) == (straight.steps, straight.best_step, "early_stop")
+
+
+def test_a_run_is_never_replaced_silently(tokenizer, tmp_path):
+    from dataclasses import replace
+
+    cfg = config(tmp_path, max_steps=2, eval_every=0, save_every=0)
+    out = tmp_path / "run"
+    train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
+    with pytest.raises(FileExistsError, match="holds a finished run: pass --overwrite"):
+        train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
+    assert train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], resume=True, progress=False).steps == 2
+    (out / "result.json").unlink()  # as after a kill: a checkpoint, no result
+    with pytest.raises(FileExistsError, match="holds an interrupted run"):
+        train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
+    other = replace(cfg, method="embedding-only")
+    result = train(other, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False, overwrite=True)
+    assert result.steps == 2 and not (out / "prefix.safetensors").exists()  # the old run's export is gone
+    assert (out / "prompt-embeddings.safetensors").is_file()

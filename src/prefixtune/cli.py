@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,15 +11,46 @@ import typer
 
 from .models import DEFAULT_MODEL
 
+# Help is click's plain layout: it wraps to the terminal (up to 120 columns) and never cuts a name or a
+# value, where rich's boxed table cut them at 80 columns ("--gradient-checkpo…"); a test checks every command.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"max_content_width": 120},
                   help="Prefix-tuning of frozen language models: train, export, generate, evaluate, serve.")
 
-DATA_HELP = "data directory (default: $PREFIXTUNE_DATA)"
+DATA_HELP = "data directory (default: $PREFIXTUNE_DATA, else ./data or ../shared/data)"
+
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(f"prefixtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    pass
 
 
 def _fail(message: str, code: int = 2):
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _device_option():
+    return typer.Option("auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
+
+
+def _load_model(name: str, device: str = "auto"):
+    """The base model, or one `error:` line (no traceback) when it cannot be loaded."""
+    from .models import load_base_model
+
+    try:
+        return load_base_model(name, device=device)
+    except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+        _fail(str(e))
 
 
 def _task_options(train_from: Optional[str], subset: Optional[str], scheme: Optional[str]) -> dict:
@@ -54,12 +86,16 @@ def train(
     dev_size: int = typer.Option(100),
     save_every: int = typer.Option(50),
     precision: str = typer.Option("auto", help="auto | bf16 | fp32"),
-    gradient_checkpointing: bool = typer.Option(False),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="recompute activations in backward (less memory)"),
     template: Optional[str] = typer.Option(None, help='source template, default "{source}\\n" (decoder-only)'),
     adapter_budget: float = typer.Option(0.001, help="adapter: fraction of the model's parameters (0.001, 0.03)"),
-    resume: bool = typer.Option(False, help="continue from OUTPUT_DIR/checkpoint.pt"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT_DIR/checkpoint.pt"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in OUTPUT_DIR"),
+    device: str = _device_option(),
 ):
-    """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors."""
+    """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
+    (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
     from .train import TrainConfig, train as run_train
 
     config = TrainConfig(
@@ -69,10 +105,10 @@ def train(
         batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
         save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing, template=template,
-        adapter_budget=adapter_budget)
+        adapter_budget=adapter_budget, device=device)
     try:
-        result = run_train(config, resume=resume)
-    except (ValueError, FileNotFoundError) as e:
+        result = run_train(config, resume=resume, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     typer.echo(json.dumps({"prefix_file": result.prefix_file, "steps": result.steps, "best_step": result.best_step,
                            "trainable_pct": round(result.method.trainable_percent(), 4),
@@ -84,7 +120,8 @@ def train(
 def export(
     run_dir: Path = typer.Argument(..., help="a training output dir (holds checkpoint.pt); with --format hf|peft "
                                              "also a prefix file or folder"),
-    out: Path = typer.Option(None, "--out", help="default: RUN_DIR/prefix.safetensors; a folder for hf | peft"),
+    out: Path = typer.Option(None, "--out", help="default: RUN_DIR/prefix.safetensors (other methods: their "
+                                                   "weights file); a folder for hf | peft"),
     which: str = typer.Option("best", help="best (lowest dev loss) | last"),
     fmt: str = typer.Option("file", "--format", help="file (one .safetensors) | hf (prefix.safetensors + model card) "
                                                      "| peft (PEFT PREFIX_TUNING adapter + model card)"),
@@ -103,9 +140,9 @@ def export(
             _fail(str(e))
         return
 
-    from .methods import build_method
+    from .methods import EXPORT_FILES, build_method
     from .models import load_base_model, model_spec
-    from .train import CHECKPOINT, PREFIX_FILE, TrainConfig
+    from .train import CHECKPOINT, TrainConfig
 
     path = run_dir / CHECKPOINT
     if not path.is_file():
@@ -117,23 +154,24 @@ def export(
     method = build_method(config.method, model, tokenizer, spec, config)
     state = ckpt["best"]["state"] if which == "best" and ckpt["best"]["state"] is not None else ckpt["module"]
     method.module.load_state_dict(state)
-    target = method.export(out or run_dir / PREFIX_FILE, {**ckpt["config"], "exported_from_step":
+    target = method.export(out or run_dir / EXPORT_FILES[config.method], {**ckpt["config"], "exported_from_step":
                                                           ckpt["best"]["step"] if which == "best" else ckpt["step"]})
     typer.echo(str(target))
 
 
 @app.command()
-def info(prefix: Path = typer.Argument(..., help="an exported .safetensors prefix")):
-    """Show an exported prefix's metadata and shapes."""
-    from .io import PrefixFileError, load_prefix
+def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file, or a training directory")):
+    """Show an exported prefix's (or another method's weights') metadata and shapes."""
+    from .exported import describe, find_export
+    from .io import PrefixFileError, readable_metadata
 
     try:
-        exported = load_prefix(prefix)
+        metadata, shapes = describe(find_export(prefix))
     except PrefixFileError as e:
         _fail(str(e))
-    meta = {k: v for k, v in exported.metadata.items() if k != "train_config"}
-    meta["shapes"] = {g: list(t.shape) for g, t in exported.p.items()}
-    meta["params"] = exported.num_params()
+    meta = readable_metadata({k: v for k, v in metadata.items() if k != "train_config"})
+    meta["shapes"] = shapes if len(shapes) <= 20 else f"{len(shapes)} tensors"
+    meta["params"] = sum(math.prod(shape) for shape in shapes.values())
     typer.echo(json.dumps(meta, indent=2))
 
 
@@ -141,85 +179,121 @@ def _read_inputs(inputs: list[str], input_file: Optional[Path]) -> list[str]:
     if inputs and inputs != ["-"]:
         return list(inputs)
     if input_file is not None:
-        return [line.rstrip("\n") for line in input_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not input_file.is_file():
+            _fail(f"input file not found: {input_file}")
+        texts = [line for line in input_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            _fail(f"no inputs: {input_file} holds no non-empty line")
+        return texts
     if inputs == ["-"] or not sys.stdin.isatty():
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            _fail("no inputs: stdin was empty (give one source per line, arguments, or --input-file)")
+        return texts
     _fail("no inputs: give them as arguments, with --input-file, or on stdin")
+
+
+EXPORT_HELP = "exported prefix, another method's weights (.safetensors), or a training directory"
+NGRAM_HELP = "never repeat an n-gram of this size within the output (0: off)"
+PENALTY_HELP = "repetition penalty on tokens already generated, as in HF (1: off; e.g. 1.2)"
 
 
 @app.command()
 def generate(
     inputs: list[str] = typer.Argument(None, help="source texts ('-' or none: read stdin)"),
-    prefix: Optional[Path] = typer.Option(None, help="exported prefix (.safetensors); none = the bare model"),
+    prefix: Optional[Path] = typer.Option(None, help=EXPORT_HELP + "; none = the bare model"),
     model: str = typer.Option(DEFAULT_MODEL),
     input_file: Optional[Path] = typer.Option(None, help="one source per line"),
     beams: int = typer.Option(1, help="1 = greedy; the paper uses 5"),
     max_new_tokens: int = typer.Option(64),
     stop_at_newline: bool = typer.Option(True),
     batch_size: int = typer.Option(32),
-    raw: bool = typer.Option(False, help="feed inputs as they are, not through the prefix's template"),
+    raw: bool = typer.Option(False, "--raw", help="feed inputs as they are, not through the prefix's template"),
+    no_repeat_ngram_size: int = typer.Option(0, help=NGRAM_HELP),
+    repetition_penalty: float = typer.Option(1.0, help=PENALTY_HELP),
+    device: str = _device_option(),
 ):
     """Decode inputs with a prefix, in left-padded batches (batched output equals one-by-one output)."""
-    from .bank import PrefixBank
+    from .exported import ExportDecoder, check_export
     from .generation import DecodingConfig
-    from .io import PrefixFileError
-    from .models import load_base_model
+    from .models import resolve_device
 
     texts = _read_inputs(inputs or [], input_file)
-    base, tokenizer = load_base_model(model)
-    bank = PrefixBank(base, tokenizer)
-    try:
-        if prefix is not None:
-            bank.add("prefix", prefix)
-        config = DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams, stop_at_newline=stop_at_newline)
-    except (PrefixFileError, ValueError) as e:
+    try:  # everything that can be checked without the model, before loading it
+        config = DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams, stop_at_newline=stop_at_newline,
+                                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
+        path, kind = check_export(prefix) if prefix is not None else (None, None)
+        resolve_device(device)
+    except ValueError as e:  # PrefixFileError is a ValueError
         _fail(str(e))
-    for line in bank.generate(texts, "prefix" if prefix else None, config, batch_size=batch_size, raw=raw):
+    base, tokenizer = _load_model(model, device)
+    try:
+        outputs = ExportDecoder(base, tokenizer, path, kind).generate(texts, config, batch_size, raw=raw)
+    except ValueError as e:
+        _fail(str(e))
+    for line in outputs:
         typer.echo(line)
 
 
 @app.command("eval")
 def eval_cmd(
-    prefix: Path = typer.Option(..., help="exported prefix (.safetensors)"),
+    prefix: Path = typer.Option(..., help=EXPORT_HELP),
     model: str = typer.Option(DEFAULT_MODEL),
     task: str = typer.Option("e2e"),
     split: str = typer.Option("test"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
     subset: Optional[str] = typer.Option(None, help="WebNLG: all | seen | unseen"),
     scheme: Optional[str] = typer.Option(None, help="XSUM: news-sport | within-news | official"),
-    limit: Optional[int] = typer.Option(None, help="only the first N inputs"),
+    limit: Optional[int] = typer.Option(None, help="only the first N inputs (score them with score --limit N)"),
     beams: int = typer.Option(1),
     max_new_tokens: int = typer.Option(64),
     batch_size: int = typer.Option(32),
-    out_dir: Optional[Path] = typer.Option(None, help="default: next to the prefix, eval-TASK-SPLIT/"),
-    bleu_only: bool = typer.Option(False, help="sacreBLEU only (skip the official metric suite)"),
+    no_repeat_ngram_size: int = typer.Option(0, help=NGRAM_HELP),
+    repetition_penalty: float = typer.Option(1.0, help=PENALTY_HELP),
+    out_dir: Optional[Path] = typer.Option(None, help="default: eval-TASK-SPLIT/ next to the prefix file"),
+    bleu_only: bool = typer.Option(False, "--bleu-only", help="sacreBLEU only (skip the official metric suite)"),
+    device: str = _device_option(),
 ):
-    """Decode a split with a prefix, score it, and write hypotheses.txt and scores.json."""
-    from .bank import PrefixBank
-    from .data import load_task
-    from .evaluate import evaluate
-    from .generation import DecodingConfig
-    from .io import PrefixFileError
-    from .models import load_base_model
-
-    try:
-        records = load_task(task, split, data_dir, **_task_options(None, subset, scheme))[:limit]
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    base, tokenizer = load_base_model(model)
-    bank = PrefixBank(base, tokenizer)
-    try:
-        bank.add("prefix", prefix)
-    except PrefixFileError as e:
-        _fail(str(e))
-    out = out_dir or prefix.parent / f"eval-{task}-{split}"
+    """Decode a split with a prefix, score it, and write OUT_DIR/hypotheses.txt and scores.json."""
+    from rich.console import Console
     from tqdm.auto import tqdm
 
+    from .data import load_task
+    from .evaluate import score_records, write_results
+    from .exported import ExportDecoder, check_export
+    from .generation import DecodingConfig
+    from .metrics import TASK_METRICS, MetricsError
+    from .models import resolve_device
+
+    try:  # data, file and options before the model
+        every = load_task(task, split, data_dir, **_task_options(None, subset, scheme))
+        records = every[:limit]
+        path, kind = check_export(prefix)
+        config = DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams,
+                                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
+        resolve_device(device)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    base, tokenizer = _load_model(model, device)
+    try:
+        decoder = ExportDecoder(base, tokenizer, path, kind)
+    except ValueError as e:
+        _fail(str(e))
+    out = out_dir or path.parent / f"eval-{task}-{split}"
     with tqdm(total=len(records), desc=f"decode {task}/{split}") as bar:
-        scores, _ = evaluate(bank, records, "prefix", DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams),
-                             task, out, batch_size, full_metrics=not bleu_only, progress=bar.update)
+        hypotheses = decoder.generate([r.source for r in records], config, batch_size, progress=bar.update)
+    console = Console(stderr=True)
+    metrics = "sacreBLEU" if bleu_only else ", ".join(("sacreBLEU",) + TASK_METRICS.get(task, ()))
+    console.print(f"scoring {len(hypotheses)} hypotheses: {metrics}", highlight=False)
+    try:
+        with console.status("scoring…"):  # the official metrics take seconds (METEOR starts a JVM)
+            scores = score_records(task, hypotheses, records, full=not bleu_only)
+    except MetricsError as e:  # e.g. no Java for METEOR
+        _fail(f"{e} (--bleu-only scores sacreBLEU without it)")
+    write_results(out, hypotheses, scores)
     typer.echo(json.dumps({k: round(v, 4) for k, v in scores.items()}))
-    typer.echo(f"hypotheses and scores written to {out}", err=True)
+    which = f"the first {len(records)} of {len(every)}" if len(records) < len(every) else f"all {len(records)}"
+    typer.echo(f"hypotheses and scores of {which} {task} {split} items written to {out}/", err=True)
 
 
 @app.command()
@@ -235,12 +309,15 @@ def score(
     nist: str = typer.Option("perl", help="E2E BLEU/NIST: perl (mteval-v13a, measure_scores.py's default) | "
                                           "python (measure_scores.py -p, the paper's runs)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    limit: Optional[int] = typer.Option(None, help="the hypotheses are for the split's first N items "
+                                                   "(what eval --limit N decoded)"),
 ):
     """Score a hypothesis file with the official-equal metrics of TASK."""
     from .metrics.command import score_command
 
     raise typer.Exit(score_command(task, hyp, refs, split, data_dir, as_json,
-                                   loader_options=_task_options(None, subset, scheme), mteval_variant=nist))
+                                   loader_options=_task_options(None, subset, scheme), mteval_variant=nist,
+                                   limit=limit))
 
 
 @app.command()
@@ -280,12 +357,14 @@ def serve(
     max_tokens_limit: int = typer.Option(512, help="largest max_tokens a request may ask for"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     log_level: str = typer.Option("info"),
+    device: str = _device_option(),
 ):
     """Serve many tenants' prefixes from one frozen model: OpenAI-compatible /v1/completions (model = prefix)."""
     from .serve import serve as run_server
 
     try:
         run_server(model, store, host=host, port=port, keys_file=keys_file, threads=threads, log_level=log_level,
+                   device=device,
                    batch_window_ms=batch_window_ms, max_batch_size=max_batch_size, max_queue=max_queue,
                    request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * 2**20),
                    max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * 2**20),
@@ -303,7 +382,8 @@ def experiment(
     out: Optional[Path] = typer.Option(None, help="default: reports/NAME"),
     model: Optional[str] = typer.Option(None, help="default: smollm2-135m (cpu), the paper's model (paper)"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
-    report_only: bool = typer.Option(False, help="rewrite report.md and figures from finished cells; run nothing"),
+    report_only: bool = typer.Option(False, "--report-only",
+                                     help="rewrite report.md and figures from finished cells; run nothing"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest on a busy 2-core machine)"),
 ):
     """Run a study (resuming finished cells from OUT/cells.jsonl) and write OUT/report.md with PNG figures."""

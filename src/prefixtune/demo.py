@@ -45,7 +45,7 @@ def run_demo(output_dir, data_dir=None, train_size=200, steps=200, test_size=100
     config = TrainConfig(output_dir=str(out / "train"), model=model_name, data_dir=data_dir, train_size=train_size,
                          seed=seed, method="prefix", init="words:table-to-text:", max_steps=steps,
                          batch_size=8, eval_every=50, dev_size=100, save_every=50)
-    result = train(config, model, tokenizer)
+    result = train(config, model, tokenizer, overwrite=True)  # the demo is meant to be run again
     bank.add("e2e", result.prefix_file)
     with tqdm(total=len(test), desc="prefix decode") as bar:
         after, hyps = evaluate(bank, test, "e2e", decoding, out_dir=out / "after", full_metrics=False,

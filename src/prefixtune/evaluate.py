@@ -42,7 +42,12 @@ def evaluate(bank: PrefixBank, records: list[Record], prefix_id: str | None, con
                                progress=progress)
     scores = score_records(task, hypotheses, records, full=full_metrics)
     if out_dir is not None:
-        out = Path(out_dir)
-        atomic_write_bytes(out / "hypotheses.txt", ("\n".join(hypotheses) + "\n").encode())
-        atomic_write_bytes(out / "scores.json", json.dumps(scores, indent=2).encode())
+        write_results(out_dir, hypotheses, scores)
     return scores, hypotheses
+
+
+def write_results(out_dir: str | Path, hypotheses: list[str], scores: dict):
+    """OUT_DIR/hypotheses.txt (one per line, in input order; what `prefixtune score --hyp` reads) and scores.json."""
+    out = Path(out_dir)
+    atomic_write_bytes(out / "hypotheses.txt", ("\n".join(hypotheses) + "\n").encode())
+    atomic_write_bytes(out / "scores.json", json.dumps(scores, indent=2).encode())

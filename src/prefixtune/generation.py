@@ -26,12 +26,44 @@ class DecodingConfig:
     length_penalty: float = 1.0
     stop_at_newline: bool = True
     ignore_eos: bool = False  # decode exactly max_new_tokens unless a newline stops it (benchmarks)
+    # HF's controls against loops ("fictional fictional ..."), off by default. Both look at the generated
+    # tokens only, not the source: a data-to-text output must be free to copy its input's names.
+    no_repeat_ngram_size: int = 0     # n > 0: an n-gram never occurs twice in one output
+    repetition_penalty: float = 1.0   # > 1: a generated token's logit is divided (if > 0) or multiplied by it
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if self.num_beams < 1:
             raise ValueError("num_beams must be >= 1")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError("no_repeat_ngram_size must be >= 0 (0: off)")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be > 0 (1: off)")
+
+    @property
+    def penalises(self) -> bool:
+        return self.no_repeat_ngram_size > 0 or self.repetition_penalty != 1.0
+
+
+def apply_repetition_controls(logits: torch.Tensor, histories: list[list[int]], config: DecodingConfig) -> torch.Tensor:
+    """Row i's next-token logits after `config`'s repetition penalty and n-gram ban, given the tokens row i
+    has generated (`histories[i]`). Returns `logits` itself when both controls are off."""
+    if not config.penalises:
+        return logits
+    logits = logits.clone()
+    n, penalty = config.no_repeat_ngram_size, config.repetition_penalty
+    for row, history in enumerate(histories):
+        if penalty != 1.0 and history:
+            seen = torch.tensor(sorted(set(history)), device=logits.device)
+            scores = logits[row, seen]
+            logits[row, seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+        if n and len(history) >= n - 1:
+            tail = tuple(history[len(history) - n + 1:]) if n > 1 else ()
+            banned = [history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == tail]
+            if banned:
+                logits[row, banned] = float("-inf")
+    return logits
 
 
 @lru_cache(maxsize=8)
@@ -175,6 +207,8 @@ def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, em
     stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=input_ids.device)
     logits = state.logits
     for _ in range(config.max_new_tokens):
+        if config.penalises:
+            logits = apply_repetition_controls(logits, [results[row] for row in active.tolist()], config)
         tokens = logits.argmax(-1)
         done = torch.isin(tokens, stop_tensor)
         for row, token, is_done in zip(active.tolist(), tokens.tolist(), done.tolist()):
@@ -200,7 +234,7 @@ def _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embe
     state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv, embeds_prefix)
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
     state.select(expand)
-    logprobs = torch.log_softmax(state.logits.index_select(0, expand), -1)
+    logprobs = torch.log_softmax(state.logits.index_select(0, expand), -1)  # no history yet: nothing to penalise
     vocab = logprobs.shape[-1]
     scores = torch.full((batch, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step one
@@ -255,7 +289,10 @@ def _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embe
         if step == config.max_new_tokens - 1:
             break
         state.select(torch.tensor(next_rows, device=device))
-        logprobs = torch.log_softmax(state.step(torch.tensor(next_tokens, device=device)), -1)
+        logits = state.step(torch.tensor(next_tokens, device=device))
+        if config.penalises:
+            logits = apply_repetition_controls(logits, [seq for row in sequences for seq in row], config)
+        logprobs = torch.log_softmax(logits, -1)
     results = []
     for b in range(batch):
         if not done[b]:  # ran out of length: running beams compete with finished ones

@@ -120,6 +120,9 @@ def save_prefix(path, p, spec, base_model, train_config=None, dtype=torch.float3
 
 
 def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str, spec: ModelSpec | None) -> ExportedPrefix:
+    if metadata and metadata.get("format") == "prefixtune.weights/1":
+        raise PrefixFileError(f"{source}: holds {metadata.get('method')} weights, not a prefix (prefixtune generate "
+                              f"and eval decode with it; a PrefixBank and the server take prefixes only)")
     if not metadata or metadata.get("format") != FORMAT:
         raise PrefixFileError(f"{source}: not a prefixtune prefix file (missing or unknown 'format' metadata)")
     if metadata.get("sha256") != _digest(tensors):
@@ -134,6 +137,20 @@ def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str,
     if spec is not None:
         check_compatible(exported, spec, source)
     return exported
+
+
+def readable_metadata(metadata: dict) -> dict:
+    """Metadata with its values as real JSON (safetensors stores only strings): numbers, lists, objects."""
+    readable = {}
+    for key, value in metadata.items():
+        if key in ("sha256", "fingerprint", "format", "base_model", "layout", "dtype"):
+            readable[key] = value  # strings by nature (a hex digest may look like a number)
+            continue
+        try:
+            readable[key] = json.loads(value)
+        except (TypeError, json.JSONDecodeError):
+            readable[key] = value
+    return readable
 
 
 def check_compatible(exported: ExportedPrefix, spec: ModelSpec, source: str = "prefix"):

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -117,18 +118,85 @@ def _from_gguf(gguf: Path, convert_to: Path | None):
     return model, tokenizer
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: cuda if available, else mps, else cpu. An explicit device that is not there is an error."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise ValueError(f"device {name!r} was asked for but this machine's torch has none "
+                         f"(available: {', '.join(['cpu'] + ['cuda'] * cuda + ['mps'] * mps)})")
+    return torch.device(name)
+
+
+@contextmanager
+def _quiet_loading():
+    """No "Loading weights" bar: loading a local model takes seconds and the bar is noise on every command."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else is meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_hub(name: str, timeout: float = 5.0):
+    """Fail in seconds with one clear message when a hub id cannot be fetched (no network, offline mode,
+    no such repository), instead of the hub client's retries and a traceback."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    hint = f"embedded models: {sorted(EMBEDDED)}; a local directory or a .gguf path also works"
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # set after import
+    if constants.HF_HUB_OFFLINE or offline_env:
+        raise FileNotFoundError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set; {hint}")
+    try:
+        huggingface_hub.model_info(name, timeout=timeout)
+    except GatedRepoError:
+        return  # reachable; the download says what access is missing
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"model {name!r}: no such local directory, and no such model on the hub "
+                                f"(or it is private); {hint}") from None
+    except Exception as e:  # connection refused, DNS, timeout, proxy: the hub cannot be reached
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FileNotFoundError(f"model {name!r} needs the Hugging Face hub ({constants.ENDPOINT}), "
+                                f"which cannot be reached ({first}); {hint}") from None
+
+
+def _load_hub_or_dir(name: str, dtype, local_only: bool):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+    model = _model_class(config).from_pretrained(name, dtype=dtype, local_files_only=local_only)
+    return model, AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+
+
 def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None):
     """Load (model, tokenizer), frozen: eval mode, no gradients. The model is never modified by prefixtune.
 
     `name_or_path` is an embedded name (`smollm2-135m`), a local directory, a `.gguf` file, or a hub id.
+    `device`: a torch device or one of `DEVICES` (`auto` picks cuda, mps, then cpu).
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     name = str(name_or_path)
     if name in EMBEDDED:
         converted = cache_dir() / "models" / name
         if (converted / "config.json").is_file():
-            model, tokenizer = _load_dir(converted, dtype)
+            with _quiet_loading():
+                model, tokenizer = _load_dir(converted, dtype)
         else:
             model, tokenizer = _from_gguf(embedded_gguf(name), converted)
         model.config._name_or_path = name
@@ -137,21 +205,28 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {name}")
         model, tokenizer = _from_gguf(path, None)
-    else:
-        # A local directory or a hub id (the latter needs a network on first use).
+    elif Path(name).expanduser().is_dir() or _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {name}; embedded models: {sorted(EMBEDDED)}")
         try:
-            config = AutoConfig.from_pretrained(name)
-            model = _model_class(config).from_pretrained(name, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            with _quiet_loading():
+                model, tokenizer = _load_hub_or_dir(str(path), dtype, local_only=True)
         except OSError as e:
-            kind = "local directory" if Path(name).exists() else "hub id (is the network reachable?)"
-            raise FileNotFoundError(
-                f"cannot load model {name!r} as a {kind}; embedded models: {sorted(EMBEDDED)}; "
-                f"a .gguf path also works. Cause: {str(e).splitlines()[0]}"
-            ) from None
+            raise FileNotFoundError(f"cannot load model directory {name!r}: {str(e).splitlines()[0]}") from None
+    else:  # a hub id: the local cache first (no network), else a quick reachability check, then download
+        try:
+            with _quiet_loading():
+                model, tokenizer = _load_hub_or_dir(name, dtype, local_only=True)
+        except OSError:
+            check_hub(name)
+            try:
+                model, tokenizer = _load_hub_or_dir(name, dtype, local_only=False)
+            except OSError as e:
+                raise FileNotFoundError(f"cannot load model {name!r} from the hub: {str(e).splitlines()[0]}") from None
     model = model.to(dtype=dtype)
     if device:
-        model = model.to(device)
+        model = model.to(resolve_device(device) if device in DEVICES else device)
     return freeze(model), prepare_tokenizer(tokenizer)
 
 

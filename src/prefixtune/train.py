@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 from .data import load_task, sample_pairs, training_pairs
 from .data.collate import Collator, encode_pair, length_grouped_batches
 from .io import atomic_torch_save, atomic_write_bytes
-from .methods import build_method
-from .models import DEFAULT_MODEL, load_base_model, model_spec
+from .methods import EXPORT_FILES, build_method
+from .models import DEFAULT_MODEL, load_base_model, model_spec, resolve_device
 from .modeling import enable_gradient_checkpointing
 from .prefix import PrefixConfig
 
 CHECKPOINT = "checkpoint.pt"
-PREFIX_FILE = "prefix.safetensors"
+PREFIX_FILE = EXPORT_FILES["prefix"]
+RESULT = "result.json"
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainConfig:
     max_target_len: int = 128
     adapter_budget: float = 0.001        # adapter: a fraction of the base model's parameters (0.001 / 0.03)
     export: bool = True                  # write the trained artefact at the end (experiments skip it)
+    device: str = "auto"                 # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
     def prefix_config(self) -> PrefixConfig:
         return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",
@@ -144,27 +146,48 @@ def load_pairs(config: TrainConfig):
     return train, dev
 
 
+def check_output_dir(out_dir: Path, resume: bool, overwrite: bool):
+    """Never silently replace a run: a finished or interrupted one needs --resume or --overwrite."""
+    if resume or not out_dir.is_dir():
+        return
+    if (out_dir / RESULT).is_file():
+        state = "a finished run"
+    elif (out_dir / CHECKPOINT).is_file():
+        state = "an interrupted run"
+    else:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} holds {state}: pass --overwrite to replace it, --resume to continue it, "
+                              f"or choose another --output-dir")
+    for name in [CHECKPOINT, RESULT, "train_config.json", *set(EXPORT_FILES.values())]:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev_pairs=None,
-          resume: bool = False, on_step=None, progress: bool = True) -> TrainResult:
+          resume: bool = False, on_step=None, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Train `config.method` on the frozen model; returns where the exported prefix is and what was seen.
 
     `on_step(step, logs, module)` is called after every optimiser step with the (unwrapped)
-    trainable module (tests use it to simulate a kill and to compare ranks).
+    trainable module (tests use it to simulate a kill and to compare ranks). An output directory that
+    holds a run is refused unless `resume` (continue it) or `overwrite` (start over).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if config.method not in EXPORT_FILES:
+        raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(EXPORT_FILES)}")
     out_dir = Path(config.output_dir)
+    check_output_dir(out_dir, resume, overwrite)
+    if train_pairs is None:  # data before the model: a wrong path fails in a second, not after loading
+        train_pairs, dev_pairs = load_pairs(config)
+    if not train_pairs:
+        raise ValueError("no training examples")
+    accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu")
     set_seed(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model)
     model.to(accelerator.device)
     spec = model_spec(model)
-    if train_pairs is None:
-        train_pairs, dev_pairs = load_pairs(config)
-    if not train_pairs:
-        raise ValueError("no training examples")
     method = build_method(config.method, model, tokenizer, spec, config)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -276,14 +299,14 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         accelerator.unwrap_model(module).load_state_dict(best["state"])
     prefix_file = None
     if accelerator.is_main_process and config.export:
-        prefix_file = str(method.export(out_dir / PREFIX_FILE, {**asdict(config), "best_step": best["step"],
-                                                                 "best_dev_loss": best["loss"]}))
+        prefix_file = str(method.export(out_dir / EXPORT_FILES[config.method],
+                                        {**asdict(config), "best_step": best["step"], "best_dev_loss": best["loss"]}))
     accelerator.wait_for_everyone()
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
                          method.trainable_parameters(), method.shipped_parameters(), history,
                          train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3))
     if accelerator.is_main_process:
-        atomic_write_bytes(out_dir / "result.json", json.dumps(asdict(result), indent=2).encode())
+        atomic_write_bytes(out_dir / RESULT, json.dumps(asdict(result), indent=2).encode())
     result.method = method  # not a field (kept out of result.json): callers decode with the trained method
     return result

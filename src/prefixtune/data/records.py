@@ -23,18 +23,41 @@ class Record:
     meta: dict = field(default_factory=dict)
 
 
+DATASET_FOLDERS = ("e2e", "webnlg2017", "dart", "xsum_sample", "xsum")
+
+
+def default_data_dirs() -> list[Path]:
+    """Where the datasets are looked for without --data-dir or $PREFIXTUNE_DATA: ./data and ../shared/data,
+    then the same two beside the source checkout this package runs from (an editable install)."""
+    checkout = Path(__file__).resolve().parents[3]  # <checkout>/src/prefixtune/data/records.py
+    places = [Path("data"), Path("..") / "shared" / "data", checkout / "data", checkout.parent / "shared" / "data"]
+    unique: dict[Path, Path] = {}
+    for place in places:
+        unique.setdefault(place.resolve(), place)
+    return list(unique.values())
+
+
+def _holds_datasets(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_dir() for name in DATASET_FOLDERS)
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None, task: str) -> Path:
-    """The data directory from a flag, else $PREFIXTUNE_DATA; a clear error if neither holds the task."""
+    """The data directory from a flag, else $PREFIXTUNE_DATA, else the first of `default_data_dirs()`
+    that holds datasets; a clear error if none does."""
     root = data_dir or os.environ.get(DATA_ENV)
-    if not root:
-        raise FileNotFoundError(
-            f"no data directory for task {task!r}: pass --data-dir DIR or set {DATA_ENV}=DIR "
-            f"(DIR holds e2e/, webnlg2017/, dart/, xsum_sample/; see the README for downloads)"
-        )
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"data directory {str(path)!r} does not exist")
-    return path
+    if root:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"data directory {str(path)!r} does not exist")
+        return path
+    for path in default_data_dirs():
+        if _holds_datasets(path):
+            return path
+    looked = ", ".join(str(p) for p in default_data_dirs())
+    raise FileNotFoundError(
+        f"no data directory for task {task!r}: pass --data-dir DIR or set {DATA_ENV}=DIR "
+        f"(DIR holds e2e/, webnlg2017/, dart/, xsum_sample/; see the README for downloads); looked in {looked}"
+    )
 
 
 def training_pairs(records: list[Record]) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ DOC = """\
 **Study.** Same data, steps and decoding for every configuration; only where the trainable
 vectors enter changes: EMB-k (k virtual input embeddings, like prompt tuning), INFIX-k (k
 keys/values at every layer, seen only by the last source token and the target), and PREFIX
-(length 10, keys/values at every layer seen by every token). Each method uses its own default
+(length {prefix_len}, keys/values at every layer seen by every token). Each method uses its own default
 learning rate (prefix and infix 5e-4 through the MLP; embeddings 3e-2). Below paper scale all
 start from the frozen model's representation of "table-to-text:" ("summarize" for XSUM):
 embeddings of those tokens for EMB, their activations for INFIX and PREFIX.
@@ -86,4 +86,7 @@ def write_report(run):
         verdicts.append(R.claim(f"{task}: prefix beats the best INFIX-k",
                                 "INFIX slightly below PREFIX (Table 4)", aggs[prefix_name], best_infix, ">",
                                 a_name="PREFIX", b_name="best INFIX"))
-    return R.assemble(run, TITLE, DOC, verdicts, sections)
+    # the text names the PREFIX cell's own length (10 at cpu and paper scale, 2 at tiny)
+    lengths = sorted({configurations(ctx.scale)[-1][2] for ctx in run.contexts.values()})
+    doc = DOC.format(prefix_len=" / ".join(map(str, lengths)) or PREFIX_LEN)
+    return R.assemble(run, TITLE, doc, verdicts, sections)

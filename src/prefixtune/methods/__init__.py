@@ -20,6 +20,16 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+# What `train` writes for each method, named for what the file holds. Prefix files are the shipped
+# format (`prefixtune.prefix/1`); the others hold the trained weights (`prefixtune.weights/1`).
+EXPORT_FILES: dict[str, str] = {
+    "prefix": "prefix.safetensors", "prefix-flat": "prefix.safetensors",
+    "embedding-only": "prompt-embeddings.safetensors", "infix": "infix.safetensors",
+    "finetune": "finetuned-model.safetensors", "finetune-top2": "finetuned-top2-layers.safetensors",
+    "adapter": "adapters.safetensors",
+}
+
+
 def build_method(name: str, model, tokenizer, spec, config) -> Method:
     """`config` is the TrainConfig: each method reads the fields it needs."""
     if name not in METHODS:
@@ -27,4 +37,4 @@ def build_method(name: str, model, tokenizer, spec, config) -> Method:
     return METHODS[name](name, model, tokenizer, spec, config)
 
 
-__all__ = ["METHODS", "Method", "build_method"]
+__all__ = ["EXPORT_FILES", "METHODS", "Method", "build_method"]

@@ -41,8 +41,13 @@ class Method:
         """Write what users ship for this method."""
         raise NotImplementedError
 
-    def generate(self, sources: list[str], config=None, batch_size: int = 32) -> list[str]:
-        """Decode sources with the trained method (evaluation and experiments use this)."""
+    def load_export(self, tensors: dict[str, torch.Tensor]):
+        """The inverse of `export` for a weights file: put its tensors back (`generate`/`eval` decode with it)."""
+        raise NotImplementedError
+
+    def generate(self, sources: list[str], config=None, batch_size: int = 32, progress=None) -> list[str]:
+        """Decode sources with the trained method (evaluation and experiments use this);
+        `progress(n)` is called after each batch of n sources."""
         raise NotImplementedError
 
     def trainable_parameters(self) -> int:
@@ -60,7 +65,8 @@ class Method:
         return percent_of_base(self.shipped_parameters(), self.model)
 
 
-def generate_texts(method: Method, sources: list[str], config, batch_size: int, decode_batch) -> list[str]:
+def generate_texts(method: Method, sources: list[str], config, batch_size: int, decode_batch,
+                   progress=None) -> list[str]:
     """Decode `sources` in length-sorted batches, like `PrefixBank.generate` (same template and text cleanup).
 
     `method` supplies `model`, `tokenizer`, `spec`, `template` and `max_source_len`;
@@ -79,6 +85,8 @@ def generate_texts(method: Method, sources: list[str], config, batch_size: int, 
         for i, seq in zip(rows, decode_batch([encoded[i] for i in rows], config)):
             text = method.tokenizer.decode(seq, skip_special_tokens=True)
             outputs[i] = text.split("\n")[0].strip() if config.stop_at_newline else text.strip()
+        if progress is not None:
+            progress(len(rows))
     return outputs
 
 

@@ -86,12 +86,16 @@ class EmbeddingMethod(Method):
     def export(self, path, metadata: dict):
         return save_weights(path, {"embeddings": self.module.embeddings}, self, metadata)
 
+    def load_export(self, tensors):
+        with torch.no_grad():
+            self.module.embeddings.copy_(tensors["embeddings"])
+
     @torch.no_grad()
-    def generate(self, sources, config=None, batch_size=32):
+    def generate(self, sources, config=None, batch_size=32, progress=None):
         v = self.module().detach().to(self.model.device)
 
         def run(seqs, cfg):
             prefix = v.unsqueeze(0).expand(len(seqs), -1, -1)
             return decode(self.model, self.tokenizer, seqs, None, cfg, self.spec, embeds_prefix=prefix)
 
-        return generate_texts(self, sources, config, batch_size, run)
+        return generate_texts(self, sources, config, batch_size, run, progress)

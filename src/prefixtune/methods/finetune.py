@@ -72,12 +72,19 @@ class CopyMethod(Method):
     def export(self, path, metadata: dict):
         return save_weights(path, self.trained_state(), self, {**(metadata or {}), **self.export_metadata()})
 
-    def generate(self, sources, config=None, batch_size=32):
+    def load_export(self, tensors):
+        device = next(self.trained.parameters()).device
+        _, unexpected = self.trained.load_state_dict({n: t.to(device) for n, t in tensors.items()}, strict=False)
+        if unexpected:
+            raise ValueError(f"weights that this {self.name} model does not have: {unexpected[:3]}")
+
+    def generate(self, sources, config=None, batch_size=32, progress=None):
         was_training = self.trained.training
         self.trained.eval()
         try:
             return generate_texts(self, sources, config, batch_size,
-                                  lambda seqs, cfg: decode(self.trained, self.tokenizer, seqs, None, cfg, self.spec))
+                                  lambda seqs, cfg: decode(self.trained, self.tokenizer, seqs, None, cfg, self.spec),
+                                  progress)
         finally:
             self.trained.train(was_training)
 

@@ -40,6 +40,7 @@ class InfixMethod(Method):
                     del self.module.prefix[group]
             self.module.groups = {"decoder": self.module.groups["decoder"]}
         self.default_lr = 5e-4 if config.reparam else 5e-3
+        self.exported_p: dict[str, torch.Tensor] | None = None  # set by load_export: decode with a shipped P
 
     def loss(self, module, batch):
         kv = single_prefix_kv(module(), self.spec, batch["input_ids"].shape[0])
@@ -49,6 +50,8 @@ class InfixMethod(Method):
 
     @torch.no_grad()
     def infix_p(self) -> dict[str, torch.Tensor]:
+        if self.exported_p is not None:
+            return self.exported_p
         was_training = self.module.training
         self.module.eval()
         p = {g: t.detach().float() for g, t in self.module().items()}
@@ -58,11 +61,14 @@ class InfixMethod(Method):
     def export(self, path, metadata: dict):
         return save_weights(path, {f"infix.{g}": t for g, t in self.infix_p().items()}, self, metadata)
 
+    def load_export(self, tensors):
+        self.exported_p = {name[len("infix."):]: t.float() for name, t in tensors.items()}
+
     def shipped_parameters(self) -> int:
         return sum(t.numel() for t in self.infix_p().values())
 
     @torch.no_grad()
-    def generate(self, sources, config=None, batch_size=32):
+    def generate(self, sources, config=None, batch_size=32, progress=None):
         p = {g: t.to(self.model.device) for g, t in self.infix_p().items()}
 
         def run(seqs, cfg):
@@ -73,4 +79,4 @@ class InfixMethod(Method):
                 kv.query_visible = visible
             return decode(self.model, self.tokenizer, seqs, kv, cfg, self.spec)
 
-        return generate_texts(self, sources, config, batch_size, run)
+        return generate_texts(self, sources, config, batch_size, run, progress)

@@ -54,11 +54,11 @@ class PrefixMethod(Method):
     def shipped_parameters(self) -> int:
         return sum(t.numel() for t in self.prefix_p().values())
 
-    def generate(self, sources, config=None, batch_size=32):
+    def generate(self, sources, config=None, batch_size=32, progress=None):
         from ..bank import PrefixBank
         from ..io import ExportedPrefix
 
         bank = PrefixBank(self.model, self.tokenizer)
         metadata = {"fingerprint": self.spec.fingerprint(), "train_config": json.dumps({"template": self.template})}
         bank.add(self.name, ExportedPrefix(self.prefix_p(), metadata))
-        return bank.generate(sources, self.name, config, batch_size=batch_size)
+        return bank.generate(sources, self.name, config, batch_size=batch_size, progress=progress)

@@ -52,7 +52,8 @@ def _load_gold(task: str, split: str, data_dir, loader_options: dict):
 
 
 def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir: str | None, as_json: bool,
-                  *, loader_options: dict | None = None, mteval_variant: str = "perl") -> int:
+                  *, loader_options: dict | None = None, mteval_variant: str = "perl",
+                  limit: int | None = None) -> int:
     """Score the hypothesis file ``hyp`` (one output per line) for ``task``; returns the exit code.
 
     References: ``refs`` (E2E blank-line groups, one per line, or an E2E CSV) or,
@@ -62,14 +63,19 @@ def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir:
     E2E's SER needs each item's MR: from the split or an E2E CSV ``refs``, else
     it is skipped with a note. ``loader_options`` go to the loader (e.g.
     ``{"scheme": "within-news"}`` for XSum, ``{"train_from": "dev"}`` for DART).
+    ``limit``: the hypotheses are for the split's first ``limit`` items (``eval
+    --limit``); a note on stderr says so.
     """
     loader_options = dict(loader_options or {})
+    notes: list[str] = []
     try:
         if task not in TASKS:
             raise MetricsError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         hypotheses = read_lines(hyp)
         meta = None
-        notes: list[str] = []
+        if limit is not None and (limit < 1 or refs is not None):
+            raise MetricsError("--limit must be >= 1" if limit < 1 else
+                               "--limit selects the split's first items; it does not apply to --refs")
         if refs is not None:
             references = read_references(refs, len(hypotheses))
             if task == "e2e":  # SER needs each item's MR: only an E2E CSV/TSV carries them
@@ -86,9 +92,20 @@ def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir:
                     meta = None
         else:
             references, meta = _load_gold(task, split, data_dir, loader_options)
+            total = len(references)
+            if limit is not None:
+                references, meta = references[:limit], meta[:limit]
+            if len(references) != len(hypotheses) and limit is not None:
+                raise MetricsError(f"{hyp} has {len(hypotheses)} lines but --limit {limit} selects "
+                                   f"{len(references)} items of the {task} {split} split")
             if len(references) != len(hypotheses):
+                hint = (f"; if they are for its first {len(hypotheses)} items (eval --limit), add "
+                        f"--limit {len(hypotheses)}" if len(hypotheses) < total else "")
                 raise MetricsError(f"{hyp} has {len(hypotheses)} lines but the {task} {split} split has "
-                                   f"{len(references)} items (one hypothesis per line, in loader order)")
+                                   f"{len(references)} items (one hypothesis per line, in loader order){hint}")
+            if len(references) < total:
+                notes.append(f"note: scoring the first {len(references)} of the {total} items of the {task} "
+                             f"{split} split (--limit): not comparable with full-split scores")
         scores = score(task, hypotheses, references, meta, notes=notes, mteval_variant=mteval_variant)
     except (MetricsError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -99,5 +116,7 @@ def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir:
         print(json.dumps(scores))
     else:
         source = f"{split} split" if refs is None else f"references {refs}"
+        if refs is None and limit is not None:
+            source = f"first {len(hypotheses)} items of the {split} split"
         print_scores(scores, f"{task}: {len(hypotheses)} hypotheses in {hyp}, {source}")
     return 0

@@ -311,7 +311,8 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     async def completions(req: CompletionRequest, tenant: str = Depends(tenant_of)):
         bank_id, prompts, max_tokens, stop_at_newline, stop_strings = plan(req, tenant)
         jobs = [Job(bank_id, text, max_tokens, req.num_beams, stop_at_newline, req.raw, req.ignore_eos,
-                    timeout_s=settings.request_timeout_s) for text in prompts]
+                    req.no_repeat_ngram_size, req.repetition_penalty, timeout_s=settings.request_timeout_s)
+                for text in prompts]
         finishers = [_Finisher(tokenizer, max_tokens, stop_strings) for _ in prompts]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         t0 = time.monotonic()

@@ -58,6 +58,8 @@ class Job:
     stop_at_newline: bool = True
     raw: bool = False
     ignore_eos: bool = False
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
     on_token: Callable[[int], None] | None = None   # called from the worker thread, one token at a time
     timeout_s: float = float("inf")
     future: Future = field(default_factory=Future)
@@ -187,8 +189,8 @@ class Batcher:
             if seq is not None:
                 # Greedy rows of any length decode together (a row's tokens do not depend on the batch's
                 # length limit); beam search results do, so beam rows group by their limit.
-                key = (job.num_beams, job.stop_at_newline, job.ignore_eos,
-                       job.max_new_tokens if job.num_beams > 1 else 0)
+                key = (job.num_beams, job.stop_at_newline, job.ignore_eos, job.no_repeat_ngram_size,
+                       job.repetition_penalty, job.max_new_tokens if job.num_beams > 1 else 0)
                 groups.setdefault(key, []).append((job, seq))
         for items in groups.values():
             for start in range(0, len(items), self.settings.max_batch_size):
@@ -197,7 +199,9 @@ class Batcher:
     def _decode(self, items: list[tuple[Job, list[int]]], retry: bool = True):
         jobs = [job for job, _ in items]
         config = DecodingConfig(max_new_tokens=max(j.max_new_tokens for j in jobs), num_beams=jobs[0].num_beams,
-                                stop_at_newline=jobs[0].stop_at_newline, ignore_eos=jobs[0].ignore_eos)
+                                stop_at_newline=jobs[0].stop_at_newline, ignore_eos=jobs[0].ignore_eos,
+                                no_repeat_ngram_size=jobs[0].no_repeat_ngram_size,
+                                repetition_penalty=jobs[0].repetition_penalty)
         emitted: list[list[int]] = [[] for _ in jobs]
 
         def on_token(row: int, token: int):

@@ -36,3 +36,7 @@ class CompletionRequest(BaseModel):
     num_beams: int = Field(1, ge=1, le=8, description="beam search width (1 = greedy)")
     raw: bool = Field(False, description="feed the prompt as it is, not through the prefix's source template")
     ignore_eos: bool = Field(False, description="keep decoding past end-of-text (vLLM's extension; benchmarks)")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=16, description="an n-gram of this size never repeats within "
+                                                                  "the completion (0: off)")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="HF's (and vLLM's) penalty on tokens already "
+                                                                    "generated (1: off)")

@@ -14,7 +14,8 @@ log = logging.getLogger("prefixtune.serve")
 
 
 def serve(model: str, store: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          keys_file: str | Path | None = None, threads: int | None = None, log_level: str = "info", **limits):
+          keys_file: str | Path | None = None, threads: int | None = None, log_level: str = "info",
+          device: str = "auto", **limits):
     """Load the base model, the keys and the store, and serve until interrupted."""
     import torch
     import uvicorn
@@ -22,6 +23,9 @@ def serve(model: str, store: str | Path, host: str = "127.0.0.1", port: int = 80
     from ..models import load_base_model
     from .app import create_app
 
+    from ..models import resolve_device
+
+    resolve_device(device)  # a wrong --device fails before the model loads
     keys = KeyRing.load(keys_file)
     if not len(keys):
         raise ValueError(f"no API keys: set ${ENV_VAR}='key:tenant,...' or pass --keys-file")
@@ -29,7 +33,7 @@ def serve(model: str, store: str | Path, host: str = "127.0.0.1", port: int = 80
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base, tokenizer = load_base_model(model)
+    base, tokenizer = load_base_model(model, device=device)
     app = create_app(base, tokenizer, settings, keys)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

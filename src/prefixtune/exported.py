@@ -1,0 +1,113 @@
+"""What `train` exports, found and opened for decoding.
+
+`generate` and `eval` take a prefix file, another method's weights file (`finetune`, `adapter`, ...)
+or a training directory (the exported file inside it). Everything here is checked before the
+base model is loaded, so a wrong path fails in a second.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from .bank import PrefixBank
+from .io import PrefixFileError, load_prefix
+from .methods import EXPORT_FILES, METHODS, Method, build_method
+from .models import model_spec
+
+WEIGHTS_FORMAT = "prefixtune.weights/1"
+
+
+def find_export(path) -> Path:
+    """`path` itself if it is a file; for a training directory, the file its method exported."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise PrefixFileError(f"prefix file not found: {path}")
+    names = list(dict.fromkeys(EXPORT_FILES.values()))
+    config = path / "train_config.json"
+    if config.is_file():
+        method = json.loads(config.read_text()).get("method", "prefix")
+        names = [EXPORT_FILES.get(method, EXPORT_FILES["prefix"])]
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise PrefixFileError(f"{path} is a directory without an exported {' or '.join(names)}; "
+                          f"write one with: prefixtune export {path}")
+
+
+def read_metadata(path: Path) -> dict:
+    """A safetensors file's metadata, from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise PrefixFileError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
+    """(metadata, tensor shapes) of an exported file, checked; a prefix's shapes are per attention group."""
+    if read_metadata(path).get("format") == WEIGHTS_FORMAT:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return f.metadata(), {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    exported = load_prefix(path)
+    return exported.metadata, {group: list(t.shape) for group, t in exported.p.items()}
+
+
+def check_export(path) -> tuple[Path, str]:
+    """(the exported file, "prefix" or "weights"), validated as far as possible without the model."""
+    path = find_export(path)
+    meta = read_metadata(path)
+    if meta.get("format") == WEIGHTS_FORMAT:
+        if meta.get("method") not in METHODS:
+            raise PrefixFileError(f"{path}: weights of an unknown method {meta.get('method')!r}")
+        return path, "weights"
+    load_prefix(path)  # format, checksum and shapes
+    return path, "prefix"
+
+
+def load_weights(path, model, tokenizer) -> Method:
+    """Rebuild the method that wrote the weights file `path` on the base model and put its weights back."""
+    from safetensors.torch import load_file
+
+    from .train import TrainConfig
+
+    meta = read_metadata(Path(path))
+    spec = model_spec(model)
+    if meta.get("fingerprint") != spec.fingerprint():
+        raise PrefixFileError(f"{path}: {meta.get('method')} weights made for base model {meta.get('base_model')!r} "
+                              f"with a different shape; they cannot be used with this model")
+    known = {f.name for f in fields(TrainConfig)}
+    saved = json.loads(meta.get("train_config") or "{}")
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    method = build_method(meta["method"], model, tokenizer, spec, config)
+    method.load_export(load_file(str(path)))
+    return method
+
+
+class ExportDecoder:
+    """Decodes texts with an exported file, or with the bare model when there is none."""
+
+    def __init__(self, model, tokenizer, path=None, kind: str | None = None):
+        self.bank, self.method, self.prefix_id = PrefixBank(model, tokenizer), None, None
+        if path is not None:
+            if kind is None:
+                path, kind = check_export(path)
+            if kind == "prefix":
+                self.bank.add("prefix", path)
+                self.prefix_id = "prefix"
+            else:
+                self.method = load_weights(path, model, tokenizer)
+
+    def generate(self, texts: list[str], config, batch_size: int = 32, raw: bool = False, progress=None) -> list[str]:
+        if self.method is None:
+            return self.bank.generate(texts, self.prefix_id, config, batch_size=batch_size, raw=raw, progress=progress)
+        if raw:
+            raise ValueError(f"raw inputs work with prefix files and the bare model, "
+                             f"not with {self.method.name} weights")
+        return self.method.generate(texts, config, batch_size, progress)

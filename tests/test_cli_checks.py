@@ -1,0 +1,72 @@
+"""The CLI checks what it can before loading the model (seconds), and says what is wrong in one line."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from prefixtune.cli import app
+
+NO_MODEL = "/no/such/model-dir"  # loading it would fail: an error about anything else proves the order
+
+
+def invoke(*args, stdin=None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_empty_stdin_is_an_error():
+    assert "stdin was empty" in error_line(invoke("generate", "--model", NO_MODEL, stdin=""))
+    assert "stdin was empty" in error_line(invoke("generate", "--model", NO_MODEL, stdin="\n  \n"))
+
+
+def test_empty_or_missing_input_file_is_an_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert "holds no non-empty line" in error_line(invoke("generate", "--model", NO_MODEL, "--input-file", empty))
+    assert "input file not found" in error_line(invoke("generate", "--model", NO_MODEL, "--input-file",
+                                                       tmp_path / "nope.txt"))
+
+
+def test_generate_checks_the_prefix_before_the_model(tmp_path):
+    line = error_line(invoke("generate", "--model", NO_MODEL, "--prefix", tmp_path / "missing.safetensors", "x"))
+    assert "prefix file not found" in line
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    assert "not a valid safetensors file" in error_line(invoke("generate", "--model", NO_MODEL, "--prefix", bad, "x"))
+    assert "without an exported prefix.safetensors" in error_line(
+        invoke("generate", "--model", NO_MODEL, "--prefix", tmp_path, "x"))
+    assert "device must be one of" in error_line(invoke("generate", "--model", NO_MODEL, "--device", "tpu", "x"))
+    assert "no_repeat_ngram_size" in error_line(
+        invoke("generate", "--model", NO_MODEL, "--no-repeat-ngram-size", "-1", "x"))
+
+
+def test_eval_checks_data_and_prefix_before_the_model(tmp_path, data_dir):
+    line = error_line(invoke("eval", "--model", NO_MODEL, "--prefix", tmp_path / "p.safetensors",
+                             "--data-dir", tmp_path / "no-data"))
+    assert "data directory" in line and "does not exist" in line
+    line = error_line(invoke("eval", "--model", NO_MODEL, "--prefix", tmp_path / "p.safetensors",
+                             "--data-dir", data_dir))
+    assert "prefix file not found" in line
+
+
+def test_train_checks_data_and_output_dir_before_the_model(tmp_path):
+    line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--data-dir", tmp_path / "nope"))
+    assert "data directory" in line
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "result.json").write_text(json.dumps({}))
+    line = error_line(invoke("train", "-o", finished, "--model", NO_MODEL))
+    assert "holds a finished run: pass --overwrite to replace it, --resume to continue it" in line
+    line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--method", "lora"))
+    assert "unknown method 'lora'" in line
+
+
+def test_a_model_that_cannot_load_is_one_line():
+    assert "model directory not found" in error_line(invoke("generate", "--model", NO_MODEL, "x"))

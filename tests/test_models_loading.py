@@ -1,0 +1,63 @@
+"""Loading the base model: device selection, quiet loads, and hub ids that fail fast without a network."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+from prefixtune import models
+from prefixtune.models import resolve_device
+
+
+@pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(want)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_absent_device_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "mps"):
+        with pytest.raises(ValueError, match=f"device '{name}' was asked for.*available: cpu"):
+            resolve_device(name)
+    with pytest.raises(ValueError, match="auto, cpu, cuda, mps"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda") == torch.device("cuda")
+
+
+def test_paths_that_do_not_exist_fail_without_the_hub():
+    for name in ("./no-such-model", "/no/such/model", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="model directory not found"):
+            models.load_base_model(name)
+
+
+def test_hub_id_in_offline_mode_fails_at_once(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="not in the local hub cache and HF_HUB_OFFLINE is set"):
+        models.check_hub("some-org/some-model")
+
+
+def test_hub_id_without_a_network_is_one_error_line_in_seconds(tmp_path):
+    """The CLI with an unreachable hub (a closed local port stands in for no network)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "prefixtune.cli", "generate", "--model", "some-org/some-model",
+                           "x"], capture_output=True, text=True, env=env, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model 'some-org/some-model' needs the Hugging Face hub")
+    assert took < 30  # was 27 s of retries plus the import time; now the imports alone
