@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .generation import DecodingConfig, decode
-from .io import ExportedPrefix, PrefixFileError, check_compatible, load_prefix
+from .io import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
 from .models import model_spec
 from .modeling import prefix_kv_from_groups
 
@@ -26,11 +26,11 @@ class PrefixBank:
 
     # -- the store ---------------------------------------------------------------------------
     def add(self, prefix_id: str, prefix: ExportedPrefix | str | Path) -> ExportedPrefix:
-        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked against the model."""
+        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked (io.check_prefix)."""
         if not isinstance(prefix, ExportedPrefix):
             prefix = load_prefix(prefix, self.spec)
         else:
-            check_compatible(prefix, self.spec, f"prefix {prefix_id!r}")
+            check_prefix(prefix, self.spec, f"prefix {prefix_id!r}")
         device = self.model.device
         prefix = ExportedPrefix({g: t.to(device) for g, t in prefix.p.items()}, prefix.metadata)
         with self._lock:
@@ -56,14 +56,9 @@ class PrefixBank:
             return self._prefixes[prefix_id]
 
     def template_of(self, prefix_id: str | None) -> str:
-        """How a prefix's training wrote the source (stored in its metadata)."""
-        if prefix_id is not None:
-            import json
-
-            cfg = json.loads(self.get(prefix_id).metadata.get("train_config", "{}") or "{}")
-            if cfg.get("template"):
-                return cfg["template"]
-        return DEFAULT_TEMPLATES[self.spec.family]
+        """How a prefix's training wrote the source (stored in its metadata, checked when added)."""
+        template = None if prefix_id is None else source_template(self.get(prefix_id).metadata, prefix_id)
+        return template or DEFAULT_TEMPLATES[self.spec.family]
 
     # -- decoding ----------------------------------------------------------------------------
     def encode(self, text: str, prefix_id: str | None, raw: bool = False) -> list[int]:

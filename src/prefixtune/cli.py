@@ -62,15 +62,15 @@ def train(
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors."""
     from .train import TrainConfig, train as run_train
 
-    config = TrainConfig(
-        output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
-        task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
-        prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
-        batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
-        save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing, template=template,
-        adapter_budget=adapter_budget)
     try:
+        config = TrainConfig(
+            output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
+            task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
+            prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
+            batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
+            save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
+            template=template, adapter_budget=adapter_budget)
         result = run_train(config, resume=resume)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..bank import PrefixBank
 from ..io import PrefixFileError, atomic_write_bytes, load_prefix_bytes
 from .settings import ServeSettings
@@ -100,7 +98,7 @@ class PrefixStore:
     def _validate(self, data: bytes, name: str):
         try:
             prefix = load_prefix_bytes(data, self.bank.spec, source=f"prefix {name!r}")
-        except PrefixFileError as e:
+        except PrefixFileError as e:  # io.check_prefix: the same rules as the CLI and the bank
             raise StoreError(400, str(e), "invalid_prefix") from None
         except Exception as e:  # anything a hostile file could still provoke is the file's fault
             raise StoreError(400, f"prefix {name!r}: not a valid prefix file ({type(e).__name__})",
@@ -108,8 +106,6 @@ class PrefixStore:
         if prefix.prefix_len > self.settings.max_prefix_len:
             raise StoreError(400, f"prefix {name!r} has {prefix.prefix_len} virtual tokens; the limit is "
                                   f"{self.settings.max_prefix_len}", "prefix_too_long")
-        if not all(torch.isfinite(t).all() for t in prefix.p.values()):
-            raise StoreError(400, f"prefix {name!r} holds NaN or infinite values", "invalid_prefix")
         return prefix
 
     def put(self, tenant: str, name: str, data: bytes, overwrite: bool = True) -> tuple[PrefixInfo, bool]:

@@ -1,0 +1,145 @@
+"""The server against a hostile tenant and a careless client (issue 10): templates that are code, clients
+that leave, a stuck worker, bad dtypes, over-long prompts, lenient types, slow and dropped bodies.
+
+Waits are bounded polls for an event (generous limits, never a timing threshold to meet). The decoding
+worker is held at a chosen token by wrapping `bank.generate_ids`, so "left at the next step" is exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+from test_serve import (KEYS, PROMPTS, auth, client, healthy, make_server, model, prefixes,  # noqa: F401
+                        real_tokenizer, snapshot, upload)
+
+openai = pytest.importorskip("openai")
+LONG = 300  # max_tokens of a row that should never get that far
+
+
+def forge(good: bytes, tensors=None, **metadata) -> bytes:
+    """`good` with its tensors transformed and/or metadata replaced; the checksum made to match again."""
+    from safetensors.torch import load, save
+
+    from prefixtune.io import _digest
+
+    header_len = struct.unpack("<Q", good[:8])[0]
+    meta = {**json.loads(good[8: 8 + header_len])["__metadata__"], **metadata}
+    data = load(good)
+    data = {k: tensors(v) for k, v in data.items()} if tensors else data
+    return save(data, metadata={**meta, "sha256": _digest(data)})
+
+
+def with_template(good: bytes, template: str) -> bytes:
+    return forge(good, train_config=json.dumps({"template": template}))
+
+
+def metric(server, name: str) -> float:
+    """A series' value (0 when it was never counted), e.g. 'prefixtune_completions_total{outcome="ok"}'."""
+    for line in httpx.get(f"{server.url}/metrics", timeout=30).text.splitlines():
+        if line.rsplit(" ", 1)[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def completions(outcome: str) -> str:
+    return f'prefixtune_completions_total{{outcome="{outcome}"}}'
+
+
+def wait_until(condition, limit_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@contextmanager
+def held_worker(server, at_token: int):
+    """Holds the decoding worker when it emits its `at_token`-th token, until `release` is set; counts the
+    tokens it emits and records the jobs submitted."""
+    app_state = server.server.config.app.state
+    bank, batcher = app_state.bank, app_state.batcher
+    state = SimpleNamespace(reached=threading.Event(), release=threading.Event(), tokens=0, jobs=[])
+    generate_ids, submit = bank.generate_ids, batcher.submit
+
+    def gated(sequences, prefix_ids, config=None, on_token=None, **kw):
+        def counted(row, token):
+            state.tokens += 1
+            if state.tokens == at_token:
+                state.reached.set()
+                state.release.wait(60)
+            if on_token is not None:
+                on_token(row, token)
+        return generate_ids(sequences, prefix_ids, config, on_token=counted, **kw)
+
+    bank.generate_ids = gated
+    batcher.submit = lambda jobs: (state.jobs.extend(jobs), submit(jobs))[1]
+    try:
+        yield state
+    finally:
+        state.release.set()
+        bank.generate_ids, batcher.submit = generate_ids, submit
+
+
+def long_request(stream: bool = False) -> dict:
+    return {"model": "e2e", "prompt": PROMPTS[0], "max_tokens": LONG, "ignore_eos": True, "stop": [],
+            "stream": stream}
+
+
+def raw_http(server, method: str, path: str, body: bytes, length: int | None = None) -> socket.socket:
+    """A connection that has sent a request whose body may be shorter than its Content-Length."""
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    head = (f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body) if length is None else length}\r\n\r\n")
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+# -- 1. a template is data, not code ----------------------------------------------------------------
+def test_a_template_that_is_code_is_refused_at_upload(make_server, prefixes, real_tokenizer, tmp_path):
+    server = make_server()
+    before = snapshot(tmp_path / "store")
+    refused = {"{source:>20000000}": "format spec", "{source.__class__.__mro__}": "attribute",
+               "{source[0]}": "index", "{source!r}": "conversion", "{other}": "not allowed",
+               "{source": "malformed", "a } b {source}": "malformed", "no field": "exactly once",
+               "{source}{source}": "exactly once", "x" * 5000 + "{source}": "limit"}
+    for template, problem in refused.items():
+        r = upload(server, "alice", "t", with_template(prefixes[0], template))
+        assert r.status_code == 400, (template, r.status_code)
+        message = r.json()["error"]["message"]
+        assert "template" in message and problem in message, (template, message)
+    assert snapshot(tmp_path / "store") == before
+    # braces written as {{ }} are literal text, and braces in the source are never read as fields
+    assert upload(server, "alice", "t", with_template(prefixes[0], "Data {{x}}: {source}\n")).status_code == 201
+    out = client(server, "alice").completions.create(model="t", prompt="{source.__class__}", max_tokens=2)
+    assert out.usage.prompt_tokens == len(real_tokenizer("Data {x}: {source.__class__}\n")["input_ids"])
+    assert healthy(server)
+
+
+# -- 1b. one validation of a prefix's contents: dtype, length ---------------------------------------
+def test_uploads_of_a_wrong_dtype_or_no_tokens_are_refused(make_server, prefixes):
+    server = make_server()
+    good = prefixes[0]
+    bad = {"int32": forge(good, lambda t: t.to(torch.int32)), "bool": forge(good, lambda t: t > 0),
+           "float64": forge(good, lambda t: t.double()),
+           "fp16 declared float32": forge(good, lambda t: t.half()),
+           "float64 declared float64": forge(good, lambda t: t.double(), dtype="float64"),
+           "no tokens": forge(good, lambda t: t[:0], prefix_len="0")}
+    for label, body in bad.items():
+        r = upload(server, "alice", "p", body)
+        assert r.status_code == 400, (label, r.status_code)
+        message = r.json()["error"]["message"]
+        assert "float32" in message or "0 virtual tokens" in message, (label, message)
+    # a prefix exported in fp16, and saying so, is fine
+    assert upload(server, "alice", "p", forge(good, lambda t: t.half(), dtype="float16")).status_code == 201
