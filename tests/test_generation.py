@@ -129,3 +129,27 @@ def test_padded_rows_get_the_same_first_logits_as_alone(family, tokenizer):
         for i, (s, p) in enumerate(zip(sequences, rows)):
             alone = _Decoder(model, spec, *pad_batch([s], 0, "cpu", side), prefix_kv_from_groups([p], spec)).logits
             assert torch.allclose(batch[i], alone[0], atol=1e-4), (family, i, (batch[i] - alone[0]).abs().max())
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged(beams, tokenizer):
+    model = tiny_model("llama", seed=1)
+    spec = model_spec(model)
+    p1, p2 = prefixes(model, tokenizer)
+    rows, sequences = [p1, p2, None], ids(tokenizer, SOURCES[:3])
+    config = DecodingConfig(max_new_tokens=12, num_beams=beams, stop_at_newline=False, ignore_eos=True)
+    full = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config)
+    asked = []
+
+    def cancelled(row):  # row 1's request gives up after its 3rd step
+        asked.append(row)
+        return row == 1 and asked.count(1) > 3
+
+    cut = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config, cancelled=cancelled)
+    assert cut[0] == full[0] and cut[2] == full[2]
+    assert asked.count(1) == 4  # asked once more, then gone
+    if beams == 1:
+        assert cut[1] == full[1][:3]
+    everything = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config,
+                        cancelled=lambda row: True)
+    assert everything == [[], [], []]  # all gone at the first step

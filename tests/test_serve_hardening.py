@@ -143,3 +143,76 @@ def test_uploads_of_a_wrong_dtype_or_no_tokens_are_refused(make_server, prefixes
         assert "float32" in message or "0 virtual tokens" in message, (label, message)
     # a prefix exported in fp16, and saying so, is fine
     assert upload(server, "alice", "p", forge(good, lambda t: t.half(), dtype="float16")).status_code == 201
+
+
+# -- 2. a client that leaves, or runs out of time, leaves the batch ---------------------------------
+def test_a_dropped_stream_leaves_the_batch_at_the_next_step(make_server, prefixes):
+    server = make_server()
+    upload(server, "alice", "e2e", prefixes[0])
+    with held_worker(server, at_token=3) as worker:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=long_request(stream=True),
+                          headers=auth("alice"), timeout=60) as r:
+            assert r.status_code == 200
+            assert worker.reached.wait(30)
+        # the connection is closed: the request cancels its row while the worker is still held
+        assert wait_until(lambda: worker.jobs[0].future.cancelled())
+        worker.release.set()
+        assert wait_until(lambda: metric(server, completions("cancelled")) == 1)
+    assert worker.tokens == 3  # the held step's token, then the row left: no 4th step
+    assert metric(server, completions("ok")) == 0
+    assert healthy(server)
+
+
+def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes):
+    server = make_server()
+    upload(server, "alice", "e2e", prefixes[0])
+    with held_worker(server, at_token=3) as worker:
+        sock = raw_http(server, "POST", "/v1/completions", json.dumps(long_request()).encode())
+        assert worker.reached.wait(30)
+        sock.close()
+        assert wait_until(lambda: worker.jobs[0].future.cancelled())
+        worker.release.set()
+        assert wait_until(lambda: metric(server, completions("cancelled")) == 1)
+    assert worker.tokens == 3
+    assert metric(server, completions("ok")) == 0
+    assert wait_until(lambda: metric(
+        server, 'prefixtune_requests_total{route="/v1/completions",status="499"}') == 1)
+
+
+def test_a_timed_out_request_leaves_the_batch(make_server, prefixes):
+    server = make_server(request_timeout_s=0.5)
+    upload(server, "alice", "e2e", prefixes[0])
+    with held_worker(server, at_token=3) as worker:
+        answer = {}
+        asker = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            f"{server.url}/v1/completions", json=long_request(), headers=auth("alice"), timeout=60)))
+        asker.start()
+        assert worker.reached.wait(30)
+        assert wait_until(lambda: worker.jobs[0].future.cancelled())  # the handler's timeout
+        worker.release.set()
+        asker.join(60)
+        assert wait_until(lambda: metric(server, completions("cancelled")) == 1)
+    assert answer["r"].status_code == 503 and "timed out" in answer["r"].json()["error"]["message"]
+    assert worker.tokens == 3
+    assert metric(server, completions("ok")) == 0
+
+
+# -- 3. /health tells a stuck worker ----------------------------------------------------------------
+def test_health_is_503_while_the_worker_is_stuck_with_work_pending(make_server, prefixes):
+    server = make_server(worker_stall_s=0.3)
+    upload(server, "alice", "e2e", prefixes[0])
+    time.sleep(0.6)  # idle for longer than the limit: an idle worker is not a stuck one
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    with held_worker(server, at_token=1) as worker:
+        asker = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/completions", json=long_request(),
+                                                           headers=auth("alice"), timeout=60))
+        asker.start()
+        assert worker.reached.wait(30)
+        assert wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503)
+        body = httpx.get(f"{server.url}/health").json()
+        assert body["worker_alive"] and "has not finished a step" in body["reason"], body
+        assert body["worker_heartbeat_age_s"] > 0.3
+        worker.release.set()
+        asker.join(60)
+    assert wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 200)
+    assert metric(server, "prefixtune_worker_longest_stall_seconds") > 0.3

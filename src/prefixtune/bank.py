@@ -67,13 +67,15 @@ class PrefixBank:
         return source_ids(self.tokenizer, self.spec.family, text, self.template_of(prefix_id), self.max_source_len)
 
     def generate_ids(self, sequences: list[list[int]], prefix_ids: list[str | None],
-                     config: DecodingConfig | None = None, on_token=None) -> list[list[int]]:
-        """Token ids for each sequence; `on_token(row, token)` sees greedy tokens as they come (streaming)."""
+                     config: DecodingConfig | None = None, on_token=None, cancelled=None) -> list[list[int]]:
+        """Token ids for each sequence; `on_token(row, token)` sees greedy tokens as they come (streaming),
+        `cancelled(row)` drops a row whose request gave up (generation.decode)."""
         if len(sequences) != len(prefix_ids):
             raise ValueError(f"{len(sequences)} inputs but {len(prefix_ids)} prefix ids")
         groups = [None if pid is None else self.get(pid).p for pid in prefix_ids]
         prefix_kv = prefix_kv_from_groups(groups, self.spec, device=self.model.device, dtype=self.model.dtype)
-        return decode(self.model, self.tokenizer, sequences, prefix_kv, config, self.spec, on_token=on_token)
+        return decode(self.model, self.tokenizer, sequences, prefix_kv, config, self.spec, on_token=on_token,
+                      cancelled=cancelled)
 
     def generate(self, inputs: list[str], prefix_ids: list[str | None] | str | None = None,
                  config: DecodingConfig | None = None, batch_size: int = 32, raw: bool = False,

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..bank import PrefixBank
 from ..models import model_name
 from .batcher import Batcher, Job, JobError, Result
+from .connection import ClientDisconnect, unless_disconnected
 from .metrics import Metrics
 from .schemas import CompletionRequest
 from .settings import ServeSettings
@@ -159,7 +160,9 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     store = PrefixStore(bank, settings, keys.tenants())
     batcher = Batcher(bank, settings, metrics)
     metrics.gauges = {"prefixtune_queue_depth": batcher.depth, "prefixtune_prefixes": store.count,
-                      "prefixtune_worker_alive": lambda: int(batcher.alive())}
+                      "prefixtune_worker_alive": lambda: int(batcher.alive()),
+                      "prefixtune_worker_heartbeat_age_seconds": batcher.heartbeat_age,
+                      "prefixtune_worker_longest_stall_seconds": lambda: batcher.longest_stall_s}
     started = int(time.time())
 
     @asynccontextmanager
@@ -203,6 +206,11 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, e: ClientDisconnect):  # nobody reads the answer; 499 (nginx's) counts it
+        log.info("client disconnected: %s %s", request.method, request.url.path)
+        return error_response(499, "client closed the request", "client_disconnected")
 
     @app.exception_handler(Exception)
     async def _crash(request, e: Exception):
@@ -307,7 +315,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                 "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
 
     @app.post("/v1/completions", tags=["openai"], summary="OpenAI completions; `model` names a prefix")
-    async def completions(req: CompletionRequest, tenant: str = Depends(tenant_of)):
+    async def completions(req: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
         bank_id, prompts, max_tokens, stop_at_newline, stop_strings = plan(req, tenant)
         jobs = [Job(bank_id, text, max_tokens, req.num_beams, stop_at_newline, req.raw, req.ignore_eos,
                     timeout_s=settings.request_timeout_s) for text in prompts]
@@ -332,16 +340,28 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
         except JobError as e:
             metrics.inc("prefixtune_rejected_total", reason=e.code)
             raise
+        # Wait for the answer (a stream: its first event), unless the client leaves or time runs out; then its
+        # rows are cancelled and leave the decoding batch at the next step.
+        try:
+            if req.stream:
+                first = await unless_disconnected(events.get(), request.receive, settings.request_timeout_s)
+                failed = jobs[first[0]].future
+                if first[1] is None and not failed.cancelled() and failed.exception() is not None:
+                    raise failed.exception()  # refused before decoding: a status code, not an error in a stream
+            else:
+                results: list[Result] = await unless_disconnected(
+                    asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)), request.receive,
+                    settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            for job in jobs:
+                job.cancel()
+            metrics.inc("prefixtune_rejected_total", reason="timeout")
+            raise JobError(503, f"request timed out after {settings.request_timeout_s:g} s", "timeout") from None
+        except BaseException:  # failed, client gone (499), or cancelled
+            for job in jobs:
+                job.cancel()  # no-op when done; frees the rows of the others
+            raise
         if not req.stream:
-            try:
-                results: list[Result] = await asyncio.wait_for(
-                    asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)), settings.request_timeout_s)
-            except asyncio.TimeoutError:
-                metrics.inc("prefixtune_rejected_total", reason="timeout")
-                raise JobError(503, f"request timed out after {settings.request_timeout_s:g} s", "timeout") from None
-            finally:
-                for job in jobs:
-                    job.cancel()  # no-op when done; frees queued rows of a failed or timed-out request
             metrics.observe("prefixtune_request_seconds", time.monotonic() - t0)
             choices = []
             for i, (result, fin) in enumerate(zip(results, finishers)):
@@ -362,15 +382,17 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                 return f"data: {json.dumps(obj)}\n\n"
 
             open_rows = set(range(len(jobs)))
-            deadline = time.monotonic() + settings.request_timeout_s
+            deadline = t0 + settings.request_timeout_s
             prompt_tokens = 0
+            peeked = [first]
             try:
                 if req.echo:
                     for i, text in enumerate(prompts):
                         yield sse(chunk(cid, created, req.model, i, text, None))
                 while open_rows:
                     try:
-                        i, token = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                        i, token = peeked.pop() if peeked else await asyncio.wait_for(
+                            events.get(), max(0.0, deadline - time.monotonic()))
                     except asyncio.TimeoutError:
                         yield sse({"error": {"message": "request timed out", "type": "server_error",
                                              "code": "timeout"}})
@@ -415,12 +437,19 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- operations -------------------------------------------------------------------------
-    @app.get("/health", tags=["operations"], summary="200 while the server and its decoding worker run")
+    @app.get("/health", tags=["operations"], summary="200 while the decoding worker runs and keeps stepping")
     async def health():
-        alive = batcher.alive()
-        body = {"status": "ok" if alive else "unavailable", "model": base_name, "worker_alive": alive,
-                "queue_depth": batcher.depth(), "prefixes": store.count()}
-        return JSONResponse(body, status_code=200 if alive else 503)
+        alive, age = batcher.alive(), batcher.heartbeat_age()
+        stalled = alive and batcher.pending() and age > settings.worker_stall_s
+        body = {"status": "ok" if alive and not stalled else "unavailable", "model": base_name,
+                "worker_alive": alive, "worker_heartbeat_age_s": round(age, 3), "queue_depth": batcher.depth(),
+                "prefixes": store.count()}
+        if not alive:
+            body["reason"] = "the decoding worker is not running"
+        elif stalled:
+            body["reason"] = (f"the decoding worker has not finished a step for {age:.1f} s (limit "
+                              f"{settings.worker_stall_s:g} s) while work is pending")
+        return JSONResponse(body, status_code=200 if alive and not stalled else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus():

@@ -24,6 +24,7 @@ class ServeSettings:
     max_prompts_per_request: int = 32
     max_prompt_chars: int = 32_768
     max_json_bytes: int = 1 * MiB        # body of a JSON request (completions)
+    worker_stall_s: float = 30.0         # /health is 503 when work waits and the worker has not stepped for this long
 
     def __post_init__(self):
         self.store_dir = Path(self.store_dir)
@@ -31,5 +32,5 @@ class ServeSettings:
                      "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.batch_window_ms < 0 or self.request_timeout_s <= 0:
-            raise ValueError("batch_window_ms must be >= 0 and request_timeout_s > 0")
+        if self.batch_window_ms < 0 or min(self.request_timeout_s, self.worker_stall_s) <= 0:
+            raise ValueError("batch_window_ms must be >= 0, and request_timeout_s and worker_stall_s > 0")
