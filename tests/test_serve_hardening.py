@@ -216,3 +216,47 @@ def test_health_is_503_while_the_worker_is_stuck_with_work_pending(make_server, 
         asker.join(60)
     assert wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 200)
     assert metric(server, "prefixtune_worker_longest_stall_seconds") > 0.3
+
+
+# -- should fix: names, bodies, disconnects ---------------------------------------------------------
+def test_the_base_models_name_is_reserved(make_server, prefixes):
+    server = make_server()
+    r = upload(server, "alice", "tiny-llama", prefixes[0])
+    assert r.status_code == 400 and "base model" in r.json()["error"]["message"]
+    assert upload(server, "alice", "p", prefixes[0]).status_code == 201
+    assert [m.id for m in client(server, "alice").models.list()] == ["tiny-llama", "p"]
+
+
+def test_a_client_that_leaves_mid_upload_is_a_499_at_info(make_server, caplog):
+    server = make_server()
+    caplog.set_level(logging.INFO, logger="prefixtune.serve")
+    sock = raw_http(server, "PUT", "/v1/prefixes/p", b"\0" * 1000, length=100_000)
+    sock.close()
+    assert wait_until(lambda: metric(
+        server, 'prefixtune_requests_total{route="/v1/prefixes/{name}",status="499"}') == 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("client disconnected" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+    assert metric(server, 'prefixtune_requests_total{route="/v1/prefixes/{name}",status="500"}') == 0
+
+
+def test_a_body_that_arrives_too_slowly_gets_408(make_server):
+    server = make_server(body_timeout_s=0.5)
+    socks = [raw_http(server, "PUT", "/v1/prefixes/p", b"\0" * 1024, length=16 * 2**20) for _ in range(3)]
+    socks.append(raw_http(server, "POST", "/v1/completions", b'{"model": "tiny-llama", ', length=1000))
+    for sock in socks:
+        answer = b""
+        while chunk := sock.recv(4096):  # until the server closes the connection (the socket's limit: 30 s)
+            answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert b"not received within 0.5 s" in answer
+    assert healthy(server)
+
+
+def test_a_chunked_json_body_over_the_cap_is_413(make_server):
+    server = make_server(max_json_bytes=4096)
+    chunked = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                         content=iter([b'{"model": "tiny-llama", "prompt": "', b"y" * 10_000, b'"}']),
+                         headers={**auth("alice"), "Content-Type": "application/json"})
+    assert chunked.status_code == 413 and "4096" in chunked.json()["error"]["message"]
+    assert healthy(server)

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..bank import PrefixBank
 from ..models import model_name
 from .batcher import Batcher, Job, JobError, Result
-from .connection import ClientDisconnect, unless_disconnected
+from .connection import BodyError, ClientDisconnect, guarded_receive, unless_disconnected
 from .metrics import Metrics
 from .schemas import CompletionRequest
 from .settings import ServeSettings
@@ -48,21 +48,25 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
 
-def error_response(status: int, message: str, code: str | None, param: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, code: str | None, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
             429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = dict(headers or {})
+    if status in (429, 503):
+        headers["Retry-After"] = "1"
     if status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
 
 class _Guard:
-    """Pure ASGI middleware: caps JSON bodies (uploads have their own cap) and counts requests."""
+    """Pure ASGI middleware: caps JSON bodies (uploads have their own cap), limits the time to
+    receive any body, and counts requests."""
 
-    def __init__(self, app, metrics: Metrics, max_json_bytes: int):
-        self.app, self.metrics, self.max_json = app, metrics, max_json_bytes
+    def __init__(self, app, metrics: Metrics, max_json_bytes: int, body_timeout_s: float):
+        self.app, self.metrics, self.max_json, self.body_timeout = app, metrics, max_json_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -83,19 +87,10 @@ class _Guard:
             await response(scope, receive, send_counted)
             self.metrics.inc("prefixtune_requests_total", route="body_too_large", status=413)
             return
-        received = 0
-
-        async def receive_capped():
-            nonlocal received
-            message = await receive()
-            if not is_upload and message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_json:  # a chunked body without a length: cut it (it then fails to parse)
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return message
-
+        # a chunked body has no length to check first: it is cut off (413) as it grows
+        receive_guarded = guarded_receive(receive, self.body_timeout, None if is_upload else self.max_json)
         try:
-            await self.app(scope, receive_capped, send_counted)
+            await self.app(scope, receive_guarded, send_counted)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.inc("prefixtune_requests_total", route=route, status=status if sent else 500)
@@ -157,7 +152,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     bank = bank or PrefixBank(model, tokenizer)
     base_name = settings.model_name or model_name(model)
     metrics = Metrics()
-    store = PrefixStore(bank, settings, keys.tenants())
+    store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,))
     batcher = Batcher(bank, settings, metrics)
     metrics.gauges = {"prefixtune_queue_depth": batcher.depth, "prefixtune_prefixes": store.count,
                       "prefixtune_worker_alive": lambda: int(batcher.alive()),
@@ -179,7 +174,8 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                               "OpenAI-compatible: `model` names a prefix.")
     app.state.bank, app.state.store, app.state.batcher = bank, store, batcher
     app.state.metrics, app.state.settings, app.state.base_model = metrics, settings, base_name
-    app.add_middleware(_Guard, metrics=metrics, max_json_bytes=settings.max_json_bytes)
+    app.add_middleware(_Guard, metrics=metrics, max_json_bytes=settings.max_json_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     tenant_of = _tenant_dependency(keys)
 
     # -- errors: always OpenAI's shape, always a status code, never a dead server ----------------
@@ -205,7 +201,8 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None)
+        code = e.code if isinstance(e, BodyError) else "not_found" if e.status_code == 404 else None
+        return error_response(e.status_code, str(e.detail), code, headers=e.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request, e: ClientDisconnect):  # nobody reads the answer; 499 (nginx's) counts it

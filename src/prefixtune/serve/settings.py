@@ -25,6 +25,7 @@ class ServeSettings:
     max_prompt_chars: int = 32_768
     max_json_bytes: int = 1 * MiB        # body of a JSON request (completions)
     worker_stall_s: float = 30.0         # /health is 503 when work waits and the worker has not stepped for this long
+    body_timeout_s: float = 30.0         # to receive a whole request body (upload or JSON); then 408 (slowloris)
 
     def __post_init__(self):
         self.store_dir = Path(self.store_dir)
@@ -32,5 +33,6 @@ class ServeSettings:
                      "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.batch_window_ms < 0 or min(self.request_timeout_s, self.worker_stall_s) <= 0:
-            raise ValueError("batch_window_ms must be >= 0, and request_timeout_s and worker_stall_s > 0")
+        if self.batch_window_ms < 0 or min(self.request_timeout_s, self.body_timeout_s, self.worker_stall_s) <= 0:
+            raise ValueError("batch_window_ms must be >= 0, and request_timeout_s, body_timeout_s and "
+                             "worker_stall_s > 0")

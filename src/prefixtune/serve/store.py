@@ -5,9 +5,10 @@ tenant name and `name` must match a strict pattern, so no request text ever beco
 component unchecked. In the bank every prefix is namespaced as ``<tenant-hash>/<name>``: two
 tenants may each own an ``e2e`` and neither can reach the other's.
 
-An upload is validated completely (format, checksum, fingerprint against the base model,
-finite values, length) before anything is written; the file is then written with a temp file
-and a rename, so a crash leaves either the old prefix or the new one, never half a file.
+An upload is validated completely (format, dtype, checksum, fingerprint against the base model,
+finite values, length, template: io.check_prefix) before anything is written; the file is then
+written with a temp file and a rename, so a crash leaves either the old prefix or the new one,
+never half a file. The base model's name is reserved: no prefix may take it.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def check_name(name: str):
 
 
 class PrefixStore:
-    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str]):
+    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str], reserved: tuple[str, ...] = ()):
         self.bank, self.settings = bank, settings
+        self.reserved = set(reserved)  # the base model's name: `model` must mean one thing
         self.root = Path(settings.store_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -82,6 +84,9 @@ class PrefixStore:
                 continue
             name = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else None
             if name is None or not valid_name(name) or not path.is_file():
+                continue
+            if name in self.reserved:
+                log.warning("skipping stored prefix %s: its name is the base model's", path)
                 continue
             try:
                 data = path.read_bytes()
@@ -111,6 +116,9 @@ class PrefixStore:
     def put(self, tenant: str, name: str, data: bytes, overwrite: bool = True) -> tuple[PrefixInfo, bool]:
         """Validate and store; returns (info, created). Nothing changes unless everything passes."""
         path = self._path(tenant, name)
+        if name in self.reserved:
+            raise StoreError(400, f"{name!r} is the base model's name, reserved: choose another prefix name",
+                             "reserved_name")
         if len(data) > self.settings.max_upload_bytes:
             raise StoreError(413, f"upload of {len(data)} bytes exceeds the limit of "
                                   f"{self.settings.max_upload_bytes} bytes", "upload_too_large")
