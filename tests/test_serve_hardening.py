@@ -260,3 +260,30 @@ def test_a_chunked_json_body_over_the_cap_is_413(make_server):
                          headers={**auth("alice"), "Content-Type": "application/json"})
     assert chunked.status_code == 413 and "4096" in chunked.json()["error"]["message"]
     assert healthy(server)
+
+
+# -- should fix: prompts and field types ------------------------------------------------------------
+def test_a_prompt_over_the_limit_is_refused_unless_truncation_is_asked(make_server):
+    server = make_server()
+    oa = client(server, "alice")
+    long_prompt = "name : The Eagle | food : Thai | " * 60  # over 512 tokens
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="the limit is 512"):
+            oa.completions.create(model="tiny-llama", prompt=long_prompt, max_tokens=2, stream=stream)
+    out = oa.completions.create(model="tiny-llama", prompt=long_prompt, max_tokens=2,
+                                extra_body={"truncate_prompt_tokens": 100})
+    assert out.usage.prompt_tokens <= 100
+    with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens"):
+        oa.completions.create(model="tiny-llama", prompt="x", extra_body={"truncate_prompt_tokens": 513})
+    assert oa.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=2).choices
+
+
+def test_field_types_are_strict(make_server):
+    server = make_server()
+    url, h = f"{server.url}/v1/completions", auth("alice")
+    base = {"model": "tiny-llama", "prompt": "x", "max_tokens": 2}
+    for field, value in (("max_tokens", True), ("max_tokens", 2.0), ("max_tokens", "2"), ("stream", "yes"),
+                         ("stream", 1), ("echo", "true"), ("num_beams", "2"), ("raw", 0), ("prompt", 5)):
+        r = httpx.post(url, json={**base, field: value}, headers=h, timeout=30)
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (field, value, r.text)
+    assert httpx.post(url, json={**base, "temperature": 0, "top_p": 1}, headers=h, timeout=30).status_code == 200

@@ -61,10 +61,13 @@ class PrefixBank:
         return template or DEFAULT_TEMPLATES[self.spec.family]
 
     # -- decoding ----------------------------------------------------------------------------
-    def encode(self, text: str, prefix_id: str | None, raw: bool = False) -> list[int]:
+    def encode(self, text: str, prefix_id: str | None, raw: bool = False, max_len: int | None = None) -> list[int]:
+        """The prompt's token ids, at most `max_len` (default `max_source_len`): a source loses the end of
+        its text, never its template; a raw prompt keeps its last tokens."""
+        max_len = max_len or self.max_source_len
         if raw:
-            return self.tokenizer(text)["input_ids"][-self.max_source_len:]
-        return source_ids(self.tokenizer, self.spec.family, text, self.template_of(prefix_id), self.max_source_len)
+            return self.tokenizer(text)["input_ids"][-max_len:]
+        return source_ids(self.tokenizer, self.spec.family, text, self.template_of(prefix_id), max_len)
 
     def generate_ids(self, sequences: list[list[int]], prefix_ids: list[str | None],
                      config: DecodingConfig | None = None, on_token=None, cancelled=None) -> list[list[int]]:

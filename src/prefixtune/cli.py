@@ -264,6 +264,8 @@ def serve(
     max_prefixes: int = typer.Option(64, help="prefixes per tenant"),
     tenant_quota_mb: float = typer.Option(256.0, help="bytes of prefixes per tenant"),
     max_tokens_limit: int = typer.Option(512, help="largest max_tokens a request may ask for"),
+    max_prompt_tokens: int = typer.Option(512, help="longest prompt, template included; longer: 400 unless the "
+                                                    "request sends truncate_prompt_tokens"),
     body_timeout: float = typer.Option(30.0, help="seconds to receive a request body (upload or JSON); then 408"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     log_level: str = typer.Option("info"),
@@ -276,7 +278,8 @@ def serve(
                    batch_window_ms=batch_window_ms, max_batch_size=max_batch_size, max_queue=max_queue,
                    request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * 2**20),
                    max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * 2**20),
-                   max_tokens_limit=max_tokens_limit, body_timeout_s=body_timeout)
+                   max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                   body_timeout_s=body_timeout)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -297,6 +297,9 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
         stops = None if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
         if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
             raise APIError(400, "stop must be up to 4 non-empty strings", "invalid_stop", "stop")
+        if (req.truncate_prompt_tokens or 0) > settings.max_prompt_tokens:
+            raise APIError(400, f"truncate_prompt_tokens must be <= {settings.max_prompt_tokens} (the prompt limit)",
+                           "invalid_truncate_prompt_tokens", "truncate_prompt_tokens")
         stop_at_newline = stops is None or "\n" in stops
         stop_strings = [s for s in stops or [] if s != "\n"]
         if req.model == base_name:
@@ -315,7 +318,8 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     async def completions(req: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
         bank_id, prompts, max_tokens, stop_at_newline, stop_strings = plan(req, tenant)
         jobs = [Job(bank_id, text, max_tokens, req.num_beams, stop_at_newline, req.raw, req.ignore_eos,
-                    timeout_s=settings.request_timeout_s) for text in prompts]
+                    timeout_s=settings.request_timeout_s, truncate_to=req.truncate_prompt_tokens)
+                for text in prompts]
         finishers = [_Finisher(tokenizer, max_tokens, stop_strings) for _ in prompts]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         t0 = time.monotonic()
@@ -344,7 +348,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                 first = await unless_disconnected(events.get(), request.receive, settings.request_timeout_s)
                 failed = jobs[first[0]].future
                 if first[1] is None and not failed.cancelled() and failed.exception() is not None:
-                    raise failed.exception()  # refused before decoding: a status code, not an error in a stream
+                    raise failed.exception()  # refused before decoding (a prompt too long, ...): a status code
             else:
                 results: list[Result] = await unless_disconnected(
                     asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)), request.receive,

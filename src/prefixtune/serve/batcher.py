@@ -14,6 +14,7 @@ at the next decoding step. The worker beats a heartbeat at every step and every 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -62,6 +63,7 @@ class Job:
     ignore_eos: bool = False
     on_token: Callable[[int], None] | None = None   # called from the worker thread, one token at a time
     timeout_s: float = float("inf")
+    truncate_to: int | None = None      # cut the prompt to this many tokens (else: too long is a 400)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     outcome: str | None = None          # how it was counted in prefixtune_completions_total (once)
@@ -201,14 +203,20 @@ class Batcher:
         if job.bank_id is not None and job.bank_id not in self.bank:
             _resolve(job, error=JobError(404, "the prefix was deleted before decoding", "model_not_found"))
             return None
-        try:
-            seq = self.bank.encode(job.text, job.bank_id, job.raw)
+        limit = self.settings.max_prompt_tokens
+        try:  # encoded whole unless truncation was asked for, so that too long is refused, not cut
+            seq = self.bank.encode(job.text, job.bank_id, job.raw, max_len=job.truncate_to or sys.maxsize)
         except Exception as e:
             _resolve(job, error=JobError(400, f"could not encode the prompt ({type(e).__name__})",
                                          "invalid_prompt"))
             return None
         if not seq:
             _resolve(job, error=JobError(400, "the prompt encodes to no tokens", "invalid_prompt"))
+            return None
+        if len(seq) > limit:
+            _resolve(job, error=JobError(400, f"the prompt is {len(seq)} tokens (with its template); the limit is "
+                                              f"{limit}. Shorten it, or send truncate_prompt_tokens to cut it",
+                                         "prompt_too_long"))
             return None
         return seq
 

@@ -23,14 +23,16 @@ class ServeSettings:
     default_max_tokens: int = 16         # OpenAI's default when max_tokens is absent
     max_prompts_per_request: int = 32
     max_prompt_chars: int = 32_768
+    max_prompt_tokens: int = 512         # a prompt with its template; longer: 400, unless truncate_prompt_tokens
     max_json_bytes: int = 1 * MiB        # body of a JSON request (completions)
-    worker_stall_s: float = 30.0         # /health is 503 when work waits and the worker has not stepped for this long
     body_timeout_s: float = 30.0         # to receive a whole request body (upload or JSON); then 408 (slowloris)
+    worker_stall_s: float = 30.0         # /health is 503 when work waits and the worker has not stepped for this long
 
     def __post_init__(self):
         self.store_dir = Path(self.store_dir)
         for name in ("max_batch_size", "max_queue", "max_upload_bytes", "max_prefixes_per_tenant",
-                     "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request"):
+                     "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request",
+                     "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.batch_window_ms < 0 or min(self.request_timeout_s, self.body_timeout_s, self.worker_stall_s) <= 0:
