@@ -19,8 +19,8 @@ import httpx
 import pytest
 import torch
 
-from test_serve import (KEYS, PROMPTS, auth, client, healthy, make_server, model, prefixes,  # noqa: F401
-                        real_tokenizer, snapshot, upload)
+from test_serve import (KEYS, PROMPTS, auth, client, expected, healthy, make_server, model,  # noqa: F401
+                        prefixes, real_tokenizer, snapshot, upload)
 
 openai = pytest.importorskip("openai")
 LONG = 300  # max_tokens of a row that should never get that far
@@ -70,10 +70,12 @@ def held_worker(server, at_token: int):
     tokens it emits and records the jobs submitted."""
     app_state = server.server.config.app.state
     bank, batcher = app_state.bank, app_state.batcher
-    state = SimpleNamespace(reached=threading.Event(), release=threading.Event(), tokens=0, jobs=[])
+    state = SimpleNamespace(reached=threading.Event(), release=threading.Event(), tokens=0, jobs=[], calls=0)
     generate_ids, submit = bank.generate_ids, batcher.submit
 
     def gated(sequences, prefix_ids, config=None, on_token=None, **kw):
+        state.calls += 1
+
         def counted(row, token):
             state.tokens += 1
             if state.tokens == at_token:
@@ -195,6 +197,33 @@ def test_a_timed_out_request_leaves_the_batch(make_server, prefixes):
     assert answer["r"].status_code == 503 and "timed out" in answer["r"].json()["error"]["message"]
     assert worker.tokens == 3
     assert metric(server, completions("ok")) == 0
+
+
+def test_a_batch_prefills_at_most_max_batch_tokens_and_given_up_rows_skip_theirs(make_server, prefixes, model,
+                                                                                   real_tokenizer):
+    server = make_server(max_batch_tokens=16, batch_window_ms=200)  # prompts of 10, 15, 3, 10 tokens
+    upload(server, "alice", "e2e", prefixes[0])
+    before = metric(server, "prefixtune_batches_total")
+    out = client(server, "alice").completions.create(model="e2e", prompt=PROMPTS, max_tokens=4, stop=[])
+    assert metric(server, "prefixtune_batches_total") - before == 3  # [10], [15], [3, 10]: not one batch
+    assert [c.text for c in out.choices] == [expected(model, real_tokenizer, prefixes[0], p, 4, stop_at_newline=False)
+                                             for p in PROMPTS]
+    server.stop()
+    server = make_server(store=server.server.config.app.state.settings.store_dir, max_batch_tokens=16,
+                         batch_window_ms=200, request_timeout_s=0.5)
+    with held_worker(server, at_token=1) as worker:
+        r = {}
+        asker = threading.Thread(target=lambda: r.update(r=httpx.post(
+            f"{server.url}/v1/completions", json={**long_request(), "prompt": PROMPTS}, headers=auth("alice"),
+            timeout=60)))
+        asker.start()
+        assert worker.reached.wait(30)
+        assert wait_until(lambda: all(job.future.cancelled() for job in worker.jobs))  # the request timed out
+        worker.release.set()
+        asker.join(60)
+        assert wait_until(lambda: metric(server, completions("cancelled")) == len(PROMPTS))
+    assert r["r"].status_code == 503
+    assert worker.calls == 1  # the rows of the later batches were never prefilled
 
 
 # -- 3. /health tells a stuck worker ----------------------------------------------------------------

@@ -258,6 +258,7 @@ def serve(
                                                          "(also $PREFIXTUNE_API_KEYS='key:tenant,...')"),
     batch_window_ms: float = typer.Option(10.0, help="requests arriving within this window are decoded together"),
     max_batch_size: int = typer.Option(32, help="rows per decoding batch"),
+    max_batch_tokens: int = typer.Option(2048, help="prompt tokens per decoding batch (bounds one prefill step)"),
     max_queue: int = typer.Option(256, help="rows waiting to be decoded; beyond that: 429"),
     request_timeout: float = typer.Option(120.0, help="seconds a completion may wait and decode; then 503"),
     max_upload_mb: float = typer.Option(16.0, help="largest prefix upload"),
@@ -275,7 +276,8 @@ def serve(
 
     try:
         run_server(model, store, host=host, port=port, keys_file=keys_file, threads=threads, log_level=log_level,
-                   batch_window_ms=batch_window_ms, max_batch_size=max_batch_size, max_queue=max_queue,
+                   batch_window_ms=batch_window_ms, max_batch_size=max_batch_size,
+                   max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                    request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * 2**20),
                    max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * 2**20),
                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,

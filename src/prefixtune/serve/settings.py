@@ -13,6 +13,7 @@ class ServeSettings:
     model_name: str | None = None        # the base model's name in /v1/models; default: the model's own name
     batch_window_ms: float = 10.0        # requests arriving within this window of the first are decoded together
     max_batch_size: int = 32             # rows per decoding batch
+    max_batch_tokens: int = 2048         # prompt tokens per decoding batch: bounds the prefill, one uninterrupted step
     max_queue: int = 256                 # rows waiting for the worker; beyond that: 429
     request_timeout_s: float = 120.0     # queueing + decoding; beyond that: 503
     max_upload_bytes: int = 16 * MiB     # one prefix file
@@ -30,7 +31,7 @@ class ServeSettings:
 
     def __post_init__(self):
         self.store_dir = Path(self.store_dir)
-        for name in ("max_batch_size", "max_queue", "max_upload_bytes", "max_prefixes_per_tenant",
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_upload_bytes", "max_prefixes_per_tenant",
                      "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request",
                      "max_prompt_tokens"):
             if getattr(self, name) < 1:
