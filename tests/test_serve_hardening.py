@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from test_serve import (KEYS, PROMPTS, auth, client, expected, healthy, make_server, model,  # noqa: F401
-                        prefixes, real_tokenizer, snapshot, upload)
+                        prefixes, real_tokenizer, server_store, snapshot, upload)
 
 openai = pytest.importorskip("openai")
 LONG = 300  # max_tokens of a row that should never get that far
@@ -148,7 +148,7 @@ def test_uploads_of_a_wrong_dtype_or_no_tokens_are_refused(make_server, prefixes
 
 
 # -- 2. a client that leaves, or runs out of time, leaves the batch ---------------------------------
-def test_a_dropped_stream_leaves_the_batch_at_the_next_step(make_server, prefixes):
+def test_a_dropped_stream_leaves_the_batch_at_the_next_step(make_server, prefixes, caplog):
     server = make_server()
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
@@ -162,10 +162,14 @@ def test_a_dropped_stream_leaves_the_batch_at_the_next_step(make_server, prefixe
         assert wait_until(lambda: metric(server, completions("cancelled")) == 1)
     assert worker.tokens == 3  # the held step's token, then the row left: no 4th step
     assert metric(server, completions("ok")) == 0
-    assert healthy(server)
+    assert healthy(server) and no_errors_logged(caplog)
 
 
-def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes):
+def no_errors_logged(caplog) -> bool:  # a client that leaves is no error (nor a traceback, nor asyncio's complaint)
+    return not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes, caplog):
     server = make_server()
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
@@ -179,9 +183,10 @@ def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes):
     assert metric(server, completions("ok")) == 0
     assert wait_until(lambda: metric(
         server, 'prefixtune_requests_total{route="/v1/completions",status="499"}') == 1)
+    assert no_errors_logged(caplog), [r.getMessage() for r in caplog.records]
 
 
-def test_a_timed_out_request_leaves_the_batch(make_server, prefixes):
+def test_a_timed_out_request_leaves_the_batch(make_server, prefixes, caplog):
     server = make_server(request_timeout_s=0.5)
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
@@ -197,6 +202,7 @@ def test_a_timed_out_request_leaves_the_batch(make_server, prefixes):
     assert answer["r"].status_code == 503 and "timed out" in answer["r"].json()["error"]["message"]
     assert worker.tokens == 3
     assert metric(server, completions("ok")) == 0
+    assert no_errors_logged(caplog), [r.getMessage() for r in caplog.records]
 
 
 def test_a_batch_prefills_at_most_max_batch_tokens_and_given_up_rows_skip_theirs(make_server, prefixes, model,
@@ -209,7 +215,7 @@ def test_a_batch_prefills_at_most_max_batch_tokens_and_given_up_rows_skip_theirs
     assert [c.text for c in out.choices] == [expected(model, real_tokenizer, prefixes[0], p, 4, stop_at_newline=False)
                                              for p in PROMPTS]
     server.stop()
-    server = make_server(store=server.server.config.app.state.settings.store_dir, max_batch_tokens=16,
+    server = make_server(store=server_store(server), max_batch_tokens=16,
                          batch_window_ms=200, request_timeout_s=0.5)
     with held_worker(server, at_token=1) as worker:
         r = {}

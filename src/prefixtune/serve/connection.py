@@ -74,13 +74,19 @@ async def unless_disconnected(awaitable, receive, timeout_s: float):
     try:
         done, _ = await asyncio.wait({work, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # this handler was cancelled (shutdown): so is its work
-        work.cancel()
+        _cancel(work)
         raise
     finally:
         gone.cancel()
     if work in done:
         return work.result()
-    work.cancel()
+    _cancel(work)
     if gone in done:
         raise ClientDisconnect()
     raise asyncio.TimeoutError
+
+
+def _cancel(work: asyncio.Future):
+    work.cancel()
+    # a cancelled gather() ends with CancelledError as its *exception*: read it, or asyncio logs an ERROR
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())
