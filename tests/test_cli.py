@@ -114,3 +114,38 @@ def test_finetune_output_works_with_info_generate_and_eval(tiny_dir, tmp_path, d
     assert "scoring 3 hypotheses: sacreBLEU" in evaluated.stderr  # eval says what it does while it scores
     assert "of the first 3 of 630 e2e test items written to" in evaluated.stderr
     assert len((out / "eval-e2e-test" / "hypotheses.txt").read_text().splitlines()) == 3
+
+
+def test_bad_files_and_options_end_in_one_error_line(tiny_dir, tmp_path, data_dir):
+    """Each of these once ended in a traceback (or, for NaN, in an empty answer and exit 0)."""
+    import struct
+
+    from safetensors.torch import save
+
+    from prefixtune.io import FORMAT, prefix_to_bytes
+    from prefixtune.models import load_base_model, model_spec
+    from prefixtune.prefix import group_width, groups_of
+
+    spec = model_spec(load_base_model(str(tiny_dir))[0])
+    p = {g: torch.randn(3, group_width(spec, n)) for g, n in groups_of(spec).items()}
+    files = {"list-header": struct.pack("<Q", 2) + b"[]",
+             "scalar": save({"prefix.decoder": torch.tensor(1.0)}, metadata={"format": FORMAT, "sha256": "0"}),
+             "template": prefix_to_bytes(p, spec, "tiny", {"template": "{source"}),
+             "nan": prefix_to_bytes({g: t * float("nan") for g, t in p.items()}, spec, "tiny")}
+    for name, data in files.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(data)
+    commands = [("info", tmp_path / "list-header.safetensors"), ("info", tmp_path / "scalar.safetensors")]
+    commands += [("generate", "--model", tiny_dir, "--prefix", tmp_path / f"{name}.safetensors", "x")
+                 for name in ("list-header", "template", "nan")]
+    commands += [("train", "-o", tmp_path / "run", "--model", tiny_dir, "--data-dir", data_dir, "--train-size", 4,
+                  "--max-steps", 1, "--batch-size", 0),
+                 ("train", "-o", tmp_path / "run", "--model", tiny_dir, "--template", "{source.__class__}")]
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    for args in commands:  # in this process: a traceback would be an exception here, not exit code 2
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 2 and result.stdout == "", (args, result.exit_code, result.exception)
+        last = result.stderr.strip().splitlines()[-1]  # after the model's loading bar, if any
+        assert last.startswith("error: "), (args, result.stderr[-2000:])

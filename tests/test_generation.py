@@ -180,3 +180,27 @@ def test_bank_passes_repetition_controls(tokenizer):
     plain = bank.generate(SOURCES, None, max_new_tokens=10, stop_at_newline=False)
     controlled = bank.generate(SOURCES, None, max_new_tokens=10, stop_at_newline=False, no_repeat_ngram_size=1)
     assert plain != controlled
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged(beams, tokenizer):
+    model = tiny_model("llama", seed=1)
+    spec = model_spec(model)
+    p1, p2 = prefixes(model, tokenizer)
+    rows, sequences = [p1, p2, None], ids(tokenizer, SOURCES[:3])
+    config = DecodingConfig(max_new_tokens=12, num_beams=beams, stop_at_newline=False, ignore_eos=True)
+    full = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config)
+    asked = []
+
+    def cancelled(row):  # row 1's request gives up after its 3rd step
+        asked.append(row)
+        return row == 1 and asked.count(1) > 3
+
+    cut = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config, cancelled=cancelled)
+    assert cut[0] == full[0] and cut[2] == full[2]
+    assert asked.count(1) == 4  # asked once more, then gone
+    if beams == 1:
+        assert cut[1] == full[1][:3]
+    everything = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config,
+                        cancelled=lambda row: True)
+    assert everything == [[], [], []]  # all gone at the first step

@@ -97,3 +97,90 @@ def test_readable_metadata_has_real_json_values(exported):
     assert meta["model_spec"]["num_kv_heads"] == 2 and meta["train_config"] == {"lr": 0.1}
     assert isinstance(meta["sha256"], str) and isinstance(meta["fingerprint"], str)
     assert readable_metadata({"fingerprint": "1234567890123456"})["fingerprint"] == "1234567890123456"
+
+
+# -- one validation for every way in (issue 10) ----------------------------------------------------
+def _forged(data: bytes, tensors=None, **metadata) -> bytes:
+    """`data` with tensors transformed / metadata replaced and the checksum made to match again."""
+    import json
+    import struct
+
+    from safetensors.torch import load, save
+
+    from prefixtune.io import _digest
+
+    meta = {**json.loads(data[8: 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"], **metadata}
+    loaded = load(data)
+    loaded = tensors(loaded) if tensors else loaded
+    return save(loaded, metadata={**meta, "sha256": _digest(loaded)})
+
+
+                                      "{source}{source}", "x" * 1001 + "{source}", 7])
+def test_a_template_is_data_not_code(exported, tokenizer, template):
+    import json
+
+    from prefixtune.bank import PrefixBank
+    from prefixtune.io import ExportedPrefix
+
+    path, p, spec = exported
+    bad = save_prefix(path.parent / "bad.safetensors", p, spec, "tiny-llama", {"template": template})
+    with pytest.raises(PrefixFileError, match="template"):
+        load_prefix(bad, spec)
+    bank = PrefixBank(tiny_model("llama"), tokenizer)  # the same rule for a prefix built in memory
+    metadata = {"fingerprint": spec.fingerprint(), "train_config": json.dumps({"template": template})}
+    with pytest.raises(PrefixFileError, match="template"):
+        bank.add("p", ExportedPrefix(p, metadata))
+    assert bank.ids() == []
+
+
+def test_a_template_is_filled_without_str_format(exported, tokenizer):
+    from prefixtune.bank import PrefixBank
+    from prefixtune.templates import fill_template
+
+    assert fill_template("{{x}} {source}\n", "{source.__class__} {0}") == "{x} {source.__class__} {0}\n"
+    path, p, spec = exported
+    ok = save_prefix(path.parent / "ok.safetensors", p, spec, "tiny-llama", {"template": "In: {source} {{Out}}:"})
+    bank = PrefixBank(tiny_model("llama"), tokenizer)
+    bank.add("p", ok)
+    assert bank.encode("{source:>99}", "p") == tokenizer("In: {source:>99} {Out}:")["input_ids"]
+
+
+def test_malformed_files_are_prefix_file_errors(exported):
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    from prefixtune.io import FORMAT
+
+    path, _, spec = exported
+    good = path.read_bytes()
+    list_header = struct.pack("<Q", 2) + b"[]"
+    scalar = save({"prefix.decoder": torch.tensor(1.0)}, metadata={"format": FORMAT, "sha256": "0"})
+    cases = {"list header": (list_header, "not an object"),
+             "metadata not strings": (_with_header(good, lambda h: {**h, "__metadata__": {"format": 1}}),
+                                      "not a valid"),
+             "scalar tensor": (scalar, "inconsistent shapes"),
+             "int32": (_forged(good, lambda d: {k: v.to(torch.int32) for k, v in d.items()}), "is int32"),
+             "bool": (_forged(good, lambda d: {k: v > 0 for k, v in d.items()}), "is bool"),
+             "float64": (_forged(good, lambda d: {k: v.double() for k, v in d.items()}, dtype="float64"),
+                         "is float64"),
+             "fp16 said float32": (_forged(good, lambda d: {k: v.half() for k, v in d.items()}), "declares"),
+             "no tokens": (_forged(good, lambda d: {k: v[:0] for k, v in d.items()}), "0 virtual tokens"),
+             "nan": (_forged(good, lambda d: {k: v * float("nan") for k, v in d.items()}), "NaN"),
+             "train_config a list": (_forged(good, train_config=json.dumps([1])), "not a JSON object"),
+             "model_spec a list": (_forged(good, fingerprint="x", model_spec="[]"), "different shape")}
+    for label, (data, message) in cases.items():
+        with pytest.raises(PrefixFileError, match=message):
+            load_prefix_bytes(data, spec, source=label)
+    half = _forged(good, lambda d: {k: v.half() for k, v in d.items()}, dtype="float16")
+    assert load_prefix_bytes(half, spec).prefix_len == 5  # an fp16 export that says so is fine
+
+
+def _with_header(data: bytes, change) -> bytes:
+    import json
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(change(json.loads(data[8: 8 + n]))).encode()
+    return struct.pack("<Q", len(header)) + header + data[8 + n:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .generation import DecodingConfig, decode
-from .io import ExportedPrefix, PrefixFileError, check_compatible, load_prefix
+from .io import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
 from .models import model_spec
 from .modeling import prefix_kv_from_groups
 
@@ -26,11 +26,11 @@ class PrefixBank:
 
     # -- the store ---------------------------------------------------------------------------
     def add(self, prefix_id: str, prefix: ExportedPrefix | str | Path) -> ExportedPrefix:
-        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked against the model."""
+        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked (io.check_prefix)."""
         if not isinstance(prefix, ExportedPrefix):
             prefix = load_prefix(prefix, self.spec)
         else:
-            check_compatible(prefix, self.spec, f"prefix {prefix_id!r}")
+            check_prefix(prefix, self.spec, f"prefix {prefix_id!r}")
         device = self.model.device
         prefix = ExportedPrefix({g: t.to(device) for g, t in prefix.p.items()}, prefix.metadata)
         with self._lock:
@@ -56,29 +56,29 @@ class PrefixBank:
             return self._prefixes[prefix_id]
 
     def template_of(self, prefix_id: str | None) -> str:
-        """How a prefix's training wrote the source (stored in its metadata)."""
-        if prefix_id is not None:
-            import json
-
-            cfg = json.loads(self.get(prefix_id).metadata.get("train_config", "{}") or "{}")
-            if cfg.get("template"):
-                return cfg["template"]
-        return DEFAULT_TEMPLATES[self.spec.family]
+        """How a prefix's training wrote the source (stored in its metadata, checked when added)."""
+        template = None if prefix_id is None else source_template(self.get(prefix_id).metadata, prefix_id)
+        return template or DEFAULT_TEMPLATES[self.spec.family]
 
     # -- decoding ----------------------------------------------------------------------------
-    def encode(self, text: str, prefix_id: str | None, raw: bool = False) -> list[int]:
+    def encode(self, text: str, prefix_id: str | None, raw: bool = False, max_len: int | None = None) -> list[int]:
+        """The prompt's token ids, at most `max_len` (default `max_source_len`): a source loses the end of
+        its text, never its template; a raw prompt keeps its last tokens."""
+        max_len = max_len or self.max_source_len
         if raw:
-            return self.tokenizer(text)["input_ids"][-self.max_source_len:]
-        return source_ids(self.tokenizer, self.spec.family, text, self.template_of(prefix_id), self.max_source_len)
+            return self.tokenizer(text)["input_ids"][-max_len:]
+        return source_ids(self.tokenizer, self.spec.family, text, self.template_of(prefix_id), max_len)
 
     def generate_ids(self, sequences: list[list[int]], prefix_ids: list[str | None],
-                     config: DecodingConfig | None = None, on_token=None) -> list[list[int]]:
-        """Token ids for each sequence; `on_token(row, token)` sees greedy tokens as they come (streaming)."""
+                     config: DecodingConfig | None = None, on_token=None, cancelled=None) -> list[list[int]]:
+        """Token ids for each sequence; `on_token(row, token)` sees greedy tokens as they come (streaming),
+        `cancelled(row)` drops a row whose request gave up (generation.decode)."""
         if len(sequences) != len(prefix_ids):
             raise ValueError(f"{len(sequences)} inputs but {len(prefix_ids)} prefix ids")
         groups = [None if pid is None else self.get(pid).p for pid in prefix_ids]
         prefix_kv = prefix_kv_from_groups(groups, self.spec, device=self.model.device, dtype=self.model.dtype)
-        return decode(self.model, self.tokenizer, sequences, prefix_kv, config, self.spec, on_token=on_token)
+        return decode(self.model, self.tokenizer, sequences, prefix_kv, config, self.spec, on_token=on_token,
+                      cancelled=cancelled)
 
     def generate(self, inputs: list[str], prefix_ids: list[str | None] | str | None = None,
                  config: DecodingConfig | None = None, batch_size: int = 32, raw: bool = False,

@@ -98,15 +98,15 @@ def train(
     (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
     from .train import TrainConfig, train as run_train
 
-    config = TrainConfig(
-        output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
-        task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
-        prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
-        batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
-        save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing, template=template,
-        adapter_budget=adapter_budget, device=device)
     try:
+        config = TrainConfig(
+            output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
+            task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
+            prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
+            batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
+            save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
+            template=template, adapter_budget=adapter_budget, device=device)
         result = run_train(config, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
@@ -349,12 +349,16 @@ def serve(
                                                          "(also $PREFIXTUNE_API_KEYS='key:tenant,...')"),
     batch_window_ms: float = typer.Option(10.0, help="requests arriving within this window are decoded together"),
     max_batch_size: int = typer.Option(32, help="rows per decoding batch"),
+    max_batch_tokens: int = typer.Option(2048, help="prompt tokens per decoding batch (bounds one prefill step)"),
     max_queue: int = typer.Option(256, help="rows waiting to be decoded; beyond that: 429"),
     request_timeout: float = typer.Option(120.0, help="seconds a completion may wait and decode; then 503"),
     max_upload_mb: float = typer.Option(16.0, help="largest prefix upload"),
     max_prefixes: int = typer.Option(64, help="prefixes per tenant"),
     tenant_quota_mb: float = typer.Option(256.0, help="bytes of prefixes per tenant"),
     max_tokens_limit: int = typer.Option(512, help="largest max_tokens a request may ask for"),
+    max_prompt_tokens: int = typer.Option(512, help="longest prompt, template included; longer: 400 unless the "
+                                                    "request sends truncate_prompt_tokens"),
+    body_timeout: float = typer.Option(30.0, help="seconds to receive a request body (upload or JSON); then 408"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     log_level: str = typer.Option("info"),
     device: str = _device_option(),
@@ -365,10 +369,12 @@ def serve(
     try:
         run_server(model, store, host=host, port=port, keys_file=keys_file, threads=threads, log_level=log_level,
                    device=device,
-                   batch_window_ms=batch_window_ms, max_batch_size=max_batch_size, max_queue=max_queue,
+                   batch_window_ms=batch_window_ms, max_batch_size=max_batch_size,
+                   max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                    request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * 2**20),
                    max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * 2**20),
-                   max_tokens_limit=max_tokens_limit)
+                   max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                   body_timeout_s=body_timeout)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -177,11 +177,13 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 @torch.no_grad()
 def decode(model, tokenizer, sequences: list[list[int]], prefix_kv: PrefixKV | None = None,
            config: DecodingConfig | None = None, spec: ModelSpec | None = None,
-           embeds_prefix: torch.Tensor | None = None, on_token=None) -> list[list[int]]:
+           embeds_prefix: torch.Tensor | None = None, on_token=None, cancelled=None) -> list[list[int]]:
     """Generated token ids (stop token excluded) for each input sequence; row i uses prefix row i.
 
     `embeds_prefix` (batch, k, hidden): input embeddings read before each row's tokens (embedding-only).
     `on_token(row, token)`, if given, is called for every token as greedy decoding emits it (streaming).
+    `cancelled(row)`, if given, is asked for every live row at every step; a row it answers True for
+    leaves the batch there (greedy: no more compute for it; beam search: its beams stop expanding).
     """
     config = config or DecodingConfig()
     spec = spec or model_spec(model)
@@ -195,11 +197,13 @@ def decode(model, tokenizer, sequences: list[list[int]], prefix_kv: PrefixKV | N
     input_ids, attention_mask = pad_batch(sequences, pad, model.device, side)
     stops = stop_ids(tokenizer, config.stop_at_newline, config.ignore_eos)
     if config.num_beams == 1:
-        return _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix, on_token)
-    return _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix)
+        return _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix, on_token,
+                       cancelled)
+    return _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix, cancelled)
 
 
-def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix=None, on_token=None):
+def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix=None, on_token=None,
+            cancelled=None):
     batch = input_ids.shape[0]
     state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv, embeds_prefix)
     results: list[list[int]] = [[] for _ in range(batch)]
@@ -211,6 +215,8 @@ def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, em
             logits = apply_repetition_controls(logits, [results[row] for row in active.tolist()], config)
         tokens = logits.argmax(-1)
         done = torch.isin(tokens, stop_tensor)
+        if cancelled is not None:
+            done |= torch.tensor([cancelled(row) for row in active.tolist()], device=done.device)
         for row, token, is_done in zip(active.tolist(), tokens.tolist(), done.tolist()):
             if not is_done:
                 results[row].append(token)
@@ -228,7 +234,7 @@ def _greedy(model, spec, input_ids, attention_mask, prefix_kv, config, stops, em
     return results
 
 
-def _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix=None):
+def _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embeds_prefix=None, cancelled=None):
     batch, beams = input_ids.shape[0], config.num_beams
     device = input_ids.device
     state = _Decoder(model, spec, input_ids, attention_mask, prefix_kv, embeds_prefix)
@@ -247,6 +253,10 @@ def _beam(model, spec, input_ids, attention_mask, prefix_kv, config, stops, embe
         return score / (max(length, 1) ** config.length_penalty)
 
     for step in range(config.max_new_tokens):
+        if cancelled is not None:
+            done = [d or cancelled(b) for b, d in enumerate(done)]
+            if all(done):
+                break
         candidates = (scores[:, :, None] + logprobs.view(batch, beams, vocab)).view(batch, -1)
         top_scores, top_ids = candidates.topk(2 * beams, dim=-1)
         next_tokens, next_rows, next_scores = [], [], []

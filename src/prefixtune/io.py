@@ -6,6 +6,9 @@ encoder-decoder models `prefix.encoder`, `prefix.cross`), each
 format, base model, a fingerprint of the base model's shapes, the prefix
 length, the layout, the dtype, the training config and a SHA-256 of the tensor
 bytes (so a flipped bit is caught, not only a truncated file).
+
+Every way in (a file, an upload, an ExportedPrefix in memory) goes through `check_prefix`, so
+the CLI, the bank and the server accept and refuse the same prefixes.
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ from safetensors import SafetensorError
 
 from .models import ModelSpec
 from .prefix import LAYOUT, group_width, groups_of
+from .templates import TemplateError, check_template
 
 FORMAT = "prefixtune.prefix/1"
 TENSOR_PREFIX = "prefix."
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what prefix_to_bytes may write
 
 
 class PrefixFileError(ValueError):
@@ -88,7 +93,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()
 
 
@@ -125,18 +130,55 @@ def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str,
                               f"and eval decode with it; a PrefixBank and the server take prefixes only)")
     if not metadata or metadata.get("format") != FORMAT:
         raise PrefixFileError(f"{source}: not a prefixtune prefix file (missing or unknown 'format' metadata)")
-    if metadata.get("sha256") != _digest(tensors):
-        raise PrefixFileError(f"{source}: corrupt prefix file (tensor checksum does not match its metadata)")
     p = {name[len(TENSOR_PREFIX):]: t for name, t in tensors.items() if name.startswith(TENSOR_PREFIX)}
     if not p:
         raise PrefixFileError(f"{source}: holds no prefix tensors")
-    lengths = {t.shape[0] for t in p.values()}
-    if len(lengths) != 1 or any(t.dim() != 2 for t in p.values()):
-        raise PrefixFileError(f"{source}: prefix tensors have inconsistent shapes")
+    if any(t.dim() != 2 for t in p.values()) or len({t.shape[0] for t in p.values()}) != 1:
+        shapes = {g: list(t.shape) for g, t in p.items()}
+        raise PrefixFileError(f"{source}: prefix tensors have inconsistent shapes {shapes}; "
+                              "each must be (length, width), all of one length")
+    declared = metadata.get("dtype", "float32")
+    for group, t in p.items():
+        dtype = str(t.dtype).replace("torch.", "")
+        if t.dtype not in DTYPES:
+            raise PrefixFileError(f"{source}: tensor {group!r} is {dtype}; a prefix is float32, float16 or bfloat16")
+        if dtype != declared:
+            raise PrefixFileError(f"{source}: tensor {group!r} is {dtype} but the file declares {declared!r}")
+    if metadata.get("sha256") != _digest(tensors):
+        raise PrefixFileError(f"{source}: corrupt prefix file (tensor checksum does not match its metadata)")
     exported = ExportedPrefix(p={g: t.float() for g, t in p.items()}, metadata=dict(metadata))
+    check_prefix(exported, spec, source)
+    return exported
+
+
+def source_template(metadata: dict, source: str = "prefix") -> str | None:
+    """The source template a prefix was trained with (None: the model family's default), checked."""
+    try:
+        config = json.loads(metadata.get("train_config") or "{}")
+    except json.JSONDecodeError:
+        config = None
+    if not isinstance(config, dict):
+        raise PrefixFileError(f"{source}: its train_config metadata is not a JSON object")
+    template = config.get("template")
+    if template is None or template == "":
+        return None
+    try:
+        return check_template(template)
+    except TemplateError as e:
+        raise PrefixFileError(f"{source}: {e}") from None
+
+
+def check_prefix(exported: ExportedPrefix, spec: ModelSpec | None = None, source: str = "prefix"):
+    """The one check of a prefix's contents, whether it comes from a file, an upload or memory:
+    at least one virtual token, finite values, a template that is data (templates.py), and with
+    `spec`, a fit to that base model."""
+    if not exported.p or exported.prefix_len < 1:
+        raise PrefixFileError(f"{source}: holds 0 virtual tokens")
+    if not all(torch.isfinite(t).all() for t in exported.p.values()):
+        raise PrefixFileError(f"{source}: holds NaN or infinite values")
+    source_template(exported.metadata, source)
     if spec is not None:
         check_compatible(exported, spec, source)
-    return exported
 
 
 def readable_metadata(metadata: dict) -> dict:
@@ -161,6 +203,7 @@ def check_compatible(exported: ExportedPrefix, spec: ModelSpec, source: str = "p
             made_for = json.loads(exported.metadata.get("model_spec", "{}"))
         except json.JSONDecodeError:
             made_for = {}
+        made_for = made_for if isinstance(made_for, dict) else {}
         diffs = [f"{k}: prefix {made_for.get(k)!r} vs model {v!r}" for k, v in spec.__dict__.items()
                  if made_for.get(k) != v]
         raise PrefixFileError(
@@ -201,8 +244,13 @@ def load_prefix_bytes(data: bytes, spec: ModelSpec | None = None, source: str = 
         if header_len > len(data) - 8:
             raise ValueError("header length beyond end of data")
         header = json.loads(data[8: 8 + header_len])
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+        tensors = load(data)  # checks the header's entries and the data's extent
         metadata = header.get("__metadata__")
-        tensors = load(data)
+        if metadata is not None and not (isinstance(metadata, dict)
+                                         and all(isinstance(v, str) for v in metadata.values())):
+            raise ValueError("__metadata__ is not an object of strings")
     except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError, struct.error) as e:
         raise PrefixFileError(f"{source}: not a valid safetensors file ({e})") from None
     return _parse(tensors, metadata, source, spec)

@@ -24,6 +24,7 @@ from .methods import EXPORT_FILES, build_method
 from .models import DEFAULT_MODEL, load_base_model, model_spec, resolve_device
 from .modeling import enable_gradient_checkpointing
 from .prefix import PrefixConfig
+from .templates import check_template
 
 CHECKPOINT = "checkpoint.pt"
 PREFIX_FILE = EXPORT_FILES["prefix"]
@@ -63,6 +64,13 @@ class TrainConfig:
     adapter_budget: float = 0.001        # adapter: a fraction of the base model's parameters (0.001 / 0.03)
     export: bool = True                  # write the trained artefact at the end (experiments skip it)
     device: str = "auto"                 # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+
+    def __post_init__(self):  # refuse a bad option before loading anything (not a ZeroDivisionError later)
+        for name in ("batch_size", "prefix_len", "max_source_len", "max_target_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.template is not None:
+            check_template(self.template)
 
     def prefix_config(self) -> PrefixConfig:
         return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",

@@ -5,22 +5,24 @@ import random
 
 import torch
 
+from ..templates import fill_template
+
 DEFAULT_TEMPLATES = {"decoder": "{source}\n", "encoder-decoder": "{source}"}
 
 
 def source_ids(tokenizer, family: str, text: str, template: str | None = None, max_len: int = 512) -> list[int]:
-    """Token ids of a formatted source, at most `max_len`.
+    """Token ids of a formatted source, at most `max_len` (the template is checked: see templates.py).
 
     An over-long source loses the end of its text (an article keeps its start), never the
     template around it (the separator before the target must stay).
     """
     template = template or DEFAULT_TEMPLATES[family]
-    ids = tokenizer(template.format(source=text))["input_ids"]
+    ids = tokenizer(fill_template(template, text))["input_ids"]
     if len(ids) <= max_len:
         return ids
-    frame = len(tokenizer(template.format(source=""))["input_ids"])
+    frame = len(tokenizer(fill_template(template, ""))["input_ids"])
     kept = tokenizer(text, add_special_tokens=False)["input_ids"][: max(max_len - frame - 1, 0)]
-    ids = tokenizer(template.format(source=tokenizer.decode(kept)))["input_ids"]
+    ids = tokenizer(fill_template(template, tokenizer.decode(kept)))["input_ids"]
     return ids[-max_len:] if family == "decoder" else ids[:max_len]
 
 

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..bank import PrefixBank
 from ..models import model_name
 from .batcher import Batcher, Job, JobError, Result
+from .connection import BodyError, ClientDisconnect, guarded_receive, unless_disconnected
 from .metrics import Metrics
 from .schemas import CompletionRequest
 from .settings import ServeSettings
@@ -48,21 +49,25 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
 
-def error_response(status: int, message: str, code: str | None, param: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, code: str | None, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
             429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = dict(headers or {})
+    if status in (429, 503):
+        headers["Retry-After"] = "1"
     if status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
 
 class _Guard:
-    """Pure ASGI middleware: caps JSON bodies (uploads have their own cap) and counts requests."""
+    """Pure ASGI middleware: caps JSON bodies (uploads have their own cap), limits the time to
+    receive any body, and counts requests."""
 
-    def __init__(self, app, metrics: Metrics, max_json_bytes: int):
-        self.app, self.metrics, self.max_json = app, metrics, max_json_bytes
+    def __init__(self, app, metrics: Metrics, max_json_bytes: int, body_timeout_s: float):
+        self.app, self.metrics, self.max_json, self.body_timeout = app, metrics, max_json_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -83,19 +88,10 @@ class _Guard:
             await response(scope, receive, send_counted)
             self.metrics.inc("prefixtune_requests_total", route="body_too_large", status=413)
             return
-        received = 0
-
-        async def receive_capped():
-            nonlocal received
-            message = await receive()
-            if not is_upload and message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_json:  # a chunked body without a length: cut it (it then fails to parse)
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return message
-
+        # a chunked body has no length to check first: it is cut off (413) as it grows
+        receive_guarded = guarded_receive(receive, self.body_timeout, None if is_upload else self.max_json)
         try:
-            await self.app(scope, receive_capped, send_counted)
+            await self.app(scope, receive_guarded, send_counted)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.inc("prefixtune_requests_total", route=route, status=status if sent else 500)
@@ -157,10 +153,12 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     bank = bank or PrefixBank(model, tokenizer)
     base_name = settings.model_name or model_name(model)
     metrics = Metrics()
-    store = PrefixStore(bank, settings, keys.tenants())
+    store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,))
     batcher = Batcher(bank, settings, metrics)
     metrics.gauges = {"prefixtune_queue_depth": batcher.depth, "prefixtune_prefixes": store.count,
-                      "prefixtune_worker_alive": lambda: int(batcher.alive())}
+                      "prefixtune_worker_alive": lambda: int(batcher.alive()),
+                      "prefixtune_worker_heartbeat_age_seconds": batcher.heartbeat_age,
+                      "prefixtune_worker_longest_stall_seconds": lambda: batcher.longest_stall_s}
     started = int(time.time())
 
     @asynccontextmanager
@@ -177,7 +175,8 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                               "OpenAI-compatible: `model` names a prefix.")
     app.state.bank, app.state.store, app.state.batcher = bank, store, batcher
     app.state.metrics, app.state.settings, app.state.base_model = metrics, settings, base_name
-    app.add_middleware(_Guard, metrics=metrics, max_json_bytes=settings.max_json_bytes)
+    app.add_middleware(_Guard, metrics=metrics, max_json_bytes=settings.max_json_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     tenant_of = _tenant_dependency(keys)
 
     # -- errors: always OpenAI's shape, always a status code, never a dead server ----------------
@@ -203,7 +202,13 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None)
+        code = e.code if isinstance(e, BodyError) else "not_found" if e.status_code == 404 else None
+        return error_response(e.status_code, str(e.detail), code, headers=e.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, e: ClientDisconnect):  # nobody reads the answer; 499 (nginx's) counts it
+        log.info("client disconnected: %s %s", request.method, request.url.path)
+        return error_response(499, "client closed the request", "client_disconnected")
 
     @app.exception_handler(Exception)
     async def _crash(request, e: Exception):
@@ -293,6 +298,9 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
         stops = None if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
         if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
             raise APIError(400, "stop must be up to 4 non-empty strings", "invalid_stop", "stop")
+        if (req.truncate_prompt_tokens or 0) > settings.max_prompt_tokens:
+            raise APIError(400, f"truncate_prompt_tokens must be <= {settings.max_prompt_tokens} (the prompt limit)",
+                           "invalid_truncate_prompt_tokens", "truncate_prompt_tokens")
         stop_at_newline = stops is None or "\n" in stops
         stop_strings = [s for s in stops or [] if s != "\n"]
         if req.model == base_name:
@@ -308,10 +316,11 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                 "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
 
     @app.post("/v1/completions", tags=["openai"], summary="OpenAI completions; `model` names a prefix")
-    async def completions(req: CompletionRequest, tenant: str = Depends(tenant_of)):
+    async def completions(req: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
         bank_id, prompts, max_tokens, stop_at_newline, stop_strings = plan(req, tenant)
         jobs = [Job(bank_id, text, max_tokens, req.num_beams, stop_at_newline, req.raw, req.ignore_eos,
-                    req.no_repeat_ngram_size, req.repetition_penalty, timeout_s=settings.request_timeout_s)
+                    req.no_repeat_ngram_size, req.repetition_penalty, timeout_s=settings.request_timeout_s,
+                    truncate_to=req.truncate_prompt_tokens)
                 for text in prompts]
         finishers = [_Finisher(tokenizer, max_tokens, stop_strings) for _ in prompts]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -334,16 +343,28 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
         except JobError as e:
             metrics.inc("prefixtune_rejected_total", reason=e.code)
             raise
+        # Wait for the answer (a stream: its first event), unless the client leaves or time runs out; then its
+        # rows are cancelled and leave the decoding batch at the next step.
+        try:
+            if req.stream:
+                first = await unless_disconnected(events.get(), request.receive, settings.request_timeout_s)
+                failed = jobs[first[0]].future
+                if first[1] is None and not failed.cancelled() and failed.exception() is not None:
+                    raise failed.exception()  # refused before decoding (a prompt too long, ...): a status code
+            else:
+                results: list[Result] = await unless_disconnected(
+                    asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)), request.receive,
+                    settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            for job in jobs:
+                job.cancel()
+            metrics.inc("prefixtune_rejected_total", reason="timeout")
+            raise JobError(503, f"request timed out after {settings.request_timeout_s:g} s", "timeout") from None
+        except BaseException:  # failed, client gone (499), or cancelled
+            for job in jobs:
+                job.cancel()  # no-op when done; frees the rows of the others
+            raise
         if not req.stream:
-            try:
-                results: list[Result] = await asyncio.wait_for(
-                    asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)), settings.request_timeout_s)
-            except asyncio.TimeoutError:
-                metrics.inc("prefixtune_rejected_total", reason="timeout")
-                raise JobError(503, f"request timed out after {settings.request_timeout_s:g} s", "timeout") from None
-            finally:
-                for job in jobs:
-                    job.cancel()  # no-op when done; frees queued rows of a failed or timed-out request
             metrics.observe("prefixtune_request_seconds", time.monotonic() - t0)
             choices = []
             for i, (result, fin) in enumerate(zip(results, finishers)):
@@ -364,15 +385,17 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                 return f"data: {json.dumps(obj)}\n\n"
 
             open_rows = set(range(len(jobs)))
-            deadline = time.monotonic() + settings.request_timeout_s
+            deadline = t0 + settings.request_timeout_s
             prompt_tokens = 0
+            peeked = [first]
             try:
                 if req.echo:
                     for i, text in enumerate(prompts):
                         yield sse(chunk(cid, created, req.model, i, text, None))
                 while open_rows:
                     try:
-                        i, token = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                        i, token = peeked.pop() if peeked else await asyncio.wait_for(
+                            events.get(), max(0.0, deadline - time.monotonic()))
                     except asyncio.TimeoutError:
                         yield sse({"error": {"message": "request timed out", "type": "server_error",
                                              "code": "timeout"}})
@@ -417,12 +440,19 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- operations -------------------------------------------------------------------------
-    @app.get("/health", tags=["operations"], summary="200 while the server and its decoding worker run")
+    @app.get("/health", tags=["operations"], summary="200 while the decoding worker runs and keeps stepping")
     async def health():
-        alive = batcher.alive()
-        body = {"status": "ok" if alive else "unavailable", "model": base_name, "worker_alive": alive,
-                "queue_depth": batcher.depth(), "prefixes": store.count()}
-        return JSONResponse(body, status_code=200 if alive else 503)
+        alive, age = batcher.alive(), batcher.heartbeat_age()
+        stalled = alive and batcher.pending() and age > settings.worker_stall_s
+        body = {"status": "ok" if alive and not stalled else "unavailable", "model": base_name,
+                "worker_alive": alive, "worker_heartbeat_age_s": round(age, 3), "queue_depth": batcher.depth(),
+                "prefixes": store.count()}
+        if not alive:
+            body["reason"] = "the decoding worker is not running"
+        elif stalled:
+            body["reason"] = (f"the decoding worker has not finished a step for {age:.1f} s (limit "
+                              f"{settings.worker_stall_s:g} s) while work is pending")
+        return JSONResponse(body, status_code=200 if alive and not stalled else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus():

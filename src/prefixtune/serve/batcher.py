@@ -7,11 +7,14 @@ prefix. The queue is bounded: a submit beyond `max_queue` rows raises `QueueFull
 
 The model is not thread-safe, so only this thread touches it. Nothing a single request does can
 stop the worker: errors are caught per batch, and a failing batch is retried row by row so that
-only the row at fault fails.
+only the row at fault fails. A row whose request gave up (client gone, timed out) leaves its batch
+at the next decoding step. The worker beats a heartbeat at every step and every idle wait, so
+/health can tell a stuck worker from a busy one.
 """
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -62,8 +65,10 @@ class Job:
     repetition_penalty: float = 1.0
     on_token: Callable[[int], None] | None = None   # called from the worker thread, one token at a time
     timeout_s: float = float("inf")
+    truncate_to: int | None = None      # cut the prompt to this many tokens (else: too long is a 400)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    outcome: str | None = None          # how it was counted in prefixtune_completions_total (once)
 
     @property
     def deadline(self) -> float:
@@ -73,14 +78,15 @@ class Job:
         self.future.cancel()
 
 
-def _resolve(job: Job, result=None, error: Exception | None = None):
+def _resolve(job: Job, result=None, error: Exception | None = None) -> bool:
     try:
         if error is not None:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)
+        return True
     except InvalidStateError:  # cancelled by its request (timeout, disconnect) or resolved already
-        pass
+        return False
 
 
 class Batcher:
@@ -91,6 +97,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()   # the worker's last sign of life: a decoding step or an idle wait
+        self._busy = False              # holding a batch (from taking it to its last row's answer)
+        self.longest_stall_s = 0.0      # the longest time between two beats while busy: one step's hold
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self):
@@ -115,6 +124,24 @@ class Batcher:
     def depth(self) -> int:
         return len(self._jobs)
 
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self._beat
+
+    def pending(self) -> bool:
+        """Work waits or is being decoded: a stale heartbeat then means a stuck worker."""
+        return self._busy or bool(self._jobs)
+
+    def _heartbeat(self):
+        now = time.monotonic()
+        if self._busy:
+            self.longest_stall_s = max(self.longest_stall_s, now - self._beat)
+        self._beat = now
+
+    def _count(self, job: Job, outcome: str):
+        if job.outcome is None:
+            job.outcome = outcome
+            self.metrics.inc("prefixtune_completions_total", outcome=outcome)
+
     # -- submitting --------------------------------------------------------------------------
     def submit(self, jobs: list[Job]):
         """Queue all of `jobs` or none of them."""
@@ -135,7 +162,9 @@ class Batcher:
         limit = self.settings.max_batch_size
         with self._cond:
             while not self._jobs and not self._stopping:
+                self._heartbeat()
                 self._cond.wait(0.5)
+            self._heartbeat()
             if self._stopping:
                 return []
             window_end = self._jobs[0].enqueued + window
@@ -144,6 +173,7 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            self._busy = True
             return [self._jobs.popleft() for _ in range(min(limit, len(self._jobs)))]
 
     def _run(self):
@@ -158,27 +188,37 @@ class Batcher:
                 log.exception("decoding worker error")
                 for job in batch:
                     _resolve(job, error=JobError(500, f"internal error while decoding ({type(e).__name__})"))
+            finally:
+                self._heartbeat()
+                self._busy = False
         log.info("decoding worker stopped")
 
     def _prepare(self, job: Job) -> list[int] | None:
+        self._heartbeat()
         if job.future.done():  # the request gave up (timeout, disconnect): skip it
-            self.metrics.inc("prefixtune_completions_total", outcome="cancelled")
+            self._count(job, "cancelled")
             return None
         if time.monotonic() > job.deadline:
             _resolve(job, error=JobError(503, "request timed out in the queue", "timeout"))
-            self.metrics.inc("prefixtune_completions_total", outcome="timeout")
+            self._count(job, "timeout")
             return None
         if job.bank_id is not None and job.bank_id not in self.bank:
             _resolve(job, error=JobError(404, "the prefix was deleted before decoding", "model_not_found"))
             return None
-        try:
-            seq = self.bank.encode(job.text, job.bank_id, job.raw)
+        limit = self.settings.max_prompt_tokens
+        try:  # encoded whole unless truncation was asked for, so that too long is refused, not cut
+            seq = self.bank.encode(job.text, job.bank_id, job.raw, max_len=job.truncate_to or sys.maxsize)
         except Exception as e:
             _resolve(job, error=JobError(400, f"could not encode the prompt ({type(e).__name__})",
                                          "invalid_prompt"))
             return None
         if not seq:
             _resolve(job, error=JobError(400, "the prompt encodes to no tokens", "invalid_prompt"))
+            return None
+        if len(seq) > limit:
+            _resolve(job, error=JobError(400, f"the prompt is {len(seq)} tokens (with its template); the limit is "
+                                              f"{limit}. Shorten it, or send truncate_prompt_tokens to cut it",
+                                         "prompt_too_long"))
             return None
         return seq
 
@@ -193,10 +233,31 @@ class Batcher:
                        job.repetition_penalty, job.max_new_tokens if job.num_beams > 1 else 0)
                 groups.setdefault(key, []).append((job, seq))
         for items in groups.values():
-            for start in range(0, len(items), self.settings.max_batch_size):
-                self._decode(items[start: start + self.settings.max_batch_size])
+            for chunk in self._chunks(items):
+                self._decode(chunk)
+
+    def _chunks(self, items: list[tuple[Job, list[int]]]):
+        """Runs of at most `max_batch_size` rows and `max_batch_tokens` prompt tokens (a longer row goes
+        alone): the prefill, one step that nothing interrupts, stays short (32 prompts of 500 tokens
+        in one step held a CPU worker for 100 s)."""
+        chunk, tokens = [], 0
+        for job, seq in items:
+            if chunk and (len(chunk) == self.settings.max_batch_size
+                          or tokens + len(seq) > self.settings.max_batch_tokens):
+                yield chunk
+                chunk, tokens = [], 0
+            chunk.append((job, seq))
+            tokens += len(seq)
+        if chunk:
+            yield chunk
 
     def _decode(self, items: list[tuple[Job, list[int]]], retry: bool = True):
+        for job, _ in items:  # a request that gave up while earlier chunks decoded: not even a prefill
+            if job.future.cancelled():
+                self._count(job, "cancelled")
+        items = [(job, seq) for job, seq in items if not job.future.done()]
+        if not items:
+            return
         jobs = [job for job, _ in items]
         config = DecodingConfig(max_new_tokens=max(j.max_new_tokens for j in jobs), num_beams=jobs[0].num_beams,
                                 stop_at_newline=jobs[0].stop_at_newline, ignore_eos=jobs[0].ignore_eos,
@@ -217,20 +278,28 @@ class Batcher:
             if len(got) == job.max_new_tokens:  # done: answer now, the batch may run longer
                 self._finish(job, got, len(items[row][1]))
 
+        def cancelled(row: int) -> bool:  # asked at every step: a row answered or given up leaves the batch
+            self._heartbeat()
+            job = jobs[row]
+            if job.future.cancelled():
+                self._count(job, "cancelled")
+            return job.future.done()
+
         started = time.monotonic()
         try:
             out = self.bank.generate_ids([seq for _, seq in items], [j.bank_id for j in jobs], config,
-                                         on_token=on_token if config.num_beams == 1 else None)
+                                         on_token=on_token if config.num_beams == 1 else None, cancelled=cancelled)
         except Exception as e:
             log.exception("decoding a batch of %d rows failed", len(items))
             if len(items) == 1 or not retry:
                 for job in jobs:
                     _resolve(job, error=JobError(500, f"decoding failed ({type(e).__name__})", "decode_error"))
-                    self.metrics.inc("prefixtune_completions_total", outcome="error")
+                    self._count(job, "error")
                 return
             for (job, seq), got in zip(items, emitted):  # isolate the row at fault
                 if got:  # a stream already carries tokens of this try; it cannot restart cleanly
                     _resolve(job, error=JobError(500, f"decoding failed ({type(e).__name__})", "decode_error"))
+                    self._count(job, "error")
                 else:
                     self._decode([(job, seq)], retry=False)
             return
@@ -243,9 +312,10 @@ class Batcher:
             self._finish(job, tokens[: job.max_new_tokens], len(seq))
 
     def _finish(self, job: Job, tokens: list[int], prompt_tokens: int):
-        if job.future.done():
+        if job.future.done() or not _resolve(job, Result(list(tokens), prompt_tokens)):
+            if job.future.cancelled():  # its request gave up before it was answered
+                self._count(job, "cancelled")
             return
         self.metrics.inc("prefixtune_generated_tokens_total", len(tokens))
         self.metrics.inc("prefixtune_prompt_tokens_total", prompt_tokens)
-        self.metrics.inc("prefixtune_completions_total", outcome="ok")
-        _resolve(job, Result(list(tokens), prompt_tokens))
+        self._count(job, "ok")

@@ -46,6 +46,8 @@ class Metrics:
         "prefixtune_queue_depth": ("gauge", "rows waiting for the decoding worker"),
         "prefixtune_prefixes": ("gauge", "prefixes loaded, all tenants"),
         "prefixtune_worker_alive": ("gauge", "1 while the decoding worker runs"),
+        "prefixtune_worker_heartbeat_age_seconds": ("gauge", "time since the worker's last decoding step or idle wait"),
+        "prefixtune_worker_longest_stall_seconds": ("gauge", "longest time between two worker heartbeats so far"),
     }
 
     def __init__(self):

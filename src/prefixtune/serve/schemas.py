@@ -9,9 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 class CompletionRequest(BaseModel):
     """`POST /v1/completions`, as OpenAI defines it. `model` names one of the caller's prefixes, or the
     base model (no prefix). Decoding is greedy (or beam search with `num_beams`); fields that ask for
-    sampling are refused with a 400 rather than silently ignored."""
+    sampling are refused with a 400 rather than silently ignored. Types are strict: `"max_tokens": true`
+    or `"stream": "yes"` is a 400, not 1 and True (an int is still taken where a float is expected)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(..., max_length=256, description="a prefix name of the caller, or the base model name")
     prompt: Union[str, list[str]] = Field(..., description="one source text, or a list of them")
@@ -32,6 +33,9 @@ class CompletionRequest(BaseModel):
     frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
     user: Optional[str] = None
+    truncate_prompt_tokens: Optional[int] = Field(
+        None, ge=1, description="cut a prompt longer than this many tokens instead of refusing it (vLLM's name; "
+                                "a source loses the end of its text, never its template)")
     # prefixtune extensions (with the openai client: extra_body={...})
     num_beams: int = Field(1, ge=1, le=8, description="beam search width (1 = greedy)")
     raw: bool = Field(False, description="feed the prompt as it is, not through the prefix's source template")

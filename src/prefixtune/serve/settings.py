@@ -13,6 +13,7 @@ class ServeSettings:
     model_name: str | None = None        # the base model's name in /v1/models; default: the model's own name
     batch_window_ms: float = 10.0        # requests arriving within this window of the first are decoded together
     max_batch_size: int = 32             # rows per decoding batch
+    max_batch_tokens: int = 2048         # prompt tokens per decoding batch: bounds the prefill, one uninterrupted step
     max_queue: int = 256                 # rows waiting for the worker; beyond that: 429
     request_timeout_s: float = 120.0     # queueing + decoding; beyond that: 503
     max_upload_bytes: int = 16 * MiB     # one prefix file
@@ -23,13 +24,18 @@ class ServeSettings:
     default_max_tokens: int = 16         # OpenAI's default when max_tokens is absent
     max_prompts_per_request: int = 32
     max_prompt_chars: int = 32_768
+    max_prompt_tokens: int = 512         # a prompt with its template; longer: 400, unless truncate_prompt_tokens
     max_json_bytes: int = 1 * MiB        # body of a JSON request (completions)
+    body_timeout_s: float = 30.0         # to receive a whole request body (upload or JSON); then 408 (slowloris)
+    worker_stall_s: float = 30.0         # /health is 503 when work waits and the worker has not stepped for this long
 
     def __post_init__(self):
         self.store_dir = Path(self.store_dir)
-        for name in ("max_batch_size", "max_queue", "max_upload_bytes", "max_prefixes_per_tenant",
-                     "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request"):
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_upload_bytes", "max_prefixes_per_tenant",
+                     "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request",
+                     "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.batch_window_ms < 0 or self.request_timeout_s <= 0:
-            raise ValueError("batch_window_ms must be >= 0 and request_timeout_s > 0")
+        if self.batch_window_ms < 0 or min(self.request_timeout_s, self.body_timeout_s, self.worker_stall_s) <= 0:
+            raise ValueError("batch_window_ms must be >= 0, and request_timeout_s, body_timeout_s and "
+                             "worker_stall_s > 0")

@@ -7,10 +7,11 @@ tenants may each own an ``e2e`` and neither can reach the other's.
 
 An upload is a prefix file, or a zip/tar archive of a prefix folder: ours (prefix.safetensors)
 or a PEFT prefix-tuning adapter (adapter_config.json + adapter_model.safetensors), which is
-converted to a prefix file first. An upload is validated completely (format, checksum,
-fingerprint against the base model, finite values, length) before anything is written; the
-file is then written with a temp file and a rename, so a crash leaves either the old prefix
-or the new one, never half a file.
+converted to a prefix file first. An upload is validated completely (format, dtype, checksum,
+fingerprint against the base model, finite values, length, template: io.check_prefix) before
+anything is written; the file is then written with a temp file and a rename, so a crash leaves
+either the old prefix or the new one, never half a file. The base model's name is reserved: no
+prefix may take it.
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from ..bank import PrefixBank
 from ..interop.folders import archive_to_prefix_bytes, is_archive
@@ -59,8 +58,9 @@ def check_name(name: str):
 
 
 class PrefixStore:
-    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str]):
+    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str], reserved: tuple[str, ...] = ()):
         self.bank, self.settings = bank, settings
+        self.reserved = set(reserved)  # the base model's name: `model` must mean one thing
         self.root = Path(settings.store_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -89,6 +89,9 @@ class PrefixStore:
             name = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else None
             if name is None or not valid_name(name) or not path.is_file():
                 continue
+            if name in self.reserved:
+                log.warning("skipping stored prefix %s: its name is the base model's", path)
+                continue
             try:
                 data = path.read_bytes()
                 prefix = self._validate(data, name)
@@ -104,7 +107,7 @@ class PrefixStore:
     def _validate(self, data: bytes, name: str):
         try:
             prefix = load_prefix_bytes(data, self.bank.spec, source=f"prefix {name!r}")
-        except PrefixFileError as e:
+        except PrefixFileError as e:  # io.check_prefix: the same rules as the CLI and the bank
             raise StoreError(400, str(e), "invalid_prefix") from None
         except Exception as e:  # anything a hostile file could still provoke is the file's fault
             raise StoreError(400, f"prefix {name!r}: not a valid prefix file ({type(e).__name__})",
@@ -112,8 +115,6 @@ class PrefixStore:
         if prefix.prefix_len > self.settings.max_prefix_len:
             raise StoreError(400, f"prefix {name!r} has {prefix.prefix_len} virtual tokens; the limit is "
                                   f"{self.settings.max_prefix_len}", "prefix_too_long")
-        if not all(torch.isfinite(t).all() for t in prefix.p.values()):
-            raise StoreError(400, f"prefix {name!r} holds NaN or infinite values", "invalid_prefix")
         return prefix
 
     def _unpack(self, data: bytes, name: str) -> bytes:
@@ -131,6 +132,9 @@ class PrefixStore:
     def put(self, tenant: str, name: str, data: bytes, overwrite: bool = True) -> tuple[PrefixInfo, bool]:
         """Validate and store; returns (info, created). Nothing changes unless everything passes."""
         path = self._path(tenant, name)
+        if name in self.reserved:
+            raise StoreError(400, f"{name!r} is the base model's name, reserved: choose another prefix name",
+                             "reserved_name")
         if len(data) > self.settings.max_upload_bytes:
             raise StoreError(413, f"upload of {len(data)} bytes exceeds the limit of "
                                   f"{self.settings.max_upload_bytes} bytes", "upload_too_large")
