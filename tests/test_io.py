@@ -115,6 +115,8 @@ def _forged(data: bytes, tensors=None, **metadata) -> bytes:
     return save(loaded, metadata={**meta, "sha256": _digest(loaded)})
 
 
+@pytest.mark.parametrize("template", ["{source:>20000000}", "{source.__class__.__mro__}", "{source[0]}",
+                                      "{source!r}", "{other}", "{}", "{source", "}{source}", "no field",
                                       "{source}{source}", "x" * 1001 + "{source}", 7])
 def test_a_template_is_data_not_code(exported, tokenizer, template):
     import json
