@@ -7,7 +7,7 @@
 * `middleware` the OpenAI front end's tenants, prefix store and request rewriting (inside `vllm serve`)
 * `launcher`   the `vllm serve` command line with all of the above configured
 
-vLLM is an optional dependency (`pip install prefixtune[vllm]`); only `connector`, `middleware` and
+vLLM is optional (`make vllm` builds .venv-vllm: vLLM pins another transformers); only `connector`, `middleware` and
 `launcher.run` import it.
 """
 from .protocol import PARAMS_KEY, PLACEHOLDER_TOKEN_ID, PrefixRef, prompt_ids
@@ -30,7 +30,8 @@ def vllm_available() -> str | None:
     try:
         import vllm  # noqa: F401
     except Exception as e:  # ImportError, or a broken install raising anything else
-        return f"vLLM is not importable ({type(e).__name__}: {e}); install prefixtune[vllm] or run `make vllm`"
+        return (f"vLLM is not importable ({type(e).__name__}: {e}): `make vllm` builds .venv-vllm with it "
+                "(`make test-vllm` runs its tests)")
     return None
 
 

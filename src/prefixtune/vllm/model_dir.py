@@ -33,7 +33,12 @@ def hf_model_dir(name_or_path: str, dtype: str = "bfloat16") -> Path:
 
     from ..models import load_base_model
 
-    model, tokenizer = load_base_model(str(name_or_path), dtype=getattr(torch, dtype))
+    try:
+        model, tokenizer = load_base_model(str(name_or_path), dtype=getattr(torch, dtype))
+    except (ImportError, FileNotFoundError) as e:
+        raise ValueError(f"cannot export {name_or_path!r} for vLLM here ({e}); run `python -m "
+                         f"prefixtune.vllm.model_dir {name_or_path} {dtype}` where prefixtune's core install is "
+                         "(`make vllm` does), or pass a HF model directory") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
