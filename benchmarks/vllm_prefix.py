@@ -69,27 +69,34 @@ def vllm_side(job_path: str, out_path: str):
         plain.append(TokensPrompt(prompt_token_ids=row["source_ids"]))
     plain_params = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
 
+    import psutil
+
+    def cpu_seconds() -> float:  # this process, vLLM's engine core and its worker
+        procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+        return sum(sum(p.cpu_times()[:2]) for p in procs if p.is_running())
+
     def run(prompts, sampling):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         outs = llm.generate(prompts, sampling, use_tqdm=False)
         wall = time.perf_counter() - t
+        cpus[id(prompts)].append(cpu_seconds() - c)
         tokens = [list(o.outputs[0].token_ids) for o in outs]
         return wall, tokens, [o.outputs[0].finish_reason for o in outs]
 
+    cpus = {id(prefixed): [], id(plain): []}
     # The first prefixed batch reads the 32 files from the store (cold); later ones find them resident.
     cold_wall, cold_tokens, _ = run(prefixed, params)
     run(plain, plain_params)  # warm-up of the plain path
     walls = {"prefix": [], "plain": []}
-    tokens = {"prefix": cold_tokens}
+    runs = {"prefix": [cold_tokens], "plain": []}
     for _ in range(job["rounds"]):
         for kind, prompts, sampling in (("plain", plain, plain_params), ("prefix", prefixed, params)):
             wall, toks, reasons = run(prompts, sampling)
             walls[kind].append(wall)
-            if kind == "prefix" and toks != tokens["prefix"]:
-                raise SystemExit("a repeated prefixed batch decoded different tokens")
-            tokens[kind] = toks
+            runs[kind].append(toks)
     Path(out_path).write_text(json.dumps({
-        "tokens": tokens, "walls": walls, "cold_prefix_wall": cold_wall, "startup_s": startup,
+        "runs": runs, "walls": walls, "cold_prefix_wall": cold_wall, "startup_s": startup,
+        "cpu": {"prefix": cpus[id(prefixed)][1:], "plain": cpus[id(plain)][1:]},  # without cold and warm-up runs
         "block_size": block_size, "finish_reasons": reasons}))
 
 
@@ -164,6 +171,8 @@ def main():
     with torch.no_grad():
         reference = bank.generate_ids(seqs, names, config)
     ours_wall = time.perf_counter() - t
+    with torch.no_grad():  # the same rows without prefixes: how far vLLM's kernels alone move greedy tokens
+        reference_plain = bank.generate_ids(seqs, [None] * len(seqs), config)
 
     rows = []
     for name, seq in zip(names, seqs):
@@ -184,20 +193,38 @@ def main():
         raise SystemExit(f"the vLLM side failed (exit {proc.returncode})")
     out = json.loads((work / "out.json").read_text())
 
-    got = out["tokens"]["prefix"]
-    equal = sum(a == b for a, b in zip(got, reference))
-    plain_vs_prefix_differs = sum(a != b for a, b in zip(got, out["tokens"]["plain"]))
+    runs = out["runs"]
+    # a row counts as equal when every vLLM run of it (cold and each round) decoded the reference tokens
+    equal = sum(all(run[i] == reference[i] for run in runs["prefix"]) for i in range(args.requests))
+    per_run = [sum(a == b for a, b in zip(run, reference)) for run in runs["prefix"]]
+    equal_plain = sum(all(run[i] == reference_plain[i] for run in runs["plain"]) for i in range(args.requests))
+
+    def agreeing(runs_, ref):  # tokens before the first difference, over all rows and runs
+        return sum(next((j for j, (a, b) in enumerate(zip(r[i], ref[i])) if a != b), len(ref[i]))
+                   for r in runs_ for i in range(len(ref))) / (len(runs_) * sum(len(x) for x in ref))
+    stable = {k: sum(len({json.dumps(run[i]) for run in v}) == 1 for i in range(args.requests))
+              for k, v in runs.items()}
+    changed = sum(a != b for a, b in zip(runs["prefix"][-1], runs["plain"][-1]))
     generated = args.requests * args.new_tokens
     tps = {k: round(statistics.median(generated / w for w in ws), 2) for k, ws in out["walls"].items()}
-    first_diff = next(({"row": i, "vllm": a, "prefixtune": b} for i, (a, b) in enumerate(zip(got, reference))
-                       if a != b), None)
+    cpu_tps = {k: round(statistics.median(generated / c for c in cs), 2) for k, cs in out["cpu"].items()}
+    first_diff = next(({"run": r, "row": i, "vllm": run[i], "prefixtune": reference[i]}
+                       for r, run in enumerate(runs["prefix"]) for i in range(args.requests)
+                       if run[i] != reference[i]), None)
     result = {
         "tokens_equal": f"{equal}/{args.requests}",
         "ratio_vs_vllm_plain": round(tps["prefix"] / tps["plain"], 3),
+        "cpu_ratio_vs_vllm_plain": round(cpu_tps["prefix"] / cpu_tps["plain"], 3),
+        "tokens_per_cpu_s": {"vllm_prefix": cpu_tps["prefix"], "vllm_plain": cpu_tps["plain"]},
         "tokens_per_s": {"vllm_prefix": tps["prefix"], "vllm_plain": tps["plain"],
                          "vllm_prefix_cold": round(generated / out["cold_prefix_wall"], 2),
                          "prefixtune_mixed_batch": round(generated / ours_wall, 2)},
-        "rows_whose_prefix_changed_the_output": f"{plain_vs_prefix_differs}/{args.requests}",
+        "tokens_equal_per_run": [f"{n}/{args.requests}" for n in per_run],
+        "tokens_equal_without_prefixes": f"{equal_plain}/{args.requests}",
+        "token_agreement_before_first_difference": {"prefix": round(agreeing(runs["prefix"], reference), 4),
+                                                    "plain": round(agreeing(runs["plain"], reference_plain), 4)},
+        "rows_identical_across_vllm_runs": {k: f"{v}/{args.requests}" for k, v in stable.items()},
+        "rows_whose_prefix_changed_the_output": f"{changed}/{args.requests}",
         "first_difference": first_diff,
         "requests": args.requests, "distinct_prefixes": len(set(names)), "prefix_len": args.prefix_len,
         "prefixes": origin, "new_tokens": args.new_tokens, "rounds": args.rounds, "dtype": args.dtype,

@@ -225,5 +225,5 @@ def test_connector_serves_prefixes_exactly_in_vllm(tmp_path, monkeypatch):
     # a prefix replaced after its request was admitted: that request fails, the engine goes on
     stale = PrefixRef(refs["short"].bank_id, 5, "0" * 64)
     failed = run([with_prefix("short", sources[2], stale)])[0]
-    assert failed[2].outputs[0].finish_reason in ("error", "abort") or failed[0] == []
+    assert failed[2].outputs[0].finish_reason == "error"
     assert run([with_prefix("short", sources[0])])[0][0] == expected[0][0]
