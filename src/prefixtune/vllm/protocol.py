@@ -17,6 +17,7 @@ Nothing here imports vLLM: the launcher, the middleware, the benchmark and the t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ class PrefixRef:
 
     @property
     def salt(self) -> str:
-        return f"{SALT_PREFIX}/{self.bank_id}/{self.sha256}"
+        # vLLM's server takes salts of at most 128 characters without '/', '@' or '\\'
+        return f"{SALT_PREFIX}-" + hashlib.sha256(f"{self.bank_id}\0{self.sha256}".encode()).hexdigest()
 
     @classmethod
     def from_params(cls, params: dict | None) -> "PrefixRef | None":
@@ -62,7 +64,7 @@ class PrefixRef:
 
 def tenant_salt(tenant_dir: str) -> str:
     """Cache salt of a tenant's requests without a prefix: tenants never share cached blocks."""
-    return f"{SALT_PREFIX}/{tenant_dir}"
+    return f"{SALT_PREFIX}-{tenant_dir}"
 
 
 def prompt_ids(source_ids: list[int], length: int, placeholder: int = PLACEHOLDER_TOKEN_ID) -> list[int]:
