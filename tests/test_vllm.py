@@ -132,7 +132,7 @@ def test_front_end_turns_a_prefix_into_placeholders_salt_and_params(client, mode
     expected = [prompt_ids(source_ids(tokenizer, "decoder", s, template), 4) for s in ("name : Aromi", "b")]
     assert sent["prompt"] == expected and sent["model"] == "tiny-llama"
     assert sent["kv_transfer_params"] == ref.params() and sent["cache_salt"] == ref.salt
-    assert sent["stop"] == ["\n"] and sent["max_tokens"] == 5
+    assert sent["stop"] == ["\n"] and sent["max_tokens"] == 5 and sent["temperature"] == 0
     raw = client.post("/v1/completions", headers=auth("alice"),
                       json={"model": "e2e", "prompt": "abc", "raw": True, "stop": []}).json()["body"]
     assert raw["prompt"] == [prompt_ids(tokenizer("abc")["input_ids"], 4)] and raw["stop"] == [] and "raw" not in raw

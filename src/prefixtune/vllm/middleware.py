@@ -13,7 +13,8 @@ prefix store and turns `model` = prefix name into what the connector serves:
 * `POST /v1/completions` with `model` = one of the caller's prefixes: each prompt (the source) goes
   through the prefix's training template (`"raw": true` skips it), is tokenized and gets P placeholder
   tokens in front; the request gets the prefix's cache salt and kv_transfer_params, and `model` becomes
-  the base model. With no `stop`, generation stops at a newline, as `prefixtune serve` does;
+  the base model. As with `prefixtune serve`, decoding is greedy unless `temperature` is given, and
+  with no `stop` it stops at a newline;
 * a client's own `kv_transfer_params` and `cache_salt` are dropped (a tenant cannot name another's
   prefix, nor probe another's cached blocks: each tenant's requests carry its own salt).
 
@@ -117,6 +118,8 @@ class Frontend:
         for field in ("kv_transfer_params", "cache_salt"):
             body.pop(field, None)
         body["cache_salt"] = tenant_salt(tenant_dir_name(tenant))
+        if path == "/v1/completions" and body.get("temperature") is None:
+            body["temperature"] = 0  # greedy unless asked otherwise, as `prefixtune serve` (vLLM's default is 1)
         model = body.get("model", self.served)
         if model in (None, self.served):
             body["model"] = self.served
