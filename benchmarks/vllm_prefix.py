@@ -100,6 +100,23 @@ def vllm_side(job_path: str, out_path: str):
         "block_size": block_size, "finish_reasons": reasons}))
 
 
+def summary(r: dict) -> str:
+    tps, cpu = r["tokens_per_s"], r["tokens_per_cpu_s"]
+    return "\n".join([
+        f"{r['requests']} requests x {r['new_tokens']} new tokens, {r['distinct_prefixes']} distinct prefixes of "
+        f"{r['prefix_len']} tokens ({r['prefixes']}), {r['model']} in {r['dtype']}, vLLM {r['vllm']} block size "
+        f"{r['vllm_block_size']}; inputs: {r['inputs']}, mean {r['mean_input_tokens']} tokens",
+        f"greedy tokens equal to prefixtune's mixed batch in every vLLM run: {r['tokens_equal']} "
+        f"(per run {', '.join(r['tokens_equal_per_run'])}); without prefixes: {r['tokens_equal_without_prefixes']}",
+        f"rows identical across vLLM's own runs: prefix {r['rows_identical_across_vllm_runs']['prefix']}, "
+        f"plain {r['rows_identical_across_vllm_runs']['plain']}",
+        f"vLLM tokens/s (median of {r['rounds']} alternating rounds): prefix {tps['vllm_prefix']}, plain "
+        f"{tps['vllm_plain']} -> ratio {r['ratio_vs_vllm_plain']} (target >= 0.9); per CPU second: prefix "
+        f"{cpu['vllm_prefix']}, plain {cpu['vllm_plain']} -> ratio {r['cpu_ratio_vs_vllm_plain']}",
+        f"first prefixed batch (reads the 32 files): {tps['vllm_prefix_cold']} tokens/s; prefixtune's own mixed batch: "
+        f"{tps['prefixtune_mixed_batch']} tokens/s; load average {r['loadavg_before']} -> {r['loadavg_after']}"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # prefixtune's side
 # ---------------------------------------------------------------------------------------------------
@@ -237,11 +254,9 @@ def main():
         "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
         "seconds": round(time.time() - t0, 1),
     }
-    if not args.json:
-        print(f"tokens equal to prefixtune's decoding: {result['tokens_equal']}")
-        print(f"vLLM tokens/s with prefixes {tps['prefix']}, without {tps['plain']}: "
-              f"ratio {result['ratio_vs_vllm_plain']}")
-    print(json.dumps(result))
+    print(summary(result))
+    if args.json:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
