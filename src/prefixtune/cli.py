@@ -362,8 +362,23 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     log_level: str = typer.Option("info"),
     device: str = _device_option(),
+    engine: str = typer.Option("prefixtune", help="prefixtune | vllm (vLLM's OpenAI server with prefixtune's "
+                                                 "connector; needs vLLM: `make vllm`)"),
+    tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs per model replica"),
+    vllm_args: str = typer.Option("", help='vllm: more `vllm serve` arguments, e.g. "--max-model-len 4096"'),
 ):
     """Serve many tenants' prefixes from one frozen model: OpenAI-compatible /v1/completions (model = prefix)."""
+    if engine == "vllm":
+        from .vllm.launcher import run as run_vllm
+
+        try:
+            run_vllm(model, store, host=host, port=port, keys_file=keys_file,
+                     tensor_parallel_size=tensor_parallel_size, extra_args=vllm_args)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        return
+    if engine != "prefixtune":
+        _fail(f"unknown engine {engine!r}: prefixtune | vllm")
     from .serve import serve as run_server
 
     try:
