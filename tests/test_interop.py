@@ -474,7 +474,7 @@ def test_peft_user_commands_import_generate_export_push_pull(tiny_dir, tmp_path,
     assert torch.equal(reloaded.prompt_encoder["default"].embedding.weight, weight)
     inline("export", tmp_path / "p.safetensors", "--format", "hf", "--out", tmp_path / "e2e-prefix")
     assert "Trained with PEFT" in (tmp_path / "e2e-prefix" / "README.md").read_text()
-    assert json.loads(inline("info", tmp_path / "e2e-prefix").stdout)["prefix_len"] == "4"
+    assert json.loads(inline("info", tmp_path / "e2e-prefix").stdout)["prefix_len"] == 4  # real JSON values
     assert "--out" in inline("export", tmp_path / "p.safetensors", "--format", "peft", code=2).output
 
     # push (the hub replaced by the local cache), then pull offline in a fresh process

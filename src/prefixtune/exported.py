@@ -25,6 +25,10 @@ def find_export(path) -> Path:
         return path
     if not path.is_dir():
         raise PrefixFileError(f"prefix file not found: {path}")
+    from .interop.peft import is_peft_dir
+
+    if is_peft_dir(path):  # a PEFT adapter folder loads as it is (load_prefix converts it)
+        return path
     names = list(dict.fromkeys(EXPORT_FILES.values()))
     config = path / "train_config.json"
     if config.is_file():
@@ -62,11 +66,16 @@ def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
 def check_export(path) -> tuple[Path, str]:
     """(the exported file, "prefix" or "weights"), validated as far as possible without the model."""
     path = find_export(path)
-    meta = read_metadata(path)
+    meta = {} if path.is_dir() else read_metadata(path)  # a directory here is a PEFT adapter folder
     if meta.get("format") == WEIGHTS_FORMAT:
         if meta.get("method") not in METHODS:
             raise PrefixFileError(f"{path}: weights of an unknown method {meta.get('method')!r}")
         return path, "weights"
+    if path.is_dir():  # a PEFT adapter: its files are checked here, its shapes against the model later
+        from .interop.peft import read_folder
+
+        read_folder(path)
+        return path, "prefix"
     load_prefix(path)  # format, checksum and shapes
     return path, "prefix"
 
