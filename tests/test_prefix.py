@@ -129,7 +129,7 @@ def test_word_init_through_mlp_hits_activations(family, tokenizer):
 
 @pytest.mark.parametrize("family", ["llama", "bart"])
 def test_gradient_checkpointing_gives_the_same_gradients(family, tokenizer):
-    from prefixtune.modeling import enable_gradient_checkpointing
+    from prefixtune.cache import enable_gradient_checkpointing
 
     grads = []
     for checkpointing in (False, True):

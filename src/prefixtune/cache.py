@@ -26,6 +26,8 @@ from transformers import AttentionInterface, DynamicCache, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from .architectures import architecture, attention_modules
+
 ATTN_IMPLEMENTATION = "prefixtune"
 SLOT_ATTR = "_prefixtune_slot"  # set on each attention module: "decoder.3", "encoder.0", "cross.5"
 
@@ -129,33 +131,32 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _always_mask)
 
 
-def attention_modules(model) -> dict[str, torch.nn.Module]:
-    """slot name -> attention module, for every family prefixtune supports."""
-    mt = model.config.model_type
-    if mt == "gpt2":
-        return {f"decoder.{i}": b.attn for i, b in enumerate(model.transformer.h)}
-    if mt == "t5":
-        slots = {f"encoder.{i}": b.layer[0].SelfAttention for i, b in enumerate(model.encoder.block)}
-        for i, b in enumerate(model.decoder.block):
-            slots[f"decoder.{i}"] = b.layer[0].SelfAttention
-            slots[f"cross.{i}"] = b.layer[1].EncDecAttention
-        return slots
-    if model.config.is_encoder_decoder:  # BART family
-        core = model.get_encoder(), model.get_decoder()
-        slots = {f"encoder.{i}": l.self_attn for i, l in enumerate(core[0].layers)}
-        for i, l in enumerate(core[1].layers):
-            slots[f"decoder.{i}"] = l.self_attn
-            slots[f"cross.{i}"] = l.encoder_attn
-        return slots
-    return {f"decoder.{i}": l.self_attn for i, l in enumerate(model.base_model.layers)}
-
-
 def install(model):
     """Route the model's attention through prefix_attention (idempotent; a model without a prefix is unchanged)."""
     for slot, module in attention_modules(model).items():
         setattr(module, SLOT_ATTR, slot)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute layer activations in backward. Works with a prefix (it is a layer-call argument).
+
+    transformers only checkpoints layers in training mode; the frozen model stays in eval
+    mode (no dropout), so only the layer containers themselves are flagged as training.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    dropout_attrs = architecture(model.config).layer_dropout_attrs
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
+            # Some layers (BART) apply dropout with their own training flag: keep it off.
+            for name in dropout_attrs:
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)
     return model
 
 

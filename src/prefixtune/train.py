@@ -22,7 +22,7 @@ from .data.collate import Collator, encode_pair, length_grouped_batches
 from .io import atomic_torch_save, atomic_write_bytes
 from .methods import EXPORT_FILES, build_method
 from .models import DEFAULT_MODEL, load_base_model, model_spec, resolve_device
-from .modeling import enable_gradient_checkpointing
+from .cache import enable_gradient_checkpointing
 from .prefix import PrefixConfig
 from .templates import check_template
 
