@@ -30,7 +30,7 @@ from prefixtune.io import prefix_to_bytes
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 from prefixtune.serve import BackgroundServer, KeyRing, ServeSettings, create_app, tenant_dir_name
-from prefixtune.serve.app import _Finisher
+from prefixtune.serve.completions import Finisher, Stops
 
 openai = pytest.importorskip("openai")
 
@@ -195,7 +195,7 @@ def test_openai_client_errors_are_clear(make_server, prefixes):
 def test_finisher_streams_add_up_and_stop_strings_cut(real_tokenizer):
     ids = real_tokenizer("The Eagle is a coffee shop. It is cheap.", add_special_tokens=False)["input_ids"]
     for stops in ([], ["shop"], ["It is", "."]):
-        stream = _Finisher(real_tokenizer, 100, stops)
+        stream = Finisher(real_tokenizer, Stops(100, strings=stops))
         pieces = []
         for token in ids:
             stream.tokens.append(token)
@@ -203,11 +203,11 @@ def test_finisher_streams_add_up_and_stop_strings_cut(real_tokenizer):
             if stream.stopped:
                 break
         pieces.append(stream.delta(final=True))
-        whole = _Finisher(real_tokenizer, 100, stops)
+        whole = Finisher(real_tokenizer, Stops(100, strings=stops))
         whole.tokens = list(ids)
         assert "".join(pieces) == whole.delta(final=True)
         assert stream.finish_reason() == "stop"
-    cut = _Finisher(real_tokenizer, 100, ["coffee"])
+    cut = Finisher(real_tokenizer, Stops(100, strings=["coffee"]))
     cut.tokens = list(ids)
     assert cut.delta(final=True) == "The Eagle is a "
 

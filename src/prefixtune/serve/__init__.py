@@ -6,11 +6,12 @@
 See docs/serving.md.
 """
 from .app import create_app
-from .batcher import Batcher, Job, JobError, QueueFull
+from .batcher import Batcher, Job
+from .errors import QueueFull, ServeError
 from .server import BackgroundServer, serve
 from .settings import ServeSettings
-from .store import PrefixStore, StoreError
+from .store import PrefixStore
 from .tenants import KeyRing, tenant_dir_name, valid_name
 
-__all__ = ["create_app", "serve", "BackgroundServer", "ServeSettings", "KeyRing", "PrefixStore", "StoreError",
-           "Batcher", "Job", "JobError", "QueueFull", "tenant_dir_name", "valid_name"]
+__all__ = ["create_app", "serve", "BackgroundServer", "ServeSettings", "KeyRing", "PrefixStore", "ServeError",
+           "Batcher", "Job", "QueueFull", "tenant_dir_name", "valid_name"]
