@@ -7,7 +7,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 from prefixtune.bank import PrefixBank
 from prefixtune.generation import DecodingConfig, decode
-from prefixtune.io import ExportedPrefix, save_prefix, load_prefix
+from prefixtune.prefix_file import ExportedPrefix, save_prefix, load_prefix
 from prefixtune.modeling import prefix_kv_from_groups
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder

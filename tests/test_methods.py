@@ -262,7 +262,7 @@ def test_every_export_decodes_like_the_trained_method(method, tokenizer, tmp_pat
         fresh = tiny_model("llama")  # the base model alone: nothing trained is carried over
         assert ExportDecoder(fresh, tokenizer, where).generate(SOURCES, decoding) == want, where
     if "prefix" not in method:  # a bank (and the server) say why they refuse it
-        from prefixtune.io import PrefixFileError, load_prefix
+        from prefixtune.prefix_file import PrefixFileError, load_prefix
 
         with pytest.raises(PrefixFileError, match=f"holds {method} weights, not a prefix"):
             load_prefix(result.prefix_file)

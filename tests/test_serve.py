@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, tiny_model
 from prefixtune.bank import PrefixBank
 from prefixtune.generation import DecodingConfig
-from prefixtune.io import prefix_to_bytes
+from prefixtune.prefix_file import prefix_to_bytes
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 from prefixtune.serve import BackgroundServer, KeyRing, ServeSettings, create_app, tenant_dir_name
@@ -108,7 +108,7 @@ def upload(server, tenant: str, name: str, data: bytes, **headers) -> httpx.Resp
 
 def expected(model, tokenizer, data: bytes | None, prompt: str, max_tokens: int, stop_at_newline=True, **decoding):
     """What decoding this one row alone gives, through the same bank code path."""
-    from prefixtune.io import load_prefix_bytes
+    from prefixtune.prefix_file import load_prefix_bytes
 
     bank = PrefixBank(model, tokenizer)
     pid = None
@@ -461,7 +461,7 @@ def _fuzz_bodies(good: bytes, wrong_model: bytes) -> list[tuple[str, bytes]]:
 
 
 def _nan_prefix(good: bytes) -> bytes:
-    from prefixtune.io import load_prefix_bytes
+    from prefixtune.prefix_file import load_prefix_bytes
 
     exported = load_prefix_bytes(good)
     spec_json = json.loads(exported.metadata["model_spec"])

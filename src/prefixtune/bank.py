@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .generation import DecodingConfig, decode
-from .io import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
+from .prefix_file import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
 from .models import model_spec
 from .modeling import prefix_kv_from_groups
 
@@ -26,7 +26,7 @@ class PrefixBank:
 
     # -- the store ---------------------------------------------------------------------------
     def add(self, prefix_id: str, prefix: ExportedPrefix | str | Path) -> ExportedPrefix:
-        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked (io.check_prefix)."""
+        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked (prefix_file.check_prefix)."""
         if not isinstance(prefix, ExportedPrefix):
             prefix = load_prefix(prefix, self.spec)
         else:

@@ -128,11 +128,9 @@ def export(
     allow_lossy: bool = typer.Option(False, help="peft, encoder-decoder models: keep the decoder prefix only"),
 ):
     """Drop the MLP and write P alone (safetensors + metadata), or a folder for the hub or for PEFT."""
-    import torch
-
     if fmt != "file":
         from .interop.commands import export_folder
-        from .io import PrefixFileError
+        from .prefix_file import PrefixFileError
 
         try:
             typer.echo(str(export_folder(run_dir, out, fmt, which, allow_lossy)))
@@ -140,22 +138,12 @@ def export(
             _fail(str(e))
         return
 
-    from .methods import EXPORT_FILES, build_method
-    from .models import load_base_model, model_spec
-    from .train import CHECKPOINT, TrainConfig
+    from .train import export_checkpoint
 
-    path = run_dir / CHECKPOINT
-    if not path.is_file():
-        _fail(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    config = TrainConfig(**ckpt["config"])
-    model, tokenizer = load_base_model(config.model)
-    spec = model_spec(model)
-    method = build_method(config.method, model, tokenizer, spec, config)
-    state = ckpt["best"]["state"] if which == "best" and ckpt["best"]["state"] is not None else ckpt["module"]
-    method.module.load_state_dict(state)
-    target = method.export(out or run_dir / EXPORT_FILES[config.method], {**ckpt["config"], "exported_from_step":
-                                                          ckpt["best"]["step"] if which == "best" else ckpt["step"]})
+    try:
+        target = export_checkpoint(run_dir, out, which)
+    except FileNotFoundError as e:
+        _fail(str(e))
     typer.echo(str(target))
 
 
@@ -163,7 +151,7 @@ def export(
 def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file, or a training directory")):
     """Show an exported prefix's (or another method's weights') metadata and shapes."""
     from .exported import describe, find_export
-    from .io import PrefixFileError, readable_metadata
+    from .prefix_file import PrefixFileError, readable_metadata
 
     try:
         metadata, shapes = describe(find_export(prefix))

@@ -10,7 +10,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 
 from .data import load_task, sample_pairs, training_pairs
 from .data.collate import Collator, encode_pair, length_grouped_batches
-from .io import atomic_torch_save, atomic_write_bytes
+from .atomic import atomic_write_bytes
+from .checkpoint import CHECKPOINT, Checkpoint
 from .methods import EXPORT_FILES, build_method
 from .models import DEFAULT_MODEL, load_base_model, model_spec, resolve_device
 from .cache import enable_gradient_checkpointing
 from .prefix import PrefixConfig
 from .templates import check_template
 
-CHECKPOINT = "checkpoint.pt"
 PREFIX_FILE = EXPORT_FILES["prefix"]
 RESULT = "result.json"
 
@@ -94,6 +94,12 @@ class TrainResult:
     padded_tokens: int = 0               # positions computed, padding included (this process)
     stop_reason: str = "step_limit"      # early_stop | epoch_limit | step_limit
     epochs_run: float = 0.0              # optimiser steps / steps per epoch
+    # the trained method, to decode with; not in result.json
+    method: object = field(default=None, repr=False, compare=False, metadata={"json": False})
+
+    def to_json(self) -> dict:
+        # field by field, not asdict: asdict would deep-copy the method and its model
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("json", True)}
 
 
 def bf16_available(device: torch.device) -> bool:
@@ -219,20 +225,18 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     step, best = 0, {"loss": None, "step": None, "state": None}
     history: list[dict] = []
     if resume and (out_dir / CHECKPOINT).is_file():
-        ckpt = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-        accelerator.unwrap_model(module).load_state_dict(ckpt["module"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
-        _set_rng_state(ckpt["rng"])
+        ckpt = Checkpoint.load(out_dir)
+        accelerator.unwrap_model(module).load_state_dict(ckpt.module)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        step, best, history = ckpt.step, ckpt.best, ckpt.history
+        _set_rng_state(ckpt.rng)
         accelerator.print(f"resumed from step {step} of {total_steps}")
 
     def save_checkpoint():
         if accelerator.is_main_process:
-            atomic_torch_save({"module": accelerator.unwrap_model(module).state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "step": step, "best": best, "history": history, "rng": _rng_state(),
-                               "config": asdict(config)}, out_dir / CHECKPOINT)
+            Checkpoint(accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+                       step, best, history, _rng_state(), asdict(config)).save(out_dir)
         accelerator.wait_for_everyone()
 
     def dev_loss():
@@ -313,8 +317,19 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
                          method.trainable_parameters(), method.shipped_parameters(), history,
-                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3))
+                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3), method)
     if accelerator.is_main_process:
-        atomic_write_bytes(out_dir / RESULT, json.dumps(asdict(result), indent=2).encode())
-    result.method = method  # not a field (kept out of result.json): callers decode with the trained method
+        atomic_write_bytes(out_dir / RESULT, json.dumps(result.to_json(), indent=2).encode())
     return result
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, which: str = "best") -> Path:
+    """Export a run's `best` (lowest dev loss) or `last` step from its checkpoint, as `train` exports at its end:
+    to OUT, default RUN_DIR/<the method's export file>."""
+    ckpt = Checkpoint.load(run_dir)
+    config = TrainConfig(**ckpt.config)
+    model, tokenizer = load_base_model(config.model)
+    method = build_method(config.method, model, tokenizer, model_spec(model), config)
+    method.module.load_state_dict(ckpt.state(which))
+    step = ckpt.best["step"] if which == "best" else ckpt.step
+    return method.export(out or Path(run_dir) / EXPORT_FILES[config.method], {**ckpt.config, "exported_from_step": step})

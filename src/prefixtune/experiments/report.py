@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from .runner import primary_metric
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive at this scale"

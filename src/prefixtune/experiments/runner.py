@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data import Record, load_task, sample_pairs, training_pairs
-from ..io import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 CELLS_FILE = "cells.jsonl"
 PRIMARY = {"e2e": "BLEU", "webnlg": "BLEU", "dart": "BLEU", "xsum": "ROUGE_2"}

@@ -97,7 +97,7 @@ def save_weights(path, tensors: dict[str, torch.Tensor], method: Method, metadat
 
     from safetensors.torch import save
 
-    from ..io import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
     from ..models import model_name
 
     tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}

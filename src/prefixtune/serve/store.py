@@ -8,7 +8,7 @@ tenants may each own an ``e2e`` and neither can reach the other's.
 An upload is a prefix file, or a zip/tar archive of a prefix folder: ours (prefix.safetensors)
 or a PEFT prefix-tuning adapter (adapter_config.json + adapter_model.safetensors), which is
 converted to a prefix file first. An upload is validated completely (format, dtype, checksum,
-fingerprint against the base model, finite values, length, template: io.check_prefix) before
+fingerprint against the base model, finite values, length, template: prefix_file.check_prefix) before
 anything is written; the file is then written with a temp file and a rename, so a crash leaves
 either the old prefix or the new one, never half a file. The base model's name is reserved: no
 prefix may take it.
@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ..bank import PrefixBank
 from ..interop.folders import archive_to_prefix_bytes, is_archive
-from ..io import PrefixFileError, atomic_write_bytes, load_prefix_bytes
+from ..atomic import atomic_write_bytes
+from ..prefix_file import PrefixFileError, load_prefix_bytes
 from .settings import ServeSettings
 from .errors import ServeError
 from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
@@ -100,7 +101,7 @@ class PrefixStore:
     def _validate(self, data: bytes, name: str):
         try:
             prefix = load_prefix_bytes(data, self.bank.spec, source=f"prefix {name!r}")
-        except PrefixFileError as e:  # io.check_prefix: the same rules as the CLI and the bank
+        except PrefixFileError as e:  # prefix_file.check_prefix: the same rules as the CLI and the bank
             raise ServeError(400, "invalid_prefix", str(e)) from None
         except Exception as e:  # anything a hostile file could still provoke is the file's fault
             raise ServeError(400, "invalid_prefix",
