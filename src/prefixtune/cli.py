@@ -4,12 +4,19 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .models import DEFAULT_MODEL
+from .serve.settings import MiB, ServeSettings
+from .train_config import TrainConfig
+
+# Option defaults come from the configs themselves, so a default changes in one place.
+TRAIN = TrainConfig()
+SERVE = {f.name: f.default for f in fields(ServeSettings)}
 
 # Help is click's plain layout: it wraps to the terminal (up to 120 columns) and never cuts a name or a
 # value, where rich's boxed table cut them at 80 columns ("--gradient-checkpo…"); a test checks every command.
@@ -60,43 +67,43 @@ def _task_options(train_from: Optional[str], subset: Optional[str], scheme: Opti
 
 @app.command()
 def train(
-    output_dir: Path = typer.Option(Path("runs/prefix"), "--output-dir", "-o", help="checkpoints and the exported prefix"),
-    model: str = typer.Option(DEFAULT_MODEL, help="embedded name, local dir, .gguf file or hub id"),
-    task: str = typer.Option("e2e", help="e2e | webnlg | dart | xsum"),
+    output_dir: Path = typer.Option(Path(TRAIN.output_dir), "--output-dir", "-o", help="checkpoints and the exported prefix"),
+    model: str = typer.Option(TRAIN.model, help="embedded name, local dir, .gguf file or hub id"),
+    task: str = typer.Option(TRAIN.task, help="e2e | webnlg | dart | xsum"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
     train_size: Optional[int] = typer.Option(None, help="low-data: train on this many sampled examples"),
     train_from: Optional[str] = typer.Option(None, help="DART here: train on another split, e.g. dev"),
     subset: Optional[str] = typer.Option(None, help="WebNLG: all | seen | unseen"),
     scheme: Optional[str] = typer.Option(None, help="XSUM: news-sport | within-news | official"),
-    method: str = typer.Option("prefix", help="prefix | prefix-flat | embedding-only | infix | finetune | "
+    method: str = typer.Option(TRAIN.method, help="prefix | prefix-flat | embedding-only | infix | finetune | "
                                                 "finetune-top2 | adapter"),
-    seed: int = typer.Option(1),
-    prefix_len: int = typer.Option(10),
-    mlp_dim: int = typer.Option(512, help="d': width of P' and the MLP"),
-    prefix_dropout: float = typer.Option(0.0),
-    init: str = typer.Option("random", help='random | words:"table-to-text:"'),
-    lr: Optional[float] = typer.Option(None, help="default: the method's (prefix 5e-4, prefix-flat 5e-3)"),
-    batch_size: int = typer.Option(8),
-    max_steps: Optional[int] = typer.Option(None, help="default: --epochs epochs"),
-    epochs: float = typer.Option(5.0),
-    warmup_steps: int = typer.Option(0),
-    weight_decay: float = typer.Option(0.0),
-    grad_clip: float = typer.Option(1.0),
-    eval_every: int = typer.Option(50),
-    dev_size: int = typer.Option(100),
-    save_every: int = typer.Option(50),
-    precision: str = typer.Option("auto", help="auto | bf16 | fp32"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+    seed: int = typer.Option(TRAIN.seed),
+    prefix_len: int = typer.Option(TRAIN.prefix_len),
+    mlp_dim: int = typer.Option(TRAIN.mlp_dim, help="d': width of P' and the MLP"),
+    prefix_dropout: float = typer.Option(TRAIN.prefix_dropout),
+    init: str = typer.Option(TRAIN.init, help='random | words:"table-to-text:"'),
+    lr: Optional[float] = typer.Option(TRAIN.lr, help="default: the method's (prefix 5e-4, prefix-flat 5e-3)"),
+    batch_size: int = typer.Option(TRAIN.batch_size),
+    max_steps: Optional[int] = typer.Option(TRAIN.max_steps, help="default: --epochs epochs"),
+    epochs: float = typer.Option(TRAIN.epochs),
+    warmup_steps: int = typer.Option(TRAIN.warmup_steps),
+    weight_decay: float = typer.Option(TRAIN.weight_decay),
+    grad_clip: float = typer.Option(TRAIN.grad_clip),
+    eval_every: int = typer.Option(TRAIN.eval_every),
+    dev_size: int = typer.Option(TRAIN.dev_size),
+    save_every: int = typer.Option(TRAIN.save_every),
+    precision: str = typer.Option(TRAIN.precision, help="auto | bf16 | fp32"),
+    gradient_checkpointing: bool = typer.Option(TRAIN.gradient_checkpointing, "--gradient-checkpointing",
                                                 help="recompute activations in backward (less memory)"),
-    template: Optional[str] = typer.Option(None, help='source template, default "{source}\\n" (decoder-only)'),
-    adapter_budget: float = typer.Option(0.001, help="adapter: fraction of the model's parameters (0.001, 0.03)"),
+    template: Optional[str] = typer.Option(TRAIN.template, help='source template, default "{source}\\n" (decoder-only)'),
+    adapter_budget: float = typer.Option(TRAIN.adapter_budget, help="adapter: fraction of the model's parameters (0.001, 0.03)"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT_DIR/checkpoint.pt"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in OUTPUT_DIR"),
     device: str = _device_option(),
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
     (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
-    from .train import TrainConfig, train as run_train
+    from .train import train as run_train
 
     try:
         config = TrainConfig(
@@ -335,18 +342,18 @@ def serve(
     port: int = typer.Option(8000),
     keys_file: Optional[Path] = typer.Option(None, help="API keys: JSON {key: tenant} or 'key:tenant' lines "
                                                          "(also $PREFIXTUNE_API_KEYS='key:tenant,...')"),
-    batch_window_ms: float = typer.Option(10.0, help="requests arriving within this window are decoded together"),
-    max_batch_size: int = typer.Option(32, help="rows per decoding batch"),
-    max_batch_tokens: int = typer.Option(2048, help="prompt tokens per decoding batch (bounds one prefill step)"),
-    max_queue: int = typer.Option(256, help="rows waiting to be decoded; beyond that: 429"),
-    request_timeout: float = typer.Option(120.0, help="seconds a completion may wait and decode; then 503"),
-    max_upload_mb: float = typer.Option(16.0, help="largest prefix upload"),
-    max_prefixes: int = typer.Option(64, help="prefixes per tenant"),
-    tenant_quota_mb: float = typer.Option(256.0, help="bytes of prefixes per tenant"),
-    max_tokens_limit: int = typer.Option(512, help="largest max_tokens a request may ask for"),
-    max_prompt_tokens: int = typer.Option(512, help="longest prompt, template included; longer: 400 unless the "
+    batch_window_ms: float = typer.Option(SERVE["batch_window_ms"], help="requests arriving within this window are decoded together"),
+    max_batch_size: int = typer.Option(SERVE["max_batch_size"], help="rows per decoding batch"),
+    max_batch_tokens: int = typer.Option(SERVE["max_batch_tokens"], help="prompt tokens per decoding batch (bounds one prefill step)"),
+    max_queue: int = typer.Option(SERVE["max_queue"], help="rows waiting to be decoded; beyond that: 429"),
+    request_timeout: float = typer.Option(SERVE["request_timeout_s"], help="seconds a completion may wait and decode; then 503"),
+    max_upload_mb: float = typer.Option(SERVE["max_upload_bytes"] / MiB, help="largest prefix upload"),
+    max_prefixes: int = typer.Option(SERVE["max_prefixes_per_tenant"], help="prefixes per tenant"),
+    tenant_quota_mb: float = typer.Option(SERVE["max_bytes_per_tenant"] / MiB, help="bytes of prefixes per tenant"),
+    max_tokens_limit: int = typer.Option(SERVE["max_tokens_limit"], help="largest max_tokens a request may ask for"),
+    max_prompt_tokens: int = typer.Option(SERVE["max_prompt_tokens"], help="longest prompt, template included; longer: 400 unless the "
                                                     "request sends truncate_prompt_tokens"),
-    body_timeout: float = typer.Option(30.0, help="seconds to receive a request body (upload or JSON); then 408"),
+    body_timeout: float = typer.Option(SERVE["body_timeout_s"], help="seconds to receive a request body (upload or JSON); then 408"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     log_level: str = typer.Option("info"),
     device: str = _device_option(),
@@ -359,8 +366,8 @@ def serve(
                    device=device,
                    batch_window_ms=batch_window_ms, max_batch_size=max_batch_size,
                    max_batch_tokens=max_batch_tokens, max_queue=max_queue,
-                   request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * 2**20),
-                   max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * 2**20),
+                   request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * MiB),
+                   max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * MiB),
                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                    body_timeout_s=body_timeout)
     except (ValueError, FileNotFoundError) as e:
