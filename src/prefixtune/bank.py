@@ -1,7 +1,9 @@
 """PrefixBank: many exported prefixes over one frozen model, decoded in mixed batches.
 
-Every decoding path (CLI `generate`, evaluation, the server) goes through here,
-so a prefix behaves the same wherever it is used.
+Every decoding of an exported prefix (CLI `generate`, evaluation, the server,
+`PrefixMethod.generate`) goes through here, so a prefix behaves the same wherever
+it is used. The other methods (embedding-only, infix, fine-tuning, adapters) call
+`generation.decode`, the same decoding loop, themselves.
 """
 from __future__ import annotations
 

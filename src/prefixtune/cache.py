@@ -5,13 +5,18 @@ function ("prefixtune") that prepends each row's prefix keys/values to the keys
 and values of every attention it is given a prefix for (decoder self-attention,
 encoder self-attention, cross-attention) and widens the mask to match. The
 prefix travels as a keyword argument (`prefix_kv`) that transformers passes
-through every layer down to the attention function. Because the prefix never
-enters transformers' own cache:
+through every layer down to the attention function. In training, scoring and
+the encoder-decoder models' decoding the prefix is that argument only, never in
+transformers' own cache:
   * positions and masks of the real tokens are computed exactly as without a
-    prefix, in training and in generation alike;
+    prefix;
   * each row of a batch can carry its own prefix, of its own length (serving);
   * gradient checkpointing works (the prefix is an argument of the layer call,
     so recomputation sees it), where PEFT refuses to run.
+Decoding a decoder-only model is the exception, for speed: the prefix is
+prefilled into the decoding cache once (`prefilled_cache`), the caller widens
+the mask by the prefix's, and positions still count from the prefix length, so
+every token sees what it saw in training.
 When transformers changes its attention or cache API, this file changes.
 """
 from __future__ import annotations
@@ -174,7 +179,7 @@ def prefilled_cache(prefix_kv: PrefixKV, num_layers: int) -> DynamicCache:
 
 
 def new_cache(model):
-    """An empty cache for incremental decoding of the real tokens (the prefix is not stored in it)."""
+    """An empty cache for incremental decoding (a decoder-only model's prefix goes in `prefilled_cache` instead)."""
     if model.config.is_encoder_decoder:
         return EncoderDecoderCache(DynamicCache(), DynamicCache())
     return DynamicCache()

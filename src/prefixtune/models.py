@@ -175,7 +175,11 @@ def _load_hub_or_dir(name: str, dtype, local_only: bool):
 
 
 def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """Load (model, tokenizer), frozen: eval mode, no gradients. The model is never modified by prefixtune.
+    """Load (model, tokenizer), frozen: eval mode, no gradients.
+
+    prefixtune never changes its weights (methods that train weights train a copy). It does set up the
+    model's attention: `cache.install` routes it through prefixtune's attention function, which computes
+    exactly as before for a call without a prefix.
 
     `name_or_path` is an embedded name (`smollm2-135m`), a local directory, a `.gguf` file, or a hub id.
     `device`: a torch device or one of `DEVICES` (`auto` picks cuda, mps, then cpu).

@@ -31,7 +31,7 @@ class Method:
 
     name: str
     module: nn.Module
-    model: nn.Module        # the shared frozen base model (never modified)
+    model: nn.Module        # the shared frozen base model (its weights never change)
     default_lr: float = 5e-5
 
     def loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
