@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(abspath ../shared/data)
 export PREFIXTUNE_DATA ?= $(DATA)
 
-.PHONY: setup demo test test-fast readme bench clean
+.PHONY: setup demo test test-fast readme clean
 
 setup: $(VENV)/.installed
 

@@ -56,10 +56,6 @@ class PrefixKV:
     query_visible: torch.Tensor | None = None
     capture: dict | None = None
 
-    @property
-    def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
     def select(self, rows: torch.Tensor) -> "PrefixKV":
         """The same prefixes for a re-indexed batch (beam expansion, dropping finished rows)."""
         return PrefixKV(
@@ -76,7 +72,7 @@ def _unmask_empty_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
-def _bool_mask(module, attention_mask, batch, q_len, k_len, device):
+def _bool_mask(module, attention_mask, q_len, k_len, device):
     """The real tokens' mask as (batch|1, 1, q, k) bool, whatever transformers handed us."""
     if attention_mask is None:
         if getattr(module, "is_causal", False) and q_len > 1:
@@ -100,7 +96,7 @@ def prefix_attention(module, query, key, value, attention_mask, prefix_kv: Prefi
     pk, pv = prefix_kv.keys[slot], prefix_kv.values[slot]
     batch, _, q_len, _ = query.shape
     k_len, p_len = key.shape[2], pk.shape[2]
-    real = _bool_mask(module, attention_mask, batch, q_len, k_len, query.device).expand(batch, 1, q_len, k_len)
+    real = _bool_mask(module, attention_mask, q_len, k_len, query.device).expand(batch, 1, q_len, k_len)
     seen = prefix_kv.mask[:, None, None, :].expand(batch, 1, q_len, p_len)
     if prefix_kv.query_visible is not None:
         seen = seen & prefix_kv.query_visible[:, None, -q_len:, None]

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+def count_parameters(module: nn.Module) -> int:
     """Parameters of a module, each shared (tied) tensor counted once."""
     seen, total = set(), 0
     for p in module.parameters():
-        if (trainable_only and not p.requires_grad) or id(p) in seen:
+        if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
