@@ -127,14 +127,14 @@ def test_every_study_has_a_cpu_and_paper_plan():
                 scale = study.make_scale(scale_name, task)
                 cells = study.make_cells(task, scale)
                 assert cells and all(c.study == name for c in cells)
-    from prefixtune.experiments import ablation, init, lowdata
+    from prefixtune.experiments import ablation, init_study, lowdata
 
     assert {c.train_size for c in lowdata.make_cells("e2e", lowdata.make_scale("cpu", "e2e"))} == {50, 100, 200, 500}
     paper = lowdata.make_cells("e2e", lowdata.make_scale("paper", "e2e"))
     assert len(paper) == 4 * 2 * 5 * 2  # sizes x methods x 5 samples x 2 seeds
     labels = {c.label for c in ablation.make_cells("e2e", ablation.make_scale("cpu", "e2e"))}
     assert labels == {"EMB-1", "EMB-10", "EMB-20", "INFIX-1", "INFIX-10", "INFIX-20", "PREFIX-10"}
-    inits = {c.params["init"] for c in init.make_cells("e2e", init.make_scale("cpu", "e2e"))}
+    inits = {c.params["init"] for c in init_study.make_cells("e2e", init_study.make_scale("cpu", "e2e"))}
     assert inits == {"random", "words:table-to-text:", "words:summarize", "words:elephant", "words:divide"}
 
 
@@ -239,7 +239,7 @@ def test_lowdata_with_a_learning_rate_sweep_chooses_on_dev_loss_and_reuses_the_s
 def test_short_sweep_cells_only_measure_dev_loss(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from prefixtune.experiments import main
+    from prefixtune.experiments import main_table as main
 
     tiny = main.make_scale("tiny", "e2e")
     rates = {"prefix": (1e-3, 1e-2), "finetune": (1e-4,), "finetune-top2": (1e-4,), "adapter": (1e-3,)}

@@ -209,7 +209,7 @@ def test_decoding_reads_what_training_trained(family, method, monkeypatch):
 def test_infix_is_invisible_to_the_source_but_not_to_the_target(tokenizer):
     from prefixtune import cache
     from prefixtune.data.collate import Collator, encode_pair
-    from prefixtune.modeling import position_ids, single_prefix_kv
+    from prefixtune.forward import position_ids, single_prefix_kv
     from prefixtune.methods.infix import source_only_hidden
 
     m = build("infix", "llama", tokenizer)

@@ -7,7 +7,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 from prefixtune import cache
 from prefixtune.prefix_file import load_prefix, save_prefix
-from prefixtune.modeling import lm_loss, position_ids, prefix_kv_from_groups, single_prefix_kv
+from prefixtune.forward import lm_loss, position_ids, prefix_kv_from_groups, single_prefix_kv
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder, groups_of, word_activations
 from prefixtune.data.collate import Collator, encode_pair

@@ -15,7 +15,7 @@ from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .generation import DecodingConfig, decode
 from .prefix_file import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
 from .models import model_spec
-from .modeling import prefix_kv_from_groups
+from .forward import prefix_kv_from_groups
 
 
 class PrefixBank:

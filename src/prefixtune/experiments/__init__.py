@@ -12,11 +12,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ablation, extrapolation, init, lowdata, main, prefix_length, sweep
+from . import ablation, extrapolation, init_study, lowdata, main_table, prefix_length, sweep
 from .runner import CELLS_FILE, Cell, CellStore, Context, Scale, run_cells
 from .scales import SCALES, default_model
 
-STUDIES = {m.NAME: m for m in (lowdata, prefix_length, init, ablation, extrapolation, main)}
+STUDIES = {m.NAME: m for m in (lowdata, prefix_length, init_study, ablation, extrapolation, main_table)}
 CONVERGED = ("lowdata", "main", "extrapolation")  # the studies sized for `--scale converged`
 
 

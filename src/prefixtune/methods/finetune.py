@@ -13,7 +13,7 @@ from torch import nn
 from ..generation import decode
 from ..architectures import top_layers
 from ..cache import enable_gradient_checkpointing
-from ..modeling import lm_loss
+from ..forward import lm_loss
 from .base import Method, generate_texts, save_weights
 
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from ..prefix_file import save_prefix
-from ..modeling import lm_loss, single_prefix_kv
+from ..forward import lm_loss, single_prefix_kv
 from ..models import model_name
 from ..prefix import build_prefix_encoder
 from .base import Method
