@@ -176,7 +176,7 @@ def test_cli_experiment_command_is_wired(tmp_path):
 @pytest.mark.parametrize("names", [["random", "table-to-text", "summarize", "elephant", "divide"],
                                    [f"a-rather-long-configuration-{i}" for i in range(9)]])
 def test_bar_figure_tick_labels_do_not_overlap(tmp_path, monkeypatch, names):
-    from prefixtune.experiments import report as R
+    from prefixtune.experiments import figures as F, report as R
 
     shown = {}
 
@@ -186,7 +186,7 @@ def test_bar_figure_tick_labels_do_not_overlap(tmp_path, monkeypatch, names):
         shown["boxes"] = [t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels() if t.get_text()]
         return path
 
-    monkeypatch.setattr(R, "save_figure", keep_open)
+    monkeypatch.setattr(F, "save_figure", keep_open)
     groups = {n: {"prefix": Agg([50.0, 52.0], ["a", "b"])} for n in names}
     R.bar_figure(tmp_path / "f.png", groups, "BLEU", "title")
     boxes = shown["boxes"]
@@ -266,3 +266,11 @@ def test_two_workers_never_run_the_same_cell(tmp_path):
 def test_converged_scale_exists_only_for_the_studies_sized_for_it(tmp_path):
     with pytest.raises(ValueError, match="no converged scale"):
         run_experiment("init", scale="converged", out=tmp_path / "x", report_only=True)
+
+
+def test_every_study_follows_the_study_protocol():
+    from prefixtune.experiments.study import Study
+
+    for name, study in STUDIES.items():
+        assert isinstance(study, Study), name
+        assert study.NAME == name and isinstance(study.MULTI_TASK, bool)

@@ -29,12 +29,12 @@ class Shapes:
 
 @dataclass(frozen=True)
 class Architecture:
-    shapes: Callable[[object], Shapes]                               # config -> shapes
-    layers: Callable[[nn.Module], tuple[list, list]]                 # model -> (encoder layers, decoder layers)
-    self_attention: Callable[[nn.Module], nn.Module]                 # layer -> its self-attention
-    cross_attention: Callable[[nn.Module], nn.Module] | None         # decoder layer -> cross-attention
+    shapes: Callable[[object], Shapes]                                 # config -> shapes
+    layers: Callable[[nn.Module], tuple[list, list]]                   # model -> (encoder layers, decoder layers)
+    self_attention: Callable[[nn.Module], nn.Module]                   # layer -> its self-attention
     adapter_sites: Callable[[nn.Module], list[tuple[nn.Module, str]]]  # layer -> (parent, attr) of output projections
-    decoder_layers_name: str                                         # parameter-name prefix of the decoder layers
+    decoder_layers_name: str                                           # parameter-name prefix of the decoder layers
+    cross_attention: Callable[[nn.Module], nn.Module] | None = None    # decoder layer -> cross-attention
     # float attributes on a layer that apply dropout with the layer's own training flag; kept at 0
     # when gradient checkpointing flags the (eval-mode) layer as training
     layer_dropout_attrs: tuple[str, ...] = ()
@@ -60,39 +60,28 @@ def _llama_shapes(cfg) -> Shapes:
     return Shapes(cfg.num_hidden_layers, 0, kv_heads, head_dim, cfg.hidden_size)
 
 
-GPT2 = Architecture(
-    shapes=_gpt2_shapes,
-    layers=lambda m: ([], list(m.transformer.h)),
-    self_attention=lambda b: b.attn,
-    cross_attention=None,
-    adapter_sites=lambda b: [(b.attn, "c_proj"), (b.mlp, "c_proj")],
-    decoder_layers_name="transformer.h",
-)
+GPT2 = Architecture(_gpt2_shapes, lambda m: ([], list(m.transformer.h)), lambda b: b.attn,
+                    lambda b: [(b.attn, "c_proj"), (b.mlp, "c_proj")], "transformer.h")
 T5 = Architecture(
     shapes=_t5_shapes,
     layers=lambda m: (list(m.encoder.block), list(m.decoder.block)),
     self_attention=lambda b: b.layer[0].SelfAttention,
-    cross_attention=lambda b: b.layer[1].EncDecAttention,
     adapter_sites=lambda b: [(b.layer[0].SelfAttention, "o"), (b.layer[-1].DenseReluDense, "wo")],
     decoder_layers_name="decoder.block",
+    cross_attention=lambda b: b.layer[1].EncDecAttention,
 )
 BART = Architecture(  # BART, mBART, ... : the default for encoder-decoder models
     shapes=_bart_shapes,
     layers=lambda m: (list(m.get_encoder().layers), list(m.get_decoder().layers)),
     self_attention=lambda l: l.self_attn,
-    cross_attention=lambda l: l.encoder_attn,
     adapter_sites=lambda l: [(l.self_attn, "out_proj"), (l, "fc2")],
     decoder_layers_name="model.decoder.layers",
+    cross_attention=lambda l: l.encoder_attn,
     layer_dropout_attrs=("dropout", "activation_dropout"),
 )
-LLAMA = Architecture(  # Llama, Mistral, Qwen2, SmolLM: the default for decoder-only models
-    shapes=_llama_shapes,
-    layers=lambda m: ([], list(m.base_model.layers)),
-    self_attention=lambda l: l.self_attn,
-    cross_attention=None,
-    adapter_sites=lambda l: [(l.self_attn, "o_proj"), (l.mlp, "down_proj")],
-    decoder_layers_name="model.layers",
-)
+# Llama, Mistral, Qwen2, SmolLM: the default for decoder-only models
+LLAMA = Architecture(_llama_shapes, lambda m: ([], list(m.base_model.layers)), lambda l: l.self_attn,
+                     lambda l: [(l.self_attn, "o_proj"), (l.mlp, "down_proj")], "model.layers")
 
 ARCHITECTURES: dict[str, Architecture] = {"gpt2": GPT2, "t5": T5, "bart": BART, "llama": LLAMA}
 

@@ -44,7 +44,3 @@ class Checkpoint:
     def state(self, which: str) -> dict:
         """The module state to export: `best` (lowest dev loss; the last step when none was measured) or `last`."""
         return self.best["state"] if which == "best" and self.has_best() else self.module
-
-
-def exists(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / CHECKPOINT).is_file()
