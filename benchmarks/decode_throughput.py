@@ -34,7 +34,7 @@ def main():
     from prefixtune.bank import PrefixBank
     from prefixtune.data import load_task
     from prefixtune.generation import DecodingConfig, left_pad
-    from prefixtune.io import ExportedPrefix
+    from prefixtune.prefix_file import ExportedPrefix
     from prefixtune.models import load_base_model, model_spec
     from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 

@@ -30,7 +30,7 @@ import torch
 from common import benchmark_parser
 from prefixtune.bank import PrefixBank
 from prefixtune.generation import DecodingConfig
-from prefixtune.io import load_prefix_bytes, prefix_to_bytes
+from prefixtune.prefix_file import load_prefix_bytes, prefix_to_bytes
 from prefixtune.models import load_base_model, model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 

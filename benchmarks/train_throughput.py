@@ -66,8 +66,8 @@ def dev_loss_of(forward_loss, examples, collate, batch_size=16) -> float:
 
 def worker_ours(args, model, tokenizer, train_pairs, dev_pairs):
     from prefixtune.data.collate import Collator, encode_pair
-    from prefixtune.io import load_prefix
-    from prefixtune.modeling import lm_loss, prefix_kv_from_groups
+    from prefixtune.prefix_file import load_prefix
+    from prefixtune.forward import lm_loss, prefix_kv_from_groups
     from prefixtune.models import model_spec
     from prefixtune.train import TrainConfig, train, use_bf16
 

@@ -139,7 +139,7 @@ def main():
     from prefixtune.bank import PrefixBank
     from prefixtune.data.collate import source_ids
     from prefixtune.generation import DecodingConfig
-    from prefixtune.io import load_prefix, save_prefix
+    from prefixtune.prefix_file import load_prefix, save_prefix
     from prefixtune.models import load_base_model, model_spec
     from prefixtune.prefix import PrefixConfig, build_prefix_encoder
     from prefixtune.serve.tenants import tenant_dir_name

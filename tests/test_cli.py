@@ -122,7 +122,7 @@ def test_bad_files_and_options_end_in_one_error_line(tiny_dir, tmp_path, data_di
 
     from safetensors.torch import save
 
-    from prefixtune.io import FORMAT, prefix_to_bytes
+    from prefixtune.prefix_file import FORMAT, prefix_to_bytes
     from prefixtune.models import load_base_model, model_spec
     from prefixtune.prefix import group_width, groups_of
 

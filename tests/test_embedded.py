@@ -8,7 +8,7 @@ import torch
 from prefixtune import cache
 from prefixtune.generation import DecodingConfig, decode
 from prefixtune.models import load_base_model, model_spec
-from prefixtune.modeling import position_ids, prefix_kv_from_groups, single_prefix_kv
+from prefixtune.forward import position_ids, prefix_kv_from_groups, single_prefix_kv
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 
 pytestmark = pytest.mark.slow

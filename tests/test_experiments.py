@@ -127,14 +127,14 @@ def test_every_study_has_a_cpu_and_paper_plan():
                 scale = study.make_scale(scale_name, task)
                 cells = study.make_cells(task, scale)
                 assert cells and all(c.study == name for c in cells)
-    from prefixtune.experiments import ablation, init, lowdata
+    from prefixtune.experiments import ablation, init_study, lowdata
 
     assert {c.train_size for c in lowdata.make_cells("e2e", lowdata.make_scale("cpu", "e2e"))} == {50, 100, 200, 500}
     paper = lowdata.make_cells("e2e", lowdata.make_scale("paper", "e2e"))
     assert len(paper) == 4 * 2 * 5 * 2  # sizes x methods x 5 samples x 2 seeds
     labels = {c.label for c in ablation.make_cells("e2e", ablation.make_scale("cpu", "e2e"))}
     assert labels == {"EMB-1", "EMB-10", "EMB-20", "INFIX-1", "INFIX-10", "INFIX-20", "PREFIX-10"}
-    inits = {c.params["init"] for c in init.make_cells("e2e", init.make_scale("cpu", "e2e"))}
+    inits = {c.params["init"] for c in init_study.make_cells("e2e", init_study.make_scale("cpu", "e2e"))}
     assert inits == {"random", "words:table-to-text:", "words:summarize", "words:elephant", "words:divide"}
 
 
@@ -176,7 +176,7 @@ def test_cli_experiment_command_is_wired(tmp_path):
 @pytest.mark.parametrize("names", [["random", "table-to-text", "summarize", "elephant", "divide"],
                                    [f"a-rather-long-configuration-{i}" for i in range(9)]])
 def test_bar_figure_tick_labels_do_not_overlap(tmp_path, monkeypatch, names):
-    from prefixtune.experiments import report as R
+    from prefixtune.experiments import figures as F, report as R
 
     shown = {}
 
@@ -186,7 +186,7 @@ def test_bar_figure_tick_labels_do_not_overlap(tmp_path, monkeypatch, names):
         shown["boxes"] = [t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels() if t.get_text()]
         return path
 
-    monkeypatch.setattr(R, "save_figure", keep_open)
+    monkeypatch.setattr(F, "save_figure", keep_open)
     groups = {n: {"prefix": Agg([50.0, 52.0], ["a", "b"])} for n in names}
     R.bar_figure(tmp_path / "f.png", groups, "BLEU", "title")
     boxes = shown["boxes"]
@@ -239,7 +239,7 @@ def test_lowdata_with_a_learning_rate_sweep_chooses_on_dev_loss_and_reuses_the_s
 def test_short_sweep_cells_only_measure_dev_loss(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from prefixtune.experiments import main
+    from prefixtune.experiments import main_table as main
 
     tiny = main.make_scale("tiny", "e2e")
     rates = {"prefix": (1e-3, 1e-2), "finetune": (1e-4,), "finetune-top2": (1e-4,), "adapter": (1e-3,)}
@@ -266,3 +266,11 @@ def test_two_workers_never_run_the_same_cell(tmp_path):
 def test_converged_scale_exists_only_for_the_studies_sized_for_it(tmp_path):
     with pytest.raises(ValueError, match="no converged scale"):
         run_experiment("init", scale="converged", out=tmp_path / "x", report_only=True)
+
+
+def test_every_study_follows_the_study_protocol():
+    from prefixtune.experiments.study import Study
+
+    for name, study in STUDIES.items():
+        assert isinstance(study, Study), name
+        assert study.NAME == name and isinstance(study.MULTI_TASK, bool)

@@ -7,8 +7,8 @@ import torch
 from conftest import FAMILIES, tiny_model
 from prefixtune.bank import PrefixBank
 from prefixtune.generation import DecodingConfig, decode
-from prefixtune.io import ExportedPrefix, save_prefix, load_prefix
-from prefixtune.modeling import prefix_kv_from_groups
+from prefixtune.prefix_file import ExportedPrefix, save_prefix, load_prefix
+from prefixtune.forward import prefix_kv_from_groups
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 
@@ -53,7 +53,7 @@ def test_mixed_batch_equals_each_row_alone(family, beams, tokenizer):
 def test_greedy_equals_full_recompute(family, tokenizer):
     """The incremental cache gives the same tokens as re-running the whole sequence each step."""
     from prefixtune import cache
-    from prefixtune.modeling import position_ids
+    from prefixtune.forward import position_ids
 
     model = tiny_model(family, seed=2)
     spec = model_spec(model)

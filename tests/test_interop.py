@@ -25,9 +25,9 @@ from prefixtune.bank import PrefixBank
 from prefixtune.generation import DecodingConfig, left_pad
 from prefixtune.interop import peft as peft_io
 from prefixtune.interop.folders import archive_to_prefix_bytes
-from prefixtune.io import ExportedPrefix, PrefixFileError, load_prefix, load_prefix_bytes, prefix_to_bytes
+from prefixtune.prefix_file import ExportedPrefix, PrefixFileError, load_prefix, load_prefix_bytes, prefix_to_bytes
 from prefixtune.models import model_spec
-from prefixtune.modeling import position_ids, prefix_kv_from_groups, prefix_offsets
+from prefixtune.forward import position_ids, prefix_kv_from_groups, prefix_offsets
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 
 peft = pytest.importorskip("peft")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from prefixtune.io import PrefixFileError, load_prefix, load_prefix_bytes, save_prefix
+from prefixtune.prefix_file import PrefixFileError, load_prefix, load_prefix_bytes, save_prefix
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 
@@ -89,7 +89,7 @@ def test_unknown_model_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_readable_metadata_has_real_json_values(exported):
-    from prefixtune.io import readable_metadata
+    from prefixtune.prefix_file import readable_metadata
 
     path, _, spec = exported
     meta = readable_metadata(load_prefix(path, spec).metadata)
@@ -107,7 +107,7 @@ def _forged(data: bytes, tensors=None, **metadata) -> bytes:
 
     from safetensors.torch import load, save
 
-    from prefixtune.io import _digest
+    from prefixtune.prefix_file import _digest
 
     meta = {**json.loads(data[8: 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"], **metadata}
     loaded = load(data)
@@ -122,7 +122,7 @@ def test_a_template_is_data_not_code(exported, tokenizer, template):
     import json
 
     from prefixtune.bank import PrefixBank
-    from prefixtune.io import ExportedPrefix
+    from prefixtune.prefix_file import ExportedPrefix
 
     path, p, spec = exported
     bad = save_prefix(path.parent / "bad.safetensors", p, spec, "tiny-llama", {"template": template})
@@ -153,7 +153,7 @@ def test_malformed_files_are_prefix_file_errors(exported):
 
     from safetensors.torch import save
 
-    from prefixtune.io import FORMAT
+    from prefixtune.prefix_file import FORMAT
 
     path, _, spec = exported
     good = path.read_bytes()

@@ -7,11 +7,10 @@ import torch
 torch.set_num_threads(1)  # 2 shared cores: a second thread only contends (10x slower)
 
 from conftest import ByteTokenizer, tiny_model
+from prefixtune.architectures import adapter_sites, top_layers
 from prefixtune.generation import DecodingConfig
 from prefixtune.methods import METHODS, build_method
-from prefixtune.methods.adapter import adapter_sites
 from prefixtune.methods.base import count_parameters
-from prefixtune.methods.finetune import top_layers
 from prefixtune.models import model_spec
 from prefixtune.train import TrainConfig, train
 
@@ -64,7 +63,7 @@ def test_only_intended_parameters_train_and_base_never_changes(family, method, t
         assert trained.trainable_percent() == pytest.approx(100.0)
         assert len(moved) > len(trainable) // 2
     elif method == "finetune-top2":
-        tops = tuple("model." + name + "." for name in top_layers(trained.trained, spec, 2))
+        tops = tuple("model." + name + "." for name in top_layers(trained.trained, 2))
         assert all(n.startswith(tops) for n in moved), sorted(moved)
     elif method == "adapter":
         assert all(".adapter." in n for n in moved | trainable), sorted(moved | trainable)
@@ -95,7 +94,7 @@ def test_finetune_top2_trains_exactly_the_top_two_layers(family, tokenizer, tmp_
                    progress=False)
     trained = result.method.trained
     diff = {n for n, t in trained.state_dict().items() if not torch.equal(t, base_before[n])}
-    expected = set(top_layers(trained, model_spec(model), 2))
+    expected = set(top_layers(trained, 2))
     touched = {e for e in expected for n in diff if n.startswith(e + ".")}
     assert touched == expected  # both top layers moved ...
     assert all(any(n.startswith(e + ".") for e in expected) for n in diff), sorted(diff)  # ... and nothing else
@@ -210,7 +209,7 @@ def test_decoding_reads_what_training_trained(family, method, monkeypatch):
 def test_infix_is_invisible_to_the_source_but_not_to_the_target(tokenizer):
     from prefixtune import cache
     from prefixtune.data.collate import Collator, encode_pair
-    from prefixtune.modeling import position_ids, single_prefix_kv
+    from prefixtune.forward import position_ids, single_prefix_kv
     from prefixtune.methods.infix import source_only_hidden
 
     m = build("infix", "llama", tokenizer)
@@ -263,7 +262,7 @@ def test_every_export_decodes_like_the_trained_method(method, tokenizer, tmp_pat
         fresh = tiny_model("llama")  # the base model alone: nothing trained is carried over
         assert ExportDecoder(fresh, tokenizer, where).generate(SOURCES, decoding) == want, where
     if "prefix" not in method:  # a bank (and the server) say why they refuse it
-        from prefixtune.io import PrefixFileError, load_prefix
+        from prefixtune.prefix_file import PrefixFileError, load_prefix
 
         with pytest.raises(PrefixFileError, match=f"holds {method} weights, not a prefix"):
             load_prefix(result.prefix_file)

@@ -6,8 +6,8 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from prefixtune import cache
-from prefixtune.io import load_prefix, save_prefix
-from prefixtune.modeling import lm_loss, position_ids, prefix_kv_from_groups, single_prefix_kv
+from prefixtune.prefix_file import load_prefix, save_prefix
+from prefixtune.forward import lm_loss, position_ids, prefix_kv_from_groups, single_prefix_kv
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder, groups_of, word_activations
 from prefixtune.data.collate import Collator, encode_pair
@@ -129,7 +129,7 @@ def test_word_init_through_mlp_hits_activations(family, tokenizer):
 
 @pytest.mark.parametrize("family", ["llama", "bart"])
 def test_gradient_checkpointing_gives_the_same_gradients(family, tokenizer):
-    from prefixtune.modeling import enable_gradient_checkpointing
+    from prefixtune.cache import enable_gradient_checkpointing
 
     grads = []
     for checkpointing in (False, True):

@@ -26,11 +26,11 @@ import torch
 from conftest import REPO, tiny_model
 from prefixtune.bank import PrefixBank
 from prefixtune.generation import DecodingConfig
-from prefixtune.io import prefix_to_bytes
+from prefixtune.prefix_file import prefix_to_bytes
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 from prefixtune.serve import BackgroundServer, KeyRing, ServeSettings, create_app, tenant_dir_name
-from prefixtune.serve.app import _Finisher
+from prefixtune.serve.completions import Finisher, Stops
 
 openai = pytest.importorskip("openai")
 
@@ -108,7 +108,7 @@ def upload(server, tenant: str, name: str, data: bytes, **headers) -> httpx.Resp
 
 def expected(model, tokenizer, data: bytes | None, prompt: str, max_tokens: int, stop_at_newline=True, **decoding):
     """What decoding this one row alone gives, through the same bank code path."""
-    from prefixtune.io import load_prefix_bytes
+    from prefixtune.prefix_file import load_prefix_bytes
 
     bank = PrefixBank(model, tokenizer)
     pid = None
@@ -195,7 +195,7 @@ def test_openai_client_errors_are_clear(make_server, prefixes):
 def test_finisher_streams_add_up_and_stop_strings_cut(real_tokenizer):
     ids = real_tokenizer("The Eagle is a coffee shop. It is cheap.", add_special_tokens=False)["input_ids"]
     for stops in ([], ["shop"], ["It is", "."]):
-        stream = _Finisher(real_tokenizer, 100, stops)
+        stream = Finisher(real_tokenizer, Stops(100, strings=stops))
         pieces = []
         for token in ids:
             stream.tokens.append(token)
@@ -203,11 +203,11 @@ def test_finisher_streams_add_up_and_stop_strings_cut(real_tokenizer):
             if stream.stopped:
                 break
         pieces.append(stream.delta(final=True))
-        whole = _Finisher(real_tokenizer, 100, stops)
+        whole = Finisher(real_tokenizer, Stops(100, strings=stops))
         whole.tokens = list(ids)
         assert "".join(pieces) == whole.delta(final=True)
         assert stream.finish_reason() == "stop"
-    cut = _Finisher(real_tokenizer, 100, ["coffee"])
+    cut = Finisher(real_tokenizer, Stops(100, strings=["coffee"]))
     cut.tokens = list(ids)
     assert cut.delta(final=True) == "The Eagle is a "
 
@@ -461,7 +461,7 @@ def _fuzz_bodies(good: bytes, wrong_model: bytes) -> list[tuple[str, bytes]]:
 
 
 def _nan_prefix(good: bytes) -> bytes:
-    from prefixtune.io import load_prefix_bytes
+    from prefixtune.prefix_file import load_prefix_bytes
 
     exported = load_prefix_bytes(good)
     spec_json = json.loads(exported.metadata["model_spec"])

@@ -30,7 +30,7 @@ def forge(good: bytes, tensors=None, **metadata) -> bytes:
     """`good` with its tensors transformed and/or metadata replaced; the checksum made to match again."""
     from safetensors.torch import load, save
 
-    from prefixtune.io import _digest
+    from prefixtune.prefix_file import _digest
 
     header_len = struct.unpack("<Q", good[:8])[0]
     meta = {**json.loads(good[8: 8 + header_len])["__metadata__"], **metadata}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_model
-from prefixtune.io import load_prefix
+from prefixtune.prefix_file import load_prefix
 from prefixtune.train import CHECKPOINT, TrainConfig, train
 
 PAIRS = [(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food.") for i, f in

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from prefixtune.io import load_prefix_bytes, prefix_to_bytes
+from prefixtune.prefix_file import load_prefix_bytes, prefix_to_bytes
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder, p_to_kv
 from prefixtune.serve.tenants import tenant_dir_name
@@ -171,7 +171,7 @@ def test_connector_serves_prefixes_exactly_in_vllm(tmp_path, monkeypatch):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from prefixtune.io import load_prefix, save_prefix
+    from prefixtune.prefix_file import load_prefix, save_prefix
     from prefixtune.prefix import word_activations
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

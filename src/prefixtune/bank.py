@@ -1,7 +1,9 @@
 """PrefixBank: many exported prefixes over one frozen model, decoded in mixed batches.
 
-Every decoding path (CLI `generate`, evaluation, the server) goes through here,
-so a prefix behaves the same wherever it is used.
+Every decoding of an exported prefix (CLI `generate`, evaluation, the server,
+`PrefixMethod.generate`) goes through here, so a prefix behaves the same wherever
+it is used. The other methods (embedding-only, infix, fine-tuning, adapters) call
+`generation.decode`, the same decoding loop, themselves.
 """
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ from pathlib import Path
 
 from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .generation import DecodingConfig, decode
-from .io import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
+from .prefix_file import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
 from .models import model_spec
-from .modeling import prefix_kv_from_groups
+from .forward import prefix_kv_from_groups
 
 
 class PrefixBank:
@@ -26,7 +28,7 @@ class PrefixBank:
 
     # -- the store ---------------------------------------------------------------------------
     def add(self, prefix_id: str, prefix: ExportedPrefix | str | Path) -> ExportedPrefix:
-        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked (io.check_prefix)."""
+        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked (prefix_file.check_prefix)."""
         if not isinstance(prefix, ExportedPrefix):
             prefix = load_prefix(prefix, self.spec)
         else:

@@ -5,13 +5,18 @@ function ("prefixtune") that prepends each row's prefix keys/values to the keys
 and values of every attention it is given a prefix for (decoder self-attention,
 encoder self-attention, cross-attention) and widens the mask to match. The
 prefix travels as a keyword argument (`prefix_kv`) that transformers passes
-through every layer down to the attention function. Because the prefix never
-enters transformers' own cache:
+through every layer down to the attention function. In training, scoring and
+the encoder-decoder models' decoding the prefix is that argument only, never in
+transformers' own cache:
   * positions and masks of the real tokens are computed exactly as without a
-    prefix, in training and in generation alike;
+    prefix;
   * each row of a batch can carry its own prefix, of its own length (serving);
   * gradient checkpointing works (the prefix is an argument of the layer call,
     so recomputation sees it), where PEFT refuses to run.
+Decoding a decoder-only model is the exception, for speed: the prefix is
+prefilled into the decoding cache once (`prefilled_cache`), the caller widens
+the mask by the prefix's, and positions still count from the prefix length, so
+every token sees what it saw in training.
 When transformers changes its attention or cache API, this file changes.
 """
 from __future__ import annotations
@@ -25,6 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, DynamicCache, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .architectures import architecture, attention_modules
 
 ATTN_IMPLEMENTATION = "prefixtune"
 SLOT_ATTR = "_prefixtune_slot"  # set on each attention module: "decoder.3", "encoder.0", "cross.5"
@@ -49,10 +56,6 @@ class PrefixKV:
     query_visible: torch.Tensor | None = None
     capture: dict | None = None
 
-    @property
-    def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
     def select(self, rows: torch.Tensor) -> "PrefixKV":
         """The same prefixes for a re-indexed batch (beam expansion, dropping finished rows)."""
         return PrefixKV(
@@ -69,7 +72,7 @@ def _unmask_empty_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
-def _bool_mask(module, attention_mask, batch, q_len, k_len, device):
+def _bool_mask(module, attention_mask, q_len, k_len, device):
     """The real tokens' mask as (batch|1, 1, q, k) bool, whatever transformers handed us."""
     if attention_mask is None:
         if getattr(module, "is_causal", False) and q_len > 1:
@@ -93,7 +96,7 @@ def prefix_attention(module, query, key, value, attention_mask, prefix_kv: Prefi
     pk, pv = prefix_kv.keys[slot], prefix_kv.values[slot]
     batch, _, q_len, _ = query.shape
     k_len, p_len = key.shape[2], pk.shape[2]
-    real = _bool_mask(module, attention_mask, batch, q_len, k_len, query.device).expand(batch, 1, q_len, k_len)
+    real = _bool_mask(module, attention_mask, q_len, k_len, query.device).expand(batch, 1, q_len, k_len)
     seen = prefix_kv.mask[:, None, None, :].expand(batch, 1, q_len, p_len)
     if prefix_kv.query_visible is not None:
         seen = seen & prefix_kv.query_visible[:, None, -q_len:, None]
@@ -129,33 +132,32 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _always_mask)
 
 
-def attention_modules(model) -> dict[str, torch.nn.Module]:
-    """slot name -> attention module, for every family prefixtune supports."""
-    mt = model.config.model_type
-    if mt == "gpt2":
-        return {f"decoder.{i}": b.attn for i, b in enumerate(model.transformer.h)}
-    if mt == "t5":
-        slots = {f"encoder.{i}": b.layer[0].SelfAttention for i, b in enumerate(model.encoder.block)}
-        for i, b in enumerate(model.decoder.block):
-            slots[f"decoder.{i}"] = b.layer[0].SelfAttention
-            slots[f"cross.{i}"] = b.layer[1].EncDecAttention
-        return slots
-    if model.config.is_encoder_decoder:  # BART family
-        core = model.get_encoder(), model.get_decoder()
-        slots = {f"encoder.{i}": l.self_attn for i, l in enumerate(core[0].layers)}
-        for i, l in enumerate(core[1].layers):
-            slots[f"decoder.{i}"] = l.self_attn
-            slots[f"cross.{i}"] = l.encoder_attn
-        return slots
-    return {f"decoder.{i}": l.self_attn for i, l in enumerate(model.base_model.layers)}
-
-
 def install(model):
     """Route the model's attention through prefix_attention (idempotent; a model without a prefix is unchanged)."""
     for slot, module in attention_modules(model).items():
         setattr(module, SLOT_ATTR, slot)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute layer activations in backward. Works with a prefix (it is a layer-call argument).
+
+    transformers only checkpoints layers in training mode; the frozen model stays in eval
+    mode (no dropout), so only the layer containers themselves are flagged as training.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    dropout_attrs = architecture(model.config).layer_dropout_attrs
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
+            # Some layers (BART) apply dropout with their own training flag: keep it off.
+            for name in dropout_attrs:
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)
     return model
 
 
@@ -173,7 +175,7 @@ def prefilled_cache(prefix_kv: PrefixKV, num_layers: int) -> DynamicCache:
 
 
 def new_cache(model):
-    """An empty cache for incremental decoding of the real tokens (the prefix is not stored in it)."""
+    """An empty cache for incremental decoding (a decoder-only model's prefix goes in `prefilled_cache` instead)."""
     if model.config.is_encoder_decoder:
         return EncoderDecoderCache(DynamicCache(), DynamicCache())
     return DynamicCache()

@@ -13,7 +13,7 @@ from .bank import PrefixBank
 from .data import load_task
 from .evaluate import evaluate
 from .generation import DecodingConfig
-from .io import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .models import DEFAULT_MODEL, load_base_model
 from .train import TrainConfig, train
 

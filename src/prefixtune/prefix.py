@@ -6,7 +6,7 @@ models have three ("encoder", "decoder", "cross"), each with its own P' and MLP.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,10 +34,6 @@ class PrefixConfig:
             raise ValueError(f"init must be 'random' or 'words:<text>', got {self.init!r}")
         if self.init.startswith("words:") and not self.init[len("words:"):]:
             raise ValueError("init 'words:' needs some text after the colon")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def groups_of(spec: ModelSpec) -> dict[str, int]:
     """Attention groups and their layer counts."""

@@ -10,71 +10,24 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_bytes
+from .cache import enable_gradient_checkpointing
+from .checkpoint import CHECKPOINT, Checkpoint
 from .data import load_task, sample_pairs, training_pairs
 from .data.collate import Collator, encode_pair, length_grouped_batches
-from .io import atomic_torch_save, atomic_write_bytes
 from .methods import EXPORT_FILES, build_method
-from .models import DEFAULT_MODEL, load_base_model, model_spec, resolve_device
-from .modeling import enable_gradient_checkpointing
-from .prefix import PrefixConfig
-from .templates import check_template
+from .models import load_base_model, model_spec, resolve_device
+from .train_config import TrainConfig
 
-CHECKPOINT = "checkpoint.pt"
 PREFIX_FILE = EXPORT_FILES["prefix"]
 RESULT = "result.json"
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = "runs/prefix"
-    model: str = DEFAULT_MODEL
-    task: str = "e2e"
-    data_dir: str | None = None
-    task_options: dict = field(default_factory=dict)
-    train_size: int | None = None        # low-data: sample this many (source, target) pairs
-    seed: int = 1
-    method: str = "prefix"
-    prefix_len: int = 10
-    mlp_dim: int = 512
-    prefix_dropout: float = 0.0
-    init: str = "random"
-    lr: float | None = None              # None: the method's default
-    batch_size: int = 8
-    max_steps: int | None = None         # None: run `epochs` epochs
-    epochs: float = 5.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 50                 # dev loss every N steps (0: only at the end)
-    early_stop_patience: int = 0         # stop after N dev evaluations without a new best (0: never)
-    dev_size: int = 100                  # dev pairs used for the dev loss
-    save_every: int = 50                 # checkpoint every N steps (0: only at the end)
-    precision: str = "auto"              # auto (bf16 where the hardware has it) | bf16 | fp32
-    gradient_checkpointing: bool = False
-    template: str | None = None          # how the source is written before the target, e.g. "{source}\n"
-    max_source_len: int = 256
-    max_target_len: int = 128
-    adapter_budget: float = 0.001        # adapter: a fraction of the base model's parameters (0.001 / 0.03)
-    export: bool = True                  # write the trained artefact at the end (experiments skip it)
-    device: str = "auto"                 # auto (cuda, then mps, then cpu) | cpu | cuda | mps
-
-    def __post_init__(self):  # refuse a bad option before loading anything (not a ZeroDivisionError later)
-        for name in ("batch_size", "prefix_len", "max_source_len", "max_target_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.template is not None:
-            check_template(self.template)
-
-    def prefix_config(self) -> PrefixConfig:
-        return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",
-                            dropout=self.prefix_dropout, init=self.init)
 
 
 @dataclass
@@ -94,6 +47,12 @@ class TrainResult:
     padded_tokens: int = 0               # positions computed, padding included (this process)
     stop_reason: str = "step_limit"      # early_stop | epoch_limit | step_limit
     epochs_run: float = 0.0              # optimiser steps / steps per epoch
+    # the trained method, to decode with; not in result.json
+    method: object = field(default=None, repr=False, compare=False, metadata={"json": False})
+
+    def to_json(self) -> dict:
+        # field by field, not asdict: asdict would deep-copy the method and its model
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("json", True)}
 
 
 def bf16_available(device: torch.device) -> bool:
@@ -219,20 +178,18 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     step, best = 0, {"loss": None, "step": None, "state": None}
     history: list[dict] = []
     if resume and (out_dir / CHECKPOINT).is_file():
-        ckpt = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-        accelerator.unwrap_model(module).load_state_dict(ckpt["module"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
-        _set_rng_state(ckpt["rng"])
+        ckpt = Checkpoint.load(out_dir)
+        accelerator.unwrap_model(module).load_state_dict(ckpt.module)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        step, best, history = ckpt.step, ckpt.best, ckpt.history
+        _set_rng_state(ckpt.rng)
         accelerator.print(f"resumed from step {step} of {total_steps}")
 
     def save_checkpoint():
         if accelerator.is_main_process:
-            atomic_torch_save({"module": accelerator.unwrap_model(module).state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "step": step, "best": best, "history": history, "rng": _rng_state(),
-                               "config": asdict(config)}, out_dir / CHECKPOINT)
+            Checkpoint(accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+                       step, best, history, _rng_state(), asdict(config)).save(out_dir)
         accelerator.wait_for_everyone()
 
     def dev_loss():
@@ -313,8 +270,19 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
                          method.trainable_parameters(), method.shipped_parameters(), history,
-                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3))
+                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3), method)
     if accelerator.is_main_process:
-        atomic_write_bytes(out_dir / RESULT, json.dumps(asdict(result), indent=2).encode())
-    result.method = method  # not a field (kept out of result.json): callers decode with the trained method
+        atomic_write_bytes(out_dir / RESULT, json.dumps(result.to_json(), indent=2).encode())
     return result
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, which: str = "best") -> Path:
+    """Export a run's `best` (lowest dev loss) or `last` step from its checkpoint, as `train` exports at its end:
+    to OUT, default RUN_DIR/<the method's export file>."""
+    ckpt = Checkpoint.load(run_dir)
+    config = TrainConfig(**ckpt.config)
+    model, tokenizer = load_base_model(config.model)
+    method = build_method(config.method, model, tokenizer, model_spec(model), config)
+    method.module.load_state_dict(ckpt.state(which))
+    step = ckpt.best["step"] if which == "best" else ckpt.step
+    return method.export(out or Path(run_dir) / EXPORT_FILES[config.method], {**ckpt.config, "exported_from_step": step})

@@ -12,11 +12,13 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ablation, extrapolation, init, lowdata, main, prefix_length, sweep
-from .runner import CELLS_FILE, Cell, CellStore, Context, Scale, run_cells
+from . import ablation, extrapolation, init_study, lowdata, main_table, prefix_length, sweep
+from .cell import Cell, Scale
+from .runner import CELLS_FILE, CellStore, Context, run_cells
 from .scales import SCALES, default_model
+from .study import Study
 
-STUDIES = {m.NAME: m for m in (lowdata, prefix_length, init, ablation, extrapolation, main)}
+STUDIES: dict[str, Study] = {m.NAME: m for m in (lowdata, prefix_length, init_study, ablation, extrapolation, main_table)}
 CONVERGED = ("lowdata", "main", "extrapolation")  # the studies sized for `--scale converged`
 
 
@@ -46,14 +48,14 @@ def command_line(name: str, task: str | None, scale: str, out, model: str | None
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def resolve_tasks(study, task: str | None) -> list[str]:
+def resolve_tasks(study: Study, task: str | None) -> list[str]:
     if task in (None, ""):
         return list(study.DEFAULT_TASKS)
     tasks = list(study.TASKS) if task == "all" else [t.strip() for t in task.split(",") if t.strip()]
     bad = [t for t in tasks if t not in study.TASKS]
     if bad:
         raise ValueError(f"study {study.NAME!r} runs on {', '.join(study.TASKS)}; not on {', '.join(bad)}")
-    if len(tasks) > 1 and not getattr(study, "MULTI_TASK", False):
+    if len(tasks) > 1 and not study.MULTI_TASK:
         raise ValueError(f"study {study.NAME!r} takes one task at a time")
     return tasks
 

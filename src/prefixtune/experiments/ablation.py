@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell
+from .cell import Cell
 from .scales import base_scale, task_options, word_init
+from .study import grid
 
 NAME = "ablation"
 TITLE = "Ablation: embedding-only and infix against prefix"
 TASKS = ("e2e", "webnlg", "dart", "xsum")
 DEFAULT_TASKS = ("e2e",)
+MULTI_TASK = False
 KS = {"tiny": (1, 2), "cpu": (1, 10, 20), "paper": (1, 10, 20)}
 PREFIX_LEN = 10
 
@@ -47,23 +49,19 @@ def configurations(scale) -> list[tuple[str, str, int]]:
 
 def make_cells(task: str, scale) -> list[Cell]:
     train_options, test_options = task_options(task, scale.name)
-    cells = []
-    for label, method, k in configurations(scale):
-        for sample in range(1, scale.samples + 1):
-            for seed in scale.seeds:
-                params = {"prefix_len": k}
-                if scale.name != "paper":
-                    params["init"] = word_init(task)
-                cells.append(Cell(NAME, task, method, label, scale.train_size, sample, seed, params, train_options,
-                                  {"test": test_options}, {"config": label, "k": k}))
-    return cells
+    init = {"init": word_init(task)} if scale.name != "paper" else {}
+
+    def cell(config, sample, seed):
+        label, method, k = config
+        return Cell(NAME, task, method, label, scale.train_size, sample, seed, {"prefix_len": k, **init},
+                    train_options, {"test": test_options}, {"config": label, "k": k})
+
+    return grid(scale, configurations(scale), cell)
 
 
 def write_report(run):
     sections, verdicts = [], []
-    for task, lines in run.lines.items():
-        ctx = run.contexts[task]
-        metric, label = R.headline(task, lines)
+    for task, lines, ctx, metric, label in R.per_task(run):
         configs = configurations(ctx.scale)
         aggs = {name: R.collect(lines, metric=metric, label=name) for name, _, _ in configs}
         prefix_name = configs[-1][0]

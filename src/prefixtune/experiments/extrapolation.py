@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell
+from .cell import Cell
 from .scales import base_scale, word_init
+from .study import grid
 
 NAME = "extrapolation"
 TITLE = "Extrapolation to unseen categories and topics"
 TASKS = ("webnlg", "xsum")
 DEFAULT_TASKS = ("webnlg",)
+MULTI_TASK = False
 WEBNLG_METHODS = {"prefix": ("prefix", {}), "finetune": ("finetune", {}),
                   "adapter-0.1%": ("adapter", {"adapter_budget": 0.001}),
                   "adapter-3%": ("adapter", {"adapter_budget": 0.03})}
@@ -46,25 +48,26 @@ def make_scale(scale: str, task: str):
 
 
 def make_cells(task: str, scale) -> list[Cell]:
-    cells = []
     init = {"init": word_init(task)} if scale.name != "paper" else {}
+
+    def params(method, base):
+        return {**base, **(init if method == "prefix" else {})}
+
     if task == "webnlg":
-        for label, (method, params) in WEBNLG_METHODS.items():
-            for sample in range(1, scale.samples + 1):
-                for seed in scale.seeds:
-                    p = {**params, **(init if method == "prefix" else {})}
-                    cells.append(Cell(NAME, task, method, label, scale.train_size, sample, seed, p, {},
-                                      {"seen": {"subset": "seen"}, "unseen": {"subset": "unseen"}}, {"config": label}))
-        return cells
-    for scheme in XSUM_SCHEMES:
-        for label, (method, params) in XSUM_METHODS.items():
-            for sample in range(1, scale.samples + 1):
-                for seed in scale.seeds:
-                    p = {**params, **(init if method == "prefix" else {})}
-                    cells.append(Cell(NAME, task, method, label, scale.train_size, sample, seed, p,
-                                      {"scheme": scheme}, {"test": {"scheme": scheme}},
-                                      {"config": label, "scheme": scheme}))
-    return cells
+        def webnlg_cell(label, sample, seed):
+            method, p = WEBNLG_METHODS[label]
+            return Cell(NAME, task, method, label, scale.train_size, sample, seed, params(method, p), {},
+                        {"seen": {"subset": "seen"}, "unseen": {"subset": "unseen"}}, {"config": label})
+
+        return grid(scale, WEBNLG_METHODS, webnlg_cell)
+
+    def xsum_cell(config, sample, seed):
+        scheme, label = config
+        method, p = XSUM_METHODS[label]
+        return Cell(NAME, task, method, label, scale.train_size, sample, seed, params(method, p),
+                    {"scheme": scheme}, {"test": {"scheme": scheme}}, {"config": label, "scheme": scheme})
+
+    return grid(scale, [(scheme, label) for scheme in XSUM_SCHEMES for label in XSUM_METHODS], xsum_cell)
 
 
 def write_report(run):

@@ -10,13 +10,16 @@ import math
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell, select_test
+from .cell import Cell
+from .runner import select_test
 from .scales import PAPER, TABLE_TO_TEXT, base_scale, task_options, word_init
+from .study import grid
 
 NAME = "lowdata"
 TITLE = "Low-data: prefix-tuning vs fine-tuning"
 TASKS = ("e2e", "webnlg", "dart", "xsum")
 DEFAULT_TASKS = ("e2e",)
+MULTI_TASK = False
 METHODS = ("prefix", "finetune")
 SIZES = {"tiny": (6, 12), "cpu": (50, 100, 200, 500), "converged": (50, 100, 200, 500), "paper": (50, 100, 200, 500)}
 QUALITATIVE = 3  # test inputs in the qualitative table
@@ -58,30 +61,29 @@ def sizes(scale) -> tuple:
 
 def make_cells(task: str, scale) -> list[Cell]:
     train_options, test_options = task_options(task, scale.name)
-    cells = []
-    for size in sizes(scale):
-        for sample in range(1, scale.samples + 1):
-            for seed in scale.seeds:
-                for method in METHODS:
-                    params = {"init": word_init(task)} if method == "prefix" else {}
-                    if scale.name == "converged":
-                        params.update(converged_budget(size, scale.batch_size))
-                    if scale.name == "paper":
-                        # Our choice (the paper gives no low-data schedule): at least 200 steps per run and
-                        # a dev set of 30% of the training size for early stopping.
-                        batch = PAPER[task]["batch_size"]
-                        params.update(epochs=max(PAPER[task]["epochs"], math.ceil(200 * batch / size)),
-                                      dev_size=max(10, int(0.3 * size)), eval_every=max(10, size // batch))
-                    cells.append(Cell(NAME, task, method, method, size, sample, seed, params, train_options,
-                                      {"test": test_options}, {"size": size}))
-    return cells
+
+    def params(method, size):
+        params = {"init": word_init(task)} if method == "prefix" else {}
+        if scale.name == "converged":
+            params.update(converged_budget(size, scale.batch_size))
+        if scale.name == "paper":
+            # Our choice (the paper gives no low-data schedule): at least 200 steps per run and
+            # a dev set of 30% of the training size for early stopping.
+            batch = PAPER[task]["batch_size"]
+            params.update(epochs=max(PAPER[task]["epochs"], math.ceil(200 * batch / size)),
+                          dev_size=max(10, int(0.3 * size)), eval_every=max(10, size // batch))
+        return params
+
+    def cells(size, sample, seed):  # both methods at each grid point
+        return [Cell(NAME, task, method, method, size, sample, seed, params(method, size), train_options,
+                     {"test": test_options}, {"size": size}) for method in METHODS]
+
+    return grid(scale, sizes(scale), cells)
 
 
 def write_report(run):
     sections, verdicts = [], []
-    for task, lines in run.lines.items():
-        ctx = run.contexts[task]
-        metric, label = R.headline(task, lines)
+    for task, lines, ctx, metric, label in R.per_task(run):
         size_list = sizes(ctx.scale)
         aggs = {m: [R.collect(lines, metric=metric, method=m, train_size=n) for n in size_list] for m in METHODS}
         rows = []

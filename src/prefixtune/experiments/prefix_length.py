@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell
+from .cell import Cell
 from .scales import base_scale, task_options, word_init
+from .study import grid
 
 NAME = "prefix-length"
 TITLE = "Prefix length"
 TASKS = ("e2e", "webnlg", "dart", "xsum")
 DEFAULT_TASKS = ("e2e",)
+MULTI_TASK = False
 LENGTHS = {
     "tiny": {"table": (1, 3), "xsum": (1, 3)},
     "cpu": {"table": (1, 5, 10, 20, 40), "xsum": (1, 10, 50, 100, 200)},
@@ -49,23 +51,18 @@ def lengths(task, scale) -> tuple:
 
 def make_cells(task: str, scale) -> list[Cell]:
     train_options, test_options = task_options(task, scale.name)
-    cells = []
-    for length in lengths(task, scale):
-        for sample in range(1, scale.samples + 1):
-            for seed in scale.seeds:
-                params = {"prefix_len": length}
-                if scale.name != "paper":
-                    params["init"] = word_init(task)
-                cells.append(Cell(NAME, task, "prefix", f"prefix-{length}", scale.train_size, sample, seed, params,
-                                  train_options, {"test": test_options}, {"length": length}))
-    return cells
+    init = {"init": word_init(task)} if scale.name != "paper" else {}
+
+    def cell(length, sample, seed):
+        return Cell(NAME, task, "prefix", f"prefix-{length}", scale.train_size, sample, seed,
+                    {"prefix_len": length, **init}, train_options, {"test": test_options}, {"length": length})
+
+    return grid(scale, lengths(task, scale), cell)
 
 
 def write_report(run):
     sections, verdicts = [], []
-    for task, lines in run.lines.items():
-        ctx = run.contexts[task]
-        metric, label = R.headline(task, lines)
+    for task, lines, ctx, metric, label in R.per_task(run):
         ls = lengths(task, ctx.scale)
         aggs = {n: R.collect(lines, metric=metric, length=n) for n in ls}
         figure = R.line_figure(run.out_dir / f"prefix_length_{task}.png", {"prefix": list(aggs.items())},

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .runner import Scale
+from .cell import Scale
 
 SCALES = ("tiny", "cpu", "converged", "paper")
 CPU_MODEL = "smollm2-135m"

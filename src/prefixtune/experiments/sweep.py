@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .runner import Cell, Scale
+from .cell import Cell, Scale
 
 
 @dataclass

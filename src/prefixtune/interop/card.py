@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from ..io import ExportedPrefix
+from ..prefix_file import ExportedPrefix
 from .peft import hub_id
 
 DATASETS = {"e2e": "tuetschek/e2e_nlg", "webnlg": "web_nlg", "dart": "Yale-LILY/dart", "xsum": "EdinburghNLP/xsum"}
@@ -144,7 +144,7 @@ def _usage(name: str, fmt: str, base: str) -> list[str]:
              f"prefixtune generate --model {base} --prefix {folder} 'name : The Eagle | Type : pub'",
              "```", "", "```python",
              "from prefixtune.bank import PrefixBank",
-             "from prefixtune.io import ExportedPrefix",
+             "from prefixtune.prefix_file import ExportedPrefix",
              "from prefixtune.models import load_base_model", "",
              f"model, tokenizer = load_base_model({base!r})",
              "bank = PrefixBank(model, tokenizer)",

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ..io import ExportedPrefix, PrefixFileError
+from ..prefix_file import ExportedPrefix, PrefixFileError
 
 FORMATS = {"hf": "prefixtune", "peft": "peft"}
 
@@ -22,37 +22,36 @@ def _fail(message: str, code: int = 2):
 
 def prefix_from_run(run_dir: Path, which: str = "best") -> tuple[ExportedPrefix, dict]:
     """The prefix of a training run's checkpoint (best or last step), with the facts its model card states."""
-    import torch
-
-    from ..io import load_prefix_bytes, prefix_to_bytes
+    from ..prefix_file import load_prefix_bytes, prefix_to_bytes
     from ..methods import build_method
     from ..methods.base import count_parameters
     from ..methods.prefix import PrefixMethod
     from ..models import load_base_model, model_name, model_spec
-    from ..train import CHECKPOINT, TrainConfig
+    from ..checkpoint import Checkpoint
+    from ..train import TrainConfig
 
-    ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    config = TrainConfig(**ckpt["config"])
+    ckpt = Checkpoint.load(run_dir)
+    config = TrainConfig(**ckpt.config)
     model, tokenizer = load_base_model(config.model)
     spec = model_spec(model)
     method = build_method(config.method, model, tokenizer, spec, config)
     if not isinstance(method, PrefixMethod):
         raise ValueError(f"{run_dir} trained {config.method!r}, not a prefix: only prefixes export as folders")
-    best = which == "best" and ckpt["best"]["state"] is not None
-    method.module.load_state_dict(ckpt["best"]["state"] if best else ckpt["module"])
+    best = which == "best" and ckpt.has_best()
+    method.module.load_state_dict(ckpt.state(which))
     base_params = count_parameters(model)
-    facts = {**ckpt["config"], "exported_from_step": ckpt["best"]["step"] if best else ckpt["step"],
+    facts = {**ckpt.config, "exported_from_step": ckpt.best["step"] if best else ckpt.step,
              "base_params": base_params}
     if best:  # the card's dev loss is the exported step's
-        facts.update(best_step=ckpt["best"]["step"], best_dev_loss=ckpt["best"]["loss"])
+        facts.update(best_step=ckpt.best["step"], best_dev_loss=ckpt.best["loss"])
     data = prefix_to_bytes(method.prefix_p(), spec, model_name(model), facts)
     return load_prefix_bytes(data, spec, str(run_dir)), {"base_params": base_params}
 
 
 def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "best", allow_lossy: bool = False) -> Path:
     """Write SOURCE (a run dir, a prefix file or a prefixtune folder) as an HF-style or PEFT folder with a card."""
-    from ..io import load_prefix
-    from ..train import CHECKPOINT
+    from ..prefix_file import load_prefix
+    from ..checkpoint import CHECKPOINT
     from .card import find_scores
 
     if fmt not in FORMATS:
@@ -76,7 +75,7 @@ def import_cmd(
                                                    "when prefixtune embeds it, else smollm2-135m)"),
 ):
     """Convert a PEFT prefix-tuning adapter into a prefixtune prefix file, checked against the base model."""
-    from ..io import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
     from ..models import DEFAULT_MODEL, load_base_model, model_spec
     from . import peft
     from .hub import to_bytes

@@ -12,7 +12,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from ..io import ExportedPrefix, PrefixFileError, load_prefix
+from ..prefix_file import ExportedPrefix, PrefixFileError, load_prefix
 from ..models import ModelSpec
 from . import peft
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import ExportedPrefix, PrefixFileError, atomic_write_bytes, load_prefix, prefix_to_bytes
+from ..atomic import atomic_write_bytes
+
+from ..prefix_file import ExportedPrefix, PrefixFileError, load_prefix, prefix_to_bytes
 from ..models import ModelSpec
 from . import peft
 from .card import model_card

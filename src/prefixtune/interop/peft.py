@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import ExportedPrefix, PrefixFileError, atomic_write_bytes, load_prefix_bytes, prefix_to_bytes
+from ..atomic import atomic_write_bytes
+
+from ..prefix_file import ExportedPrefix, PrefixFileError, load_prefix_bytes, prefix_to_bytes
 from ..models import EMBEDDED, ModelSpec
 
 CONFIG_FILE = "adapter_config.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..architectures import adapter_sites
 from .base import count_parameters
 from .finetune import CopyMethod, LossModule, trainable_copy
 
@@ -45,25 +46,6 @@ class WithAdapter(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         return self.adapter(self.inner(x, *args, **kwargs))
-
-
-def adapter_sites(model) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every projection an adapter follows: attention output and MLP output, per layer."""
-    mt = model.config.model_type
-    sites = []
-    if mt == "gpt2":
-        for b in model.transformer.h:
-            sites += [(b.attn, "c_proj"), (b.mlp, "c_proj")]
-    elif mt == "t5":
-        for b in list(model.encoder.block) + list(model.decoder.block):
-            sites += [(b.layer[0].SelfAttention, "o"), (b.layer[-1].DenseReluDense, "wo")]
-    elif model.config.is_encoder_decoder:  # BART family
-        for layer in list(model.get_encoder().layers) + list(model.get_decoder().layers):
-            sites += [(layer.self_attn, "out_proj"), (layer, "fc2")]
-    else:  # Llama-style
-        for layer in model.base_model.layers:
-            sites += [(layer.self_attn, "o_proj"), (layer.mlp, "down_proj")]
-    return sites
 
 
 def adapter_width(budget: float, base_params: int, sites: int, dim: int) -> int:

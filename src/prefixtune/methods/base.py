@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+def count_parameters(module: nn.Module) -> int:
     """Parameters of a module, each shared (tied) tensor counted once."""
     seen, total = set(), 0
     for p in module.parameters():
-        if (trainable_only and not p.requires_grad) or id(p) in seen:
+        if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
@@ -31,7 +31,7 @@ class Method:
 
     name: str
     module: nn.Module
-    model: nn.Module        # the shared frozen base model (never modified)
+    model: nn.Module        # the shared frozen base model (its weights never change)
     default_lr: float = 5e-5
 
     def loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -97,7 +97,7 @@ def save_weights(path, tensors: dict[str, torch.Tensor], method: Method, metadat
 
     from safetensors.torch import save
 
-    from ..io import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
     from ..models import model_name
 
     tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}

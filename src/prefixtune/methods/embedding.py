@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generation import decode
-from ..modeling import position_ids
+from ..forward import position_ids
 from .base import Method, generate_texts, save_weights
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..generation import decode
-from ..modeling import lm_loss, prefix_kv_from_groups, single_prefix_kv
+from ..forward import lm_loss, prefix_kv_from_groups, single_prefix_kv
 from ..prefix import build_prefix_encoder
 from .base import Method, generate_texts, save_weights
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import torch
 
-from ..io import save_prefix
-from ..modeling import lm_loss, single_prefix_kv
+from ..prefix_file import save_prefix
+from ..forward import lm_loss, single_prefix_kv
 from ..models import model_name
 from ..prefix import build_prefix_encoder
 from .base import Method
@@ -42,7 +42,7 @@ class PrefixMethod(Method):
         from ..interop.card import find_scores
         from ..interop.folders import PREFIX_FILE
         from ..interop.hub import save_card
-        from ..io import load_prefix
+        from ..prefix_file import load_prefix
         from .base import count_parameters
 
         metadata = {**metadata, "base_params": count_parameters(self.model)}
@@ -56,7 +56,7 @@ class PrefixMethod(Method):
 
     def generate(self, sources, config=None, batch_size=32, progress=None):
         from ..bank import PrefixBank
-        from ..io import ExportedPrefix
+        from ..prefix_file import ExportedPrefix
 
         bank = PrefixBank(self.model, self.tokenizer)
         metadata = {"fingerprint": self.spec.fingerprint(), "train_config": json.dumps({"template": self.template})}

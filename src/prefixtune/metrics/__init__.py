@@ -30,7 +30,6 @@ TASK_METRICS = {
     "dart": ("BLEU", "METEOR", "TER", "BERTScore", "MoverScore", "BLEURT"),
     "xsum": ("ROUGE_1", "ROUGE_2", "ROUGE_L"),
 }
-NEEDS_JAVA = ("e2e", "webnlg", "dart")
 
 
 def _clean_hypothesis(text) -> str:
@@ -92,4 +91,4 @@ def score(task: str, hypotheses: list[str], references: list[list[str]], meta: l
     return score_xsum(hyps, refs)
 
 
-__all__ = ["MetricsError", "NEEDS_JAVA", "TASKS", "TASK_METRICS", "read_lines", "read_references", "score"]
+__all__ = ["MetricsError", "TASKS", "TASK_METRICS", "read_lines", "read_references", "score"]

@@ -13,9 +13,6 @@ from .e2e_ser import slot_error_rate
 from .java import java_executable
 from .mteval import bleu_nist
 
-E2E_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
-
-
 def item_mrs(meta: list[dict] | None) -> list[str] | None:
     """Each item's raw MR (the E2E loader's ``meta["mr"]``), or None when any item lacks one."""
     if not meta or not all(isinstance(m, dict) and m.get("mr") for m in meta):

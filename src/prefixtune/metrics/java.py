@@ -185,8 +185,3 @@ def close_meteor() -> None:
 
 atexit.register(close_meteor)
 
-
-def meteor_score(hypotheses: list[str], references: list[list[str]]) -> float:
-    """System-level METEOR 1.5 (``-l en -norm``) in [0, 1]."""
-    with meteor_session() as meteor:
-        return meteor.corpus_score(hypotheses, references)[0]

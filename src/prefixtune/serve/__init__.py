@@ -5,12 +5,17 @@
 
 See docs/serving.md.
 """
-from .app import create_app
-from .batcher import Batcher, Job, JobError, QueueFull
-from .server import BackgroundServer, serve
-from .settings import ServeSettings
-from .store import PrefixStore, StoreError
-from .tenants import KeyRing, tenant_dir_name, valid_name
+from importlib import import_module
 
-__all__ = ["create_app", "serve", "BackgroundServer", "ServeSettings", "KeyRing", "PrefixStore", "StoreError",
-           "Batcher", "Job", "JobError", "QueueFull", "tenant_dir_name", "valid_name"]
+# Imported on first use (PEP 562): `prefixtune.serve.settings` stays light, so the CLI can read the
+# server's defaults without loading FastAPI.
+_WHERE = {"create_app": ".app", "Batcher": ".batcher", "Job": ".batcher", "QueueFull": ".errors",
+          "ServeError": ".errors", "BackgroundServer": ".server", "serve": ".server", "ServeSettings": ".settings",
+          "PrefixStore": ".store", "KeyRing": ".tenants", "tenant_dir_name": ".tenants", "valid_name": ".tenants"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_WHERE[name], __name__), name)

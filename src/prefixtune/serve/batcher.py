@@ -24,26 +24,11 @@ from typing import Callable
 
 from ..bank import PrefixBank
 from ..generation import DecodingConfig
-from .metrics import Metrics
+from .errors import QueueFull, ServeError, ShuttingDown
+from .prometheus import Metrics
 from .settings import ServeSettings
 
 log = logging.getLogger("prefixtune.serve")
-
-
-class JobError(Exception):
-    def __init__(self, status: int, message: str, code: str = "server_error"):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-class QueueFull(JobError):
-    def __init__(self, depth: int):
-        super().__init__(429, f"server busy: {depth} rows are waiting; retry later", "queue_full")
-
-
-class ShuttingDown(JobError):
-    def __init__(self):
-        super().__init__(503, "server is not accepting work (decoding worker stopped)", "unavailable")
 
 
 @dataclass
@@ -187,7 +172,8 @@ class Batcher:
             except Exception as e:  # never let the worker die; fail what it held instead
                 log.exception("decoding worker error")
                 for job in batch:
-                    _resolve(job, error=JobError(500, f"internal error while decoding ({type(e).__name__})"))
+                    _resolve(job, error=ServeError(
+                        500, "server_error", f"internal error while decoding ({type(e).__name__})"))
             finally:
                 self._heartbeat()
                 self._busy = False
@@ -199,26 +185,24 @@ class Batcher:
             self._count(job, "cancelled")
             return None
         if time.monotonic() > job.deadline:
-            _resolve(job, error=JobError(503, "request timed out in the queue", "timeout"))
+            _resolve(job, error=ServeError(503, "timeout", "request timed out in the queue"))
             self._count(job, "timeout")
             return None
         if job.bank_id is not None and job.bank_id not in self.bank:
-            _resolve(job, error=JobError(404, "the prefix was deleted before decoding", "model_not_found"))
+            _resolve(job, error=ServeError(404, "model_not_found", "the prefix was deleted before decoding"))
             return None
         limit = self.settings.max_prompt_tokens
         try:  # encoded whole unless truncation was asked for, so that too long is refused, not cut
             seq = self.bank.encode(job.text, job.bank_id, job.raw, max_len=job.truncate_to or sys.maxsize)
         except Exception as e:
-            _resolve(job, error=JobError(400, f"could not encode the prompt ({type(e).__name__})",
-                                         "invalid_prompt"))
+            _resolve(job, error=ServeError(400, "invalid_prompt", f"could not encode the prompt ({type(e).__name__})"))
             return None
         if not seq:
-            _resolve(job, error=JobError(400, "the prompt encodes to no tokens", "invalid_prompt"))
+            _resolve(job, error=ServeError(400, "invalid_prompt", "the prompt encodes to no tokens"))
             return None
         if len(seq) > limit:
-            _resolve(job, error=JobError(400, f"the prompt is {len(seq)} tokens (with its template); the limit is "
-                                              f"{limit}. Shorten it, or send truncate_prompt_tokens to cut it",
-                                         "prompt_too_long"))
+            _resolve(job, error=ServeError(400, "prompt_too_long", f"the prompt is {len(seq)} tokens (with its template); "
+                                f"the limit is {limit}. Shorten it, or send truncate_prompt_tokens to cut it"))
             return None
         return seq
 
@@ -293,12 +277,12 @@ class Batcher:
             log.exception("decoding a batch of %d rows failed", len(items))
             if len(items) == 1 or not retry:
                 for job in jobs:
-                    _resolve(job, error=JobError(500, f"decoding failed ({type(e).__name__})", "decode_error"))
+                    _resolve(job, error=ServeError(500, "decode_error", f"decoding failed ({type(e).__name__})"))
                     self._count(job, "error")
                 return
             for (job, seq), got in zip(items, emitted):  # isolate the row at fault
                 if got:  # a stream already carries tokens of this try; it cannot restart cleanly
-                    _resolve(job, error=JobError(500, f"decoding failed ({type(e).__name__})", "decode_error"))
+                    _resolve(job, error=ServeError(500, "decode_error", f"decoding failed ({type(e).__name__})"))
                     self._count(job, "error")
                 else:
                     self._decode([(job, seq)], retry=False)

@@ -8,7 +8,7 @@ tenants may each own an ``e2e`` and neither can reach the other's.
 An upload is a prefix file, or a zip/tar archive of a prefix folder: ours (prefix.safetensors)
 or a PEFT prefix-tuning adapter (adapter_config.json + adapter_model.safetensors), which is
 converted to a prefix file first. An upload is validated completely (format, dtype, checksum,
-fingerprint against the base model, finite values, length, template: io.check_prefix) before
+fingerprint against the base model, finite values, length, template: prefix_file.check_prefix) before
 anything is written; the file is then written with a temp file and a rename, so a crash leaves
 either the old prefix or the new one, never half a file. The base model's name is reserved: no
 prefix may take it.
@@ -23,20 +23,14 @@ from pathlib import Path
 
 from ..bank import PrefixBank
 from ..interop.folders import archive_to_prefix_bytes, is_archive
-from ..io import PrefixFileError, atomic_write_bytes, load_prefix_bytes
+from ..atomic import atomic_write_bytes
+from ..prefix_file import PrefixFileError, load_prefix_bytes
 from .settings import ServeSettings
+from .errors import ServeError
 from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
 
 log = logging.getLogger("prefixtune.serve")
 SUFFIX = ".safetensors"
-
-
-class StoreError(Exception):
-    """A refused store operation; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str, code: str):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
 
 
 @dataclass
@@ -54,7 +48,7 @@ class PrefixInfo:
 
 def check_name(name: str):
     if not valid_name(name):
-        raise StoreError(400, f"invalid prefix name {name!r}: it must match {NAME_PATTERN}", "invalid_name")
+        raise ServeError(400, "invalid_name", f"invalid prefix name {name!r}: it must match {NAME_PATTERN}")
 
 
 class PrefixStore:
@@ -95,7 +89,7 @@ class PrefixStore:
             try:
                 data = path.read_bytes()
                 prefix = self._validate(data, name)
-            except (StoreError, OSError) as e:
+            except (ServeError, OSError) as e:
                 log.warning("skipping stored prefix %s: %s", path, getattr(e, "message", e))
                 continue
             self.bank.add(self.bank_id(tenant, name), prefix)
@@ -107,14 +101,14 @@ class PrefixStore:
     def _validate(self, data: bytes, name: str):
         try:
             prefix = load_prefix_bytes(data, self.bank.spec, source=f"prefix {name!r}")
-        except PrefixFileError as e:  # io.check_prefix: the same rules as the CLI and the bank
-            raise StoreError(400, str(e), "invalid_prefix") from None
+        except PrefixFileError as e:  # prefix_file.check_prefix: the same rules as the CLI and the bank
+            raise ServeError(400, "invalid_prefix", str(e)) from None
         except Exception as e:  # anything a hostile file could still provoke is the file's fault
-            raise StoreError(400, f"prefix {name!r}: not a valid prefix file ({type(e).__name__})",
-                             "invalid_prefix") from None
+            raise ServeError(400, "invalid_prefix",
+                             f"prefix {name!r}: not a valid prefix file ({type(e).__name__})") from None
         if prefix.prefix_len > self.settings.max_prefix_len:
-            raise StoreError(400, f"prefix {name!r} has {prefix.prefix_len} virtual tokens; the limit is "
-                                  f"{self.settings.max_prefix_len}", "prefix_too_long")
+            raise ServeError(400, "prefix_too_long", f"prefix {name!r} has {prefix.prefix_len} virtual tokens; "
+                                                    f"the limit is {self.settings.max_prefix_len}")
         return prefix
 
     def _unpack(self, data: bytes, name: str) -> bytes:
@@ -124,35 +118,35 @@ class PrefixStore:
         try:
             return archive_to_prefix_bytes(data, self.bank.spec, self.settings.max_upload_bytes, f"prefix {name!r}")
         except PrefixFileError as e:
-            raise StoreError(400, str(e), "invalid_prefix") from None
+            raise ServeError(400, "invalid_prefix", str(e)) from None
         except Exception as e:  # as in _validate: whatever a hostile archive provokes is the upload's fault
-            raise StoreError(400, f"prefix {name!r}: not a valid prefix archive ({type(e).__name__})",
-                             "invalid_prefix") from None
+            raise ServeError(400, "invalid_prefix",
+                             f"prefix {name!r}: not a valid prefix archive ({type(e).__name__})") from None
 
     def put(self, tenant: str, name: str, data: bytes, overwrite: bool = True) -> tuple[PrefixInfo, bool]:
         """Validate and store; returns (info, created). Nothing changes unless everything passes."""
         path = self._path(tenant, name)
         if name in self.reserved:
-            raise StoreError(400, f"{name!r} is the base model's name, reserved: choose another prefix name",
-                             "reserved_name")
+            raise ServeError(400, "reserved_name",
+                             f"{name!r} is the base model's name, reserved: choose another prefix name")
         if len(data) > self.settings.max_upload_bytes:
-            raise StoreError(413, f"upload of {len(data)} bytes exceeds the limit of "
-                                  f"{self.settings.max_upload_bytes} bytes", "upload_too_large")
+            raise ServeError(413, "upload_too_large", f"upload of {len(data)} bytes exceeds the limit of "
+                                  f"{self.settings.max_upload_bytes} bytes")
         data = self._unpack(data, name)
         prefix = self._validate(data, name)
         with self._lock:
             index = self._index.setdefault(tenant, {})
             old = index.get(name)
             if old is not None and not overwrite:
-                raise StoreError(412, f"prefix {name!r} already exists", "already_exists")
+                raise ServeError(412, "already_exists", f"prefix {name!r} already exists")
             count = len(index) + (old is None)
             if count > self.settings.max_prefixes_per_tenant:
-                raise StoreError(403, f"quota exceeded: at most {self.settings.max_prefixes_per_tenant} prefixes "
-                                      "per tenant; delete one first", "quota_exceeded")
+                raise ServeError(403, "quota_exceeded", f"quota exceeded: at most {self.settings.max_prefixes_per_tenant} "
+                                                     "prefixes per tenant; delete one first")
             used = sum(i.bytes for i in index.values()) - (old.bytes if old else 0) + len(data)
             if used > self.settings.max_bytes_per_tenant:
-                raise StoreError(403, f"quota exceeded: {used} bytes would exceed the tenant limit of "
-                                      f"{self.settings.max_bytes_per_tenant} bytes", "quota_exceeded")
+                raise ServeError(403, "quota_exceeded", f"quota exceeded: {used} bytes would exceed the tenant "
+                                                     f"limit of {self.settings.max_bytes_per_tenant} bytes")
             atomic_write_bytes(path, data)
             self.bank.add(self.bank_id(tenant, name), prefix)
             info = PrefixInfo(name, prefix.prefix_len, len(data), int(time.time()),
@@ -165,7 +159,7 @@ class PrefixStore:
         with self._lock:
             index = self._index.get(tenant, {})
             if name not in index:
-                raise StoreError(404, f"prefix {name!r} not found", "prefix_not_found")
+                raise ServeError(404, "prefix_not_found", f"prefix {name!r} not found")
             path.unlink(missing_ok=True)
             del index[name]
             try:
@@ -178,7 +172,7 @@ class PrefixStore:
         with self._lock:
             info = self._index.get(tenant, {}).get(name)
         if info is None:
-            raise StoreError(404, f"prefix {name!r} not found", "prefix_not_found")
+            raise ServeError(404, "prefix_not_found", f"prefix {name!r} not found")
         return info
 
     def list(self, tenant: str) -> list[PrefixInfo]:

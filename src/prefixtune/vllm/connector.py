@@ -141,7 +141,7 @@ class PrefixtuneConnector(KVConnectorBase_V1):
             if key in self._kv:
                 self._kv.move_to_end(key)
                 return self._kv[key]
-        from ..io import load_prefix
+        from ..prefix_file import load_prefix
 
         if self._spec is None:
             self._spec = spec_of_config(self._model_config.hf_config)

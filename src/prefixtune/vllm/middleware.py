@@ -169,7 +169,7 @@ class Frontend:
         raise _Reply(404, f"the model {model!r} does not exist", "model_not_found")
 
     def prefixes(self, method: str, name: str | None, tenant: str, body: bytes, headers: dict) -> tuple[int, dict]:
-        from ..serve.store import StoreError
+        from ..serve.errors import ServeError
 
         try:
             if name is None:
@@ -188,7 +188,7 @@ class Frontend:
                 self.store.delete(tenant, name)
                 return 200, {"id": name, "object": "prefix", "deleted": True}
             raise _Reply(405, "method not allowed", "method_not_allowed")
-        except StoreError as e:
+        except ServeError as e:
             raise _Reply(e.status, e.message, e.code) from None
 
 

@@ -10,13 +10,15 @@ import statistics
 from dataclasses import replace
 
 from . import report as R
-from .runner import Cell
+from .cell import Cell
 from .scales import base_scale, task_options
+from .study import grid
 
 NAME = "init"
 TITLE = "Prefix initialisation in low data"
 TASKS = ("e2e", "webnlg", "dart", "xsum")
 DEFAULT_TASKS = ("e2e",)
+MULTI_TASK = False
 INITS = {"random": "random", "table-to-text": "words:table-to-text:", "summarize": "words:summarize",
          "elephant": "words:elephant", "divide": "words:divide"}
 RELEVANT = ("table-to-text", "summarize")
@@ -44,13 +46,12 @@ def make_scale(scale: str, task: str):
 def make_cells(task: str, scale) -> list[Cell]:
     train_options, test_options = task_options(task, scale.name)
     size = SIZE[scale.name]
-    cells = []
-    for name, init in INITS.items():
-        for sample in range(1, scale.samples + 1):
-            for seed in scale.seeds:
-                cells.append(Cell(NAME, task, "prefix", f"init={name}", size, sample, seed, {"init": init},
-                                  train_options, {"test": test_options}, {"init": name}))
-    return cells
+
+    def cell(name, sample, seed):
+        return Cell(NAME, task, "prefix", f"init={name}", size, sample, seed, {"init": INITS[name]},
+                    train_options, {"test": test_options}, {"init": name})
+
+    return grid(scale, INITS, cell)
 
 
 def write_report(run):

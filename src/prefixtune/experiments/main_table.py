@@ -7,8 +7,9 @@ hyperparameters; on CPU at small scale.
 from __future__ import annotations
 
 from . import report as R
-from .runner import Cell
+from .cell import Cell
 from .scales import TABLE_TO_TEXT, base_scale, task_options, word_init
+from .study import grid
 
 NAME = "main"
 TITLE = "Main results: prefix-tuning against fine-tuning, FT-top2 and adapters"
@@ -33,16 +34,16 @@ def make_scale(scale: str, task: str):
 
 def make_cells(task: str, scale) -> list[Cell]:
     train_options, test_options = task_options(task, scale.name)
-    cells = []
-    for label, (method, params) in METHODS.items():
-        for sample in range(1, scale.samples + 1):
-            for seed in scale.seeds:
-                p = dict(params)
-                if method == "prefix" and scale.name != "paper":
-                    p["init"] = word_init(task)
-                cells.append(Cell(NAME, task, method, label, scale.train_size, sample, seed, p, train_options,
-                                  {"test": test_options}, {"config": label}))
-    return cells
+
+    def cell(label, sample, seed):
+        method, params = METHODS[label]
+        p = dict(params)
+        if method == "prefix" and scale.name != "paper":
+            p["init"] = word_init(task)
+        return Cell(NAME, task, method, label, scale.train_size, sample, seed, p, train_options,
+                    {"test": test_options}, {"config": label})
+
+    return grid(scale, METHODS, cell)
 
 
 def write_report(run):

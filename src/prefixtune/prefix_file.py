@@ -1,4 +1,4 @@
-"""Exported prefixes: P alone as safetensors, with metadata, written atomically and checked on load.
+"""The prefix file: P alone as safetensors, with metadata, written atomically and checked on load.
 
 A file holds one tensor per attention group (`prefix.decoder`, and for
 encoder-decoder models `prefix.encoder`, `prefix.cross`), each
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+from .atomic import atomic_write_bytes
 from .models import ModelSpec
 from .prefix import LAYOUT, group_width, groups_of
 from .templates import TemplateError, check_template
@@ -59,34 +58,6 @@ class ExportedPrefix:
         from .interop.hub import from_pretrained
 
         return from_pretrained(name_or_path, spec, revision)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path: str | os.PathLike):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -71,7 +71,7 @@ def prefix_offsets(prefix_kv: PrefixKV | None, batch: int, device) -> torch.Tens
     return prefix_kv.mask.sum(-1).long()
 
 
-def lm_loss(model, spec: ModelSpec, batch: dict, prefix_kv: PrefixKV | None, reduction: str = "mean"):
+def lm_loss(model, spec: ModelSpec, batch: dict, prefix_kv: PrefixKV | None):
     """Cross-entropy of the target tokens y given x and the prefix.
 
     Decoder-only models run the LM head on target positions only: the head is about a
@@ -96,24 +96,5 @@ def lm_loss(model, spec: ModelSpec, batch: dict, prefix_kv: PrefixKV | None, red
         selected = labels != -100
         logits = model.get_output_embeddings()(hidden[:, :-1][selected])
         targets = labels[selected]
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum" if reduction == "sum" else "mean")
+    loss = F.cross_entropy(logits.float(), targets)
     return loss, int(selected.sum())
-
-
-def enable_gradient_checkpointing(model):
-    """Recompute layer activations in backward. Works with a prefix (it is a layer-call argument).
-
-    transformers only checkpoints layers in training mode; the frozen model stays in eval
-    mode (no dropout), so only the layer containers themselves are flagged as training.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module.training = True
-            # Some layers (BART) apply dropout with their own training flag: keep it off.
-            for name in ("dropout", "activation_dropout"):
-                if isinstance(getattr(module, name, None), float):
-                    setattr(module, name, 0.0)
-    return model

@@ -1,0 +1,98 @@
+"""`serve` and `experiment`: the long-running commands (a server, a study)."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..models import DEFAULT_MODEL
+from ..serve.settings import MiB, ServeSettings
+from .app import DATA_HELP, _device_option, _fail, app
+
+# Option defaults come from the settings themselves, so a default changes in one place.
+SERVE = {f.name: f.default for f in fields(ServeSettings)}
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, help="embedded name, local dir, .gguf file or hub id"),
+    store: Path = typer.Option(Path("prefix-store"), help="directory of the tenants' prefixes (kept across restarts)"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000),
+    keys_file: Optional[Path] = typer.Option(None, help="API keys: JSON {key: tenant} or 'key:tenant' lines "
+                                                         "(also $PREFIXTUNE_API_KEYS='key:tenant,...')"),
+    batch_window_ms: float = typer.Option(SERVE["batch_window_ms"], help="requests arriving within this window are decoded together"),
+    max_batch_size: int = typer.Option(SERVE["max_batch_size"], help="rows per decoding batch"),
+    max_batch_tokens: int = typer.Option(SERVE["max_batch_tokens"], help="prompt tokens per decoding batch (bounds one prefill step)"),
+    max_queue: int = typer.Option(SERVE["max_queue"], help="rows waiting to be decoded; beyond that: 429"),
+    request_timeout: float = typer.Option(SERVE["request_timeout_s"], help="seconds a completion may wait and decode; then 503"),
+    max_upload_mb: float = typer.Option(SERVE["max_upload_bytes"] / MiB, help="largest prefix upload"),
+    max_prefixes: int = typer.Option(SERVE["max_prefixes_per_tenant"], help="prefixes per tenant"),
+    tenant_quota_mb: float = typer.Option(SERVE["max_bytes_per_tenant"] / MiB, help="bytes of prefixes per tenant"),
+    max_tokens_limit: int = typer.Option(SERVE["max_tokens_limit"], help="largest max_tokens a request may ask for"),
+    max_prompt_tokens: int = typer.Option(SERVE["max_prompt_tokens"], help="longest prompt, template included; longer: 400 unless the "
+                                                    "request sends truncate_prompt_tokens"),
+    body_timeout: float = typer.Option(SERVE["body_timeout_s"], help="seconds to receive a request body (upload or JSON); then 408"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    log_level: str = typer.Option("info"),
+    device: str = _device_option(),
+    engine: str = typer.Option("prefixtune", help="prefixtune | vllm (vLLM's OpenAI server with prefixtune's "
+                                                 "connector; needs vLLM: `make vllm`)"),
+    tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs per model replica"),
+    vllm_args: str = typer.Option("", help='vllm: more `vllm serve` arguments, e.g. "--max-model-len 4096"'),
+):
+    """Serve many tenants' prefixes from one frozen model: OpenAI-compatible /v1/completions (model = prefix)."""
+    if engine == "vllm":
+        from ..vllm.launcher import run as run_vllm
+
+        try:
+            run_vllm(model, store, host=host, port=port, keys_file=keys_file,
+                     tensor_parallel_size=tensor_parallel_size, extra_args=vllm_args)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        return
+    if engine != "prefixtune":
+        _fail(f"unknown engine {engine!r}: prefixtune | vllm")
+    from ..serve import serve as run_server
+
+    try:
+        run_server(model, store, host=host, port=port, keys_file=keys_file, threads=threads, log_level=log_level,
+                   device=device,
+                   batch_window_ms=batch_window_ms, max_batch_size=max_batch_size,
+                   max_batch_tokens=max_batch_tokens, max_queue=max_queue,
+                   request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * MiB),
+                   max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * MiB),
+                   max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                   body_timeout_s=body_timeout)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def experiment(
+    name: str = typer.Argument(..., help="lowdata | prefix-length | init | ablation | extrapolation | main"),
+    task: Optional[str] = typer.Option(None, help="e2e | webnlg | dart | xsum (main: a comma list or all); "
+                                                  "default: the study's"),
+    scale: str = typer.Option("cpu", help="tiny (seconds) | cpu (about an hour here) | paper (the paper's settings)"),
+    out: Optional[Path] = typer.Option(None, help="default: reports/NAME"),
+    model: Optional[str] = typer.Option(None, help="default: smollm2-135m (cpu), the paper's model (paper)"),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
+    report_only: bool = typer.Option(False, "--report-only",
+                                     help="rewrite report.md and figures from finished cells; run nothing"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest on a busy 2-core machine)"),
+):
+    """Run a study (resuming finished cells from OUT/cells.jsonl) and write OUT/report.md with PNG figures."""
+    from ..experiments import run_experiment
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        result = run_experiment(name, task, scale, out, model, data_dir, report_only=report_only)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result))

@@ -1,0 +1,120 @@
+"""`train`, `export` and `info`: making a prefix (or another method's weights) and looking at it."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..train_config import TrainConfig
+from .app import DATA_HELP, _device_option, _fail, _task_options, app
+
+# Option defaults come from the config itself, so a default changes in one place.
+TRAIN = TrainConfig()
+
+
+@app.command()
+def train(
+    output_dir: Path = typer.Option(Path(TRAIN.output_dir), "--output-dir", "-o", help="checkpoints and the exported prefix"),
+    model: str = typer.Option(TRAIN.model, help="embedded name, local dir, .gguf file or hub id"),
+    task: str = typer.Option(TRAIN.task, help="e2e | webnlg | dart | xsum"),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
+    train_size: Optional[int] = typer.Option(None, help="low-data: train on this many sampled examples"),
+    train_from: Optional[str] = typer.Option(None, help="DART here: train on another split, e.g. dev"),
+    subset: Optional[str] = typer.Option(None, help="WebNLG: all | seen | unseen"),
+    scheme: Optional[str] = typer.Option(None, help="XSUM: news-sport | within-news | official"),
+    method: str = typer.Option(TRAIN.method, help="prefix | prefix-flat | embedding-only | infix | finetune | "
+                                                "finetune-top2 | adapter"),
+    seed: int = typer.Option(TRAIN.seed),
+    prefix_len: int = typer.Option(TRAIN.prefix_len),
+    mlp_dim: int = typer.Option(TRAIN.mlp_dim, help="d': width of P' and the MLP"),
+    prefix_dropout: float = typer.Option(TRAIN.prefix_dropout),
+    init: str = typer.Option(TRAIN.init, help='random | words:"table-to-text:"'),
+    lr: Optional[float] = typer.Option(TRAIN.lr, help="default: the method's (prefix 5e-4, prefix-flat 5e-3)"),
+    batch_size: int = typer.Option(TRAIN.batch_size),
+    max_steps: Optional[int] = typer.Option(TRAIN.max_steps, help="default: --epochs epochs"),
+    epochs: float = typer.Option(TRAIN.epochs),
+    warmup_steps: int = typer.Option(TRAIN.warmup_steps),
+    weight_decay: float = typer.Option(TRAIN.weight_decay),
+    grad_clip: float = typer.Option(TRAIN.grad_clip),
+    eval_every: int = typer.Option(TRAIN.eval_every),
+    dev_size: int = typer.Option(TRAIN.dev_size),
+    save_every: int = typer.Option(TRAIN.save_every),
+    precision: str = typer.Option(TRAIN.precision, help="auto | bf16 | fp32"),
+    gradient_checkpointing: bool = typer.Option(TRAIN.gradient_checkpointing, "--gradient-checkpointing",
+                                                help="recompute activations in backward (less memory)"),
+    template: Optional[str] = typer.Option(TRAIN.template, help='source template, default "{source}\\n" (decoder-only)'),
+    adapter_budget: float = typer.Option(TRAIN.adapter_budget, help="adapter: fraction of the model's parameters (0.001, 0.03)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT_DIR/checkpoint.pt"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in OUTPUT_DIR"),
+    device: str = _device_option(),
+):
+    """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
+    (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
+    from ..train import train as run_train
+
+    try:
+        config = TrainConfig(
+            output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
+            task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
+            prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
+            batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
+            save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
+            template=template, adapter_budget=adapter_budget, device=device)
+        result = run_train(config, resume=resume, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"prefix_file": result.prefix_file, "steps": result.steps, "best_step": result.best_step,
+                           "trainable_pct": round(result.method.trainable_percent(), 4),
+                           "shipped_pct": round(result.method.shipped_percent(), 4),
+                           "best_dev_loss": result.best_dev_loss, "tokens_per_s": round(result.tokens_per_s, 1)}))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a training output dir (holds checkpoint.pt); with --format hf|peft "
+                                             "also a prefix file or folder"),
+    out: Path = typer.Option(None, "--out", help="default: RUN_DIR/prefix.safetensors (other methods: their "
+                                                   "weights file); a folder for hf | peft"),
+    which: str = typer.Option("best", help="best (lowest dev loss) | last"),
+    fmt: str = typer.Option("file", "--format", help="file (one .safetensors) | hf (prefix.safetensors + model card) "
+                                                     "| peft (PEFT PREFIX_TUNING adapter + model card)"),
+    allow_lossy: bool = typer.Option(False, help="peft, encoder-decoder models: keep the decoder prefix only"),
+):
+    """Drop the MLP and write P alone (safetensors + metadata), or a folder for the hub or for PEFT."""
+    if fmt != "file":
+        from ..interop.commands import export_folder
+        from ..prefix_file import PrefixFileError
+
+        try:
+            typer.echo(str(export_folder(run_dir, out, fmt, which, allow_lossy)))
+        except (PrefixFileError, ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        return
+
+    from ..train import export_checkpoint
+
+    try:
+        target = export_checkpoint(run_dir, out, which)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    typer.echo(str(target))
+
+
+@app.command()
+def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file, or a training directory")):
+    """Show an exported prefix's (or another method's weights') metadata and shapes."""
+    from ..exported import describe, find_export
+    from ..prefix_file import PrefixFileError, readable_metadata
+
+    try:
+        metadata, shapes = describe(find_export(prefix))
+    except PrefixFileError as e:
+        _fail(str(e))
+    meta = readable_metadata({k: v for k, v in metadata.items() if k != "train_config"})
+    meta["shapes"] = shapes if len(shapes) <= 20 else f"{len(shapes)} tensors"
+    meta["params"] = sum(math.prod(shape) for shape in shapes.values())
+    typer.echo(json.dumps(meta, indent=2))

@@ -1,0 +1,54 @@
+"""`TrainConfig`: every training option with its default, in one place (the CLI takes its defaults from here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .models import DEFAULT_MODEL
+from .prefix import PrefixConfig
+from .templates import check_template
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/prefix"
+    model: str = DEFAULT_MODEL
+    task: str = "e2e"
+    data_dir: str | None = None
+    task_options: dict = field(default_factory=dict)
+    train_size: int | None = None        # low-data: sample this many (source, target) pairs
+    seed: int = 1
+    method: str = "prefix"
+    prefix_len: int = 10
+    mlp_dim: int = 512
+    prefix_dropout: float = 0.0
+    init: str = "random"
+    lr: float | None = None              # None: the method's default
+    batch_size: int = 8
+    max_steps: int | None = None         # None: run `epochs` epochs
+    epochs: float = 5.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 50                 # dev loss every N steps (0: only at the end)
+    early_stop_patience: int = 0         # stop after N dev evaluations without a new best (0: never)
+    dev_size: int = 100                  # dev pairs used for the dev loss
+    save_every: int = 50                 # checkpoint every N steps (0: only at the end)
+    precision: str = "auto"              # auto (bf16 where the hardware has it) | bf16 | fp32
+    gradient_checkpointing: bool = False
+    template: str | None = None          # how the source is written before the target, e.g. "{source}\n"
+    max_source_len: int = 256
+    max_target_len: int = 128
+    adapter_budget: float = 0.001        # adapter: a fraction of the base model's parameters (0.001 / 0.03)
+    export: bool = True                  # write the trained artefact at the end (experiments skip it)
+    device: str = "auto"                 # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+
+    def __post_init__(self):  # refuse a bad option before loading anything (not a ZeroDivisionError later)
+        for name in ("batch_size", "prefix_len", "max_source_len", "max_target_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.template is not None:
+            check_template(self.template)
+
+    def prefix_config(self) -> PrefixConfig:
+        return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",
+                            dropout=self.prefix_dropout, init=self.init)
