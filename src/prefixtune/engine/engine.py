@@ -48,7 +48,7 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
-                 fast: bool = True, max_prefill_tokens: int = 2048, bucket: int = 32):
+                 fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, bucket: int = 32):
         self.spec = model_spec(model)
         self.tokenizer = tokenizer
         self.device = model.device
@@ -63,7 +63,7 @@ class Engine:
             self.kv = SlotKV(self.spec.num_layers, max_batch, self.spec.num_kv_heads, self.spec.head_dim, max_len,
                              self.dtype, self.device, bucket)
             if fast and llama_fast.supports(model):
-                self.backend, self.path = llama_fast.LlamaFast(model, self.kv, self.dtype), "llama_fast"
+                self.backend, self.path = llama_fast.LlamaFast(model, self.kv, self.dtype, exact), "llama_fast"
             else:
                 self.backend, self.path = HFDecoder(self._in_dtype(model), self.kv, self.spec.num_layers), "hf"
         self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0}

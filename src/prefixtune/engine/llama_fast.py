@@ -6,7 +6,12 @@ packed by key/value head, repeat_kv for a multi-token query), so its tokens are 
 forward, and a row's bits never depend on the rows around it:
   * every matmul of a prefill covers exactly one request's prompt, as when it runs alone;
   * a decode step's matmuls cover the running rows (<= 32 rows: oneDNN's bf16 kernels here give
-    each row the bits it gets alone, measured; larger batches may differ in the last bit).
+    each row the bits it gets alone, measured; larger batches may differ in the last bit);
+  * with `exact` (the default) each row attends over exactly its own entries, one SDPA call per row:
+    the CPU flash kernel's sums depend on the padded length (a masked tail changes the last bits,
+    measured), so one padded call for the batch would tie a row's bits to the longest row.
+    `exact=False` makes that one call per layer (about 2.5x cheaper attention here); tokens then match
+    the row alone up to near-ties.
 What it drops is the per-call machinery: q/k/v and gate/up are one matmul each (concatenated once),
 bf16 weights are prepacked for oneDNN once, RoPE is applied to queries and keys in one pass with a
 precomputed table, keys and values reach the `SlotKV` in one indexed copy per layer, and a decode
@@ -63,9 +68,9 @@ def _rms_norm(x, weight, eps):
 
 
 class LlamaFast:
-    def __init__(self, model, kv: SlotKV, dtype: torch.dtype):
+    def __init__(self, model, kv: SlotKV, dtype: torch.dtype, exact: bool = True):
         cfg = model.config
-        self.kv = kv
+        self.kv, self.exact = kv, exact
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.rep = self.heads // self.kv_heads
@@ -165,11 +170,14 @@ class LlamaFast:
         """One token for each running row (slots 0..B-1) at its position; fp32 logits (B, vocab)."""
         kv = self.kv
         b = tokens.shape[0]
-        span = kv.span(int(positions.max()) + 1)
         index = kv.write_index(torch.arange(b), positions)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, D)
-        visible = torch.arange(span)[None, :] <= positions[:, None]
-        mask = torch.zeros(b, 1, 1, span, dtype=self.dtype).masked_fill_(~visible[:, None, None], float("-inf"))
+        if self.exact:
+            lengths = (positions + 1).tolist()
+        else:
+            span = kv.span(int(positions.max()) + 1)
+            visible = torch.arange(span)[None, :] <= positions[:, None]
+            mask = torch.zeros(b, 1, 1, span, dtype=self.dtype).masked_fill_(~visible[:, None, None], float("-inf"))
         h = self.embed[tokens]
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.ln1, layer.eps1)
@@ -178,8 +186,13 @@ class LlamaFast:
             kv.flat(i).index_copy_(0, index, qkv[:, self.q_dim:].reshape(-1, self.head_dim))
             # one query: its heads packed by key/value head (transformers' pack_gqa), no repeat_kv
             q = qkv[:, : self.q_dim].view(b, self.kv_heads, self.rep, self.head_dim)
-            o = F.scaled_dot_product_attention(q, kv.k[i, :b, :, :span], kv.v[i, :b, :, :span], attn_mask=mask,
-                                               scale=self.scale)
+            if self.exact:
+                keys, values = kv.k[i], kv.v[i]
+                o = torch.cat([F.scaled_dot_product_attention(q[r: r + 1], keys[r: r + 1, :, :n], values[r: r + 1, :, :n],
+                                                              scale=self.scale) for r, n in enumerate(lengths)])
+            else:
+                o = F.scaled_dot_product_attention(q, kv.k[i, :b, :, :span], kv.v[i, :b, :, :span], attn_mask=mask,
+                                                   scale=self.scale)
             h = h + layer.o(o.reshape(b, self.q_dim))
             h = self._mlp(layer, h)
         h = _rms_norm(h, self.norm, self.norm_eps)

@@ -36,7 +36,7 @@ class StopState:
     def _delta(self, text: str, final: bool) -> str:
         if not final:
             text = text.rstrip("\ufffd")
-            text = text[: len(text) - self.hold] if self.hold else text
+            text = text[: max(0, len(text) - self.hold)]  # not text[:-hold]: a short text sends nothing
         if not text.startswith(self.sent):  # a tokenizer that rewrites earlier text: send nothing more
             return ""
         out, self.sent = text[len(self.sent):], text
