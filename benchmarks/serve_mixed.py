@@ -12,8 +12,9 @@ end-of-text ignored so every request decodes the same length), timed as
                        requests with their 32 prefixes at once; `engine_fast` the same with one padded
                        attention call per layer (exact=False); `engine_sequential` one request at a time
   * vLLM CPU           plain vLLM (no prefixes) in its own venv (`.venv-vllm` in the repo root, or
-                       --vllm-python / $PREFIXTUNE_VLLM_PYTHON), the same token ids: one batch of 32, and
-                       one at a time; left out (keys null, `vllm_error` says why) when there is no such venv
+                       --vllm-python / $PREFIXTUNE_VLLM_PYTHON), the same token ids: one batch of 32 after
+                       each engine run, and --vllm-sequential requests one at a time in the same slots
+                       (wall time only); left out (keys null, `vllm_error` says why) without such a venv
 The batch runs repeat `--rounds` times; the one-at-a-time requests are spread over the same rounds, so every
 configuration samples the same stretches of a shared machine. Times are wall-clock means; tokens/s counts
 generated tokens. `fraction_of_bf16_peak`: the engine's tokens/s x 2 x (body + LM-head parameters), over a
@@ -182,26 +183,57 @@ def default_vllm_python() -> str:
     return os.environ.get("PREFIXTUNE_VLLM_PYTHON") or str(HERE.parent / ".venv-vllm" / "bin" / "python")
 
 
-def vllm_run(python: str, model_name: str, seqs: list[list[int]], new_tokens: int, rounds: int,
-             sequential: int) -> dict:
-    """Plain vLLM on the same token ids, in its own venv (a subprocess); walls and tokens."""
-    import subprocess
-    import tempfile
+class VLLMPeer:
+    """Plain vLLM on the same token ids, in its own venv: a subprocess (benchmarks/vllm_peer.py) that loads
+    the model once and then decodes on request, so its runs interleave with ours."""
 
-    if not Path(python).is_file():
-        raise FileNotFoundError(f"no vLLM venv: {python} (make vllm, or --vllm-python)")
-    model_dir = vllm_model_dir(model_name)
-    with tempfile.TemporaryDirectory() as work:
-        job, out = Path(work) / "job.json", Path(work) / "out.json"
-        job.write_text(json.dumps({"model_dir": str(model_dir), "seqs": seqs, "new_tokens": new_tokens,
-                                   "rounds": rounds, "sequential": sequential}))
+    def __init__(self, python: str, model_name: str, seqs: list[list[int]], new_tokens: int):
+        import subprocess
+        import tempfile
+
+        if not Path(python).is_file():
+            raise FileNotFoundError(f"no vLLM venv: {python} (make vllm, or --vllm-python)")
+        self.work = tempfile.TemporaryDirectory()
+        job = Path(self.work.name) / "job.json"
+        job.write_text(json.dumps({"model_dir": str(vllm_model_dir(model_name)), "seqs": seqs,
+                                   "new_tokens": new_tokens}))
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                    OMP_NUM_THREADS="1")
-        proc = subprocess.run([python, str(HERE / "vllm_peer.py"), str(job), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"vLLM exited {proc.returncode}: {proc.stdout[-2000:]}")
-        return json.loads(out.read_text())
+        self.log = open(Path(self.work.name) / "vllm.log", "w")
+        self.proc = subprocess.Popen([python, str(HERE / "vllm_peer.py"), str(job)], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.startup_s = self._read()["startup_s"]
+        self.batch_walls, self.sequential_walls, self.tokens = [], [], None
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@peer "):
+                return json.loads(line[len("@@peer "):])
+        self.log.flush()
+        tail = (Path(self.work.name) / "vllm.log").read_text()[-1500:]
+        raise RuntimeError(f"vLLM exited {self.proc.wait()}: {tail}")
+
+    def _ask(self, cmd: dict) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def batch(self):
+        out = self._ask({"cmd": "batch"})
+        self.batch_walls.append(out["wall"])
+        self.tokens = out["tokens"]
+
+    def one(self, i: int):
+        self.sequential_walls.append(self._ask({"cmd": "one", "i": i})["wall"])
+
+    def close(self):
+        try:
+            self._ask({"cmd": "quit"}) if self.proc.poll() is None else None
+        except (RuntimeError, BrokenPipeError, ValueError):
+            pass
+        self.proc.wait(timeout=120)
+        self.log.close()
+        self.work.cleanup()
 
 
 def vllm_model_dir(model_name: str) -> Path:
@@ -269,6 +301,13 @@ def main(argv=None):
             peft_error = f"{type(e).__name__}: {e}"
             peft_model = None
 
+    vllm, vllm_error = None, None
+    if not args.no_engine and not args.no_vllm:
+        try:  # started first: its ~75 s start then does not overlap our runs
+            vllm = VLLMPeer(args.vllm_python, args.model, seqs, args.new_tokens)
+            print(f"vLLM ready at {time.perf_counter() - began:.0f} s (startup {vllm.startup_s:.0f} s)", file=sys.stderr)
+        except Exception as e:  # report the keys as absent, and why
+            vllm, vllm_error = None, f"{type(e).__name__}: {str(e)[-500:]}"
     engines, peak = {}, None
     if not args.no_engine:
         peak = matmul_peak(torch.bfloat16)
@@ -305,6 +344,8 @@ def main(argv=None):
                     timers[name].new_sample()
                     got = timers[name](lambda: engine_tokens(engine.generate(engine_requests(range(n)))))
                     engine_out, engine_fast_out = (got, engine_fast_out) if name == "engine" else (engine_out, got)
+                if vllm is not None:
+                    vllm.batch()
             slot, pending = pending[:per_slot], pending[per_slot:]
             if not slot:
                 continue
@@ -318,6 +359,8 @@ def main(argv=None):
                 if engines:
                     engine_sequential_out[i] = timers["engine_sequential"](
                         lambda: engine_tokens(engines["engine"].generate(engine_requests([i])))[0], len)
+                if vllm is not None and len(vllm.sequential_walls) < args.vllm_sequential:
+                    vllm.one(i)
                 if peft_model is not None:
                     out = timers["peft"](lambda: peft_one(peft_model, tokenizer, seqs[i], f"a{i}", args.new_tokens), len)
                     peft_lengths.append(len(out))
@@ -330,18 +373,12 @@ def main(argv=None):
 
     reference = hf_reference(args.model, tokenizer, seqs, args.new_tokens) if args.hf_reference else {}
 
-    vllm, vllm_error = None, None
-    if engines and not args.no_vllm:
-        try:
-            vllm = vllm_run(args.vllm_python, args.model, seqs, args.new_tokens, args.rounds, args.vllm_sequential)
-            print(f"vLLM done at {time.perf_counter() - began:.0f} s (startup {vllm['startup_s']:.0f} s)",
-                  file=sys.stderr)
-        except Exception as e:  # report the key as absent, and why
-            vllm_error = f"{type(e).__name__}: {str(e)[-500:]}"
-    if vllm:
+    if vllm is not None:
+        vllm.close()
         generated = n * args.new_tokens
-        vllm["tps"] = statistics.median(generated / w for w in vllm["batch_walls"])
-        vllm["sequential_tps"] = statistics.median(args.new_tokens / w for w in vllm["sequential_walls"])
+        vllm = {"tps": statistics.median(generated / w for w in vllm.batch_walls), "startup_s": vllm.startup_s,
+                "sequential_tps": statistics.median(args.new_tokens / w for w in vllm.sequential_walls),
+                "samples": len(vllm.batch_walls), "sequential_samples": len(vllm.sequential_walls)}
 
     t = timers
     equal = sum(a == b for a, b in zip(mixed_out, sequential_out))
@@ -447,11 +484,11 @@ def engine_keys(model, t, n, peak, vllm, vllm_error, engine_out, engine_fast_out
         "vllm_tokens_per_s": vllm and vllm["tps"],
         "vllm_sequential_tokens_per_s": vllm and vllm["sequential_tps"],
         "vllm_startup_s": vllm and vllm["startup_s"],
+        "vllm_samples": vllm and [vllm["samples"], vllm["sequential_samples"]],
         "vllm_error": vllm_error,
         "engine_equals_sequential": same(engine_out, engine_sequential_out),
         "engine_fast_equals_engine": same(engine_fast_out, engine_out),
         "engine_equals_previous_fp32": same(engine_out, mixed_out),
-        "engine_equals_vllm": vllm and same(engine_out, vllm["tokens"]),
     }
 
 

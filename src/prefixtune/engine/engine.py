@@ -47,6 +47,13 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 
 class Engine:
+    """`max_batch` running rows (their slots are preallocated: max_batch x max_len entries per layer);
+    `dtype` "auto" (bf16 where the CPU computes it natively, else fp32), "bf16" or "fp32"; `fast`
+    uses the lean Llama step where it applies (else the HF forward); `exact` gives every row its own
+    attention call (bit-exact to the row alone; False: one padded call per layer); `max_prefill_tokens`
+    caps the prompt tokens admitted in one step (at least one row is admitted when a slot is free);
+    `bucket` rounds the padded attention span of the generic and `exact=False` paths."""
+
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
                  fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, bucket: int = 32):
         self.spec = model_spec(model)
