@@ -46,6 +46,7 @@ class _Linear:
         if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+                self.weight = None  # the packed copy is all we need
             except (RuntimeError, AttributeError):
                 self.packed = None
 
