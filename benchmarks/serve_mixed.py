@@ -8,9 +8,18 @@ end-of-text ignored so every request decodes the same length), timed as
   * sequential         the same code, one request at a time
   * PEFT               peft's PrefixTuningConfig models, 32 adapters, one request at a time with generate
   * server             the 32 requests sent at once to the HTTP server (4 tenants), decoded by its batcher
+  * engine             `prefixtune.engine.Engine` (continuous batching, bf16 where the CPU has it), the 32
+                       requests with their 32 prefixes at once; `engine_fast` the same with one padded
+                       attention call per layer (exact=False); `engine_sequential` one request at a time
+  * vLLM CPU           plain vLLM (no prefixes) in its own venv (`.venv-vllm` in the repo root, or
+                       --vllm-python / $PREFIXTUNE_VLLM_PYTHON), the same token ids: one batch of 32 after
+                       each engine run, and --vllm-sequential requests one at a time in the same slots
+                       (wall time only); left out (keys null, `vllm_error` says why) without such a venv
 The batch runs repeat `--rounds` times; the one-at-a-time requests are spread over the same rounds, so every
 configuration samples the same stretches of a shared machine. Times are wall-clock means; tokens/s counts
-generated tokens. `--json` prints one JSON object as the last line.
+generated tokens. `fraction_of_bf16_peak`: the engine's tokens/s x 2 x (body + LM-head parameters), over a
+bf16 matmul peak measured in the same run (prompt work not counted). `--json` prints one JSON object as the
+last line.
 
     python benchmarks/serve_mixed.py --json | tee benchmarks/results/serve_mixed_cpu.txt
 """
@@ -27,8 +36,10 @@ from pathlib import Path
 
 import torch
 
-from common import benchmark_parser
+from common import HERE, benchmark_parser
+from train_throughput import body_params, matmul_peak
 from prefixtune.bank import PrefixBank
+from prefixtune.engine import Engine, Request
 from prefixtune.generation import DecodingConfig
 from prefixtune.prefix_file import load_prefix_bytes, prefix_to_bytes
 from prefixtune.models import load_base_model, model_spec
@@ -168,6 +179,86 @@ def server_run(model, tokenizer, blobs: list[bytes], texts: list[str], new_token
     return seconds, tokens, batches
 
 
+def default_vllm_python() -> str:
+    return os.environ.get("PREFIXTUNE_VLLM_PYTHON") or str(HERE.parent / ".venv-vllm" / "bin" / "python")
+
+
+class VLLMPeer:
+    """Plain vLLM on the same token ids, in its own venv: a subprocess (benchmarks/vllm_peer.py) that loads
+    the model once and then decodes on request, so its runs interleave with ours."""
+
+    def __init__(self, python: str, model_name: str, seqs: list[list[int]], new_tokens: int):
+        import subprocess
+        import tempfile
+
+        if not Path(python).is_file():
+            raise FileNotFoundError(f"no vLLM venv: {python} (make vllm, or --vllm-python)")
+        self.work = tempfile.TemporaryDirectory()
+        job = Path(self.work.name) / "job.json"
+        job.write_text(json.dumps({"model_dir": str(vllm_model_dir(model_name)), "seqs": seqs,
+                                   "new_tokens": new_tokens}))
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                   OMP_NUM_THREADS="1")
+        self.log = open(Path(self.work.name) / "vllm.log", "w")
+        self.proc = subprocess.Popen([python, str(HERE / "vllm_peer.py"), str(job)], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.startup_s = self._read()["startup_s"]
+        self.batch_walls, self.sequential_walls, self.tokens = [], [], None
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@peer "):
+                return json.loads(line[len("@@peer "):])
+        self.log.flush()
+        tail = (Path(self.work.name) / "vllm.log").read_text()[-1500:]
+        raise RuntimeError(f"vLLM exited {self.proc.wait()}: {tail}")
+
+    def _ask(self, cmd: dict) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def batch(self):
+        out = self._ask({"cmd": "batch"})
+        self.batch_walls.append(out["wall"])
+        self.tokens = out["tokens"]
+
+    def one(self, i: int):
+        self.sequential_walls.append(self._ask({"cmd": "one", "i": i})["wall"])
+
+    def close(self):
+        try:
+            self._ask({"cmd": "quit"}) if self.proc.poll() is None else None
+        except (RuntimeError, BrokenPipeError, ValueError):
+            pass
+        self.proc.wait(timeout=120)
+        self.log.close()
+        self.work.cleanup()
+
+
+def vllm_model_dir(model_name: str) -> Path:
+    """A HF folder of the model in bf16 for vLLM, written once under the prefixtune cache."""
+    import shutil
+    import tempfile
+
+    from prefixtune.models import cache_dir
+
+    if (Path(model_name) / "config.json").is_file():
+        return Path(model_name)
+    out = cache_dir() / "vllm" / f"{model_name.replace('/', '--')}-bfloat16"
+    if not (out / "config.json").is_file():
+        model, tokenizer = load_base_model(model_name, dtype=torch.bfloat16)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv=None):
     ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads (1: steady on a shared CPU)")
     ap.add_argument("--requests", type=int, default=32)
@@ -176,6 +267,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="batch runs per configuration")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--no-engine", action="store_true", help="leave out prefixtune.engine (and vLLM)")
+    ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--vllm-python", default=default_vllm_python(),
+                    help="python of a venv with vllm-cpu (default: .venv-vllm in the repo root, or $PREFIXTUNE_VLLM_PYTHON)")
+    ap.add_argument("--vllm-sequential", type=int, default=8, help="one-at-a-time vLLM requests")
     ap.add_argument("--hf-reference", action="store_true",
                     help="also time plain transformers generate (no prefix), one batch against one at a time")
     args = ap.parse_args(argv)
@@ -205,10 +301,34 @@ def main(argv=None):
             peft_error = f"{type(e).__name__}: {e}"
             peft_model = None
 
+    vllm, vllm_error = None, None
+    if not args.no_engine and not args.no_vllm:
+        try:  # started first: its ~75 s start then does not overlap our runs
+            vllm = VLLMPeer(args.vllm_python, args.model, seqs, args.new_tokens)
+            print(f"vLLM ready at {time.perf_counter() - began:.0f} s (startup {vllm.startup_s:.0f} s)", file=sys.stderr)
+        except Exception as e:  # report the keys as absent, and why
+            vllm, vllm_error = None, f"{type(e).__name__}: {str(e)[-500:]}"
+    engines, peak = {}, None
+    if not args.no_engine:
+        peak = matmul_peak(torch.bfloat16)
+        engines = {"engine": Engine(model, tokenizer, max_batch=n, max_len=512),
+                   "engine_fast": Engine(model, tokenizer, max_batch=n, max_len=512, exact=False)}
+
+    def engine_requests(rows):
+        return [Request(seqs[i], prefix=bank.get(mixed_ids[i]), max_tokens=args.new_tokens, ignore_eos=True)
+                for i in rows]
+
+    def engine_tokens(outputs):
+        return [o.choices[0].token_ids for o in outputs]
+
     # warm-up (kernels, allocator), then interleaved rounds
     bank.generate_ids(seqs[:8], mixed_ids[:8], DecodingConfig(max_new_tokens=4, stop_at_newline=False,
                                                               ignore_eos=True))
-    timers = {k: Timer() for k in ("mixed", "single", "none", "sequential", "peft")}
+    for engine in engines.values():
+        engine.generate(engine_requests(range(min(8, n))))
+    timers = {k: Timer() for k in ("mixed", "single", "none", "sequential", "peft", *engines,
+                                   *(["engine_sequential"] if engines else []))}
+    engine_out, engine_fast_out, engine_sequential_out = None, None, [None] * n
     mixed_out, sequential_out, peft_lengths = None, [None] * n, []
     # each batch run is followed by the next few one-at-a-time requests, so all configurations share the
     # same stretches of time on a shared machine
@@ -220,14 +340,27 @@ def main(argv=None):
             out = timers[key](lambda: bank.generate_ids(seqs, ids, config))
             if key == "mixed":
                 mixed_out = out
+                for name, engine in engines.items():
+                    timers[name].new_sample()
+                    got = timers[name](lambda: engine_tokens(engine.generate(engine_requests(range(n)))))
+                    engine_out, engine_fast_out = (got, engine_fast_out) if name == "engine" else (engine_out, got)
+                if vllm is not None:
+                    vllm.batch()
             slot, pending = pending[:per_slot], pending[per_slot:]
             if not slot:
                 continue
             timers["sequential"].new_sample()
             timers["peft"].new_sample()
+            if engines:
+                timers["engine_sequential"].new_sample()
             for i in slot:
                 sequential_out[i] = timers["sequential"](
                     lambda: bank.generate_ids([seqs[i]], [mixed_ids[i]], config)[0], len)
+                if engines:
+                    engine_sequential_out[i] = timers["engine_sequential"](
+                        lambda: engine_tokens(engines["engine"].generate(engine_requests([i])))[0], len)
+                if vllm is not None and len(vllm.sequential_walls) < args.vllm_sequential:
+                    vllm.one(i)
                 if peft_model is not None:
                     out = timers["peft"](lambda: peft_one(peft_model, tokenizer, seqs[i], f"a{i}", args.new_tokens), len)
                     peft_lengths.append(len(out))
@@ -239,6 +372,13 @@ def main(argv=None):
         server = {"seconds": seconds, "tokens": tokens, "batches": batches}
 
     reference = hf_reference(args.model, tokenizer, seqs, args.new_tokens) if args.hf_reference else {}
+
+    if vllm is not None:
+        vllm.close()
+        generated = n * args.new_tokens
+        vllm = {"tps": statistics.median(generated / w for w in vllm.batch_walls), "startup_s": vllm.startup_s,
+                "sequential_tps": statistics.median(args.new_tokens / w for w in vllm.sequential_walls),
+                "samples": len(vllm.batch_walls), "sequential_samples": len(vllm.sequential_walls)}
 
     t = timers
     equal = sum(a == b for a, b in zip(mixed_out, sequential_out))
@@ -259,6 +399,8 @@ def main(argv=None):
         "server_ratio_vs_sequential": server and (server["tokens"] / server["seconds"]) / t["sequential"].tps(),
         **reference,
         "mixed_equals_sequential": f"{equal}/{n}",
+        **(engine_keys(model, t, n, peak, vllm, vllm_error, engine_out, engine_fast_out, engine_sequential_out,
+                       mixed_out) if engines else {}),
         "peft_tokens_per_request": sorted(set(peft_lengths)),
         "peft_error": peft_error,
         "requests": n, "distinct_prefixes": n, "new_tokens": args.new_tokens, "prefix_len": args.prefix_len,
@@ -274,6 +416,9 @@ def main(argv=None):
             ("no-prefix batch", t["none"]), ("one at a time (same code)", t["sequential"])]
     if peft_model is not None:
         rows.append(("PEFT, one adapter at a time", t["peft"]))
+    if engines:
+        rows += [("engine, mixed batch", t["engine"]), ("engine exact=False, mixed", t["engine_fast"]),
+                 ("engine, one at a time", t["engine_sequential"])]
     print(f"\n{n} requests x {args.new_tokens} new tokens, {n} distinct prefixes of {args.prefix_len} tokens, "
           f"{args.model}, {args.threads} thread(s), {args.rounds} rounds; inputs: {source}, "
           f"mean {result['mean_input_tokens']} tokens")
@@ -301,9 +446,50 @@ def main(argv=None):
               f"{reference['hf_sequential_tokens_per_s']:.1f} tokens/s: {reference['hf_ratio_batch_vs_sequential']:.2f}x")
     if peft_error:
         print(f"PEFT failed: {peft_error}")
+    if engines:
+        print(f"engine ({engines['engine'].path}, {str(engines['engine'].dtype).replace('torch.', '')}): "
+              f"{result['ratio_vs_previous_engine']:.2f}x today's mixed batch "
+              f"(exact=False {result['ratio_vs_previous_engine_fast']:.2f}x), one at a time "
+              f"{result['engine_ratio_vs_sequential_previous']:.2f}x today's; "
+              f"{result['fraction_of_bf16_peak']:.3f} of the bf16 matmul peak "
+              f"({result['matmul_peak_gflops_bf16']:.0f} GFLOP/s); engine batch == engine one at a time: "
+              f"{result['engine_equals_sequential']}; == today's fp32 path: {result['engine_equals_previous_fp32']}")
+        if vllm:
+            print(f"vLLM CPU (no prefixes): batch {vllm['tps']:.1f} tokens/s, one at a time "
+                  f"{vllm['sequential_tps']:.1f}; ratio_vs_vllm_cpu {result['ratio_vs_vllm_cpu']:.2f} (target >= 1.0), "
+                  f"one at a time {result['ratio_vs_vllm_cpu_sequential']:.2f}")
+        else:
+            print(f"vLLM CPU: not run ({vllm_error})")
     if args.json:
         print(json.dumps(result))
     return result
+
+
+def engine_keys(model, t, n, peak, vllm, vllm_error, engine_out, engine_fast_out, engine_sequential_out,
+                mixed_out) -> dict:
+    per_token = 2 * (body_params(model) + model.get_output_embeddings().weight.numel())
+    same = lambda a, b: f"{sum(x == y for x, y in zip(a, b))}/{n}"
+    tps = t["engine"].tps()
+    return {
+        "ratio_vs_previous_engine": tps / t["mixed"].tps(),
+        "ratio_vs_previous_engine_fast": t["engine_fast"].tps() / t["mixed"].tps(),
+        "cpu_ratio_vs_previous_engine": t["engine"].tps(True) / t["mixed"].tps(True),
+        "engine_ratio_vs_sequential_previous": t["engine_sequential"].tps() / t["sequential"].tps(),
+        "fraction_of_bf16_peak": tps * per_token / peak,
+        "fraction_of_bf16_peak_fast": t["engine_fast"].tps() * per_token / peak,
+        "matmul_peak_gflops_bf16": peak / 1e9,
+        "ratio_vs_vllm_cpu": vllm and tps / vllm["tps"],
+        "ratio_vs_vllm_cpu_fast": vllm and t["engine_fast"].tps() / vllm["tps"],
+        "ratio_vs_vllm_cpu_sequential": vllm and t["engine_sequential"].tps() / vllm["sequential_tps"],
+        "vllm_tokens_per_s": vllm and vllm["tps"],
+        "vllm_sequential_tokens_per_s": vllm and vllm["sequential_tps"],
+        "vllm_startup_s": vllm and vllm["startup_s"],
+        "vllm_samples": vllm and [vllm["samples"], vllm["sequential_samples"]],
+        "vllm_error": vllm_error,
+        "engine_equals_sequential": same(engine_out, engine_sequential_out),
+        "engine_fast_equals_engine": same(engine_fast_out, engine_out),
+        "engine_equals_previous_fp32": same(engine_out, mixed_out),
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+"""prefixtune's decoding engine: continuous batching over preallocated KV slots, a prefix per row."""
+from .engine import Engine, resolve_dtype
+from .request import Choice, Request, RequestOutput, TokenEvent
+
+__all__ = ["Engine", "Request", "TokenEvent", "RequestOutput", "Choice", "resolve_dtype"]

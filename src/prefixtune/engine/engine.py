@@ -1,0 +1,191 @@
+"""The engine: continuous batching of rows that each carry their own prefix.
+
+    engine = Engine(model, tokenizer, max_batch=32, max_len=1024)
+    rid = engine.add_request(Request(prompt_ids, prefix=bank.get("p1"), max_tokens=40))
+    while engine.has_work():
+        for event in engine.step():      # TokenEvent: request_id, index, token, text, finish_reason
+            ...
+    engine.cancel(rid)                   # the row leaves at the next step
+
+or `engine.generate([Request(...), ...])`, which runs them to completion. `step` must be called
+from one thread (a server's worker); `add_request`, `cancel` and `has_work` from any thread.
+
+A step first ends cancelled and timed-out rows, then decodes one token for every running row in
+one batched forward (each row at its own position, over its own slots), then prefills the rows
+admitted this step, whose first token comes from their prefill; they join the batch at the next
+step. Finished rows leave at once, and their slots are reused.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from ..models import model_spec
+from ..prefix import group_width, groups_of
+from . import llama_fast, sampling
+from .generic import HFDecoder, RowWise
+from .kv import SlotKV, prefix_to_kv
+from .request import Choice, Request, RequestOutput, TokenEvent
+from .scheduler import Row, Scheduler
+from .stops import StopState, eos_ids
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """"auto": bf16 where the device computes it natively (CPUs with AVX512-BF16/AMX), else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        from ..train import bf16_available
+
+        return torch.bfloat16 if bf16_available(torch.device(device)) else torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
+    return names[dtype]
+
+
+class Engine:
+    """`max_batch` running rows (their slots are preallocated: max_batch x max_len entries per layer);
+    `dtype` "auto" (bf16 where the CPU computes it natively, else fp32), "bf16" or "fp32"; `fast`
+    uses the lean Llama step where it applies (else the HF forward); `exact` gives every row its own
+    attention call (bit-exact to the row alone; False: one padded call per layer); `max_prefill_tokens`
+    caps the prompt tokens admitted in one step (at least one row is admitted when a slot is free);
+    `bucket` rounds the padded attention span of the generic and `exact=False` paths."""
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
+                 fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, bucket: int = 32):
+        self.spec = model_spec(model)
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_batch, self.max_len = max_batch, max_len
+        self.eos = eos_ids(tokenizer)
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens)
+        self.kv = None
+        if self.spec.family == "encoder-decoder":
+            self.backend, self.path = RowWise(self._in_dtype(model), self.spec, self.dtype), "rowwise"
+        else:
+            self.kv = SlotKV(self.spec.num_layers, max_batch, self.spec.num_kv_heads, self.spec.head_dim, max_len,
+                             self.dtype, self.device, bucket)
+            if fast and llama_fast.supports(model):
+                self.backend, self.path = llama_fast.LlamaFast(model, self.kv, self.dtype, exact), "llama_fast"
+            else:
+                self.backend, self.path = HFDecoder(self._in_dtype(model), self.kv, self.spec.num_layers), "hf"
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0}
+
+    def _in_dtype(self, model):
+        return model if model.dtype == self.dtype else copy.deepcopy(model).to(self.dtype)
+
+    # -- requests (any thread) -----------------------------------------------------------------
+    def _prefix(self, prefix):
+        """A request's prefix as the backend wants it, and its length."""
+        if prefix is None:
+            return None, 0
+        groups = getattr(prefix, "p", prefix)
+        expected = {g: group_width(self.spec, n) for g, n in groups_of(self.spec).items()}
+        got = {g: t.shape[-1] for g, t in groups.items()}
+        if got != expected:
+            raise ValueError(f"prefix widths {got} do not fit this model ({expected})")
+        length = next(iter(groups.values())).shape[0]
+        if self.kv is None:
+            return {g: t.to(self.device) for g, t in groups.items()}, length
+        return prefix_to_kv(groups["decoder"].to(self.device), self.spec.num_kv_heads, self.spec.head_dim,
+                            self.dtype), length
+
+    def add_request(self, request: Request) -> str:
+        prefix, length = self._prefix(request.prefix)
+        if self.kv is not None and length + len(request.prompt) + request.max_tokens > self.max_len:
+            raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
+                             f"({request.max_tokens}) exceeds the engine's max_len {self.max_len}")
+        deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
+        rows = []
+        for i in range(request.n):
+            generator = None
+            if not request.greedy:
+                generator = sampling.make_generator(None if request.seed is None else request.seed + i)
+            rows.append(Row(request, i, StopState(request, self.tokenizer, self.eos), prefix, length,
+                            generator, deadline))
+        self.scheduler.submit(rows)
+        return request.request_id
+
+    def cancel(self, request_id: str):
+        """The request's rows leave at the next step (waiting or running), each with a 'cancelled' event."""
+        self.scheduler.cancel(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- stepping (one thread) -----------------------------------------------------------------
+    def _leave(self, row: Row):
+        slot = row.slot
+        moved = self.scheduler.remove(row)
+        if moved is not None:
+            last, src, dst = moved
+            self.backend.move(src, dst, last.length)
+        elif hasattr(self.backend, "release"):
+            self.backend.release(slot)
+
+    def _emit(self, rows: list[Row], logits: torch.Tensor, events: list[TokenEvent]):
+        for row, (token, logprob, top) in zip(rows, sampling.choose(logits, rows)):
+            is_output, text, reason = row.stop.add(token)
+            events.append(TokenEvent(row.request_id, row.index, token if is_output else None, text,
+                                     logprob if is_output else None, top if is_output else None, reason))
+            if reason is not None:
+                self._leave(row)
+            else:
+                row.last_token = token
+
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        for row, reason in self.scheduler.leaving(time.monotonic()):
+            events.append(TokenEvent(row.request_id, row.index, None, row.stop.finish(), finish_reason=reason))
+            if row.slot >= 0:
+                self._leave(row)
+        running = list(self.scheduler.running)
+        if running:
+            tokens = torch.tensor([r.last_token for r in running], device=self.device)
+            positions = torch.tensor([r.length for r in running], device=self.device)
+            logits = self.backend.decode(tokens, positions)
+            for r in running:
+                r.length += 1
+            self.stats["decode_tokens"] += len(running)
+            self._emit(running, logits, events)
+        admitted = self.scheduler.admit()
+        if admitted:
+            logits = self.backend.prefill([(self.scheduler.place(r), r.prefix, r.request.prompt) for r in admitted])
+            for r in admitted:
+                r.length = r.prefix_len + len(r.request.prompt)
+                self.stats["prefill_tokens"] += len(r.request.prompt)
+            self._emit(admitted, logits, events)
+        self.stats["steps"] += 1
+        self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
+        return events
+
+    def generate(self, requests: list[Request]) -> list[RequestOutput]:
+        """Run `requests` to completion (with whatever else is queued); outputs in request order.
+
+        Not for an engine that a server is stepping: this call steps it itself.
+        """
+        outputs = {}
+        for r in requests:
+            self.add_request(r)
+            outputs[r.request_id] = RequestOutput(r.request_id, len(r.prompt), [Choice(i) for i in range(r.n)])
+        open_choices = sum(r.n for r in requests)
+        while open_choices and self.has_work():
+            for event in self.step():
+                out = outputs.get(event.request_id)
+                if out is not None:
+                    out.add(event)
+                    open_choices -= event.finished
+        return [outputs[r.request_id] for r in requests]

@@ -1,0 +1,119 @@
+"""What a caller asks the engine for, and what it gets back, one token at a time."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One prompt to continue, with its own prefix and its own decoding controls.
+
+    `prompt`: token ids, already templated (the engine applies no template).
+    `prefix`: the row's prefix as P per group (`{"decoder": (len, width)}`, what `ExportedPrefix.p`
+    holds), an `ExportedPrefix`, or None for the base model alone.
+    `temperature == 0` is greedy (argmax, no softmax); otherwise sampling with `top_k` (0: off) and
+    `top_p` (1: off) from a generator seeded with `seed`, so a seed gives the same tokens whatever
+    the batch. `n` choices decode as `n` rows; choice i samples with seed `seed + i`.
+    A row stops at `max_tokens` tokens, at a stop token (`stop_token_ids`, and the tokenizer's
+    end-of-text unless `ignore_eos`; the stop token is not part of the output) or when its text
+    contains a stop string (the text is cut before it). `timeout_s` counts from `add_request`.
+    """
+
+    prompt: list[int]
+    prefix: object = None
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] | tuple[str, ...] = ()
+    stop_token_ids: list[int] | tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    timeout_s: float | None = None
+    request_id: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.prompt, torch.Tensor):
+            self.prompt = self.prompt.tolist()
+        self.prompt = [int(t) for t in self.prompt]
+        if not self.prompt:
+            raise ValueError("a request needs at least one prompt token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.top_logprobs < 0:
+            raise ValueError("top_k and top_logprobs must be >= 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        if self.request_id is None:
+            self.request_id = f"req-{next(_ids)}"
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class TokenEvent:
+    """One step of one choice: a new token (and its text), the end of the choice, or both.
+
+    `token` is None on an event that only ends the choice (a stop token, which is not output;
+    a cancellation, a timeout). `text` is the text that this event adds; text that could still
+    become a stop string is held back until it cannot, so the pieces add up to the final text.
+    """
+
+    request_id: str
+    index: int
+    token: int | None
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None   # "stop", "length", "cancelled", "timeout"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Choice:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_tokens: int
+    choices: list[Choice]
+
+    def add(self, event: TokenEvent):
+        choice = self.choices[event.index]
+        if event.token is not None:
+            choice.token_ids.append(event.token)
+            if event.logprob is not None:
+                choice.logprobs.append(event.logprob)
+            if event.top_logprobs is not None:
+                choice.top_logprobs.append(event.top_logprobs)
+        choice.text += event.text
+        if event.finish_reason is not None:
+            choice.finish_reason = event.finish_reason

@@ -1,0 +1,283 @@
+"""The engine: a row's greedy tokens equal today's decoding of that row alone, whatever joins or
+leaves the batch around it; seeded sampling is reproducible; stops, max_tokens, cancellation,
+timeouts and logprobs behave per row."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import ByteTokenizer, tiny_model
+from prefixtune.engine import Engine, Request
+from prefixtune.generation import DecodingConfig, _Decoder, decode
+from prefixtune.modeling import prefix_kv_from_groups
+from prefixtune.models import model_spec
+from test_generation import SOURCES, ids, prefixes
+
+torch.set_num_threads(1)
+
+
+class LetterTokenizer(ByteTokenizer):
+    """Every token is one ASCII letter, so any output has text (for stop strings)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        return "".join(chr(ord("a") + int(i) % 26) for i in ids if int(i) > 2)
+
+
+def alone(model, tokenizer, seq, prefix, max_tokens):
+    """Today's path, the row by itself."""
+    spec = model_spec(model)
+    config = DecodingConfig(max_new_tokens=max_tokens, stop_at_newline=False)
+    return decode(model, tokenizer, [seq], prefix_kv_from_groups([prefix], spec), config)[0]
+
+
+def run(engine, schedule, cancel_at=None):
+    """Step the engine; `schedule[step]` lists requests added before that step; `cancel_at[step]`
+    lists request ids cancelled before it. Returns {request_id: [events]}."""
+    events, step = {}, 0
+    cancel_at = cancel_at or {}
+    while step <= max(schedule) or engine.has_work():
+        for r in schedule.get(step, []):
+            engine.add_request(r)
+        for rid in cancel_at.get(step, []):
+            engine.cancel(rid)
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e)
+        step += 1
+        assert step < 500
+    return events
+
+
+def tokens_of(events):
+    return [e.token for e in events if e.token is not None]
+
+
+@pytest.mark.parametrize("family,fast", [("llama", True), ("llama", False), ("gpt2", False)])
+def test_greedy_equals_alone_under_continuous_batching(family, fast, tokenizer):
+    model = tiny_model(family, seed=1)
+    p1, p2 = prefixes(model, tokenizer, lengths=(3, 6))
+    seqs = ids(tokenizer, SOURCES + ["q", "the last one"])
+    plan = [  # (prefix, max_tokens, step it arrives)
+        (p1, 12, 0), (p2, 3, 0), (None, 9, 0), (p2, 10, 2), (p1, 1, 2), (None, 7, 5), (p1, 11, 9)]
+    reqs = [Request(s, prefix=p, max_tokens=m, request_id=f"r{i}") for i, (s, (p, m, _)) in enumerate(zip(seqs, plan))]
+    schedule = {}
+    for r, (_, _, at) in zip(reqs, plan):
+        schedule.setdefault(at, []).append(r)
+    # a batch of 3 slots for 7 requests: rows wait, join as others finish, and one is cancelled mid-way
+    engine = Engine(model, tokenizer, max_batch=3, max_len=64, dtype="fp32", fast=fast)
+    assert engine.path == ("llama_fast" if fast and family == "llama" else "hf")
+    victim = Request(seqs[0], prefix=p2, max_tokens=20, request_id="victim")
+    schedule.setdefault(1, []).append(victim)
+    events = run(engine, schedule, cancel_at={6: ["victim"]})
+    assert engine.stats["max_running"] == 3
+    for r, (p, m, _) in zip(reqs, plan):
+        assert tokens_of(events[r.request_id]) == alone(model, tokenizer, r.prompt, p, m), r.request_id
+        assert events[r.request_id][-1].finish_reason == "length"
+    cancelled = events["victim"]
+    assert cancelled[-1].finish_reason == "cancelled" and cancelled[-1].token is None
+    partial = tokens_of(cancelled)
+    assert 0 < len(partial) < 20
+    assert partial == alone(model, tokenizer, victim.prompt, p2, 20)[: len(partial)]
+    assert not engine.has_work() and engine.num_running == 0
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_encoder_decoder_rows_equal_alone(family, tokenizer):
+    model = tiny_model(family, seed=1)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs = ids(tokenizer, SOURCES)
+    rows = [p1, p2, None, p2, p1]
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    outs = engine.generate([Request(s, prefix=p, max_tokens=6) for s, p in zip(seqs, rows)])
+    assert [o.choices[0].token_ids for o in outs] == [alone(model, tokenizer, s, p, 6) for s, p in zip(seqs, rows)]
+
+
+def test_stop_tokens_end_a_row_without_output(tokenizer):
+    model = tiny_model("llama", seed=1)
+    seq = ids(tokenizer, ["name : The Eagle"])[0]
+    full = alone(model, tokenizer, seq, None, 10)
+    stop = full[3]
+    engine = Engine(model, tokenizer, max_batch=4, max_len=64, dtype="fp32")
+    out = engine.generate([Request(seq, max_tokens=10, stop_token_ids=[stop]), Request(seq, max_tokens=10)])
+    assert out[0].choices[0].token_ids == full[: full.index(stop)]
+    assert out[0].choices[0].finish_reason == "stop"
+    assert out[1].choices[0].token_ids == full
+
+
+def test_max_tokens_per_row(tokenizer):
+    model = tiny_model("llama", seed=3)
+    seqs = ids(tokenizer, SOURCES[:3])
+    engine = Engine(model, tokenizer, max_batch=3, max_len=64, dtype="fp32")
+    outs = engine.generate([Request(s, max_tokens=m, ignore_eos=True) for s, m in zip(seqs, (1, 4, 9))])
+    assert [len(o.choices[0].token_ids) for o in outs] == [1, 4, 9]
+    assert all(o.choices[0].finish_reason == "length" for o in outs)
+
+
+def test_stop_strings_cut_the_text_and_stream_consistently():
+    tokenizer = LetterTokenizer()
+    model = tiny_model("llama", seed=1)
+    seq = ids(tokenizer, ["name : The Eagle | food : Thai"])[0]
+    full = tokenizer.decode(alone(model, tokenizer, seq, None, 16))
+    assert len(full) >= 8
+    stop = full[4:6]
+    expected = full[: full.find(stop)]
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    events = run(engine, {0: [Request(seq, max_tokens=16, stop=[stop, "zzzzzzzz"], request_id="s"),
+                              Request(seq, max_tokens=16, request_id="plain")]})
+    text = "".join(e.text for e in events["s"])
+    assert text == expected and stop not in text
+    assert events["s"][-1].finish_reason == "stop"
+    assert "".join(e.text for e in events["plain"]) == full
+    # while running, text that could still turn into a stop string is held back
+    assert all(len("".join(e.text for e in events["s"][: i + 1])) <= max(0, len(full[: i + 1]) - 7)
+               for i in range(len(events["s"]) - 1))
+
+
+def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(tokenizer):
+    model = tiny_model("llama", seed=2)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs = ids(tokenizer, SOURCES)
+
+    def sampled(seed, n=1):
+        return Request(seqs[1], prefix=p1, max_tokens=12, temperature=1.3, top_p=0.9, top_k=50, seed=seed, n=n,
+                       ignore_eos=True)
+
+    engine = Engine(model, tokenizer, max_batch=4, max_len=64, dtype="fp32")
+    solo = engine.generate([sampled(7)])[0].choices[0].token_ids
+    others = [Request(seqs[0], prefix=p2, max_tokens=5), Request(seqs[2], max_tokens=12, temperature=0.8, seed=1),
+              Request(seqs[3], prefix=p1, max_tokens=9)]
+    schedule = {0: others[:2], 3: [sampled(7, n=2)], 4: others[2:]}
+    events = run(Engine(model, tokenizer, max_batch=4, max_len=64, dtype="fp32"), schedule)
+    rid = schedule[3][0].request_id
+    choice0 = [e.token for e in events[rid] if e.index == 0 and e.token is not None]
+    choice1 = [e.token for e in events[rid] if e.index == 1 and e.token is not None]
+    assert choice0 == solo                                                        # same seed, same tokens
+    assert choice1 == engine.generate([sampled(8)])[0].choices[0].token_ids      # choice i samples with seed + i
+    assert choice1 != choice0
+    assert engine.generate([sampled(7)])[0].choices[0].token_ids == solo
+    greedy = alone(model, tokenizer, seqs[1], p1, 12)
+    assert solo != greedy                                                         # it did sample
+
+
+def test_top_k_one_is_greedy(tokenizer):
+    model = tiny_model("llama", seed=2)
+    seq = ids(tokenizer, ["hello there"])[0]
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    out = engine.generate([Request(seq, max_tokens=8, temperature=2.0, top_k=1, seed=3)])
+    assert out[0].choices[0].token_ids == alone(model, tokenizer, seq, None, 8)
+
+
+def test_logprobs_are_the_log_softmax_of_the_step_logits(tokenizer):
+    model = tiny_model("llama", seed=1)
+    spec = model_spec(model)
+    (p,) = prefixes(model, tokenizer, lengths=(4,))
+    seq = ids(tokenizer, ["name : Zizzi"])[0]
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    out = engine.generate([Request(seq, prefix=p, max_tokens=5, logprobs=True, top_logprobs=3, ignore_eos=True)])
+    choice = out[0].choices[0]
+    assert len(choice.logprobs) == len(choice.top_logprobs) == 5
+    x = torch.tensor([seq])
+    with torch.no_grad():
+        first = _Decoder(model, spec, x, torch.ones_like(x), prefix_kv_from_groups([p], spec)).logits[0]
+    reference = torch.log_softmax(first, -1)
+    assert choice.logprobs[0] == pytest.approx(float(reference[choice.token_ids[0]]), abs=1e-4)
+    top_ids = [t for t, _ in choice.top_logprobs[0]]
+    assert top_ids == reference.topk(3).indices.tolist()
+    for lp, top, token in zip(choice.logprobs, choice.top_logprobs, choice.token_ids):
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True) and sum(torch.tensor(values).exp()) <= 1 + 1e-5
+        assert top[0][0] == token and lp == pytest.approx(top[0][1])   # greedy: the chosen token is the top one
+        assert lp <= 0
+
+
+def test_cancel_and_timeout_of_waiting_and_running_rows(tokenizer):
+    model = tiny_model("llama", seed=1)
+    seqs = ids(tokenizer, SOURCES[:3])
+    engine = Engine(model, tokenizer, max_batch=1, max_len=128, dtype="fp32")
+    running = engine.add_request(Request(seqs[0], max_tokens=30, ignore_eos=True))
+    waiting = engine.add_request(Request(seqs[1], max_tokens=30))
+    expires = engine.add_request(Request(seqs[2], max_tokens=30, timeout_s=0.0))
+    first = engine.step()
+    assert [e.request_id for e in first if e.finish_reason == "timeout"] == [expires]
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    engine.cancel(waiting)
+    engine.cancel(running)
+    events = engine.step()
+    assert {(e.request_id, e.finish_reason, e.token) for e in events} == {(waiting, "cancelled", None),
+                                                                         (running, "cancelled", None)}
+    assert not engine.has_work()
+
+
+def test_requests_from_another_thread_while_stepping(tokenizer):
+    model = tiny_model("gpt2", seed=1)
+    seqs = ids(tokenizer, SOURCES)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    got: dict[str, list[int]] = {}
+    finished = threading.Event()
+
+    def worker():
+        done = 0
+        while done < len(seqs):
+            for e in engine.step():
+                if e.token is not None:
+                    got.setdefault(e.request_id, []).append(e.token)
+                done += e.finished
+        finished.set()
+
+    thread = threading.Thread(target=worker)
+    rids = [engine.add_request(Request(seqs[0], max_tokens=6))]
+    thread.start()
+    rids += [engine.add_request(Request(s, max_tokens=6)) for s in seqs[1:]]
+    assert finished.wait(60)
+    thread.join()
+    assert [got.get(r, []) for r in rids] == [alone(model, tokenizer, s, None, 6) for s in seqs]
+
+
+def test_requests_are_checked(tokenizer):
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=16, dtype="fp32")
+    with pytest.raises(ValueError, match="max_len"):
+        engine.add_request(Request([5] * 10, max_tokens=10))
+    with pytest.raises(ValueError, match="widths"):
+        engine.add_request(Request([5, 6], prefix={"decoder": torch.zeros(2, 7)}))
+    with pytest.raises(ValueError):
+        Request([], max_tokens=3)
+    with pytest.raises(ValueError):
+        Request([1], top_p=0)
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
+    """The lean bf16 step on the embedded model: rows joining and leaving a batch of 4 decode the
+    tokens today's path gives each row alone in bf16."""
+    from prefixtune.data.e2e import load_e2e
+    from prefixtune.bank import PrefixBank
+    from prefixtune.models import load_base_model
+    from prefixtune.prefix import PrefixConfig, build_prefix_encoder
+
+    from prefixtune.train import bf16_available
+
+    if not bf16_available(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    model, tokenizer = load_base_model("smollm2-135m", dtype=torch.bfloat16)
+    spec = model_spec(model)
+    ps = []
+    for i, length in enumerate((10, 5, 10)):
+        enc = build_prefix_encoder(model, tokenizer, spec, PrefixConfig(prefix_len=length), seed=1000 + i)
+        with torch.no_grad():
+            ps.append({g: t.float() for g, t in enc().items()})
+    bank = PrefixBank(model, tokenizer)
+    texts = [r.source for r in load_e2e("test", data_root)[:6]]
+    seqs = [bank.encode(t, None) for t in texts]
+    rows = [ps[0], ps[1], None, ps[2], ps[0], None]
+    lengths = [16, 6, 12, 16, 9, 16]
+    engine = Engine(model, tokenizer, max_batch=4, max_len=128)
+    assert engine.path == "llama_fast" and engine.dtype == torch.bfloat16
+    outs = engine.generate([Request(s, prefix=p, max_tokens=m, ignore_eos=True)
+                            for s, p, m in zip(seqs, rows, lengths)])
+    config = lambda m: DecodingConfig(max_new_tokens=m, stop_at_newline=False, ignore_eos=True)
+    for out, s, p, m in zip(outs, seqs, rows, lengths):
+        ref = decode(model, tokenizer, [s], prefix_kv_from_groups([p], spec, dtype=model.dtype), config(m))[0]
+        assert out.choices[0].token_ids == ref
