@@ -11,7 +11,7 @@ import torch
 from conftest import ByteTokenizer, tiny_model
 from prefixtune.engine import Engine, Request
 from prefixtune.generation import DecodingConfig, _Decoder, decode
-from prefixtune.modeling import prefix_kv_from_groups
+from prefixtune.forward import prefix_kv_from_groups
 from prefixtune.models import model_spec
 from test_generation import SOURCES, ids, prefixes
 

@@ -14,7 +14,7 @@ import torch
 from .. import cache
 from ..cache import PrefixKV
 from ..generation import _Decoder
-from ..modeling import prefix_kv_from_groups
+from ..forward import prefix_kv_from_groups
 from .kv import SlotKV
 
 
