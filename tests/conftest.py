@@ -103,3 +103,24 @@ def data_root() -> str:
     if not Path(root).is_dir():
         pytest.skip(f"shared data not found at {root} (set PREFIXTUNE_DATA to the folder holding e2e/, webnlg2017/, ...)")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama (GQA) saved as a local model directory with the embedded model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefixtune.models import load_base_model
+
+    try:
+        _, tokenizer = load_base_model("smollm2-135m")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                         intermediate_size=64, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -14,24 +14,6 @@ from conftest import REPO
 PAIRS_SRC = ["name : Aromi | food : Thai", "name : Zizzi | area : riverside", "name : The Mill | price : cheap"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama saved as a local model directory, with the embedded model's real tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from prefixtune.models import load_base_model
-
-    _, tokenizer = load_base_model("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                         intermediate_size=64, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def run(*args, stdin=None, check=True):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run([sys.executable, "-m", "prefixtune.cli", *map(str, args)], input=stdin,

