@@ -163,9 +163,10 @@ def cells_table(lines: list[dict], metric_names: dict[str, str]) -> str:
 
 
 def stopped_by(line: dict) -> str:
-    """Why a cell's training ended, and after how many epochs ("–" for cells run before this was recorded)."""
+    """Why a cell's training ended, and after how many epochs (cells run before this was recorded had no
+    early stopping: a step budget ended them, or their epochs)."""
     if "stop_reason" not in line:
-        return "–"
+        return "step limit" if line.get("config", {}).get("train", {}).get("max_steps") else "epoch limit"
     return f"{line['stop_reason'].replace('_', ' ')} ({line['epochs_run']:.3g} ep)"
 
 
