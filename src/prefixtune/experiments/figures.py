@@ -3,12 +3,8 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from ..atomic import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from .report import Agg
+from .aggregate import Agg
 
 
 def _pyplot():

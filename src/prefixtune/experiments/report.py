@@ -12,41 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
+from .aggregate import Agg
 from .figures import bar_figure, line_figure  # noqa: F401  (studies draw through R.*)
 from .runner import primary_metric
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive at this scale"
 READING = "reading.md"  # an optional hand-written interpretation in the report folder, shown after the verdicts
 MIN_MARGIN = 0.5  # points: a difference smaller than this is never called either way
-
-
-@dataclass
-class Agg:
-    values: list[float]
-    ids: list[str]
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else float("nan")
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
-
-    @property
-    def se(self) -> float | None:
-        return self.std / math.sqrt(self.n) if self.n > 1 else None
-
-    def fmt(self, digits: int = 1) -> str:
-        if not self.values:
-            return "–"
-        if self.n == 1:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
 def collect(lines: list[dict], evaluation: str = "test", metric: str | None = None, **match) -> Agg:

@@ -30,7 +30,7 @@ def train_config_of(exported: ExportedPrefix) -> dict:
 
 def training_command(config: dict) -> str | None:
     """The `prefixtune train` line that reproduces a run (options left at their defaults are omitted)."""
-    from ..train import TrainConfig
+    from ..train_config import TrainConfig
 
     defaults = TrainConfig().__dict__
     if not config or "method" not in config:

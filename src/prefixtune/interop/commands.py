@@ -28,7 +28,7 @@ def prefix_from_run(run_dir: Path, which: str = "best") -> tuple[ExportedPrefix,
     from ..methods.prefix import PrefixMethod
     from ..models import load_base_model, model_name, model_spec
     from ..checkpoint import Checkpoint
-    from ..train import TrainConfig
+    from ..train_config import TrainConfig
 
     ckpt = Checkpoint.load(run_dir)
     config = TrainConfig(**ckpt.config)
