@@ -274,3 +274,24 @@ def test_every_study_follows_the_study_protocol():
     for name, study in STUDIES.items():
         assert isinstance(study, Study), name
         assert study.NAME == name and isinstance(study.MULTI_TASK, bool)
+
+
+def test_a_reader_waits_for_an_append_in_progress_instead_of_cutting_it(tmp_path):
+    import fcntl
+    import threading
+
+    store = CellStore(tmp_path / "cells.jsonl")
+    store.append({"id": "a"})
+    with open(store.path, "ab") as f:  # another worker, halfway through writing its line
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(b'{"id": "b", ')
+        f.flush()
+        seen = {}
+        reader = threading.Thread(target=lambda: seen.update(store.load()))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive()  # blocked on the lock, not truncating the half-written line
+        f.write(b'"x": 1}\n')
+        f.flush()
+    reader.join(5)
+    assert set(seen) == {"a", "b"}

@@ -31,7 +31,10 @@ CELLS_FILE = "cells.jsonl"
 PRIMARY = {"e2e": "BLEU", "webnlg": "BLEU", "dart": "BLEU", "xsum": "ROUGE_2"}
 FALLBACK = {"BLEU": "sacreBLEU"}
 class CellStore:
-    """`cells.jsonl`: one complete line per finished cell; a torn last line is dropped on open."""
+    """`cells.jsonl`: one complete line per finished cell; a torn last line is dropped on open.
+
+    Reads and appends hold an exclusive lock on the file, so with several workers on one study a
+    reader never mistakes another worker's append in progress for a torn line (and cuts it)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -39,14 +42,15 @@ class CellStore:
     def load(self) -> dict[str, dict]:
         if not self.path.is_file():
             return {}
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):  # killed mid-write: cut the partial line so appends stay whole
-            keep = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
+        with open(self.path, "r+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            data = f.read()
+            if data and not data.endswith(b"\n"):  # killed mid-write: cut the partial line so appends stay whole
+                keep = data.rfind(b"\n") + 1
                 f.truncate(keep)
                 f.flush()
                 os.fsync(f.fileno())
-            data = data[:keep]
+                data = data[:keep]
         lines = {}
         for raw in data.splitlines():
             try:
@@ -62,6 +66,7 @@ class CellStore:
         data = (json.dumps(line, sort_keys=True, default=str) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
             os.write(fd, data)
             os.fsync(fd)
         finally:
