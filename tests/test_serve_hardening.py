@@ -322,3 +322,21 @@ def test_field_types_are_strict(make_server):
         r = httpx.post(url, json={**base, field: value}, headers=h, timeout=30)
         assert r.status_code == 400 and field in r.json()["error"]["message"], (field, value, r.text)
     assert httpx.post(url, json={**base, "temperature": 0, "top_p": 1}, headers=h, timeout=30).status_code == 200
+
+
+def test_a_stream_never_sends_the_start_of_a_stop_string_while_the_text_is_shorter_than_it():
+    from prefixtune.serve.completions import Finisher, Stops
+
+    class Chars:  # one token per character
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    finisher = Finisher(Chars(), Stops.of(["ENDOFTEXT"], max_tokens=50))
+    streamed = ""
+    for ch in "Hi ENDOFTEXT and more":
+        finisher.tokens.append(ord(ch))
+        streamed += finisher.delta()
+        assert "E" not in streamed  # "E", "EN", ... could still be the stop string: held back
+        if finisher.stopped:
+            break
+    assert streamed + finisher.delta(final=True) == "Hi " and finisher.finish_reason() == "stop"

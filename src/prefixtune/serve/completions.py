@@ -70,7 +70,7 @@ class Finisher:
             return text, True
         if not final:
             text = text.rstrip("\ufffd")
-            text = text[: len(text) - self.hold] if self.hold else text
+            text = text[: max(0, len(text) - self.hold)]  # not text[:-hold]: a short text sends nothing yet
         return text, False
 
     def delta(self, final: bool = False) -> str:
