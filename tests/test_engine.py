@@ -281,3 +281,69 @@ def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
     for out, s, p, m in zip(outs, seqs, rows, lengths):
         ref = decode(model, tokenizer, [s], prefix_kv_from_groups([p], spec, dtype=model.dtype), config(m))[0]
         assert out.choices[0].token_ids == ref
+
+
+# -- offline decoding (PrefixBank, the CLI, evaluation and the methods) goes through the engine ------------
+def test_offline_decode_equals_alone_and_routes_what_the_engine_does_not_do(tokenizer):
+    from prefixtune.engine.offline import decode_ids, engine_decodes
+
+    model = tiny_model("llama", seed=3)
+    p1, p2 = prefixes(model, tokenizer, lengths=(2, 5))
+    seqs = ids(tokenizer, SOURCES)
+    rows = [p1, None, p2, p1, p2]
+    config = DecodingConfig(max_new_tokens=7, stop_at_newline=False)
+    # batch_size 2 for 5 rows: rows wait for a slot, as in a long evaluation
+    got = decode_ids(model, tokenizer, seqs, rows, config, batch_size=2)
+    assert got == [alone(model, tokenizer, s, p, 7) for s, p in zip(seqs, rows)]
+    spec = model_spec(model)
+    assert engine_decodes(config, spec)
+    assert not engine_decodes(DecodingConfig(num_beams=2), spec)
+    assert not engine_decodes(DecodingConfig(repetition_penalty=1.2), spec)
+    assert not engine_decodes(config, model_spec(tiny_model("bart")))
+    with pytest.raises(ValueError, match="beam search"):
+        decode_ids(model, tokenizer, seqs, rows, DecodingConfig(num_beams=2))
+    with pytest.raises(ValueError, match="dtype"):
+        DecodingConfig(dtype="fp16")
+
+
+def test_bank_generate_runs_on_the_engine_and_equals_the_decoding_loop(tokenizer, monkeypatch):
+    import prefixtune.bank as bank_module
+    from prefixtune.bank import PrefixBank
+    from prefixtune.prefix_file import ExportedPrefix
+
+    model = tiny_model("gpt2", seed=2)
+    p1, p2 = prefixes(model, tokenizer, lengths=(3, 4))
+    bank = PrefixBank(model, tokenizer)
+    meta = {"fingerprint": model_spec(model).fingerprint()}
+    bank.add("a", ExportedPrefix(p1, meta))
+    bank.add("b", ExportedPrefix(p2, meta))
+    texts = ["name : The Eagle", "x", "a longer source to decode here", "type : pub"]
+    pids = ["a", "b", None, "a"]
+    calls = []
+    real = bank_module.decode_ids
+    monkeypatch.setattr(bank_module, "decode_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    greedy = bank.generate(texts, pids, DecodingConfig(max_new_tokens=6), batch_size=3)
+    assert calls, "greedy decoding did not go through the engine"
+    # the same rows through the old batched loop (a 2-row "beam" config would change the tokens, so the
+    # loop is reached directly): the engine changes no output
+    loop = [bank.tokenizer.decode(s, skip_special_tokens=True).split("\n")[0].strip()
+            for s in bank.generate_ids([bank.encode(t, p) for t, p in zip(texts, pids)], pids,
+                                       DecodingConfig(max_new_tokens=6))]
+    assert greedy == loop
+
+
+def test_a_model_with_adapters_is_not_decoded_by_the_lean_llama_step(tokenizer):
+    from prefixtune.engine import llama_fast
+    from prefixtune.methods.adapter import WithAdapter
+
+    model = tiny_model("llama", seed=4)
+    assert llama_fast.supports(model)
+    layer = model.model.layers[0]
+    layer.mlp.down_proj = WithAdapter(layer.mlp.down_proj, model.config.hidden_size, 4)
+    torch.nn.init.normal_(layer.mlp.down_proj.adapter.up.weight, std=0.5)  # an adapter that changes the output
+    assert not llama_fast.supports(model)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    assert engine.path == "hf"
+    seq = ids(tokenizer, SOURCES[:1])[0]
+    out = engine.generate([Request(seq, max_tokens=6)])[0].choices[0].token_ids
+    assert out == alone(model, tokenizer, seq, None, 6)

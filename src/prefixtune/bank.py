@@ -2,8 +2,8 @@
 
 Every decoding of an exported prefix (CLI `generate`, evaluation, the server,
 `PrefixMethod.generate`) goes through here, so a prefix behaves the same wherever
-it is used. The other methods (embedding-only, infix, fine-tuning, adapters) call
-`generation.decode`, the same decoding loop, themselves.
+it is used. Greedy decoding runs on the engine (`engine.offline`, continuous
+batching); beam search and repetition controls on `generation.decode`.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from .data.collate import DEFAULT_TEMPLATES, source_ids
+from .engine.offline import EngineCache, decode_ids, engine_decodes
 from .generation import DecodingConfig, decode
 from .prefix_file import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
 from .models import model_spec
@@ -25,6 +26,7 @@ class PrefixBank:
         self.max_source_len = max_source_len
         self._prefixes: dict[str, ExportedPrefix] = {}
         self._lock = threading.Lock()
+        self._engines = EngineCache(model, tokenizer)  # greedy decoding's engine, kept between calls
 
     # -- the store ---------------------------------------------------------------------------
     def add(self, prefix_id: str, prefix: ExportedPrefix | str | Path) -> ExportedPrefix:
@@ -94,17 +96,25 @@ class PrefixBank:
         if prefix_ids is None or isinstance(prefix_ids, str):
             prefix_ids = [prefix_ids] * len(inputs)
         encoded = [self.encode(t, pid, raw) for t, pid in zip(inputs, prefix_ids)]
+        if engine_decodes(config, self.spec):  # continuous batching: no batch waits for its longest row
+            prefixes = [None if pid is None else self.get(pid) for pid in prefix_ids]
+            ids = decode_ids(self.model, self.tokenizer, encoded, prefixes, config, batch_size=batch_size,
+                             engines=self._engines, progress=progress)
+            return [self._text(seq, config) for seq in ids]
         order = sorted(range(len(inputs)), key=lambda i: len(encoded[i]))
         outputs: list[str] = [""] * len(inputs)
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
             ids = self.generate_ids([encoded[i] for i in rows], [prefix_ids[i] for i in rows], config)
             for i, seq in zip(rows, ids):
-                text = self.tokenizer.decode(seq, skip_special_tokens=True)
-                outputs[i] = text.split("\n")[0].strip() if config.stop_at_newline else text.strip()
+                outputs[i] = self._text(seq, config)
             if progress is not None:
                 progress(len(rows))
         return outputs
+
+    def _text(self, ids: list[int], config: DecodingConfig) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text.split("\n")[0].strip() if config.stop_at_newline else text.strip()
 
 
 def single(model, tokenizer, prefix: str | Path | ExportedPrefix, prefix_id: str = "prefix") -> PrefixBank:

@@ -19,6 +19,9 @@ from .models import ModelSpec, model_spec
 from .forward import position_ids, prefix_offsets
 
 
+DTYPES = ("model", "auto", "bf16", "fp32")
+
+
 @dataclass
 class DecodingConfig:
     max_new_tokens: int = 64
@@ -30,8 +33,13 @@ class DecodingConfig:
     # tokens only, not the source: a data-to-text output must be free to copy its input's names.
     no_repeat_ngram_size: int = 0     # n > 0: an n-gram never occurs twice in one output
     repetition_penalty: float = 1.0   # > 1: a generated token's logit is divided (if > 0) or multiplied by it
+    # greedy decoding's dtype (engine.offline): "model" (the model's own), "auto" (bf16 where the CPU computes
+    # it natively), "bf16" or "fp32". Beam search runs in the model's dtype.
+    dtype: str = "model"
 
     def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if self.num_beams < 1:

@@ -33,6 +33,8 @@ def _read_inputs(inputs: list[str], input_file: Optional[Path]) -> list[str]:
 EXPORT_HELP = "exported prefix, another method's weights (.safetensors), or a training directory"
 NGRAM_HELP = "never repeat an n-gram of this size within the output (0: off)"
 PENALTY_HELP = "repetition penalty on tokens already generated, as in HF (1: off; e.g. 1.2)"
+DTYPE_HELP = ("greedy decoding's dtype: auto (bf16 where the CPU computes it natively, else fp32), bf16, fp32, "
+              "or model (the model's own); beam search runs in the model's dtype")
 
 
 @app.command()
@@ -48,9 +50,10 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="feed inputs as they are, not through the prefix's template"),
     no_repeat_ngram_size: int = typer.Option(0, help=NGRAM_HELP),
     repetition_penalty: float = typer.Option(1.0, help=PENALTY_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = _device_option(),
 ):
-    """Decode inputs with a prefix, in left-padded batches (batched output equals one-by-one output)."""
+    """Decode inputs with a prefix, continuously batched (batched output equals one-by-one output)."""
     from ..exported import ExportDecoder, check_export
     from ..generation import DecodingConfig
     from ..models import resolve_device
@@ -58,7 +61,8 @@ def generate(
     texts = _read_inputs(inputs or [], input_file)
     try:  # everything that can be checked without the model, before loading it
         config = DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams, stop_at_newline=stop_at_newline,
-                                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
+                                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                                dtype=dtype)
         path, kind = check_export(prefix) if prefix is not None else (None, None)
         resolve_device(device)
     except ValueError as e:  # PrefixFileError is a ValueError
@@ -89,6 +93,7 @@ def eval_cmd(
     repetition_penalty: float = typer.Option(1.0, help=PENALTY_HELP),
     out_dir: Optional[Path] = typer.Option(None, help="default: eval-TASK-SPLIT/ next to the prefix file"),
     bleu_only: bool = typer.Option(False, "--bleu-only", help="sacreBLEU only (skip the official metric suite)"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = _device_option(),
 ):
     """Decode a split with a prefix, score it, and write OUT_DIR/hypotheses.txt and scores.json."""
@@ -107,7 +112,8 @@ def eval_cmd(
         records = every[:limit]
         path, kind = check_export(prefix)
         config = DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams,
-                                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
+                                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                                dtype=dtype)
         resolve_device(device)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

@@ -33,8 +33,24 @@ def supports(model) -> bool:
     """Models this step reproduces exactly: plain Llama (SmolLM2, Llama 2/3 with default RoPE)."""
     cfg = model.config
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-    return (cfg.model_type == "llama" and not cfg.attention_bias and not getattr(cfg, "mlp_bias", False)
-            and cfg.hidden_act == "silu" and rope == "default" and getattr(cfg, "pretraining_tp", 1) == 1)
+    plain = (cfg.model_type == "llama" and not cfg.attention_bias and not getattr(cfg, "mlp_bias", False)
+             and cfg.hidden_act == "silu" and rope == "default" and getattr(cfg, "pretraining_tp", 1) == 1)
+    return plain and _unmodified(model)
+
+
+def _unmodified(model) -> bool:
+    """The step reads the projections' weights directly: a model whose layers were changed (adapters
+    wrapped around a projection, hooks) would be decoded without the change, so it takes the HF path."""
+    try:
+        layers = model.model.layers
+    except AttributeError:
+        return False
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            if type(proj) is not torch.nn.Linear:
+                return False
+    return not any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
 
 
 class _Linear:

@@ -66,28 +66,38 @@ class Method:
 
 
 def generate_texts(method: Method, sources: list[str], config, batch_size: int, decode_batch,
-                   progress=None) -> list[str]:
-    """Decode `sources` in length-sorted batches, like `PrefixBank.generate` (same template and text cleanup).
+                   progress=None, engine_model=None) -> list[str]:
+    """Decode `sources` like `PrefixBank.generate` (same template and text cleanup).
 
-    `method` supplies `model`, `tokenizer`, `spec`, `template` and `max_source_len`;
-    `decode_batch(sequences)` returns the generated ids of each sequence.
+    `method` supplies `model`, `tokenizer`, `spec`, `template` and `max_source_len`. Greedy decoding runs
+    on the engine when the method decodes as a plain model (`engine_model`: its trained copy) and the
+    engine takes the config (`engine.offline.engine_decodes`); otherwise `decode_batch(sequences, config)`
+    returns the generated ids of each length-sorted batch.
     """
     from ..data.collate import source_ids
+    from ..engine.offline import decode_ids, engine_decodes
     from ..generation import DecodingConfig
 
     config = config or DecodingConfig()
     encoded = [source_ids(method.tokenizer, method.spec.family, s, method.template, method.max_source_len)
                for s in sources]
+    if engine_model is not None and engine_decodes(config, method.spec):
+        ids = decode_ids(engine_model, method.tokenizer, encoded, [None] * len(encoded), config,
+                         batch_size=batch_size, progress=progress)
+        return [_clean(method.tokenizer.decode(seq, skip_special_tokens=True), config) for seq in ids]
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
     outputs = [""] * len(sources)
     for start in range(0, len(order), batch_size):
         rows = order[start: start + batch_size]
         for i, seq in zip(rows, decode_batch([encoded[i] for i in rows], config)):
-            text = method.tokenizer.decode(seq, skip_special_tokens=True)
-            outputs[i] = text.split("\n")[0].strip() if config.stop_at_newline else text.strip()
+            outputs[i] = _clean(method.tokenizer.decode(seq, skip_special_tokens=True), config)
         if progress is not None:
             progress(len(rows))
     return outputs
+
+
+def _clean(text: str, config) -> str:
+    return text.split("\n")[0].strip() if config.stop_at_newline else text.strip()
 
 
 def save_weights(path, tensors: dict[str, torch.Tensor], method: Method, metadata: dict):

@@ -71,7 +71,7 @@ class CopyMethod(Method):
         try:
             return generate_texts(self, sources, config, batch_size,
                                   lambda seqs, cfg: decode(self.trained, self.tokenizer, seqs, None, cfg, self.spec),
-                                  progress)
+                                  progress, engine_model=self.trained)
         finally:
             self.trained.train(was_training)
 

@@ -1,0 +1,104 @@
+"""Decoding a list of prompts to completion through the engine: what `PrefixBank.generate`, the CLI
+(`generate`, `eval`), evaluation, the experiments and every method's `generate` call. The server
+steps an engine of its own.
+
+One rule says which loop decodes (`engine_decodes`): the engine takes greedy decoding of decoder-only
+models, with or without a prefix; `generation.decode` keeps what the engine does not do, beam search
+(the paper's beam 5), HF's repetition controls, and encoder-decoders (the engine steps those row by
+row, slower than the batched loop for a whole test set).
+
+`dtype` of a `DecodingConfig`: "model" decodes in the model's own dtype (the library's default, as
+`generate` in transformers); "auto" in bf16 where the CPU computes it natively (the CLI's default);
+"bf16"/"fp32" as named. Beam search always runs in the model's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..generation import DecodingConfig, stop_ids
+from ..models import model_spec
+from .engine import Engine, resolve_dtype
+from .request import Request
+
+MAX_ENGINE_BATCH = 32  # rows per decode step at which a row's bf16 bits equal the row alone (engine.md)
+
+
+def engine_decodes(config: DecodingConfig, spec) -> bool:
+    return spec.family == "decoder" and config.num_beams == 1 and not config.penalises
+
+
+def decode_dtype(config: DecodingConfig, model) -> torch.dtype:
+    dtype = getattr(config, "dtype", "model")
+    return model.dtype if dtype in (None, "model") else resolve_dtype(dtype, model.device)
+
+
+class EngineCache:
+    """One engine per (dtype, fast) for a model, rebuilt only when a call needs longer or more slots:
+    building one copies and packs the weights (about a second for SmolLM2)."""
+
+    def __init__(self, model, tokenizer, fast: bool = True):
+        self.model, self.tokenizer, self.fast = model, tokenizer, fast
+        self._engine: Engine | None = None
+        self._key = None
+
+    def get(self, dtype: torch.dtype, max_batch: int, max_len: int) -> Engine:
+        e = self._engine
+        if e is None or self._key != dtype or e.max_batch < max_batch or e.max_len < max_len or e.has_work():
+            max_len = -(-max_len // 64) * 64  # round up: a few more tokens next time need no rebuild
+            self._engine = Engine(self.model, self.tokenizer, max_batch=max_batch, max_len=max_len, dtype=dtype,
+                                  fast=self.fast)
+            self._key = dtype
+        return self._engine
+
+    def clear(self):
+        self._engine, self._key = None, None
+
+
+def decode_ids(model, tokenizer, sequences: list[list[int]], prefixes: list, config: DecodingConfig | None = None,
+               *, batch_size: int = MAX_ENGINE_BATCH, engines: EngineCache | None = None, fast: bool = True,
+               progress=None) -> list[list[int]]:
+    """Greedy token ids for each sequence (its stop token not included), row i with prefix `prefixes[i]`
+    (an `ExportedPrefix`, its groups `{"decoder": P}`, or None). Rows run continuously batched: a row
+    that finishes frees its slot for the next one at once. `progress(1)` after each finished row."""
+    config = config or DecodingConfig()
+    if len(sequences) != len(prefixes):
+        raise ValueError(f"{len(sequences)} inputs but {len(prefixes)} prefixes")
+    if not sequences:
+        return []
+    spec = model_spec(model)
+    if not engine_decodes(config, spec):
+        raise ValueError("the engine decodes greedily, decoder-only models, without repetition controls: "
+                         "use generation.decode for beam search, penalties and encoder-decoders")
+    stops = sorted(stop_ids(tokenizer, config.stop_at_newline, ignore_eos=True))
+    longest_prefix = max((_prefix_len(p) for p in prefixes), default=0)
+    max_len = longest_prefix + max(len(s) for s in sequences) + config.max_new_tokens
+    engines = engines or EngineCache(model, tokenizer, fast)
+    engine = engines.get(decode_dtype(config, model), min(batch_size, MAX_ENGINE_BATCH, len(sequences)), max_len)
+    requests = [Request(seq, prefix=prefix, max_tokens=config.max_new_tokens, stop_token_ids=stops,
+                        ignore_eos=config.ignore_eos) for seq, prefix in zip(sequences, prefixes)]
+    row_of = {r.request_id: i for i, r in enumerate(requests)}
+    outputs: list[list[int]] = [[] for _ in requests]
+    for r in requests:
+        engine.add_request(r)
+    open_rows = len(requests)
+    try:
+        while open_rows:
+            for event in engine.step():
+                i = row_of[event.request_id]
+                if event.token is not None:
+                    outputs[i].append(event.token)
+                if event.finished:
+                    open_rows -= 1
+                    if progress is not None:
+                        progress(1)
+    except BaseException:
+        engines.clear()  # rows of this call may still hold slots: the next call starts a fresh engine
+        raise
+    return outputs
+
+
+def _prefix_len(prefix) -> int:
+    if prefix is None:
+        return 0
+    groups = getattr(prefix, "p", prefix)
+    return next(iter(groups.values())).shape[0]
