@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -34,6 +35,7 @@ from prefixtune.serve.completions import Finisher, Stops
 
 openai = pytest.importorskip("openai")
 
+SCHEDULERS = ["engine", "window"]
 KEYS = {"alice": "sk-alice-0123456789abcdef", "bob": "sk-bob-fedcba9876543210"}
 PROMPTS = ["name : The Eagle | Type : coffee shop", "name : Zizzi | food : Thai | area : riverside",
            "hello there", "name : Aromi | price : cheap"]
@@ -82,7 +84,7 @@ def make_server(model, real_tokenizer, tmp_path):
     started = []
 
     def make(store=None, **overrides):
-        settings = ServeSettings(store_dir=store or tmp_path / "store", **{"batch_window_ms": 5, **overrides})
+        settings = ServeSettings(store_dir=store or tmp_path / "store", **{"batch_window_ms": 5, "dtype": "fp32", **overrides})
         app = create_app(model, real_tokenizer, settings, KeyRing([(k, t) for t, k in KEYS.items()]))
         server = BackgroundServer(app).start()
         started.append(server)
@@ -119,6 +121,59 @@ def expected(model, tokenizer, data: bytes | None, prompt: str, max_tokens: int,
                             DecodingConfig(max_new_tokens=max_tokens, stop_at_newline=stop_at_newline,
                                            **decoding))[0]
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@contextmanager
+def held_worker(server, at_token: int):
+    """Holds the decoding worker when it emits its `at_token`-th token, until `release` is set; counts the
+    tokens it emits, the decoding calls it makes (window: `generate_ids`; engine: steps that prefill) and
+    records the jobs submitted. Works on either scheduler."""
+    app_state = server.server.config.app.state
+    bank, batcher = app_state.bank, app_state.batcher
+    state = SimpleNamespace(reached=threading.Event(), release=threading.Event(), tokens=0, jobs=[], calls=0)
+    submit = batcher.submit
+
+    def count(token_count: int = 1):
+        for _ in range(token_count):
+            state.tokens += 1
+            if state.tokens == at_token:
+                state.reached.set()
+                state.release.wait(60)
+
+    engine = getattr(batcher, "engine", None)
+    if engine is not None:
+        step, prefill = engine.step, engine.backend.prefill
+
+        def gated_step():
+            events = step()
+            count(sum(e.token is not None for e in events))
+            return events
+
+        def counted_prefill(batch):
+            state.calls += 1
+            return prefill(batch)
+
+        engine.step, engine.backend.prefill = gated_step, counted_prefill
+    generate_ids = bank.generate_ids
+
+    def gated(sequences, prefix_ids, config=None, on_token=None, **kw):
+        state.calls += 1
+
+        def counted(row, token):
+            count()
+            if on_token is not None:
+                on_token(row, token)
+        return generate_ids(sequences, prefix_ids, config, on_token=counted, **kw)
+
+    bank.generate_ids = gated
+    batcher.submit = lambda jobs: (state.jobs.extend(jobs), submit(jobs))[1]
+    try:
+        yield state
+    finally:
+        state.release.set()
+        bank.generate_ids, batcher.submit = generate_ids, submit
+        if engine is not None:
+            engine.step, engine.backend.prefill = step, prefill
 
 
 def snapshot(root: Path) -> dict:
@@ -170,14 +225,26 @@ def test_openai_client_models_completions_and_stream(make_server, model, real_to
     assert controlled.choices[0].text != want  # the random model repeats tokens; the controls forbid it
 
 
-def test_openai_client_errors_are_clear(make_server, prefixes):
-    server = make_server()
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_openai_client_errors_are_clear(make_server, prefixes, scheduler):
+    server = make_server(scheduler=scheduler)
     upload(server, "alice", "e2e", prefixes[0])
     oa = client(server, "alice")
-    with pytest.raises(openai.BadRequestError, match="greedy"):
-        oa.completions.create(model="e2e", prompt="x", temperature=0.7)
-    with pytest.raises(openai.BadRequestError, match="n and best_of"):
-        oa.completions.create(model="e2e", prompt="x", n=2)
+    if scheduler == "window":  # greedy and beam search only: sampling fields are refused, never ignored
+        with pytest.raises(openai.BadRequestError, match="greedy"):
+            oa.completions.create(model="e2e", prompt="x", temperature=0.7)
+        with pytest.raises(openai.BadRequestError, match="n and best_of"):
+            oa.completions.create(model="e2e", prompt="x", n=2)
+        with pytest.raises(openai.BadRequestError, match="engine scheduler"):
+            oa.completions.create(model="e2e", prompt="x", logprobs=2)
+    else:
+        assert len(oa.completions.create(model="e2e", prompt="x", temperature=0.7, n=2, max_tokens=2).choices) == 2
+        with pytest.raises(openai.BadRequestError, match="temperature"):
+            oa.completions.create(model="e2e", prompt="x", temperature=5)
+        with pytest.raises(openai.BadRequestError, match="num_beams"):
+            oa.completions.create(model="e2e", prompt="x", n=2, extra_body={"num_beams": 2})
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            oa.completions.create(model="e2e", prompt="x", logprobs=50)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         oa.completions.create(model="e2e", prompt="x", max_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="prompt"):
@@ -213,8 +280,9 @@ def test_finisher_streams_add_up_and_stop_strings_cut(real_tokenizer):
 
 
 # -- dynamic batching ------------------------------------------------------------------------------
-def test_requests_from_two_tenants_decode_in_one_mixed_batch(make_server, model, real_tokenizer, prefixes):
-    server = make_server(batch_window_ms=1000)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_requests_from_two_tenants_decode_in_one_mixed_batch(make_server, model, real_tokenizer, prefixes, scheduler):
+    server = make_server(batch_window_ms=1000, scheduler=scheduler)
     assert upload(server, "alice", "e2e", prefixes[1]).status_code == 201
     assert upload(server, "bob", "e2e", prefixes[2]).status_code == 201  # same name, another tenant
     jobs = [("alice", "e2e", PROMPTS[0], prefixes[1]), ("bob", "e2e", PROMPTS[0], prefixes[2]),
@@ -231,7 +299,9 @@ def test_requests_from_two_tenants_decode_in_one_mixed_batch(make_server, model,
     with ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(ask, jobs))
     batches = _metric(server, "prefixtune_batches_total") - before
-    assert batches < len(jobs)  # decoded together, not one by one
+    if scheduler == "window":
+        assert batches < len(jobs)  # decoded together, not one by one
+    assert _metric(server, 'prefixtune_batch_size_bucket{le="1"}') < _metric(server, "prefixtune_batch_size_count")
     assert _metric(server, 'prefixtune_batch_prefixes_bucket{le="1"}') < _metric(server, "prefixtune_batch_prefixes_count")
     for text, (_, _, prompt, data) in zip(got, jobs):
         assert text == expected(model, real_tokenizer, data, prompt, 8, stop_at_newline=False)
@@ -263,28 +333,23 @@ def test_metrics_and_health(make_server, prefixes):
     assert "/v1/completions" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
 
 
-def test_queue_full_is_429_and_timeouts_are_503(make_server, prefixes):
-    server = make_server(max_queue=1)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_queue_full_is_429_and_timeouts_are_503(make_server, prefixes, scheduler):
+    server = make_server(max_queue=1, scheduler=scheduler)
     upload(server, "alice", "e2e", prefixes[0])
     oa = client(server, "alice")
     with pytest.raises(openai.RateLimitError, match="busy"):
         oa.completions.create(model="e2e", prompt=["a", "b"], max_tokens=2)
     # a worker held up: requests beyond the queue get 429 at once, queued ones time out with 503
     server.stop()
-    slow = make_server(store=server_store(server), max_queue=2, request_timeout_s=1.0)
-    gate = threading.Event()
-    bank = slow.server.config.app.state.bank
-    original = bank.generate_ids
-    bank.generate_ids = lambda *a, **k: (gate.wait(10), original(*a, **k))[1]
-    try:
+    slow = make_server(store=server_store(server), max_queue=2, request_timeout_s=1.0, scheduler=scheduler)
+    with held_worker(slow, at_token=1) as worker:
         oa = client(slow, "alice")
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(_status, oa, "e2e") for _ in range(6)]
             time.sleep(0.3)
             statuses = [f.result() for f in futures]
-    finally:
-        gate.set()
-        bank.generate_ids = original
+        worker.release.set()
     assert set(statuses) <= {429, 503} and 429 in statuses, statuses
     assert healthy(slow)
     assert oa.completions.create(model="e2e", prompt="x", max_tokens=2).choices  # and it works again
@@ -303,7 +368,7 @@ def _status(oa, model) -> int:
 
 
 def test_one_failing_row_does_not_fail_the_batch_or_the_worker(make_server, model, real_tokenizer, prefixes):
-    server = make_server(batch_window_ms=300)
+    server = make_server(batch_window_ms=300, scheduler="window")  # the engine's version: test_serve_engine.py
     upload(server, "alice", "good", prefixes[0])
     upload(server, "alice", "bad", prefixes[1])
     bank = server.server.config.app.state.bank

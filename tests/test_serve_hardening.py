@@ -12,15 +12,13 @@ import socket
 import struct
 import threading
 import time
-from contextlib import contextmanager
-from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
 
-from test_serve import (KEYS, PROMPTS, auth, client, expected, healthy, make_server, model,  # noqa: F401
-                        prefixes, real_tokenizer, server_store, snapshot, upload)
+from test_serve import (KEYS, PROMPTS, SCHEDULERS, auth, client, expected, healthy, held_worker,  # noqa: F401
+                        make_server, model, prefixes, real_tokenizer, server_store, snapshot, upload)
 
 openai = pytest.importorskip("openai")
 LONG = 300  # max_tokens of a row that should never get that far
@@ -62,36 +60,6 @@ def wait_until(condition, limit_s: float = 30.0) -> bool:
             return False
         time.sleep(0.02)
     return True
-
-
-@contextmanager
-def held_worker(server, at_token: int):
-    """Holds the decoding worker when it emits its `at_token`-th token, until `release` is set; counts the
-    tokens it emits and records the jobs submitted."""
-    app_state = server.server.config.app.state
-    bank, batcher = app_state.bank, app_state.batcher
-    state = SimpleNamespace(reached=threading.Event(), release=threading.Event(), tokens=0, jobs=[], calls=0)
-    generate_ids, submit = bank.generate_ids, batcher.submit
-
-    def gated(sequences, prefix_ids, config=None, on_token=None, **kw):
-        state.calls += 1
-
-        def counted(row, token):
-            state.tokens += 1
-            if state.tokens == at_token:
-                state.reached.set()
-                state.release.wait(60)
-            if on_token is not None:
-                on_token(row, token)
-        return generate_ids(sequences, prefix_ids, config, on_token=counted, **kw)
-
-    bank.generate_ids = gated
-    batcher.submit = lambda jobs: (state.jobs.extend(jobs), submit(jobs))[1]
-    try:
-        yield state
-    finally:
-        state.release.set()
-        bank.generate_ids, batcher.submit = generate_ids, submit
 
 
 def long_request(stream: bool = False) -> dict:
@@ -148,8 +116,9 @@ def test_uploads_of_a_wrong_dtype_or_no_tokens_are_refused(make_server, prefixes
 
 
 # -- 2. a client that leaves, or runs out of time, leaves the batch ---------------------------------
-def test_a_dropped_stream_leaves_the_batch_at_the_next_step(make_server, prefixes, caplog):
-    server = make_server()
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_dropped_stream_leaves_the_batch_at_the_next_step(make_server, prefixes, scheduler, caplog):
+    server = make_server(scheduler=scheduler)
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
         with httpx.stream("POST", f"{server.url}/v1/completions", json=long_request(stream=True),
@@ -169,8 +138,9 @@ def no_errors_logged(caplog) -> bool:  # a client that leaves is no error (nor a
     return not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes, caplog):
-    server = make_server()
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes, scheduler, caplog):
+    server = make_server(scheduler=scheduler)
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
         sock = raw_http(server, "POST", "/v1/completions", json.dumps(long_request()).encode())
@@ -186,8 +156,9 @@ def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes, 
     assert no_errors_logged(caplog), [r.getMessage() for r in caplog.records]
 
 
-def test_a_timed_out_request_leaves_the_batch(make_server, prefixes, caplog):
-    server = make_server(request_timeout_s=0.5)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_timed_out_request_leaves_the_batch(make_server, prefixes, scheduler, caplog):
+    server = make_server(request_timeout_s=0.5, scheduler=scheduler)
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
         answer = {}
@@ -207,7 +178,8 @@ def test_a_timed_out_request_leaves_the_batch(make_server, prefixes, caplog):
 
 def test_a_batch_prefills_at_most_max_batch_tokens_and_given_up_rows_skip_theirs(make_server, prefixes, model,
                                                                                    real_tokenizer):
-    server = make_server(max_batch_tokens=16, batch_window_ms=200)  # prompts of 10, 15, 3, 10 tokens
+    # the window batcher's version; the engine's (prefill budget per step): test_serve_engine.py
+    server = make_server(max_batch_tokens=16, batch_window_ms=200, scheduler="window")  # prompts of 10, 15, 3, 10 tokens
     upload(server, "alice", "e2e", prefixes[0])
     before = metric(server, "prefixtune_batches_total")
     out = client(server, "alice").completions.create(model="e2e", prompt=PROMPTS, max_tokens=4, stop=[])
@@ -216,7 +188,7 @@ def test_a_batch_prefills_at_most_max_batch_tokens_and_given_up_rows_skip_theirs
                                              for p in PROMPTS]
     server.stop()
     server = make_server(store=server_store(server), max_batch_tokens=16,
-                         batch_window_ms=200, request_timeout_s=0.5)
+                         batch_window_ms=200, request_timeout_s=0.5, scheduler="window")
     with held_worker(server, at_token=1) as worker:
         r = {}
         asker = threading.Thread(target=lambda: r.update(r=httpx.post(
@@ -233,8 +205,9 @@ def test_a_batch_prefills_at_most_max_batch_tokens_and_given_up_rows_skip_theirs
 
 
 # -- 3. /health tells a stuck worker ----------------------------------------------------------------
-def test_health_is_503_while_the_worker_is_stuck_with_work_pending(make_server, prefixes):
-    server = make_server(worker_stall_s=0.3)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_health_is_503_while_the_worker_is_stuck_with_work_pending(make_server, prefixes, scheduler):
+    server = make_server(worker_stall_s=0.3, scheduler=scheduler)
     upload(server, "alice", "e2e", prefixes[0])
     time.sleep(0.6)  # idle for longer than the limit: an idle worker is not a stuck one
     assert httpx.get(f"{server.url}/health").status_code == 200

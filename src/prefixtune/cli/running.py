@@ -36,6 +36,9 @@ def serve(
     max_prompt_tokens: int = typer.Option(SERVE["max_prompt_tokens"], help="longest prompt, template included; longer: 400 unless the "
                                                     "request sends truncate_prompt_tokens"),
     body_timeout: float = typer.Option(SERVE["body_timeout_s"], help="seconds to receive a request body (upload or JSON); then 408"),
+    scheduler: str = typer.Option(SERVE["scheduler"], help="engine (continuous batching, sampling, logprobs) | window "
+                                                           "(the time-window batcher of earlier releases: greedy/beam)"),
+    dtype: str = typer.Option(SERVE["dtype"], help="engine compute dtype: auto (bf16 where the CPU has it) | bf16 | fp32"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     log_level: str = typer.Option("info"),
     device: str = _device_option(),
@@ -66,7 +69,7 @@ def serve(
                    request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * MiB),
                    max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * MiB),
                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
-                   body_timeout_s=body_timeout)
+                   body_timeout_s=body_timeout, scheduler=scheduler, dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 

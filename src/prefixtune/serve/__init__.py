@@ -10,7 +10,7 @@ from importlib import import_module
 # Imported on first use (PEP 562): `prefixtune.serve.settings` stays light, so the CLI can read the
 # server's defaults without loading FastAPI.
 _WHERE = {"create_app": ".app", "Batcher": ".batcher", "Job": ".batcher", "QueueFull": ".errors",
-          "ServeError": ".errors", "BackgroundServer": ".server", "serve": ".server", "ServeSettings": ".settings",
+          "ServeError": ".errors", "EngineWorker": ".engine_worker", "BackgroundServer": ".server", "serve": ".server", "ServeSettings": ".settings",
           "PrefixStore": ".store", "KeyRing": ".tenants", "tenant_dir_name": ".tenants", "valid_name": ".tenants"}
 __all__ = list(_WHERE)
 

@@ -9,6 +9,7 @@ Endpoints (all under an API key, `Authorization: Bearer KEY`, except health and 
   GET    /v1/models            the base model and the caller's prefixes, as OpenAI models (vLLM's LoRA convention)
   GET    /v1/models/{model}    one of them
   POST   /v1/completions       OpenAI completions; `model` names a prefix (or the base model); streaming
+  POST   /v1/chat/completions  OpenAI chat completions (the tokenizer's chat template); `model` as above
   GET    /health               liveness of the server and its decoding worker
   GET    /metrics              Prometheus text format
 The OpenAPI page is at /docs.
@@ -26,11 +27,12 @@ from starlette.concurrency import run_in_threadpool
 from ..bank import PrefixBank
 from ..models import model_name
 from .batcher import Batcher
+from .chat import ChatCompletions
 from .completions import Completions
 from .connection import guarded_receive
 from .errors import ServeError, error_response, install_handlers
 from .prometheus import Metrics
-from .schemas import CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest
 from .settings import ServeSettings
 from .store import PrefixStore, check_name
 from .tenants import KeyRing
@@ -97,7 +99,12 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     base_name = settings.model_name or model_name(model)
     metrics = Metrics()
     store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,))
-    batcher = Batcher(bank, settings, metrics)
+    if settings.scheduler == "engine":  # continuous batching; "window": the time-window batcher
+        from .engine_worker import EngineWorker
+
+        batcher = EngineWorker(bank, settings, metrics)
+    else:
+        batcher = Batcher(bank, settings, metrics)
     metrics.gauges = {"prefixtune_queue_depth": batcher.depth, "prefixtune_prefixes": store.count,
                       "prefixtune_worker_alive": lambda: int(batcher.alive()),
                       "prefixtune_worker_heartbeat_age_seconds": batcher.heartbeat_age,
@@ -124,6 +131,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
 
     install_handlers(app)
     complete = Completions(tokenizer, settings, store, batcher, metrics, base_name)
+    chat = ChatCompletions(complete)
 
     # -- prefixes ---------------------------------------------------------------------------
     @app.put("/v1/prefixes/{name}", status_code=201, openapi_extra=UPLOAD_BODY, tags=["prefixes"],
@@ -184,6 +192,10 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     @app.post("/v1/completions", tags=["openai"], summary="OpenAI completions; `model` names a prefix")
     async def completions(req: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
         return await complete(req, request, tenant)
+
+    @app.post("/v1/chat/completions", tags=["openai"], summary="OpenAI chat completions; `model` names a prefix")
+    async def chat_completions(req: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
+        return await chat(req, request, tenant)
 
     # -- operations -------------------------------------------------------------------------
     @app.get("/health", tags=["operations"], summary="200 while the decoding worker runs and keeps stepping")

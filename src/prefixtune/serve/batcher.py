@@ -35,6 +35,8 @@ log = logging.getLogger("prefixtune.serve")
 class Result:
     tokens: list[int]
     prompt_tokens: int
+    logprobs: list[float] | None = None                          # the engine, when the job asks for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(eq=False)
@@ -54,6 +56,20 @@ class Job:
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     outcome: str | None = None          # how it was counted in prefixtune_completions_total (once)
+    # Sampling and logprobs: only the engine scheduler decodes them (the handler refuses them otherwise).
+    temperature: float = 0.0            # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: int | None = None         # None: off; k: each token's logprob and the k most likely
+    stop_strings: tuple[str, ...] = ()  # the engine ends a row at one (the handler cuts the text in any case)
+    prompt_ids: list[int] | None = None  # a prompt already tokenized (chat): fed as it is, no template
+    prompt_tokens: int = 0              # set once the prompt is encoded (usage)
+
+    @property
+    def needs_decode_path(self) -> bool:
+        """Beam search and the repetition controls are generation.decode's, not the engine's."""
+        return self.num_beams > 1 or self.no_repeat_ngram_size > 0 or self.repetition_penalty != 1.0
 
     @property
     def deadline(self) -> float:
@@ -193,10 +209,14 @@ class Batcher:
             return None
         limit = self.settings.max_prompt_tokens
         try:  # encoded whole unless truncation was asked for, so that too long is refused, not cut
-            seq = self.bank.encode(job.text, job.bank_id, job.raw, max_len=job.truncate_to or sys.maxsize)
+            if job.prompt_ids is not None:
+                seq = list(job.prompt_ids)[-(job.truncate_to or len(job.prompt_ids)):]
+            else:
+                seq = self.bank.encode(job.text, job.bank_id, job.raw, max_len=job.truncate_to or sys.maxsize)
         except Exception as e:
             _resolve(job, error=ServeError(400, "invalid_prompt", f"could not encode the prompt ({type(e).__name__})"))
             return None
+        job.prompt_tokens = len(seq)
         if not seq:
             _resolve(job, error=ServeError(400, "invalid_prompt", "the prompt encodes to no tokens"))
             return None

@@ -1,4 +1,4 @@
-"""`POST /v1/completions`: a request planned, its rows queued, their tokens turned into text.
+"""`POST /v1/completions`: a request planned, its rows queued (`rows.Flight`), their tokens turned into text.
 
 All stop handling is decided here, from the request: `Stops` says where each completion ends
 (a newline, by token ids inside decoding; `max_tokens`, by the decoding length; stop strings, on
@@ -6,7 +6,6 @@ the text) and what `finish_reason` that gives. Decoding (generation.py) only app
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -15,10 +14,11 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .batcher import Batcher, Job, Result
-from .connection import unless_disconnected
+from .batcher import Job, Result
 from .errors import ServeError
+from .logprobs import completion_logprobs
 from .prometheus import Metrics
+from .rows import Flight
 from .schemas import CompletionRequest
 from .settings import ServeSettings
 from .store import PrefixStore
@@ -86,31 +86,71 @@ class Finisher:
 
 @dataclass
 class CompletionPlan:
-    """A checked request: which prefix (None: the base model), which prompts, where they stop."""
+    """A checked request: which prefix (None: the base model), which prompts, where they stop, and how
+    each of its `n` choices decodes (`Job` fields)."""
 
     bank_id: str | None
     prompts: list[str]
     stops: Stops
+    n: int = 1
+    controls: dict = field(default_factory=dict)
 
 
-def plan(req: CompletionRequest, settings: ServeSettings, resolve) -> CompletionPlan:
-    """Refuse what greedy decoding cannot honour, check the limits; `resolve(model)` -> bank id or None."""
-    if req.n not in (None, 1) or req.best_of not in (None, 1):
-        raise ServeError(400, "unsupported", "n and best_of must be 1: decoding is greedy, one completion per "
-                                             "prompt (use num_beams for beam search)", "n")
-    if req.temperature not in (None, 0):
-        raise ServeError(400, "unsupported", "only greedy decoding is supported: use temperature 0 or leave it out",
-                         "temperature")
-    if req.top_p not in (None, 1):
-        raise ServeError(400, "unsupported", "top_p must be 1 (decoding is greedy)", "top_p")
-    if req.logprobs is not None or req.suffix is not None:
-        raise ServeError(400, "unsupported", "logprobs and suffix are not supported")
+def decoding_controls(req, sampling: bool, logprobs: int | None) -> tuple[int, dict]:
+    """(n, the `Job` fields of sampling) from a completions or chat request; refuses what the scheduler
+    cannot honour. `sampling`: the engine scheduler (else greedy or beam search only)."""
     if req.presence_penalty not in (None, 0) or req.frequency_penalty not in (None, 0):
         raise ServeError(400, "unsupported", "presence and frequency penalties are not supported")
+    if not sampling:
+        if req.n not in (None, 1) or getattr(req, "best_of", None) not in (None, 1):
+            raise ServeError(400, "unsupported", "n and best_of must be 1: decoding is greedy, one completion per "
+                                                 "prompt (use num_beams for beam search)", "n")
+        if req.temperature not in (None, 0):
+            raise ServeError(400, "unsupported", "only greedy decoding is supported by the window scheduler: use "
+                                                 "temperature 0 or leave it out (--scheduler engine samples)",
+                             "temperature")
+        if req.top_p not in (None, 1) or req.top_k not in (None, 0, -1):
+            raise ServeError(400, "unsupported", "top_p must be 1 and top_k 0 (decoding is greedy)", "top_p")
+        if logprobs is not None:
+            raise ServeError(400, "unsupported", "logprobs need the engine scheduler (--scheduler engine)", "logprobs")
+        return 1, {}
+    n = req.n or 1
+    if getattr(req, "best_of", None) not in (None, n):
+        raise ServeError(400, "unsupported", "best_of must equal n (no ranking of extra choices)", "best_of")
+    controls = {"temperature": req.temperature or 0.0, "top_p": 1.0 if req.top_p is None else req.top_p,
+                "top_k": max(req.top_k or 0, 0), "seed": req.seed, "logprobs": logprobs}
+    decode_path = (getattr(req, "num_beams", 1) > 1 or getattr(req, "no_repeat_ngram_size", 0) > 0
+                   or getattr(req, "repetition_penalty", 1.0) != 1.0)
+    if decode_path and (controls["temperature"] > 0 or n > 1 or logprobs is not None):
+        raise ServeError(400, "unsupported", "num_beams, no_repeat_ngram_size and repetition_penalty decode "
+                                             "greedily: they combine with neither temperature, n > 1 nor logprobs")
+    return n, controls
+
+
+def choice_jobs(bank_id, prompts: list, n: int, controls: dict, **fields) -> list[Job]:
+    """One job per choice, prompt-major (choice k is prompt k // n); choice j of a seeded request samples
+    with seed + j, so each choice is reproducible on its own."""
+    jobs = []
+    for prompt in prompts:
+        for j in range(n):
+            seed = controls.get("seed")
+            job_controls = {**controls, "seed": None if seed is None else (seed + j) % 2**63}
+            text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
+            jobs.append(Job(bank_id, text, prompt_ids=ids, **job_controls, **fields))
+    return jobs
+
+
+def plan(req: CompletionRequest, settings: ServeSettings, resolve, sampling: bool = False) -> CompletionPlan:
+    """Refuse what decoding cannot honour, check the limits; `resolve(model)` -> bank id or None."""
+    n, controls = decoding_controls(req, sampling, req.logprobs)
+    if req.suffix is not None:
+        raise ServeError(400, "unsupported", "suffix is not supported", "suffix")
+    if req.echo and req.logprobs is not None:
+        raise ServeError(400, "unsupported", "echo with logprobs (the prompt's logprobs) is not supported", "echo")
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if not prompts or len(prompts) > settings.max_prompts_per_request:
-        raise ServeError(400, "invalid_prompt", f"prompt must hold 1 to {settings.max_prompts_per_request} texts",
-                         "prompt")
+    if not prompts or len(prompts) * n > settings.max_prompts_per_request:
+        raise ServeError(400, "invalid_prompt", f"prompt must hold 1 to {settings.max_prompts_per_request} texts "
+                                                f"(times n)", "prompt")
     if any(len(p) > settings.max_prompt_chars for p in prompts):
         raise ServeError(400, "invalid_prompt", f"a prompt is longer than {settings.max_prompt_chars} characters",
                          "prompt")
@@ -123,25 +163,30 @@ def plan(req: CompletionRequest, settings: ServeSettings, resolve) -> Completion
         raise ServeError(400, "invalid_truncate_prompt_tokens", f"truncate_prompt_tokens must be <= "
                          f"{settings.max_prompt_tokens} (the prompt limit)", "truncate_prompt_tokens")
     bank_id = resolve(req.model)
-    return CompletionPlan(bank_id, prompts, stops)
+    return CompletionPlan(bank_id, prompts, stops, n, controls)
 
 
-def _chunk(cid, created, model, index, text, reason):
+def _chunk(cid, created, model, index, text, reason, logprobs=None):
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
 
 
-def _sse(obj) -> str:
+def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-class Completions:
-    """The completions endpoint's work, over the server's batcher, store and limits."""
+def sse_error(e: ServeError) -> str:
+    return sse({"error": {"message": e.message, "type": "server_error", "code": e.code}})
 
-    def __init__(self, tokenizer, settings: ServeSettings, store: PrefixStore, batcher: Batcher, metrics: Metrics,
+
+class Completions:
+    """The completions endpoint's work, over the server's scheduler, store and limits."""
+
+    def __init__(self, tokenizer, settings: ServeSettings, store: PrefixStore, batcher, metrics: Metrics,
                  base_name: str):
         self.tokenizer, self.settings, self.store = tokenizer, settings, store
         self.batcher, self.metrics, self.base_name = batcher, metrics, base_name
+        self.sampling = settings.scheduler == "engine"
 
     def resolver(self, tenant: str):
         def resolve(model: str) -> str | None:
@@ -154,123 +199,62 @@ class Completions:
         return resolve
 
     async def __call__(self, req: CompletionRequest, request: Request, tenant: str):
-        settings, metrics = self.settings, self.metrics
-        p = plan(req, settings, self.resolver(tenant))
-        jobs = [Job(p.bank_id, text, p.stops.max_tokens, req.num_beams, p.stops.at_newline, req.raw, req.ignore_eos,
-                    req.no_repeat_ngram_size, req.repetition_penalty, timeout_s=settings.request_timeout_s,
-                    truncate_to=req.truncate_prompt_tokens)
-                for text in p.prompts]
-        finishers = [Finisher(self.tokenizer, p.stops) for _ in p.prompts]
+        settings = self.settings
+        p = plan(req, settings, self.resolver(tenant), self.sampling)
+        jobs = choice_jobs(p.bank_id, p.prompts, p.n, p.controls, max_new_tokens=p.stops.max_tokens,
+                           num_beams=req.num_beams, stop_at_newline=p.stops.at_newline, raw=req.raw,
+                           ignore_eos=req.ignore_eos, no_repeat_ngram_size=req.no_repeat_ngram_size,
+                           repetition_penalty=req.repetition_penalty, timeout_s=settings.request_timeout_s,
+                           truncate_to=req.truncate_prompt_tokens, stop_strings=tuple(p.stops.strings))
+        finishers = [Finisher(self.tokenizer, p.stops) for _ in jobs]
+        flight = Flight(jobs, finishers, self.batcher, self.metrics, settings.request_timeout_s, req.stream, p.n)
+        results = await flight.start(request)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        t0 = time.monotonic()
-        events: asyncio.Queue | None = None
-        if req.stream:
-            loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-            def post(item):
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, item)
-                except RuntimeError:  # the loop is gone (shutdown): nobody listens
-                    pass
-
-            for i, job in enumerate(jobs):
-                job.on_token = lambda token, i=i: post((i, token))
-                job.future.add_done_callback(lambda _, i=i: post((i, None)))
-        try:
-            self.batcher.submit(jobs)
-        except ServeError as e:
-            metrics.inc("prefixtune_rejected_total", reason=e.code)
-            raise
-        # Wait for the answer (a stream: its first event), unless the client leaves or time runs out; then its
-        # rows are cancelled and leave the decoding batch at the next step.
-        try:
-            if req.stream:
-                first = await unless_disconnected(events.get(), request.receive, settings.request_timeout_s)
-                failed = jobs[first[0]].future
-                if first[1] is None and not failed.cancelled() and failed.exception() is not None:
-                    raise failed.exception()  # refused before decoding (a prompt too long, ...): a status code
-            else:
-                results: list[Result] = await unless_disconnected(
-                    asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)), request.receive,
-                    settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            for job in jobs:
-                job.cancel()
-            metrics.inc("prefixtune_rejected_total", reason="timeout")
-            raise ServeError(503, "timeout", f"request timed out after {settings.request_timeout_s:g} s") from None
-        except BaseException:  # failed, client gone (499), or cancelled
-            for job in jobs:
-                job.cancel()  # no-op when done; frees the rows of the others
-            raise
         if not req.stream:
-            metrics.observe("prefixtune_request_seconds", time.monotonic() - t0)
-            return self._answer(req, p, results, finishers, cid, created)
-        stream = self._stream(req, p, jobs, finishers, events, first, cid, created, t0)
-        return StreamingResponse(stream, media_type="text/event-stream",
+            flight.done()
+            return self._answer(req, p, results, flight, cid, created)
+        return StreamingResponse(self._stream(req, p, flight, cid, created), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @staticmethod
-    def _answer(req, p: CompletionPlan, results: list[Result], finishers: list[Finisher], cid, created) -> dict:
-        choices = []
-        for i, (result, fin) in enumerate(zip(results, finishers)):
-            fin.tokens = result.tokens
-            text = fin.delta(final=True)
-            choices.append({"index": i, "text": (p.prompts[i] if req.echo else "") + text, "logprobs": None,
-                            "finish_reason": fin.finish_reason()})
-        usage = {"prompt_tokens": sum(r.prompt_tokens for r in results),
-                 "completion_tokens": sum(len(r.tokens) for r in results)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": choices, "usage": usage}
+    def _echo(self, req, p: CompletionPlan, k: int) -> str:
+        return p.prompts[k // p.n] if req.echo else ""
 
-    async def _stream(self, req, p: CompletionPlan, jobs, finishers, events, first, cid, created, t0):
+    def _answer(self, req, p: CompletionPlan, results: list[Result], flight: Flight, cid, created) -> dict:
+        choices = []
+        for k, (result, fin) in enumerate(zip(results, flight.finishers)):
+            fin.tokens = result.tokens
+            text, echo = fin.delta(final=True), self._echo(req, p, k)
+            logprobs = None
+            if req.logprobs is not None:
+                items = zip(result.tokens, result.logprobs or [], result.top_logprobs or [])
+                logprobs, _ = completion_logprobs(self.tokenizer, items, len(echo))
+            choices.append({"index": k, "text": echo + text, "logprobs": logprobs,
+                            "finish_reason": fin.finish_reason()})
+        return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices, "usage": flight.usage()}
+
+    async def _stream(self, req, p: CompletionPlan, flight: Flight, cid, created):
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        open_rows = set(range(len(jobs)))
-        deadline = t0 + self.settings.request_timeout_s
-        prompt_tokens = 0
-        peeked = [first]
+        offsets = [len(self._echo(req, p, k)) for k in range(len(flight.jobs))]
         try:
             if req.echo:
-                for i, text in enumerate(p.prompts):
-                    yield _sse(_chunk(cid, created, req.model, i, text, None))
-            while open_rows:
-                try:
-                    i, token = peeked.pop() if peeked else await asyncio.wait_for(
-                        events.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    yield _sse({"error": {"message": "request timed out", "type": "server_error", "code": "timeout"}})
-                    return
-                if i not in open_rows:
+                for k in range(len(flight.jobs)):
+                    yield sse(_chunk(cid, created, req.model, k, self._echo(req, p, k), None))
+            async for piece in flight.pieces():
+                if piece.error is not None:
+                    yield sse_error(piece.error)
+                    if piece.index < 0:  # the request timed out: no [DONE]
+                        return
                     continue
-                fin = finishers[i]
-                if token is not None:
-                    fin.tokens.append(token)
-                    text = fin.delta()
-                    if text:
-                        yield _sse(_chunk(cid, created, req.model, i, text, None))
-                    if fin.stopped:
-                        open_rows.discard(i)
-                        jobs[i].cancel()
-                        yield _sse(_chunk(cid, created, req.model, i, "", "stop"))
-                    continue
-                future = jobs[i].future
-                open_rows.discard(i)
-                error = None if not future.done() or future.cancelled() else future.exception()
-                if future.cancelled() or error is not None:
-                    e = error if isinstance(error, ServeError) else ServeError(500, "server_error", "decoding failed")
-                    yield _sse({"error": {"message": e.message, "type": "server_error", "code": e.code}})
-                    continue
-                result = future.result()
-                prompt_tokens += result.prompt_tokens
-                fin.tokens = result.tokens
-                yield _sse(_chunk(cid, created, req.model, i, fin.delta(final=True), fin.finish_reason()))
-            self.metrics.observe("prefixtune_request_seconds", time.monotonic() - t0)
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs, offsets[piece.index] = completion_logprobs(self.tokenizer, piece.tokens,
+                                                                         offsets[piece.index])
+                yield sse(_chunk(cid, created, req.model, piece.index, piece.text, piece.finish_reason, logprobs))
+            flight.done()
             if include_usage:
-                completion = sum(len(f.tokens) for f in finishers)
-                yield _sse({"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                            "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                                     "total_tokens": prompt_tokens + completion}})
+                yield sse({"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                           "choices": [], "usage": flight.usage()})
             yield "data: [DONE]\n\n"
         finally:
-            for job in jobs:
-                job.cancel()
+            flight.cancel()

@@ -1,15 +1,15 @@
 """Request bodies (OpenAI's completions API, plus prefixtune's own extensions)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class CompletionRequest(BaseModel):
     """`POST /v1/completions`, as OpenAI defines it. `model` names one of the caller's prefixes, or the
-    base model (no prefix). Decoding is greedy (or beam search with `num_beams`); fields that ask for
-    sampling are refused with a 400 rather than silently ignored. Types are strict: `"max_tokens": true`
+    base model (no prefix). Decoding is greedy unless `temperature` > 0 (sampling: the engine scheduler; the
+    window scheduler refuses it with a 400 rather than ignore it), or beam search with `num_beams`. Types are strict: `"max_tokens": true`
     or `"stream": "yes"` is a 400, not 1 and True (an int is still taken where a float is expected)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -17,21 +17,23 @@ class CompletionRequest(BaseModel):
     model: str = Field(..., max_length=256, description="a prefix name of the caller, or the base model name")
     prompt: Union[str, list[str]] = Field(..., description="one source text, or a list of them")
     max_tokens: Optional[int] = Field(None, ge=1, description="default 16 (as OpenAI)")
-    temperature: Optional[float] = Field(None, description="0 or absent: decoding is greedy")
-    top_p: Optional[float] = Field(None, description="1 or absent")
-    n: Optional[int] = Field(None, description="1 or absent")
-    best_of: Optional[int] = Field(None, description="1 or absent")
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 or absent: greedy (unlike OpenAI, whose "
+                                                                      "default is 1); > 0: sampling")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus sampling (1 or absent: off)")
+    top_k: Optional[int] = Field(None, ge=-1, description="extension: sample among the k most likely (0, -1: off)")
+    n: Optional[int] = Field(None, ge=1, description="choices per prompt; choice j of a seeded request uses seed + j")
+    best_of: Optional[int] = Field(None, description="absent or equal to n")
     stop: Optional[Union[str, list[str]]] = Field(
         None, description='absent: stop at a newline (prefixtune\'s default); "\\n" in the list: the same; '
                           "other strings cut the text at their first occurrence; [] : only end-of-text stops")
     stream: bool = False
     stream_options: Optional[dict] = None
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="each token's logprob and the k most likely")
     suffix: Optional[str] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, description="the same seed gives the same text, whatever else is decoded")
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[int] = Field(
         None, ge=1, description="cut a prompt longer than this many tokens instead of refusing it (vLLM's name; "
@@ -44,3 +46,45 @@ class CompletionRequest(BaseModel):
                                                                   "the completion (0: off)")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="HF's (and vLLM's) penalty on tokens already "
                                                                     "generated (1: off)")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str = Field(..., description="text only (no content parts)")
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions`, as OpenAI defines it. The messages go through the tokenizer's chat
+    template and are fed as they are (no prefix source template); `model` names a prefix or the base
+    model. Absent `stop`: only end-of-text stops (not a newline). Types are strict, as for completions."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str = Field(..., max_length=256)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    max_tokens: Optional[int] = Field(None, ge=1, description="default: the server's max_tokens limit")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 or absent: greedy")
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1, description="extension (0, -1: off)")
+    n: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
+    ignore_eos: bool = Field(False, description="extension: keep decoding past end-of-text")
+    # refused when given (never silently ignored)
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[Any] = None
+    function_call: Optional[Any] = None
+    logit_bias: Optional[Any] = None
+    response_format: Optional[Any] = None

@@ -28,6 +28,9 @@ class ServeSettings:
     max_json_bytes: int = 1 * MiB        # body of a JSON request (completions)
     body_timeout_s: float = 30.0         # to receive a whole request body (upload or JSON); then 408 (slowloris)
     worker_stall_s: float = 30.0         # /health is 503 when work waits and the worker has not stepped for this long
+    scheduler: str = "engine"            # "engine": continuous batching (prefixtune.engine); "window": the time-window
+                                         # batcher of earlier releases (greedy/beam only; kept one release to compare)
+    dtype: str = "auto"                  # the engine's compute dtype: auto (bf16 where the CPU has it) | bf16 | fp32
 
     def __post_init__(self):
         self.store_dir = Path(self.store_dir)
@@ -36,6 +39,10 @@ class ServeSettings:
                      "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.scheduler not in ("engine", "window"):
+            raise ValueError(f"scheduler must be engine or window, got {self.scheduler!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.batch_window_ms < 0 or min(self.request_timeout_s, self.body_timeout_s, self.worker_stall_s) <= 0:
             raise ValueError("batch_window_ms must be >= 0, and request_timeout_s, body_timeout_s and "
                              "worker_stall_s > 0")

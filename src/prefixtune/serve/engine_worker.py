@@ -1,0 +1,276 @@
+"""Continuous batching for the server: one worker thread steps `prefixtune.engine` (issue 13, phase 2).
+
+Handlers `submit` jobs (one per choice) as with the window `Batcher` and await their futures or
+streams. At the start of each cycle the worker takes the new jobs: it encodes each prompt, takes
+the row's prefix from the bank (`bank.get`) and adds a `Request` to the engine. That is the row's
+admission: a PUT replacing a prefix affects only rows admitted after it, since a running row holds
+its own copy of the keys/values in its slot. Then it steps the engine while the engine has work
+(a request arriving during a long batch joins at the next step), maps each `TokenEvent` to its job
+(stream callback, then the future) and waits on a condition when idle. A job whose request gave
+up (client gone, timed out) is cancelled in the engine: its row leaves at the next step.
+
+Beam search, `no_repeat_ngram_size` and `repetition_penalty` are not engine features. Those jobs
+are decoded by `generation.decode` (the window batcher's own code, in this same thread, so the
+model is never used by two threads) between two engine steps, all that arrived together in one
+call; running rows wait meanwhile. They suit evaluation, not the interactive path.
+
+An error in a step fails the rows that were running (500) and the engine is rebuilt, since its
+state may be half a step; the worker keeps running.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..bank import PrefixBank
+from ..engine import Engine, Request
+from ..generation import stop_ids
+from .batcher import Batcher, Job, Result, _resolve
+from .errors import QueueFull, ServeError, ShuttingDown
+from .prometheus import Metrics
+from .settings import ServeSettings
+
+log = logging.getLogger("prefixtune.serve")
+
+
+@dataclass(eq=False)
+class _Live:
+    """A job whose row is in the engine: what it has produced so far."""
+
+    job: Job
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    cancel_sent: bool = False
+
+
+def engine_max_len(model, settings: ServeSettings) -> int:
+    """KV entries per slot: the longest prefix + prompt + completion the limits allow, capped by the
+    model's positions (a prefix takes positions 0..P-1)."""
+    longest = settings.max_prefix_len + settings.max_prompt_tokens + settings.max_tokens_limit
+    cfg = model.config
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(longest, positions) if positions else longest
+
+
+class EngineWorker:
+    """The same surface as `Batcher` (submit, start/stop, alive, depth, heartbeat_age, pending, metrics)."""
+
+    def __init__(self, bank: PrefixBank, settings: ServeSettings, metrics: Metrics | None = None):
+        self.bank, self.settings = bank, settings
+        self.metrics = metrics or Metrics()
+        self.engine = self._new_engine()
+        # The window batcher's per-job checks (gave up, timed out, prefix deleted, encoding, prompt limit)
+        # and its decode path, run by this worker; its heartbeat is ours.
+        self.decode_path = Batcher(bank, settings, self.metrics)
+        self.decode_path._heartbeat = self._heartbeat
+        self._inbox: deque[Job] = deque()
+        self._live: dict[str, _Live] = {}
+        self._unstarted = 0             # admitted to the engine, no token yet: still queued, for `depth`
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()
+        self._busy = False
+        self.longest_stall_s = 0.0
+        self._newlines: set[int] | None = None
+
+    def _new_engine(self) -> Engine:
+        s = self.settings
+        return Engine(self.bank.model, self.bank.tokenizer, max_batch=s.max_batch_size,
+                      max_len=engine_max_len(self.bank.model, s), dtype=s.dtype, max_prefill_tokens=s.max_batch_tokens)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self):
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="prefixtune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            pending = list(self._inbox) + [live.job for live in self._live.values()]
+            self._inbox.clear()
+        for job in pending:
+            _resolve(job, error=ShuttingDown())
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def depth(self) -> int:
+        """Rows waiting: not yet taken by the worker, or in the engine without a slot (no token yet)."""
+        return len(self._inbox) + self._unstarted
+
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self._beat
+
+    def pending(self) -> bool:
+        return self._busy or bool(self._inbox)
+
+    def _heartbeat(self):
+        now = time.monotonic()
+        if self._busy:
+            self.longest_stall_s = max(self.longest_stall_s, now - self._beat)
+        self._beat = now
+
+    # -- submitting (any thread) -------------------------------------------------------------
+    def submit(self, jobs: list[Job]):
+        """Queue all of `jobs` or none of them."""
+        with self._cond:
+            if not self.alive():
+                raise ShuttingDown()
+            if self.depth() + len(jobs) > self.settings.max_queue:
+                raise QueueFull(self.depth())
+            now = time.monotonic()
+            for job in jobs:
+                job.enqueued = now
+                self._inbox.append(job)
+            self._cond.notify_all()
+
+    # -- the worker --------------------------------------------------------------------------
+    def _run(self):
+        log.info("engine worker started (%s, %s, %d slots of %d entries)", self.engine.path, self.engine.dtype,
+                 self.engine.max_batch, self.engine.max_len)
+        while not self._stopping:
+            try:
+                self._cycle()
+            except Exception as e:  # never let the worker die: fail the running rows, start a clean engine
+                log.exception("engine worker error")
+                self._fail_running(e)
+                self.engine = self._new_engine()
+            finally:
+                self._heartbeat()
+        self._busy = False
+        log.info("engine worker stopped")
+
+    def _cycle(self):
+        with self._cond:
+            while not self._inbox and not self._stopping and not self.engine.has_work():
+                self._busy = False
+                self._heartbeat()
+                self._cond.wait(0.5)
+            if self._stopping:
+                return
+            self._busy = True
+            new = list(self._inbox)
+            self._inbox.clear()
+        decode_path = [job for job in new if job.needs_decode_path]
+        for job in new:
+            if not job.needs_decode_path:
+                self._admit(job)
+        if decode_path:
+            self._decode_elsewhere(decode_path)
+        self._cancel_given_up()
+        if self.engine.has_work():
+            self._step()
+
+    def _admit(self, job: Job):
+        try:
+            seq = self.decode_path._prepare(job)
+            if seq is None:  # answered already (gave up, timed out, deleted prefix, bad prompt)
+                return
+            try:
+                prefix = None if job.bank_id is None else self.bank.get(job.bank_id)
+            except KeyError:
+                _resolve(job, error=ServeError(404, "model_not_found", "the prefix was deleted before decoding"))
+                return
+            left = job.deadline - time.monotonic()
+            request = Request(seq, prefix=prefix, max_tokens=job.max_new_tokens, temperature=job.temperature,
+                              top_p=job.top_p, top_k=job.top_k, seed=job.seed, stop=list(job.stop_strings),
+                              stop_token_ids=sorted(self._newline_ids()) if job.stop_at_newline else (),
+                              ignore_eos=job.ignore_eos, logprobs=job.logprobs is not None,
+                              top_logprobs=job.logprobs or 0, timeout_s=max(left, 0.0) if math.isfinite(left) else None)
+            self.engine.add_request(request)
+        except ValueError as e:  # the engine's own checks: prompt + prefix + max_tokens over its slots, ...
+            _resolve(job, error=ServeError(400, "invalid_request", str(e)))
+            return
+        except Exception as e:
+            log.exception("admitting a row failed")
+            _resolve(job, error=ServeError(500, "server_error", f"could not start decoding ({type(e).__name__})"))
+            self.decode_path._count(job, "error")
+            return
+        self._live[request.request_id] = _Live(job)
+        self._unstarted += 1
+
+    def _newline_ids(self) -> set[int]:
+        if self._newlines is None:  # every token whose text holds a newline: today's stop_at_newline
+            self._newlines = stop_ids(self.bank.tokenizer, stop_at_newline=True, ignore_eos=True)
+        return self._newlines
+
+    def _decode_elsewhere(self, jobs: list[Job]):
+        try:
+            self.decode_path._process(jobs)
+        except Exception as e:
+            log.exception("decoding %d rows on generation.decode failed", len(jobs))
+            for job in jobs:
+                _resolve(job, error=ServeError(500, "server_error", f"internal error while decoding ({type(e).__name__})"))
+
+    def _cancel_given_up(self):
+        for request_id, live in self._live.items():
+            if not live.cancel_sent and live.job.future.done():  # cancelled by its handler: leaves at the next step
+                self.engine.cancel(request_id)
+                live.cancel_sent = True
+
+    def _step(self):
+        started = time.monotonic()
+        events = self.engine.step()
+        self._heartbeat()
+        rows = {(e.request_id, e.index) for e in events if e.token is not None}
+        if rows:
+            m = self.metrics
+            m.inc("prefixtune_batches_total")
+            m.observe("prefixtune_batch_size", len(rows))
+            m.observe("prefixtune_batch_prefixes", len({self._live[r].job.bank_id for r, _ in rows if r in self._live}))
+            m.observe("prefixtune_batch_seconds", time.monotonic() - started)
+        for event in events:
+            live = self._live.get(event.request_id)
+            if live is None:
+                continue
+            job = live.job
+            if event.token is not None:
+                if not live.tokens:
+                    self._unstarted -= 1
+                live.tokens.append(event.token)
+                if event.logprob is not None:
+                    live.logprobs.append(event.logprob)
+                    live.top_logprobs.append(event.top_logprobs or [])
+                if job.on_token is not None and not job.future.done():
+                    try:
+                        job.on_token(event.token, event.logprob, event.top_logprobs)
+                    except Exception:  # a broken consumer loses its stream, nothing else
+                        log.debug("stream consumer failed", exc_info=True)
+            if event.finish_reason is not None:
+                del self._live[event.request_id]
+                if not live.tokens:
+                    self._unstarted -= 1
+                self._finish(live, event.finish_reason)
+
+    def _finish(self, live: _Live, reason: str):
+        job, count = live.job, self.decode_path._count
+        if reason == "cancelled":
+            count(job, "cancelled")
+        elif reason == "timeout":
+            _resolve(job, error=ServeError(503, "timeout", "request timed out"))
+            count(job, "timeout")
+        elif _resolve(job, Result(live.tokens, job.prompt_tokens, live.logprobs if job.logprobs is not None else None,
+                                  live.top_logprobs if job.logprobs is not None else None)):
+            self.metrics.inc("prefixtune_generated_tokens_total", len(live.tokens))
+            self.metrics.inc("prefixtune_prompt_tokens_total", job.prompt_tokens)
+            count(job, "ok")
+        elif job.future.cancelled():  # it gave up in the step that finished it
+            count(job, "cancelled")
+
+    def _fail_running(self, error: Exception):
+        for live in self._live.values():
+            _resolve(live.job, error=ServeError(500, "decode_error", f"decoding failed ({type(error).__name__})"))
+            self.decode_path._count(live.job, "error")
+        self._live.clear()
+        self._unstarted = 0
