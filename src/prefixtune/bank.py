@@ -43,7 +43,7 @@ class PrefixBank:
         self.model, self.tokenizer = model, tokenizer
         self.spec = model_spec(model)
         self.max_source_len = max_source_len
-        if (max_resident is not None and max_resident < 1) or (max_resident_bytes is not None and max_resident_bytes < 1):
+        if any(limit is not None and limit < 1 for limit in (max_resident, max_resident_bytes)):
             raise ValueError("max_resident and max_resident_bytes must be >= 1 (or None: no limit)")
         self.max_resident, self.max_resident_bytes = max_resident, max_resident_bytes
         self._resident: OrderedDict[str, ExportedPrefix] = OrderedDict()  # least recently used first

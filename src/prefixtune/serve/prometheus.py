@@ -66,7 +66,8 @@ class Metrics:
             "prefixtune_batch_seconds": _Histogram(SECONDS_BUCKETS),
             "prefixtune_request_seconds": _Histogram(SECONDS_BUCKETS),
         }
-        self.gauges: dict[str, callable] = {}  # name -> value read at render time (a gauge, or a counter kept elsewhere)
+        self.gauges: dict[str, callable] = {}  # name -> value read at render time (a gauge, or a counter kept
+        #                                        elsewhere: the prefix cache's)
 
     def inc(self, name: str, value: float = 1.0, **labels):
         with self._lock:
