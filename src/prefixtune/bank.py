@@ -8,8 +8,10 @@ batching); beam search and repetition controls on `generation.decode`.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-
+from typing import Callable
 
 from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .engine.offline import EngineCache, decode_ids, engine_decodes
@@ -19,45 +21,186 @@ from .models import model_spec
 from .forward import prefix_kv_from_groups
 
 
+class PrefixUnavailable(RuntimeError):
+    """A registered prefix could not be loaded (its file went missing or fails validation)."""
+
+
+def prefix_bytes(prefix: ExportedPrefix) -> int:
+    return sum(t.numel() * t.element_size() for t in prefix.p.values())
+
+
 class PrefixBank:
-    def __init__(self, model, tokenizer, max_source_len: int = 512):
+    """Prefixes by id. Without limits every prefix stays resident (on the model's device), as always.
+
+    With `max_resident` (prefixes) and/or `max_resident_bytes`, the bank is an LRU cache: a prefix
+    registered with a loader (`register`, or `add(..., loader=)`) may be evicted, and `get` loads it
+    again on demand. A prefix added without a loader is pinned: it stays resident, but counts.
+    `get` returns an object that is never changed afterwards: a caller holding it (a request in
+    flight) keeps that version whatever is evicted or replaced meanwhile.
+    """
+
+    def __init__(self, model, tokenizer, max_source_len: int = 512, max_resident: int | None = None,
+                 max_resident_bytes: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.spec = model_spec(model)
         self.max_source_len = max_source_len
-        self._prefixes: dict[str, ExportedPrefix] = {}
+        if any(limit is not None and limit < 1 for limit in (max_resident, max_resident_bytes)):
+            raise ValueError("max_resident and max_resident_bytes must be >= 1 (or None: no limit)")
+        self.max_resident, self.max_resident_bytes = max_resident, max_resident_bytes
+        self._resident: OrderedDict[str, ExportedPrefix] = OrderedDict()  # least recently used first
+        self._bytes: dict[str, int] = {}                                 # of each resident prefix
+        self._total_bytes = 0
+        self._loaders: dict[str, Callable[[], ExportedPrefix]] = {}       # evictable: how to load it again
+        self._versions: dict[str, int] = {}   # bumped by every add/register/remove: a load in flight
+        self._next_version = 0                # for a replaced prefix must not become resident
+        self._loading: dict[str, Future] = {}  # one load per prefix at a time; other lookups wait for it
         self._lock = threading.Lock()
         self._engines = EngineCache(model, tokenizer)  # greedy decoding's engine, kept between calls
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self.hits = self.misses = self.evictions = 0
 
     # -- the store ---------------------------------------------------------------------------
-    def add(self, prefix_id: str, prefix: ExportedPrefix | str | Path) -> ExportedPrefix:
-        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked (prefix_file.check_prefix)."""
+    def _prepare(self, prefix_id: str, prefix: ExportedPrefix | str | Path) -> ExportedPrefix:
+        """Checked (prefix_file.check_prefix) and on the model's device."""
         if not isinstance(prefix, ExportedPrefix):
             prefix = load_prefix(prefix, self.spec)
         else:
             check_prefix(prefix, self.spec, f"prefix {prefix_id!r}")
         device = self.model.device
-        prefix = ExportedPrefix({g: t.to(device) for g, t in prefix.p.items()}, prefix.metadata)
+        return ExportedPrefix({g: t.to(device) for g, t in prefix.p.items()}, prefix.metadata)
+
+    def _new_version(self, prefix_id: str):
+        self._next_version += 1
+        self._versions[prefix_id] = self._next_version
+        self._loading.pop(prefix_id, None)  # a load in flight is of the old version: nobody waits for it now
+
+    def add(self, prefix_id: str, prefix: ExportedPrefix | str | Path,
+            loader: Callable[[], ExportedPrefix] | None = None) -> ExportedPrefix:
+        """Add (or replace) a prefix, from an ExportedPrefix or a file; it is checked (prefix_file.check_prefix)
+        and resident. With `loader` (returns the same prefix again) it may be evicted; without, it is pinned."""
+        prefix = self._prepare(prefix_id, prefix)
         with self._lock:
-            self._prefixes[prefix_id] = prefix
+            self._new_version(prefix_id)
+            if loader is None:
+                self._loaders.pop(prefix_id, None)
+            else:
+                self._loaders[prefix_id] = loader
+            self._make_resident(prefix_id, prefix)
         return prefix
+
+    def register(self, prefix_id: str, loader: Callable[[], ExportedPrefix]):
+        """Make a prefix known without loading it: `get` calls `loader()` when it is first needed.
+        Replaces whatever version was there (a resident copy of it is dropped)."""
+        with self._lock:
+            self._new_version(prefix_id)
+            self._loaders[prefix_id] = loader
+            self._drop(prefix_id)
 
     def remove(self, prefix_id: str):
         with self._lock:
-            if self._prefixes.pop(prefix_id, None) is None:
-                raise KeyError(f"no prefix {prefix_id!r} in the bank")
+            known = prefix_id in self._resident or prefix_id in self._loaders
+            self._drop(prefix_id)
+            self._loaders.pop(prefix_id, None)
+            self._versions.pop(prefix_id, None)
+            self._loading.pop(prefix_id, None)
+        if not known:
+            raise KeyError(f"no prefix {prefix_id!r} in the bank")
 
     def ids(self) -> list[str]:
         with self._lock:
-            return sorted(self._prefixes)
+            return sorted(set(self._resident) | set(self._loaders))
 
     def __contains__(self, prefix_id) -> bool:
-        return prefix_id in self._prefixes
+        with self._lock:
+            return prefix_id in self._resident or prefix_id in self._loaders
 
     def get(self, prefix_id: str) -> ExportedPrefix:
+        """The prefix: resident (a hit), or loaded now (a miss), evicting the least recently used beyond
+        the limits. Raises KeyError for an unknown id, PrefixUnavailable when loading fails."""
         with self._lock:
-            if prefix_id not in self._prefixes:
+            prefix = self._resident.get(prefix_id)
+            if prefix is not None:
+                self._resident.move_to_end(prefix_id)
+                self.hits += 1
+                return prefix
+            loader = self._loaders.get(prefix_id)
+            if loader is None:
                 raise KeyError(f"no prefix {prefix_id!r} in the bank")
-            return self._prefixes[prefix_id]
+            pending = self._loading.get(prefix_id)
+            if pending is None:  # this lookup loads it (a miss); others wait for the same load
+                pending = self._loading[prefix_id] = Future()
+                version = self._versions[prefix_id]
+                self.misses += 1
+            else:
+                self.hits += 1
+                version = None
+        if version is None:
+            return pending.result()
+        try:  # disk and validation outside the lock: other prefixes are served meanwhile
+            prefix = self._prepare(prefix_id, loader())
+        except Exception as e:
+            with self._lock:
+                if self._loading.get(prefix_id) is pending:
+                    del self._loading[prefix_id]
+            error = e if isinstance(e, PrefixUnavailable) else \
+                PrefixUnavailable(f"prefix {prefix_id!r} could not be loaded: {getattr(e, 'message', e)}")
+            pending.set_exception(error)
+            raise error from e
+        with self._lock:
+            if self._loading.get(prefix_id) is pending:
+                del self._loading[prefix_id]
+            if self._versions.get(prefix_id) == version:  # not replaced or removed while it loaded
+                self._make_resident(prefix_id, prefix)
+        pending.set_result(prefix)
+        return prefix
+
+    def prefetch(self, prefix_id: str):
+        """Start loading a prefix that is not resident, in the background (a request's prefix, while the
+        request waits in the queue); errors are left for the `get` that needs it."""
+        with self._lock:
+            if prefix_id in self._resident or prefix_id in self._loading or prefix_id not in self._loaders:
+                return
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefixtune-prefetch")
+        self._prefetcher.submit(self._quiet_get, prefix_id)
+
+    def _quiet_get(self, prefix_id: str):
+        try:
+            self.get(prefix_id)
+        except Exception:
+            pass
+
+    # -- residency (under the lock) ----------------------------------------------------------------
+    def _make_resident(self, prefix_id: str, prefix: ExportedPrefix):
+        self._drop(prefix_id)
+        self._resident[prefix_id] = prefix
+        self._bytes[prefix_id] = prefix_bytes(prefix)
+        self._total_bytes += self._bytes[prefix_id]
+        self._evict(keep=prefix_id)
+
+    def _drop(self, prefix_id: str):
+        self._resident.pop(prefix_id, None)
+        self._total_bytes -= self._bytes.pop(prefix_id, 0)
+
+    def _over(self) -> bool:
+        return ((self.max_resident is not None and len(self._resident) > self.max_resident)
+                or (self.max_resident_bytes is not None and self._total_bytes > self.max_resident_bytes))
+
+    def _evict(self, keep: str):
+        """Least recently used first; never a pinned prefix, nor the one just made resident."""
+        if not self._over():
+            return
+        for victim in [i for i in self._resident if i != keep and i in self._loaders]:
+            self._drop(victim)
+            self.evictions += 1
+            if not self._over():
+                return
+
+    def resident_count(self) -> int:
+        return len(self._resident)
+
+    def resident_bytes(self) -> int:
+        return self._total_bytes
 
     def template_of(self, prefix_id: str | None) -> str:
         """How a prefix's training wrote the source (stored in its metadata, checked when added)."""
@@ -124,4 +267,4 @@ def single(model, tokenizer, prefix: str | Path | ExportedPrefix, prefix_id: str
     return bank
 
 
-__all__ = ["PrefixBank", "PrefixFileError", "single"]
+__all__ = ["PrefixBank", "PrefixFileError", "PrefixUnavailable", "single"]

@@ -32,6 +32,9 @@ def serve(
     max_upload_mb: float = typer.Option(SERVE["max_upload_bytes"] / MiB, help="largest prefix upload"),
     max_prefixes: int = typer.Option(SERVE["max_prefixes_per_tenant"], help="prefixes per tenant"),
     tenant_quota_mb: float = typer.Option(SERVE["max_bytes_per_tenant"] / MiB, help="bytes of prefixes per tenant"),
+    max_resident_prefixes: int = typer.Option(SERVE["max_resident_prefixes"] or 0,
+                                              help="prefixes kept loaded (LRU); others load on demand. 0: no limit"),
+    max_resident_mb: float = typer.Option(0.0, help="the same bound in MB of prefix tensors. 0: no limit"),
     max_tokens_limit: int = typer.Option(SERVE["max_tokens_limit"], help="largest max_tokens a request may ask for"),
     max_prompt_tokens: int = typer.Option(SERVE["max_prompt_tokens"], help="longest prompt, template included; longer: 400 unless the "
                                                     "request sends truncate_prompt_tokens"),
@@ -69,7 +72,9 @@ def serve(
                    request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * MiB),
                    max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * MiB),
                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
-                   body_timeout_s=body_timeout, scheduler=scheduler, dtype=dtype)
+                   body_timeout_s=body_timeout, scheduler=scheduler, dtype=dtype,
+                   max_resident_prefixes=max_resident_prefixes or None,
+                   max_resident_bytes=int(max_resident_mb * MiB) or None)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -93,9 +93,20 @@ def _tenant_dependency(keys: KeyRing):
     return tenant
 
 
+def residency_metrics(bank: PrefixBank, store: PrefixStore) -> dict:
+    """The prefix cache's counters and sizes, read from the bank when /metrics is rendered."""
+    return {"prefixtune_prefix_cache_hits_total": lambda: bank.hits,
+            "prefixtune_prefix_cache_misses_total": lambda: bank.misses,
+            "prefixtune_prefix_cache_evictions_total": lambda: bank.evictions,
+            "prefixtune_prefixes_resident": bank.resident_count,
+            "prefixtune_prefixes_resident_bytes": bank.resident_bytes,
+            "prefixtune_prefixes_stored": store.count}
+
+
 def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: PrefixBank | None = None) -> FastAPI:
     """The server for one frozen model. `keys` maps API keys to tenants; `settings` holds every limit."""
-    bank = bank or PrefixBank(model, tokenizer)
+    bank = bank or PrefixBank(model, tokenizer, max_resident=settings.max_resident_prefixes,
+                              max_resident_bytes=settings.max_resident_bytes)
     base_name = settings.model_name or model_name(model)
     metrics = Metrics()
     store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,))
@@ -109,6 +120,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                       "prefixtune_worker_alive": lambda: int(batcher.alive()),
                       "prefixtune_worker_heartbeat_age_seconds": batcher.heartbeat_age,
                       "prefixtune_worker_longest_stall_seconds": lambda: batcher.longest_stall_s}
+    metrics.gauges.update(residency_metrics(bank, store))
     started = int(time.time())
 
     @asynccontextmanager

@@ -22,7 +22,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..bank import PrefixBank
+from ..bank import PrefixBank, PrefixUnavailable
 from ..generation import DecodingConfig
 from .errors import QueueFull, ServeError, ShuttingDown
 from .prometheus import Metrics
@@ -213,6 +213,10 @@ class Batcher:
                 seq = list(job.prompt_ids)[-(job.truncate_to or len(job.prompt_ids)):]
             else:
                 seq = self.bank.encode(job.text, job.bank_id, job.raw, max_len=job.truncate_to or sys.maxsize)
+        except PrefixUnavailable as e:  # a stored file that no longer loads: the server's fault, not the prompt's
+            _resolve(job, error=ServeError(500, "prefix_unavailable", str(e)))
+            self._count(job, "error")
+            return None
         except Exception as e:
             _resolve(job, error=ServeError(400, "invalid_prompt", f"could not encode the prompt ({type(e).__name__})"))
             return None

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..bank import PrefixBank
+from ..bank import PrefixBank, PrefixUnavailable
 from ..engine import Engine, Request
 from ..generation import stop_ids
 from .batcher import Batcher, Job, Result, _resolve
@@ -181,6 +181,10 @@ class EngineWorker:
                 prefix = None if job.bank_id is None else self.bank.get(job.bank_id)
             except KeyError:
                 _resolve(job, error=ServeError(404, "model_not_found", "the prefix was deleted before decoding"))
+                return
+            except PrefixUnavailable as e:
+                _resolve(job, error=ServeError(500, "prefix_unavailable", str(e)))
+                self.decode_path._count(job, "error")
                 return
             left = job.deadline - time.monotonic()
             request = Request(seq, prefix=prefix, max_tokens=job.max_new_tokens, temperature=job.temperature,

@@ -44,10 +44,17 @@ class Metrics:
         "prefixtune_batch_seconds": ("histogram", "wall time of one decoding batch"),
         "prefixtune_request_seconds": ("histogram", "completion latency (queue + decoding)"),
         "prefixtune_queue_depth": ("gauge", "rows waiting for the decoding worker"),
-        "prefixtune_prefixes": ("gauge", "prefixes loaded, all tenants"),
+        "prefixtune_prefixes": ("gauge", "prefixes stored, all tenants (resident or not)"),
         "prefixtune_worker_alive": ("gauge", "1 while the decoding worker runs"),
         "prefixtune_worker_heartbeat_age_seconds": ("gauge", "time since the worker's last decoding step or idle wait"),
         "prefixtune_worker_longest_stall_seconds": ("gauge", "longest time between two worker heartbeats so far"),
+        # the prefix cache (bank.py): counted there, read at render time through `gauges`
+        "prefixtune_prefix_cache_hits_total": ("counter", "prefix lookups served by a resident prefix"),
+        "prefixtune_prefix_cache_misses_total": ("counter", "prefix lookups that loaded the prefix from the store"),
+        "prefixtune_prefix_cache_evictions_total": ("counter", "resident prefixes evicted to stay within the limit"),
+        "prefixtune_prefixes_resident": ("gauge", "prefixes loaded on the model's device"),
+        "prefixtune_prefixes_resident_bytes": ("gauge", "bytes of the resident prefixes' tensors"),
+        "prefixtune_prefixes_stored": ("gauge", "prefixes in the store, all tenants"),
     }
 
     def __init__(self):
@@ -59,7 +66,8 @@ class Metrics:
             "prefixtune_batch_seconds": _Histogram(SECONDS_BUCKETS),
             "prefixtune_request_seconds": _Histogram(SECONDS_BUCKETS),
         }
-        self.gauges: dict[str, callable] = {}
+        self.gauges: dict[str, callable] = {}  # name -> value read at render time (a gauge, or a counter kept
+        #                                        elsewhere: the prefix cache's)
 
     def inc(self, name: str, value: float = 1.0, **labels):
         with self._lock:
@@ -78,7 +86,7 @@ class Metrics:
         with self._lock:
             for name, (kind, help_) in self.HELP.items():
                 lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
-                if kind == "counter":
+                if kind == "counter" and name not in self.gauges:
                     series = self._counters.get(name) or {(): 0.0}
                     lines += [f"{name}{_labels(k)} {v:g}" for k, v in sorted(series.items())]
                 elif kind == "histogram":

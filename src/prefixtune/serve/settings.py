@@ -19,6 +19,8 @@ class ServeSettings:
     max_upload_bytes: int = 16 * MiB     # one prefix file
     max_prefixes_per_tenant: int = 64
     max_bytes_per_tenant: int = 256 * MiB
+    max_resident_prefixes: int | None = 256  # prefixes kept loaded (LRU); the others load on demand. None: all
+    max_resident_bytes: int | None = None    # the same bound in bytes of prefix tensors (with the count, if both)
     max_prefix_len: int = 512            # virtual tokens of one uploaded prefix
     max_tokens_limit: int = 512          # the largest max_tokens a request may ask for
     default_max_tokens: int = 16         # OpenAI's default when max_tokens is absent
@@ -43,6 +45,9 @@ class ServeSettings:
             raise ValueError(f"scheduler must be engine or window, got {self.scheduler!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        for name in ("max_resident_prefixes", "max_resident_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, or None for no limit")
         if self.batch_window_ms < 0 or min(self.request_timeout_s, self.body_timeout_s, self.worker_stall_s) <= 0:
             raise ValueError("batch_window_ms must be >= 0, and request_timeout_s, body_timeout_s and "
                              "worker_stall_s > 0")

@@ -12,25 +12,35 @@ fingerprint against the base model, finite values, length, template: prefix_file
 anything is written; the file is then written with a temp file and a rename, so a crash leaves
 either the old prefix or the new one, never half a file. The base model's name is reserved: no
 prefix may take it.
+
+Any number of prefixes may be stored; the bank keeps the recently used ones resident (an LRU within
+`max_resident_prefixes` / `max_resident_bytes`) and loads the others on demand. On restart the store reads
+each file's header only (format, base model, length) and registers it with the bank; the full validation
+runs when a prefix is first loaded, and a file that fails it then fails that request, not the server.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from ..bank import PrefixBank
+from ..bank import PrefixBank, PrefixUnavailable
 from ..interop.folders import archive_to_prefix_bytes, is_archive
 from ..atomic import atomic_write_bytes
-from ..prefix_file import PrefixFileError, load_prefix_bytes
+from ..prefix_file import FORMAT, TENSOR_PREFIX, PrefixFileError, load_prefix_bytes
 from .settings import ServeSettings
 from .errors import ServeError
 from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
 
 log = logging.getLogger("prefixtune.serve")
 SUFFIX = ".safetensors"
+MAX_HEADER_BYTES = 1 << 20  # a prefix file's header is a few KB; more is not a prefix file
 
 
 @dataclass
@@ -46,6 +56,13 @@ class PrefixInfo:
                 "created": self.created, "base_model": self.base_model}
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
 def check_name(name: str):
     if not valid_name(name):
         raise ServeError(400, "invalid_name", f"invalid prefix name {name!r}: it must match {NAME_PATTERN}")
@@ -59,6 +76,7 @@ class PrefixStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._index: dict[str, dict[str, PrefixInfo]] = {}  # tenant -> name -> info
+        self._broken: dict[str, str] = {}  # bank id -> why its stored file failed to load (until a new upload)
         for tenant in tenants:
             self._load_tenant(tenant)
 
@@ -72,6 +90,9 @@ class PrefixStore:
 
     # -- restart ---------------------------------------------------------------------------
     def _load_tenant(self, tenant: str):
+        """Index the tenant's stored prefixes from their headers alone and register them with the bank,
+        which loads each (fully validated) when first needed: a restart over 10,000 prefixes reads
+        a few KB of each, not every tensor."""
         directory = self.root / tenant_dir_name(tenant)
         index = self._index.setdefault(tenant, {})
         if not directory.is_dir():
@@ -87,15 +108,59 @@ class PrefixStore:
                 log.warning("skipping stored prefix %s: its name is the base model's", path)
                 continue
             try:
-                data = path.read_bytes()
-                prefix = self._validate(data, name)
-            except (ServeError, OSError) as e:
-                log.warning("skipping stored prefix %s: %s", path, getattr(e, "message", e))
+                info = self._index_entry(path, name)
+            except (PrefixFileError, OSError) as e:
+                log.warning("skipping stored prefix %s: %s", path, e)
                 continue
-            self.bank.add(self.bank_id(tenant, name), prefix)
-            index[name] = PrefixInfo(name, prefix.prefix_len, len(data), int(path.stat().st_mtime),
-                                     prefix.metadata.get("base_model", ""))
-        log.info("tenant %s: %d prefixes loaded", tenant, len(index))
+            bank_id = self.bank_id(tenant, name)
+            self.bank.register(bank_id, partial(self._load_stored, path, name, bank_id))
+            index[name] = info
+        log.info("tenant %s: %d prefixes stored", tenant, len(index))
+
+    def _index_entry(self, path: Path, name: str) -> PrefixInfo:
+        """What the index needs, from the file's safetensors header only; checks that it is a prefix file
+        for this base model. Its tensors are checked when the bank loads it (_load_stored)."""
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < header_len <= min(size - 8, MAX_HEADER_BYTES):
+                raise PrefixFileError("not a safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise PrefixFileError("not a safetensors file (unreadable header)") from None
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise PrefixFileError("not a prefixtune prefix file")
+        if metadata.get("fingerprint") != self.bank.spec.fingerprint():
+            raise PrefixFileError(f"made for another base model ({metadata.get('base_model')!r})")
+        shapes = [v.get("shape") for k, v in header.items() if k.startswith(TENSOR_PREFIX) and isinstance(v, dict)]
+        if not shapes or not isinstance(shapes[0], list) or len(shapes[0]) != 2 or not isinstance(shapes[0][0], int):
+            raise PrefixFileError("holds no prefix tensors")
+        prefix_len = shapes[0][0]
+        if not 1 <= prefix_len <= self.settings.max_prefix_len:
+            raise PrefixFileError(f"{prefix_len} virtual tokens; the limit is {self.settings.max_prefix_len}")
+        return PrefixInfo(name, prefix_len, size, int(path.stat().st_mtime), str(metadata.get("base_model", "")))
+
+    def _load_stored(self, path: Path, name: str, bank_id: str):
+        """The bank's loader for a stored prefix: read and fully validated, as an upload is. A file that
+        fails is remembered, so that later requests for it are refused at once and clearly (resolve)."""
+        inode = None
+        try:
+            with path.open("rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                data = f.read()
+            return self._validate(data, name)
+        except (ServeError, OSError) as e:
+            message = getattr(e, "message", str(e))
+            log.warning("stored prefix %s cannot be loaded: %s", path, message)
+            with self._lock:
+                if inode is None or _inode(path) == inode:  # not replaced by an upload meanwhile
+                    self._broken[bank_id] = message
+            # the tenant's own name in the message (not the bank id), as resolve() words it for later requests
+            raise PrefixUnavailable(f"prefix {name!r} is stored but cannot be loaded ({message}); "
+                                    "upload it again") from None
 
     # -- operations --------------------------------------------------------------------------
     def _validate(self, data: bytes, name: str):
@@ -148,7 +213,10 @@ class PrefixStore:
                 raise ServeError(403, "quota_exceeded", f"quota exceeded: {used} bytes would exceed the tenant "
                                                      f"limit of {self.settings.max_bytes_per_tenant} bytes")
             atomic_write_bytes(path, data)
-            self.bank.add(self.bank_id(tenant, name), prefix)
+            # resident at once (it is likely used next), and evictable: the bank reloads it from `path`
+            bank_id = self.bank_id(tenant, name)
+            self.bank.add(bank_id, prefix, loader=partial(self._load_stored, path, name, bank_id))
+            self._broken.pop(bank_id, None)
             info = PrefixInfo(name, prefix.prefix_len, len(data), int(time.time()),
                               prefix.metadata.get("base_model", ""))
             index[name] = info
@@ -162,6 +230,7 @@ class PrefixStore:
                 raise ServeError(404, "prefix_not_found", f"prefix {name!r} not found")
             path.unlink(missing_ok=True)
             del index[name]
+            self._broken.pop(self.bank_id(tenant, name), None)
             try:
                 self.bank.remove(self.bank_id(tenant, name))
             except KeyError:
@@ -184,8 +253,16 @@ class PrefixStore:
             return sum(len(v) for v in self._index.values())
 
     def resolve(self, tenant: str, name: str) -> str | None:
-        """The bank id of the tenant's prefix `name`, or None when the tenant has none by that name."""
+        """The bank id of the tenant's prefix `name`, or None when the tenant has none by that name.
+        A prefix that is not resident starts loading now, so that reading it overlaps the queueing."""
         if not valid_name(name):
             return None
         with self._lock:
-            return self.bank_id(tenant, name) if name in self._index.get(tenant, {}) else None
+            bank_id = self.bank_id(tenant, name) if name in self._index.get(tenant, {}) else None
+            broken = self._broken.get(bank_id)
+        if broken is not None:
+            raise ServeError(500, "prefix_unavailable", f"prefix {name!r} is stored but cannot be loaded "
+                                                        f"({broken}); upload it again")
+        if bank_id is not None:
+            self.bank.prefetch(bank_id)
+        return bank_id

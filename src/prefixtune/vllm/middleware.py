@@ -54,11 +54,22 @@ class _MetaBank:
         self._meta: dict[str, _Meta] = {}
         self._lock = threading.Lock()
 
-    def add(self, bank_id: str, prefix):
+    def add(self, bank_id: str, prefix, loader=None):
         with self._lock:
             self._meta[bank_id] = _Meta(prefix.prefix_len, prefix.metadata.get("sha256", ""),
                                         template_of(prefix.metadata))
         return prefix
+
+    def register(self, bank_id: str, loader):
+        """A stored prefix at start: read now (what is kept is small); one that fails validation (the
+        store logs why) is left out, so requests for it get 404."""
+        try:
+            self.add(bank_id, loader())
+        except Exception:
+            pass
+
+    def prefetch(self, bank_id: str):
+        pass  # everything is resident
 
     def remove(self, bank_id: str):
         with self._lock:
@@ -124,7 +135,12 @@ class Frontend:
         if model in (None, self.served):
             body["model"] = self.served
             return body
-        bank_id = self.store.resolve(tenant, model) if isinstance(model, str) else None
+        from ..serve.errors import ServeError
+
+        try:
+            bank_id = self.store.resolve(tenant, model) if isinstance(model, str) else None
+        except ServeError as e:  # a stored prefix whose file fails validation
+            raise _Reply(e.status, e.message, e.code, "model") from None
         meta = self.bank.get(bank_id) if bank_id else None
         if meta is None:
             raise _Reply(404, f"the model {model!r} does not exist", "model_not_found", "model")
