@@ -107,6 +107,6 @@ def test_readme_runs_as_written(tmp_path, data_dir):
     health = json.loads(re.search(r'\{"status":[^{}]*\}', stdout).group(0))
     assert health["status"] == "ok" and health["worker_alive"]
     assert stdout.count('"object":"text_completion"') == 2
-    assert "prefixtune_batch_size_sum 2" in stdout
+    assert "prefixtune_batch_size_max 2" in stdout and "prefixtune_batch_prefixes_max 2" in stdout
     streamed = re.sub(r'INFO: +\S+ - "[^"]*" \d+[^\n]*\n?', "", stdout.split("=== serving 4 ===")[1])
     assert re.search(r"[A-Za-z]{3}", streamed), f"the openai snippet printed no text: {streamed!r}"

@@ -371,3 +371,33 @@ def test_stop_strings_end_the_row_and_streams_add_up(make_server, model, real_to
     assert "".join(p.choices[0].text for p in pieces) == want
     assert pieces[-1].choices[0].finish_reason == "stop"
     assert plain.usage.completion_tokens < 20  # the row ended at the stop string, not at max_tokens
+
+
+def test_batch_peaks_count_rows_and_prefixes_of_one_step():
+    from prefixtune.serve.prometheus import Metrics
+
+    m = Metrics()
+    m.batch(3, 2, 0.1)
+    m.batch(1, 1, 0.1)
+    text = m.render()
+    assert "prefixtune_batch_size_max 3\n" in text and "prefixtune_batch_prefixes_max 2\n" in text
+    assert "prefixtune_batches_total 2\n" in text and "prefixtune_batch_size_sum 4\n" in text
+
+
+def test_two_prefixes_decoded_together_show_in_the_metrics(make_server, prefixes):
+    server = make_server()
+    for tenant, i in (("alice", 0), ("bob", 1)):
+        assert upload(server, tenant, "e2e", prefixes[i]).status_code == 201
+    with held_worker(server, at_token=1) as held, ThreadPoolExecutor(2) as pool:
+        try:  # the worker waits after alice's first token, so bob's request joins the running batch
+            first = pool.submit(lambda: client(server, "alice").completions.create(
+                model="e2e", prompt=PROMPTS[0], max_tokens=6, stop=[]))
+            assert held.reached.wait(30)
+            second = pool.submit(lambda: client(server, "bob").completions.create(
+                model="e2e", prompt=PROMPTS[1], max_tokens=6, stop=[]))
+            time.sleep(0.5)
+        finally:
+            held.release.set()
+        first.result(30), second.result(30)
+    assert metric(server, "prefixtune_batch_size_max") == 2
+    assert metric(server, "prefixtune_batch_prefixes_max") == 2

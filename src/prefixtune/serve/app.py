@@ -116,10 +116,10 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
         batcher = EngineWorker(bank, settings, metrics)
     else:
         batcher = Batcher(bank, settings, metrics)
-    metrics.gauges = {"prefixtune_queue_depth": batcher.depth, "prefixtune_prefixes": store.count,
-                      "prefixtune_worker_alive": lambda: int(batcher.alive()),
-                      "prefixtune_worker_heartbeat_age_seconds": batcher.heartbeat_age,
-                      "prefixtune_worker_longest_stall_seconds": lambda: batcher.longest_stall_s}
+    metrics.gauges.update({"prefixtune_queue_depth": batcher.depth, "prefixtune_prefixes": store.count,
+                           "prefixtune_worker_alive": lambda: int(batcher.alive()),
+                           "prefixtune_worker_heartbeat_age_seconds": batcher.heartbeat_age,
+                           "prefixtune_worker_longest_stall_seconds": lambda: batcher.longest_stall_s})
     metrics.gauges.update(residency_metrics(bank, store))
     started = int(time.time())
 

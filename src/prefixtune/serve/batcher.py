@@ -311,11 +311,7 @@ class Batcher:
                 else:
                     self._decode([(job, seq)], retry=False)
             return
-        m = self.metrics
-        m.inc("prefixtune_batches_total")
-        m.observe("prefixtune_batch_size", len(items))
-        m.observe("prefixtune_batch_prefixes", len({j.bank_id for j in jobs}))
-        m.observe("prefixtune_batch_seconds", time.monotonic() - started)
+        self.metrics.batch(len(items), len({j.bank_id for j in jobs}), time.monotonic() - started)
         for (job, seq), tokens in zip(items, out):
             self._finish(job, tokens[: job.max_new_tokens], len(seq))
 

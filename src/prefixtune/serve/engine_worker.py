@@ -229,11 +229,8 @@ class EngineWorker:
         self._heartbeat()
         rows = {(e.request_id, e.index) for e in events if e.token is not None}
         if rows:
-            m = self.metrics
-            m.inc("prefixtune_batches_total")
-            m.observe("prefixtune_batch_size", len(rows))
-            m.observe("prefixtune_batch_prefixes", len({self._live[r].job.bank_id for r, _ in rows if r in self._live}))
-            m.observe("prefixtune_batch_seconds", time.monotonic() - started)
+            prefixes = len({self._live[r].job.bank_id for r, _ in rows if r in self._live})
+            self.metrics.batch(len(rows), prefixes, time.monotonic() - started)
         for event in events:
             live = self._live.get(event.request_id)
             if live is None:

@@ -42,6 +42,9 @@ class Metrics:
         "prefixtune_batch_size": ("histogram", "rows per decoding batch"),
         "prefixtune_batch_prefixes": ("histogram", "distinct prefixes per decoding batch"),
         "prefixtune_batch_seconds": ("histogram", "wall time of one decoding batch"),
+        "prefixtune_batch_size_max": ("gauge", "the most rows one decoding batch (engine: one step) has held"),
+        "prefixtune_batch_prefixes_max": ("gauge", "the most distinct prefixes one decoding batch (engine: one "
+                                                   "step) has held"),
         "prefixtune_request_seconds": ("histogram", "completion latency (queue + decoding)"),
         "prefixtune_queue_depth": ("gauge", "rows waiting for the decoding worker"),
         "prefixtune_prefixes": ("gauge", "prefixes stored, all tenants (resident or not)"),
@@ -68,6 +71,9 @@ class Metrics:
         }
         self.gauges: dict[str, callable] = {}  # name -> value read at render time (a gauge, or a counter kept
         #                                        elsewhere: the prefix cache's)
+        self._peaks: dict[str, float] = {}
+        for name in ("prefixtune_batch_size_max", "prefixtune_batch_prefixes_max"):
+            self.gauges[name] = lambda name=name: self._peaks.get(name, 0.0)  # read under render's lock
 
     def inc(self, name: str, value: float = 1.0, **labels):
         with self._lock:
@@ -76,6 +82,16 @@ class Metrics:
     def observe(self, name: str, value: float):
         with self._lock:
             self._hist[name].observe(value)
+
+    def batch(self, rows: int, prefixes: int, seconds: float):
+        """One decoding batch (window) or step (engine): its counters, histograms and peaks."""
+        with self._lock:
+            self._counters["prefixtune_batches_total"][()] += 1
+            self._hist["prefixtune_batch_size"].observe(rows)
+            self._hist["prefixtune_batch_prefixes"].observe(prefixes)
+            self._hist["prefixtune_batch_seconds"].observe(seconds)
+            for name, value in (("prefixtune_batch_size_max", rows), ("prefixtune_batch_prefixes_max", prefixes)):
+                self._peaks[name] = max(self._peaks.get(name, 0.0), value)
 
     def value(self, name: str, **labels) -> float:
         with self._lock:
