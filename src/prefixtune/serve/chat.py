@@ -12,7 +12,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .completions import Completions, Finisher, Stops, choice_jobs, decoding_controls, sse, sse_error
+from .completions import Completions, Finisher, Stops, choice_jobs, decoding_controls, sse, sse_stream
 from .errors import ServeError
 from .logprobs import chat_logprobs
 from .rows import Flight
@@ -94,28 +94,20 @@ class ChatCompletions:
         return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": choices, "usage": flight.usage()}
 
-    async def _stream(self, req, flight: Flight, cid, created):
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-
+    def _stream(self, req, flight: Flight, cid, created):
         def chunk(index, delta, reason=None, logprobs=None):
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                         "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]})
 
-        try:
-            for k in range(len(flight.jobs)):  # OpenAI's first chunk of a choice: the role
-                yield chunk(k, {"role": "assistant", "content": ""})
-            async for piece in flight.pieces():
-                if piece.error is not None:
-                    yield sse_error(piece.error)
-                    if piece.index < 0:  # the request timed out: no [DONE]
-                        return
-                    continue
-                logprobs = {"content": chat_logprobs(self.tokenizer, piece.tokens)} if req.logprobs else None
-                yield chunk(piece.index, {"content": piece.text} if piece.text else {}, piece.finish_reason, logprobs)
-            flight.done()
-            if include_usage:
-                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                           "choices": [], "usage": flight.usage()})
-            yield "data: [DONE]\n\n"
-        finally:
-            flight.cancel()
+        def chunk_of(piece):
+            logprobs = {"content": chat_logprobs(self.tokenizer, piece.tokens)} if req.logprobs else None
+            return chunk(piece.index, {"content": piece.text} if piece.text else {}, piece.finish_reason, logprobs)
+
+        def usage_chunk(usage):
+            return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                        "choices": [], "usage": usage})
+
+        # OpenAI's first chunk of a choice: the role
+        head = [chunk(k, {"role": "assistant", "content": ""}) for k in range(len(flight.jobs))]
+        return sse_stream(flight, head, chunk_of,
+                          usage_chunk if (req.stream_options or {}).get("include_usage") else None)

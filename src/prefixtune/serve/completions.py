@@ -179,6 +179,28 @@ def sse_error(e: ServeError) -> str:
     return sse({"error": {"message": e.message, "type": "server_error", "code": e.code}})
 
 
+async def sse_stream(flight, head: list[str], chunk_of, usage_chunk):
+    """A flight as server-sent events: `head`, then `chunk_of(piece)` for every piece (an error piece as an
+    error event; a timed-out request ends without [DONE]), then `usage_chunk(usage)` unless it is None,
+    then [DONE]. The flight is cancelled whenever the stream ends (a client that goes away included)."""
+    try:
+        for line in head:
+            yield line
+        async for piece in flight.pieces():
+            if piece.error is not None:
+                yield sse_error(piece.error)
+                if piece.index < 0:  # the request timed out: no [DONE]
+                    return
+                continue
+            yield chunk_of(piece)
+        flight.done()
+        if usage_chunk is not None:
+            yield usage_chunk(flight.usage())
+        yield "data: [DONE]\n\n"
+    finally:
+        flight.cancel()
+
+
 class Completions:
     """The completions endpoint's work, over the server's scheduler, store and limits."""
 
@@ -233,28 +255,20 @@ class Completions:
         return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": choices, "usage": flight.usage()}
 
-    async def _stream(self, req, p: CompletionPlan, flight: Flight, cid, created):
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
+    def _stream(self, req, p: CompletionPlan, flight: Flight, cid, created):
         offsets = [len(self._echo(req, p, k)) for k in range(len(flight.jobs))]
-        try:
-            if req.echo:
-                for k in range(len(flight.jobs)):
-                    yield sse(_chunk(cid, created, req.model, k, self._echo(req, p, k), None))
-            async for piece in flight.pieces():
-                if piece.error is not None:
-                    yield sse_error(piece.error)
-                    if piece.index < 0:  # the request timed out: no [DONE]
-                        return
-                    continue
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs, offsets[piece.index] = completion_logprobs(self.tokenizer, piece.tokens,
-                                                                         offsets[piece.index])
-                yield sse(_chunk(cid, created, req.model, piece.index, piece.text, piece.finish_reason, logprobs))
-            flight.done()
-            if include_usage:
-                yield sse({"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                           "choices": [], "usage": flight.usage()})
-            yield "data: [DONE]\n\n"
-        finally:
-            flight.cancel()
+        head = [sse(_chunk(cid, created, req.model, k, self._echo(req, p, k), None))
+                for k in range(len(flight.jobs))] if req.echo else []
+
+        def chunk_of(piece):
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs, offsets[piece.index] = completion_logprobs(self.tokenizer, piece.tokens, offsets[piece.index])
+            return sse(_chunk(cid, created, req.model, piece.index, piece.text, piece.finish_reason, logprobs))
+
+        def usage_chunk(usage):
+            return sse({"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                        "choices": [], "usage": usage})
+
+        return sse_stream(flight, head, chunk_of,
+                          usage_chunk if (req.stream_options or {}).get("include_usage") else None)
