@@ -295,3 +295,16 @@ def test_a_reader_waits_for_an_append_in_progress_instead_of_cutting_it(tmp_path
         f.flush()
     reader.join(5)
     assert set(seen) == {"a", "b"}
+
+
+def test_main_report_sets_every_e2e_metric_beside_the_papers_table_1():
+    from prefixtune.experiments.main_table import e2e_in_full
+
+    metrics = {"BLEU": 61.23, "NIST": 7.891, "METEOR": 40.0, "ROUGE_L": 65.0, "CIDEr": 1.8, "SER": 12.5}
+    lines = [{"id": f"c{i}", "label": "prefix", "tags": {}, "metrics": {"test": dict(metrics, BLEU=61.23 + i)},
+              "primary": {}} for i in range(2)]
+    table = e2e_in_full(lines)
+    prefix_row = next(row for row in table.splitlines() if row.startswith("| prefix |"))
+    assert prefix_row == "| prefix | 61.7 / 69.7 | 7.89 / 8.81 | 40.0 / 46.1 | 65.0 / 71.4 | 1.80 / 2.49 | 12.5 |"
+    finetune_row = next(row for row in table.splitlines() if row.startswith("| finetune |"))
+    assert finetune_row.startswith("| finetune | – / 68.2 |")  # no cells yet: a dash, the paper's number beside
