@@ -90,17 +90,36 @@ def _resolve(job: Job, result=None, error: Exception | None = None) -> bool:
         return False
 
 
-class Batcher:
+class WorkerHealth:
+    """A decoding worker thread's signs of life, which /health reads: both schedulers have them."""
+
+    def _init_health(self):
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()   # the worker's last sign of life: a decoding step or an idle wait
+        self._busy = False              # holding work (from taking it to its last row's answer)
+        self.longest_stall_s = 0.0      # the longest time between two beats while busy: one step's hold
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self._beat
+
+    def _heartbeat(self):
+        now = time.monotonic()
+        if self._busy:
+            self.longest_stall_s = max(self.longest_stall_s, now - self._beat)
+        self._beat = now
+
+
+class Batcher(WorkerHealth):
     def __init__(self, bank: PrefixBank, settings: ServeSettings, metrics: Metrics | None = None):
         self.bank, self.settings = bank, settings
         self.metrics = metrics or Metrics()
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._beat = time.monotonic()   # the worker's last sign of life: a decoding step or an idle wait
-        self._busy = False              # holding a batch (from taking it to its last row's answer)
-        self.longest_stall_s = 0.0      # the longest time between two beats while busy: one step's hold
+        self._init_health()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self):
@@ -119,24 +138,12 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
     def depth(self) -> int:
         return len(self._jobs)
-
-    def heartbeat_age(self) -> float:
-        return time.monotonic() - self._beat
 
     def pending(self) -> bool:
         """Work waits or is being decoded: a stale heartbeat then means a stuck worker."""
         return self._busy or bool(self._jobs)
-
-    def _heartbeat(self):
-        now = time.monotonic()
-        if self._busy:
-            self.longest_stall_s = max(self.longest_stall_s, now - self._beat)
-        self._beat = now
 
     def _count(self, job: Job, outcome: str):
         if job.outcome is None:

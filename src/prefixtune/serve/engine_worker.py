@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ..bank import PrefixBank, PrefixUnavailable
 from ..engine import Engine, Request
 from ..generation import stop_ids
-from .batcher import Batcher, Job, Result, _resolve
+from .batcher import Batcher, Job, Result, WorkerHealth, _resolve
 from .errors import QueueFull, ServeError, ShuttingDown
 from .prometheus import Metrics
 from .settings import ServeSettings
@@ -57,7 +57,7 @@ def engine_max_len(model, settings: ServeSettings) -> int:
     return min(longest, positions) if positions else longest
 
 
-class EngineWorker:
+class EngineWorker(WorkerHealth):
     """The same surface as `Batcher` (submit, start/stop, alive, depth, heartbeat_age, pending, metrics)."""
 
     def __init__(self, bank: PrefixBank, settings: ServeSettings, metrics: Metrics | None = None):
@@ -72,11 +72,7 @@ class EngineWorker:
         self._live: dict[str, _Live] = {}
         self._unstarted = 0             # admitted to the engine, no token yet: still queued, for `depth`
         self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._beat = time.monotonic()
-        self._busy = False
-        self.longest_stall_s = 0.0
+        self._init_health()
         self._newlines: set[int] | None = None
 
     def _new_engine(self) -> Engine:
@@ -102,24 +98,12 @@ class EngineWorker:
         for job in pending:
             _resolve(job, error=ShuttingDown())
 
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
     def depth(self) -> int:
         """Rows waiting: not yet taken by the worker, or in the engine without a slot (no token yet)."""
         return len(self._inbox) + self._unstarted
 
-    def heartbeat_age(self) -> float:
-        return time.monotonic() - self._beat
-
     def pending(self) -> bool:
         return self._busy or bool(self._inbox)
-
-    def _heartbeat(self):
-        now = time.monotonic()
-        if self._busy:
-            self.longest_stall_s = max(self.longest_stall_s, now - self._beat)
-        self._beat = now
 
     # -- submitting (any thread) -------------------------------------------------------------
     def submit(self, jobs: list[Job]):
