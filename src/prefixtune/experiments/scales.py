@@ -45,13 +45,13 @@ CPU_TASK = {
 # `converged`: each method trains until its dev loss stops improving, with its rate chosen on dev loss.
 # Three rates half a decade apart per method, centred near the rates that worked at cpu scale. A method
 # whose best rate was the top of its range gained the next rate up, until the best sat inside (on main-e2e:
-# fine-tuning 3e-4; FT-top2 1e-3, 3e-3, 1e-2; adapters 3e-3, 1e-2): a best rate at the edge of the range
+# fine-tuning 3e-4; FT-top2 1e-3, 3e-3, 1e-2; adapters 3e-3, 1e-2, 3e-2): a best rate at the edge of the range
 # says nothing about the rates beyond it. Adding a rate changes no finished cell's id.
 CONVERGED_LR_SWEEP = {
     "prefix": (1e-4, 3e-4, 1e-3),
     "finetune": (1e-5, 3e-5, 1e-4, 3e-4),
     "finetune-top2": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "adapter": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    "adapter": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
 }
 
 
