@@ -4,6 +4,7 @@ timeouts and logprobs behave per row."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -347,3 +348,32 @@ def test_a_model_with_adapters_is_not_decoded_by_the_lean_llama_step(tokenizer):
     seq = ids(tokenizer, SOURCES[:1])[0]
     out = engine.generate([Request(seq, max_tokens=6)])[0].choices[0].token_ids
     assert out == alone(model, tokenizer, seq, None, 6)
+
+
+def test_offline_decoding_from_two_threads_at_once_gives_each_its_own_rows(tokenizer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefixtune.engine.offline import EngineCache, decode_ids
+
+    model = tiny_model("llama", seed=5)
+    p1, p2 = prefixes(model, tokenizer, lengths=(2, 3))
+    seqs = ids(tokenizer, SOURCES)
+    config = DecodingConfig(max_new_tokens=6, stop_at_newline=False)
+    engines = EngineCache(model, tokenizer)  # shared, as a PrefixBank shares its own between callers
+    first_row_done, release = threading.Event(), threading.Event()
+
+    def paused(_):  # the first call stops after its first finished row, with its other rows in the engine
+        first_row_done.set()
+        release.wait(10)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(decode_ids, model, tokenizer, seqs, [p1] * len(seqs), config, batch_size=2,
+                            engines=engines, progress=paused)
+        assert first_row_done.wait(10)
+        second = pool.submit(decode_ids, model, tokenizer, seqs[::-1], [p2] * len(seqs), config, engines=engines)
+        time.sleep(0.5)
+        assert not second.done()  # it waits for the engine, rather than stepping the first call's rows
+        release.set()
+        got = [first.result(30), second.result(30)]
+    assert got[0] == [alone(model, tokenizer, s, p1, 6) for s in seqs]
+    assert got[1] == [alone(model, tokenizer, s, p2, 6) for s in seqs[::-1]]

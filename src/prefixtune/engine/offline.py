@@ -13,6 +13,8 @@ row, slower than the batched loop for a whole test set).
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..generation import DecodingConfig, stop_ids
@@ -40,6 +42,7 @@ class EngineCache:
         self.model, self.tokenizer, self.fast = model, tokenizer, fast
         self._engine: Engine | None = None
         self._key = None
+        self.lock = threading.Lock()  # one caller steps the engine at a time (two would take each other's events)
 
     def get(self, dtype: torch.dtype, max_batch: int, max_len: int) -> Engine:
         e = self._engine
@@ -73,6 +76,11 @@ def decode_ids(model, tokenizer, sequences: list[list[int]], prefixes: list, con
     longest_prefix = max((_prefix_len(p) for p in prefixes), default=0)
     max_len = longest_prefix + max(len(s) for s in sequences) + config.max_new_tokens
     engines = engines or EngineCache(model, tokenizer, fast)
+    with engines.lock:
+        return _run(engines, model, tokenizer, sequences, prefixes, config, batch_size, max_len, stops, progress)
+
+
+def _run(engines, model, tokenizer, sequences, prefixes, config, batch_size, max_len, stops, progress):
     engine = engines.get(decode_dtype(config, model), min(batch_size, MAX_ENGINE_BATCH, len(sequences)), max_len)
     requests = [Request(seq, prefix=prefix, max_tokens=config.max_new_tokens, stop_token_ids=stops,
                         ignore_eos=config.ignore_eos) for seq, prefix in zip(sequences, prefixes)]
