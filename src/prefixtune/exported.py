@@ -41,24 +41,27 @@ def find_export(path) -> Path:
                           f"write one with: prefixtune export {path}")
 
 
-def read_metadata(path: Path) -> dict:
-    """A safetensors file's metadata, from its header only."""
+def read_header(path: Path) -> tuple[dict, dict[str, list[int]]]:
+    """A safetensors file's (metadata, tensor shapes), from its header only."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
+            return f.metadata() or {}, {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as e:  # safetensors raises several types for a damaged header
         raise PrefixFileError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def read_metadata(path: Path) -> dict:
+    """A safetensors file's metadata, from its header only."""
+    return read_header(path)[0]
+
+
 def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
     """(metadata, tensor shapes) of an exported file, checked; a prefix's shapes are per attention group."""
-    if read_metadata(path).get("format") == WEIGHTS_FORMAT:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            return f.metadata(), {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    metadata, shapes = read_header(path)
+    if metadata.get("format") == WEIGHTS_FORMAT:
+        return metadata, shapes
     exported = load_prefix(path)
     return exported.metadata, {group: list(t.shape) for group, t in exported.p.items()}
 

@@ -20,10 +20,8 @@ runs when a prefix is first loaded, and a file that fails it then fails that req
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from pathlib import Path
 from ..bank import PrefixBank, PrefixUnavailable
 from ..interop.folders import archive_to_prefix_bytes, is_archive
 from ..atomic import atomic_write_bytes
+from ..exported import read_header
 from ..prefix_file import FORMAT, TENSOR_PREFIX, PrefixFileError, load_prefix_bytes
 from .settings import ServeSettings
 from .errors import ServeError
@@ -40,7 +39,6 @@ from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
 
 log = logging.getLogger("prefixtune.serve")
 SUFFIX = ".safetensors"
-MAX_HEADER_BYTES = 1 << 20  # a prefix file's header is a few KB; more is not a prefix file
 
 
 @dataclass
@@ -118,30 +116,21 @@ class PrefixStore:
         log.info("tenant %s: %d prefixes stored", tenant, len(index))
 
     def _index_entry(self, path: Path, name: str) -> PrefixInfo:
-        """What the index needs, from the file's safetensors header only; checks that it is a prefix file
-        for this base model. Its tensors are checked when the bank loads it (_load_stored)."""
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 0 < header_len <= min(size - 8, MAX_HEADER_BYTES):
-                raise PrefixFileError("not a safetensors file (bad header length)")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise PrefixFileError("not a safetensors file (unreadable header)") from None
-        metadata = header.get("__metadata__") if isinstance(header, dict) else None
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        """What the index needs, from the file's safetensors header only (exported.read_header); checks that
+        it is a prefix file for this base model. Its tensors are checked when the bank loads it (_load_stored)."""
+        metadata, shapes = read_header(path)
+        if metadata.get("format") != FORMAT:
             raise PrefixFileError("not a prefixtune prefix file")
         if metadata.get("fingerprint") != self.bank.spec.fingerprint():
             raise PrefixFileError(f"made for another base model ({metadata.get('base_model')!r})")
-        shapes = [v.get("shape") for k, v in header.items() if k.startswith(TENSOR_PREFIX) and isinstance(v, dict)]
-        if not shapes or not isinstance(shapes[0], list) or len(shapes[0]) != 2 or not isinstance(shapes[0][0], int):
+        shapes = [shape for key, shape in shapes.items() if key.startswith(TENSOR_PREFIX)]
+        if not shapes or len(shapes[0]) != 2:
             raise PrefixFileError("holds no prefix tensors")
         prefix_len = shapes[0][0]
         if not 1 <= prefix_len <= self.settings.max_prefix_len:
             raise PrefixFileError(f"{prefix_len} virtual tokens; the limit is {self.settings.max_prefix_len}")
-        return PrefixInfo(name, prefix_len, size, int(path.stat().st_mtime), str(metadata.get("base_model", "")))
+        stat = path.stat()
+        return PrefixInfo(name, prefix_len, stat.st_size, int(stat.st_mtime), str(metadata.get("base_model", "")))
 
     def _load_stored(self, path: Path, name: str, bank_id: str):
         """The bank's loader for a stored prefix: read and fully validated, as an upload is. A file that
