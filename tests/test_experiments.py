@@ -308,3 +308,40 @@ def test_main_report_sets_every_e2e_metric_beside_the_papers_table_1():
     assert prefix_row == "| prefix | 61.7 / 69.7 | 7.89 / 8.81 | 40.0 / 46.1 | 65.0 / 71.4 | 1.80 / 2.49 | 12.5 |"
     finetune_row = next(row for row in table.splitlines() if row.startswith("| finetune |"))
     assert finetune_row.startswith("| finetune | – / 68.2 |")  # no cells yet: a dash, the paper's number beside
+
+
+def test_epochs_override_changes_only_the_final_cells_and_a_study_reuses_another_studys_sweep(tmp_path):
+    """`--epochs 10` gives the final runs a new epoch limit (new ids) while the step-bounded sweep keeps its ids,
+    so `--reuse-from` the 5-epoch study copies the sweep lines and only the finals are left to run."""
+    from dataclasses import replace
+
+    from prefixtune.experiments import copy_reused, main_table
+    from prefixtune.experiments.sweep import plan
+
+    s5 = main_table.make_scale("converged", "e2e")
+    s10 = replace(s5, final_epochs=10)
+    cells = main_table.make_cells("e2e", s5)
+    sweeps5, finals5, _ = plan(cells, s5, {}, "m")
+    sweeps10, finals10, _ = plan(cells, s10, {}, "m")
+    assert finals5 == finals10 == []  # no rate is chosen before the sweep has run
+    assert [c.id(s5, "m") for c in sweeps5] == [c.id(s10, "m") for c in sweeps10]
+    # the 5-epoch study's finished sweep: made-up dev losses, the middle rate best for every method
+    old = {}
+    for c in sweeps5:
+        rates = s5.lr_sweep[c.method]
+        loss = abs(rates.index(c.params["lr"]) - len(rates) // 2) + 1.0
+        old[c.id(s5, "m")] = {"id": c.id(s5, "m"), "best_dev_loss": loss}
+    store = CellStore(tmp_path / "cells.jsonl")
+    copied = copy_reused(store, lambda done: [c.id(s10, "m") for c in sum(plan(cells, s10, done, "m")[:2], [])],
+                         old, tmp_path)
+    assert copied == len(sweeps5) and set(store.load()) == set(old)
+    _, finals10, _ = plan(cells, s10, store.load(), "m")
+    _, finals5, _ = plan(cells, s5, store.load(), "m")
+    assert [c.params["epochs"] for c in finals10] == [10] * len(main_table.METHODS)
+    assert all("epochs" not in c.params for c in finals5)
+    assert not {c.id(s10, "m") for c in finals10} & {c.id(s5, "m") for c in finals5}
+    assert [c.params["lr"] for c in finals10] == [c.params["lr"] for c in finals5]
+    # the override shows in the scale's description, and a bad value is refused before anything runs
+    assert s10.describe()["epochs"] == 10
+    with pytest.raises(ValueError, match="--epochs"):
+        run_experiment("main", "e2e", "converged", tmp_path / "x", epochs=0)

@@ -91,6 +91,10 @@ def experiment(
     report_only: bool = typer.Option(False, "--report-only",
                                      help="rewrite report.md and figures from finished cells; run nothing"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest on a busy 2-core machine)"),
+    epochs: Optional[float] = typer.Option(None, help="epoch limit of the final runs instead of the scale's "
+                                                      "(learning-rate sweep runs are step-bounded and unchanged)"),
+    reuse_from: Optional[Path] = typer.Option(None, help="another study directory: its finished cells with the "
+                                                         "same ids are copied in, not run again (e.g. its sweep)"),
 ):
     """Run a study (resuming finished cells from OUT/cells.jsonl) and write OUT/report.md with PNG figures."""
     from ..experiments import run_experiment
@@ -100,7 +104,8 @@ def experiment(
 
         torch.set_num_threads(threads)
     try:
-        result = run_experiment(name, task, scale, out, model, data_dir, report_only=report_only)
+        result = run_experiment(name, task, scale, out, model, data_dir, report_only=report_only, epochs=epochs,
+                                reuse_from=reuse_from)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(json.dumps(result))

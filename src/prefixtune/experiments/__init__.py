@@ -9,7 +9,7 @@ Studies: lowdata, prefix-length, init, ablation, extrapolation, main (see docs/e
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import ablation, extrapolation, init_study, lowdata, main_table, prefix_length, sweep
@@ -36,11 +36,17 @@ class StudyRun:
     sweeps: dict = field(default_factory=dict)     # task -> learning-rate sweep rows (scales with a sweep)
 
 
-def command_line(name: str, task: str | None, scale: str, out, model: str | None, data_dir: str | None) -> str:
+def command_line(name: str, task: str | None, scale: str, out, model: str | None, data_dir: str | None,
+                 epochs: float | None = None, reuse_from=None) -> str:
     parts = ["prefixtune", "experiment", name]
     if task:
         parts += ["--task", task]
-    parts += ["--scale", scale, "--out", str(out)]
+    parts += ["--scale", scale]
+    if epochs is not None:
+        parts += ["--epochs", f"{epochs:g}"]
+    if reuse_from is not None:
+        parts += ["--reuse-from", str(reuse_from)]
+    parts += ["--out", str(out)]
     if model:
         parts += ["--model", model]
     if data_dir:
@@ -62,8 +68,13 @@ def resolve_tasks(study: Study, task: str | None) -> list[str]:
 
 def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: str | Path | None = None,
                    model: str | None = None, data_dir: str | None = None, *, model_obj=None, tokenizer=None,
-                   loader=None, progress: bool = True, report_only: bool = False) -> dict:
+                   loader=None, progress: bool = True, report_only: bool = False, epochs: float | None = None,
+                   reuse_from: str | Path | None = None) -> dict:
     """Run (or resume) a study and write its report; returns {"report", "cells", "ran", "planned"}.
+
+    `epochs`: the final cells' epoch limit instead of the scale's (sweep runs are step-bounded and keep
+    their ids). `reuse_from`: another study directory whose finished cells with the same ids are copied
+    in instead of being run again (a 10-epoch study reuses the 5-epoch study's learning-rate sweep).
 
     `model_obj`/`tokenizer`: an already loaded model (the tests pass a tiny one); `loader`:
     (task, split, **options) -> records, instead of the data directory.
@@ -75,15 +86,23 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
     study = STUDIES[name]
     if scale == "converged" and name not in CONVERGED:
         raise ValueError(f"study {name!r} has no converged scale; it runs for {', '.join(CONVERGED)}")
+    if epochs is not None and not epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {epochs}")
     tasks = resolve_tasks(study, task)
     out_dir = Path(out or Path("reports") / name)
-    run = StudyRun(name, scale, out_dir, command_line(name, ",".join(tasks), scale, out_dir, model, data_dir))
+    reused = CellStore(Path(reuse_from) / CELLS_FILE).load() if reuse_from is not None else {}
+    if reuse_from is not None and not reused:
+        raise ValueError(f"--reuse-from {str(reuse_from)!r} holds no finished cells ({CELLS_FILE})")
+    run = StudyRun(name, scale, out_dir, command_line(name, ",".join(tasks), scale, out_dir, model, data_dir,
+                                                      epochs, reuse_from))
     models: dict = {}
     ran = 0
     for t in tasks:
         from ..models import model_name as name_of
 
         s = study.make_scale(scale, t)
+        if epochs is not None:
+            s = replace(s, final_epochs=epochs)
         if model_obj is not None:
             chosen = model or name_of(model_obj)
             models.setdefault(chosen, (model_obj, tokenizer))
@@ -97,6 +116,9 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
             raise ValueError("two cells of the study have the same configuration")
         planner = lambda done, cells=cells, s=s, chosen=chosen: sum(sweep.plan(cells, s, done, chosen)[:2], [])
         store = CellStore(out_dir / CELLS_FILE)
+        if reused and not report_only:
+            copy_reused(store, lambda done, s=s, chosen=chosen: [c.id(s, chosen) for c in planner(done)], reused,
+                        Path(reuse_from))
         before = len(store.load())
         if not report_only:
             run_cells(planner, ctx, f"{name} {t}")
@@ -113,6 +135,25 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
     report = study.write_report(run)
     return {"report": str(report), "cells": sum(len(v) for v in run.lines.values()), "ran": ran,
             "planned": sum(run.planned.values())}
+
+
+def copy_reused(store: CellStore, planned_ids, reused: dict[str, dict], source: Path) -> int:
+    """Append to `store` every line of `reused` (from study directory `source`) whose id the plan holds and the
+    store lacks, with its hypothesis files. The plan grows as lines arrive (a finished sweep adds its final
+    cells), so `planned_ids(done)` is asked again until nothing new is found. Returns the lines copied."""
+    from ..atomic import atomic_write_bytes
+
+    copied = 0
+    while True:
+        done = store.load()
+        new = [i for i in planned_ids(done) if i in reused and i not in done]
+        if not new:
+            return copied
+        for i in new:
+            for rel in reused[i].get("hypotheses", {}).values():
+                atomic_write_bytes(store.path.parent / rel, (source / rel).read_bytes())
+            store.append(reused[i])
+        copied += len(new)
 
 
 __all__ = ["Cell", "Context", "STUDIES", "Scale", "run_experiment"]

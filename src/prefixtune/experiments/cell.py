@@ -42,6 +42,7 @@ class Scale:
     sweep_max_steps: int | None = None          # sweep cells' budget (None: the full one, and they decode)
     sweep_size: int | None = None                # sweep at this training size only; its rate serves every size
     save_every: int = 0                          # checkpoint a cell every N steps (a killed cell resumes there)
+    final_epochs: float | None = None            # `--epochs`: the final cells' epoch limit (step-bounded sweeps keep theirs)
     extra: dict = field(default_factory=dict)   # TrainConfig overrides for every cell (e.g. mlp_dim)
 
     def describe(self) -> dict:
@@ -68,6 +69,11 @@ class Scale:
         if not self.early_stop_patience:
             d.pop("early_stop_patience")
         d.pop("save_every")
+        if self.final_epochs is None:
+            d.pop("final_epochs")
+        else:
+            d["epochs"] = self.final_epochs
+            d["final_epochs"] = "set by --epochs for every final run (sweep runs are step-bounded)"
         d["extra"] = ", ".join(f"{k}={v}" for k, v in self.extra.items()) or "–"
         return d
 

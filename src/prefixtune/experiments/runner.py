@@ -180,7 +180,8 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
     line = {
         "id": cell_id, "study": cell.study, "task": cell.task, "method": cell.method, "label": cell.label,
         "train_size": cell.train_size, "sample": cell.sample, "seed": cell.seed, "tags": cell.tags,
-        "config": cell.config(scale, ctx.model_name), "scale": scale.name, "model": ctx.model_name,
+        "config": cell.config(scale, ctx.model_name), "scale": scale.name,
+        **({"scale_epochs": scale.final_epochs} if scale.final_epochs is not None else {}), "model": ctx.model_name,
         "model_type": model_spec(model).model_type,
         "metrics": metrics, "primary": primary, "test_sizes": test_sizes, "hypotheses": hyp_files,
         "train_pairs": len(pairs), "lr": config.lr if config.lr is not None else method.default_lr,

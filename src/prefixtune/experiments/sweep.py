@@ -42,6 +42,14 @@ def sweep_cells(cell: Cell, scale: Scale) -> list[Cell]:
     return out
 
 
+def with_final_epochs(cell: Cell, scale: Scale) -> Cell:
+    """`cell` under the scale's `--epochs` override, if any. Only final cells take it: sweep runs are bounded
+    by their steps, so a study at 10 epochs shares its sweep (the same cell ids) with the same study at 5."""
+    if scale.final_epochs is None:
+        return cell
+    return replace(cell, params={**cell.params, "epochs": scale.final_epochs})
+
+
 def plan(cells: list[Cell], scale: Scale, done: dict[str, dict], model_name: str) -> tuple[list[Cell], list[Cell],
                                                                                             list[SweepGroup]]:
     """(sweep cells, final cells whose rate is known, groups) given the finished lines `done`.
@@ -50,7 +58,7 @@ def plan(cells: list[Cell], scale: Scale, done: dict[str, dict], model_name: str
     its sweep cells have finished; ties in dev loss go to the smaller rate.
     """
     if not scale.lr_sweep:
-        return [], list(cells), []
+        return [], [with_final_epochs(c, scale) for c in cells], []
     groups: dict[tuple, SweepGroup] = {}
     for cell in cells:
         if cell.method not in scale.lr_sweep:
@@ -70,8 +78,8 @@ def plan(cells: list[Cell], scale: Scale, done: dict[str, dict], model_name: str
                             key=lambda lr: (float("inf") if lr[0]["best_dev_loss"] is None else lr[0]["best_dev_loss"],
                                             lr[1]))
             group.chosen = ranked[0][1]
-    finals = [replace(c, params={**c.params, "lr": groups[group_key(c, scale)].chosen}) for c in cells
-              if groups[group_key(c, scale)].chosen is not None]
+    finals = [with_final_epochs(replace(c, params={**c.params, "lr": groups[group_key(c, scale)].chosen}), scale)
+              for c in cells if groups[group_key(c, scale)].chosen is not None]
     sweeps = [c for g in groups.values() for c in g.cells]
     return sweeps, finals, list(groups.values())
 
