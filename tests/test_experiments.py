@@ -1,6 +1,7 @@
 """Every study at `tiny` scale on a tiny random model: JSONL cells, report.md, PNG figures, resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -345,3 +346,37 @@ def test_epochs_override_changes_only_the_final_cells_and_a_study_reuses_another
     assert s10.describe()["epochs"] == 10
     with pytest.raises(ValueError, match="--epochs"):
         run_experiment("main", "e2e", "converged", tmp_path / "x", epochs=0)
+
+
+def test_rates_from_another_study_replace_the_sweep_and_a_complete_plan_frees_the_worker(tmp_path, monkeypatch):
+    """`--rates-from`: every configuration trains at the rate the other study's sweep chose, with no sweep; a
+    worker whose remaining cells are all claimed by others returns at once when the plan cannot grow."""
+    from prefixtune.experiments import chosen_rates, main_table, with_rates
+    from prefixtune.experiments.sweep import plan
+
+    lines = {f"f{i}": {"id": f"f{i}", "label": label, "lr": 1e-3 * (i + 1), "tags": {"config": label}}
+             for i, label in enumerate(main_table.METHODS)}
+    lines["s"] = {"id": "s", "label": "prefix", "lr": 9.0, "tags": {"config": "prefix", "sweep": True}}
+    rates = chosen_rates(lines, "other")
+    assert rates == {label: 1e-3 * (i + 1) for i, label in enumerate(main_table.METHODS)}  # sweep line ignored
+    scale = main_table.make_scale("converged", "webnlg")
+    scale, cells = with_rates(scale, main_table.make_cells("webnlg", scale), rates, "reports/main-e2e")
+    sweeps, finals, groups = plan(cells, scale, {}, "m")
+    assert sweeps == [] and groups == [] and [c.params["lr"] for c in finals] == list(rates.values())
+    assert "reports/main-e2e" in scale.describe()["lr"]
+    with pytest.raises(ValueError, match="more than one rate"):
+        chosen_rates({**lines, "g": {**lines["f0"], "id": "g", "lr": 5.0}}, "other")
+    with pytest.raises(ValueError, match="no rate for adapter-3%"):
+        with_rates(scale, cells, {k: v for k, v in rates.items() if k != "adapter-3%"}, "x")
+
+    # run_cells: the only cell left is claimed by another worker; a complete plan returns without sleeping
+    ctx = runner.Context(tmp_path, scale, "m", None, None, None, None, "cmd", False)
+    monkeypatch.setattr(runner, "claim", lambda path: _held())
+    monkeypatch.setattr(runner.time, "sleep", lambda s: pytest.fail("waited for another worker's cell"))
+    assert runner.run_cells(lambda done: finals[:1], ctx, "x", complete=lambda done: True) == {}
+
+
+
+@contextlib.contextmanager
+def _held():
+    yield False

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from prefixtune.experiments import STUDIES
+from prefixtune.experiments import STUDIES, chosen_rates, with_rates
 from prefixtune.experiments.runner import CELLS_FILE, CellStore
 from prefixtune.experiments.sweep import plan
 
@@ -24,9 +24,14 @@ def test_every_planned_cell_of_a_committed_report_is_found_by_its_id(report: Pat
     study, scale_name, model = STUDIES[first["study"]], first["scale"], first["model"]
     # a study run with --epochs records it on its own cells (lines reused from another study lack it)
     epochs = next((line["scale_epochs"] for line in done.values() if "scale_epochs" in line), None)
+    rates_from = next((line["rates_from"] for line in done.values() if "rates_from" in line), None)
     for task in sorted({line["task"] for line in done.values()}):
         scale = replace(study.make_scale(scale_name, task), final_epochs=epochs)
-        sweeps, finals, _ = plan(study.make_cells(task, scale), scale, done, model)
+        cells = study.make_cells(task, scale)
+        if rates_from:  # a study at another study's chosen rates: no sweep of its own
+            rates = chosen_rates(CellStore(REPO / rates_from / CELLS_FILE).load(), rates_from)
+            scale, cells = with_rates(scale, cells, rates, rates_from)
+        sweeps, finals, _ = plan(cells, scale, done, model)
         planned = [c.id(scale, model) for c in sweeps + finals]
         finished = [i for i in planned if i in done]
         if scale_name in ("tiny", "cpu"):  # finished studies: every cell

@@ -95,6 +95,8 @@ def experiment(
                                                       "(learning-rate sweep runs are step-bounded and unchanged)"),
     reuse_from: Optional[Path] = typer.Option(None, help="another study directory: its finished cells with the "
                                                          "same ids are copied in, not run again (e.g. its sweep)"),
+    rates_from: Optional[Path] = typer.Option(None, help="another study directory: every configuration trains at "
+                                                         "the rate its sweep chose there, with no sweep here"),
 ):
     """Run a study (resuming finished cells from OUT/cells.jsonl) and write OUT/report.md with PNG figures."""
     from ..experiments import run_experiment
@@ -105,7 +107,7 @@ def experiment(
         torch.set_num_threads(threads)
     try:
         result = run_experiment(name, task, scale, out, model, data_dir, report_only=report_only, epochs=epochs,
-                                reuse_from=reuse_from)
+                                reuse_from=reuse_from, rates_from=rates_from)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(json.dumps(result))

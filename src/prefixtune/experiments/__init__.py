@@ -37,7 +37,7 @@ class StudyRun:
 
 
 def command_line(name: str, task: str | None, scale: str, out, model: str | None, data_dir: str | None,
-                 epochs: float | None = None, reuse_from=None) -> str:
+                 epochs: float | None = None, reuse_from=None, rates_from=None) -> str:
     parts = ["prefixtune", "experiment", name]
     if task:
         parts += ["--task", task]
@@ -46,6 +46,8 @@ def command_line(name: str, task: str | None, scale: str, out, model: str | None
         parts += ["--epochs", f"{epochs:g}"]
     if reuse_from is not None:
         parts += ["--reuse-from", str(reuse_from)]
+    if rates_from is not None:
+        parts += ["--rates-from", str(rates_from)]
     parts += ["--out", str(out)]
     if model:
         parts += ["--model", model]
@@ -69,12 +71,14 @@ def resolve_tasks(study: Study, task: str | None) -> list[str]:
 def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: str | Path | None = None,
                    model: str | None = None, data_dir: str | None = None, *, model_obj=None, tokenizer=None,
                    loader=None, progress: bool = True, report_only: bool = False, epochs: float | None = None,
-                   reuse_from: str | Path | None = None) -> dict:
+                   reuse_from: str | Path | None = None, rates_from: str | Path | None = None) -> dict:
     """Run (or resume) a study and write its report; returns {"report", "cells", "ran", "planned"}.
 
     `epochs`: the final cells' epoch limit instead of the scale's (sweep runs are step-bounded and keep
     their ids). `reuse_from`: another study directory whose finished cells with the same ids are copied
     in instead of being run again (a 10-epoch study reuses the 5-epoch study's learning-rate sweep).
+    `rates_from`: another study directory whose final cells' learning rates (chosen by its sweep) every
+    configuration of this one uses, with no sweep of its own (WebNLG and DART at E2E's rates).
 
     `model_obj`/`tokenizer`: an already loaded model (the tests pass a tiny one); `loader`:
     (task, split, **options) -> records, instead of the data directory.
@@ -91,10 +95,11 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
     tasks = resolve_tasks(study, task)
     out_dir = Path(out or Path("reports") / name)
     reused = CellStore(Path(reuse_from) / CELLS_FILE).load() if reuse_from is not None else {}
+    rates = chosen_rates(CellStore(Path(rates_from) / CELLS_FILE).load(), rates_from) if rates_from is not None else {}
     if reuse_from is not None and not reused:
         raise ValueError(f"--reuse-from {str(reuse_from)!r} holds no finished cells ({CELLS_FILE})")
     run = StudyRun(name, scale, out_dir, command_line(name, ",".join(tasks), scale, out_dir, model, data_dir,
-                                                      epochs, reuse_from))
+                                                      epochs, reuse_from, rates_from))
     models: dict = {}
     ran = 0
     for t in tasks:
@@ -111,6 +116,8 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
         loaded = models.get(chosen, (None, None))
         ctx = Context(out_dir, s, chosen, data_dir, loaded[0], loaded[1], loader, run.command, progress)
         cells = study.make_cells(t, s)
+        if rates_from is not None:
+            s, cells = with_rates(s, cells, rates, rates_from)
         ids = [c.id(s, chosen) for c in cells]
         if len(set(ids)) != len(ids):
             raise ValueError("two cells of the study have the same configuration")
@@ -121,7 +128,9 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
                         Path(reuse_from))
         before = len(store.load())
         if not report_only:
-            run_cells(planner, ctx, f"{name} {t}")
+            complete = lambda done, cells=cells, s=s, chosen=chosen: all(
+                g.chosen is not None for g in sweep.plan(cells, s, done, chosen)[2])
+            run_cells(planner, ctx, f"{name} {t}", complete=complete)
             if ctx.model is not None:
                 models[chosen] = (ctx.model, ctx.tokenizer)
         done = store.load()
@@ -135,6 +144,29 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
     report = study.write_report(run)
     return {"report": str(report), "cells": sum(len(v) for v in run.lines.values()), "ran": ran,
             "planned": sum(run.planned.values())}
+
+
+def chosen_rates(lines: dict[str, dict], source) -> dict[str, float]:
+    """label -> learning rate of another study's final cells (its sweep's choices); one rate per label."""
+    rates: dict[str, set] = {}
+    for line in lines.values():
+        if not line.get("tags", {}).get("sweep") and line.get("lr") is not None:
+            rates.setdefault(line["label"], set()).add(line["lr"])
+    if not rates:
+        raise ValueError(f"--rates-from {str(source)!r} holds no finished final cells ({CELLS_FILE})")
+    mixed = {k: sorted(v) for k, v in rates.items() if len(v) > 1}
+    if mixed:
+        raise ValueError(f"--rates-from {str(source)!r}: more than one rate per configuration: {mixed}")
+    return {k: v.pop() for k, v in rates.items()}
+
+
+def with_rates(scale: Scale, cells: list[Cell], rates: dict[str, float], source) -> tuple[Scale, list[Cell]]:
+    """The scale without a sweep, and every cell at its configuration's rate from `rates`."""
+    missing = sorted({c.label for c in cells} - set(rates))
+    if missing:
+        raise ValueError(f"--rates-from has no rate for {', '.join(missing)}")
+    return (replace(scale, lr_sweep={}, sweep_max_steps=None, rates_from=str(source)),
+            [replace(c, params={**c.params, "lr": rates[c.label]}) for c in cells])
 
 
 def copy_reused(store: CellStore, planned_ids, reused: dict[str, dict], source: Path) -> int:

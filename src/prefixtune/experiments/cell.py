@@ -43,6 +43,7 @@ class Scale:
     sweep_size: int | None = None                # sweep at this training size only; its rate serves every size
     save_every: int = 0                          # checkpoint a cell every N steps (a killed cell resumes there)
     final_epochs: float | None = None            # `--epochs`: the final cells' epoch limit (step-bounded sweeps keep theirs)
+    rates_from: str | None = None                # `--rates-from`: the study whose sweep chose every cell's rate
     extra: dict = field(default_factory=dict)   # TrainConfig overrides for every cell (e.g. mlp_dim)
 
     def describe(self) -> dict:
@@ -58,7 +59,9 @@ class Scale:
         d.pop("beams")
         d["seeds"] = ", ".join(map(str, self.seeds))
         d["lr"] = ", ".join(f"{m} {v:g}" for m, v in self.lr.items()) or "each method's default"
-        if self.lr_sweep:
+        if self.rates_from:
+            d["lr"] = f"each configuration's rate as chosen on dev loss by the sweep of {self.rates_from} (no sweep here)"
+        elif self.lr_sweep:
             d["lr"] = "chosen on dev loss (see the learning-rate table)"
             d["lr_sweep"] = "; ".join(f"{m}: {', '.join(f'{r:g}' for r in rs)}" for m, rs in self.lr_sweep.items())
             d["sweep_max_steps"] = self.sweep_max_steps or "the full budget (sweep cells are the first sample's cells)"
@@ -69,6 +72,7 @@ class Scale:
         if not self.early_stop_patience:
             d.pop("early_stop_patience")
         d.pop("save_every")
+        d.pop("rates_from")  # `lr` says it
         if self.final_epochs is None:
             d.pop("final_epochs")
         else:

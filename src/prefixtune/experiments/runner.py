@@ -181,7 +181,8 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
         "id": cell_id, "study": cell.study, "task": cell.task, "method": cell.method, "label": cell.label,
         "train_size": cell.train_size, "sample": cell.sample, "seed": cell.seed, "tags": cell.tags,
         "config": cell.config(scale, ctx.model_name), "scale": scale.name,
-        **({"scale_epochs": scale.final_epochs} if scale.final_epochs is not None else {}), "model": ctx.model_name,
+        **({"scale_epochs": scale.final_epochs} if scale.final_epochs is not None else {}),
+        **({"rates_from": scale.rates_from} if scale.rates_from else {}), "model": ctx.model_name,
         "model_type": model_spec(model).model_type,
         "metrics": metrics, "primary": primary, "test_sizes": test_sizes, "hypotheses": hyp_files,
         "train_pairs": len(pairs), "lr": config.lr if config.lr is not None else method.default_lr,
@@ -219,13 +220,15 @@ def claim(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def run_cells(planner: Callable[[dict], list[Cell]], ctx: Context, desc: str, poll_s: float = 20.0) -> dict:
+def run_cells(planner: Callable[[dict], list[Cell]], ctx: Context, desc: str, poll_s: float = 20.0,
+              complete: Callable[[dict], bool] = lambda done: False) -> dict:
     """Run unfinished cells until the plan has none left; returns every finished line by id.
 
     `planner(done)` gives the cells known so far from the finished lines (a learning-rate sweep
     adds a configuration's cells once its sweep has finished), so the plan is asked again after
     every cell. Cells claimed by another worker are skipped; when only those are left, this worker
-    waits for them, since their lines may add cells to the plan.
+    waits for them, since their lines may add cells to the plan, unless `complete(done)` says the
+    plan can no longer grow: then it returns and is free for the next study.
     """
     from tqdm.auto import tqdm
 
@@ -252,4 +255,6 @@ def run_cells(planner: Callable[[dict], list[Cell]], ctx: Context, desc: str, po
                     ran = True
                     break
             if not ran:
+                if complete(done):
+                    return done
                 time.sleep(poll_s)
