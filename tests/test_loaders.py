@@ -167,3 +167,17 @@ def test_data_dir_error_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "default_data_dirs", lambda: [tmp_path / "data"])
     with pytest.raises(FileNotFoundError, match="--data-dir DIR or set PREFIXTUNE_DATA.*looked in"):
         records.resolve_data_dir(None, "e2e")
+
+
+def test_dart_holdout_keeps_dev_entries_out_of_training(data_root):
+    """At converged scale DART trains on its dev file: the held-out triple sets give the dev loss and are never
+    trained on; the split is fixed (seed 0) and the two parts cover the file."""
+    train = load_dart("train", data_root, train_from="dev", holdout=300)
+    dev = load_dart("dev", data_root, train_from="dev", holdout=300)
+    every = load_dart("dev", data_root)
+    assert not {r.source for r in train} & {r.source for r in dev}
+    assert len({r.source for r in dev}) == 300 and len(train) + len(dev) == len(every)
+    assert [r.source for r in dev] == [r.source for r in load_dart("dev", data_root, train_from="dev", holdout=300)]
+    assert load_dart("dev", data_root, train_from="dev") == every  # no holdout: the whole file, as before
+    with pytest.raises(ValueError, match="holdout applies with train_from"):
+        load_dart("dev", data_root, holdout=3)

@@ -18,6 +18,7 @@ into the data directory (see ``download_dart``).
 from __future__ import annotations
 
 import json
+import random
 import urllib.request
 from pathlib import Path
 
@@ -103,21 +104,37 @@ def _records_from_xml(path: Path, lowercase_relations: bool) -> list[Record]:
 
 
 def load_dart(split: str = "train", data_dir=None, train_from: str | None = None,
-              download: bool = False, lowercase_relations: bool = True) -> list[Record]:
+              download: bool = False, lowercase_relations: bool = True, holdout: int = 0) -> list[Record]:
     """Records of DART v1.1.1 ``split`` (train|dev|test).
 
     ``train_from="dev"`` makes ``split="train"`` return the dev records (the
-    shared data has no train split). ``download=True`` fetches missing splits
-    of the full release first. meta: ``id``, ``category`` (XML only), ``size``,
-    ``sources`` (annotation sources), ``relations``.
+    shared data has no train split). ``holdout=N`` with it keeps the entries of
+    N of its triple sets (drawn with seed 0) out of training: ``split="dev"``
+    then returns exactly those, so dev loss is measured on inputs never trained on.
+    ``download=True`` fetches missing splits of the full release first. meta:
+    ``id``, ``category`` (XML only), ``size``, ``sources`` (annotation
+    sources), ``relations``.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown DART split {split!r}; choose one of {list(SPLITS)}")
+    if holdout and train_from is None:
+        raise ValueError("holdout applies with train_from (entries of that split kept out of training)")
     if train_from is not None:
         if train_from not in SPLITS:
             raise ValueError(f"train_from must be one of {list(SPLITS)}, got {train_from!r}")
-        if split == "train":
+        if split in ("train", "dev"):
             records = load_dart(train_from, data_dir, download=download, lowercase_relations=lowercase_relations)
+            if split == "dev" and not holdout:
+                return records
+            if holdout >= len(records):
+                raise ValueError(f"holdout {holdout} leaves no DART {train_from} entries to train on "
+                                 f"({len(records)} in all)")
+            # held out by source: entries that share a triple set stay on one side
+            sources = list(dict.fromkeys(r.source for r in records))
+            held = set(random.Random(0).sample(sources, min(holdout, len(sources)))) if holdout else set()
+            if split == "dev":
+                return [r for r in records if r.source in held]
+            records = [r for r in records if r.source not in held]
             for r in records:
                 r.meta["loaded_from"] = train_from
             return records

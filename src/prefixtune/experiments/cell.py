@@ -44,6 +44,7 @@ class Scale:
     save_every: int = 0                          # checkpoint a cell every N steps (a killed cell resumes there)
     final_epochs: float | None = None            # `--epochs`: the final cells' epoch limit (step-bounded sweeps keep theirs)
     rates_from: str | None = None                # `--rates-from`: the study whose sweep chose every cell's rate
+    beam_subset: dict = field(default_factory=dict)  # a second test evaluation, e.g. {"beams": 5, "test_size": 500}
     extra: dict = field(default_factory=dict)   # TrainConfig overrides for every cell (e.g. mlp_dim)
 
     def describe(self) -> dict:
@@ -73,6 +74,11 @@ class Scale:
             d.pop("early_stop_patience")
         d.pop("save_every")
         d.pop("rates_from")  # `lr` says it
+        if self.beam_subset:
+            d["beam_subset"] = (f"also beam {self.beam_subset['beams']} on a fixed subset of "
+                                f"{self.beam_subset['test_size']} test inputs (drawn with seed 0)")
+        else:
+            d.pop("beam_subset")
         if self.final_epochs is None:
             d.pop("final_epochs")
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import report as R
 from .cell import Cell
+from .runner import EVAL_DECODING
 from .scales import TABLE_TO_TEXT, base_scale, task_options, word_init
 from .study import grid
 
@@ -23,6 +24,7 @@ METHODS = {"prefix": ("prefix", {}), "finetune": ("finetune", {}), "finetune-top
 PAPER_E2E = {"prefix": (69.7, 8.81, 46.1, 71.4, 2.49), "finetune": (68.2, 8.62, 46.2, 71.0, 2.47),
              "finetune-top2": (68.1, 8.59, 46.0, 70.8, 2.41), "adapter-0.1%": (66.3, 8.41, 45.0, 69.8, 2.40),
              "adapter-3%": (68.9, 8.71, 46.1, 71.3, 2.47)}
+BEAM_SUBSET = "test-beam-subset"  # the evaluation name of a scale's beam_subset
 E2E_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER")
 
 DOC = """\
@@ -46,8 +48,11 @@ def make_cells(task: str, scale) -> list[Cell]:
         p = dict(params)
         if method == "prefix" and scale.name != "paper":
             p["init"] = word_init(task)
+        evals = {"test": test_options}
+        if scale.beam_subset:
+            evals[BEAM_SUBSET] = {**test_options, EVAL_DECODING: dict(scale.beam_subset)}
         return Cell(NAME, task, method, label, scale.train_size, sample, seed, p, train_options,
-                    {"test": test_options}, {"config": label})
+                    evals, {"config": label})
 
     return grid(scale, METHODS, cell)
 

@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -139,6 +139,9 @@ def primary_metric(task: str, lines: list[dict], evaluation: str = "test") -> st
     return FALLBACK.get(name, name)
 
 
+EVAL_DECODING = "decoding"  # key of an evaluation's options that overrides the scale's beams and test size
+
+
 def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
     """Train, decode every evaluation's test inputs, score, and return the cell's JSONL line."""
     from ..generation import DecodingConfig
@@ -149,8 +152,7 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
     model, tokenizer = ctx.ensure_model()
     started = time.perf_counter()
     train_records = ctx.records(cell.task, "train", **cell.train_options)
-    dev_options = {k: v for k, v in cell.train_options.items() if k != "train_from"}
-    dev_records = ctx.records(cell.task, "dev", **dev_options)
+    dev_records = ctx.records(cell.task, "dev", **cell.train_options)  # DART: `holdout` picks the held-out entries
     work = ctx.out_dir / ".work" / cell_id
     ignore = ctx.out_dir / ".work" / ".gitignore"
     if not ignore.is_file():  # checkpoints of a killed cell must never be committed with the report
@@ -167,8 +169,12 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
     metrics, hyp_files, primary, test_sizes = {}, {}, {}, {}
     decode_start = time.perf_counter()
     for name, options in cell.evals.items():
-        records = select_test(ctx.records(cell.task, "test", **options), scale.test_size)
-        hyps = method.generate([r.source for r in records], decoding, batch_size=scale.decode_batch)
+        options = dict(options)
+        # an evaluation may decode otherwise than the scale: {"beams": 5, "test_size": 500} (DART's beam subset)
+        override = options.pop(EVAL_DECODING, {})
+        records = select_test(ctx.records(cell.task, "test", **options), override.get("test_size", scale.test_size))
+        how = replace(decoding, num_beams=override.get("beams", decoding.num_beams))
+        hyps = method.generate([r.source for r in records], how, batch_size=scale.decode_batch)
         path = Path("hypotheses") / f"{cell_id}.{name}.txt"
         atomic_write_bytes(ctx.out_dir / path, ("\n".join(h.replace("\n", " ") for h in hyps) + "\n").encode())
         metrics[name] = score(cell.task, hyps, records, scale.full_metrics)
