@@ -380,3 +380,24 @@ def test_rates_from_another_study_replace_the_sweep_and_a_complete_plan_frees_th
 @contextlib.contextmanager
 def _held():
     yield False
+
+
+def test_a_beam_subset_evaluation_also_scores_the_scales_own_decoding_of_the_same_inputs(tmp_path, monkeypatch):
+    """DART at converged scale decodes the whole test split greedily and a fixed subset at beam 5; the subset's
+    greedy outputs are scored too, so the report can say what greedy decoding costs on the same inputs."""
+    from dataclasses import replace
+
+    from prefixtune.experiments import main_table as main
+    from prefixtune.experiments.runner import test_indices
+
+    tiny = replace(main.make_scale("tiny", "e2e"), test_size=None, beam_subset={"beams": 2, "test_size": 3})
+    monkeypatch.setattr(main, "make_scale", lambda scale, task: tiny)
+    run("main", tmp_path, "e2e")
+    line = next(line for line in lines_of(tmp_path / "main") if line["label"] == "prefix")
+    assert set(line["metrics"]) == {"test", main.BEAM_SUBSET, f"{main.BEAM_SUBSET}:scale-decoding"}
+    assert line["test_sizes"] == {"test": 8, main.BEAM_SUBSET: 3}
+    greedy = (tmp_path / "main" / line["hypotheses"]["test"]).read_text().split("\n")
+    records = synthetic("e2e", "test")
+    keep = test_indices(len(records), 3)
+    expected = runner.score("e2e", [greedy[i] for i in keep], [records[i] for i in keep], False)
+    assert line["metrics"][f"{main.BEAM_SUBSET}:scale-decoding"] == expected

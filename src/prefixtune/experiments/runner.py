@@ -108,12 +108,16 @@ class Context:
         return self.model, self.tokenizer
 
 
+def test_indices(n: int, size: int | None) -> list[int]:
+    """Which of a test split's `n` records a test size keeps: all, or `size` drawn with seed 0, in order."""
+    if size is None or size >= n:
+        return list(range(n))
+    return sorted(random.Random(0).sample(range(n), size))
+
+
 def select_test(records: list[Record], size: int | None) -> list[Record]:
     """A fixed subset of a test split (the same for every cell and run): `size` records drawn with seed 0, in order."""
-    if size is None or size >= len(records):
-        return list(records)
-    keep = sorted(random.Random(0).sample(range(len(records)), size))
-    return [records[i] for i in keep]
+    return [records[i] for i in test_indices(len(records), size)]
 
 
 def score(task: str, hypotheses: list[str], records: list[Record], full: bool) -> dict:
@@ -168,11 +172,14 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
                               length_penalty=scale.length_penalty)
     metrics, hyp_files, primary, test_sizes = {}, {}, {}, {}
     decode_start = time.perf_counter()
+    decoded = {}  # loader options -> the scale's own decoding of the whole split (for a subset's comparison)
     for name, options in cell.evals.items():
         options = dict(options)
         # an evaluation may decode otherwise than the scale: {"beams": 5, "test_size": 500} (DART's beam subset)
         override = options.pop(EVAL_DECODING, {})
-        records = select_test(ctx.records(cell.task, "test", **options), override.get("test_size", scale.test_size))
+        split = ctx.records(cell.task, "test", **options)
+        keep = test_indices(len(split), override.get("test_size", scale.test_size))
+        records = [split[i] for i in keep]
         how = replace(decoding, num_beams=override.get("beams", decoding.num_beams))
         hyps = method.generate([r.source for r in records], how, batch_size=scale.decode_batch)
         path = Path("hypotheses") / f"{cell_id}.{name}.txt"
@@ -182,6 +189,12 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
         primary[name] = metrics[name].get(key)
         hyp_files[name] = str(path)
         test_sizes[name] = len(records)
+        whole = json.dumps(options, sort_keys=True)
+        if not override and len(records) == len(split):
+            decoded[whole] = hyps
+        elif override and whole in decoded:  # the same inputs as the scale decodes them: what the override gains
+            metrics[f"{name}:scale-decoding"] = score(cell.task, [decoded[whole][i] for i in keep], records,
+                                                      scale.full_metrics)
     decode_s = time.perf_counter() - decode_start
     line = {
         "id": cell_id, "study": cell.study, "task": cell.task, "method": cell.method, "label": cell.label,
