@@ -401,3 +401,43 @@ def test_a_beam_subset_evaluation_also_scores_the_scales_own_decoding_of_the_sam
     keep = test_indices(len(records), 3)
     expected = runner.score("e2e", [greedy[i] for i in keep], [records[i] for i in keep], False)
     assert line["metrics"][f"{main.BEAM_SUBSET}:scale-decoding"] == expected
+
+
+def test_table1_summary_computes_the_papers_claims_on_the_average_over_datasets(tmp_path):
+    """`prefixtune experiment table1`: BLEU averaged over the datasets where both sides have a cell, the
+    extrapolation claim on WebNLG U, and a partial verdict says how many datasets it stands on."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+    from prefixtune.experiments import table1
+
+    def line(task, label, **metrics):
+        return {"id": f"{task}-{label}", "label": label, "tags": {"config": label}, "metrics": {"test": metrics},
+                "primary": {"test": metrics.get("BLEU")}}
+
+    bleu = {"prefix": 60.0, "finetune": 59.5, "finetune-top2": 50.0, "adapter-0.1%": 58.0, "adapter-3%": 61.0}
+    sources = {}
+    for task in ("e2e", "webnlg"):
+        store = CellStore(tmp_path / task / "cells.jsonl")
+        for label, value in bleu.items():
+            extra = {"BLEU_seen": value + 5, "BLEU_unseen": value - (20 if label == "finetune" else 5)} \
+                if task == "webnlg" else {}
+            store.append(line(task, label, BLEU=value + (2 if task == "e2e" else 0), **extra))
+        store.append({**line(task, "prefix", BLEU=1.0), "id": f"{task}-sweep", "tags": {"sweep": True}})
+        sources[task] = str(tmp_path / task)
+    sources["dart"] = str(tmp_path / "dart")  # not run yet
+    result = table1.write_summary(tmp_path / "out", sources)
+    assert result["cells"] == {"e2e": 5, "webnlg": 5, "dart": 0}  # sweep lines are not Table 1 cells
+    report = (tmp_path / "out" / "report.md").read_text()
+    verdicts = json.loads((tmp_path / "out" / "table1.json").read_text())["verdicts"]
+    by_claim = {v["claim"].split(":")[0]: v for v in verdicts}
+    adapter = by_claim["prefix beats the same-budget adapter (0.1%)"]
+    assert adapter["verdict"] == f"{HELD} (on 2 of 3 datasets so far)" and "difference +2.00" in adapter["ours"]
+    assert by_claim["prefix beats FT-top2"]["verdict"].startswith(HELD)
+    assert by_claim["prefix (0.1%) comparable to fine-tuning"]["verdict"].startswith(HELD)
+    assert by_claim["webnlg"]["verdict"] == HELD and "difference +15.50" in by_claim["webnlg"]["ours"]
+    assert "| prefix | 62.0 / 69.7 | 65.0 / 62.9 | 55.0 / 45.6 | 60.0 / 55.1 | – / 46.4 | – (2 of 3) / 57.1 |" in report
+    assert (tmp_path / "out" / "table1.png").read_bytes()[:4] == b"\x89PNG"
+    # the command line writes the same report
+    out = CliRunner().invoke(app, ["experiment", "table1", "--out", str(tmp_path / "cli")])
+    assert out.exit_code == 0 and (tmp_path / "cli" / "report.md").is_file()

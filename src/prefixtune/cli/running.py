@@ -81,7 +81,8 @@ def serve(
 
 @app.command()
 def experiment(
-    name: str = typer.Argument(..., help="lowdata | prefix-length | init | ablation | extrapolation | main"),
+    name: str = typer.Argument(..., help="lowdata | prefix-length | init | ablation | extrapolation | main | "
+                                         "table1 (the summary of the converged main studies; runs nothing)"),
     task: Optional[str] = typer.Option(None, help="e2e | webnlg | dart | xsum (main: a comma list or all); "
                                                   "default: the study's"),
     scale: str = typer.Option("cpu", help="tiny (seconds) | cpu (about an hour here) | paper (the paper's settings)"),
@@ -106,6 +107,11 @@ def experiment(
 
         torch.set_num_threads(threads)
     try:
+        if name == "table1":
+            from ..experiments.table1 import write_summary
+
+            typer.echo(json.dumps(write_summary(out or Path("reports/table1"))))
+            return
         result = run_experiment(name, task, scale, out, model, data_dir, report_only=report_only, epochs=epochs,
                                 reuse_from=reuse_from, rates_from=rates_from)
     except (ValueError, FileNotFoundError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import report as R
 from .cell import Cell
 from .runner import EVAL_DECODING
+from .table1 import BEAM_SUBSET, dart_in_full, extrapolation_claim, webnlg_in_full
 from .scales import TABLE_TO_TEXT, base_scale, task_options, word_init
 from .study import grid
 
@@ -24,7 +25,6 @@ METHODS = {"prefix": ("prefix", {}), "finetune": ("finetune", {}), "finetune-top
 PAPER_E2E = {"prefix": (69.7, 8.81, 46.1, 71.4, 2.49), "finetune": (68.2, 8.62, 46.2, 71.0, 2.47),
              "finetune-top2": (68.1, 8.59, 46.0, 70.8, 2.41), "adapter-0.1%": (66.3, 8.41, 45.0, 69.8, 2.40),
              "adapter-3%": (68.9, 8.71, 46.1, 71.3, 2.47)}
-BEAM_SUBSET = "test-beam-subset"  # the evaluation name of a scale's beam_subset
 E2E_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER")
 
 DOC = """\
@@ -93,6 +93,11 @@ def write_report(run):
     sections = ["## Results\n\n" + R.md_table(header, rows) + f"\n\n![main]({R.rel(figure, run.out_dir)})\n"]
     if "e2e" in run.lines:
         sections.append(e2e_in_full(run.lines["e2e"]))
+    if "webnlg" in run.lines:
+        verdicts.append(extrapolation_claim(run.lines["webnlg"]))
+        sections.append(webnlg_in_full(run.lines["webnlg"]))
+    if "dart" in run.lines:
+        sections.append(dart_in_full(run.lines["dart"]))
     return R.assemble(run, TITLE, DOC, verdicts, sections)
 
 
