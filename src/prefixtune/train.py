@@ -24,6 +24,7 @@ from .data import load_task, sample_pairs, training_pairs
 from .data.collate import Collator, encode_pair, length_grouped_batches
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
+from .tracking import TrainingLog
 from .train_config import TrainConfig
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
@@ -145,11 +146,12 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(EXPORT_FILES)}")
     out_dir = Path(config.output_dir)
     check_output_dir(out_dir, resume, overwrite)
+    watch = TrainingLog(config.report_to, out_dir, asdict(config))  # a missing tracker fails before data or model load
     if train_pairs is None:  # data before the model: a wrong path fails in a second, not after loading
         train_pairs, dev_pairs = load_pairs(config)
     if not train_pairs:
         raise ValueError("no training examples")
-    accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu")
+    accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu", **watch.accelerator_kwargs())
     set_seed(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model)
@@ -247,6 +249,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
                             "state": copy.deepcopy(accelerator.unwrap_model(module).state_dict())}
                 history.append({k: v for k, v in logs.items()})
                 stopped_early = early_stop_due(history, best["step"], config.early_stop_patience)
+            watch.step(accelerator, logs, history)  # trackers and loss_curve.png at each evaluation
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
                             **({"dev": f"{logs['dev_loss']:.3f}"} if logs.get("dev_loss") is not None else {}))
@@ -259,6 +262,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     final_dev = history[-1].get("dev_loss") if history else None
     stop_reason = "early_stop" if stopped_early else ("step_limit" if config.max_steps else "epoch_limit")
     save_checkpoint()
+    watch.finish(accelerator, history, best["step"])
     # Keep the best step: the exported prefix comes from the lowest dev loss seen.
     if best["state"] is not None:
         accelerator.unwrap_model(module).load_state_dict(best["state"])

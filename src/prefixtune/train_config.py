@@ -41,6 +41,7 @@ class TrainConfig:
     adapter_budget: float = 0.001        # adapter: a fraction of the base model's parameters (0.001 / 0.03)
     export: bool = True                  # write the trained artefact at the end (experiments skip it)
     device: str = "auto"                 # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    report_to: str = "none"              # accelerate trackers: tensorboard, wandb, mlflow, ... (comma list) | all | none
 
     def __post_init__(self):  # refuse a bad option before loading anything (not a ZeroDivisionError later)
         for name in ("batch_size", "prefix_len", "max_source_len", "max_target_len"):

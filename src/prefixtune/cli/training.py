@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..tracking import REPORT_TO_HELP
 from ..train_config import TrainConfig
 from .app import DATA_HELP, _device_option, _fail, _task_options, app
 
@@ -50,6 +51,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT_DIR/checkpoint.pt"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in OUTPUT_DIR"),
     device: str = _device_option(),
+    report_to: str = typer.Option(TRAIN.report_to, help=REPORT_TO_HELP),
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
     (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
@@ -63,7 +65,7 @@ def train(
             batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
             weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
             save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
-            template=template, adapter_budget=adapter_budget, device=device)
+            template=template, adapter_budget=adapter_budget, device=device, report_to=report_to)
         result = run_train(config, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
@@ -109,6 +111,7 @@ def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file,
     """Show an exported prefix's (or another method's weights') metadata and shapes."""
     from ..exported import describe, find_export
     from ..prefix_file import PrefixFileError, readable_metadata
+    from ..tracking import CURVE_FILE, LOG_DIR
 
     try:
         metadata, shapes = describe(find_export(prefix))
@@ -117,4 +120,8 @@ def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file,
     meta = readable_metadata({k: v for k, v in metadata.items() if k != "train_config"})
     meta["shapes"] = shapes if len(shapes) <= 20 else f"{len(shapes)} tensors"
     meta["params"] = sum(math.prod(shape) for shape in shapes.values())
+    if (prefix / CURVE_FILE).is_file():  # a training directory: where to look at its losses
+        meta["loss_curve"] = str(prefix / CURVE_FILE)
+    if (prefix / LOG_DIR).is_dir():
+        meta["tracker_logs"] = str(prefix / LOG_DIR)
     typer.echo(json.dumps(meta, indent=2))

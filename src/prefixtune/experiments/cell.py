@@ -105,7 +105,7 @@ class Cell:
     def config(self, scale: Scale, model_name: str) -> dict:
         """Every value that decides this cell's numbers (the id is a hash of it)."""
         train = asdict(self.train_config(scale, model_name, "."))
-        for k in ("output_dir", "data_dir", "export", "save_every", "device"):  # where, not what: not in the id
+        for k in ("output_dir", "data_dir", "export", "save_every", "device", "report_to"):  # where, not what: not in the id
             train.pop(k, None)
         for k, default in ID_NEUTRAL_DEFAULTS.items():  # settings added later leave older ids (and reports) valid
             if train.get(k) == default:
