@@ -72,6 +72,7 @@ def test_study_runs_end_to_end_and_resumes(name, task, tmp_path):
         for key in ("config", "metrics", "trainable_pct", "steps", "tokens_per_s", "elapsed_s", "hypotheses"):
             assert key in line
         assert line["config"]["train"]["method"] == line["method"]
+        assert (out / line["curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the cell's loss curve outlives .work
         for path in line["hypotheses"].values():
             hyps = (out / path).read_text().split("\n")
             assert len(hyps) >= line["test_sizes"][next(iter(line["test_sizes"]))]

@@ -25,9 +25,11 @@ from typing import Callable
 
 from ..data import Record, load_task, sample_pairs, training_pairs
 from ..atomic import atomic_write_bytes
+from ..tracking import CURVE_FILE
 from .cell import Cell, Scale
 
 CELLS_FILE = "cells.jsonl"
+CURVES_DIR = "curves"  # OUT/curves/<cell id>.png: each cell's train and dev loss
 PRIMARY = {"e2e": "BLEU", "webnlg": "BLEU", "dart": "BLEU", "xsum": "ROUGE_2"}
 FALLBACK = {"BLEU": "sacreBLEU"}
 class CellStore:
@@ -165,6 +167,10 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
     pairs = sample_pairs(training_pairs(train_records), cell.train_size, seed=cell.sample)
     dev_pairs = sample_pairs(training_pairs(dev_records), config.dev_size, seed=cell.sample) if config.dev_size else []
     result = train(config, model, tokenizer, pairs, dev_pairs, resume=True, progress=False)
+    curve = Path(CURVES_DIR) / f"{cell_id}.png"  # the run's loss curve outlives its work dir: a reading can cite it
+    if (work / CURVE_FILE).is_file():
+        (ctx.out_dir / CURVES_DIR).mkdir(parents=True, exist_ok=True)
+        os.replace(work / CURVE_FILE, ctx.out_dir / curve)
     method = result.method
     train_s = time.perf_counter() - started
 
@@ -211,6 +217,7 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
         "final_dev_loss": result.final_dev_loss, "tokens_per_s": result.tokens_per_s,
         "stop_reason": result.stop_reason, "epochs_run": result.epochs_run,
         "dev_history": [[h["step"], h["dev_loss"]] for h in result.history if h.get("dev_loss") is not None],
+        **({"curve": str(curve)} if (ctx.out_dir / curve).is_file() else {}),
         "train_s": round(train_s, 2), "decode_s": round(decode_s, 2),
         "elapsed_s": round(time.perf_counter() - started, 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
