@@ -98,9 +98,14 @@ def experiment(
                                                          "same ids are copied in, not run again (e.g. its sweep)"),
     rates_from: Optional[Path] = typer.Option(None, help="another study directory: every configuration trains at "
                                                          "the rate its sweep chose there, with no sweep here"),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS",
+                                      help="run every cell as a Ray task (needs `pip install 'prefixtune[ray]'`): "
+                                           "local (start Ray on this machine), auto (the cluster this machine "
+                                           "joined) or HOST:6379 / ray://HOST:10001; --threads: CPUs per cell"),
 ):
     """Run a study (resuming finished cells from OUT/cells.jsonl) and write OUT/report.md with PNG figures."""
     from ..experiments import run_experiment
+    from ..experiments.ray_runner import CellDied
 
     if threads:
         import torch
@@ -113,7 +118,7 @@ def experiment(
             typer.echo(json.dumps(write_summary(out or Path("reports/table1"))))
             return
         result = run_experiment(name, task, scale, out, model, data_dir, report_only=report_only, epochs=epochs,
-                                reuse_from=reuse_from, rates_from=rates_from)
-    except (ValueError, FileNotFoundError) as e:
+                                reuse_from=reuse_from, rates_from=rates_from, ray=ray or False, threads=threads or 1)
+    except (ValueError, FileNotFoundError, CellDied) as e:
         _fail(str(e))
     typer.echo(json.dumps(result))

@@ -34,6 +34,7 @@ class StudyRun:
     lines: dict = field(default_factory=dict)      # task -> list of JSONL lines (cell order)
     planned: dict = field(default_factory=dict)    # task -> number of cells in the plan
     sweeps: dict = field(default_factory=dict)     # task -> learning-rate sweep rows (scales with a sweep)
+    retried: dict = field(default_factory=dict)    # cell id -> attempts, for cells whose Ray task died and ran again
 
 
 def command_line(name: str, task: str | None, scale: str, out, model: str | None, data_dir: str | None,
@@ -71,14 +72,19 @@ def resolve_tasks(study: Study, task: str | None) -> list[str]:
 def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: str | Path | None = None,
                    model: str | None = None, data_dir: str | None = None, *, model_obj=None, tokenizer=None,
                    loader=None, progress: bool = True, report_only: bool = False, epochs: float | None = None,
-                   reuse_from: str | Path | None = None, rates_from: str | Path | None = None) -> dict:
-    """Run (or resume) a study and write its report; returns {"report", "cells", "ran", "planned"}.
+                   reuse_from: str | Path | None = None, rates_from: str | Path | None = None,
+                   ray: bool | str = False, threads: int = 1) -> dict:
+    """Run (or resume) a study and write its report; returns {"report", "cells", "ran", "planned", "retried"}.
 
     `epochs`: the final cells' epoch limit instead of the scale's (sweep runs are step-bounded and keep
     their ids). `reuse_from`: another study directory whose finished cells with the same ids are copied
     in instead of being run again (a 10-epoch study reuses the 5-epoch study's learning-rate sweep).
     `rates_from`: another study directory whose final cells' learning rates (chosen by its sweep) every
     configuration of this one uses, with no sweep of its own (WebNLG and DART at E2E's rates).
+
+    `ray`: run the cells as Ray tasks (`ray_runner.py`): True starts Ray on this machine (or joins
+    `$RAY_ADDRESS`), a string is a cluster's address; each task asks for `threads` CPUs (or a GPU where the
+    cluster has them). "retried": the study's cells whose Ray task died and ran again.
 
     `model_obj`/`tokenizer`: an already loaded model (the tests pass a tiny one); `loader`:
     (task, split, **options) -> records, instead of the data directory.
@@ -92,6 +98,10 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
         raise ValueError(f"study {name!r} has no converged scale; it runs for {', '.join(CONVERGED)}")
     if epochs is not None and not epochs > 0:
         raise ValueError(f"--epochs must be > 0, got {epochs}")
+    if ray and not report_only:  # before anything loads: a missing Ray is one line naming the extra
+        from .ray_runner import require_ray
+
+        require_ray()
     tasks = resolve_tasks(study, task)
     out_dir = Path(out or Path("reports") / name)
     reused = CellStore(Path(reuse_from) / CELLS_FILE).load() if reuse_from is not None else {}
@@ -130,7 +140,12 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
         if not report_only:
             complete = lambda done, cells=cells, s=s, chosen=chosen: all(
                 g.chosen is not None for g in sweep.plan(cells, s, done, chosen)[2])
-            run_cells(planner, ctx, f"{name} {t}", complete=complete)
+            if ray:
+                from .ray_runner import run_cells_on_ray
+
+                run_cells_on_ray(planner, ctx, f"{name} {t}", None if ray is True else ray, cpus_per_cell=threads)
+            else:
+                run_cells(planner, ctx, f"{name} {t}", complete=complete)
             if ctx.model is not None:
                 models[chosen] = (ctx.model, ctx.tokenizer)
         done = store.load()
@@ -141,9 +156,11 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
         if groups:
             run.sweeps[t] = sweep.sweep_rows(groups, s, done, chosen)
         run.contexts[t], run.lines[t] = ctx, lines
+    run.retried = {i: line["attempts"] for i, line in CellStore(out_dir / CELLS_FILE).load().items()
+                   if line.get("attempts", 1) > 1}
     report = study.write_report(run)
     return {"report": str(report), "cells": sum(len(v) for v in run.lines.values()), "ran": ran,
-            "planned": sum(run.planned.values())}
+            "planned": sum(run.planned.values()), "retried": len(run.retried)}
 
 
 def chosen_rates(lines: dict[str, dict], source) -> dict[str, float]:

@@ -240,6 +240,10 @@ def assemble(run, title: str, doc: str, verdicts: list[Verdict], sections: list[
         parts.append(f"**{task}** — {len(lines)} cells, {hours:.2f} h of compute in all "
                      f"({'%.0f' % (hours * 3600 / len(lines)) if lines else '–'} s per cell on average).\n")
         parts.append(scale_table(ctx.scale, ctx.model_name, (notes or {}).get(task, [])) + "\n")
+    retried = getattr(run, "retried", {})
+    if retried:  # Ray: a task whose worker or node died ran again (its numbers are those of the attempt that finished)
+        parts.append(f"{len(retried)} cell(s) ran again after their Ray task died: "
+                     + ", ".join(f"`{i}` ({n} attempts)" for i, n in sorted(retried.items())) + ".\n")
     parts.append("## Every cell\n")
     parts.append("Each row is one line of `cells.jsonl` (same `id`), which also holds the full configuration, "
                  "every metric, the dev losses and timings; `hypotheses/` holds each cell's generations.\n")

@@ -1,0 +1,131 @@
+"""A study on a local Ray (`--ray`): the same cells and numbers as today's workers, a dead task retried and
+counted, a resumed study running only its missing cells, and one `error:` line where Ray is missing."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+torch.set_num_threads(1)
+
+from conftest import ByteTokenizer, tiny_model
+from prefixtune.cli import app
+from test_experiments import lines_of, synthetic
+
+TESTS = Path(__file__).resolve().parent
+NUMBERS = ("metrics", "primary", "best_dev_loss", "final_dev_loss", "best_step", "steps", "dev_history", "lr",
+           "train_pairs", "config", "test_sizes", "stop_reason")
+
+
+class DiesOnce:
+    """The synthetic loader, except that the first task to call it kills its worker process (as an OOM kill or a
+    lost node would): the marker file says whether that has happened."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __call__(self, task, split, **options):
+        if not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return synthetic(task, split, **options)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    # workers import this module (the loader) and prefixtune: they inherit the environment at ray.init
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), *sys.path) if p)
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024 ** 2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = saved
+
+
+def run_lowdata_with_a_sweep(out, monkeypatch, **kw):
+    """lowdata at tiny scale with a learning-rate sweep: the final cells join the plan only once the sweep has
+    finished, so a driver that did not re-plan as tasks finish would stop short."""
+    from prefixtune.experiments import lowdata, run_experiment
+
+    tiny = lowdata.make_scale("tiny", "e2e")
+    swept = replace(tiny, lr_sweep={"prefix": (1e-3, 3e-2), "finetune": (1e-4, 1e-3)}, sweep_size=6,
+                    early_stop_patience=1, eval_every=1)
+    monkeypatch.setattr(lowdata, "make_scale", lambda scale, task: swept)
+    kw.setdefault("loader", synthetic)
+    return run_experiment("lowdata", "e2e", "tiny", out=out, model_obj=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                          progress=False, **kw)
+
+
+def by_id(out):
+    return {line["id"]: line for line in lines_of(out)}
+
+
+def assert_same_cells(workers_out, ray_out):
+    a, b = by_id(workers_out), by_id(ray_out)
+    assert sorted(a) == sorted(b)
+    for cell_id, line in a.items():
+        for key in NUMBERS:
+            assert b[cell_id][key] == line[key], (cell_id, key)
+        for rel in line["hypotheses"].values():
+            assert (ray_out / rel).read_text() == (workers_out / rel).read_text()
+        assert (ray_out / b[cell_id]["curve"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_study_on_local_ray_equals_todays_workers(local_ray, tmp_path, monkeypatch):
+    workers = run_lowdata_with_a_sweep(tmp_path / "workers", monkeypatch)
+    assert workers["ran"] == 6 and workers["retried"] == 0
+
+    out = tmp_path / "ray"
+    marker = tmp_path / "died"
+    result = run_lowdata_with_a_sweep(out, monkeypatch, ray=True, loader=DiesOnce(marker))
+    assert marker.exists()  # a task did die ...
+    assert result["ran"] == 6 and result["cells"] == workers["cells"] == 4
+    assert_same_cells(tmp_path / "workers", out)  # ... and the study is the same, cell for cell
+    attempts = [line["attempts"] for line in lines_of(out)]
+    assert sorted(attempts) == [1] * 5 + [2] and result["retried"] == 1
+    report = (out / "report.md").read_text()
+    assert "1 cell(s) ran again after their Ray task died" in report
+    assert not (out / ".work").exists()  # tasks work in their node's scratch space; the driver writes OUT
+
+    # resume: the final cells' lines are lost; only they run again
+    kept = [json.dumps(l, sort_keys=True) for l in lines_of(out) if l["train_size"] == 6]
+    (out / "cells.jsonl").write_text("\n".join(kept) + "\n")
+    again = run_lowdata_with_a_sweep(out, monkeypatch, ray=True)
+    assert again["ran"] == 2
+    assert_same_cells(tmp_path / "workers", out)
+
+
+class Broken(ValueError):
+    pass
+
+
+def broken_loader(task, split, **options):
+    if split == "test":
+        raise Broken("no test split here")
+    return synthetic(task, split, **options)
+
+
+def test_a_cell_that_raises_is_not_retried_and_its_error_comes_back(local_ray, tmp_path, monkeypatch):
+    with pytest.raises(Broken, match="no test split here"):
+        run_lowdata_with_a_sweep(tmp_path / "broken", monkeypatch, ray=True, loader=broken_loader)
+    assert not (tmp_path / "broken" / "cells.jsonl").exists()
+
+
+def test_ray_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    result = CliRunner().invoke(app, ["experiment", "lowdata", "--scale", "tiny", "--out", str(tmp_path / "study"),
+                                      "--model", "/no/such/model-dir", "--ray", "local"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "pip install 'prefixtune[ray]'" in lines[0]
+    assert not (tmp_path / "study").exists()
