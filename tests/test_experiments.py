@@ -73,6 +73,7 @@ def test_study_runs_end_to_end_and_resumes(name, task, tmp_path):
             assert key in line
         assert line["config"]["train"]["method"] == line["method"]
         assert (out / line["curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the cell's loss curve outlives .work
+        assert f"[curve]({line['curve']})" in report
         for path in line["hypotheses"].values():
             hyps = (out / path).read_text().split("\n")
             assert len(hyps) >= line["test_sizes"][next(iter(line["test_sizes"]))]

@@ -138,3 +138,32 @@ def test_every_tracker_names_an_extra_that_installs_it():
         assert extra in extras, name
         wanted = {req.split(">")[0].split("<")[0].split("=")[0].strip().replace("-", "_") for req in extras[extra]}
         assert wanted & set(modules), (name, extras[extra])
+
+
+def test_a_tracker_that_does_not_start_is_a_value_error_naming_it(tmp_path):
+    from prefixtune.tracking import TrainingLog
+
+    class NotLoggedIn:  # what an Accelerator with a W&B tracker does without a login
+        trackers, is_main_process = [], True
+
+        def init_trackers(self, *args, **kwargs):
+            raise RuntimeError("api key not configured")
+
+    watch = TrainingLog("none", tmp_path)
+    watch.trackers = ["wandb"]  # as if installed
+    with pytest.raises(ValueError, match="--report-to wandb: the tracker did not start: RuntimeError: api key"):
+        watch.step(NotLoggedIn(), {"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0}, [])
+
+
+def test_a_reused_cell_brings_its_curve(tmp_path):
+    from prefixtune.experiments import copy_reused
+    from prefixtune.experiments.runner import CellStore
+
+    source = tmp_path / "sweep-study"
+    line = {"id": "abc", "hypotheses": {"test": "hypotheses/abc.test.txt"}, "curve": "curves/abc.png"}
+    (source / "hypotheses").mkdir(parents=True)
+    (source / "hypotheses" / "abc.test.txt").write_text("a sentence\n")
+    write_loss_curve([{"step": 1, "loss": 1.0, "dev_loss": 1.1}], 1, source / "curves" / "abc.png")
+    store = CellStore(tmp_path / "study" / "cells.jsonl")
+    assert copy_reused(store, lambda done: ["abc"], {"abc": line}, source) == 1
+    assert (tmp_path / "study" / "curves" / "abc.png").read_bytes() == (source / "curves" / "abc.png").read_bytes()

@@ -99,9 +99,13 @@ class TrainingLog:
 
     def _start(self, accelerator):
         if self.trackers and not self.started:
-            accelerator.init_trackers(PROJECT, {k: _hparam(v) for k, v in self.run_config.items()},
-                                      init_kwargs={"wandb": {"name": self.out_dir.name},
-                                                   "mlflow": {"run_name": self.out_dir.name}})
+            try:
+                accelerator.init_trackers(PROJECT, {k: _hparam(v) for k, v in self.run_config.items()},
+                                          init_kwargs={"wandb": {"name": self.out_dir.name},
+                                                       "mlflow": {"run_name": self.out_dir.name}})
+            except Exception as e:  # not logged in, no server: one line, not the tracker's traceback
+                raise ValueError(f"--report-to {','.join(self.trackers)}: the tracker did not start: "
+                                 f"{type(e).__name__}: {e}") from e
         self.started = True
 
     def step(self, accelerator, logs: dict, history: list[dict]):

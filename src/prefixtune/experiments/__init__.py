@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import ablation, extrapolation, init_study, lowdata, main_table, prefix_length, sweep
 from .cell import Cell, Scale
-from .runner import CELLS_FILE, CellStore, Context, run_cells
+from .runner import CELLS_FILE, CellStore, Context, line_files, run_cells
 from .scales import SCALES, default_model
 from .study import Study
 
@@ -188,8 +188,8 @@ def with_rates(scale: Scale, cells: list[Cell], rates: dict[str, float], source)
 
 def copy_reused(store: CellStore, planned_ids, reused: dict[str, dict], source: Path) -> int:
     """Append to `store` every line of `reused` (from study directory `source`) whose id the plan holds and the
-    store lacks, with its hypothesis files. The plan grows as lines arrive (a finished sweep adds its final
-    cells), so `planned_ids(done)` is asked again until nothing new is found. Returns the lines copied."""
+    store lacks, with its hypothesis files and loss curve. The plan grows as lines arrive (a finished sweep adds
+    its final cells), so `planned_ids(done)` is asked again until nothing new is found. Returns the lines copied."""
     from ..atomic import atomic_write_bytes
 
     copied = 0
@@ -199,7 +199,7 @@ def copy_reused(store: CellStore, planned_ids, reused: dict[str, dict], source: 
         if not new:
             return copied
         for i in new:
-            for rel in reused[i].get("hypotheses", {}).values():
+            for rel in line_files(reused[i]):
                 atomic_write_bytes(store.path.parent / rel, (source / rel).read_bytes())
             store.append(reused[i])
         copied += len(new)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..atomic import atomic_write_bytes
 from .cell import Cell, Scale
-from .runner import CELLS_FILE, CellStore, Context, Loader, run_cell
+from .runner import CELLS_FILE, CellStore, Context, Loader, line_files, run_cell
 
 RAY_EXTRA = "pip install 'prefixtune[ray]'"
 
@@ -76,11 +76,6 @@ def run_cell_task(task: CellTask, cell: Cell, cell_id: str, model_and_tokenizer=
     files = {rel: (scratch / rel).read_bytes() for rel in line_files(line)}
     shutil.rmtree(scratch, ignore_errors=True)
     return line, files
-
-
-def line_files(line: dict) -> list[str]:
-    """The files a cell's line points at, relative to the study directory."""
-    return [*line.get("hypotheses", {}).values(), *([line["curve"]] if line.get("curve") else [])]
 
 
 def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: str, address: str | None = None,

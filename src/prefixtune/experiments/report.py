@@ -117,14 +117,16 @@ def verdict_table(verdicts: list[Verdict]) -> str:
 def cells_table(lines: list[dict], metric_names: dict[str, str]) -> str:
     """Every cell: its id, configuration, metric(s) and cost; the report's numbers come from these rows."""
     header = ["cell", "label", "train size", "sample", "seed"] + [f"{e}: {m}" for e, m in metric_names.items()] + \
-             ["dev loss", "trainable %", "shipped %", "steps", "stopped by", "tokens/s", "elapsed s", "hypotheses"]
+             ["dev loss", "trainable %", "shipped %", "steps", "stopped by", "tokens/s", "elapsed s",
+              "hypotheses, curve"]
     rows = []
     for line in lines:
         metrics = []
         for e, m in metric_names.items():
             value = line["metrics"].get(e, {}).get(m)
             metrics.append("–" if value is None else f"{value:.2f}")
-        hyps = ", ".join(f"[{e}]({p})" for e, p in line["hypotheses"].items())
+        hyps = ", ".join([*(f"[{e}]({p})" for e, p in line["hypotheses"].items()),
+                          *([f"[curve]({line['curve']})"] if line.get("curve") else [])])  # its loss curve, linkable
         dev_loss = line.get("best_dev_loss")  # none when a cell trains without a dev set
         rows.append([f"`{line['id']}`", line["label"], line["train_size"] if line["train_size"] else "all",
                      line["sample"], line["seed"], *metrics, "–" if dev_loss is None else f"{dev_loss:.3f}",

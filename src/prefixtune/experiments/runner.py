@@ -145,6 +145,11 @@ def primary_metric(task: str, lines: list[dict], evaluation: str = "test") -> st
     return FALLBACK.get(name, name)
 
 
+def line_files(line: dict) -> list[str]:
+    """The files a cell's line points at (its hypotheses, its loss curve), relative to the study directory."""
+    return [*line.get("hypotheses", {}).values(), *([line["curve"]] if line.get("curve") else [])]
+
+
 EVAL_DECODING = "decoding"  # key of an evaluation's options that overrides the scale's beams and test size
 
 
