@@ -40,16 +40,19 @@ class DiesOnce:
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    # workers import this module (the loader) and prefixtune: they inherit the environment at ray.init
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), *sys.path) if p)
+    # workers import this module (the loader) and prefixtune: they inherit the environment at ray.init. Ray's
+    # memory monitor stays off: on a busy machine it could kill a task, a death the test did not plan.
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), *sys.path) if p), "RAY_memory_monitor_refresh_ms": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024 ** 2, log_to_driver=False)
     yield ray
     ray.shutdown()
-    if saved is None:
-        os.environ.pop("PYTHONPATH")
-    else:
-        os.environ["PYTHONPATH"] = saved
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k)
+        else:
+            os.environ[k] = v
 
 
 def run_lowdata_with_a_sweep(out, monkeypatch, **kw):
