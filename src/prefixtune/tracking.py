@@ -79,7 +79,8 @@ def log_user_dev_losses(accelerator, step: int, losses: dict[str, float]):
 
 class TrainingLog:
     """What `train` calls to be watched: the Accelerator's tracker arguments, one `step` call per optimiser step,
-    and `finish` at the end. It keeps no state that a resume needs: the curve is drawn from the run's history."""
+    and `finish` at the end. The curve is drawn from the run's history, which checkpoints keep; the train-loss mean
+    is not checkpointed, so after a resume the first one covers the steps since the checkpoint."""
 
     def __init__(self, report_to: str | None, out_dir: str | Path, run_config: dict | None = None):
         self.trackers = check_trackers(report_to)  # before the model loads: a missing tracker fails in a second
