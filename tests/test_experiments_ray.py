@@ -132,3 +132,21 @@ def test_ray_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, monkey
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "pip install 'prefixtune[ray]'" in lines[0]
     assert not (tmp_path / "study").exists()
+
+
+def always_dies(task, split, **options):
+    os._exit(1)
+
+
+def test_a_cell_whose_task_keeps_dying_stops_the_study_with_one_message(local_ray, tmp_path):
+    from prefixtune.experiments import lowdata
+    from prefixtune.experiments.ray_runner import CellDied, run_cells_on_ray
+    from prefixtune.experiments.runner import Context
+
+    scale = lowdata.make_scale("tiny", "e2e")
+    cell = lowdata.make_cells("e2e", scale)[0]
+    ctx = Context(tmp_path, scale, "tiny-llama", model=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                  loader=always_dies, progress=False)
+    with pytest.raises(CellDied, match=rf"cell {cell.id(scale, 'tiny-llama')} \(prefix\) died 2 times"):
+        run_cells_on_ray(lambda done: [cell], ctx, "dies", retries=1)
+    assert not (tmp_path / "cells.jsonl").exists()
