@@ -150,3 +150,20 @@ def test_a_cell_whose_task_keeps_dying_stops_the_study_with_one_message(local_ra
     with pytest.raises(CellDied, match=rf"cell {cell.id(scale, 'tiny-llama')} \(prefix\) died 2 times"):
         run_cells_on_ray(lambda done: [cell], ctx, "dies", retries=1)
     assert not (tmp_path / "cells.jsonl").exists()
+
+
+def test_a_cluster_that_cannot_be_joined_is_one_line(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+
+    def no_cluster(address=None, **kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    result = CliRunner().invoke(app, ["experiment", "lowdata", "--scale", "tiny", "--out", str(tmp_path / "study"),
+                                      "--model", "/no/such/model-dir", "--ray", "10.0.0.9:6379"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --ray 10.0.0.9:6379: could not start or join Ray: "
+                                                   "Failed to connect to Ray cluster at 10.0.0.9:6379"), lines
+    assert not (tmp_path / "study" / "cells.jsonl").exists()

@@ -92,7 +92,13 @@ def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: 
     ray = require_ray()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError) as e:  # no cluster there, or its token is missing: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"--ray {address or 'local'}: could not start or join Ray: {first} (a cluster with "
+                             f"token authentication needs RAY_AUTH_MODE=token and its token; docs/experiments.md)") \
+                from e
     if gpus_per_cell is None:
         gpus_per_cell = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     remote = ray.remote(run_cell_task).options(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)
