@@ -45,7 +45,9 @@ def local_ray():
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), *sys.path) if p), "RAY_memory_monitor_refresh_ms": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024 ** 2, log_to_driver=False)
+    # "local": a new instance even where `ray start` left a cluster (ray.init() would join it)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024 ** 2,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
     for k, v in saved.items():
