@@ -82,9 +82,9 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
     `rates_from`: another study directory whose final cells' learning rates (chosen by its sweep) every
     configuration of this one uses, with no sweep of its own (WebNLG and DART at E2E's rates).
 
-    `ray`: run the cells as Ray tasks (`ray_runner.py`): True starts Ray on this machine (or joins
-    `$RAY_ADDRESS`), a string is a cluster's address; each task asks for `threads` CPUs (or a GPU where the
-    cluster has them). "retried": the study's cells whose Ray task died and ran again.
+    `ray`: run the cells as Ray tasks (`ray_runner.py`): an address ("local": a new Ray on this machine; "auto",
+    "HOST:6379") or True (`ray.init()`'s own choice: `$RAY_ADDRESS`, a cluster that `ray start` began here, else
+    a new one); each task asks for `threads` CPUs (or a GPU where the cluster has them). "retried": the study's cells whose Ray task died and ran again.
 
     `model_obj`/`tokenizer`: an already loaded model (the tests pass a tiny one); `loader`:
     (task, split, **options) -> records, instead of the data directory.

@@ -82,8 +82,8 @@ def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: 
                      retries: int = 2, cpus_per_cell: int = 1, gpus_per_cell: float | None = None) -> dict:
     """Run the plan's unfinished cells as Ray tasks until the plan has none left; returns every finished line by id.
 
-    `address`: a running cluster ("auto", "HOST:6379", "ray://HOST:10001"); None starts Ray on this machine
-    (or joins `$RAY_ADDRESS`) unless this process has already called `ray.init`. `gpus_per_cell`: default 1
+    `address`: "local" (a new Ray on this machine), a running cluster ("auto", "HOST:6379", "ray://HOST:10001"),
+    or None (`ray.init()`'s own choice); a Ray this process has already started is used as it is. `gpus_per_cell`: default 1
     when the cluster has GPUs, else 0. A model loaded in `ctx` (the tests' tiny one) is shipped to the tasks;
     otherwise each worker loads `ctx.model_name` itself.
     """
