@@ -84,7 +84,8 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
 
     `ray`: run the cells as Ray tasks (`ray_runner.py`): an address ("local": a new Ray on this machine; "auto",
     "HOST:6379") or True (`ray.init()`'s own choice: `$RAY_ADDRESS`, a cluster that `ray start` began here, else
-    a new one); each task asks for `threads` CPUs (or a GPU where the cluster has them). "retried": the study's cells whose Ray task died and ran again.
+    a new one); each task asks for `threads` CPUs (or a GPU where the cluster has them). "retried": the study's
+    cells whose Ray task died and ran again.
 
     `model_obj`/`tokenizer`: an already loaded model (the tests pass a tiny one); `loader`:
     (task, split, **options) -> records, instead of the data directory.

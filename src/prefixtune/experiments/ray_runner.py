@@ -16,6 +16,7 @@ the error is raised.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,9 @@ def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: 
     """Run the plan's unfinished cells as Ray tasks until the plan has none left; returns every finished line by id.
 
     `address`: "local" (a new Ray on this machine), a running cluster ("auto", "HOST:6379", "ray://HOST:10001"),
-    or None (`ray.init()`'s own choice); a Ray this process has already started is used as it is. `gpus_per_cell`: default 1
-    when the cluster has GPUs, else 0. A model loaded in `ctx` (the tests' tiny one) is shipped to the tasks;
-    otherwise each worker loads `ctx.model_name` itself.
+    or None (`ray.init()`'s own choice); a Ray this process has already started is used as it is.
+    `gpus_per_cell`: default 1 when the cluster has GPUs, else 0. A model loaded in `ctx` (the tests' tiny one)
+    is shipped to the tasks; otherwise each worker loads `ctx.model_name` itself.
     """
     from tqdm.auto import tqdm
 
@@ -134,11 +135,12 @@ def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: 
                     continue
                 except ray.exceptions.RayError as e:  # its worker process or node died
                     if attempt > retries:
+                        why = (str(e).strip().splitlines() or [""])[0][:300]
                         failure = failure or CellDied(f"cell {cell_id} ({cell.label}) died {attempt} times; "
-                                                      f"last: {type(e).__name__}: {str(e)[:300]}")
-                    else:
+                                                      f"last: {type(e).__name__}: {why}")
+                    else:  # on stderr, with the progress bar: stdout carries the command's JSON
                         bar.write(f"cell {cell_id} ({cell.label}): its task died ({type(e).__name__}); "
-                                  f"retry {attempt} of {retries}")
+                                  f"retry {attempt} of {retries}", file=sys.stderr)
                         submit(cell_id, cell, attempt + 1)
                     continue
                 for rel, data in files.items():  # the files first: a line in the store points at whole files
