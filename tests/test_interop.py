@@ -525,3 +525,79 @@ def test_smollm2_round_trip_logits_and_peft_generate(tmp_path):
     for t in range(len(ours)):  # our tokens are PEFT's forward-pass argmax, teacher-forced
         assert int(peft_logits(pm, rows[0] + ours[:t])[-1].argmax()) == ours[t]
     assert theirs[0, len(rows[0]):].tolist() == bare[0, len(rows[0]):].tolist() != ours
+
+
+# -- issue 21: archives are parsed within a bound, and refusals name their reason ------------------
+def _tar_declaring_long_name(size: int, compress) -> bytes:
+    """A tar whose first header is a GNU long name (type L) of `size` bytes, all of them present."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, size
+    pieces = [compress.compress(info.tobuf(format=tarfile.GNU_FORMAT))]
+    chunk = b"a" * (1 << 20)
+    for _ in range(size >> 20):
+        pieces.append(compress.compress(chunk))
+    return b"".join(pieces) + compress.flush()
+
+
+@pytest.mark.parametrize("kind", ["L", "x"])
+def test_a_tar_whose_long_name_or_pax_header_is_huge_is_refused_before_it_is_read(monkeypatch, kind):
+    import bz2
+    import tracemalloc
+
+    from prefixtune.interop import folders
+
+    size = 64 << 20
+    if kind == "L":
+        data = _tar_declaring_long_name(size, bz2.BZ2Compressor(9))
+    else:  # a pax header of the same size: tarfile reads it whole as well
+        info = tarfile.TarInfo("./PaxHeaders/x")
+        info.type, info.size = tarfile.XHDTYPE, size
+        compress = bz2.BZ2Compressor(9)
+        data = b"".join([compress.compress(info.tobuf(format=tarfile.USTAR_FORMAT))]
+                        + [compress.compress(b"9" * (1 << 20)) for _ in range(size >> 20)]) + compress.flush()
+    assert len(data) < 4096  # a few hundred bytes on the wire
+    readers = []
+
+    class Counting(folders.BoundedReader):
+        def __init__(self, *args):
+            super().__init__(*args)
+            readers.append(self)
+
+    monkeypatch.setattr(folders, "BoundedReader", Counting)
+    spec = model_spec(tiny_model("llama"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(PrefixFileError, match="header declares 67108864 bytes; the limit is 65536"):
+            archive_to_prefix_bytes(data, spec, 16 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(readers) == 1 and readers[0].read_bytes == tarfile.BLOCKSIZE  # its header, nothing after it
+    assert peak < 4 << 20, f"parsing a {len(data)}-byte archive allocated {peak} bytes"
+
+
+def test_a_tar_unpacking_beyond_the_cap_is_refused_and_reasons_are_named(tmp_path):
+    import gzip
+
+    from prefixtune.interop.folders import MAX_MEMBERS, read_archive
+
+    spec = model_spec(tiny_model("llama"))
+    big = io.BytesIO()
+    with tarfile.open(fileobj=big, mode="w:gz") as t:  # a member declared far beyond the cap: refused at its header
+        info = tarfile.TarInfo("junk.bin")
+        info.size = 40 << 20
+        t.addfile(info, io.BytesIO(bytes(info.size)))
+    with pytest.raises(PrefixFileError, match="unpacks to more than"):
+        read_archive(big.getvalue(), 1 << 20, "upload")
+    many = {f"f{i}.txt": b"x" for i in range(MAX_MEMBERS + 1)}
+    for packed in (_zip(many), _tar_gz(many)):
+        with pytest.raises(PrefixFileError, match=f"the limit is {MAX_MEMBERS}|more than {MAX_MEMBERS} members"):
+            archive_to_prefix_bytes(packed, spec, 1 << 20)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a/prefix.safetensors", b"1")
+        z.writestr("b/prefix.safetensors", b"2")
+    for packed in (buf.getvalue(), _tar_gz({"a/prefix.safetensors": b"1", "b/prefix.safetensors": b"2"})):
+        with pytest.raises(PrefixFileError, match="holds prefix.safetensors twice"):
+            archive_to_prefix_bytes(packed, spec, 1 << 20)
+    assert read_archive(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ", 1 << 20, "upload") is None  # a safetensors file

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 from ..bank import PrefixBank, PrefixUnavailable
-from ..interop.folders import archive_to_prefix_bytes, is_archive
+from ..interop.folders import files_to_prefix_bytes, read_archive
 from ..atomic import atomic_write_bytes
 from ..exported import read_header
 from ..prefix_file import FORMAT, TENSOR_PREFIX, PrefixFileError, load_prefix_bytes
@@ -167,10 +167,10 @@ class PrefixStore:
 
     def _unpack(self, data: bytes, name: str) -> bytes:
         """An archived prefix folder (ours or PEFT's) as a prefix file; anything else as it is."""
-        if not is_archive(data):
-            return data
+        source = f"prefix {name!r}"
         try:
-            return archive_to_prefix_bytes(data, self.bank.spec, self.settings.max_upload_bytes, f"prefix {name!r}")
+            files = read_archive(data, self.settings.max_upload_bytes, source)
+            return data if files is None else files_to_prefix_bytes(files, self.bank.spec, source)
         except PrefixFileError as e:
             raise ServeError(400, "invalid_prefix", str(e)) from None
         except Exception as e:  # as in _validate: whatever a hostile archive provokes is the upload's fault
@@ -187,6 +187,9 @@ class PrefixStore:
             raise ServeError(413, "upload_too_large", f"upload of {len(data)} bytes exceeds the limit of "
                                   f"{self.settings.max_upload_bytes} bytes")
         data = self._unpack(data, name)
+        if len(data) > self.settings.max_upload_bytes:  # what is stored counts, not what came (a converted archive)
+            raise ServeError(413, "upload_too_large", f"prefix {name!r} would be stored as {len(data)} bytes, over "
+                                  f"the limit of {self.settings.max_upload_bytes} bytes")
         prefix = self._validate(data, name)
         with self._lock:
             index = self._index.setdefault(tenant, {})
