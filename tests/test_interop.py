@@ -601,3 +601,69 @@ def test_a_tar_unpacking_beyond_the_cap_is_refused_and_reasons_are_named(tmp_pat
         with pytest.raises(PrefixFileError, match="holds prefix.safetensors twice"):
             archive_to_prefix_bytes(packed, spec, 1 << 20)
     assert read_archive(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ", 1 << 20, "upload") is None  # a safetensors file
+
+
+def _peft_files(exported, spec, **config_changes) -> dict[str, bytes]:
+    from safetensors.torch import save
+
+    config, tensors = peft_io.to_peft(exported, spec)
+    dtype = config_changes.pop("dtype", torch.float32)
+    config.update(config_changes)
+    return {"adapter_config.json": json.dumps(config).encode(),
+            "adapter_model.safetensors": save({k: v.to(dtype) for k, v in tensors.items()})}
+
+
+def _store(tmp_path, model, **settings):
+    from prefixtune.serve import ServeSettings
+    from prefixtune.serve.store import PrefixStore
+
+    bank = PrefixBank(model, ByteTokenizer())
+    return PrefixStore(bank, ServeSettings(store_dir=tmp_path / "store", **settings), ["alice"],
+                       reserved=("tiny-llama",), model_names=("tiny-llama",))
+
+
+def test_peft_uploads_are_checked_field_by_field_and_stored_no_larger_than_they_came(tmp_path):
+    from prefixtune.serve.errors import ServeError
+
+    model = tiny_model("llama")
+    spec = model_spec(model)
+    exported = our_prefix(model, seed=1)
+    store = _store(tmp_path, model, max_prefix_len=8)
+    refused = {
+        "seq2seq task with one submodule": ({"task_type": "SEQ_2_SEQ_LM"}, "SEQ_2_SEQ_LM has 2"),
+        "submodules as a boolean": ({"num_transformer_submodules": True}, "num_transformer_submodules must be"),
+        "a string length": ({"num_virtual_tokens": "4"}, "num_virtual_tokens must be an integer"),
+        "a projection flag as text": ({"prefix_projection": "no"}, "prefix_projection must be true or false"),
+        "a dict for the base model": ({"base_model_name_or_path": {"a": 1}}, "base_model_name_or_path must be a"),
+        "a 12 MB base model name": ({"base_model_name_or_path": "m" * (12 << 20)}, "the limit is 65536"),
+        "a 300-character base model name": ({"base_model_name_or_path": "m" * 300}, "at most 256 characters"),
+        "another base model": ({"base_model_name_or_path": "meta-llama/Llama-3.1-8B"}, "not this server's"),
+        "an unknown task": ({"task_type": "TOKEN_CLS"}, "task_type must be one of"),
+    }
+    for label, (changes, message) in refused.items():
+        with pytest.raises(ServeError, match=message) as e:
+            store.put("alice", label.replace(" ", "-"), _zip(_peft_files(exported, spec, **changes)))
+        assert e.value.status == 400, label
+    long_prefix = our_prefix(model, seed=2, length=9)  # over the server's max_prefix_len 8: refused before converting
+    with pytest.raises(ServeError, match="num_virtual_tokens must be an integer >= 1 and at most 8"):
+        store.put("alice", "p", _zip(_peft_files(long_prefix, spec)))
+    assert store.list("alice") == [] and not list((tmp_path / "store").rglob("*.safetensors"))
+
+    upload = _zip(_peft_files(exported, spec, dtype=torch.float16))
+    info, _ = store.put("alice", "half", upload)  # named for this server's model, fp16: kept fp16
+    stored = next((tmp_path / "store").rglob("half.safetensors")).read_bytes()
+    assert load_prefix_bytes(stored, spec).metadata["dtype"] == "float16"
+    assert info.bytes == len(stored) < 2 * len(upload) and info.base_model == "tiny-llama"
+
+    # a prefix of zeros zips small, and its conversion adds metadata: the stored size counts against the limit
+    zeros = ExportedPrefix({"decoder": torch.zeros(64, exported.p["decoder"].shape[1])}, exported.metadata)
+    files = _peft_files(zeros, spec)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for member, data in files.items():
+            z.writestr(member, data)
+    tight = _store(tmp_path / "tight", model, max_upload_bytes=len(files["adapter_model.safetensors"]) + 64)
+    assert len(buf.getvalue()) < tight.settings.max_upload_bytes // 4
+    with pytest.raises(ServeError, match="would be stored as") as e:
+        tight.put("alice", "zeros", buf.getvalue())
+    assert e.value.status == 413 and tight.list("alice") == []

@@ -172,12 +172,16 @@ def archive_to_prefix_bytes(data: bytes, spec: ModelSpec, limit: int, source: st
     return files_to_prefix_bytes(files, spec, source)
 
 
-def files_to_prefix_bytes(files: dict[str, bytes], spec: ModelSpec, source: str = "upload") -> bytes:
-    """The prefix file that an archive's known files (`read_archive`) stand for."""
+def files_to_prefix_bytes(files: dict[str, bytes], spec: ModelSpec, source: str = "upload",
+                          max_prefix_len: int | None = None, base_names: tuple[str, ...] | None = None) -> bytes:
+    """The prefix file that an archive's known files (`read_archive`) stand for. A PEFT adapter is checked
+    against `max_prefix_len` and, given `base_names`, must name one of them (or no base model)."""
     if PREFIX_FILE in files:
         return files[PREFIX_FILE]
     if peft.CONFIG_FILE in files and peft.WEIGHTS_FILE in files:
-        config = peft.parse_config(files[peft.CONFIG_FILE], source)
-        return peft.peft_to_bytes(config, files[peft.WEIGHTS_FILE], spec, source)
+        config = peft.check_config(peft.parse_config(files[peft.CONFIG_FILE], source), source, max_prefix_len)
+        if base_names is not None:
+            peft.check_base_model(config, base_names, source)
+        return peft.peft_to_bytes(config, files[peft.WEIGHTS_FILE], spec, source, max_prefix_len)
     raise PrefixFileError(f"{source}: the archive holds {sorted(files) or 'none of the expected files'}; expected "
                           f"{PREFIX_FILE}, or {peft.CONFIG_FILE} and {peft.WEIGHTS_FILE} (a PEFT adapter)")

@@ -109,7 +109,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                               max_resident_bytes=settings.max_resident_bytes)
     base_name = settings.model_name or model_name(model)
     metrics = Metrics()
-    store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,))
+    store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,), model_names=(base_name, model_name(model)))
     if settings.scheduler == "engine":  # continuous batching; "window": the time-window batcher
         from .engine_worker import EngineWorker
 

@@ -39,6 +39,7 @@ from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
 
 log = logging.getLogger("prefixtune.serve")
 SUFFIX = ".safetensors"
+MAX_NAME_CHARS = 256  # a prefix's base_model metadata
 
 
 @dataclass
@@ -67,9 +68,12 @@ def check_name(name: str):
 
 
 class PrefixStore:
-    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str], reserved: tuple[str, ...] = ()):
+    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str], reserved: tuple[str, ...] = (),
+                 model_names: tuple[str, ...] | None = None):
         self.bank, self.settings = bank, settings
         self.reserved = set(reserved)  # the base model's name: `model` must mean one thing
+        # what an uploaded PEFT adapter's base_model_name_or_path may say (None: not checked)
+        self.model_names = model_names
         self.root = Path(settings.store_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -160,6 +164,10 @@ class PrefixStore:
         except Exception as e:  # anything a hostile file could still provoke is the file's fault
             raise ServeError(400, "invalid_prefix",
                              f"prefix {name!r}: not a valid prefix file ({type(e).__name__})") from None
+        base = prefix.metadata.get("base_model", "")
+        if len(base) > MAX_NAME_CHARS:  # it is stored, listed and echoed: a name, not a payload
+            raise ServeError(400, "invalid_prefix", f"prefix {name!r}: its base_model metadata is {len(base)} "
+                                                    f"characters; the limit is {MAX_NAME_CHARS}")
         if prefix.prefix_len > self.settings.max_prefix_len:
             raise ServeError(400, "prefix_too_long", f"prefix {name!r} has {prefix.prefix_len} virtual tokens; "
                                                     f"the limit is {self.settings.max_prefix_len}")
@@ -170,7 +178,8 @@ class PrefixStore:
         source = f"prefix {name!r}"
         try:
             files = read_archive(data, self.settings.max_upload_bytes, source)
-            return data if files is None else files_to_prefix_bytes(files, self.bank.spec, source)
+            return data if files is None else files_to_prefix_bytes(
+                files, self.bank.spec, source, self.settings.max_prefix_len, self.model_names)
         except PrefixFileError as e:
             raise ServeError(400, "invalid_prefix", str(e)) from None
         except Exception as e:  # as in _validate: whatever a hostile archive provokes is the upload's fault
