@@ -316,7 +316,8 @@ def test_server_takes_an_archived_peft_adapter_and_decodes_it_like_the_bank(tmp_
         assert r.status_code == 201, r.text
         assert r.json()["prefix_len"] == 4
         r = httpx.put(f"{url}/wrong", content=_zip(_folder_files(tmp_path / "wrong")), headers=headers, timeout=60)
-        assert r.status_code == 400 and "another model shape" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "made for base model 'tiny-gpt2', not this server's tiny-llama" in \
+            r.json()["error"]["message"]
         r = httpx.put(f"{url}/empty", content=_zip({"README.md": b"# hi"}), headers=headers, timeout=60)
         assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
         stored = list((tmp_path / "store").rglob("*.safetensors"))
@@ -667,3 +668,77 @@ def test_peft_uploads_are_checked_field_by_field_and_stored_no_larger_than_they_
     with pytest.raises(ServeError, match="would be stored as") as e:
         tight.put("alice", "zeros", buf.getvalue())
     assert e.value.status == 413 and tight.list("alice") == []
+
+
+# -- issue 21: the CLI says what is wrong with a hostile adapter folder in one line ----------------------
+def _cli_error(*args) -> str:
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), \
+        (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_import_and_generate_refuse_hostile_adapter_configs_in_one_line(tmp_path):
+    model = tiny_model("llama")
+    good = tmp_path / "good"
+    our_prefix(model, seed=1).save_pretrained(good, fmt="peft")
+    config_text = (good / "adapter_config.json").read_text()
+
+    def folder(label: str, text: str) -> Path:
+        path = tmp_path / label
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+        (path / "adapter_config.json").write_text(text)
+        return path
+
+    config = json.loads(config_text)
+    cases = {
+        "nested": ("[" * 10_000 + "]" * 10_000, "nested deeper than 8 levels"),
+        "infinity": (config_text.replace('"num_virtual_tokens": 4', '"num_virtual_tokens": Infinity'),
+                     "Infinity is not a JSON number"),
+        "digits": (config_text.replace('"num_virtual_tokens": 4', '"num_virtual_tokens": ' + "9" * 5001),
+                   "an integer of 5001 digits"),
+        "dict_base": (json.dumps({**config, "base_model_name_or_path": {"path": "/etc"}}),
+                      "base_model_name_or_path must be a string"),
+    }
+    for label, (text, message) in cases.items():
+        path = folder(label, text)
+        assert message in _cli_error("import", path, "-o", tmp_path / f"{label}.safetensors")
+        assert message in _cli_error("generate", "--model", "/no/such/model", "--prefix", path, "x")
+        assert not (tmp_path / f"{label}.safetensors").exists()
+    etc = folder("etc", json.dumps({**config, "base_model_name_or_path": "/etc"}))
+    assert "cannot load base model '/etc' named by the adapter's base_model_name_or_path" in _cli_error(
+        "import", etc, "-o", tmp_path / "etc.safetensors")
+    assert "num_virtual_tokens must be an integer >= 1 and at most 3" in _cli_error(
+        "import", good, "--max-prefix-len", 3, "-o", tmp_path / "long.safetensors")
+
+
+def test_export_writes_only_into_a_new_empty_or_earlier_export_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    model = tiny_model("llama")
+    source = tmp_path / "p.safetensors"
+    source.write_bytes(prefix_to_bytes(our_prefix(model, seed=1).p, model_spec(model), "tiny-llama"))
+    assert "--out / is a folder" in _cli_error("export", source, "--out", "/")
+    assert "is a non-empty folder that holds no earlier export" in _cli_error("export", source, "--format", "hf",
+                                                                              "--out", "/")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert "pass --overwrite" in _cli_error("export", source, "--format", "peft", "--out", busy)
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    run = CliRunner().invoke
+    assert run(app, ["export", str(source), "--format", "peft", "--out", str(busy), "--overwrite"]).exit_code == 0
+    assert (busy / "adapter_config.json").is_file() and (busy / "notes.txt").read_text() == "mine"
+    again = run(app, ["export", str(source), "--format", "peft", "--out", str(busy)])  # an earlier export: replaced
+    assert again.exit_code == 0, again.output
+    fresh = run(app, ["export", str(source), "--format", "hf", "--out", str(tmp_path / "new")])
+    assert fresh.exit_code == 0 and (tmp_path / "new" / "prefix.safetensors").is_file()

@@ -195,7 +195,7 @@ def check_base_model(config: dict, names: tuple[str, ...], source: str = "PEFT a
     known = ({n for n in names if n} | {hub_id(n) for n in names if n} | {embedded_name(n) for n in names if n}) - {None}
     if named not in known and embedded_name(named) not in known:
         raise PrefixFileError(f"{source}: made for base model {_shown(named)}, not this server's "
-                              f"{' / '.join(sorted(n for n in names if n))}")
+                              f"{' / '.join(sorted({n for n in names if n}))}")
 
 
 def peft_to_bytes(config: dict, weights: bytes, spec: ModelSpec, source: str = "PEFT adapter",
