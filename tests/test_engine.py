@@ -377,3 +377,22 @@ def test_offline_decoding_from_two_threads_at_once_gives_each_its_own_rows(token
         got = [first.result(30), second.result(30)]
     assert got[0] == [alone(model, tokenizer, s, p1, 6) for s in seqs]
     assert got[1] == [alone(model, tokenizer, s, p2, 6) for s in seqs[::-1]]
+
+
+# -- issue 21: sampling edge cases -----------------------------------------------------------------
+def test_a_temperature_below_the_floor_is_greedy_and_seeds_outside_int64_are_refused(tokenizer):
+    from prefixtune.engine.request import MIN_TEMPERATURE, SEED_RANGE
+
+    model = tiny_model("llama", seed=2)
+    seq = ids(tokenizer, ["hello there"])[0]
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    greedy = alone(model, tokenizer, seq, None, 8)
+    for temperature in (1e-300, 5e-324, MIN_TEMPERATURE / 2):  # logits / 1e-300 overflow fp32: garbage before
+        out = engine.generate([Request(seq, max_tokens=8, temperature=temperature, seed=3, ignore_eos=True)])
+        assert out[0].choices[0].token_ids == greedy[:8], temperature
+    for seed in (SEED_RANGE[1] + 1, SEED_RANGE[0] - 1, 2**80, -(2**80)):
+        with pytest.raises(ValueError, match="seed must be an int64"):
+            Request(seq, temperature=1.0, seed=seed)
+    top = Request(seq, max_tokens=6, temperature=1.5, seed=SEED_RANGE[1], n=2, ignore_eos=True)  # wraps, not fails
+    first, second = engine.generate([top])[0].choices
+    assert first.token_ids != second.token_ids

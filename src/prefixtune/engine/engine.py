@@ -104,7 +104,7 @@ class Engine:
         for i in range(request.n):
             generator = None
             if not request.greedy:
-                generator = sampling.make_generator(None if request.seed is None else request.seed + i)
+                generator = sampling.make_generator(None if request.seed is None else (request.seed + i) % 2**64)
             rows.append(Row(request, i, StopState(request, self.tokenizer, self.eos), prefix, length,
                             generator, deadline))
         self.scheduler.submit(rows)

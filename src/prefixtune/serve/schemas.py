@@ -5,6 +5,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.request import SEED_RANGE
+
 
 class CompletionRequest(BaseModel):
     """`POST /v1/completions`, as OpenAI defines it. `model` names one of the caller's prefixes, or the
@@ -33,7 +35,8 @@ class CompletionRequest(BaseModel):
     suffix: Optional[str] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    seed: Optional[int] = Field(None, description="the same seed gives the same text, whatever else is decoded")
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
+                                description="int64; the same seed gives the same text, whatever else is decoded")
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[int] = Field(
         None, ge=1, description="cut a prompt longer than this many tokens instead of refusing it (vLLM's name; "
@@ -71,7 +74,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=-1, description="extension (0, -1: off)")
     n: Optional[int] = Field(None, ge=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="int64")
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[dict] = None
