@@ -42,6 +42,7 @@ class Request:
     top_logprobs: int = 0
     timeout_s: float | None = None
     request_id: str | None = None
+    tenant: str | None = None      # whose request: the scheduler shares slots and prefill fairly among tenants
 
     def __post_init__(self):
         if isinstance(self.prompt, torch.Tensor):

@@ -153,6 +153,8 @@ def plan(req: CompletionRequest, settings: ServeSettings, resolve, sampling: boo
     n, controls = decoding_controls(req, sampling, req.logprobs)
     if req.suffix is not None:
         raise ServeError(400, "unsupported", "suffix is not supported", "suffix")
+    if req.logit_bias is not None:  # as chat: refused, never ignored
+        raise ServeError(400, "unsupported", "logit_bias is not supported", "logit_bias")
     if req.echo and req.logprobs is not None:
         raise ServeError(400, "unsupported", "echo with logprobs (the prompt's logprobs) is not supported", "echo")
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -235,7 +237,8 @@ class Completions:
                            num_beams=req.num_beams, stop_at_newline=p.stops.at_newline, raw=req.raw,
                            ignore_eos=req.ignore_eos, no_repeat_ngram_size=req.no_repeat_ngram_size,
                            repetition_penalty=req.repetition_penalty, timeout_s=settings.request_timeout_s,
-                           truncate_to=req.truncate_prompt_tokens, stop_strings=tuple(p.stops.strings))
+                           truncate_to=req.truncate_prompt_tokens, stop_strings=tuple(p.stops.strings),
+                           tenant=tenant)
         finishers = [Finisher(self.tokenizer, p.stops) for _ in jobs]
         flight = Flight(jobs, finishers, self.batcher, self.metrics, settings.request_timeout_s, req.stream, p.n)
         results = await flight.start(request)
