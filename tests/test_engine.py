@@ -412,12 +412,16 @@ def _row(tenant, prompt_len: int, tokens: int = 0):
 def test_a_tenant_with_many_long_prompts_does_not_take_a_steps_prefill_from_another():
     from prefixtune.engine.scheduler import Scheduler
 
-    scheduler = Scheduler(max_batch=32, max_prefill_tokens=1024)
+    scheduler = Scheduler(max_batch=32, max_prefill_tokens=2048)
     scheduler.submit([_row("a", 508) for _ in range(32)] + [_row("b", 20)])  # b's one row came last
     scheduler.leaving(0.0)
     first = scheduler.admit()
-    assert [r.tenant for r in first] == ["a", "b"]  # turns: a's oldest, then b's (old: a, a; b after 16 steps)
-    assert len(scheduler.waiting) == 31
+    # turns: a's oldest, b's, then a's again within a's half of the budget (old: four of a's, b after 8 steps)
+    assert [r.tenant for r in first] == ["a", "b", "a"]
+    for r in first:
+        scheduler.place(r)
+    second = scheduler.admit()  # b has nothing waiting, but it runs: a still takes only its half
+    assert [r.tenant for r in second] == ["a", "a"] and len(scheduler.waiting) == 28
 
 
 def test_a_tenant_over_its_share_of_slots_is_preempted_for_a_waiting_tenant_and_resumes_exactly(tokenizer):

@@ -7,7 +7,8 @@ free and the step's prefill budget (prompt tokens) lasts; one row is always admi
 free, so a long prompt cannot starve.
 
 Admission is fair across tenants (`Request.tenant`; LoRAX's fair scheduling across adapters is the
-model). Each tenant with work (running or waiting) has a share of the slots, max_batch / tenants.
+model). Each tenant with work (running or waiting) has a share of the slots, max_batch / tenants,
+and of a step's prefill budget, max_prefill_tokens / tenants (beyond the one row always admitted).
 Each admission goes to the waiting tenant that holds the fewest slots (ties: its oldest row first),
 so tenants take turns in a step's prefill budget too, and a tenant beyond its share is admitted
 only into slots that no tenant under its share waits for. When a tenant under its share waits and
@@ -109,18 +110,22 @@ class Scheduler:
 
     def admit(self) -> list[Row]:
         """Waiting rows that join the batch this step (not yet placed): one at a time to the waiting tenant
-        holding the fewest slots, while slots are free and the prefill budget lasts."""
+        holding the fewest slots, while slots are free and the prefill budget lasts; each tenant's rows take
+        at most its share of the budget (the budget / tenants with work), since a step's prefill holds
+        every running row of every tenant."""
         held = self._held()
         queues: dict[object, deque[Row]] = {}
         for row in self.waiting:
             queues.setdefault(row.tenant, deque()).append(row)
         order = {tenant: i for i, tenant in enumerate(queues)}  # the tenant whose oldest row came first wins a tie
+        share = self.max_prefill_tokens / max(len(set(held) | set(queues)), 1)
+        spent: Counter = Counter()
         out, budget = [], self.max_prefill_tokens
         while queues and len(self.running) + len(out) < self.max_batch:
             tenant = min(queues, key=lambda t: (held[t], order[t]))
             row = queues[tenant][0]
             cost = len(row.prefill_ids())
-            if out and cost > budget:  # this tenant's next row waits for the next step; others may still fit
+            if out and (cost > budget or spent[tenant] + cost > share):  # waits for the next step; others may fit
                 del queues[tenant]
                 continue
             queues[tenant].popleft()
@@ -128,6 +133,7 @@ class Scheduler:
                 del queues[tenant]
             out.append(row)
             held[tenant] += 1
+            spent[tenant] += cost
             budget -= cost
         taken = {id(r) for r in out}
         self.waiting = deque(r for r in self.waiting if id(r) not in taken)
