@@ -377,3 +377,74 @@ def test_offline_decoding_from_two_threads_at_once_gives_each_its_own_rows(token
         got = [first.result(30), second.result(30)]
     assert got[0] == [alone(model, tokenizer, s, p1, 6) for s in seqs]
     assert got[1] == [alone(model, tokenizer, s, p2, 6) for s in seqs[::-1]]
+
+
+# -- issue 21: sampling edge cases -----------------------------------------------------------------
+def test_a_temperature_below_the_floor_is_greedy_and_seeds_outside_int64_are_refused(tokenizer):
+    from prefixtune.engine.request import MIN_TEMPERATURE, SEED_RANGE
+
+    model = tiny_model("llama", seed=2)
+    seq = ids(tokenizer, ["hello there"])[0]
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    greedy = alone(model, tokenizer, seq, None, 8)
+    for temperature in (1e-300, 5e-324, MIN_TEMPERATURE / 2):  # logits / 1e-300 overflow fp32: garbage before
+        out = engine.generate([Request(seq, max_tokens=8, temperature=temperature, seed=3, ignore_eos=True)])
+        assert out[0].choices[0].token_ids == greedy[:8], temperature
+    for seed in (SEED_RANGE[1] + 1, SEED_RANGE[0] - 1, 2**80, -(2**80)):
+        with pytest.raises(ValueError, match="seed must be an int64"):
+            Request(seq, temperature=1.0, seed=seed)
+    top = Request(seq, max_tokens=6, temperature=1.5, seed=SEED_RANGE[1], n=2, ignore_eos=True)  # wraps, not fails
+    first, second = engine.generate([top])[0].choices
+    assert first.token_ids != second.token_ids
+
+
+# -- issue 21: fair admission across tenants ---------------------------------------------------------
+def _row(tenant, prompt_len: int, tokens: int = 0):
+    from prefixtune.engine.scheduler import Row
+    from prefixtune.engine.stops import StopState
+
+    request = Request(list(range(3, 3 + prompt_len)), max_tokens=64, tenant=tenant)
+    row = Row(request, 0, StopState(request, None, set()))
+    row.stop.tokens = list(range(tokens))
+    return row
+
+
+def test_a_tenant_with_many_long_prompts_does_not_take_a_steps_prefill_from_another():
+    from prefixtune.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(max_batch=32, max_prefill_tokens=2048)
+    scheduler.submit([_row("a", 508) for _ in range(32)] + [_row("b", 20)])  # b's one row came last
+    scheduler.leaving(0.0)
+    first = scheduler.admit()
+    # turns: a's oldest, b's, then a's again within a's half of the budget (old: four of a's, b after 8 steps)
+    assert [r.tenant for r in first] == ["a", "b", "a"]
+    for r in first:
+        scheduler.place(r)
+    second = scheduler.admit()  # b has nothing waiting, but it runs: a still takes only its half
+    assert [r.tenant for r in second] == ["a", "a"] and len(scheduler.waiting) == 28
+
+
+def test_a_tenant_over_its_share_of_slots_is_preempted_for_a_waiting_tenant_and_resumes_exactly(tokenizer):
+    model = tiny_model("llama", seed=2)
+    seqs = ids(tokenizer, SOURCES)
+    p1, _ = prefixes(model, tokenizer)
+
+    def hog():  # n=4 rows of one tenant: every slot
+        return Request(seqs[1], prefix=p1, max_tokens=30, n=4, ignore_eos=True, tenant="a",
+                       temperature=1.0, seed=11)
+
+    engine = Engine(model, tokenizer, max_batch=4, max_len=128, dtype="fp32")
+    solo = engine.generate([hog()])[0]
+    engine = Engine(model, tokenizer, max_batch=4, max_len=128, dtype="fp32")
+    a = hog()
+    b = Request(seqs[0], max_tokens=3, ignore_eos=True, tenant="b")
+    events = run(engine, {0: [a], 5: [b]})
+    steps_to_b = None
+    for step, e in enumerate(events[b.request_id]):
+        if e.token is not None:
+            steps_to_b = step
+            break
+    assert steps_to_b == 0 and engine.scheduler.preemptions == 1  # b's first token at the step it arrived
+    for i, choice in enumerate(solo.choices):  # the preempted row resumed where it was: the same tokens
+        assert [e.token for e in events[a.request_id] if e.index == i and e.token is not None] == choice.token_ids
+    assert tokens_of(events[b.request_id]) == alone(model, tokenizer, seqs[0], None, 3)

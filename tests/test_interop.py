@@ -316,7 +316,8 @@ def test_server_takes_an_archived_peft_adapter_and_decodes_it_like_the_bank(tmp_
         assert r.status_code == 201, r.text
         assert r.json()["prefix_len"] == 4
         r = httpx.put(f"{url}/wrong", content=_zip(_folder_files(tmp_path / "wrong")), headers=headers, timeout=60)
-        assert r.status_code == 400 and "another model shape" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "made for base model 'tiny-gpt2', not this server's tiny-llama" in \
+            r.json()["error"]["message"]
         r = httpx.put(f"{url}/empty", content=_zip({"README.md": b"# hi"}), headers=headers, timeout=60)
         assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
         stored = list((tmp_path / "store").rglob("*.safetensors"))
@@ -525,3 +526,219 @@ def test_smollm2_round_trip_logits_and_peft_generate(tmp_path):
     for t in range(len(ours)):  # our tokens are PEFT's forward-pass argmax, teacher-forced
         assert int(peft_logits(pm, rows[0] + ours[:t])[-1].argmax()) == ours[t]
     assert theirs[0, len(rows[0]):].tolist() == bare[0, len(rows[0]):].tolist() != ours
+
+
+# -- issue 21: archives are parsed within a bound, and refusals name their reason ------------------
+def _tar_declaring_long_name(size: int, compress) -> bytes:
+    """A tar whose first header is a GNU long name (type L) of `size` bytes, all of them present."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, size
+    pieces = [compress.compress(info.tobuf(format=tarfile.GNU_FORMAT))]
+    chunk = b"a" * (1 << 20)
+    for _ in range(size >> 20):
+        pieces.append(compress.compress(chunk))
+    return b"".join(pieces) + compress.flush()
+
+
+@pytest.mark.parametrize("kind", ["L", "x"])
+def test_a_tar_whose_long_name_or_pax_header_is_huge_is_refused_before_it_is_read(monkeypatch, kind):
+    import bz2
+    import tracemalloc
+
+    from prefixtune.interop import folders
+
+    size = 64 << 20
+    if kind == "L":
+        data = _tar_declaring_long_name(size, bz2.BZ2Compressor(9))
+    else:  # a pax header of the same size: tarfile reads it whole as well
+        info = tarfile.TarInfo("./PaxHeaders/x")
+        info.type, info.size = tarfile.XHDTYPE, size
+        compress = bz2.BZ2Compressor(9)
+        data = b"".join([compress.compress(info.tobuf(format=tarfile.USTAR_FORMAT))]
+                        + [compress.compress(b"9" * (1 << 20)) for _ in range(size >> 20)]) + compress.flush()
+    assert len(data) < 4096  # a few hundred bytes on the wire
+    readers = []
+
+    class Counting(folders.BoundedReader):
+        def __init__(self, *args):
+            super().__init__(*args)
+            readers.append(self)
+
+    monkeypatch.setattr(folders, "BoundedReader", Counting)
+    spec = model_spec(tiny_model("llama"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(PrefixFileError, match="header declares 67108864 bytes; the limit is 65536"):
+            archive_to_prefix_bytes(data, spec, 16 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(readers) == 1 and readers[0].read_bytes == tarfile.BLOCKSIZE  # its header, nothing after it
+    assert peak < 4 << 20, f"parsing a {len(data)}-byte archive allocated {peak} bytes"
+
+
+def test_a_tar_unpacking_beyond_the_cap_is_refused_and_reasons_are_named(tmp_path):
+    import gzip
+
+    from prefixtune.interop.folders import MAX_MEMBERS, read_archive
+
+    spec = model_spec(tiny_model("llama"))
+    big = io.BytesIO()
+    with tarfile.open(fileobj=big, mode="w:gz") as t:  # a member declared far beyond the cap: refused at its header
+        info = tarfile.TarInfo("junk.bin")
+        info.size = 40 << 20
+        t.addfile(info, io.BytesIO(bytes(info.size)))
+    with pytest.raises(PrefixFileError, match="unpacks to more than"):
+        read_archive(big.getvalue(), 1 << 20, "upload")
+    many = {f"f{i}.txt": b"x" for i in range(MAX_MEMBERS + 1)}
+    for packed in (_zip(many), _tar_gz(many)):
+        with pytest.raises(PrefixFileError, match=f"the limit is {MAX_MEMBERS}|more than {MAX_MEMBERS} members"):
+            archive_to_prefix_bytes(packed, spec, 1 << 20)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a/prefix.safetensors", b"1")
+        z.writestr("b/prefix.safetensors", b"2")
+    for packed in (buf.getvalue(), _tar_gz({"a/prefix.safetensors": b"1", "b/prefix.safetensors": b"2"})):
+        with pytest.raises(PrefixFileError, match="holds prefix.safetensors twice"):
+            archive_to_prefix_bytes(packed, spec, 1 << 20)
+    assert read_archive(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ", 1 << 20, "upload") is None  # a safetensors file
+
+
+def _peft_files(exported, spec, **config_changes) -> dict[str, bytes]:
+    from safetensors.torch import save
+
+    config, tensors = peft_io.to_peft(exported, spec)
+    dtype = config_changes.pop("dtype", torch.float32)
+    config.update(config_changes)
+    return {"adapter_config.json": json.dumps(config).encode(),
+            "adapter_model.safetensors": save({k: v.to(dtype) for k, v in tensors.items()})}
+
+
+def _store(tmp_path, model, **settings):
+    from prefixtune.serve import ServeSettings
+    from prefixtune.serve.store import PrefixStore
+
+    bank = PrefixBank(model, ByteTokenizer())
+    return PrefixStore(bank, ServeSettings(store_dir=tmp_path / "store", **settings), ["alice"],
+                       reserved=("tiny-llama",), model_names=("tiny-llama",))
+
+
+def test_peft_uploads_are_checked_field_by_field_and_stored_no_larger_than_they_came(tmp_path):
+    from prefixtune.serve.errors import ServeError
+
+    model = tiny_model("llama")
+    spec = model_spec(model)
+    exported = our_prefix(model, seed=1)
+    store = _store(tmp_path, model, max_prefix_len=8)
+    refused = {
+        "seq2seq task with one submodule": ({"task_type": "SEQ_2_SEQ_LM"}, "SEQ_2_SEQ_LM has 2"),
+        "submodules as a boolean": ({"num_transformer_submodules": True}, "num_transformer_submodules must be"),
+        "a string length": ({"num_virtual_tokens": "4"}, "num_virtual_tokens must be an integer"),
+        "a projection flag as text": ({"prefix_projection": "no"}, "prefix_projection must be true or false"),
+        "a dict for the base model": ({"base_model_name_or_path": {"a": 1}}, "base_model_name_or_path must be a"),
+        "a 12 MB base model name": ({"base_model_name_or_path": "m" * (12 << 20)}, "the limit is 65536"),
+        "a 300-character base model name": ({"base_model_name_or_path": "m" * 300}, "at most 256 characters"),
+        "another base model": ({"base_model_name_or_path": "meta-llama/Llama-3.1-8B"}, "not this server's"),
+        "an unknown task": ({"task_type": "TOKEN_CLS"}, "task_type must be one of"),
+    }
+    for label, (changes, message) in refused.items():
+        with pytest.raises(ServeError, match=message) as e:
+            store.put("alice", label.replace(" ", "-"), _zip(_peft_files(exported, spec, **changes)))
+        assert e.value.status == 400, label
+    long_prefix = our_prefix(model, seed=2, length=9)  # over the server's max_prefix_len 8: refused before converting
+    with pytest.raises(ServeError, match="num_virtual_tokens must be an integer >= 1 and at most 8"):
+        store.put("alice", "p", _zip(_peft_files(long_prefix, spec)))
+    assert store.list("alice") == [] and not list((tmp_path / "store").rglob("*.safetensors"))
+
+    upload = _zip(_peft_files(exported, spec, dtype=torch.float16))
+    info, _ = store.put("alice", "half", upload)  # named for this server's model, fp16: kept fp16
+    stored = next((tmp_path / "store").rglob("half.safetensors")).read_bytes()
+    assert load_prefix_bytes(stored, spec).metadata["dtype"] == "float16"
+    assert info.bytes == len(stored) < 2 * len(upload) and info.base_model == "tiny-llama"
+
+    # a prefix of zeros zips small, and its conversion adds metadata: the stored size counts against the limit
+    zeros = ExportedPrefix({"decoder": torch.zeros(64, exported.p["decoder"].shape[1])}, exported.metadata)
+    files = _peft_files(zeros, spec)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for member, data in files.items():
+            z.writestr(member, data)
+    tight = _store(tmp_path / "tight", model, max_upload_bytes=len(files["adapter_model.safetensors"]) + 64)
+    assert len(buf.getvalue()) < tight.settings.max_upload_bytes // 4
+    with pytest.raises(ServeError, match="would be stored as") as e:
+        tight.put("alice", "zeros", buf.getvalue())
+    assert e.value.status == 413 and tight.list("alice") == []
+
+
+# -- issue 21: the CLI says what is wrong with a hostile adapter folder in one line ----------------------
+def _cli_error(*args) -> str:
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), \
+        (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_import_and_generate_refuse_hostile_adapter_configs_in_one_line(tmp_path):
+    model = tiny_model("llama")
+    good = tmp_path / "good"
+    our_prefix(model, seed=1).save_pretrained(good, fmt="peft")
+    config_text = (good / "adapter_config.json").read_text()
+
+    def folder(label: str, text: str) -> Path:
+        path = tmp_path / label
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+        (path / "adapter_config.json").write_text(text)
+        return path
+
+    config = json.loads(config_text)
+    cases = {
+        "nested": ("[" * 10_000 + "]" * 10_000, "nested deeper than 8 levels"),
+        "infinity": (config_text.replace('"num_virtual_tokens": 4', '"num_virtual_tokens": Infinity'),
+                     "Infinity is not a JSON number"),
+        "digits": (config_text.replace('"num_virtual_tokens": 4', '"num_virtual_tokens": ' + "9" * 5001),
+                   "an integer of 5001 digits"),
+        "dict_base": (json.dumps({**config, "base_model_name_or_path": {"path": "/etc"}}),
+                      "base_model_name_or_path must be a string"),
+    }
+    for label, (text, message) in cases.items():
+        path = folder(label, text)
+        assert message in _cli_error("import", path, "-o", tmp_path / f"{label}.safetensors")
+        assert message in _cli_error("generate", "--model", "/no/such/model", "--prefix", path, "x")
+        assert not (tmp_path / f"{label}.safetensors").exists()
+    etc = folder("etc", json.dumps({**config, "base_model_name_or_path": "/etc"}))
+    assert "cannot load base model '/etc' named by the adapter's base_model_name_or_path" in _cli_error(
+        "import", etc, "-o", tmp_path / "etc.safetensors")
+    assert "num_virtual_tokens must be an integer >= 1 and at most 3" in _cli_error(
+        "import", good, "--max-prefix-len", 3, "-o", tmp_path / "long.safetensors")
+
+
+def test_export_writes_only_into_a_new_empty_or_earlier_export_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    model = tiny_model("llama")
+    source = tmp_path / "p.safetensors"
+    source.write_bytes(prefix_to_bytes(our_prefix(model, seed=1).p, model_spec(model), "tiny-llama"))
+    assert "--out / is a folder" in _cli_error("export", source, "--out", "/")
+    assert "is a non-empty folder that holds no earlier export" in _cli_error("export", source, "--format", "hf",
+                                                                              "--out", "/")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert "pass --overwrite" in _cli_error("export", source, "--format", "peft", "--out", busy)
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    run = CliRunner().invoke
+    assert run(app, ["export", str(source), "--format", "peft", "--out", str(busy), "--overwrite"]).exit_code == 0
+    assert (busy / "adapter_config.json").is_file() and (busy / "notes.txt").read_text() == "mine"
+    again = run(app, ["export", str(source), "--format", "peft", "--out", str(busy)])  # an earlier export: replaced
+    assert again.exit_code == 0, again.output
+    fresh = run(app, ["export", str(source), "--format", "hf", "--out", str(tmp_path / "new")])
+    assert fresh.exit_code == 0 and (tmp_path / "new" / "prefix.safetensors").is_file()

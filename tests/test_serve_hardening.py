@@ -217,6 +217,8 @@ def test_health_is_503_while_the_worker_is_stuck_with_work_pending(make_server, 
         asker.start()
         assert worker.reached.wait(30)
         assert wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503)
+        # the waiting row's stall may trip first; a worker that stays stuck is then named as such
+        assert wait_until(lambda: "has not finished a step" in httpx.get(f"{server.url}/health").json()["reason"])
         body = httpx.get(f"{server.url}/health").json()
         assert body["worker_alive"] and "has not finished a step" in body["reason"], body
         assert body["worker_heartbeat_age_s"] > 0.3

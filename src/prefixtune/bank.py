@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from . import user_text
 from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .engine.offline import EngineCache, decode_ids, engine_decodes
 from .generation import DecodingConfig, decode
@@ -212,8 +213,8 @@ class PrefixBank:
         """The prompt's token ids, at most `max_len` (default `max_source_len`): a source loses the end of
         its text, never its template; a raw prompt keeps its last tokens."""
         max_len = max_len or self.max_source_len
-        if raw:
-            return self.tokenizer(text)["input_ids"][-max_len:]
+        if raw:  # user text as text: a spelled-out special token stays text (user_text.py)
+            return user_text.encode(self.tokenizer, lambda guard: guard(text))[-max_len:]
         return source_ids(self.tokenizer, self.spec.family, text, self.template_of(prefix_id), max_len)
 
     def generate_ids(self, sequences: list[list[int]], prefix_ids: list[str | None],

@@ -85,6 +85,8 @@ def export(
     fmt: str = typer.Option("file", "--format", help="file (one .safetensors) | hf (prefix.safetensors + model card) "
                                                      "| peft (PEFT PREFIX_TUNING adapter + model card)"),
     allow_lossy: bool = typer.Option(False, help="peft, encoder-decoder models: keep the decoder prefix only"),
+    overwrite: bool = typer.Option(False, help="hf | peft: write into a non-empty folder that holds no earlier "
+                                               "export"),
 ):
     """Drop the MLP and write P alone (safetensors + metadata), or a folder for the hub or for PEFT."""
     if fmt != "file":
@@ -92,16 +94,18 @@ def export(
         from ..prefix_file import PrefixFileError
 
         try:
-            typer.echo(str(export_folder(run_dir, out, fmt, which, allow_lossy)))
-        except (PrefixFileError, ValueError, FileNotFoundError) as e:
+            typer.echo(str(export_folder(run_dir, out, fmt, which, allow_lossy, overwrite)))
+        except (PrefixFileError, ValueError, OSError) as e:  # FileNotFoundError, PermissionError are OSErrors
             _fail(str(e))
         return
 
     from ..train import export_checkpoint
 
+    if out is not None and out.is_dir():
+        _fail(f"--out {out} is a folder; --format file writes one .safetensors file (--format hf|peft: a folder)")
     try:
         target = export_checkpoint(run_dir, out, which)
-    except FileNotFoundError as e:
+    except OSError as e:
         _fail(str(e))
     typer.echo(str(target))
 

@@ -5,6 +5,7 @@ import random
 
 import torch
 
+from .. import user_text
 from ..templates import fill_template
 
 DEFAULT_TEMPLATES = {"decoder": "{source}\n", "encoder-decoder": "{source}"}
@@ -17,12 +18,13 @@ def source_ids(tokenizer, family: str, text: str, template: str | None = None, m
     template around it (the separator before the target must stay).
     """
     template = template or DEFAULT_TEMPLATES[family]
-    ids = tokenizer(fill_template(template, text))["input_ids"]
+    ids = user_text.encode(tokenizer, lambda guard: fill_template(template, guard(text)))  # text as text
     if len(ids) <= max_len:
         return ids
     frame = len(tokenizer(fill_template(template, ""))["input_ids"])
-    kept = tokenizer(text, add_special_tokens=False)["input_ids"][: max(max_len - frame - 1, 0)]
-    ids = tokenizer(fill_template(template, tokenizer.decode(kept)))["input_ids"]
+    kept = user_text.text_ids(tokenizer, text)[: max(max_len - frame - 1, 0)]
+    shorter = tokenizer.decode(kept)
+    ids = user_text.encode(tokenizer, lambda guard: fill_template(template, guard(shorter)))
     return ids[-max_len:] if family == "decoder" else ids[:max_len]
 
 

@@ -11,9 +11,10 @@ or `engine.generate([Request(...), ...])`, which runs them to completion. `step`
 from one thread (a server's worker); `add_request`, `cancel` and `has_work` from any thread.
 
 A step first ends cancelled and timed-out rows, then decodes one token for every running row in
-one batched forward (each row at its own position, over its own slots), then prefills the rows
-admitted this step, whose first token comes from their prefill; they join the batch at the next
-step. Finished rows leave at once, and their slots are reused.
+one batched forward (each row at its own position, over its own slots), then preempts rows of a
+tenant over its share of the slots if another tenant waits for one (scheduler.py), then prefills
+the rows admitted this step, whose first token comes from their prefill; they join the batch at
+the next step. Finished rows leave at once, and their slots are reused.
 """
 from __future__ import annotations
 
@@ -62,7 +63,6 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch, self.max_len = max_batch, max_len
         self.eos = eos_ids(tokenizer)
-        self.scheduler = Scheduler(max_batch, max_prefill_tokens)
         self.kv = None
         if self.spec.family == "encoder-decoder":
             self.backend, self.path = RowWise(self._in_dtype(model), self.spec, self.dtype), "rowwise"
@@ -73,6 +73,8 @@ class Engine:
                 self.backend, self.path = llama_fast.LlamaFast(model, self.kv, self.dtype, exact), "llama_fast"
             else:
                 self.backend, self.path = HFDecoder(self._in_dtype(model), self.kv, self.spec.num_layers), "hf"
+        # slot backends rebuild a preempted row's cache by prefilling it again; RowWise keeps per-row states
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=self.kv is not None)
         self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0}
 
     def _in_dtype(self, model):
@@ -104,7 +106,7 @@ class Engine:
         for i in range(request.n):
             generator = None
             if not request.greedy:
-                generator = sampling.make_generator(None if request.seed is None else request.seed + i)
+                generator = sampling.make_generator(None if request.seed is None else (request.seed + i) % 2**64)
             rows.append(Row(request, i, StopState(request, self.tokenizer, self.eos), prefix, length,
                             generator, deadline))
         self.scheduler.submit(rows)
@@ -161,13 +163,24 @@ class Engine:
                 r.length += 1
             self.stats["decode_tokens"] += len(running)
             self._emit(running, logits, events)
+        preempted = self.scheduler.preempt()  # a tenant under its share waits and no slot is free
+        for row in preempted:
+            self._leave(row)
+        self.scheduler.requeue(preempted)
         admitted = self.scheduler.admit()
         if admitted:
-            logits = self.backend.prefill([(self.scheduler.place(r), r.prefix, r.request.prompt) for r in admitted])
-            for r in admitted:
-                r.length = r.prefix_len + len(r.request.prompt)
-                self.stats["prefill_tokens"] += len(r.request.prompt)
-            self._emit(admitted, logits, events)
+            inputs = [r.prefill_ids() for r in admitted]
+            logits = self.backend.prefill([(self.scheduler.place(r), r.prefix, ids) for r, ids in zip(admitted, inputs)])
+            fresh = []
+            for i, (r, ids) in enumerate(zip(admitted, inputs)):
+                r.length = r.prefix_len + len(ids)
+                self.stats["prefill_tokens"] += len(ids)
+                if r.preempted:  # its next token is sampled already (last_token): the cache is whole again
+                    r.preempted = False
+                else:
+                    fresh.append(i)
+            if fresh:
+                self._emit([admitted[i] for i in fresh], logits[fresh], events)
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
         return events

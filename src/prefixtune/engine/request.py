@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 _ids = itertools.count()
+MIN_TEMPERATURE = 1e-5       # below it a row decodes greedily: logits / 1e-300 overflow fp32 (vLLM's floor too)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as OpenAI and vLLM take it; choice i seeds with (seed + i) mod 2**64
 
 
 @dataclass
@@ -16,9 +18,10 @@ class Request:
     `prompt`: token ids, already templated (the engine applies no template).
     `prefix`: the row's prefix as P per group (`{"decoder": (len, width)}`, what `ExportedPrefix.p`
     holds), an `ExportedPrefix`, or None for the base model alone.
-    `temperature == 0` is greedy (argmax, no softmax); otherwise sampling with `top_k` (0: off) and
+    `temperature` below MIN_TEMPERATURE (0 included) is greedy (argmax, no softmax); otherwise sampling with `top_k` (0: off) and
     `top_p` (1: off) from a generator seeded with `seed`, so a seed gives the same tokens whatever
-    the batch. `n` choices decode as `n` rows; choice i samples with seed `seed + i`.
+    the batch. `n` choices decode as `n` rows; choice i samples with seed `(seed + i) mod 2**64`; `seed` must
+    lie in SEED_RANGE (int64), so two seeds never share a generator state.
     A row stops at `max_tokens` tokens, at a stop token (`stop_token_ids`, and the tokenizer's
     end-of-text unless `ignore_eos`; the stop token is not part of the output) or when its text
     contains a stop string (the text is cut before it). `timeout_s` counts from `add_request`.
@@ -39,6 +42,7 @@ class Request:
     top_logprobs: int = 0
     timeout_s: float | None = None
     request_id: str | None = None
+    tenant: str | None = None      # whose request: the scheduler shares slots and prefill fairly among tenants
 
     def __post_init__(self):
         if isinstance(self.prompt, torch.Tensor):
@@ -52,6 +56,8 @@ class Request:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an int64 ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.top_logprobs < 0:
@@ -65,7 +71,7 @@ class Request:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass

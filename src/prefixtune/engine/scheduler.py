@@ -2,14 +2,26 @@
 
 Requests may arrive and be cancelled from any thread; they land in an inbox under a lock and the
 stepping thread takes them at the start of its next step. Each step, rows that were cancelled or
-ran past their deadline leave (waiting or running), and waiting rows are admitted, oldest first,
-while a slot is free and the step's prefill budget (prompt tokens) lasts; one row is always
-admitted when a slot is free, so a long prompt cannot starve.
+ran past their deadline leave (waiting or running), and waiting rows are admitted while a slot is
+free and the step's prefill budget (prompt tokens) lasts; one row is always admitted when a slot is
+free, so a long prompt cannot starve.
+
+Admission is fair across tenants (`Request.tenant`; LoRAX's fair scheduling across adapters is the
+model). Each tenant with work (running or waiting) has a share of the slots, max_batch / tenants,
+and of a step's prefill budget, max_prefill_tokens / tenants (beyond the one row always admitted).
+Each admission goes to the waiting tenant that holds the fewest slots (ties: its oldest row first),
+so tenants take turns in a step's prefill budget too, and a tenant beyond its share is admitted
+only into slots that no tenant under its share waits for. When a tenant under its share waits and
+no slot is free, the scheduler preempts (`preempt`) the newest rows of the tenant furthest over its
+share: they go back to the front of their tenant's queue with what they have produced, and are
+prefilled again (prompt + tokens so far) when readmitted, as vLLM's recompute preemption does.
+Within a tenant, rows keep their arrival order.
 """
 from __future__ import annotations
 
+import math
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -32,20 +44,32 @@ class Row:
     slot: int = -1                 # -1 while waiting
     length: int = 0                # cache entries filled: prefix + prompt + tokens fed back
     last_token: int = -1           # sampled, not yet fed back
+    preempted: bool = False        # waiting again after running: its prefill recomputes its tokens so far
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def tenant(self):
+        return self.request.tenant
+
+    def prefill_ids(self) -> list[int]:
+        """What its admission prefills: the prompt, and after a preemption the tokens already fed back
+        (all it produced but the last, which is fed at the next decode step as usual)."""
+        return self.request.prompt + (self.stop.tokens[:-1] if self.preempted else [])
+
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_prefill_tokens: int):
+    def __init__(self, max_batch: int, max_prefill_tokens: int, preemptive: bool = False):
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.preemptive = preemptive      # slot backends can rebuild a row's cache; per-row states cannot
         self._lock = threading.Lock()
         self._inbox: deque[Row] = deque()
         self._cancelled: set[str] = set()
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []      # running[i].slot == i
+        self.preemptions = 0
 
     # -- any thread ----------------------------------------------------------------------------
     def submit(self, rows: list[Row]):
@@ -77,16 +101,72 @@ class Scheduler:
         self.waiting = deque(r for r in self.waiting if id(r) not in gone)
         return out
 
+    def _held(self) -> Counter:
+        return Counter(row.tenant for row in self.running)
+
+    def _share(self, held: Counter) -> float:
+        tenants = set(held) | {row.tenant for row in self.waiting}
+        return self.max_batch / max(len(tenants), 1)
+
     def admit(self) -> list[Row]:
-        """Waiting rows that join the batch this step (not yet placed)."""
+        """Waiting rows that join the batch this step (not yet placed): one at a time to the waiting tenant
+        holding the fewest slots, while slots are free and the prefill budget lasts; each tenant's rows take
+        at most its share of the budget (the budget / tenants with work), since a step's prefill holds
+        every running row of every tenant."""
+        held = self._held()
+        queues: dict[object, deque[Row]] = {}
+        for row in self.waiting:
+            queues.setdefault(row.tenant, deque()).append(row)
+        order = {tenant: i for i, tenant in enumerate(queues)}  # the tenant whose oldest row came first wins a tie
+        share = self.max_prefill_tokens / max(len(set(held) | set(queues)), 1)
+        spent: Counter = Counter()
         out, budget = [], self.max_prefill_tokens
-        while self.waiting and len(self.running) + len(out) < self.max_batch:
-            cost = len(self.waiting[0].request.prompt)
-            if out and cost > budget:
-                break
-            out.append(self.waiting.popleft())
+        while queues and len(self.running) + len(out) < self.max_batch:
+            tenant = min(queues, key=lambda t: (held[t], order[t]))
+            row = queues[tenant][0]
+            cost = len(row.prefill_ids())
+            if out and (cost > budget or spent[tenant] + cost > share):  # waits for the next step; others may fit
+                del queues[tenant]
+                continue
+            queues[tenant].popleft()
+            if not queues[tenant]:
+                del queues[tenant]
+            out.append(row)
+            held[tenant] += 1
+            spent[tenant] += cost
             budget -= cost
+        taken = {id(r) for r in out}
+        self.waiting = deque(r for r in self.waiting if id(r) not in taken)
         return out
+
+    def preempt(self) -> list[Row]:
+        """Running rows to take out now (their slots released by the caller, then `requeue`d), so that each
+        tenant under its share that waits gets a slot at this step's admission."""
+        if not self.preemptive or not self.waiting:
+            return []
+        held = self._held()
+        share = self._share(held)
+        waiting = Counter(row.tenant for row in self.waiting)
+        wanted = sum(min(n, max(math.ceil(share) - held[t], 0)) for t, n in waiting.items() if held[t] < share)
+        short = wanted - (self.max_batch - len(self.running))
+        out = []
+        while short > 0:
+            over = [t for t in held if held[t] - 1 >= share]  # a victim stays at or above its share
+            if not over:
+                break
+            victim = max(over, key=lambda t: held[t])
+            row = min((r for r in self.running if r.tenant == victim and r not in out), key=lambda r: len(r.stop.tokens))
+            out.append(row)
+            held[victim] -= 1
+            short -= 1
+        return out
+
+    def requeue(self, rows: list[Row]):
+        """Preempted rows, out of their slots: back to the front of the queue (their tenant's oldest)."""
+        for row in reversed(rows):
+            row.preempted = True
+            self.waiting.appendleft(row)
+        self.preemptions += len(rows)
 
     def place(self, row: Row) -> int:
         row.slot = len(self.running)

@@ -48,7 +48,23 @@ def prefix_from_run(run_dir: Path, which: str = "best") -> tuple[ExportedPrefix,
     return load_prefix_bytes(data, spec, str(run_dir)), {"base_params": base_params}
 
 
-def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "best", allow_lossy: bool = False) -> Path:
+EXPORT_FILES = ("prefix.safetensors", "adapter_config.json", "adapter_model.safetensors")  # what an export leaves
+
+
+def check_export_dir(out: Path, overwrite: bool = False):
+    """An export folder must be new, empty or an earlier export's (which it replaces), unless `overwrite`:
+    an export never writes its files among someone else's."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --format hf|peft writes a folder")
+    if overwrite or not out.is_dir():
+        return
+    if any(out.iterdir()) and not any((out / name).is_file() for name in EXPORT_FILES):
+        raise ValueError(f"--out {out} is a non-empty folder that holds no earlier export; choose a new or empty "
+                         "folder, or pass --overwrite to write into it anyway")
+
+
+def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "best", allow_lossy: bool = False,
+                  overwrite: bool = False) -> Path:
     """Write SOURCE (a run dir, a prefix file or a prefixtune folder) as an HF-style or PEFT folder with a card."""
     from ..prefix_file import load_prefix
     from ..checkpoint import CHECKPOINT
@@ -58,6 +74,7 @@ def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "bes
         raise ValueError(f"--format must be file, hf or peft, got {fmt!r}")
     if out is None:
         raise ValueError(f"--format {fmt} writes a folder: give it with --out DIR")
+    check_export_dir(out, overwrite)
     if source.is_dir() and (source / CHECKPOINT).is_file():
         exported, card = prefix_from_run(source, which)
     else:
@@ -73,6 +90,8 @@ def import_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="the prefixtune prefix file to write (.safetensors)"),
     model: Optional[str] = typer.Option(None, help="the base model (default: the adapter's base_model_name_or_path "
                                                    "when prefixtune embeds it, else smollm2-135m)"),
+    max_prefix_len: int = typer.Option(512, min=1, help="refuse an adapter with more virtual tokens (the "
+                                                        "server's --max-prefix-len)"),
 ):
     """Convert a PEFT prefix-tuning adapter into a prefixtune prefix file, checked against the base model."""
     from ..atomic import atomic_write_bytes
@@ -81,15 +100,24 @@ def import_cmd(
     from .hub import to_bytes
 
     try:
-        config, _ = peft.read_folder(peft_dir) if peft.is_peft_dir(peft_dir) else (None, None)
-        if config is None:
+        if not peft.is_peft_dir(peft_dir):
             raise PrefixFileError(f"{peft_dir}: no {peft.CONFIG_FILE}: not a PEFT adapter folder")
+        config, _ = peft.read_folder(peft_dir)
+        peft.check_config(config, str(peft_dir), max_prefix_len)
         named = config.get("base_model_name_or_path")
         name = model or peft.embedded_name(named) or named or DEFAULT_MODEL
+    except (PrefixFileError, OSError) as e:
+        _fail(str(e))
+    try:
         base, _ = load_base_model(name)
+    except Exception as e:  # a path that is no model, a hub id offline, ...: the model named is at fault
+        said = "--model" if model else f"the adapter's base_model_name_or_path ({peft.CONFIG_FILE})"
+        _fail(f"cannot load base model {name!r} named by {said}: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}; pass --model MODEL")
+    try:
         exported = peft.load_peft(peft_dir, model_spec(base))
         atomic_write_bytes(output, to_bytes(exported))
-    except (PrefixFileError, FileNotFoundError) as e:
+    except (PrefixFileError, OSError) as e:
         _fail(str(e))
     typer.echo(json.dumps({"prefix_file": str(output), "base_model": name, "prefix_len": exported.prefix_len,
                            "params": exported.num_params()}))

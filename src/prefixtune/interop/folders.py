@@ -7,9 +7,13 @@ Everything ends up as a prefixtune prefix file and goes through the same checks.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from ..prefix_file import ExportedPrefix, PrefixFileError, load_prefix
@@ -19,7 +23,11 @@ from . import peft
 PREFIX_FILE = "prefix.safetensors"
 CARD_FILE = "README.md"
 KNOWN = (PREFIX_FILE, peft.CONFIG_FILE, peft.WEIGHTS_FILE)
-MAX_MEMBERS = 64
+MAX_MEMBERS = 64               # members of one archive (directories included)
+MAX_META_BYTES = 64 << 10      # a tar long-name or pax header's data: a name, never megabytes
+META_NAMES = {b"L": "GNU long name", b"K": "GNU long link", b"x": "pax", b"g": "pax global"}
+META_TYPES = tuple(META_NAMES)
+BLOCK = tarfile.BLOCKSIZE
 
 
 def load_folder(folder, spec: ModelSpec | None = None) -> ExportedPrefix:
@@ -33,18 +41,81 @@ def load_folder(folder, spec: ModelSpec | None = None) -> ExportedPrefix:
                           f"or {peft.CONFIG_FILE} + {peft.WEIGHTS_FILE} (PEFT)")
 
 
-def is_archive(data: bytes) -> bool:
-    if data[:4] == b"PK\x03\x04":
-        return True
+class BoundedReader:
+    """A decompressed stream that refuses to yield more than `cap` bytes in all; `read_bytes` counts them.
+    Every byte archive parsing sees comes through here, so a compressed bomb costs at most `cap`."""
+
+    def __init__(self, stream, cap: int, source: str):
+        self.stream, self.cap, self.source, self.read_bytes = stream, cap, source, 0
+
+    def read(self, n: int) -> bytes:
+        if self.read_bytes + n > self.cap:
+            raise PrefixFileError(f"{self.source}: the archive unpacks to more than {self.cap} bytes")
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.stream.read(n - len(out))
+            if not chunk:
+                break
+            out += chunk
+        self.read_bytes += len(out)
+        return bytes(out)
+
+
+def _is_tar_header(block: bytes) -> bool:
     try:
-        with tarfile.open(fileobj=io.BytesIO(data)):
-            return True
-    except Exception:  # whatever tarfile makes of a non-archive
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")  # checks the header's checksum
+        return True
+    except tarfile.HeaderError:
         return False
 
 
-def _members(data: bytes, limit: int, source: str) -> dict[str, bytes]:
-    """The known files of an archive by base name; other members are skipped, never extracted to disk."""
+def _tar_stream(data: bytes):
+    """The decompressed stream of a (possibly gzip, bz2 or xz) tar, or None when `data` is no tar."""
+    for magic, module in ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile)):
+        if data.startswith(magic):
+            return module(fileobj=io.BytesIO(data)) if module is gzip.GzipFile else module(io.BytesIO(data))
+    return io.BytesIO(data) if len(data) >= BLOCK and _is_tar_header(data[:BLOCK]) else None
+
+
+def _checked_tar(reader: BoundedReader, source: str) -> bytes:
+    """The tar's bytes, read header by header: each header's declared size is checked before its data is
+    read (a GNU long name or a pax header is data that tarfile would read whole), members are counted.
+    Only then does tarfile see them."""
+    out, members = bytearray(), 0
+    while True:
+        block = reader.read(BLOCK)
+        if len(block) < BLOCK or block == bytes(BLOCK):  # the end marker (or a truncated tar: tarfile says so)
+            out += block
+            return bytes(out)
+        if not _is_tar_header(block):
+            raise PrefixFileError(f"{source}: not a readable tar archive (a damaged header at byte {len(out)})")
+        kind = block[156:157]
+        size = tarfile.nti(block[124:136])
+        if size < 0:
+            raise PrefixFileError(f"{source}: a tar header declares a negative size")
+        if kind in META_TYPES and size > MAX_META_BYTES:
+            raise PrefixFileError(f"{source}: a tar {META_NAMES[kind]} header declares {size} bytes; "
+                                  f"the limit is {MAX_META_BYTES}")
+        if kind not in META_TYPES:
+            members += 1
+            if members > MAX_MEMBERS:
+                raise PrefixFileError(f"{source}: the archive holds more than {MAX_MEMBERS} members")
+        padded = -(-size // BLOCK) * BLOCK
+        if reader.read_bytes + padded > reader.cap:
+            raise PrefixFileError(f"{source}: the archive unpacks to more than {reader.cap} bytes")
+        out += block
+        while padded:  # in pieces: a member's data is never one allocation of its declared size
+            piece = reader.read(min(padded, 1 << 20))
+            if not piece:
+                break
+            out += piece
+            padded -= len(piece)
+
+
+def read_archive(data: bytes, limit: int, source: str) -> dict[str, bytes] | None:
+    """The known files of a zip or tar (plain, gzip, bz2 or xz) by base name; None when `data` is no archive.
+    Other members are skipped, never extracted to disk. Parsing reads at most `unpack_cap(limit)` bytes,
+    decompressed, and checks every tar header's size before trusting it; a refusal names its reason."""
     found: dict[str, bytes] = {}
 
     def keep(name: str, size: int, read):
@@ -63,32 +134,54 @@ def _members(data: bytes, limit: int, source: str) -> dict[str, bytes]:
     try:
         if data[:4] == b"PK\x03\x04":
             with zipfile.ZipFile(io.BytesIO(data)) as z:
-                if len(z.infolist()) > MAX_MEMBERS:
-                    raise PrefixFileError(f"{source}: the archive holds too many files")
-                for info in z.infolist():
+                infos = z.infolist()
+                if len(infos) > MAX_MEMBERS:
+                    raise PrefixFileError(f"{source}: the archive holds {len(infos)} members; the limit is "
+                                          f"{MAX_MEMBERS}")
+                for info in infos:
                     if not info.is_dir():
                         keep(info.filename, info.file_size, lambda i=info: z.open(i).read(limit + 1))
-        else:
-            with tarfile.open(fileobj=io.BytesIO(data)) as t:
-                seen = 0  # declared bytes walked over: a compressed bomb is not decompressed to the end
-                for count, member in enumerate(t, 1):
-                    seen += member.size
-                    if count > MAX_MEMBERS or seen > 4 * limit:
-                        raise PrefixFileError(f"{source}: the archive is too large or holds too many files")
-                    if member.isfile():
-                        keep(member.name, member.size, lambda m=member: t.extractfile(m).read(limit + 1))
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError, NotImplementedError) as e:
+            return found
+        stream = _tar_stream(data)
+        if stream is None:
+            return None
+        plain = _checked_tar(BoundedReader(stream, unpack_cap(limit), source), source)
+        with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as t:
+            for member in t:
+                if member.isfile():
+                    keep(member.name, member.size, lambda m=member: t.extractfile(m).read(limit + 1))
+    except PrefixFileError:
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError, NotImplementedError,
+            lzma.LZMAError, zlib.error) as e:
         raise PrefixFileError(f"{source}: not a readable zip or tar archive ({type(e).__name__}: {e})") from None
     return found
 
 
+def unpack_cap(limit: int) -> int:
+    """The most bytes an archive may unpack to: its prefix files (two at most, each within `limit`) and
+    room for headers and small extras (a README, a card)."""
+    return 2 * limit + (1 << 20)
+
+
 def archive_to_prefix_bytes(data: bytes, spec: ModelSpec, limit: int, source: str = "upload") -> bytes:
     """The prefixtune prefix file an archive stands for (its prefix.safetensors, or its PEFT adapter converted)."""
-    files = _members(data, limit, source)
+    files = read_archive(data, limit, source)
+    if files is None:
+        raise PrefixFileError(f"{source}: not a zip or tar archive")
+    return files_to_prefix_bytes(files, spec, source)
+
+
+def files_to_prefix_bytes(files: dict[str, bytes], spec: ModelSpec, source: str = "upload",
+                          max_prefix_len: int | None = None, base_names: tuple[str, ...] | None = None) -> bytes:
+    """The prefix file that an archive's known files (`read_archive`) stand for. A PEFT adapter is checked
+    against `max_prefix_len` and, given `base_names`, must name one of them (or no base model)."""
     if PREFIX_FILE in files:
         return files[PREFIX_FILE]
     if peft.CONFIG_FILE in files and peft.WEIGHTS_FILE in files:
-        config = peft.parse_config(files[peft.CONFIG_FILE], source)
-        return peft.peft_to_bytes(config, files[peft.WEIGHTS_FILE], spec, source)
+        config = peft.check_config(peft.parse_config(files[peft.CONFIG_FILE], source), source, max_prefix_len)
+        if base_names is not None:
+            peft.check_base_model(config, base_names, source)
+        return peft.peft_to_bytes(config, files[peft.WEIGHTS_FILE], spec, source, max_prefix_len)
     raise PrefixFileError(f"{source}: the archive holds {sorted(files) or 'none of the expected files'}; expected "
                           f"{PREFIX_FILE}, or {peft.CONFIG_FILE} and {peft.WEIGHTS_FILE} (a PEFT adapter)")

@@ -28,13 +28,14 @@ import torch
 
 from ..atomic import atomic_write_bytes
 
-from ..prefix_file import ExportedPrefix, PrefixFileError, load_prefix_bytes, prefix_to_bytes
+from ..prefix_file import DTYPES, ExportedPrefix, PrefixFileError, load_prefix_bytes, prefix_to_bytes
 from ..models import EMBEDDED, ModelSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TENSOR = "prompt_embeddings"
 TASK_TYPES = {"decoder": "CAUSAL_LM", "encoder-decoder": "SEQ_2_SEQ_LM"}
+SUBMODULES = {"CAUSAL_LM": 1, "SEQ_2_SEQ_LM": 2}  # PEFT's num_transformer_submodules for each task type
 
 
 class LossyExportError(PrefixFileError):
@@ -112,35 +113,98 @@ def save_peft(exported: ExportedPrefix, spec: ModelSpec, out_dir, allow_lossy: b
     return out
 
 
-def check_adapter(config: dict, weights: bytes, source: str = "PEFT adapter") -> torch.Tensor:
+MAX_CONFIG_BYTES = 64 << 10  # an adapter_config.json is a few hundred bytes
+MAX_NAME_CHARS = 256         # base_model_name_or_path (a hub id or a path), peft_version, task_type
+MAX_JSON_DEPTH = 8           # a real config is two levels deep
+
+
+def _positive_int(config: dict, key: str, source: str, default=None, most: int | None = None) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
+        bound = f" and at most {most}" if most is not None else ""
+        raise PrefixFileError(f"{source}: {CONFIG_FILE}: {key} must be an integer >= 1{bound}, got {_shown(value)}")
+    return value
+
+
+def _short_text(config: dict, key: str, source: str) -> str | None:
+    value = config.get(key)
+    if value is not None and (not isinstance(value, str) or len(value) > MAX_NAME_CHARS):
+        raise PrefixFileError(f"{source}: {CONFIG_FILE}: {key} must be a string of at most {MAX_NAME_CHARS} "
+                              f"characters, or null; got {_shown(value)}")
+    return value
+
+
+def _shown(value) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else f"a JSON {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_config(config, source: str = "PEFT adapter", max_prefix_len: int | None = None) -> dict:
+    """Every field the conversion reads, by type and value: a PREFIX_TUNING adapter, a known task_type
+    that agrees with num_transformer_submodules, positive integer shapes (num_virtual_tokens at most `max_prefix_len`),
+    a boolean prefix_projection and short strings for names. Returns the config."""
+    if not isinstance(config, dict) or config.get("peft_type") != "PREFIX_TUNING":
+        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise PrefixFileError(f"{source}: a PEFT {_shown(kind)} adapter, not PREFIX_TUNING")
+    task = _short_text(config, "task_type", source)
+    if task not in (None, *TASK_TYPES.values()):
+        raise PrefixFileError(f"{source}: {CONFIG_FILE}: task_type must be one of {sorted(TASK_TYPES.values())}, "
+                              f"got {_shown(task)}")
+    submodules = _positive_int(config, "num_transformer_submodules", source, default=1, most=2)
+    if task is not None and submodules != SUBMODULES[task]:
+        raise PrefixFileError(f"{source}: {CONFIG_FILE}: task_type {task} has {SUBMODULES[task]} transformer "
+                              f"submodule(s), but num_transformer_submodules is {submodules}")
+    _positive_int(config, "num_virtual_tokens", source, most=max_prefix_len)
+    for key in ("num_layers", "token_dim", "num_attention_heads"):
+        _positive_int(config, key, source)
+    if not isinstance(config.get("prefix_projection", False), bool):
+        raise PrefixFileError(f"{source}: {CONFIG_FILE}: prefix_projection must be true or false, "
+                              f"got {_shown(config['prefix_projection'])}")
+    for key in ("base_model_name_or_path", "peft_version"):
+        _short_text(config, key, source)
+    return config
+
+
+def check_adapter(config: dict, weights: bytes, source: str = "PEFT adapter",
+                  max_prefix_len: int | None = None) -> torch.Tensor:
     """The prompt tensor of a PEFT PREFIX_TUNING adapter, after checking it against its own config."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    if not isinstance(config, dict) or config.get("peft_type") != "PREFIX_TUNING":
-        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise PrefixFileError(f"{source}: a PEFT {kind!r} adapter, not PREFIX_TUNING")
+    check_config(config, source, max_prefix_len)
     try:
         tensors = load(weights)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise PrefixFileError(f"{source}: {WEIGHTS_FILE} is not a valid safetensors file ({e})") from None
     if TENSOR not in tensors:
-        raise PrefixFileError(f"{source}: {WEIGHTS_FILE} holds no {TENSOR!r} tensor (found {sorted(tensors)})")
+        raise PrefixFileError(f"{source}: {WEIGHTS_FILE} holds no {TENSOR!r} tensor (found {sorted(tensors)[:8]})")
     p = tensors[TENSOR]
-    try:
-        length, width = int(config["num_virtual_tokens"]), int(config["num_layers"]) * 2 * int(config["token_dim"])
-    except (KeyError, TypeError, ValueError):
-        raise PrefixFileError(f"{source}: {CONFIG_FILE} lacks num_virtual_tokens, num_layers or token_dim") from None
+    length, width = config["num_virtual_tokens"], config["num_layers"] * 2 * config["token_dim"]
     if p.dim() != 2 or tuple(p.shape) != (length, width) or not p.is_floating_point():
         raise PrefixFileError(f"{source}: {TENSOR} has shape {tuple(p.shape)} ({p.dtype}); "
                               f"its config says ({length}, {width})")
     return p
 
 
-def peft_to_bytes(config: dict, weights: bytes, spec: ModelSpec, source: str = "PEFT adapter") -> bytes:
-    """A PEFT PREFIX_TUNING adapter (its config and weight bytes) as a prefixtune prefix file for `spec`."""
-    p = check_adapter(config, weights, source)
-    if spec.family != "decoder" or config.get("num_transformer_submodules", 1) != 1:
+def check_base_model(config: dict, names: tuple[str, ...], source: str = "PEFT adapter"):
+    """Refuse an adapter whose base_model_name_or_path names another model than `names` (absent: accepted,
+    the shapes are checked in any case). A hub id of an embedded model counts as that model's name."""
+    named = config.get("base_model_name_or_path")
+    if named is None or named == "":
+        return
+    known = ({n for n in names if n} | {hub_id(n) for n in names if n} | {embedded_name(n) for n in names if n}) - {None}
+    if named not in known and embedded_name(named) not in known:
+        raise PrefixFileError(f"{source}: made for base model {_shown(named)}, not this server's "
+                              f"{' / '.join(sorted({n for n in names if n}))}")
+
+
+def peft_to_bytes(config: dict, weights: bytes, spec: ModelSpec, source: str = "PEFT adapter",
+                  max_prefix_len: int | None = None) -> bytes:
+    """A PEFT PREFIX_TUNING adapter (its config and weight bytes) as a prefixtune prefix file for `spec`,
+    kept in the adapter's dtype (an fp16 upload is not stored twice as large)."""
+    p = check_adapter(config, weights, source, max_prefix_len)
+    if spec.family != "decoder" or config.get("task_type") == "SEQ_2_SEQ_LM" or \
+            config.get("num_transformer_submodules", 1) != 1:
         raise PrefixFileError(
             f"{source}: a PEFT encoder-decoder (SEQ_2_SEQ_LM) prefix covers decoder self-attention only, and PEFT "
             "maps it to decoder layers its own way; prefixtune imports decoder-only (CAUSAL_LM) prefixes")
@@ -150,10 +214,12 @@ def peft_to_bytes(config: dict, weights: bytes, spec: ModelSpec, source: str = "
     if diffs:
         raise PrefixFileError(f"{source}: made for another model shape ({'; '.join(diffs)}); "
                               f"it cannot be used with this {spec.model_type} model")
-    base = embedded_name(config.get("base_model_name_or_path")) or config.get("base_model_name_or_path") or ""
+    named = config.get("base_model_name_or_path")
+    base = embedded_name(named) or named or ""
     facts = {"imported_from": "peft", "peft_config": {k: config.get(k) for k in (
-        "task_type", "num_virtual_tokens", "prefix_projection", "base_model_name_or_path", "peft_version")}}
-    return prefix_to_bytes({"decoder": p.float()}, spec, base, facts)
+        "task_type", "num_virtual_tokens", "prefix_projection", "peft_version")}}
+    dtype = p.dtype if p.dtype in DTYPES else torch.float32
+    return prefix_to_bytes({"decoder": p}, spec, base, facts, dtype=dtype)
 
 
 def from_peft(config: dict, weights: bytes, spec: ModelSpec, source: str = "PEFT adapter") -> ExportedPrefix:
@@ -161,11 +227,54 @@ def from_peft(config: dict, weights: bytes, spec: ModelSpec, source: str = "PEFT
     return load_prefix_bytes(peft_to_bytes(config, weights, spec, source), spec, source)
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_config(data: bytes, source: str) -> dict:
+    """adapter_config.json as a dict: strict JSON (no NaN or Infinity), at most MAX_CONFIG_BYTES and
+    MAX_JSON_DEPTH levels, numbers of sane size; anything else is a PrefixFileError naming the problem."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise PrefixFileError(f"{source}: {CONFIG_FILE} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PrefixFileError(f"{source}: unreadable {CONFIG_FILE} ({e})") from None
+        text = data.decode("utf-8")
+        if _depth(text) > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        config = json.loads(text, parse_constant=_no_constant, parse_int=_int)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise PrefixFileError(f"{source}: unreadable {CONFIG_FILE} ({_shown(str(e)) if len(str(e)) > 200 else e})") \
+            from None
+    if not isinstance(config, dict):
+        raise PrefixFileError(f"{source}: {CONFIG_FILE} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > 18:  # beyond any shape; Python would also refuse 4,300+ digits with a ValueError
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _depth(text: str) -> int:
+    """How deeply brackets nest outside strings (checked before json recurses into them)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def load_peft(folder, spec: ModelSpec | None) -> ExportedPrefix:
@@ -183,7 +292,11 @@ def read_folder(folder) -> tuple[dict, bytes]:
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise PrefixFileError(f"{folder}: PEFT adapter folder without {WEIGHTS_FILE}")
+    if (folder / CONFIG_FILE).stat().st_size > MAX_CONFIG_BYTES:
+        raise PrefixFileError(f"{folder}: {CONFIG_FILE} is {(folder / CONFIG_FILE).stat().st_size} bytes; "
+                              f"the limit is {MAX_CONFIG_BYTES}")
     config = parse_config((folder / CONFIG_FILE).read_bytes(), str(folder))
+    check_config(config, str(folder))
     weights = (folder / WEIGHTS_FILE).read_bytes()
     check_adapter(config, weights, str(folder))
     return config, weights

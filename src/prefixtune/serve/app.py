@@ -109,7 +109,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
                               max_resident_bytes=settings.max_resident_bytes)
     base_name = settings.model_name or model_name(model)
     metrics = Metrics()
-    store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,))
+    store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,), model_names=(base_name, model_name(model)))
     if settings.scheduler == "engine":  # continuous batching; "window": the time-window batcher
         from .engine_worker import EngineWorker
 
@@ -119,6 +119,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     metrics.gauges.update({"prefixtune_queue_depth": batcher.depth, "prefixtune_prefixes": store.count,
                            "prefixtune_worker_alive": lambda: int(batcher.alive()),
                            "prefixtune_worker_heartbeat_age_seconds": batcher.heartbeat_age,
+                           "prefixtune_worker_stall_seconds": batcher.stall_s,
                            "prefixtune_worker_longest_stall_seconds": lambda: batcher.longest_stall_s})
     metrics.gauges.update(residency_metrics(bank, store))
     started = int(time.time())
@@ -210,18 +211,18 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
         return await chat(req, request, tenant)
 
     # -- operations -------------------------------------------------------------------------
-    @app.get("/health", tags=["operations"], summary="200 while the decoding worker runs and keeps stepping")
+    @app.get("/health", tags=["operations"],
+             summary="200 while the decoding worker runs and no row has waited over --worker-stall-s for a token")
     async def health():
         alive, age = batcher.alive(), batcher.heartbeat_age()
-        stalled = alive and batcher.pending() and age > settings.worker_stall_s
+        stalled = batcher.stalled(settings.worker_stall_s) if alive else None
         body = {"status": "ok" if alive and not stalled else "unavailable", "model": base_name,
-                "worker_alive": alive, "worker_heartbeat_age_s": round(age, 3), "queue_depth": batcher.depth(),
-                "prefixes": store.count()}
+                "worker_alive": alive, "worker_heartbeat_age_s": round(age, 3),
+                "stall_s": round(batcher.stall_s(), 3), "queue_depth": batcher.depth(), "prefixes": store.count()}
         if not alive:
             body["reason"] = "the decoding worker is not running"
         elif stalled:
-            body["reason"] = (f"the decoding worker has not finished a step for {age:.1f} s (limit "
-                              f"{settings.worker_stall_s:g} s) while work is pending")
+            body["reason"] = stalled
         return JSONResponse(body, status_code=200 if alive and not stalled else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)

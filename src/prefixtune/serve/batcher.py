@@ -65,6 +65,7 @@ class Job:
     stop_strings: tuple[str, ...] = ()  # the engine ends a row at one (the handler cuts the text in any case)
     prompt_ids: list[int] | None = None  # a prompt already tokenized (chat): fed as it is, no template
     prompt_tokens: int = 0              # set once the prompt is encoded (usage)
+    tenant: str | None = None           # whose: the engine scheduler shares slots and prefill among tenants
 
     @property
     def needs_decode_path(self) -> bool:
@@ -91,25 +92,52 @@ def _resolve(job: Job, result=None, error: Exception | None = None) -> bool:
 
 
 class WorkerHealth:
-    """A decoding worker thread's signs of life, which /health reads: both schedulers have them."""
+    """A decoding worker thread's signs of life, which /health reads: both schedulers have them.
+
+    A heartbeat only says that the worker thread moves; a worker that beats at every step of one long
+    beam search still starves every other row. So the stall is measured as a waiting row lives it
+    (`stall_s`): the age of the oldest row that has had no token yet, or the time since the running
+    rows last advanced, whichever is longer."""
+
+    clock = staticmethod(time.monotonic)  # a test sets a fake one
 
     def _init_health(self):
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._beat = time.monotonic()   # the worker's last sign of life: a decoding step or an idle wait
+        self._beat = self.clock()       # the worker's last sign of life: a decoding step or an idle wait
         self._busy = False              # holding work (from taking it to its last row's answer)
-        self.longest_stall_s = 0.0      # the longest time between two beats while busy: one step's hold
+        self._longest_stall = 0.0
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def heartbeat_age(self) -> float:
-        return time.monotonic() - self._beat
+        return self.clock() - self._beat
+
+    def stall_s(self) -> float:
+        """How long the most starved row has waited: for its first token, or for its next one."""
+        return 0.0
+
+    @property
+    def longest_stall_s(self) -> float:
+        """The longest stall seen so far, the present one included."""
+        self._longest_stall = max(self._longest_stall, self.stall_s())
+        return self._longest_stall
+
+    def stalled(self, limit_s: float) -> str | None:
+        """Why the worker counts as stalled (for /health), or None."""
+        age, stall = self.heartbeat_age(), self.stall_s()
+        if self.pending() and age > limit_s:
+            return f"the decoding worker has not finished a step for {age:.1f} s (limit {limit_s:g} s) while work " \
+                   "is pending"
+        if stall > limit_s:
+            return f"a row has waited {stall:.1f} s for a token (limit {limit_s:g} s)"
+        return None
 
     def _heartbeat(self):
-        now = time.monotonic()
+        now = self.clock()
         if self._busy:
-            self.longest_stall_s = max(self.longest_stall_s, now - self._beat)
+            self._longest_stall = max(self._longest_stall, now - self._beat)
         self._beat = now
 
 
@@ -141,6 +169,13 @@ class Batcher(WorkerHealth):
     def depth(self) -> int:
         return len(self._jobs)
 
+    def stall_s(self) -> float:
+        """The oldest queued row's wait, or the time since the worker's last step while it holds work."""
+        now = self.clock()
+        with self._cond:
+            oldest = self._jobs[0].enqueued if self._jobs else now
+        return max(now - oldest, now - self._beat if self._busy else 0.0)
+
     def pending(self) -> bool:
         """Work waits or is being decoded: a stale heartbeat then means a stuck worker."""
         return self._busy or bool(self._jobs)
@@ -158,7 +193,7 @@ class Batcher(WorkerHealth):
                 raise ShuttingDown()
             if len(self._jobs) + len(jobs) > self.settings.max_queue:
                 raise QueueFull(len(self._jobs))
-            now = time.monotonic()
+            now = self.clock()
             for job in jobs:
                 job.enqueued = now
                 self._jobs.append(job)
@@ -207,7 +242,7 @@ class Batcher(WorkerHealth):
         if job.future.done():  # the request gave up (timeout, disconnect): skip it
             self._count(job, "cancelled")
             return None
-        if time.monotonic() > job.deadline:
+        if self.clock() > job.deadline:
             _resolve(job, error=ServeError(503, "timeout", "request timed out in the queue"))
             self._count(job, "timeout")
             return None

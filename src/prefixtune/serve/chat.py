@@ -1,6 +1,7 @@
 """`POST /v1/chat/completions`: OpenAI's chat API over the same rows, scheduler and limits as completions.
 
-The messages go through the tokenizer's chat template (`add_generation_prompt=True`) and the ids
+The messages go through the tokenizer's chat template (`add_generation_prompt=True`), their contents
+tokenized as text (user_text.py: a spelled-out `<|im_end|>` is not the special token), and the ids
 are fed as they are: no prefix source template, though a prefix named by `model` still comes
 first in the cache. Without `stop`, only end-of-text ends a reply (a chat reply spans lines).
 """
@@ -10,6 +11,8 @@ import time
 import uuid
 
 from fastapi import Request
+
+from .. import user_text
 from fastapi.responses import StreamingResponse
 
 from .completions import Completions, Finisher, Stops, choice_jobs, decoding_controls, sse, sse_stream
@@ -31,15 +34,16 @@ class ChatCompletions:
         if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
             raise ServeError(400, "no_chat_template", "this server's tokenizer has no chat template: use "
                                                       "/v1/completions with a plain prompt")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                    for m in req.messages]
+        def render(guard) -> str:  # the contents are user text: special tokens come from the template only
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": guard(m.content)}
+                        for m in req.messages]
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = user_text.encode(tokenizer, render, add_special_tokens=False)  # as apply_chat_template tokenizes
         except Exception as e:  # the template's own checks (roles must alternate, ...) raise here
             raise ServeError(400, "invalid_messages", f"the chat template refused the messages: {e}",
                              "messages") from None
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
         return [int(i) for i in ids]
 
     def _check(self, req: ChatCompletionRequest):
@@ -69,7 +73,7 @@ class ChatCompletions:
         ids = self._prompt_ids(req)
         jobs = choice_jobs(bank_id, [ids], n, controls, max_new_tokens=max_tokens, stop_at_newline=stops.at_newline,
                            raw=True, ignore_eos=req.ignore_eos, timeout_s=settings.request_timeout_s,
-                           stop_strings=tuple(stops.strings))
+                           stop_strings=tuple(stops.strings), tenant=tenant)
         finishers = [Finisher(self.tokenizer, stops) for _ in jobs]
         flight = Flight(jobs, finishers, self.c.batcher, self.c.metrics, settings.request_timeout_s, req.stream, n)
         results = await flight.start(request)

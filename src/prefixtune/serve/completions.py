@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from ..engine.request import MIN_TEMPERATURE, SEED_RANGE
 from .batcher import Job, Result
 from .errors import ServeError
 from .logprobs import completion_logprobs
@@ -105,7 +106,7 @@ def decoding_controls(req, sampling: bool, logprobs: int | None) -> tuple[int, d
         if req.n not in (None, 1) or getattr(req, "best_of", None) not in (None, 1):
             raise ServeError(400, "unsupported", "n and best_of must be 1: decoding is greedy, one completion per "
                                                  "prompt (use num_beams for beam search)", "n")
-        if req.temperature not in (None, 0):
+        if (req.temperature or 0) >= MIN_TEMPERATURE:
             raise ServeError(400, "unsupported", "only greedy decoding is supported by the window scheduler: use "
                                                  "temperature 0 or leave it out (--scheduler engine samples)",
                              "temperature")
@@ -117,7 +118,9 @@ def decoding_controls(req, sampling: bool, logprobs: int | None) -> tuple[int, d
     n = req.n or 1
     if getattr(req, "best_of", None) not in (None, n):
         raise ServeError(400, "unsupported", "best_of must equal n (no ranking of extra choices)", "best_of")
-    controls = {"temperature": req.temperature or 0.0, "top_p": 1.0 if req.top_p is None else req.top_p,
+    temperature = req.temperature or 0.0
+    controls = {"temperature": 0.0 if temperature < MIN_TEMPERATURE else temperature,  # the floor: greedy
+                "top_p": 1.0 if req.top_p is None else req.top_p,
                 "top_k": max(req.top_k or 0, 0), "seed": req.seed, "logprobs": logprobs}
     decode_path = (getattr(req, "num_beams", 1) > 1 or getattr(req, "no_repeat_ngram_size", 0) > 0
                    or getattr(req, "repetition_penalty", 1.0) != 1.0)
@@ -127,6 +130,11 @@ def decoding_controls(req, sampling: bool, logprobs: int | None) -> tuple[int, d
     return n, controls
 
 
+def _choice_seed(seed: int, j: int) -> int:
+    """Choice j's seed, back in the int64 range (engine.Request takes it; the engine seeds mod 2**64)."""
+    return (seed + j - SEED_RANGE[0]) % 2**64 + SEED_RANGE[0]
+
+
 def choice_jobs(bank_id, prompts: list, n: int, controls: dict, **fields) -> list[Job]:
     """One job per choice, prompt-major (choice k is prompt k // n); choice j of a seeded request samples
     with seed + j, so each choice is reproducible on its own."""
@@ -134,7 +142,7 @@ def choice_jobs(bank_id, prompts: list, n: int, controls: dict, **fields) -> lis
     for prompt in prompts:
         for j in range(n):
             seed = controls.get("seed")
-            job_controls = {**controls, "seed": None if seed is None else (seed + j) % 2**63}
+            job_controls = {**controls, "seed": None if seed is None else _choice_seed(seed, j)}
             text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
             jobs.append(Job(bank_id, text, prompt_ids=ids, **job_controls, **fields))
     return jobs
@@ -145,6 +153,8 @@ def plan(req: CompletionRequest, settings: ServeSettings, resolve, sampling: boo
     n, controls = decoding_controls(req, sampling, req.logprobs)
     if req.suffix is not None:
         raise ServeError(400, "unsupported", "suffix is not supported", "suffix")
+    if req.logit_bias is not None:  # as chat: refused, never ignored
+        raise ServeError(400, "unsupported", "logit_bias is not supported", "logit_bias")
     if req.echo and req.logprobs is not None:
         raise ServeError(400, "unsupported", "echo with logprobs (the prompt's logprobs) is not supported", "echo")
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -227,7 +237,8 @@ class Completions:
                            num_beams=req.num_beams, stop_at_newline=p.stops.at_newline, raw=req.raw,
                            ignore_eos=req.ignore_eos, no_repeat_ngram_size=req.no_repeat_ngram_size,
                            repetition_penalty=req.repetition_penalty, timeout_s=settings.request_timeout_s,
-                           truncate_to=req.truncate_prompt_tokens, stop_strings=tuple(p.stops.strings))
+                           truncate_to=req.truncate_prompt_tokens, stop_strings=tuple(p.stops.strings),
+                           tenant=tenant)
         finishers = [Finisher(self.tokenizer, p.stops) for _ in jobs]
         flight = Flight(jobs, finishers, self.batcher, self.metrics, settings.request_timeout_s, req.stream, p.n)
         results = await flight.start(request)

@@ -74,6 +74,8 @@ class EngineWorker(WorkerHealth):
         self._cond = threading.Condition()
         self._init_health()
         self._newlines: set[int] | None = None
+        self._aside: list[Job] = []     # jobs on the decode path right now (beam search, ...)
+        self._advanced = self.clock()   # when the engine's running rows last got a token
 
     def _new_engine(self) -> Engine:
         s = self.settings
@@ -105,6 +107,18 @@ class EngineWorker(WorkerHealth):
     def pending(self) -> bool:
         return self._busy or bool(self._inbox)
 
+    def stall_s(self) -> float:
+        """The age of the oldest row without a token yet (queued, admitted to the engine, or aside on the
+        decode path), or the time since the engine's running rows last advanced, whichever is longer."""
+        now = self.clock()
+        with self._cond:
+            waiting = [job.enqueued for job in self._inbox]
+        waiting += [live.job.enqueued for live in list(self._live.values()) if not live.tokens]
+        waiting += [job.enqueued for job in self._aside if not job.future.done()]
+        oldest = now - min(waiting) if waiting else 0.0
+        running = now - self._advanced if self.engine.num_running else 0.0
+        return max(oldest, running)
+
     # -- submitting (any thread) -------------------------------------------------------------
     def submit(self, jobs: list[Job]):
         """Queue all of `jobs` or none of them."""
@@ -113,7 +127,7 @@ class EngineWorker(WorkerHealth):
                 raise ShuttingDown()
             if self.depth() + len(jobs) > self.settings.max_queue:
                 raise QueueFull(self.depth())
-            now = time.monotonic()
+            now = self.clock()
             for job in jobs:
                 job.enqueued = now
                 self._inbox.append(job)
@@ -170,11 +184,11 @@ class EngineWorker(WorkerHealth):
                 _resolve(job, error=ServeError(500, "prefix_unavailable", str(e)))
                 self.decode_path._count(job, "error")
                 return
-            left = job.deadline - time.monotonic()
+            left = job.deadline - self.clock()
             request = Request(seq, prefix=prefix, max_tokens=job.max_new_tokens, temperature=job.temperature,
                               top_p=job.top_p, top_k=job.top_k, seed=job.seed, stop=list(job.stop_strings),
                               stop_token_ids=sorted(self._newline_ids()) if job.stop_at_newline else (),
-                              ignore_eos=job.ignore_eos, logprobs=job.logprobs is not None,
+                              ignore_eos=job.ignore_eos, logprobs=job.logprobs is not None, tenant=job.tenant,
                               top_logprobs=job.logprobs or 0, timeout_s=max(left, 0.0) if math.isfinite(left) else None)
             self.engine.add_request(request)
         except ValueError as e:  # the engine's own checks: prompt + prefix + max_tokens over its slots, ...
@@ -194,12 +208,15 @@ class EngineWorker(WorkerHealth):
         return self._newlines
 
     def _decode_elsewhere(self, jobs: list[Job]):
+        self._aside = jobs
         try:
             self.decode_path._process(jobs)
         except Exception as e:
             log.exception("decoding %d rows on generation.decode failed", len(jobs))
             for job in jobs:
                 _resolve(job, error=ServeError(500, "server_error", f"internal error while decoding ({type(e).__name__})"))
+        finally:
+            self._aside = []
 
     def _cancel_given_up(self):
         for request_id, live in self._live.items():
@@ -209,8 +226,11 @@ class EngineWorker(WorkerHealth):
 
     def _step(self):
         started = time.monotonic()
+        running = self.engine.num_running
         events = self.engine.step()
         self._heartbeat()
+        if running == 0 or any(e.token is not None for e in events):
+            self._advanced = self.clock()
         rows = {(e.request_id, e.index) for e in events if e.token is not None}
         if rows:
             prefixes = len({self._live[r].job.bank_id for r, _ in rows if r in self._live})

@@ -59,7 +59,10 @@ def install_handlers(app):
         parts = []
         for err in e.errors()[:5]:
             where = ".".join(str(x) for x in err.get("loc", ())[1:]) or "body"
-            parts.append(f"{where}: {err.get('msg')}")
+            if err.get("type") == "extra_forbidden":
+                parts.append(f"unknown parameter {where!r} (not supported by this server)")
+            else:
+                parts.append(f"{where}: {err.get('msg')}")
         return error_response(400, "invalid request: " + "; ".join(parts), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)

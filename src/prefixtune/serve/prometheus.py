@@ -50,7 +50,9 @@ class Metrics:
         "prefixtune_prefixes": ("gauge", "prefixes stored, all tenants (resident or not)"),
         "prefixtune_worker_alive": ("gauge", "1 while the decoding worker runs"),
         "prefixtune_worker_heartbeat_age_seconds": ("gauge", "time since the worker's last decoding step or idle wait"),
-        "prefixtune_worker_longest_stall_seconds": ("gauge", "longest time between two worker heartbeats so far"),
+        "prefixtune_worker_stall_seconds": ("gauge", "how long the most starved row has waited for a token (its "
+                                                     "first, or its next): the oldest unserved row's age"),
+        "prefixtune_worker_longest_stall_seconds": ("gauge", "the longest such wait so far"),
         # the prefix cache (bank.py): counted there, read at render time through `gauges`
         "prefixtune_prefix_cache_hits_total": ("counter", "prefix lookups served by a resident prefix"),
         "prefixtune_prefix_cache_misses_total": ("counter", "prefix lookups that loaded the prefix from the store"),

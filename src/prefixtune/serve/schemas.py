@@ -1,9 +1,14 @@
-"""Request bodies (OpenAI's completions API, plus prefixtune's own extensions)."""
+"""Request bodies (OpenAI's completions API, plus prefixtune's own extensions).
+
+A field that is not declared here is refused with a 400 naming it (as OpenAI does), and a declared
+field that is not implemented is refused when given: nothing a client asks for is silently ignored."""
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.request import SEED_RANGE
 
 
 class CompletionRequest(BaseModel):
@@ -12,7 +17,7 @@ class CompletionRequest(BaseModel):
     window scheduler refuses it with a 400 rather than ignore it), or beam search with `num_beams`. Types are strict: `"max_tokens": true`
     or `"stream": "yes"` is a 400, not 1 and True (an int is still taken where a float is expected)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)  # an unknown field is a 400, never ignored
 
     model: str = Field(..., max_length=256, description="a prefix name of the caller, or the base model name")
     prompt: Union[str, list[str]] = Field(..., description="one source text, or a list of them")
@@ -33,7 +38,8 @@ class CompletionRequest(BaseModel):
     suffix: Optional[str] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    seed: Optional[int] = Field(None, description="the same seed gives the same text, whatever else is decoded")
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
+                                description="int64; the same seed gives the same text, whatever else is decoded")
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[int] = Field(
         None, ge=1, description="cut a prompt longer than this many tokens instead of refusing it (vLLM's name; "
@@ -46,10 +52,11 @@ class CompletionRequest(BaseModel):
                                                                   "the completion (0: off)")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="HF's (and vLLM's) penalty on tokens already "
                                                                     "generated (1: off)")
+    logit_bias: Optional[Any] = Field(None, description="refused when given (not implemented), never ignored")
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)  # an unknown field is a 400, never ignored
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str = Field(..., description="text only (no content parts)")
@@ -61,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
     template and are fed as they are (no prefix source template); `model` names a prefix or the base
     model. Absent `stop`: only end-of-text stops (not a newline). Types are strict, as for completions."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)  # an unknown field is a 400, never ignored
 
     model: str = Field(..., max_length=256)
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
@@ -71,7 +78,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=-1, description="extension (0, -1: off)")
     n: Optional[int] = Field(None, ge=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="int64")
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[dict] = None

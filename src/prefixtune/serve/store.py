@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 from ..bank import PrefixBank, PrefixUnavailable
-from ..interop.folders import archive_to_prefix_bytes, is_archive
+from ..interop.folders import files_to_prefix_bytes, read_archive
 from ..atomic import atomic_write_bytes
 from ..exported import read_header
 from ..prefix_file import FORMAT, TENSOR_PREFIX, PrefixFileError, load_prefix_bytes
@@ -39,6 +39,7 @@ from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
 
 log = logging.getLogger("prefixtune.serve")
 SUFFIX = ".safetensors"
+MAX_NAME_CHARS = 256  # a prefix's base_model metadata
 
 
 @dataclass
@@ -67,9 +68,12 @@ def check_name(name: str):
 
 
 class PrefixStore:
-    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str], reserved: tuple[str, ...] = ()):
+    def __init__(self, bank: PrefixBank, settings: ServeSettings, tenants: list[str], reserved: tuple[str, ...] = (),
+                 model_names: tuple[str, ...] | None = None):
         self.bank, self.settings = bank, settings
         self.reserved = set(reserved)  # the base model's name: `model` must mean one thing
+        # what an uploaded PEFT adapter's base_model_name_or_path may say (None: not checked)
+        self.model_names = model_names
         self.root = Path(settings.store_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -160,6 +164,10 @@ class PrefixStore:
         except Exception as e:  # anything a hostile file could still provoke is the file's fault
             raise ServeError(400, "invalid_prefix",
                              f"prefix {name!r}: not a valid prefix file ({type(e).__name__})") from None
+        base = prefix.metadata.get("base_model", "")
+        if len(base) > MAX_NAME_CHARS:  # it is stored, listed and echoed: a name, not a payload
+            raise ServeError(400, "invalid_prefix", f"prefix {name!r}: its base_model metadata is {len(base)} "
+                                                    f"characters; the limit is {MAX_NAME_CHARS}")
         if prefix.prefix_len > self.settings.max_prefix_len:
             raise ServeError(400, "prefix_too_long", f"prefix {name!r} has {prefix.prefix_len} virtual tokens; "
                                                     f"the limit is {self.settings.max_prefix_len}")
@@ -167,10 +175,11 @@ class PrefixStore:
 
     def _unpack(self, data: bytes, name: str) -> bytes:
         """An archived prefix folder (ours or PEFT's) as a prefix file; anything else as it is."""
-        if not is_archive(data):
-            return data
+        source = f"prefix {name!r}"
         try:
-            return archive_to_prefix_bytes(data, self.bank.spec, self.settings.max_upload_bytes, f"prefix {name!r}")
+            files = read_archive(data, self.settings.max_upload_bytes, source)
+            return data if files is None else files_to_prefix_bytes(
+                files, self.bank.spec, source, self.settings.max_prefix_len, self.model_names)
         except PrefixFileError as e:
             raise ServeError(400, "invalid_prefix", str(e)) from None
         except Exception as e:  # as in _validate: whatever a hostile archive provokes is the upload's fault
@@ -187,6 +196,9 @@ class PrefixStore:
             raise ServeError(413, "upload_too_large", f"upload of {len(data)} bytes exceeds the limit of "
                                   f"{self.settings.max_upload_bytes} bytes")
         data = self._unpack(data, name)
+        if len(data) > self.settings.max_upload_bytes:  # what is stored counts, not what came (a converted archive)
+            raise ServeError(413, "upload_too_large", f"prefix {name!r} would be stored as {len(data)} bytes, over "
+                                  f"the limit of {self.settings.max_upload_bytes} bytes")
         prefix = self._validate(data, name)
         with self._lock:
             index = self._index.setdefault(tenant, {})
