@@ -8,9 +8,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write_bytes
 from .cache import enable_gradient_checkpointing
 from .checkpoint import CHECKPOINT, Checkpoint
-from .data import load_task, sample_pairs, training_pairs
+from .data import DATA_ENV, check_pairs, load_task, resolve_data_dir, sample_pairs, training_pairs
 from .data.collate import Collator, encode_pair, length_grouped_batches
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
@@ -28,6 +29,9 @@ from .train_config import TrainConfig
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
 RESULT = "result.json"
+TRAIN_CONFIG = "train_config.json"
+# Where and on what a resumed run goes on; they may differ from the saved config without contradicting it.
+NOT_THE_RUN = ("output_dir", "device")
 
 
 @dataclass
@@ -110,7 +114,105 @@ def load_pairs(config: TrainConfig):
                             **{k: v for k, v in config.task_options.items() if k != "train_from"})
     train = sample_pairs(training_pairs(train_records), config.train_size, config.seed)
     dev = sample_pairs(training_pairs(dev_records), config.dev_size, config.seed)
+    if not train:
+        raise ValueError(f"no training examples: the {config.task} train split in {_data_dir_of(config)} is empty")
     return train, dev
+
+
+def _data_dir_of(config: TrainConfig) -> str | None:
+    try:
+        return str(resolve_data_dir(config.data_dir, config.task).resolve())
+    except FileNotFoundError:  # e.g. XSum from the hub
+        return None
+
+
+def data_provenance(config: TrainConfig, from_api: bool, n_train: int, n_dev: int) -> dict:
+    """What a run trained on, for the export's metadata, `info` and the model card."""
+    if from_api:
+        return {"source": "train_pairs", "train_pairs": n_train, "dev_pairs": n_dev}
+    given_by = "--data-dir" if config.data_dir else (DATA_ENV if os.environ.get(DATA_ENV) else "default")
+    return {"source": "task", "task": config.task, **config.task_options, "data_dir": _data_dir_of(config),
+            "data_dir_from": given_by, "train_pairs": n_train, "dev_pairs": n_dev}
+
+
+def saved_config(out_dir: str | Path) -> dict | None:
+    """The config of the run in OUT_DIR (train_config.json, else its checkpoint's), None when it holds none."""
+    out_dir = Path(out_dir)
+    if (out_dir / TRAIN_CONFIG).is_file():
+        try:
+            saved = json.loads((out_dir / TRAIN_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{out_dir / TRAIN_CONFIG} is not readable JSON ({e}): cannot resume this run") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{out_dir / TRAIN_CONFIG} is not a JSON object: cannot resume this run")
+        return saved
+    if (out_dir / CHECKPOINT).is_file():
+        return Checkpoint.load(out_dir).config
+    return None
+
+
+def _same(name: str, saved, given) -> bool:
+    if name == "data_dir" and saved is not None and given is not None:
+        return Path(saved).expanduser().resolve() == Path(given).expanduser().resolve()
+    if name == "task_options":  # only the options given must agree
+        return all((saved or {}).get(k) == v for k, v in (given or {}).items())
+    return saved == given
+
+
+def resumed_config(out_dir: str | Path, given: dict, flags: bool = False) -> TrainConfig:
+    """The saved config of the run in OUT_DIR, to continue it. Each option in `given` (what the caller set) must
+    agree with it; a contradiction is refused naming both values (`flags`: named as command-line flags)."""
+    out_dir = Path(out_dir)
+    saved = saved_config(out_dir)
+    if saved is None:
+        raise FileNotFoundError(f"nothing to resume: {out_dir} holds no run ({TRAIN_CONFIG} or {CHECKPOINT})")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"{out_dir / TRAIN_CONFIG} has options this prefixtune does not know ({', '.join(unknown)}): "
+                         f"it was written by another version")
+    defaults = asdict(TrainConfig())
+    for name, value in given.items():
+        if name in NOT_THE_RUN:
+            continue
+        before = saved.get(name, defaults.get(name))
+        if not _same(name, before, value):
+            label = f"--{name.replace('_', '-')}" if flags else name
+            if name == "task_options":
+                label, before, value = "task options", {k: (before or {}).get(k) for k in value}, value
+            raise ValueError(f"{out_dir} holds a run with {label} {before!r}, not {value!r}: --resume continues "
+                             f"that run as it was started (drop the option, or start a new run with --overwrite "
+                             f"or another --output-dir)")
+    config = TrainConfig(**saved)
+    return replace(config, output_dir=str(out_dir), **{k: given[k] for k in NOT_THE_RUN if k in given and k != "output_dir"})
+
+
+def given_options(config: TrainConfig) -> dict:
+    """The options of `config` that differ from the defaults: what a caller of the API set."""
+    defaults = asdict(TrainConfig())
+    return {k: v for k, v in asdict(config).items() if v != defaults[k]}
+
+
+def finished_result(out_dir: str | Path) -> dict | None:
+    """The result.json of a finished run in OUT_DIR, None when it holds none."""
+    path = Path(out_dir) / RESULT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+
+
+def _finished_run(config: TrainConfig, saved: dict, model, tokenizer) -> TrainResult:
+    """A finished run, as `train` returned it, without training: its method holds the best (exported) state."""
+    out_dir = Path(config.output_dir)
+    if model is None:
+        model, tokenizer = load_base_model(config.model)
+    method = build_method(config.method, model, tokenizer, model_spec(model), config)
+    method.module.load_state_dict(Checkpoint.load(out_dir).state("best"))
+    known = {f.name for f in fields(TrainResult)}
+    return TrainResult(**{k: v for k, v in saved.items() if k in known and k != "method"}, method=method)
 
 
 def check_output_dir(out_dir: Path, resume: bool, overwrite: bool):
@@ -124,7 +226,8 @@ def check_output_dir(out_dir: Path, resume: bool, overwrite: bool):
     else:
         return
     if not overwrite:
-        raise FileExistsError(f"{out_dir} holds {state}: pass --overwrite to replace it, --resume to continue it, "
+        keep = "" if state == "a finished run" else ", --resume to continue it"
+        raise FileExistsError(f"{out_dir} holds {state}: pass --overwrite to replace it{keep}, "
                               f"or choose another --output-dir")
     for name in [CHECKPOINT, RESULT, "train_config.json", *set(EXPORT_FILES.values())]:
         (out_dir / name).unlink(missing_ok=True)
@@ -145,10 +248,21 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(EXPORT_FILES)}")
     out_dir = Path(config.output_dir)
     check_output_dir(out_dir, resume, overwrite)
-    if train_pairs is None:  # data before the model: a wrong path fails in a second, not after loading
+    resuming = resume and saved_config(out_dir) is not None  # resume=True in an empty directory starts the run
+    if resuming:  # the run in the directory, as it was started: a contradicting option is refused
+        config = resumed_config(out_dir, given_options(config))
+        finished = finished_result(out_dir)
+        if finished is not None:
+            return _finished_run(config, finished, model, tokenizer)
+    from_api = train_pairs is not None
+    if from_api:
+        train_pairs = check_pairs(train_pairs, "train_pairs")
+        dev_pairs = check_pairs(dev_pairs, "dev_pairs") if dev_pairs is not None else None
+        if not train_pairs:
+            raise ValueError("no training examples: train_pairs is empty")
+    else:  # data before the model: a wrong path fails in a second, not after loading
         train_pairs, dev_pairs = load_pairs(config)
-    if not train_pairs:
-        raise ValueError("no training examples")
+    provenance = data_provenance(config, from_api, len(train_pairs), len(dev_pairs or []))
     accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu")
     set_seed(config.seed)
     if model is None:
@@ -189,7 +303,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     def save_checkpoint():
         if accelerator.is_main_process:
             Checkpoint(accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(), scheduler.state_dict(),
-                       step, best, history, _rng_state(), asdict(config)).save(out_dir)
+                       step, best, history, _rng_state(), asdict(config), provenance).save(out_dir)
         accelerator.wait_for_everyone()
 
     def dev_loss():
@@ -205,9 +319,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         module.train()
         return total / max(count, 1)
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not resuming:  # a resumed run keeps the config it was started with
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "train_config.json", json.dumps(asdict(config), indent=2).encode())
+        atomic_write_bytes(out_dir / TRAIN_CONFIG, json.dumps(asdict(config), indent=2).encode())
     rank, world = accelerator.process_index, accelerator.num_processes
     module.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process),
@@ -265,7 +379,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     prefix_file = None
     if accelerator.is_main_process and config.export:
         prefix_file = str(method.export(out_dir / EXPORT_FILES[config.method],
-                                        {**asdict(config), "best_step": best["step"], "best_dev_loss": best["loss"]}))
+                                        {**asdict(config), "steps": step, "best_step": best["step"],
+                                         "best_dev_loss": best["loss"], "data": provenance}))
     accelerator.wait_for_everyone()
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
@@ -285,4 +400,10 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, which:
     method = build_method(config.method, model, tokenizer, model_spec(model), config)
     method.module.load_state_dict(ckpt.state(which))
     step = ckpt.best["step"] if which == "best" else ckpt.step
-    return method.export(out or Path(run_dir) / EXPORT_FILES[config.method], {**ckpt.config, "exported_from_step": step})
+    return method.export(out or Path(run_dir) / EXPORT_FILES[config.method],
+                         {**checkpoint_facts(ckpt), "exported_from_step": step})
+
+
+def checkpoint_facts(ckpt: Checkpoint) -> dict:
+    """What an export from a checkpoint records of its run: the config, the steps run, the data it trained on."""
+    return {**ckpt.config, "steps": ckpt.step, **({"data": ckpt.data} if ckpt.data else {})}
