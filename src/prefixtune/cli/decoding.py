@@ -147,8 +147,9 @@ def eval_cmd(
 def score(
     task: str = typer.Argument(..., help="e2e | webnlg | dart | xsum"),
     hyp: Path = typer.Option(..., "--hyp", help="hypotheses, one per line"),
-    refs: Optional[Path] = typer.Option(None, "--refs", help="references (E2E blank-line groups, or one per line); "
-                                                             "default: the task's split from the data dir"),
+    refs: Optional[Path] = typer.Option(None, "--refs", help="references as plain text (E2E blank-line groups, or "
+                                                             "one per line; not JSON) or an E2E .csv; default: the "
+                                                             "task's split from the data dir"),
     split: str = typer.Option("test"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
     subset: Optional[str] = typer.Option(None, help="WebNLG: all | seen | unseen"),
