@@ -135,6 +135,22 @@ def data_provenance(config: TrainConfig, from_api: bool, n_train: int, n_dev: in
             "data_dir_from": given_by, "train_pairs": n_train, "dev_pairs": n_dev}
 
 
+def describe_data(config: dict) -> str:
+    """One line saying what a run (its saved config and `data` provenance) trained on."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    if data.get("source") == "train_pairs":
+        return (f"{data.get('train_pairs')} (source, target) pairs given to the Python API (train_pairs), "
+                f"{data.get('dev_pairs')} dev pairs")
+    task = config.get("task") or "?"
+    options = "".join(f", {k.replace('_', ' ')} {v}" for k, v in (config.get("task_options") or {}).items())
+    where = data.get("data_dir") or config.get("data_dir")
+    given_by = data.get("data_dir_from") or ("--data-dir" if config.get("data_dir") else None)
+    sampled = f", {config['train_size']} sampled pairs (seed {config.get('seed')})" if config.get("train_size") else ""
+    counted = f", {data['train_pairs']} train pairs" if data.get("train_pairs") and not sampled else ""
+    source = f" from {where} ({given_by})" if where and given_by else (f" from {where}" if where else "")
+    return f"the {task} train split{options}{source}{sampled}{counted}"
+
+
 def saved_config(out_dir: str | Path) -> dict | None:
     """The config of the run in OUT_DIR (train_config.json, else its checkpoint's), None when it holds none."""
     out_dir = Path(out_dir)

@@ -136,7 +136,7 @@ def export(
 @app.command()
 def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file, or a training directory")):
     """Show an exported prefix's (or another method's weights') metadata and shapes."""
-    from ..exported import describe, find_export
+    from ..exported import describe, find_export, training_summary
     from ..prefix_file import PrefixFileError, readable_metadata
 
     try:
@@ -144,6 +144,9 @@ def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file,
     except PrefixFileError as e:
         _fail(str(e))
     meta = readable_metadata({k: v for k, v in metadata.items() if k != "train_config"})
+    training = training_summary(metadata)  # provenance: what it was trained on, how long, how well
+    if training:
+        meta["training"] = training
     meta["shapes"] = shapes if len(shapes) <= 20 else f"{len(shapes)} tensors"
     meta["params"] = sum(math.prod(shape) for shape in shapes.values())
     typer.echo(json.dumps(meta, indent=2))
