@@ -139,8 +139,9 @@ def describe_data(config: dict) -> str:
     """One line saying what a run (its saved config and `data` provenance) trained on."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     if data.get("source") == "train_pairs":
+        dev = data.get("dev_pairs")
         return (f"{data.get('train_pairs')} (source, target) pairs given to the Python API (train_pairs), "
-                f"{data.get('dev_pairs')} dev pairs")
+                f"{dev} dev pair{'' if dev == 1 else 's'}")
     task = config.get("task") or "?"
     options = "".join(f", {k.replace('_', ' ')} {v}" for k, v in (config.get("task_options") or {}).items())
     where = data.get("data_dir") or config.get("data_dir")
