@@ -123,3 +123,15 @@ def test_the_api_checks_dev_pairs_and_takes_records(tmp_path):
         check_pairs([Record("name : Aromi", [])])
     result = api_train(tmp_path, records + [["name : Mill", "The Mill."]])  # lists of two strings are pairs too
     assert result.steps == 1
+
+
+def test_dart_json_with_other_field_names(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "dart").mkdir(parents=True)
+    (folder / "dart" / "dart-v1.1.1-full-dev.json").write_text('[{"triples": [["a", "b", "c"]], "text": "a b c"}]')
+    line = error_line("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--task", "dart", "--train-from", "dev",
+                      "--data-dir", folder)
+    assert "example 0: expected a \"tripleset\"" in line and "'triples'" in line
+    (folder / "dart" / "dart-v1.1.1-full-dev.json").write_text("")
+    assert "is not a DART JSON file" in error_line("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--task",
+                                                   "dart", "--train-from", "dev", "--data-dir", folder)
