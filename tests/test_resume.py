@@ -115,3 +115,13 @@ def test_the_api_resumes_the_saved_run_too(tmp_path, tokenizer):
     assert (out / CHECKPOINT).stat().st_mtime_ns == finished_mtime  # a finished run is not trained again
     assert again.method.generate(["name : Zizzi"], batch_size=1) == resumed.method.generate(["name : Zizzi"],
                                                                                              batch_size=1)
+
+
+def test_a_run_on_api_pairs_is_not_continued_on_the_task_data(tmp_path, tokenizer, data_dir):
+    out = tmp_path / "run"
+    config = TrainConfig(output_dir=str(out), max_steps=6, batch_size=4, prefix_len=3, mlp_dim=16, eval_every=2,
+                         save_every=2, precision="fp32", data_dir=str(data_dir), train_size=8)
+    with pytest.raises(Killed):
+        train(config, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], on_step=kill_at(3), progress=False)
+    with pytest.raises(ValueError, match="trained on 18 .source, target. pairs given to the Python API"):
+        train(TrainConfig(output_dir=str(out)), tiny_model("llama"), tokenizer, resume=True, progress=False)

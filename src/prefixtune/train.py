@@ -197,7 +197,8 @@ def resumed_config(out_dir: str | Path, given: dict, flags: bool = False) -> Tra
             label = f"--{name.replace('_', '-')}" if flags else name
             if name == "task_options":
                 label, before, value = "task options", {k: (before or {}).get(k) for k in value}, value
-            raise ValueError(f"{out_dir} holds a run with {label} {before!r}, not {value!r}: --resume continues "
+            before = "unset (its default)" if before is None else repr(before)
+            raise ValueError(f"{out_dir} holds a run with {label} {before}, not {value!r}: --resume continues "
                              f"that run as it was started (drop the option, or start a new run with --overwrite "
                              f"or another --output-dir)")
     config = TrainConfig(**saved)
@@ -310,6 +311,10 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     history: list[dict] = []
     if resume and (out_dir / CHECKPOINT).is_file():
         ckpt = Checkpoint.load(out_dir)
+        if ckpt.data and ckpt.data.get("source") != provenance["source"]:  # never continue on other data
+            raise ValueError(f"{out_dir} holds a run trained on {describe_data({**ckpt.config, 'data': ckpt.data})}"
+                             f"; resume it on the same data ({'train_pairs' if from_api else 'its task'} "
+                             f"cannot continue it)")
         accelerator.unwrap_model(module).load_state_dict(ckpt.module)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
