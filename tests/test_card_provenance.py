@@ -60,6 +60,14 @@ def test_a_run_on_local_data_is_carded_as_local_and_its_command_reproduces_it(ti
     assert info["steps"] == 2 and info["method"] == "prefix" and isinstance(info["best_dev_loss"], float)
     assert info["best_step"] in (1, 2) and info["template"].startswith("default")
 
+    # exports made later from the checkpoint say the same
+    invoke("export", run, "--out", tmp_path / "later.safetensors", "--which", "last")
+    later = json.loads(invoke("info", tmp_path / "later.safetensors").stdout)["training"]
+    assert later["data"] == info["data"] and later["steps"] == 2 and later["exported_from_step"] == 2
+    invoke("export", run, "--format", "hf", "--out", tmp_path / "hf")
+    folder_card = ModelCard.load(tmp_path / "hf" / "README.md")
+    assert not folder_card.data.to_dict().get("datasets") and f"--data-dir {data}" in card_command(folder_card.text)
+
 
 def test_a_run_on_api_pairs_is_carded_as_the_users_own_data(tmp_path):
     from prefixtune.exported import training_summary
