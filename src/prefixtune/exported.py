@@ -68,7 +68,7 @@ def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
 
 def training_summary(metadata: dict) -> dict | None:
     """How an export was trained, from its metadata: the data, method, steps, best dev loss and template."""
-    from .train import describe_data
+    from .run_dir import describe_data
 
     try:
         config = json.loads(metadata.get("train_config") or "{}")

@@ -55,7 +55,7 @@ def train(
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
     (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
-    from ..train import finished_result, resumed_config
+    from ..run_dir import finished_result, resumed_config
     from ..train import train as run_train
 
     options = dict(

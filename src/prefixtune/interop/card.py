@@ -89,7 +89,7 @@ def training_data(config: dict) -> dict:
     """What the run trained on, for the card: `hub` (the public dataset, claimed only for data read from the
     default location), `text` (a sentence), `data_dir` (the --data-dir that reproduces the run), `own` (the
     API's own pairs: no command reproduces them)."""
-    from ..train import describe_data
+    from ..run_dir import describe_data
 
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     task = config.get("task")
