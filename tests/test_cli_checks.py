@@ -63,7 +63,7 @@ def test_train_checks_data_and_output_dir_before_the_model(tmp_path):
     finished.mkdir()
     (finished / "result.json").write_text(json.dumps({}))
     line = error_line(invoke("train", "-o", finished, "--model", NO_MODEL))
-    assert "holds a finished run: pass --overwrite to replace it, --resume to continue it" in line
+    assert "holds a finished run: pass --overwrite to replace it, or choose another" in line
     line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--method", "lora"))
     assert "unknown method 'lora'" in line
 

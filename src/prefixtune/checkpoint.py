@@ -26,6 +26,7 @@ class Checkpoint:
     history: list
     rng: dict
     config: dict                 # asdict(TrainConfig)
+    data: dict | None = None     # what the run trained on (train.data_provenance); None in older checkpoints
 
     def save(self, run_dir: str | Path):
         # a plain dict (not asdict: that would deep-copy every tensor), as checkpoints have always been

@@ -66,6 +66,26 @@ def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
     return exported.metadata, {group: list(t.shape) for group, t in exported.p.items()}
 
 
+def training_summary(metadata: dict) -> dict | None:
+    """How an export was trained, from its metadata: the data, method, steps, best dev loss and template."""
+    from .run_dir import describe_data
+
+    try:
+        config = json.loads(metadata.get("train_config") or "{}")
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(config, dict) or "method" not in config:
+        return {"imported_from": config["imported_from"]} if isinstance(config, dict) and "imported_from" in config \
+            else None
+    planned = f"{config['max_steps']} steps" if config.get("max_steps") else f"{config.get('epochs')} epochs"
+    summary = {"data": describe_data(config), "method": config["method"], "model": config.get("model"),
+               "steps": config.get("steps"), "planned": planned, "best_step": config.get("best_step"),
+               "best_dev_loss": config.get("best_dev_loss"), "exported_from_step": config.get("exported_from_step"),
+               "template": config.get("template") or "default (the model family's)",
+               "init": config.get("init"), "lr": config.get("lr")}
+    return {k: v for k, v in summary.items() if v is not None}
+
+
 def check_export(path) -> tuple[Path, str]:
     """(the exported file, "prefix" or "weights"), validated as far as possible without the model."""
     path = find_export(path)

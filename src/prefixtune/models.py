@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
+from difflib import get_close_matches
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -139,7 +140,9 @@ def check_hub(name: str, timeout: float = 5.0):
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    hint = f"embedded models: {sorted(EMBEDDED)}; a local directory or a .gguf path also works"
+    close = get_close_matches(name.lower(), list(EMBEDDED), n=1, cutoff=0.6)
+    hint = (f"did you mean {close[0]!r}? " if close else "") + \
+        f"embedded models: {sorted(EMBEDDED)}; a local directory or a .gguf path also works"
     offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # set after import
     if constants.HF_HUB_OFFLINE or offline_env:
         raise FileNotFoundError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set; {hint}")
@@ -188,6 +191,9 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {name}")
         model, tokenizer = _from_gguf(path, None)
+    elif Path(name).expanduser().is_file():
+        raise FileNotFoundError(f"model {name!r} is a file, not a model: give an embedded name "
+                                f"({', '.join(sorted(EMBEDDED))}), a model directory, a .gguf file or a hub id")
     elif Path(name).expanduser().is_dir() or _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -195,7 +201,7 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
         try:
             with _quiet_loading():
                 model, tokenizer = _load_hub_or_dir(str(path), dtype, local_only=True)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # no config.json, no weights, an unknown model_type
             raise FileNotFoundError(f"cannot load model directory {name!r}: {str(e).splitlines()[0]}") from None
     else:  # a hub id: the local cache first (no network), else a quick reachability check, then download
         try:

@@ -20,15 +20,16 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write_bytes
 from .cache import enable_gradient_checkpointing
 from .checkpoint import CHECKPOINT, Checkpoint
-from .data import load_task, sample_pairs, training_pairs
+from .data import check_pairs, load_task, sample_pairs, training_pairs
 from .data.collate import Collator, encode_pair, length_grouped_batches
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
+from .run_dir import (RESULT, TRAIN_CONFIG, check_output_dir, checkpoint_facts, data_dir_of, data_provenance,
+                      describe_data, finished_result, given_options, resumed_config, saved_config)
 from .train_config import TrainConfig
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
-RESULT = "result.json"
 
 
 @dataclass
@@ -111,24 +112,20 @@ def load_pairs(config: TrainConfig):
                             **{k: v for k, v in config.task_options.items() if k != "train_from"})
     train = sample_pairs(training_pairs(train_records), config.train_size, config.seed)
     dev = sample_pairs(training_pairs(dev_records), config.dev_size, config.seed)
+    if not train:
+        raise ValueError(f"no training examples: the {config.task} train split in {data_dir_of(config)} is empty")
     return train, dev
 
 
-def check_output_dir(out_dir: Path, resume: bool, overwrite: bool):
-    """Never silently replace a run: a finished or interrupted one needs --resume or --overwrite."""
-    if resume or not out_dir.is_dir():
-        return
-    if (out_dir / RESULT).is_file():
-        state = "a finished run"
-    elif (out_dir / CHECKPOINT).is_file():
-        state = "an interrupted run"
-    else:
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out_dir} holds {state}: pass --overwrite to replace it, --resume to continue it, "
-                              f"or choose another --output-dir")
-    for name in [CHECKPOINT, RESULT, "train_config.json", *set(EXPORT_FILES.values())]:
-        (out_dir / name).unlink(missing_ok=True)
+def _finished_run(config: TrainConfig, saved: dict, model, tokenizer) -> TrainResult:
+    """A finished run, as `train` returned it, without training: its method holds the best (exported) state."""
+    out_dir = Path(config.output_dir)
+    if model is None:
+        model, tokenizer = load_base_model(config.model)
+    method = build_method(config.method, model, tokenizer, model_spec(model), config)
+    method.module.load_state_dict(Checkpoint.load(out_dir).state("best"))
+    known = {f.name for f in fields(TrainResult)}
+    return TrainResult(**{k: v for k, v in saved.items() if k in known and k != "method"}, method=method)
 
 
 def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev_pairs=None,
@@ -146,11 +143,22 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(EXPORT_FILES)}")
     out_dir = Path(config.output_dir)
     check_output_dir(out_dir, resume, overwrite)
+    resuming = resume and saved_config(out_dir) is not None  # resume=True in an empty directory starts the run
+    if resuming:  # the run in the directory, as it was started: a contradicting option is refused
+        config = resumed_config(out_dir, given_options(config))
+        finished = finished_result(out_dir)
+        if finished is not None:
+            return _finished_run(config, finished, model, tokenizer)
     watch = TrainingLog(config.report_to, out_dir, asdict(config))  # a missing tracker fails before data or model load
-    if train_pairs is None:  # data before the model: a wrong path fails in a second, not after loading
+    from_api = train_pairs is not None
+    if from_api:
+        train_pairs = check_pairs(train_pairs, "train_pairs")
+        dev_pairs = check_pairs(dev_pairs, "dev_pairs") if dev_pairs is not None else None
+        if not train_pairs:
+            raise ValueError("no training examples: train_pairs is empty")
+    else:  # data before the model: a wrong path fails in a second, not after loading
         train_pairs, dev_pairs = load_pairs(config)
-    if not train_pairs:
-        raise ValueError("no training examples")
+    provenance = data_provenance(config, from_api, len(train_pairs), len(dev_pairs or []))
     accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu", **watch.accelerator_kwargs())
     set_seed(config.seed)
     if model is None:
@@ -181,6 +189,10 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     history: list[dict] = []
     if resume and (out_dir / CHECKPOINT).is_file():
         ckpt = Checkpoint.load(out_dir)
+        if ckpt.data and ckpt.data.get("source") != provenance["source"]:  # never continue on other data
+            raise ValueError(f"{out_dir} holds a run trained on {describe_data({**ckpt.config, 'data': ckpt.data})}"
+                             f"; resume it on the same data ({'train_pairs' if from_api else 'its task'} "
+                             f"cannot continue it)")
         accelerator.unwrap_model(module).load_state_dict(ckpt.module)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
@@ -191,7 +203,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     def save_checkpoint():
         if accelerator.is_main_process:
             Checkpoint(accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(), scheduler.state_dict(),
-                       step, best, history, _rng_state(), asdict(config)).save(out_dir)
+                       step, best, history, _rng_state(), asdict(config), provenance).save(out_dir)
         accelerator.wait_for_everyone()
 
     def dev_loss():
@@ -207,9 +219,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         module.train()
         return total / max(count, 1)
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not resuming:  # a resumed run keeps the config it was started with
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "train_config.json", json.dumps(asdict(config), indent=2).encode())
+        atomic_write_bytes(out_dir / TRAIN_CONFIG, json.dumps(asdict(config), indent=2).encode())
     rank, world = accelerator.process_index, accelerator.num_processes
     module.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process),
@@ -269,7 +281,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     prefix_file = None
     if accelerator.is_main_process and config.export:
         prefix_file = str(method.export(out_dir / EXPORT_FILES[config.method],
-                                        {**asdict(config), "best_step": best["step"], "best_dev_loss": best["loss"]}))
+                                        {**asdict(config), "steps": step, "best_step": best["step"],
+                                         "best_dev_loss": best["loss"], "data": provenance}))
     accelerator.wait_for_everyone()
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
@@ -289,4 +302,6 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, which:
     method = build_method(config.method, model, tokenizer, model_spec(model), config)
     method.module.load_state_dict(ckpt.state(which))
     step = ckpt.best["step"] if which == "best" else ckpt.step
-    return method.export(out or Path(run_dir) / EXPORT_FILES[config.method], {**ckpt.config, "exported_from_step": step})
+    return method.export(out or Path(run_dir) / EXPORT_FILES[config.method],
+                         {**checkpoint_facts(ckpt), "exported_from_step": step})
+

@@ -101,7 +101,7 @@ def eval_cmd(
     from tqdm.auto import tqdm
 
     from ..data import load_task
-    from ..evaluate import score_records, write_results
+    from ..evaluate import score_records, write_hypotheses, write_scores
     from ..exported import ExportDecoder, check_export
     from ..generation import DecodingConfig
     from ..metrics import TASK_METRICS, MetricsError
@@ -125,15 +125,19 @@ def eval_cmd(
     out = out_dir or path.parent / f"eval-{task}-{split}"
     with tqdm(total=len(records), desc=f"decode {task}/{split}") as bar:
         hypotheses = decoder.generate([r.source for r in records], config, batch_size, progress=bar.update)
+    written = write_hypotheses(out, hypotheses)  # first: a metric that fails never costs the decoding
     console = Console(stderr=True)
     metrics = "sacreBLEU" if bleu_only else ", ".join(("sacreBLEU",) + TASK_METRICS.get(task, ()))
     console.print(f"scoring {len(hypotheses)} hypotheses: {metrics}", highlight=False)
+    skipped: list[str] = []
     try:
         with console.status("scoring…"):  # the official metrics take seconds (METEOR starts a JVM)
-            scores = score_records(task, hypotheses, records, full=not bleu_only)
-    except MetricsError as e:  # e.g. no Java for METEOR
-        _fail(f"{e} (--bleu-only scores sacreBLEU without it)")
-    write_results(out, hypotheses, scores)
+            scores = score_records(task, hypotheses, records, full=not bleu_only, skipped=skipped)
+    except MetricsError as e:  # not one metric could score them
+        _fail(f"{e} (the hypotheses are in {written})")
+    for line in skipped:  # a metric that cannot score this data: the others still count
+        typer.echo(f"warning: {line}", err=True)
+    write_scores(out, scores)
     typer.echo(json.dumps({k: round(v, 4) for k, v in scores.items()}))
     which = f"the first {len(records)} of {len(every)}" if len(records) < len(every) else f"all {len(records)}"
     typer.echo(f"hypotheses and scores of {which} {task} {split} items written to {out}/", err=True)
@@ -143,8 +147,9 @@ def eval_cmd(
 def score(
     task: str = typer.Argument(..., help="e2e | webnlg | dart | xsum"),
     hyp: Path = typer.Option(..., "--hyp", help="hypotheses, one per line"),
-    refs: Optional[Path] = typer.Option(None, "--refs", help="references (E2E blank-line groups, or one per line); "
-                                                             "default: the task's split from the data dir"),
+    refs: Optional[Path] = typer.Option(None, "--refs", help="references as plain text (E2E blank-line groups, or "
+                                                             "one per line; not JSON) or an E2E .csv; default: the "
+                                                             "task's split from the data dir"),
     split: str = typer.Option("test"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
     subset: Optional[str] = typer.Option(None, help="WebNLG: all | seen | unseen"),

@@ -18,6 +18,7 @@ TRAIN = TrainConfig()
 
 @app.command()
 def train(
+    ctx: typer.Context,
     output_dir: Path = typer.Option(Path(TRAIN.output_dir), "--output-dir", "-o", help="checkpoints and the exported prefix"),
     model: str = typer.Option(TRAIN.model, help="embedded name, local dir, .gguf file or hub id"),
     task: str = typer.Option(TRAIN.task, help="e2e | webnlg | dart | xsum"),
@@ -48,24 +49,40 @@ def train(
                                                 help="recompute activations in backward (less memory)"),
     template: Optional[str] = typer.Option(TRAIN.template, help='source template, default "{source}\\n" (decoder-only)'),
     adapter_budget: float = typer.Option(TRAIN.adapter_budget, help="adapter: fraction of the model's parameters (0.001, 0.03)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT_DIR/checkpoint.pt"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in OUTPUT_DIR with its saved options "
+                                                        "(a flag that contradicts them is refused)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in OUTPUT_DIR"),
     device: str = _device_option(),
     report_to: str = typer.Option(TRAIN.report_to, help=REPORT_TO_HELP),
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
     (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
+    from ..run_dir import finished_result, resumed_config
     from ..train import train as run_train
 
+    options = dict(
+        output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
+        task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
+        prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
+        batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
+        save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
+        template=template, adapter_budget=adapter_budget, device=device, report_to=report_to)
     try:
-        config = TrainConfig(
-            output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
-            task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
-            prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
-            batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
-            weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
-            save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
-            template=template, adapter_budget=adapter_budget, device=device, report_to=report_to)
+        if resume:  # the run in the directory as saved; only the flags typed here are checked against it
+            if overwrite:
+                raise ValueError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: give one")
+            config = resumed_config(output_dir, _typed(ctx, options), flags=True)
+            finished = finished_result(output_dir)
+            if finished is not None:
+                typer.echo(f"{output_dir} holds a finished run ({finished.get('steps')} steps, best dev loss "
+                           f"{finished.get('best_dev_loss')} at step {finished.get('best_step')}): nothing to resume",
+                           err=True)
+                typer.echo(json.dumps({k: finished.get(k) for k in ("prefix_file", "steps", "best_step",
+                                                                    "best_dev_loss", "stop_reason")}))
+                return
+        else:
+            config = TrainConfig(**options)
         result = run_train(config, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
@@ -73,6 +90,18 @@ def train(
                            "trainable_pct": round(result.method.trainable_percent(), 4),
                            "shipped_pct": round(result.method.shipped_percent(), 4),
                            "best_dev_loss": result.best_dev_loss, "tokens_per_s": round(result.tokens_per_s, 1)}))
+
+
+def _typed(ctx: typer.Context, options: dict) -> dict:
+    """The options whose flags were typed on the command line (or set in the environment), not left at defaults."""
+    def given(name):
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    typed = {name for name in ctx.params if given(name)}
+    given = {k: v for k, v in options.items() if k in typed}
+    task_options = {k: v for k, v in options["task_options"].items() if k in typed}
+    return {**given, **({"task_options": task_options} if task_options else {})}
 
 
 @app.command()
@@ -113,7 +142,7 @@ def export(
 @app.command()
 def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file, or a training directory")):
     """Show an exported prefix's (or another method's weights') metadata and shapes."""
-    from ..exported import describe, find_export
+    from ..exported import describe, find_export, training_summary
     from ..prefix_file import PrefixFileError, readable_metadata
     from ..tracking import CURVE_FILE, LOG_DIR
 
@@ -122,6 +151,9 @@ def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file,
     except PrefixFileError as e:
         _fail(str(e))
     meta = readable_metadata({k: v for k, v in metadata.items() if k != "train_config"})
+    training = training_summary(metadata)  # provenance: what it was trained on, how long, how well
+    if training:
+        meta["training"] = training
     meta["shapes"] = shapes if len(shapes) <= 20 else f"{len(shapes)} tensors"
     meta["params"] = sum(math.prod(shape) for shape in shapes.values())
     if (prefix / CURVE_FILE).is_file():  # a training directory: where to look at its losses

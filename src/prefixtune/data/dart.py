@@ -67,11 +67,22 @@ def download_dart(data_dir=None, splits=SPLITS, timeout: float = 60.0) -> list[P
 
 
 def _records_from_json(path: Path, lowercase_relations: bool) -> list[Record]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a DART JSON file ({e}): expected a JSON list of "
+                         f'{{"tripleset": [[s, p, o], ...], "annotations": [{{"text": ...}}]}}') from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path} holds no DART examples: expected a non-empty JSON list")
     records = []
     for i, example in enumerate(data):
-        triples = [(_clean(s), _clean(p), _clean(o)) for s, p, o in example["tripleset"]]
+        try:
+            triples = [(_clean(s), _clean(p), _clean(o)) for s, p, o in example["tripleset"]]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}, example {i}: expected a \"tripleset\" of [subject, property, object] "
+                             f"lists, found keys {sorted(example) if isinstance(example, dict) else type(example).__name__}"
+                             ) from None
         if lowercase_relations:
             triples = [(s, p.lower(), o) for s, p, o in triples]
         annotations = example.get("annotations", [])

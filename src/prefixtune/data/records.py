@@ -47,6 +47,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, task: str) -> Path:
     root = data_dir or os.environ.get(DATA_ENV)
     if root:
         path = Path(root).expanduser()
+        if path.is_file():
+            raise FileNotFoundError(f"data directory {str(path)!r} is a file, not a directory: give the folder "
+                                    f"that holds e2e/, webnlg2017/, dart/ or xsum_sample/")
         if not path.is_dir():
             raise FileNotFoundError(f"data directory {str(path)!r} does not exist")
         return path
@@ -63,6 +66,38 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, task: str) -> Path:
 def training_pairs(records: list[Record]) -> list[tuple[str, str]]:
     """One (source, target) pair per reference: how the paper trains on multi-reference data."""
     return [(r.source, ref) for r in records for ref in r.references]
+
+
+def check_pairs(items, name: str = "train_pairs") -> list[tuple[str, str]]:
+    """(source, target) pairs from `items`, each a pair of two non-empty strings or a `Record` (one pair per
+    reference). Anything else is refused naming the index of the first bad item: a dict would otherwise
+    unpack to its keys and train the prefix to map "source" to "target"."""
+    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"{name} must be a list of (source, target) pairs or Records, got {type(items).__name__}")
+    pairs: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, Record):
+            texts = [("source", item.source)] + [(f"reference {j}", r) for j, r in enumerate(item.references or [])]
+            if len(texts) == 1:
+                raise ValueError(f"{name}[{i}] is a Record without references: nothing to train on")
+        elif isinstance(item, dict):
+            raise TypeError(f"{name}[{i}] is a dict (keys {sorted(map(str, item))}); give (source, target) pairs, "
+                            f"e.g. [(row['source'], row['target']) for row in rows], or Records")
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            texts = [("source", item[0]), ("target", item[1])]
+        else:
+            raise TypeError(f"{name}[{i}] is {type(item).__name__} {str(item)[:60]!r}; each item must be a "
+                            f"(source, target) pair of strings or a Record")
+        for part, text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"{name}[{i}]: its {part} is {type(text).__name__}, not a string")
+            if not text.strip():
+                raise ValueError(f"{name}[{i}]: its {part} is empty")
+        if isinstance(item, Record):
+            pairs.extend((item.source, ref) for ref in item.references)
+        else:
+            pairs.append((item[0], item[1]))
+    return pairs
 
 
 def sample_pairs(pairs: list[tuple[str, str]], size: int | None, seed: int) -> list[tuple[str, str]]:

@@ -28,8 +28,9 @@ def train_config_of(exported: ExportedPrefix) -> dict:
         return {}
 
 
-def training_command(config: dict) -> str | None:
-    """The `prefixtune train` line that reproduces a run (options left at their defaults are omitted)."""
+def training_command(config: dict, data_dir: str | None = None) -> str | None:
+    """The `prefixtune train` line that reproduces a run (options left at their defaults are omitted);
+    `data_dir`: where its data was read from, when not the default location."""
     from ..train_config import TrainConfig
 
     defaults = TrainConfig().__dict__
@@ -37,7 +38,9 @@ def training_command(config: dict) -> str | None:
         return None
     parts = ["prefixtune train", f"-o {config.get('output_dir', defaults['output_dir'])}"]
     for key in ("model", "task"):
-        parts.append(f"--{key} {config.get(key, defaults[key])}")
+        parts.append(f"--{key} {_quote(str(config.get(key, defaults[key])))}")
+    if data_dir:
+        parts.append(f"--data-dir {_quote(str(data_dir))}")
     for key, value in (config.get("task_options") or {}).items():
         parts.append(f"--{key.replace('_', '-')} {value}")
     for key, default in defaults.items():
@@ -50,6 +53,18 @@ def training_command(config: dict) -> str | None:
         else:
             parts.append(f"{flag} {_quote(str(value))}")
     return " ".join(parts)
+
+
+def api_command(config: dict) -> str:
+    """`train(TrainConfig(...), train_pairs=...)` with the run's options (defaults omitted), for API-trained runs."""
+    from ..train_config import TrainConfig
+
+    defaults = TrainConfig().__dict__
+    options = ", ".join(f"{k}={config[k]!r}" for k, default in defaults.items()
+                        if k in config and k not in ("task", "data_dir", "task_options", "export")
+                        and config[k] != default)
+    return ("from prefixtune.train import TrainConfig, train\n"
+            f"train(TrainConfig({options}), train_pairs=YOUR_PAIRS, dev_pairs=YOUR_DEV_PAIRS)")
 
 
 def _quote(text: str) -> str:
@@ -70,22 +85,48 @@ def find_scores(run_dir) -> list[dict]:
     return found
 
 
-def _eval_results(config: dict, scores: list[dict]):
+def training_data(config: dict) -> dict:
+    """What the run trained on, for the card: `hub` (the public dataset, claimed only for data read from the
+    default location), `text` (a sentence), `data_dir` (the --data-dir that reproduces the run), `own` (the
+    API's own pairs: no command reproduces them)."""
+    from ..run_dir import describe_data
+
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    task = config.get("task")
+    if data.get("source") == "train_pairs":
+        return {"hub": None, "data_dir": None, "own": True,
+                "text": f"Trained on the user's own data: {describe_data(config)}. It is not a public dataset and "
+                        f"is not included here."}
+    given_by = data.get("data_dir_from") or ("--data-dir" if config.get("data_dir") else None)
+    local = given_by not in (None, "default")
+    data_dir = (data.get("data_dir") or config.get("data_dir")) if local else None
+    hub = None if local or not task else DATASETS.get(task)
+    text = f"Trained on {describe_data(config)}."
+    if local:
+        text += (f" These are local files in the layout of the {task} loader; they may not be the public "
+                 f"{DATASETS.get(task, task)}.")
+    return {"hub": hub, "data_dir": data_dir, "own": False, "text": text}
+
+
+def _eval_results(config: dict, scores: list[dict], dataset: dict):
     from huggingface_hub import EvalResult
 
-    def result(task, split, metric_type, value, metric_name):
-        return EvalResult(task_type=TASK_TYPES.get(task, "text-generation"), dataset_type=DATASETS.get(task, task),
+    def result(task, split, metric_type, value, metric_name, dataset_type):
+        return EvalResult(task_type=TASK_TYPES.get(task, "text-generation"), dataset_type=dataset_type,
                           dataset_name=task, dataset_split=split, metric_type=metric_type,
                           metric_value=round(float(value), 4), metric_name=metric_name)
 
     results = []
     if config.get("best_dev_loss") is not None and config.get("task"):
-        results.append(result(config["task"], "validation", "loss", config["best_dev_loss"], "dev loss"))
+        name = "own data" if dataset["own"] else config["task"]
+        results.append(result(name, "validation", "loss", config["best_dev_loss"], "dev loss",
+                              dataset["hub"] or name))
     for s in scores:
         for metric, value in s["metrics"].items():
             if isinstance(value, (int, float)):
                 slug = re.sub(r"[^a-z0-9]+", "-", metric.lower())
-                results.append(result(s["task"], s["split"], slug, value, metric))
+                hub = dataset["hub"] if s["task"] == config.get("task") else None
+                results.append(result(s["task"], s["split"], slug, value, metric, hub or s["task"]))
     return results
 
 
@@ -96,13 +137,14 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
 
     config = train_config_of(exported)
     base = hub_id(exported.metadata.get("base_model", "")) or "unknown"
-    task = config.get("task")
+    dataset = training_data(config)
+    task = None if dataset["own"] else config.get("task")
     base_params = base_params or config.get("base_params")
-    results = _eval_results(config, scores or [])
+    results = _eval_results(config, scores or [], dataset)
     tags = ["prefixtune", "prefix-tuning", "text-generation"] + (["peft"] if fmt == "peft" else []) + (
         [task] if task else [])
     data = ModelCardData(base_model=base, library_name="prefixtune", tags=tags,
-                         datasets=[DATASETS.get(task, task)] if task else None,
+                         datasets=[dataset["hub"]] if dataset["hub"] else None,
                          metrics=sorted({r.metric_type for r in results}) or None,
                          model_name=name, eval_results=results or None)
     params = exported.num_params()
@@ -123,11 +165,16 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
         lines.append(f"| {r.metric_name} ({r.dataset_name} {r.dataset_split}{f', {n} inputs' if n else ''}) "
                      f"| {r.metric_value} |")
     lines += ["", "## Training", ""]
-    command = training_command(config)
+    command = training_command(config, dataset["data_dir"])
     if command:
         step = config.get("exported_from_step") or config.get("best_step")
         best = " (the lowest dev loss)" if step and step == config.get("best_step") else ""
-        lines += ["```bash", command, "```", "", f"Exported from step {step}{best}." if step else ""]
+        lines += [dataset["text"], ""]
+        if dataset["own"]:
+            lines += ["With the same pairs, this reproduces the run:", "", "```python", api_command(config), "```"]
+        else:
+            lines += ["```bash", command, "```"]
+        lines += ["", f"Exported from step {step}{best}." if step else ""]
     elif config.get("imported_from") == "peft":
         lines.append("Trained with PEFT (PREFIX_TUNING) and imported with `prefixtune import`.")
     else:

@@ -40,7 +40,9 @@ def prefix_from_run(run_dir: Path, which: str = "best") -> tuple[ExportedPrefix,
     best = which == "best" and ckpt.has_best()
     method.module.load_state_dict(ckpt.state(which))
     base_params = count_parameters(model)
-    facts = {**ckpt.config, "exported_from_step": ckpt.best["step"] if best else ckpt.step,
+    from ..run_dir import checkpoint_facts
+
+    facts = {**checkpoint_facts(ckpt), "exported_from_step": ckpt.best["step"] if best else ckpt.step,
              "base_params": base_params}
     if best:  # the card's dev loss is the exported step's
         facts.update(best_step=ckpt.best["step"], best_dev_loss=ckpt.best["loss"])

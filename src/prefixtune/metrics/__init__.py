@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import MetricsError
+from .errors import MetricsError, attempt
 from .refs import read_lines, read_references
 
 TASKS = ("e2e", "webnlg", "dart", "xsum")
@@ -63,32 +63,36 @@ def _check_inputs(task, hypotheses, references, meta):
 
 def score(task: str, hypotheses: list[str], references: list[list[str]], meta: list[dict] | None = None,
           *, notes: list[str] | None = None, mteval_variant: str = "perl",
-          model_metrics: bool = True) -> dict[str, float]:
+          model_metrics: bool = True, skipped: list[str] | None = None) -> dict[str, float]:
     """Corpus scores of ``hypotheses`` (one per item) against grouped ``references`` for ``task``.
 
     ``notes``: a list that receives one line per skipped optional metric (DART);
     when None those lines go to stderr. ``mteval_variant``: "perl" (default: mteval-v13a-sig.pl, what
     ``measure_scores.py`` runs without flags) or "python" (pymteval, ``measure_scores.py -p``,
     the paper's setting) for E2E BLEU/NIST; BLEU is the same, NIST's length penalty differs. ``model_metrics``: try DART's
-    BERTScore/MoverScore/BLEURT.
+    BERTScore/MoverScore/BLEURT. ``skipped``: a list that receives one line per metric that cannot score
+    this data (no Java, an MR that SER does not know, ...), which is then left out; None (the default):
+    such a metric raises ``MetricsError``.
     """
     hyps, refs = _check_inputs(task, hypotheses, references, meta)
     if task == "e2e":
         from .e2e import score_e2e
-        return score_e2e(hyps, refs, mteval_variant=mteval_variant, meta=meta)
+        return score_e2e(hyps, refs, mteval_variant=mteval_variant, meta=meta, skipped=skipped)
     if task == "webnlg":
         from .webnlg import score_webnlg
-        return score_webnlg(hyps, refs, meta)
+        return score_webnlg(hyps, refs, meta, skipped=skipped)
     if task == "dart":
         from .dart import score_dart
         sink = notes if notes is not None else []
-        result = score_dart(hyps, refs, notes=sink, model_metrics=model_metrics)
+        result = score_dart(hyps, refs, notes=sink, model_metrics=model_metrics, skipped=skipped)
         if notes is None:
             for line in sink:
                 print(line, file=sys.stderr)
         return result
     from .xsum import score_xsum
-    return score_xsum(hyps, refs)
+    scores: dict[str, float] = {}
+    attempt(scores, "ROUGE", lambda: score_xsum(hyps, refs), skipped)
+    return scores
 
 
 __all__ = ["MetricsError", "TASKS", "TASK_METRICS", "read_lines", "read_references", "score"]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import TASKS, MetricsError, read_lines, read_references, score
-from .refs import read_reference_mrs
+from .refs import check_plain_text, read_reference_mrs
 
 # How many decimals each metric is shown with in the table (JSON keeps full precision).
 DECIMALS = {"NIST": 4, "CIDEr": 4, "BERTScore": 4, "MoverScore": 4, "BLEURT": 4}
@@ -72,6 +72,7 @@ def score_command(task: str, hyp: Path, refs: Path | None, split: str, data_dir:
         if task not in TASKS:
             raise MetricsError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         hypotheses = read_lines(hyp)
+        check_plain_text(hyp, hypotheses, "hypothesis file")
         meta = None
         if limit is not None and (limit < 1 or refs is not None):
             raise MetricsError("--limit must be >= 1" if limit < 1 else

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 
+from .errors import attempt
 from .java import java_executable, meteor_session
 from .multibleu import multi_bleu
 from .optional import model_based_scores
@@ -34,15 +35,23 @@ def normalize(text: str) -> str:
 
 
 def score_dart(hypotheses: list[str], references: list[list[str]], notes: list[str] | None = None,
-               model_metrics: bool = True) -> dict[str, float]:
-    java_executable()
+               model_metrics: bool = True, skipped: list[str] | None = None) -> dict[str, float]:
+    """`skipped`: a list that receives a line per metric that cannot score the data (None: raise instead)."""
+    if skipped is None:
+        java_executable()
     hyps = [normalize(h) for h in hypotheses]
     refs = [[normalize(r) for r in group[:MAX_REFS]] or [""] for group in references]
     first = [[r[0]] for r in refs]
-    scores = {"BLEU": multi_bleu(hyps, [r + [""] * (MAX_REFS - len(r)) for r in refs])}
-    with meteor_session() as meteor:
-        scores["METEOR"] = 100.0 * meteor.corpus_score(hyps, first)[0]
-    scores["TER"] = ter(hyps, first)
+
+    def meteor():
+        with meteor_session() as session:
+            return {"METEOR": 100.0 * session.corpus_score(hyps, first)[0]}
+
+    scores: dict[str, float] = {}
+    attempt(scores, "BLEU", lambda: {"BLEU": multi_bleu(hyps, [r + [""] * (MAX_REFS - len(r)) for r in refs])},
+            skipped)
+    attempt(scores, "METEOR", meteor, skipped)
+    attempt(scores, "TER", lambda: {"TER": ter(hyps, first)}, skipped)
     if model_metrics:
         extra, extra_notes = model_based_scores(list(hypotheses), [list(g) for g in references])
         scores.update(extra)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .coco import coco_scores
 from .e2e_ser import slot_error_rate
+from .errors import attempt
 from .java import java_executable
 from .mteval import bleu_nist
 
@@ -21,13 +22,23 @@ def item_mrs(meta: list[dict] | None) -> list[str] | None:
 
 
 def score_e2e(hypotheses: list[str], references: list[list[str]], mteval_variant: str = "perl",
-              meta: list[dict] | None = None) -> dict[str, float]:
-    java_executable()  # fail fast, before the pure-Python half
-    bleu, nist = bleu_nist(hypotheses, references, variant=mteval_variant)
-    coco = coco_scores(hypotheses, references)
-    scores = {"BLEU": 100.0 * bleu, "NIST": nist, "METEOR": 100.0 * coco["METEOR"],
-              "ROUGE_L": 100.0 * coco["ROUGE_L"], "CIDEr": coco["CIDEr"]}
+              meta: list[dict] | None = None, skipped: list[str] | None = None) -> dict[str, float]:
+    """`skipped`: a list that receives a line per metric that cannot score the data (None: raise instead)."""
+    if skipped is None:
+        java_executable()  # fail fast, before the pure-Python half
+    scores: dict[str, float] = {}
+
+    def bleu():
+        bleu, nist = bleu_nist(hypotheses, references, variant=mteval_variant)
+        return {"BLEU": 100.0 * bleu, "NIST": nist}
+
+    def coco():
+        coco = coco_scores(hypotheses, references)
+        return {"METEOR": 100.0 * coco["METEOR"], "ROUGE_L": 100.0 * coco["ROUGE_L"], "CIDEr": coco["CIDEr"]}
+
+    attempt(scores, "BLEU, NIST", bleu, skipped)
+    attempt(scores, "METEOR, ROUGE_L, CIDEr", coco, skipped)
     mrs = item_mrs(meta)
     if mrs is not None:  # SER checks each output against its own MR
-        scores["SER"] = slot_error_rate(hypotheses, mrs).ser
+        attempt(scores, "SER", lambda: {"SER": slot_error_rate(hypotheses, mrs).ser}, skipped)
     return scores

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -64,6 +65,30 @@ def read_reference_mrs(path) -> list[str] | None:
     return [mr for mr, _ in _read_csv_groups(path)]
 
 
+PLAIN_FORMAT = ("plain text: the references of one item on consecutive lines, items separated by a blank line, "
+                "or one reference per line")
+
+
+def check_plain_text(path, lines: list[str], what: str = "reference file") -> None:
+    """Refuse a JSON/JSONL or CSV file where plain text lines are expected: scored line by line as raw JSON
+    or CSV it gives a wrong number without a word (BLEU 10 where the right answer is 100)."""
+    first = next((line for line in lines if line.strip()), "")
+    if first[:1] in "{[":
+        try:
+            parsed = json.loads(first)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, (dict, list)):
+            raise MetricsError(f"{what} {path} looks like JSON (its first line is a JSON "
+                               f"{'object' if isinstance(parsed, dict) else 'array'}); expected {PLAIN_FORMAT}")
+    for delimiter in ("\t", ","):
+        fields = [f.strip() for f in next(csv.reader([first], delimiter=delimiter), [])]
+        if len(fields) >= 2 and any(re.fullmatch(HEADER_SRC, f, re.I) for f in fields) and any(
+                re.fullmatch(HEADER_REF, f, re.I) for f in fields):
+            raise MetricsError(f"{what} {path} looks like a CSV (header {first.strip()!r}); expected {PLAIN_FORMAT}"
+                               f", or an E2E CSV named .csv/.tsv")
+
+
 def read_references(path, n_hyps: int) -> list[list[str]]:
     """Reference groups for ``n_hyps`` hypotheses from ``path``.
 
@@ -78,6 +103,7 @@ def read_references(path, n_hyps: int) -> list[list[str]]:
         groups = [refs for _, refs in _read_csv_groups(path)]
     else:
         lines = read_lines(path)
+        check_plain_text(path, lines)
         groups = [[]]
         for line in lines:
             if line:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from .errors import attempt
 from .java import java_executable, meteor_session
 from .multibleu import multi_bleu
 from .ter import ter_from_statistics, ter_statistics
@@ -63,8 +64,11 @@ def _seen_flags(meta: list[dict] | None, n: int) -> list[bool] | None:
     return flags
 
 
-def score_webnlg(hypotheses: list[str], references: list[list[str]], meta: list[dict] | None = None) -> dict[str, float]:
-    java_executable()
+def score_webnlg(hypotheses: list[str], references: list[list[str]], meta: list[dict] | None = None,
+                 skipped: list[str] | None = None) -> dict[str, float]:
+    """`skipped`: a list that receives a line per metric that cannot score the data (None: raise instead)."""
+    if skipped is None:
+        java_executable()
     hyps = [normalize_hypothesis(h) for h in hypotheses]
     refs = [[normalize_reference(r) for r in group[:MAX_REFS]] for group in references]
     subsets = [("", list(range(len(hyps))))]
@@ -75,16 +79,23 @@ def score_webnlg(hypotheses: list[str], references: list[list[str]], meta: list[
             if idx:
                 subsets.append((suffix, idx))
 
-    with meteor_session() as meteor:
-        stats = [meteor.stats(h, r) for h, r in zip(hyps, refs)]
-        meteor_scores = {suffix: meteor.aggregate([stats[i] for i in idx])[0] for suffix, idx in subsets}
-    ter_stats = ter_statistics(hyps, refs)
+    def bleu():
+        return {"BLEU" + suffix: multi_bleu([hyps[i] for i in idx],
+                                            [refs[i] + [""] * (MAX_REFS - len(refs[i])) for i in idx], lowercase=True)
+                for suffix, idx in subsets}
+
+    def meteor():
+        with meteor_session() as session:
+            stats = [session.stats(h, r) for h, r in zip(hyps, refs)]
+            return {"METEOR" + suffix: 100.0 * session.aggregate([stats[i] for i in idx])[0] for suffix, idx in subsets}
+
+    def ter():
+        stats = ter_statistics(hyps, refs)
+        return {"TER" + suffix: ter_from_statistics([stats[i] for i in idx]) for suffix, idx in subsets}
+
     scores: dict[str, float] = {}
-    for suffix, idx in subsets:
-        sub_h = [hyps[i] for i in idx]
-        sub_r = [refs[i] + [""] * (MAX_REFS - len(refs[i])) for i in idx]
-        scores["BLEU" + suffix] = multi_bleu(sub_h, sub_r, lowercase=True)
-        scores["METEOR" + suffix] = 100.0 * meteor_scores[suffix]
-        scores["TER" + suffix] = ter_from_statistics([ter_stats[i] for i in idx])
+    attempt(scores, "BLEU", bleu, skipped)
+    attempt(scores, "METEOR", meteor, skipped)
+    attempt(scores, "TER", ter, skipped)
     order = [m + s for s, _ in subsets for m in ("BLEU", "METEOR", "TER")]
-    return {k: scores[k] for k in order}
+    return {k: scores[k] for k in order if k in scores}

@@ -1,0 +1,150 @@
+"""A run's directory: what it holds (train_config.json, checkpoint.pt, result.json), continuing it, and
+what it trained on.
+
+`train --resume` continues *the run in the directory*: its saved config, never rewritten; an option the
+caller set that contradicts it is refused naming both values; a finished run is not trained again.
+The data a run trained on (`data_provenance`) is kept in its checkpoint and its export's metadata, for
+`info` and the model card.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+from .checkpoint import CHECKPOINT, Checkpoint
+from .data import DATA_ENV, resolve_data_dir
+from .methods import EXPORT_FILES
+from .train_config import TrainConfig
+
+RESULT = "result.json"
+TRAIN_CONFIG = "train_config.json"
+# Where and on what a resumed run goes on; they may differ from the saved config without contradicting it.
+NOT_THE_RUN = ("output_dir", "device")
+
+
+def check_output_dir(out_dir: Path, resume: bool, overwrite: bool):
+    """Never silently replace a run: a finished or interrupted one needs --resume or --overwrite."""
+    if resume or not out_dir.is_dir():
+        return
+    if (out_dir / RESULT).is_file():
+        state = "a finished run"
+    elif (out_dir / CHECKPOINT).is_file():
+        state = "an interrupted run"
+    else:
+        return
+    if not overwrite:
+        keep = "" if state == "a finished run" else ", --resume to continue it"
+        raise FileExistsError(f"{out_dir} holds {state}: pass --overwrite to replace it{keep}, "
+                              f"or choose another --output-dir")
+    for name in [CHECKPOINT, RESULT, TRAIN_CONFIG, *set(EXPORT_FILES.values())]:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def data_dir_of(config: TrainConfig) -> str | None:
+    try:
+        return str(resolve_data_dir(config.data_dir, config.task).resolve())
+    except FileNotFoundError:  # e.g. XSum from the hub
+        return None
+
+
+def data_provenance(config: TrainConfig, from_api: bool, n_train: int, n_dev: int) -> dict:
+    """What a run trained on, for the export's metadata, `info` and the model card."""
+    if from_api:
+        return {"source": "train_pairs", "train_pairs": n_train, "dev_pairs": n_dev}
+    given_by = "--data-dir" if config.data_dir else (DATA_ENV if os.environ.get(DATA_ENV) else "default")
+    return {"source": "task", "task": config.task, **config.task_options, "data_dir": data_dir_of(config),
+            "data_dir_from": given_by, "train_pairs": n_train, "dev_pairs": n_dev}
+
+
+def describe_data(config: dict) -> str:
+    """One line saying what a run (its saved config and `data` provenance) trained on."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    if data.get("source") == "train_pairs":
+        dev = data.get("dev_pairs")
+        return (f"{data.get('train_pairs')} (source, target) pairs given to the Python API (train_pairs), "
+                f"{dev} dev pair{'' if dev == 1 else 's'}")
+    task = config.get("task") or "?"
+    options = "".join(f", {k.replace('_', ' ')} {v}" for k, v in (config.get("task_options") or {}).items())
+    where = data.get("data_dir") or config.get("data_dir")
+    given_by = data.get("data_dir_from") or ("--data-dir" if config.get("data_dir") else None)
+    sampled = f", {config['train_size']} sampled pairs (seed {config.get('seed')})" if config.get("train_size") else ""
+    counted = f", {data['train_pairs']} train pairs" if data.get("train_pairs") and not sampled else ""
+    source = f" from {where} ({given_by})" if where and given_by else (f" from {where}" if where else "")
+    return f"the {task} train split{options}{source}{sampled}{counted}"
+
+
+def saved_config(out_dir: str | Path) -> dict | None:
+    """The config of the run in OUT_DIR (train_config.json, else its checkpoint's), None when it holds none."""
+    out_dir = Path(out_dir)
+    if (out_dir / TRAIN_CONFIG).is_file():
+        try:
+            saved = json.loads((out_dir / TRAIN_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{out_dir / TRAIN_CONFIG} is not readable JSON ({e}): cannot resume this run") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{out_dir / TRAIN_CONFIG} is not a JSON object: cannot resume this run")
+        return saved
+    if (out_dir / CHECKPOINT).is_file():
+        return Checkpoint.load(out_dir).config
+    return None
+
+
+def _same(name: str, saved, given) -> bool:
+    if name == "data_dir" and saved is not None and given is not None:
+        return Path(saved).expanduser().resolve() == Path(given).expanduser().resolve()
+    if name == "task_options":  # only the options given must agree
+        return all((saved or {}).get(k) == v for k, v in (given or {}).items())
+    return saved == given
+
+
+def resumed_config(out_dir: str | Path, given: dict, flags: bool = False) -> TrainConfig:
+    """The saved config of the run in OUT_DIR, to continue it. Each option in `given` (what the caller set) must
+    agree with it; a contradiction is refused naming both values (`flags`: named as command-line flags)."""
+    out_dir = Path(out_dir)
+    saved = saved_config(out_dir)
+    if saved is None:
+        raise FileNotFoundError(f"nothing to resume: {out_dir} holds no run ({TRAIN_CONFIG} or {CHECKPOINT})")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"{out_dir / TRAIN_CONFIG} has options this prefixtune does not know ({', '.join(unknown)}): "
+                         f"it was written by another version")
+    defaults = asdict(TrainConfig())
+    for name, value in given.items():
+        if name in NOT_THE_RUN:
+            continue
+        before = saved.get(name, defaults.get(name))
+        if not _same(name, before, value):
+            label = f"--{name.replace('_', '-')}" if flags else name
+            if name == "task_options":
+                label, before, value = "task options", {k: (before or {}).get(k) for k in value}, value
+            before = "unset (its default)" if before is None else repr(before)
+            raise ValueError(f"{out_dir} holds a run with {label} {before}, not {value!r}: --resume continues "
+                             f"that run as it was started (drop the option, or start a new run with --overwrite "
+                             f"or another --output-dir)")
+    config = TrainConfig(**saved)
+    where = {k: given[k] for k in NOT_THE_RUN if k in given and k != "output_dir"}  # e.g. another --device
+    return replace(config, output_dir=str(out_dir), **where)
+
+
+def given_options(config: TrainConfig) -> dict:
+    """The options of `config` that differ from the defaults: what a caller of the API set."""
+    defaults = asdict(TrainConfig())
+    return {k: v for k, v in asdict(config).items() if v != defaults[k]}
+
+
+def finished_result(out_dir: str | Path) -> dict | None:
+    """The result.json of a finished run in OUT_DIR, None when it holds none."""
+    path = Path(out_dir) / RESULT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+
+def checkpoint_facts(ckpt: Checkpoint) -> dict:
+    """What an export from a checkpoint records of its run: the config, the steps run, the data it trained on."""
+    return {**ckpt.config, "steps": ckpt.step, **({"data": ckpt.data} if ckpt.data else {})}

@@ -1,0 +1,127 @@
+"""`train --resume` (and `train(..., resume=True)`) continues the run in the directory as it was started."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_model
+from prefixtune.cli import app
+from prefixtune.train import CHECKPOINT, RESULT, TrainConfig, train
+
+PAIRS = [(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food.") for i, f in
+         enumerate(["Thai", "French", "Chinese", "Italian", "English", "Indian"] * 3)]
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(at):
+    def on_step(step, logs, module):
+        if step == at:
+            raise Killed
+    return on_step
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def killed_run(tmp_path, tiny_dir, data_dir):
+    """A CLI-style run (task data from --data-dir, a local model) killed at step 3 of 6, checkpointed at step 2."""
+    from prefixtune.models import load_base_model
+
+    config = TrainConfig(output_dir=str(tmp_path / "run"), model=str(tiny_dir), data_dir=str(data_dir), train_size=12,
+                         max_steps=6, batch_size=4, prefix_len=2, mlp_dim=8, eval_every=2, save_every=2, dev_size=4,
+                         precision="fp32")
+    model, tokenizer = load_base_model(str(tiny_dir))
+    with pytest.raises(Killed):
+        train(config, model, tokenizer, on_step=kill_at(3), progress=False)
+    return Path(config.output_dir)
+
+
+def test_a_bare_resume_continues_the_saved_run_and_keeps_its_config(killed_run):
+    saved = (killed_run / "train_config.json").read_bytes()
+    result = invoke("train", "-o", killed_run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resumed from step 2 of 6" in result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 6  # the saved --max-steps, not the default epochs of E2E
+    assert (killed_run / "train_config.json").read_bytes() == saved  # never rewritten
+    done = json.loads((killed_run / RESULT).read_text())
+    assert done["steps"] == 6
+
+
+def test_a_flag_that_contradicts_the_run_is_refused_naming_both_values(killed_run):
+    line = error_line(invoke("train", "-o", killed_run, "--resume", "--max-steps", 9))
+    assert "--max-steps 6" in line and "not 9" in line
+    line = error_line(invoke("train", "-o", killed_run, "--resume", "--task", "webnlg"))
+    assert "--task 'e2e'" in line and "'webnlg'" in line
+    line = error_line(invoke("train", "-o", killed_run, "--resume", "--data-dir", killed_run))
+    assert "--data-dir" in line and str(killed_run) in line
+    # a flag that agrees with the run (or only says where to run it) is fine
+    result = invoke("train", "-o", killed_run, "--resume", "--max-steps", 6, "--prefix-len", 2, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_finished_run_says_so_and_trains_nothing(killed_run):
+    assert invoke("train", "-o", killed_run, "--resume").exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in killed_run.iterdir()}
+    result = invoke("train", "-o", killed_run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "holds a finished run (6 steps" in result.stderr and "nothing to resume" in result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 6
+    assert {p.name: p.stat().st_mtime_ns for p in killed_run.iterdir()} == before  # nothing written
+    line = error_line(invoke("train", "-o", killed_run, "--resume", "--max-steps", 100))
+    assert "--max-steps 6" in line  # extending a finished run is a new run
+
+
+def test_resume_needs_a_run_to_continue(tmp_path):
+    line = error_line(invoke("train", "-o", tmp_path / "empty", "--resume"))
+    assert "nothing to resume" in line and "empty" in line
+    line = error_line(invoke("train", "-o", tmp_path / "x", "--resume", "--overwrite"))
+    assert "give one" in line
+
+
+def test_the_api_resumes_the_saved_run_too(tmp_path, tokenizer):
+    out = tmp_path / "run"
+    config = TrainConfig(output_dir=str(out), max_steps=6, batch_size=4, prefix_len=3, mlp_dim=16, eval_every=2,
+                         save_every=2, precision="fp32", lr=5e-3)
+    with pytest.raises(Killed):
+        train(config, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], on_step=kill_at(3), progress=False)
+    saved = (out / "train_config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"max_steps 6, not 9"):
+        train(TrainConfig(output_dir=str(out), max_steps=9), tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4],
+              resume=True, progress=False)
+    # only the output directory given: the run's own options (prefix length, steps, ...) are used
+    resumed = train(TrainConfig(output_dir=str(out)), tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], resume=True,
+                    progress=False)
+    assert resumed.steps == 6 and resumed.method.config.prefix_len == 3
+    assert (out / "train_config.json").read_bytes() == saved
+    finished_mtime = (out / CHECKPOINT).stat().st_mtime_ns
+    again = train(TrainConfig(output_dir=str(out)), tiny_model("llama"), tokenizer, PAIRS, resume=True, progress=False)
+    assert (again.steps, again.best_step, again.best_dev_loss) == (6, resumed.best_step, resumed.best_dev_loss)
+    assert (out / CHECKPOINT).stat().st_mtime_ns == finished_mtime  # a finished run is not trained again
+    assert again.method.generate(["name : Zizzi"], batch_size=1) == resumed.method.generate(["name : Zizzi"],
+                                                                                             batch_size=1)
+
+
+def test_a_run_on_api_pairs_is_not_continued_on_the_task_data(tmp_path, tokenizer, data_dir):
+    out = tmp_path / "run"
+    config = TrainConfig(output_dir=str(out), max_steps=6, batch_size=4, prefix_len=3, mlp_dim=16, eval_every=2,
+                         save_every=2, precision="fp32", data_dir=str(data_dir), train_size=8)
+    with pytest.raises(Killed):
+        train(config, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], on_step=kill_at(3), progress=False)
+    with pytest.raises(ValueError, match="trained on 18 .source, target. pairs given to the Python API"):
+        train(TrainConfig(output_dir=str(out)), tiny_model("llama"), tokenizer, resume=True, progress=False)
