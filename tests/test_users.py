@@ -1,0 +1,196 @@
+"""Many users in one job (prefixtune.users): isolation to the bit, equivalence with a lone `train` run,
+gradients that reach only their own user, a frozen base model, 1,000 users, and a store the server starts on."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model
+from prefixtune.train import train
+from prefixtune.train_config import TrainConfig
+from prefixtune.users import UsersConfig, store_dir, train_users
+from prefixtune.users.names import prefix_name, prefix_names
+
+WORDS = "name area food price pub cheap Thai riverside centre coffee shop family friendly yes no the a is".split()
+
+
+def user_data(users: int, examples: int, seed: int = 0, dev: int = 2):
+    """Each user's own (source, target) pairs: random words of random lengths, so rows pad differently."""
+    rng = random.Random(seed)
+    phrase = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+    train_pairs, dev_pairs = {}, {}
+    for u in range(users):
+        pairs = [(f"user {u} : " + phrase(2, 12), phrase(1, 10)) for _ in range(examples + dev)]
+        train_pairs[f"user{u}"], dev_pairs[f"user{u}"] = pairs[:examples], pairs[examples:]
+    return train_pairs, dev_pairs
+
+
+def config(tmp_path, name, **overrides):
+    options = dict(output_dir=str(tmp_path / name), method="prefix", mlp_dim=16, batch_size=3, max_steps=6,
+                   eval_every=2, early_stop_patience=1, lr=5e-3)
+    return TrainConfig(**{**options, **overrides})
+
+
+def exported(result, user) -> dict:
+    return load_file(store_dir(result.output_dir, result.tenant) / f"{prefix_name(user)}.safetensors")
+
+
+def same_bytes(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.mark.parametrize("method, precision", [("prefix", "auto"), ("prefix-flat", "fp32")])
+def test_changing_one_users_data_leaves_every_other_users_prefix_bit_identical(llama, tokenizer, tmp_path,
+                                                                               method, precision):
+    train_pairs, dev_pairs = user_data(6, 7)
+    first = train_users(config(tmp_path, "a", method=method, precision=precision), llama, tokenizer,
+                        train_pairs, dev_pairs, progress=False)
+    changed = dict(train_pairs)  # user2: other texts, other lengths, another number of examples and steps
+    changed["user2"] = [(s + " and much more text here", t.upper() + " longer") for s, t in train_pairs["user2"]][:4]
+    # ... and other rounds: 2 users resident at a time instead of all 6, so every batch mixes other users
+    second = train_users(config(tmp_path, "b", method=method, precision=precision), llama, tokenizer,
+                         changed, dev_pairs, users=UsersConfig(resident_users=2), progress=False)
+    assert not same_bytes(exported(first, "user2"), exported(second, "user2"))
+    for user in train_pairs:
+        if user != "user2":
+            assert same_bytes(exported(first, user), exported(second, user)), user
+    rows = {r["user"]: r for r in first.users}
+    assert {r["user"]: r for r in second.users}["user0"] == rows["user0"]
+    # and alone: a job of one user gives that user's prefix to the bit
+    alone = train_users(config(tmp_path, "c", method=method, precision=precision), llama, tokenizer,
+                        {"user4": train_pairs["user4"]}, dev_pairs, progress=False)
+    assert same_bytes(exported(first, "user4"), exported(alone, "user4"))
+
+
+# A user trained in the joint job against `train.train` on that user's data alone, same seed and batches, in
+# fp32. The one difference is the padding: train pads a batch to its longest row, the joint job pads each row to
+# a multiple of 16, which changes the order of some sums in the backward pass (measured: 1e-7 relative on
+# a gradient). Measured here: 1.0-1.4e-7 of the largest |P| after these steps, fp32; 1e-5 bounds it. (In bf16 the
+# two differ by bf16 rounding instead: 9e-4.)
+EQUIVALENCE_TOL = 1e-5
+
+
+@pytest.mark.parametrize("method, dropout", [("prefix", 0.0), ("prefix-flat", 0.0), ("prefix", 0.3)])
+def test_a_user_trained_jointly_equals_that_user_trained_alone_by_train(llama, tokenizer, tmp_path, method, dropout):
+    train_pairs, dev_pairs = user_data(4, 8, seed=1)
+    options = dict(method=method, precision="fp32", prefix_dropout=dropout, weight_decay=0.01, warmup_steps=2,
+                   early_stop_patience=0)
+    joint = train_users(config(tmp_path, "joint", **options), llama, tokenizer, train_pairs, dev_pairs,
+                        progress=False)
+    rows = {r["user"]: r for r in joint.users}
+    for user in ("user1", "user3"):
+        alone = train(config(tmp_path, f"alone-{user}", **options), llama, tokenizer, train_pairs[user],
+                      dev_pairs[user], progress=False)
+        ours, theirs = exported(joint, user), load_file(alone.prefix_file)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert (ours[key] - theirs[key]).abs().max() <= EQUIVALENCE_TOL * theirs[key].abs().max(), (user, key)
+        assert rows[user]["steps"] == alone.steps and rows[user]["best_step"] == alone.best_step
+        assert rows[user]["best_dev_loss"] == pytest.approx(alone.best_dev_loss, rel=1e-5)
+    # the prefixes moved: the tolerance is far below what training changed
+    other = exported(joint, "user1")["prefix.decoder"] - exported(joint, "user3")["prefix.decoder"]
+    assert other.abs().max() > 100 * EQUIVALENCE_TOL * exported(joint, "user1")["prefix.decoder"].abs().max()
+
+
+def test_a_users_gradients_come_from_their_own_rows_only(llama, tokenizer):
+    """A backward pass over a batch of three users' rows: each user's gradient is the one their rows alone
+    give, a user without rows gets none, and another user's rows changing changes nothing."""
+    from prefixtune.data.collate import Collator, encode_pair
+    from prefixtune.models import model_spec
+    from prefixtune.users.step import plan, run_passes, target_count
+
+    spec = model_spec(llama)
+    train_pairs, _ = user_data(3, 4, seed=2)
+    encoded = {u: [encode_pair(tokenizer, "decoder", s, t) for s, t in train_pairs[f"user{u}"]] for u in range(3)}
+    collate = Collator(tokenizer.pad_token_id, "decoder")
+    torch.manual_seed(0)
+    base = {u: {"decoder": torch.randn(10, 64)} for u in range(4)}
+
+    def grads(batches):
+        leaves = {u: {"decoder": p["decoder"].clone().requires_grad_()} for u, p in base.items()}
+        norms = {u: sum(target_count(e, "decoder") for e in rows) for u, rows in batches.items()}
+        run_passes(llama, spec, plan(batches, "decoder", 16, 4096), leaves, collate, torch.device("cpu"), False, norms)
+        return {u: leaf["decoder"].grad for u, leaf in leaves.items()}
+
+    mixed = grads(encoded)
+    assert mixed[3] is None                               # user 3 has no rows: no gradient at all
+    assert all(mixed[u].abs().sum() > 0 for u in range(3))
+    for u in range(3):
+        assert torch.equal(mixed[u], grads({u: encoded[u]})[u])
+    other = dict(encoded)
+    other[1] = [encode_pair(tokenizer, "decoder", s + " changed", "another target") for s, _ in train_pairs["user1"]]
+    changed = grads(other)
+    assert torch.equal(changed[0], mixed[0]) and torch.equal(changed[2], mixed[2])
+    assert not torch.equal(changed[1], mixed[1])
+
+
+def test_the_frozen_model_never_changes(llama, tokenizer, tmp_path):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    train_pairs, dev_pairs = user_data(3, 4)
+    train_users(config(tmp_path, "frozen", weight_decay=0.1), llama, tokenizer, train_pairs, dev_pairs,
+                progress=False)
+    after = llama.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad or p.grad is not None for p in llama.parameters())
+
+
+def test_a_thousand_users_in_one_job(llama, tokenizer, tmp_path):
+    from prefixtune.bank import PrefixBank
+    from prefixtune.serve import PrefixStore, ServeSettings
+
+    train_pairs, dev_pairs = user_data(1000, 3, dev=1)
+    result = train_users(config(tmp_path, "many", method="prefix-flat", max_steps=2, eval_every=0), llama,
+                         tokenizer, train_pairs, dev_pairs, progress=False)
+    assert len(result.users) == 1000 and result.resident_users == 1000
+    assert all(r["steps"] == 2 and r["best_step"] == 2 and r["best_dev_loss"] > 0 for r in result.users)
+    # memory per user, measured: P (10 x 64 floats), AdamW's two moments and step, the best state
+    assert result.state_bytes_per_user == 4 * 640 * 4 + 4
+    store = PrefixStore(PrefixBank(llama, tokenizer), ServeSettings(store_dir=result.store), [result.tenant])
+    assert store.count() == 1000 and store.get(result.tenant, "user999").prefix_len == 10
+    summary = json.loads((tmp_path / "many" / "users.json").read_text())
+    assert len(summary["users"]) == 1000
+    csv_lines = (tmp_path / "many" / "users.csv").read_text().splitlines()
+    assert len(csv_lines) == 1001 and csv_lines[0].startswith("user,prefix,examples,dev_examples,steps,best_step")
+
+
+def test_user_names_become_prefix_names_or_are_refused():
+    assert prefix_name("alice") == "alice" and prefix_name(7) == "7"
+    assert prefix_name("alice@example.com") == "alice-example.com"
+    assert prefix_name("Jörg Müller") == "J-rg-M-ller"
+    with pytest.raises(ValueError, match="'a b' and 'a-b' would both be named 'a-b'"):
+        prefix_names(["a b", "a-b"])
+    with pytest.raises(ValueError, match="no usable prefix name"):
+        prefix_names(["ok", "@@@"])
+    with pytest.raises(ValueError, match="base model's name"):
+        prefix_names(["smollm2-135m"], reserved=("smollm2-135m",))
+
+
+def test_bad_jobs_are_refused_before_the_model_loads(tmp_path):
+    bad = TrainConfig(output_dir=str(tmp_path / "x"), model="no-such-model", method="prefix")
+    with pytest.raises(ValueError, match="would both be named"):
+        train_users(bad, train={"a b": [("x", "y")], "a_b": [("x", "y")], "a-b": [("x", "y")]})
+    with pytest.raises(ValueError, match="user 'b' has no training examples"):
+        train_users(bad, train={"a": [("x", "y")], "b": []})
+    with pytest.raises(ValueError, match="--method must be one of prefix, prefix-flat"):
+        train_users(TrainConfig(output_dir=str(tmp_path / "x"), method="adapter"), train={"a": [("x", "y")]})
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
+    train_pairs, dev_pairs = user_data(2, 3)
+    cfg = config(tmp_path, "run", max_steps=1)
+    train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    with pytest.raises(FileExistsError, match="holds a many-users run"):
+        train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    result = train_users(cfg, llama, tokenizer, {"user0": train_pairs["user0"]}, dev_pairs, progress=False,
+                         overwrite=True)
+    assert [p.name for p in store_dir(result.output_dir, "default").iterdir()] == ["user0.safetensors"]
