@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,3 +195,19 @@ def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
     result = train_users(cfg, llama, tokenizer, {"user0": train_pairs["user0"]}, dev_pairs, progress=False,
                          overwrite=True)
     assert [p.name for p in store_dir(result.output_dir, "default").iterdir()] == ["user0.safetensors"]
+
+
+def test_each_users_dev_rows_are_held_out_of_their_own_rows():
+    from prefixtune.data.records import Record
+    from prefixtune.users.data import group_by_user, user_examples
+
+    def records(counts):
+        return [Record(f"{u} row {i}", [f"t{i}"], {"user": u}) for u, n in counts.items() for i in range(n)]
+
+    cfg = SimpleNamespace(dev_fraction=0.2, seed=3, train_size=None, dev_size=100)  # the TrainConfig fields it reads
+    train_a, dev_a = user_examples(group_by_user(records({"ann": 10, "bo": 20})), None, cfg)
+    train_b, dev_b = user_examples(group_by_user(records({"ann": 10, "bo": 35, "cy": 1})), None, cfg)
+    assert len(dev_a["ann"]) == 2 and len(train_a["ann"]) == 8 and len(dev_a["bo"]) == 4
+    assert dev_a["ann"] == dev_b["ann"] and train_a["ann"] == train_b["ann"]  # bo's rows change nothing for ann
+    assert dev_b["cy"] == [] and len(train_b["cy"]) == 1                       # a user keeps a training row
+    assert not set(dev_a["bo"]) & set(train_a["bo"])

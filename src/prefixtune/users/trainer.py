@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_bytes
-from ..data.collate import Collator, encode_pair
+from ..data.collate import Collator, encode_example
 from ..methods import build_method
 from ..methods.base import count_parameters
 from ..models import load_base_model, model_name, model_spec, resolve_device
@@ -79,8 +79,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
                 on_round=None) -> UsersResult:
     """Train one prefix per user in one job and write them into OUTPUT_DIR/store for `prefixtune serve`.
 
-    `train` and `dev` map each user to their (source, target) pairs; without them they are read from
-    `config.data` with `config.user_field` (data/files.py). Every user is trained as `train.train` would
+    `train` and `dev` map each user to their examples ((source, target) pairs, or chat conversations); without
+    them they are read from `config.data` with `config.user_field` (users/data.py). Every user is trained as `train.train` would
     train their data alone with `config` (same seed, same batches, same schedule), and independently of
     every other user. `on_round(states)` is called after every round (tests).
     """
@@ -94,7 +94,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         from .data import load_user_pairs
 
         train, dev = load_user_pairs(config)
-    dev = dev or {}
+    train = {str(user): examples for user, examples in train.items()}
+    dev = {str(user): examples for user, examples in (dev or {}).items()}
     if not train:
         raise ValueError("no users: the training data holds no rows")
     empty = [u for u, pairs in train.items() if not pairs]
@@ -121,8 +122,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         enable_gradient_checkpointing(model)
     lr = config.lr if config.lr is not None else method.default_lr
     bf16 = use_bf16(config.precision, device)
-    encode = lambda s, t: encode_pair(tokenizer, spec.family, s, t, config.template, config.max_source_len,
-                                      config.max_target_len)
+    encode = lambda example: encode_example(tokenizer, spec.family, example, config.template,  # noqa: E731
+                                            config.max_source_len, config.max_target_len)
     collate = Collator(tokenizer.pad_token_id, spec.family, getattr(model.config, "decoder_start_token_id", None))
     # a resident user holds 5 copies of their parameters: themselves, a gradient, AdamW's two moments, the best state
     per_user = 5 * sum(p.numel() * p.element_size() for p in template.parameters())
@@ -163,8 +164,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     while pending or active:
         while pending and len(active) < resident:
             user = pending.popleft()
-            active.append(UserState.create(user, names[user], [encode(s, t) for s, t in train[user]],
-                                           [encode(s, t) for s, t in dev.get(user, [])], template, config, lr,
+            active.append(UserState.create(user, names[user], [encode(e) for e in train[user]],
+                                           [encode(e) for e in dev.get(user, [])], template, config, lr,
                                            spec.family, rng))
         start = time.perf_counter()
         batches = {i: state.next_batch() for i, state in enumerate(active)}
