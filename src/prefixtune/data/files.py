@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .chat import ROLES
+from .chat import ROLES, Conversation
 from .records import Record
 
 # Auto-detected (source, target) field names, in the order they are tried.
@@ -70,6 +70,37 @@ def load_records(path, *, source_field: str | None = None, target_field: str | N
             record.meta["user"] = str(user)
         records.append(record)
     return records
+
+
+def load_sources(path, *, source_field: str | None = None, split: str = "train",
+                 messages_field: str = "messages") -> list:
+    """The inputs of a data file, for decoding: each row's source text, or a chat row's `Conversation` (decoded
+    from its messages before the last assistant turn). Targets are not needed here."""
+    rows, where = read_rows(path, split)
+    name = str(path)
+    if not rows:
+        raise DataFileError(f"{name}: empty: no rows")
+    columns = list(rows[0])
+    if source_field is None and messages_field in columns:
+        return [Conversation.of(_chat_record(f"{name}: {where(i)}", row.get(messages_field), messages_field,
+                                             answered=False).meta["messages"]) for i, row in enumerate(rows)]
+    if source_field is None:
+        source_field = next((s for s, _ in FIELD_PAIRS if s in columns), None)
+        if source_field is None:
+            raise DataFileError(f"{name}: line 1: no source field found among {_listed(columns)}: name it with "
+                                f"--source-field (looked for {', '.join(s for s, _ in FIELD_PAIRS)})")
+    if source_field not in columns:
+        raise DataFileError(f"{name}: line 1: no field {source_field!r} (--source-field); it has {_listed(columns)}")
+    return [_text(f"{name}: {where(i)}", row.get(source_field), source_field, "source") for i, row in enumerate(rows)]
+
+
+def load_train_dev(data, dev_data=None, dev_fraction: float = 0.1, seed: int = 1, **fields) -> tuple[list, list]:
+    """(train records, dev records) of a data file: `dev_data`'s rows, else `dev_fraction` of `data` held out by
+    `seed`. `fields` are `load_records`' (source_field, target_field, user_field, messages_field)."""
+    train = load_records(data, **fields)
+    if dev_data is not None:
+        return train, load_records(dev_data, **{**fields, "split": fields.get("split", "train")})
+    return split_dev(train, dev_fraction, seed)
 
 
 def split_dev(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -229,9 +260,10 @@ def _references(at: str, value, field: str) -> list[str]:
     return references
 
 
-def _chat_record(at: str, messages, field: str) -> Record:
+def _chat_record(at: str, messages, field: str, answered: bool = True) -> Record:
     """A chat row: its messages kept whole in meta (they train through the chat template), the last user turn
-    as the source and the last assistant turn as the reference (what eval compares)."""
+    as the source and the last assistant turn as the reference (what eval compares). `answered=False` (inputs to
+    decode) accepts a conversation without an assistant turn yet."""
     if not isinstance(messages, list) or not messages:
         raise DataFileError(f"{at}: field {field!r} must be a non-empty list of {{role, content}} messages")
     kept = []
@@ -241,6 +273,8 @@ def _chat_record(at: str, messages, field: str) -> Record:
                                 f"\"content\": text}}")
         kept.append({"role": message["role"], "content": message["content"]})
     answers = [m["content"] for m in kept if m["role"] == "assistant"]
+    if not answered:
+        return Record(next((m["content"] for m in reversed(kept) if m["role"] == "user"), ""), [], {"messages": kept})
     if not answers:
         raise DataFileError(f"{at}: field {field!r}: no assistant message (the loss is on assistant turns)")
     if any(not a.strip() for a in answers):
