@@ -173,3 +173,9 @@ def test_the_decoding_prompt_is_the_training_rows_start(chat_tokenizer):
     assert trained["input_ids"][: len(prompt)] == prompt  # decoding sees what training saw before the answer
     assert trained["labels"][len(prompt) - 1] == -100 and trained["labels"][len(prompt)] != -100
     assert encode_chat_prompt(tok, Conversation.of(CHAT[:-1])) == prompt  # a row ending on the user: the same
+
+
+def test_a_name_that_is_no_local_path_is_a_hub_dataset_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the cache is all there is, and it lacks this one
+    with pytest.raises(DataFileError, match=r"^someone/no-such-dataset: not loadable as a Hugging Face dataset"):
+        load_records("someone/no-such-dataset")

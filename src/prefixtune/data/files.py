@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -187,13 +188,35 @@ def _read_folder(path: Path, split: str) -> list[dict]:
 
 
 def _read_hub(name: str, split: str) -> list[dict]:
+    """A hub dataset's split. Reachability is checked first (seconds), not left to the client's minute of retries;
+    with HF_HUB_OFFLINE=1 a cached copy loads without the network."""
     import datasets
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline:
+        try:
+            huggingface_hub.dataset_info(name, timeout=5.0)
+        except GatedRepoError:
+            pass  # reachable; the download says what access is missing
+        except RepositoryNotFoundError:
+            raise DataFileError(f"{name}: no such local file or folder, and no such dataset on the Hugging Face hub "
+                                f"(or it is private)") from None
+        except Exception as e:  # connection refused, DNS, timeout, proxy
+            raise DataFileError(f"{name}: no such local file or folder; as a hub dataset id it needs the Hugging Face "
+                                f"hub, which cannot be reached ({_first_line(e)}); HF_HUB_OFFLINE=1 uses a cached "
+                                f"copy") from None
     try:
         return datasets.load_dataset(name, split=split).to_list()
-    except Exception as e:  # no network, no such dataset or split: datasets raises many types
-        raise DataFileError(f"{name}: not a local file or folder, and not loadable as a Hugging Face dataset "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except Exception as e:  # no such split or config, not in the cache offline: datasets raises many types
+        raise DataFileError(f"{name}: not loadable as a Hugging Face dataset ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _jsonl_lines(path: Path) -> list[int]:
