@@ -7,7 +7,7 @@ import json
 import pytest
 
 from prefixtune.data import DataFileError, load_records, split_dev, training_pairs
-from prefixtune.data.chat import Conversation, encode_chat
+from prefixtune.data.chat import Conversation, encode_chat, encode_chat_prompt
 from prefixtune.data.collate import encode_example
 
 ROWS = [{"source": f"name : Place {i} | food : Thai", "target": f"Place {i} serves Thai food.", "user": f"u{i % 3}"}
@@ -163,3 +163,19 @@ def test_chat_rows_are_cut_at_max_len_and_need_a_chat_template(chat_tokenizer, t
     assert len(example["input_ids"]) == len(example["labels"]) == 12
     with pytest.raises(ValueError, match="chat template"):
         encode_chat(tokenizer, Conversation.of(CHAT))  # the byte tokenizer has none
+
+
+def test_the_decoding_prompt_is_the_training_rows_start(chat_tokenizer):
+    tok = chat_tokenizer
+    prompt = encode_chat_prompt(tok, Conversation.of(CHAT))  # ends before the last assistant turn
+    assert tok.decode(prompt) == tok.apply_chat_template(CHAT[:-1], tokenize=False, add_generation_prompt=True)
+    trained = encode_chat(tok, Conversation.of(CHAT))
+    assert trained["input_ids"][: len(prompt)] == prompt  # decoding sees what training saw before the answer
+    assert trained["labels"][len(prompt) - 1] == -100 and trained["labels"][len(prompt)] != -100
+    assert encode_chat_prompt(tok, Conversation.of(CHAT[:-1])) == prompt  # a row ending on the user: the same
+
+
+def test_a_name_that_is_no_local_path_is_a_hub_dataset_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the cache is all there is, and it lacks this one
+    with pytest.raises(DataFileError, match=r"^someone/no-such-dataset: not loadable as a Hugging Face dataset"):
+        load_records("someone/no-such-dataset")

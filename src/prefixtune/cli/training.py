@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from ..train_config import TrainConfig
-from .app import DATA_HELP, _device_option, _fail, _task_options, app
+from .app import (DATA_FILE_HELP, DATA_HELP, SOURCE_FIELD_HELP, TARGET_FIELD_HELP, _device_option, _fail,
+                  _load_model, _task_options, app)
 
 # Option defaults come from the config itself, so a default changes in one place.
 TRAIN = TrainConfig()
@@ -19,7 +20,7 @@ TRAIN = TrainConfig()
 def train(
     output_dir: Path = typer.Option(Path(TRAIN.output_dir), "--output-dir", "-o", help="checkpoints and the exported prefix"),
     model: str = typer.Option(TRAIN.model, help="embedded name, local dir, .gguf file or hub id"),
-    task: str = typer.Option(TRAIN.task, help="e2e | webnlg | dart | xsum"),
+    task: Optional[str] = typer.Option(None, help=f"e2e | webnlg | dart | xsum (default {TRAIN.task}; not with --data)"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
     train_size: Optional[int] = typer.Option(None, help="low-data: train on this many sampled examples"),
     train_from: Optional[str] = typer.Option(None, help="DART here: train on another split, e.g. dev"),
@@ -50,20 +51,39 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT_DIR/checkpoint.pt"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in OUTPUT_DIR"),
     device: str = _device_option(),
+    data: Optional[str] = typer.Option(None, help=DATA_FILE_HELP),
+    dev_data: Optional[str] = typer.Option(None, help="dev rows for --data (same formats); default: --dev-fraction "
+                                                      "of --data held out by --seed"),
+    dev_fraction: float = typer.Option(TRAIN.dev_fraction, help="the share of --data held out for the dev loss"),
+    source_field: Optional[str] = typer.Option(None, help=SOURCE_FIELD_HELP),
+    target_field: Optional[str] = typer.Option(None, help=TARGET_FIELD_HELP),
+    user_field: Optional[str] = typer.Option(None, help="train one prefix per distinct value of this field of --data"),
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
-    (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
+    (other methods: a weights file named for the method, e.g. finetuned-model.safetensors).
+    Your own data: --data FILE (JSONL, CSV/TSV, Parquet, a dataset folder or hub id) instead of --task."""
     from ..train import train as run_train
 
+    if data is None and (dev_data, source_field, target_field, user_field) != (None,) * 4:
+        _fail("--dev-data, --source-field, --target-field and --user-field apply to --data FILE, which is missing")
+    if data is not None:
+        given = [flag for flag, value in (("--task", task), ("--data-dir", data_dir), ("--train-from", train_from),
+                                          ("--subset", subset), ("--scheme", scheme)) if value is not None]
+        if given:
+            _fail(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with --data (your own data "
+                  f"replaces the task's)")
     try:
         config = TrainConfig(
-            output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
+            output_dir=str(output_dir), model=model, task=task or TRAIN.task, data_dir=data_dir,
             task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
             prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
             batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
             weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
             save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
-            template=template, adapter_budget=adapter_budget, device=device)
+            template=template, adapter_budget=adapter_budget, device=device, data=data, dev_data=dev_data,
+            dev_fraction=dev_fraction, source_field=source_field, target_field=target_field, user_field=user_field)
+        if user_field is not None:
+            raise typer.Exit(_train_users(config))
         result = run_train(config, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
@@ -71,6 +91,22 @@ def train(
                            "trainable_pct": round(result.method.trainable_percent(), 4),
                            "shipped_pct": round(result.method.shipped_percent(), 4),
                            "best_dev_loss": result.best_dev_loss, "tokens_per_s": round(result.tokens_per_s, 1)}))
+
+
+def _train_users(config: TrainConfig) -> int:
+    """--user-field: one prefix per user in one job (prefixtune.users), the data checked before the model loads."""
+    try:
+        from ..users import train_users
+    except ImportError:
+        _fail("--user-field trains one prefix per user, which needs prefixtune.users (issue 22, part 2); "
+              "this build does not have it yet")
+    from ..train import load_pairs
+
+    load_pairs(config)  # every row checked (DataFileError names file, line and field) before the model loads
+    model, tokenizer = _load_model(config.model, config.device)
+    result = train_users(config, model, tokenizer)
+    typer.echo(json.dumps(result.to_json() if hasattr(result, "to_json") else result, default=str))
+    return 0
 
 
 @app.command()
@@ -115,6 +151,19 @@ def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file,
     except PrefixFileError as e:
         _fail(str(e))
     meta = readable_metadata({k: v for k, v in metadata.items() if k != "train_config"})
+    meta.update(_training_data(metadata))
     meta["shapes"] = shapes if len(shapes) <= 20 else f"{len(shapes)} tensors"
     meta["params"] = sum(math.prod(shape) for shape in shapes.values())
     typer.echo(json.dumps(meta, indent=2))
+
+
+def _training_data(metadata: dict) -> dict:
+    """What the prefix was trained on, from its train_config: {"data": FILE, ...} or {"task": TASK}."""
+    try:
+        config = json.loads(metadata.get("train_config") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    if config.get("data"):
+        keys = ("data", "dev_data", "source_field", "target_field", "user_field")
+        return {k: config[k] for k in keys if config.get(k) is not None}
+    return {"task": config["task"]} if config.get("task") else {}

@@ -57,6 +57,25 @@ def encode_chat(tokenizer, conversation: Conversation, max_len: int = 1024) -> d
     return {"input_ids": input_ids[:max_len], "labels": labels[:max_len]}
 
 
+def encode_chat_prompt(tokenizer, conversation: Conversation, max_len: int = 1024) -> list[int]:
+    """The prompt that decodes the conversation's next assistant turn: every message before its last assistant
+    turn (all of them when it ends on another role), then the template's generation prompt; the last `max_len`
+    tokens. Content is tokenized as text, as in training."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat rows need a tokenizer with a chat template; this model's tokenizer has none")
+    messages = list(conversation.messages)
+    if messages and messages[-1][0] == "assistant":
+        messages = messages[:-1]
+    marked = [{"role": role, "content": f"{_OPEN}{k}{_CLOSE}"} for k, (role, _) in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    ids = []
+    for text, is_content, _ in _pieces(rendered, []):
+        if is_content:
+            text = messages[int(text)][1]
+        ids += tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+    return ids[-max_len:]
+
+
 def _pieces(full: str, spans: list[tuple[int, int]]):
     """(text or message index, is content, inside an assistant turn) for consecutive pieces of `full`."""
     cuts = sorted({0, len(full), *(p for span in spans for p in span)})

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
 
-from .chat import ROLES
+from .chat import ROLES, Conversation
 from .records import Record
 
 # Auto-detected (source, target) field names, in the order they are tried.
@@ -70,6 +71,37 @@ def load_records(path, *, source_field: str | None = None, target_field: str | N
             record.meta["user"] = str(user)
         records.append(record)
     return records
+
+
+def load_sources(path, *, source_field: str | None = None, split: str = "train",
+                 messages_field: str = "messages") -> list:
+    """The inputs of a data file, for decoding: each row's source text, or a chat row's `Conversation` (decoded
+    from its messages before the last assistant turn). Targets are not needed here."""
+    rows, where = read_rows(path, split)
+    name = str(path)
+    if not rows:
+        raise DataFileError(f"{name}: empty: no rows")
+    columns = list(rows[0])
+    if source_field is None and messages_field in columns:
+        return [Conversation.of(_chat_record(f"{name}: {where(i)}", row.get(messages_field), messages_field,
+                                             answered=False).meta["messages"]) for i, row in enumerate(rows)]
+    if source_field is None:
+        source_field = next((s for s, _ in FIELD_PAIRS if s in columns), None)
+        if source_field is None:
+            raise DataFileError(f"{name}: line 1: no source field found among {_listed(columns)}: name it with "
+                                f"--source-field (looked for {', '.join(s for s, _ in FIELD_PAIRS)})")
+    if source_field not in columns:
+        raise DataFileError(f"{name}: line 1: no field {source_field!r} (--source-field); it has {_listed(columns)}")
+    return [_text(f"{name}: {where(i)}", row.get(source_field), source_field, "source") for i, row in enumerate(rows)]
+
+
+def load_train_dev(data, dev_data=None, dev_fraction: float = 0.1, seed: int = 1, **fields) -> tuple[list, list]:
+    """(train records, dev records) of a data file: `dev_data`'s rows, else `dev_fraction` of `data` held out by
+    `seed`. `fields` are `load_records`' (source_field, target_field, user_field, messages_field)."""
+    train = load_records(data, **fields)
+    if dev_data is not None:
+        return train, load_records(dev_data, **{**fields, "split": fields.get("split", "train")})
+    return split_dev(train, dev_fraction, seed)
 
 
 def split_dev(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -156,13 +188,35 @@ def _read_folder(path: Path, split: str) -> list[dict]:
 
 
 def _read_hub(name: str, split: str) -> list[dict]:
+    """A hub dataset's split. Reachability is checked first (seconds), not left to the client's minute of retries;
+    with HF_HUB_OFFLINE=1 a cached copy loads without the network."""
     import datasets
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline:
+        try:
+            huggingface_hub.dataset_info(name, timeout=5.0)
+        except GatedRepoError:
+            pass  # reachable; the download says what access is missing
+        except RepositoryNotFoundError:
+            raise DataFileError(f"{name}: no such local file or folder, and no such dataset on the Hugging Face hub "
+                                f"(or it is private)") from None
+        except Exception as e:  # connection refused, DNS, timeout, proxy
+            raise DataFileError(f"{name}: no such local file or folder; as a hub dataset id it needs the Hugging Face "
+                                f"hub, which cannot be reached ({_first_line(e)}); HF_HUB_OFFLINE=1 uses a cached "
+                                f"copy") from None
     try:
         return datasets.load_dataset(name, split=split).to_list()
-    except Exception as e:  # no network, no such dataset or split: datasets raises many types
-        raise DataFileError(f"{name}: not a local file or folder, and not loadable as a Hugging Face dataset "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except Exception as e:  # no such split or config, not in the cache offline: datasets raises many types
+        raise DataFileError(f"{name}: not loadable as a Hugging Face dataset ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _jsonl_lines(path: Path) -> list[int]:
@@ -229,9 +283,10 @@ def _references(at: str, value, field: str) -> list[str]:
     return references
 
 
-def _chat_record(at: str, messages, field: str) -> Record:
+def _chat_record(at: str, messages, field: str, answered: bool = True) -> Record:
     """A chat row: its messages kept whole in meta (they train through the chat template), the last user turn
-    as the source and the last assistant turn as the reference (what eval compares)."""
+    as the source and the last assistant turn as the reference (what eval compares). `answered=False` (inputs to
+    decode) accepts a conversation without an assistant turn yet."""
     if not isinstance(messages, list) or not messages:
         raise DataFileError(f"{at}: field {field!r} must be a non-empty list of {{role, content}} messages")
     kept = []
@@ -241,6 +296,8 @@ def _chat_record(at: str, messages, field: str) -> Record:
                                 f"\"content\": text}}")
         kept.append({"role": message["role"], "content": message["content"]})
     answers = [m["content"] for m in kept if m["role"] == "assistant"]
+    if not answered:
+        return Record(next((m["content"] for m in reversed(kept) if m["role"] == "user"), ""), [], {"messages": kept})
     if not answers:
         raise DataFileError(f"{at}: field {field!r}: no assistant message (the loss is on assistant turns)")
     if any(not a.strip() for a in answers):

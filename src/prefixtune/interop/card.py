@@ -36,7 +36,7 @@ def training_command(config: dict) -> str | None:
     if not config or "method" not in config:
         return None
     parts = ["prefixtune train", f"-o {config.get('output_dir', defaults['output_dir'])}"]
-    for key in ("model", "task"):
+    for key in ("model",) if config.get("data") else ("model", "task"):  # --data replaces --task
         parts.append(f"--{key} {config.get(key, defaults[key])}")
     for key, value in (config.get("task_options") or {}).items():
         parts.append(f"--{key.replace('_', '-')} {value}")
@@ -79,8 +79,9 @@ def _eval_results(config: dict, scores: list[dict]):
                           metric_value=round(float(value), 4), metric_name=metric_name)
 
     results = []
-    if config.get("best_dev_loss") is not None and config.get("task"):
-        results.append(result(config["task"], "validation", "loss", config["best_dev_loss"], "dev loss"))
+    trained_on = config.get("data") or config.get("task")  # --data: the user's own file, not a task
+    if config.get("best_dev_loss") is not None and trained_on:
+        results.append(result(trained_on, "validation", "loss", config["best_dev_loss"], "dev loss"))
     for s in scores:
         for metric, value in s["metrics"].items():
             if isinstance(value, (int, float)):
@@ -96,7 +97,7 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
 
     config = train_config_of(exported)
     base = hub_id(exported.metadata.get("base_model", "")) or "unknown"
-    task = config.get("task")
+    task = None if config.get("data") else config.get("task")  # --data: the user's own rows, no task of the paper
     base_params = base_params or config.get("base_params")
     results = _eval_results(config, scores or [])
     tags = ["prefixtune", "prefix-tuning", "text-generation"] + (["peft"] if fmt == "peft" else []) + (
@@ -114,6 +115,7 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
              f"| prefix length | {exported.prefix_len} virtual tokens |",
              f"| parameters | {params:,}{share} |",
              f"| attention groups | {', '.join(f'{g} {tuple(t.shape)}' for g, t in exported.p.items())} |",
+             *([f"| training data | `{config['data']}` (`prefixtune train --data`) |"] if config.get("data") else []),
              f"| layout | {exported.metadata.get('layout', '')} |",
              f"| base model fingerprint | `{exported.metadata.get('fingerprint', '')}` |",
              f"| files | {FILES[fmt]} |"]
