@@ -211,3 +211,79 @@ def test_each_users_dev_rows_are_held_out_of_their_own_rows():
     assert dev_a["ann"] == dev_b["ann"] and train_a["ann"] == train_b["ann"]  # bo's rows change nothing for ann
     assert dev_b["cy"] == [] and len(train_b["cy"]) == 1                       # a user keeps a training row
     assert not set(dev_a["bo"]) & set(train_a["bo"])
+
+
+def test_the_server_starts_on_the_store_and_serves_every_user_their_own_prefix(tmp_path):
+    """`prefixtune serve --store OUT/store` as it is: each user's name is a model, decoded with their own prefix."""
+    import httpx
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefixtune.bank import PrefixBank
+    from prefixtune.generation import DecodingConfig
+    from prefixtune.models import freeze, load_base_model
+    from prefixtune.serve import BackgroundServer, KeyRing, ServeSettings, create_app
+
+    _, tokenizer = load_base_model("smollm2-135m")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         hidden_size=32, intermediate_size=64, vocab_size=len(tokenizer),
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.config._name_or_path = "tiny-llama"
+    freeze(model)
+    train_pairs, dev_pairs = user_data(3, 4)
+    train_pairs["bob@example.com"] = train_pairs.pop("user1")
+    result = train_users(config(tmp_path, "served", method="prefix-flat", max_steps=3, lr=0.5), model, tokenizer,
+                         train_pairs, dev_pairs, users=UsersConfig(tenant="acme"), progress=False)
+    settings = ServeSettings(store_dir=result.store, batch_window_ms=5, dtype="fp32")
+    server = BackgroundServer(create_app(model, tokenizer, settings, KeyRing([("sk-acme-0123456789", "acme")]))).start()
+    try:
+        headers = {"Authorization": "Bearer sk-acme-0123456789"}
+        listed = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=60).json()["data"]
+        assert sorted(m["id"] for m in listed[1:]) == ["bob-example.com", "user0", "user2"]
+        bank, texts = PrefixBank(model, tokenizer), set()
+        for name in ("user0", "bob-example.com", "user2"):
+            answer = httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=60, json={
+                "model": name, "prompt": "user 0 : name area", "max_tokens": 8, "stop": []}).json()
+            bank.add(name, store_dir(result.output_dir, "acme") / f"{name}.safetensors")
+            ids = bank.generate_ids([bank.encode("user 0 : name area", name)], [name],
+                                    DecodingConfig(max_new_tokens=8, stop_at_newline=False))[0]
+            assert answer["choices"][0]["text"] == tokenizer.decode(ids, skip_special_tokens=True), name
+            texts.add(answer["choices"][0]["text"])
+        assert len(texts) == 3  # three users, three prefixes, three different answers
+    finally:
+        server.stop()
+
+
+def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, ["train", *map(str, args)])
+
+    rows = [{"user": u, "input": f"name : Place {i} | food : Thai", "output": f"Place {i} by {u}."}
+            for i in range(12) for u in ("ann", "bo b")]
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # refused before the model loads (the model path does not exist), one error line, nothing written
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text("".join(json.dumps({**r, "user": r["user"].replace("ann", "bo-b")}) + "\n" for r in rows))
+    for path, message in ((clash, "users 'bo-b' and 'bo b' would both be named 'bo-b'"),
+                          (data, "field 'who' (--user-field)")):
+        result = invoke("-o", tmp_path / "bad", "--model", "/no/such/model", "--data", path,
+                        "--user-field", "who" if "who" in message else "user")
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        assert not (tmp_path / "bad").exists()
+    result = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user",
+                    "--tenant", "acme", "--max-steps", "2", "--method", "prefix-flat")
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["users"] == 2 and summary["tenant"] == "acme" and summary["store"] == str(tmp_path / "run" / "store")
+    assert "bo b  " in result.stdout and "prefix serve" not in result.stdout  # the table; the hint goes to stderr
+    names = sorted(p.name for p in store_dir(tmp_path / "run", "acme").iterdir())
+    assert names == ["ann.safetensors", "bo-b.safetensors"]
+    csv_rows = (tmp_path / "run" / "users.csv").read_text().splitlines()
+    assert csv_rows[1].startswith("ann,ann,11,1,2,2,")  # 12 rows, one held out for the dev loss, 2 steps
+    again = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user")
+    assert again.exit_code == 2 and "holds a many-users run" in again.stderr

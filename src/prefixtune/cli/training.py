@@ -57,7 +57,9 @@ def train(
     dev_fraction: float = typer.Option(TRAIN.dev_fraction, help="the share of --data held out for the dev loss"),
     source_field: Optional[str] = typer.Option(None, help=SOURCE_FIELD_HELP),
     target_field: Optional[str] = typer.Option(None, help=TARGET_FIELD_HELP),
-    user_field: Optional[str] = typer.Option(None, help="train one prefix per distinct value of this field of --data"),
+    user_field: Optional[str] = typer.Option(None, help="train one prefix per distinct value of this field of --data, "
+                                                        "in one job, into OUTPUT_DIR/store (see docs/users.md)"),
+    tenant: str = typer.Option("default", help="--user-field: the store tenant owning the users' prefixes"),
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
     (other methods: a weights file named for the method, e.g. finetuned-model.safetensors).
@@ -83,7 +85,10 @@ def train(
             template=template, adapter_budget=adapter_budget, device=device, data=data, dev_data=dev_data,
             dev_fraction=dev_fraction, source_field=source_field, target_field=target_field, user_field=user_field)
         if user_field is not None:
-            raise typer.Exit(_train_users(config))
+            if resume:
+                _fail("--resume does not apply to --user-field: run the job again with --overwrite (each user's "
+                      "training is deterministic, so the prefixes come out the same)")
+            raise typer.Exit(_train_users(config, tenant, overwrite))
         result = run_train(config, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
@@ -93,19 +98,21 @@ def train(
                            "best_dev_loss": result.best_dev_loss, "tokens_per_s": round(result.tokens_per_s, 1)}))
 
 
-def _train_users(config: TrainConfig) -> int:
-    """--user-field: one prefix per user in one job (prefixtune.users), the data checked before the model loads."""
-    try:
-        from ..users import train_users
-    except ImportError:
-        _fail("--user-field trains one prefix per user, which needs prefixtune.users (issue 22, part 2); "
-              "this build does not have it yet")
-    from ..train import load_pairs
+def _train_users(config: TrainConfig, tenant: str, overwrite: bool) -> int:
+    """--user-field: one prefix per user in one job (prefixtune.users), into OUTPUT_DIR/store for `serve --store`."""
+    from ..users import UsersConfig, check_users, load_user_pairs, train_users
 
-    load_pairs(config)  # every row checked (DataFileError names file, line and field) before the model loads
+    users = UsersConfig(tenant=tenant)
+    train, dev = load_user_pairs(config)  # every row checked (file, line, field) before the model loads
+    check_users(config, train)            # and every user's prefix name
     model, tokenizer = _load_model(config.model, config.device)
-    result = train_users(config, model, tokenizer)
-    typer.echo(json.dumps(result.to_json() if hasattr(result, "to_json") else result, default=str))
+    result = train_users(config, model, tokenizer, train, dev, users=users, overwrite=overwrite)
+    typer.echo(result.table())
+    typer.echo(f"serve them: PREFIXTUNE_API_KEYS=KEY:{result.tenant} prefixtune serve --store {result.store} "
+               f"--max-prefixes {max(len(result.users), 64)}", err=True)
+    summary = {k: v for k, v in result.to_json().items() if k != "users"}
+    typer.echo(json.dumps({**summary, "users": len(result.users),
+                           "summary": str(Path(result.output_dir) / "users.csv")}))
     return 0
 
 

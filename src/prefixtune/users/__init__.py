@@ -11,7 +11,8 @@ batches, best step), step.py (a joint step: rows of many users, each with its ow
 See docs/users.md.
 """
 from .config import UsersConfig
+from .data import load_user_pairs
 from .result import UsersResult
-from .trainer import store_dir, train_users
+from .trainer import check_users, store_dir, train_users
 
-__all__ = ["UsersConfig", "UsersResult", "store_dir", "train_users"]
+__all__ = ["UsersConfig", "UsersResult", "check_users", "load_user_pairs", "store_dir", "train_users"]

@@ -44,16 +44,30 @@ def store_dir(output_dir: str | Path, tenant: str) -> Path:
     return Path(output_dir) / STORE / tenant_dir_name(tenant)
 
 
-def _check_output_dir(out: Path, tenant: str, overwrite: bool):
-    prefixes = store_dir(out, tenant)
-    held = (out / SUMMARY).is_file() or (prefixes.is_dir() and any(prefixes.glob("*.safetensors")))
+def _check_output_dir(out: Path, overwrite: bool):
+    """Never replace a run silently: a finished or interrupted many-users run needs `overwrite`."""
+    held = (out / SUMMARY).is_file() or any((out / STORE).glob("*/*.safetensors"))
     if held and not overwrite:
         raise FileExistsError(f"{out} holds a many-users run: pass --overwrite to replace it, "
                               "or choose another --output-dir")
     if held:
-        shutil.rmtree(prefixes, ignore_errors=True)
+        shutil.rmtree(out / STORE, ignore_errors=True)
         for name in (SUMMARY, "users.csv"):
             (out / name).unlink(missing_ok=True)
+
+
+def check_users(config: TrainConfig, train: dict, reserved: tuple[str, ...] = ()) -> dict[str, str]:
+    """What can be refused before the model loads: the method, users without examples, users without a
+    prefix name of their own (names.py). Returns user -> prefix name."""
+    if config.method not in METHODS:
+        raise ValueError(f"many users train one prefix each: --method must be one of {', '.join(METHODS)}, "
+                         f"not {config.method!r}")
+    if not train:
+        raise ValueError("no users: the training data holds no rows")
+    empty = [u for u, examples in train.items() if not examples]
+    if empty:
+        raise ValueError(f"user {str(empty[0])!r} has no training examples")
+    return prefix_names(train, reserved=(config.model, *reserved))
 
 
 @contextlib.contextmanager
@@ -85,28 +99,20 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     every other user. `on_round(states)` is called after every round (tests).
     """
     users = users or UsersConfig()
-    if config.method not in METHODS:
-        raise ValueError(f"many users train one prefix each: --method must be one of {', '.join(METHODS)}, "
-                         f"not {config.method!r}")
-    out = Path(config.output_dir)
-    _check_output_dir(out, users.tenant, overwrite)
     if train is None:  # data before the model: a bad file fails in a second
         from .data import load_user_pairs
 
         train, dev = load_user_pairs(config)
     train = {str(user): examples for user, examples in train.items()}
     dev = {str(user): examples for user, examples in (dev or {}).items()}
-    if not train:
-        raise ValueError("no users: the training data holds no rows")
-    empty = [u for u, pairs in train.items() if not pairs]
-    if empty:
-        raise ValueError(f"user {empty[0]!r} has no training examples")
-    names = prefix_names(train, reserved=(config.model,))
+    check_users(config, train)
+    out = Path(config.output_dir)
+    _check_output_dir(out, overwrite)  # after the checks: bad input never clears a run
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model)
-    names = prefix_names(train, reserved=(config.model, model_name(model)))
+    names = check_users(config, train, reserved=(model_name(model),))
     model.to(device)
     spec = model_spec(model)
     # Every user starts from the module a lone run with this seed starts from, and from its RNG state.

@@ -1,0 +1,164 @@
+"""Many users in one job against the same users trained as separate `prefixtune train` runs.
+
+N users of E examples each (disjoint E2E training pairs, one user per slice, 10% more of each held
+out as that user's dev rows) are trained twice, the same steps of the same batches for every user:
+  joint     one `prefixtune train --data users.jsonl --user-field user` process: one model load
+  separate  one `prefixtune train --data userK.jsonl` process per user, each loading the model
+Both are whole CLI processes measured by wall clock, one after the other in this run, with the same
+threads. Tokens/s is given with model loading (tokens / wall clock of the processes) and without
+(tokens / seconds of training steps, as each run reports them). Each user's exported prefix from the
+joint job is compared with the one from their separate run.
+
+    python benchmarks/train_many.py --users 10 --examples 200 --steps 3 --threads 1 --json
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import DEFAULT_DATA, benchmark_parser
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def make_users(data_dir: str, users: int, examples: int, dev: int, seed: int, work: Path) -> list[str]:
+    """users.jsonl + users-dev.jsonl (every user), and userK.jsonl + userK-dev.jsonl (one user each)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from prefixtune.data import load_task, training_pairs
+
+    pairs = training_pairs(load_task("e2e", "train", data_dir))
+    random.Random(seed).shuffle(pairs)
+    names = [f"user{k:02d}" for k in range(users)]
+    queues, all_dev = [], []
+    for k, name in enumerate(names):
+        mine = pairs[k * (examples + dev): (k + 1) * (examples + dev)]
+        rows = [{"user": name, "source": s, "target": t} for s, t in mine]
+        write_jsonl(work / f"{name}.jsonl", rows[:examples])
+        write_jsonl(work / f"{name}-dev.jsonl", rows[examples:])
+        queues.append(rows[:examples])
+        all_dev += rows[examples:]
+    # a real file mixes its users' rows; each user's own rows keep their order (so their batches are the same)
+    rng, all_train = random.Random(seed), []
+    while any(queues):
+        all_train.append(rng.choice([q for q in queues if q]).pop(0))
+    write_jsonl(work / "users.jsonl", all_train)
+    write_jsonl(work / "users-dev.jsonl", all_dev)
+    return names
+
+
+def run(args, data: str, dev: str, out: Path, *extra) -> dict:
+    """One `prefixtune train` process: its wall clock and the last JSON line it printed."""
+    command = [sys.executable, "-m", "prefixtune.cli", "train", "--data", data, "--dev-data", dev, "-o", str(out),
+               "--model", args.model, "--method", args.method, "--max-steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--eval-every", "0", "--save-every", "0", "--seed", "1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return {"wall_s": wall, "printed": json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def startup_and_load(args) -> float:
+    """Seconds for a fresh process to import prefixtune and load the model: what every separate run pays."""
+    code = ("import time; t = time.perf_counter(); import prefixtune.cli.app, prefixtune.train; "
+            "from prefixtune.models import load_base_model; load_base_model(%r); print(time.perf_counter() - t)"
+            % args.model)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def max_rel_diff(a_file: Path, b_file: Path) -> float:
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_file), load_file(b_file)
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)
+
+
+def main():
+    parser = benchmark_parser(__doc__, threads=1, threads_help="threads of every training process")
+    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--examples", type=int, default=200, help="training rows per user")
+    parser.add_argument("--dev", type=int, default=20, help="dev rows per user")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per user")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--method", default="prefix", help="prefix (the paper's MLP) | prefix-flat")
+    parser.add_argument("--seed", type=int, default=0, help="which E2E pairs each user gets")
+    parser.add_argument("--work-dir", default=None, help="default: a temporary directory")
+    args = parser.parse_args()
+    if args.data_dir == DEFAULT_DATA:
+        os.environ.setdefault("PREFIXTUNE_DATA", args.data_dir)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="train-many-"))
+    work.mkdir(parents=True, exist_ok=True)
+    names = make_users(args.data_dir, args.users, args.examples, args.dev, args.seed, work)
+    load_before = os.getloadavg()[0]
+
+    load_s = startup_and_load(args)
+    print(f"a fresh process imports prefixtune and loads {args.model} in {load_s:.1f}s", flush=True)
+    joint = run(args, str(work / "users.jsonl"), str(work / "users-dev.jsonl"), work / "joint", "--user-field", "user")
+    summary = json.loads((work / "joint" / "users.json").read_text())
+    print(f"joint: {args.users} users in {joint['wall_s']:.1f}s (training steps {summary['train_seconds']:.1f}s)",
+          flush=True)
+    separate = []
+    for name in names:
+        one = run(args, str(work / f"{name}.jsonl"), str(work / f"{name}-dev.jsonl"), work / name)
+        one["result"] = json.loads((work / name / "result.json").read_text())
+        separate.append(one)
+        print(f"separate {name}: {one['wall_s']:.1f}s (training steps {one['result']['train_seconds']:.1f}s)",
+              flush=True)
+
+    sep_wall = sum(r["wall_s"] for r in separate)
+    sep_train = sum(r["result"]["train_seconds"] for r in separate)
+    sep_tokens = sum(r["result"]["tokens_per_s"] * r["result"]["train_seconds"] for r in separate)
+    store = Path(summary["store"]) / next(p.name for p in Path(summary["store"]).iterdir())
+    diffs = [max_rel_diff(store / f"{name}.safetensors", work / name / "prefix.safetensors") for name in names]
+    rows = {r["user"]: r for r in summary["users"]}
+    result = {
+        "users": args.users, "examples_per_user": args.examples, "dev_per_user": args.dev,
+        "steps_per_user": args.steps, "batch_size": args.batch_size, "method": args.method,
+        "threads": args.threads, "model": args.model,
+        "joint": {"wall_s": round(joint["wall_s"], 2), "train_s": round(summary["train_seconds"], 2),
+                  "tokens": summary["tokens"], "padded_tokens": summary["padded_tokens"],
+                  "tokens_per_s_with_load": round(summary["tokens"] / joint["wall_s"], 1),
+                  "tokens_per_s_training": round(summary["tokens_per_s"], 1),
+                  "resident_users": summary["resident_users"],
+                  "state_bytes_per_user": summary["state_bytes_per_user"]},
+        "separate": {"wall_s": round(sep_wall, 2), "train_s": round(sep_train, 2), "tokens": round(sep_tokens),
+                     "padded_tokens": sum(r["result"]["padded_tokens"] for r in separate),
+                     "tokens_per_s_with_load": round(sep_tokens / sep_wall, 1),
+                     "tokens_per_s_training": round(sep_tokens / sep_train, 1),
+                     "wall_s_per_run": [round(r["wall_s"], 2) for r in separate],
+                     "outside_training_s_per_run": [round(r["wall_s"] - r["result"]["train_seconds"], 2)
+                                                    for r in separate]},
+        "startup_and_load_s": round(load_s, 2),
+        "ratio_vs_separate_runs": round(sep_wall / joint["wall_s"], 3),
+        "ratio_training_only": round(sep_train / summary["train_seconds"], 3),
+        "same_steps": all(rows[n]["steps"] == r["result"]["steps"] for n, r in zip(names, separate)),
+        "max_rel_diff_vs_separate": max(diffs),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    outside_joint = joint["wall_s"] - summary["train_seconds"]
+    outside_sep = sep_wall - sep_train
+    print(f"wall clock: joint {joint['wall_s']:.1f}s, separate {sep_wall:.1f}s: "
+          f"ratio_vs_separate_runs {result['ratio_vs_separate_runs']:.2f}")
+    print(f"where the time goes: training steps joint {summary['train_seconds']:.1f}s vs separate {sep_train:.1f}s "
+          f"(ratio {result['ratio_training_only']:.2f}); everything else (start, imports, model load, init, dev loss, "
+          f"export, checkpoints) joint {outside_joint:.1f}s once vs separate {outside_sep:.1f}s "
+          f"({outside_sep / args.users:.1f}s per run, of which {load_s:.1f}s start + model load)")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
