@@ -54,18 +54,62 @@ def make_users(data_dir: str, users: int, examples: int, dev: int, seed: int, wo
     return names
 
 
-def run(args, data: str, dev: str, out: Path, *extra) -> dict:
-    """One `prefixtune train` process: its wall clock and the last JSON line it printed."""
-    command = [sys.executable, "-m", "prefixtune.cli", "train", "--data", data, "--dev-data", dev, "-o", str(out),
-               "--model", args.model, "--method", args.method, "--max-steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--eval-every", "0", "--save-every", "0", "--seed", "1", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+def child_env(args) -> dict:
+    """This checkout's source first on the path, and the benchmark's threads."""
+    path = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+# runs the CLI, then reports its own peak resident memory (what the job held, model included)
+PEAK_RSS = ("import resource, runpy, sys\nsys.argv[0] = 'prefixtune'\ntry:\n"
+            "    runpy.run_module('prefixtune.cli', run_name='__main__')\nfinally:\n"
+            "    print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+
+
+def run(args, data: str, dev: str | None, out: Path, *extra, steps: int | None = None) -> dict:
+    """One `prefixtune train` process: its wall clock, peak memory and the last JSON line it printed."""
+    command = [sys.executable, "-c", PEAK_RSS, "train", "--data", data, "-o", str(out),
+               "--model", args.model, "--max-steps", str(steps or args.steps), "--batch-size", str(args.batch_size),
+               "--eval-every", "0", "--save-every", "0", "--seed", "1", *extra]
+    command += ["--dev-data", dev] if dev else ["--dev-fraction", "0"]
+    if "--method" not in extra:
+        command += ["--method", args.method]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
     wall = time.perf_counter() - start
     if done.returncode:
-        sys.exit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return {"wall_s": wall, "printed": json.loads(done.stdout.strip().splitlines()[-1])}
+        sys.exit(f"error: {' '.join(command[3:])} failed:\n{done.stderr[-3000:]}")
+    peak = [line for line in done.stderr.splitlines() if line.startswith("peak_rss_kb ")]
+    return {"wall_s": wall, "printed": json.loads(done.stdout.strip().splitlines()[-1]),
+            "peak_rss_mb": int(peak[-1].split()[1]) / 1024 if peak else None}
+
+
+def memory_per_user(args, work: Path) -> dict:
+    """Peak memory of a job of N users against one of N/2 (1 step, one short row each; both fill their forward
+    passes, so the difference is the users' state, not activations): per resident user."""
+    found = {}
+    for method, many in (("prefix-flat", args.memory_users), ("prefix", 16)):
+        jobs = {}
+        for count in (many // 2, many):
+            data = work / f"memory-{count}.jsonl"
+            write_jsonl(data, [{"user": f"u{k:04d}", "source": f"user {k}", "target": f"hello {k}"} for k in range(count)])
+            one = run(args, str(data), None, work / f"memory-{method}-{count}", "--user-field", "user",
+                      "--method", method, steps=1)
+            jobs[count] = (one, json.loads((work / f"memory-{method}-{count}" / "users.json").read_text()))
+        (small, small_summary), (big, summary) = jobs[many // 2], jobs[many]
+        more = summary["resident_users"] - small_summary["resident_users"]
+        found[method] = {"users": many, "resident_users": summary["resident_users"],
+                         f"peak_rss_mb_{many // 2}_users": round(small["peak_rss_mb"]),
+                         f"peak_rss_mb_{many}_users": round(big["peak_rss_mb"]),
+                         "measured_mb_per_resident_user": round((big["peak_rss_mb"] - small["peak_rss_mb"])
+                                                                / max(more, 1), 3),
+                         "state_mb_per_user": round(summary["state_bytes_per_user"] / 2**20, 3),
+                         "wall_s": round(big["wall_s"], 1)}
+        print(f"memory, {method}: {many} users in one job ({summary['resident_users']} resident at a time): peak "
+              f"{big['peak_rss_mb']:.0f} MB vs {small['peak_rss_mb']:.0f} MB for {many // 2} users: "
+              f"{found[method]['measured_mb_per_resident_user']:.2f} MB per resident user "
+              f"(its state: {found[method]['state_mb_per_user']:.2f} MB)", flush=True)
+    return found
 
 
 def startup_and_load(args) -> float:
@@ -73,9 +117,8 @@ def startup_and_load(args) -> float:
     code = ("import time; t = time.perf_counter(); import prefixtune.cli.app, prefixtune.train; "
             "from prefixtune.models import load_base_model; load_base_model(%r); print(time.perf_counter() - t)"
             % args.model)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=child_env(args))
     return time.perf_counter() - start
 
 
@@ -96,6 +139,9 @@ def main():
     parser.add_argument("--method", default="prefix", help="prefix (the paper's MLP) | prefix-flat")
     parser.add_argument("--seed", type=int, default=0, help="which E2E pairs each user gets")
     parser.add_argument("--work-dir", default=None, help="default: a temporary directory")
+    parser.add_argument("--memory-users", type=int, default=0,
+                        help="also measure memory per user: a job of this many users (prefix-flat; and 16 with the MLP) "
+                             "against a job of one (0: skip)")
     args = parser.parse_args()
     if args.data_dir == DEFAULT_DATA:
         os.environ.setdefault("PREFIXTUNE_DATA", args.data_dir)
@@ -156,6 +202,8 @@ def main():
           f"(ratio {result['ratio_training_only']:.2f}); everything else (start, imports, model load, init, dev loss, "
           f"export, checkpoints) joint {outside_joint:.1f}s once vs separate {outside_sep:.1f}s "
           f"({outside_sep / args.users:.1f}s per run, of which {load_s:.1f}s start + model load)")
+    if args.memory_users:
+        result["memory"] = memory_per_user(args, work)
     if args.json:
         print(json.dumps(result))
 

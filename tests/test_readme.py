@@ -147,3 +147,11 @@ def test_readme_own_data_runs_as_written(tmp_path, data_dir):
     assert "error: bad.jsonl: line 1: field 'output' (the target) is empty" in stderr
     assert not (clone / "runs" / "bad").exists()
     assert '"object":"text_completion"' in stdout and '"id":"mine"' in stdout
+    # many users in one job: three prefixes in one store, named after the users, and a completion for each
+    store = clone / "runs" / "users" / "store"
+    assert sorted(p.name for p in store.glob("*/*.safetensors")) == [
+        "alice.safetensors", "bob.safetensors", "carol-example.com.safetensors"]
+    assert "carol@example.com  carol-example.com  27" in stdout
+    assert stdout.count('"object":"text_completion"') == 4  # the section's own prefix, then one per user
+    for user in ("alice", "bob", "carol-example.com"):
+        assert f'"model":"{user}"' in stdout
