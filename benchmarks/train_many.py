@@ -81,7 +81,7 @@ def run(args, data: str, dev: str | None, out: Path, *extra, steps: int | None =
         sys.exit(f"error: {' '.join(command[3:])} failed:\n{done.stderr[-3000:]}")
     peak = [line for line in done.stderr.splitlines() if line.startswith("peak_rss_kb ")]
     return {"wall_s": wall, "printed": json.loads(done.stdout.strip().splitlines()[-1]),
-            "peak_rss_mb": int(peak[-1].split()[1]) / 1024 if peak else None}
+            "peak_rss_mib": int(peak[-1].split()[1]) / 1024 if peak else None}
 
 
 def memory_per_user(args, work: Path) -> dict:
@@ -99,16 +99,16 @@ def memory_per_user(args, work: Path) -> dict:
         (small, small_summary), (big, summary) = jobs[many // 2], jobs[many]
         more = summary["resident_users"] - small_summary["resident_users"]
         found[method] = {"users": many, "resident_users": summary["resident_users"],
-                         f"peak_rss_mb_{many // 2}_users": round(small["peak_rss_mb"]),
-                         f"peak_rss_mb_{many}_users": round(big["peak_rss_mb"]),
-                         "measured_mb_per_resident_user": round((big["peak_rss_mb"] - small["peak_rss_mb"])
+                         f"peak_rss_mib_{many // 2}_users": round(small["peak_rss_mib"]),
+                         f"peak_rss_mib_{many}_users": round(big["peak_rss_mib"]),
+                         "measured_mib_per_resident_user": round((big["peak_rss_mib"] - small["peak_rss_mib"])
                                                                 / max(more, 1), 3),
-                         "state_mb_per_user": round(summary["state_bytes_per_user"] / 2**20, 3),
+                         "state_mib_per_user": round(summary["state_bytes_per_user"] / 2**20, 3),
                          "wall_s": round(big["wall_s"], 1)}
         print(f"memory, {method}: {many} users in one job ({summary['resident_users']} resident at a time): peak "
-              f"{big['peak_rss_mb']:.0f} MB vs {small['peak_rss_mb']:.0f} MB for {many // 2} users: "
-              f"{found[method]['measured_mb_per_resident_user']:.2f} MB per resident user "
-              f"(its state: {found[method]['state_mb_per_user']:.2f} MB)", flush=True)
+              f"{big['peak_rss_mib']:.0f} MiB vs {small['peak_rss_mib']:.0f} MiB for {many // 2} users: "
+              f"{found[method]['measured_mib_per_resident_user']:.2f} MiB per resident user "
+              f"(its state: {found[method]['state_mib_per_user']:.2f} MiB)", flush=True)
     return found
 
 

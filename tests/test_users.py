@@ -287,3 +287,21 @@ def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
     assert csv_rows[1].startswith("ann,ann,11,1,2,2,")  # 12 rows, one held out for the dev loss, 2 steps
     again = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user")
     assert again.exit_code == 2 and "holds a many-users run" in again.stderr
+
+
+def test_every_model_family_trains_users_apart_and_as_alone(family, tokenizer, tmp_path):
+    """Encoder-decoder models too (three prefix groups, rows padded on both sides): isolation to the bit
+    and equivalence with `train` within the tolerance above."""
+    model = tiny_model(family)
+    train_pairs, dev_pairs = user_data(3, 6, seed=1)
+    options = dict(method="prefix", precision="fp32", early_stop_patience=0)
+    joint = train_users(config(tmp_path, "joint", **options), model, tokenizer, train_pairs, dev_pairs, progress=False)
+    alone = train(config(tmp_path, "alone", **options), model, tokenizer, train_pairs["user1"], dev_pairs["user1"],
+                  progress=False)
+    ours, theirs = exported(joint, "user1"), load_file(alone.prefix_file)
+    assert ours.keys() == theirs.keys()
+    assert all((ours[k] - theirs[k]).abs().max() <= EQUIVALENCE_TOL * theirs[k].abs().max() for k in ours)
+    changed = {**train_pairs, "user0": [(s, t + " and more") for s, t in train_pairs["user0"][:3]]}
+    again = train_users(config(tmp_path, "again", **options), model, tokenizer, changed, dev_pairs,
+                        users=UsersConfig(resident_users=1), progress=False)
+    assert all(same_bytes(exported(joint, u), exported(again, u)) for u in ("user1", "user2"))
