@@ -37,8 +37,8 @@ class UsersResult:
         shown = sorted(self.users, key=lambda r: r["user"])[:limit]
         cells = [[_cell(r[c]) for c in head] for r in shown]
         widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(head)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
         if len(self.users) > limit:
             lines.append(f"... and {len(self.users) - limit} more users (all in users.csv)")
         return "\n".join(lines)
