@@ -7,6 +7,7 @@ and their own random generator state for prefix dropout.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -38,7 +39,6 @@ class UserState:
     history: list = field(default_factory=list)
     stopped_early: bool = False
     last_loss: float | None = None
-    target_tokens: int = 0
     _epoch: int | None = None
     _batches: list = field(default_factory=list)
 
@@ -67,6 +67,40 @@ class UserState:
             self._epoch, self._batches = epoch, length_grouped_batches(self.lengths, self.batch_size,
                                                                        seed=self.seed * 100003 + epoch)
         return [self.examples[i] for i in self._batches[offset]]
+
+    def prefix(self, device: torch.device, bf16: bool) -> dict[str, torch.Tensor]:
+        """P for this step, under the user's own generator (dropout) and the job's autocast."""
+        with self._own_rng(device), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            return self.module()
+
+    def step_with(self, p: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor], grad_clip: float):
+        """One optimizer step once `leaves` (step.gradient_leaves(p)) hold the gradient of the loss with respect
+        to this step's P: back through the user's MLP, clipped by this user's own norm, AdamW, schedule."""
+        through = [g for g in p if leaves[g] is not p[g]]  # P made by an MLP (or dropout), not P itself
+        if through:
+            torch.autograd.backward([p[g] for g in through], [leaves[g].grad.to(p[g].dtype) for g in through])
+        if grad_clip:  # per user: a global norm over all users would couple them
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    @contextlib.contextmanager
+    def _own_rng(self, device: torch.device):
+        if self.rng is None:
+            yield
+            return
+        cuda = device.type == "cuda"
+        get, put = (torch.cuda.get_rng_state, torch.cuda.set_rng_state) if cuda else (torch.get_rng_state,
+                                                                                    torch.set_rng_state)
+        saved = get()
+        put(self.rng)
+        try:
+            yield
+        finally:
+            self.rng = get()
+            put(saved)
 
     def eval_due(self, eval_every: int) -> bool:
         return bool(eval_every and self.step % eval_every == 0) or self.step == self.total_steps

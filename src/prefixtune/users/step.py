@@ -10,8 +10,8 @@ on the row alone makes every user's gradients independent of the other users in 
 For the same reason a user's rows of one length are never split across two forwards, and their
 gradients are summed over the forwards in a fixed order (ascending length).
 
-Each user's P is computed once per step and its gradient gathered on a float32 leaf over the forwards;
-it then goes back through the user's MLP (if any) once, as in a step of `train.train`.
+Each user's P is computed once per step and its gradient gathered in float32 over the forwards
+(`gradient_leaves`); it then goes back through the user's MLP (if any) once, as in a step of `train.train`.
 """
 from __future__ import annotations
 
@@ -74,6 +74,13 @@ def collate_padded(collate, rows: list[dict], key: tuple, family: str, device) -
     fill = {"input_ids": collate.pad_id, "attention_mask": 0, "labels": -100,
             "decoder_input_ids": collate.pad_id, "decoder_attention_mask": 0}
     return {k: F.pad(v, (0, widths[k] - v.shape[1]), value=fill[k]).to(device) for k, v in batch.items()}
+
+
+def gradient_leaves(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where a user's gradient is gathered over the passes: P itself when it is a float32 parameter (prefix-flat
+    without dropout: no copy), else a float32 copy of P whose gradient then goes back through the MLP once."""
+    return {g: t if t.is_leaf and t.requires_grad and t.dtype == torch.float32 else t.detach().float().requires_grad_()
+            for g, t in p.items()}
 
 
 def run_passes(model, spec, passes, prefixes: dict, collate, device, bf16: bool, normalisers: dict | None = None):

@@ -9,7 +9,6 @@ result does not depend on the order of users, the rounds, or the memory budget.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -33,7 +32,7 @@ from .config import METHODS, UsersConfig
 from .names import prefix_names
 from .result import UsersResult, write_summary
 from .state import UserState
-from .step import plan, run_passes, target_count
+from .step import gradient_leaves, plan, run_passes, target_count
 
 STORE = "store"           # OUT/store: the prefix store `prefixtune serve --store` starts on
 SUMMARY = "users.json"
@@ -70,33 +69,14 @@ def check_users(config: TrainConfig, train: dict, reserved: tuple[str, ...] = ()
     return prefix_names(train, reserved=(config.model, *reserved))
 
 
-@contextlib.contextmanager
-def _user_rng(state: UserState, device: torch.device):
-    """The user's own generator state around their prefix's forward (dropout), so that one user's draws
-    never depend on another's."""
-    if state.rng is None:
-        yield
-        return
-    cuda = device.type == "cuda"
-    get, put = (torch.cuda.get_rng_state, torch.cuda.set_rng_state) if cuda else (torch.get_rng_state, torch.set_rng_state)
-    saved = get()
-    put(state.rng)
-    try:
-        yield
-    finally:
-        state.rng = get()
-        put(saved)
-
-
 def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | None = None, dev: dict | None = None,
-                users: UsersConfig | None = None, progress: bool = True, overwrite: bool = False,
-                on_round=None) -> UsersResult:
+                users: UsersConfig | None = None, progress: bool = True, overwrite: bool = False) -> UsersResult:
     """Train one prefix per user in one job and write them into OUTPUT_DIR/store for `prefixtune serve`.
 
     `train` and `dev` map each user to their examples ((source, target) pairs, or chat conversations); without
     them they are read from `config.data` with `config.user_field` (users/data.py). Every user is trained as `train.train` would
     train their data alone with `config` (same seed, same batches, same schedule), and independently of
-    every other user. `on_round(states)` is called after every round (tests).
+    every other user.
     """
     users = users or UsersConfig()
     if train is None:  # data before the model: a bad file fails in a second
@@ -109,7 +89,6 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     out = Path(config.output_dir)
     _check_output_dir(out, overwrite)  # after the checks: bad input never clears a run
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model)
     names = check_users(config, train, reserved=(model_name(model),))
@@ -175,38 +154,15 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
                                            spec.family, rng))
         start = time.perf_counter()
         batches = {i: state.next_batch() for i, state in enumerate(active)}
-        outputs, leaves = {}, {}
-        for i, state in enumerate(active):
-            with _user_rng(state, device), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                outputs[i] = state.module()
-            leaves[i] = {g: t.detach().float().requires_grad_() for g, t in outputs[i].items()}
-        normalisers = {i: sum(target_count(e, spec.family) for e in batch) for i, batch in batches.items()}
-        passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
-        sums = run_passes(model, spec, passes, leaves, collate, device, bf16, normalisers)
-        for i, state in enumerate(active):
-            groups = list(outputs[i])
-            torch.autograd.backward([outputs[i][g] for g in groups],
-                                    [leaves[i][g].grad.to(outputs[i][g].dtype) for g in groups])
-            if config.grad_clip:  # per user: a global norm over all users would couple them
-                torch.nn.utils.clip_grad_norm_(state.module.parameters(), config.grad_clip)
-            state.optimizer.step()
-            state.scheduler.step()
-            state.optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.last_loss = sums[i][0] / max(sums[i][1], 1)
-            state.target_tokens += sums[i][1]
+        round_tokens, round_padded = _train_round(active, batches, model, spec, collate, device, bf16, users, config)
         train_time += time.perf_counter() - start
-        tokens += sum(len(e["input_ids"]) + (len(e["labels"]) if spec.family != "decoder" else 0)
-                      for batch in batches.values() for e in batch)
-        padded += sum(sum(key) * len(group) for key, groups in passes for _, group in groups)
+        tokens, padded = tokens + round_tokens, padded + round_padded
         due = [i for i, state in enumerate(active) if state.eval_due(config.eval_every)]
         dev_losses = _dev_losses({i: active[i] for i in due}, model, spec, collate, device, bf16, users, config)
         for i in due:
             state = active[i]
             state.record({"step": state.step, "loss": state.last_loss, "lr": state.scheduler.get_last_lr()[0],
                           "dev_loss": dev_losses.get(i)}, config.early_stop_patience)
-        if on_round is not None:
-            on_round(active)
         for state in [s for s in active if s.done]:
             export(state)
         active = [s for s in active if not s.done]
@@ -216,6 +172,22 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
                          train_time, tokens, padded, resident, state_bytes, per_user)
     write_summary(result, out)
     return result
+
+
+def _train_round(active: list[UserState], batches: dict, model, spec, collate, device, bf16: bool,
+                 users: UsersConfig, config: TrainConfig) -> tuple[int, int]:
+    """Every resident user takes one step on their own batch; returns (tokens, padded tokens) computed."""
+    prefixes = {i: state.prefix(device, bf16) for i, state in enumerate(active)}
+    leaves = {i: gradient_leaves(p) for i, p in prefixes.items()}
+    normalisers = {i: sum(target_count(e, spec.family) for e in batch) for i, batch in batches.items()}
+    passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
+    sums = run_passes(model, spec, passes, leaves, collate, device, bf16, normalisers)
+    for i, state in enumerate(active):
+        state.step_with(prefixes[i], leaves[i], config.grad_clip)
+        state.last_loss = sums[i][0] / max(sums[i][1], 1)
+    tokens = sum(len(e["input_ids"]) + (len(e["labels"]) if spec.family != "decoder" else 0)
+                 for batch in batches.values() for e in batch)
+    return tokens, sum(sum(key) * len(group) for key, groups in passes for _, group in groups)
 
 
 def _dev_losses(states: dict, model, spec, collate, device, bf16, users: UsersConfig, config: TrainConfig) -> dict:
