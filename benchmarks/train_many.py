@@ -4,12 +4,13 @@ N users of E examples each (disjoint E2E training pairs, one user per slice, 10%
 out as that user's dev rows) are trained twice, the same steps of the same batches for every user:
   joint     one `prefixtune train --data users.jsonl --user-field user` process: one model load
   separate  one `prefixtune train --data userK.jsonl` process per user, each loading the model
-Both are whole CLI processes measured by wall clock, one after the other in this run, with the same
-threads. Tokens/s is given with model loading (tokens / wall clock of the processes) and without
+Both are whole CLI processes measured by wall clock in this run, with the same threads: half the separate
+runs, then the joint job, then the other half. Tokens/s is given with model loading (tokens / wall clock of the processes) and without
 (tokens / seconds of training steps, as each run reports them). Each user's exported prefix from the
 joint job is compared with the one from their separate run.
 
-    python benchmarks/train_many.py --users 10 --examples 200 --steps 3 --threads 1 --json
+    python benchmarks/train_many.py --users 10 --examples 200 --steps 2 --threads 1 --json
+    python benchmarks/train_many.py --memory-only --memory-users 400 --json   # memory per user
 """
 from __future__ import annotations
 
@@ -84,31 +85,49 @@ def run(args, data: str, dev: str | None, out: Path, *extra, steps: int | None =
             "peak_rss_mib": int(peak[-1].split()[1]) / 1024 if peak else None}
 
 
+MEMORY_JOB = """
+import json, resource, sys
+from prefixtune.models import load_base_model
+from prefixtune.train_config import TrainConfig
+from prefixtune.users import UsersConfig, train_users
+users, rows, method, out, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+train = {f"u{k:04d}": [(f"user {k} row {r}", f"hello {k}") for r in range(rows)] for k in range(users)}
+config = TrainConfig(output_dir=out, model=model, method=method, max_steps=1, eval_every=0)
+result = train_users(config, *load_base_model(model), train, users=UsersConfig(max_tokens_per_forward=512),
+                     progress=False, overwrite=True)
+print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "resident_users": result.resident_users, "state_bytes_per_user": result.state_bytes_per_user}))
+"""
+
+
 def memory_per_user(args, work: Path) -> dict:
-    """Peak memory of a job of N users against one of N/2 (1 step, one short row each; both fill their forward
-    passes, so the difference is the users' state, not activations): per resident user."""
+    """Peak memory of a job of N users against one of N/2, one step each, through the Python API with forward
+    passes of 512 padded tokens that both jobs fill: the difference is the extra users' state (parameters,
+    AdamW, gradients), not activations."""
     found = {}
-    for method, many in (("prefix-flat", args.memory_users), ("prefix", 16)):
+    for method, many, rows in (("prefix-flat", args.memory_users, 1), ("prefix", 16, 4)):
         jobs = {}
         for count in (many // 2, many):
-            data = work / f"memory-{count}.jsonl"
-            write_jsonl(data, [{"user": f"u{k:04d}", "source": f"user {k}", "target": f"hello {k}"} for k in range(count)])
-            one = run(args, str(data), None, work / f"memory-{method}-{count}", "--user-field", "user",
-                      "--method", method, steps=1)
-            jobs[count] = (one, json.loads((work / f"memory-{method}-{count}" / "users.json").read_text()))
-        (small, small_summary), (big, summary) = jobs[many // 2], jobs[many]
-        more = summary["resident_users"] - small_summary["resident_users"]
-        found[method] = {"users": many, "resident_users": summary["resident_users"],
+            command = [sys.executable, "-c", MEMORY_JOB, str(count), str(rows), method,
+                       str(work / f"memory-{method}-{count}"), args.model]
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
+            if done.returncode:
+                sys.exit(f"error: the memory job of {count} users failed:\n{done.stderr[-3000:]}")
+            jobs[count] = {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - start}
+        small, big = jobs[many // 2], jobs[many]
+        more = big["resident_users"] - small["resident_users"]
+        per_user = (big["peak_rss_mib"] - small["peak_rss_mib"]) / max(more, 1)
+        found[method] = {"users": many, "resident_users": big["resident_users"],
                          f"peak_rss_mib_{many // 2}_users": round(small["peak_rss_mib"]),
                          f"peak_rss_mib_{many}_users": round(big["peak_rss_mib"]),
-                         "measured_mib_per_resident_user": round((big["peak_rss_mib"] - small["peak_rss_mib"])
-                                                                / max(more, 1), 3),
-                         "state_mib_per_user": round(summary["state_bytes_per_user"] / 2**20, 3),
+                         "measured_mib_per_resident_user": round(per_user, 3),
+                         "state_mib_per_user": round(big["state_bytes_per_user"] / 2**20, 3),
                          "wall_s": round(big["wall_s"], 1)}
-        print(f"memory, {method}: {many} users in one job ({summary['resident_users']} resident at a time): peak "
+        print(f"memory, {method}: {many} users in one job ({big['resident_users']} resident at a time): peak "
               f"{big['peak_rss_mib']:.0f} MiB vs {small['peak_rss_mib']:.0f} MiB for {many // 2} users: "
-              f"{found[method]['measured_mib_per_resident_user']:.2f} MiB per resident user "
-              f"(its state: {found[method]['state_mib_per_user']:.2f} MiB)", flush=True)
+              f"{per_user:.2f} MiB per resident user (its state between steps: "
+              f"{found[method]['state_mib_per_user']:.2f} MiB)", flush=True)
     return found
 
 
@@ -134,35 +153,50 @@ def main():
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--examples", type=int, default=200, help="training rows per user")
     parser.add_argument("--dev", type=int, default=20, help="dev rows per user")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per user")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per user")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--method", default="prefix", help="prefix (the paper's MLP) | prefix-flat")
     parser.add_argument("--seed", type=int, default=0, help="which E2E pairs each user gets")
     parser.add_argument("--work-dir", default=None, help="default: a temporary directory")
     parser.add_argument("--memory-users", type=int, default=0,
-                        help="also measure memory per user: a job of this many users (prefix-flat; and 16 with the MLP) "
-                             "against a job of one (0: skip)")
+                        help="also measure memory per user: a job of this many users against one of half as many "
+                             "(prefix-flat; and 16 against 8 with the MLP). 0: skip")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory measurement")
     args = parser.parse_args()
     if args.data_dir == DEFAULT_DATA:
         os.environ.setdefault("PREFIXTUNE_DATA", args.data_dir)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="train-many-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        memory = memory_per_user(args, work)
+        if args.json:
+            print(json.dumps({"memory": memory, "threads": args.threads, "model": args.model}))
+        return
     names = make_users(args.data_dir, args.users, args.examples, args.dev, args.seed, work)
     load_before = os.getloadavg()[0]
 
     load_s = startup_and_load(args)
     print(f"a fresh process imports prefixtune and loads {args.model} in {load_s:.1f}s", flush=True)
+    # half the separate runs before the joint job and half after, so that a change in the machine's load
+    # during the run falls on both
+    separate = {}
+
+    def run_separate(name):
+        one = run(args, str(work / f"{name}.jsonl"), str(work / f"{name}-dev.jsonl"), work / name)
+        one["result"] = json.loads((work / name / "result.json").read_text())
+        separate[name] = one
+        print(f"separate {name}: {one['wall_s']:.1f}s (training steps {one['result']['train_seconds']:.1f}s)",
+              flush=True)
+
+    for name in names[: len(names) // 2]:
+        run_separate(name)
     joint = run(args, str(work / "users.jsonl"), str(work / "users-dev.jsonl"), work / "joint", "--user-field", "user")
     summary = json.loads((work / "joint" / "users.json").read_text())
     print(f"joint: {args.users} users in {joint['wall_s']:.1f}s (training steps {summary['train_seconds']:.1f}s)",
           flush=True)
-    separate = []
-    for name in names:
-        one = run(args, str(work / f"{name}.jsonl"), str(work / f"{name}-dev.jsonl"), work / name)
-        one["result"] = json.loads((work / name / "result.json").read_text())
-        separate.append(one)
-        print(f"separate {name}: {one['wall_s']:.1f}s (training steps {one['result']['train_seconds']:.1f}s)",
-              flush=True)
+    for name in names[len(names) // 2:]:
+        run_separate(name)
+    separate = [separate[name] for name in names]
 
     sep_wall = sum(r["wall_s"] for r in separate)
     sep_train = sum(r["result"]["train_seconds"] for r in separate)
@@ -178,13 +212,14 @@ def main():
                   "tokens": summary["tokens"], "padded_tokens": summary["padded_tokens"],
                   "tokens_per_s_with_load": round(summary["tokens"] / joint["wall_s"], 1),
                   "tokens_per_s_training": round(summary["tokens_per_s"], 1),
-                  "resident_users": summary["resident_users"],
+                  "resident_users": summary["resident_users"], "peak_rss_mib": round(joint["peak_rss_mib"]),
                   "state_bytes_per_user": summary["state_bytes_per_user"]},
         "separate": {"wall_s": round(sep_wall, 2), "train_s": round(sep_train, 2), "tokens": round(sep_tokens),
                      "padded_tokens": sum(r["result"]["padded_tokens"] for r in separate),
                      "tokens_per_s_with_load": round(sep_tokens / sep_wall, 1),
                      "tokens_per_s_training": round(sep_tokens / sep_train, 1),
                      "wall_s_per_run": [round(r["wall_s"], 2) for r in separate],
+                     "peak_rss_mib": round(max(r["peak_rss_mib"] for r in separate)),
                      "outside_training_s_per_run": [round(r["wall_s"] - r["result"]["train_seconds"], 2)
                                                     for r in separate]},
         "startup_and_load_s": round(load_s, 2),
