@@ -79,6 +79,7 @@ BAD = {  # file name -> (content, what the error must say)
     "missing-field.jsonl": ('{"source": "a", "target": "b"}\n{"source": "c"}\n', r"line 2: field 'target' \(the target\) is missing"),
     "empty.jsonl": ("", "line 1: empty file"),
     "blank.jsonl": ("\n\n", "line 1: empty file"),
+    "header-only.csv": ("source,target\n", "line 2: empty: no rows after the header"),
     "malformed.jsonl": ('{"source": "a", "target": "b"}\n\n{"source": "c", "target" "d"}\n', r"line 3: malformed JSON"),
     "not-object.jsonl": ('{"source": "a", "target": "b"}\n[1, 2]\n', "line 2: not a JSON object"),
     "empty-target.jsonl": ('{"source": "a", "target": "b"}\n{"source": "c", "target": "  "}\n', r"line 2: field 'target' \(the target\) is empty"),
@@ -99,6 +100,15 @@ def test_bad_input_names_the_file_the_line_and_the_field(tmp_path, name):
     with pytest.raises(DataFileError, match=message) as raised:
         load_records(path, user_field="user" if "user" in name else None)
     assert str(raised.value).startswith(f"{path}: ")
+
+
+def test_columnar_files_name_the_row(tmp_path):
+    import datasets
+
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list([{"source": "a", "target": "b"}, {"source": "c", "target": ""}]).to_parquet(str(path))
+    with pytest.raises(DataFileError, match=r"d.parquet: row 2: field 'target' \(the target\) is empty"):
+        load_records(path)
 
 
 def test_a_named_field_that_is_absent_is_refused(tmp_path):

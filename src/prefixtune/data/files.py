@@ -48,11 +48,12 @@ def load_records(path, *, source_field: str | None = None, target_field: str | N
     rows, where = read_rows(path, split)
     name = str(path)
     if not rows:
-        raise DataFileError(f"{name}: empty: no rows")
+        raise DataFileError(f"{name}: {where(0)}: empty: no rows")
     columns = list(rows[0])
     chat = messages_field in columns and source_field is None and target_field is None
     if not chat:
-        source_field, target_field = _pick_fields(name, columns, source_field, target_field, messages_field)
+        source_field, target_field = _pick_fields(f"{name}: {where(0)}", columns, source_field, target_field,
+                                                  messages_field)
     if user_field is not None and user_field not in columns:
         raise DataFileError(f"{name}: {where(0)}: no field {user_field!r} (--user-field); it has {_listed(columns)}")
     records = []
@@ -80,7 +81,7 @@ def load_sources(path, *, source_field: str | None = None, split: str = "train",
     rows, where = read_rows(path, split)
     name = str(path)
     if not rows:
-        raise DataFileError(f"{name}: empty: no rows")
+        raise DataFileError(f"{name}: {where(0)}: empty: no rows")
     columns = list(rows[0])
     if source_field is None and messages_field in columns:
         return [Conversation.of(_chat_record(f"{name}: {where(i)}", row.get(messages_field), messages_field,
@@ -88,10 +89,10 @@ def load_sources(path, *, source_field: str | None = None, split: str = "train",
     if source_field is None:
         source_field = next((s for s, _ in FIELD_PAIRS if s in columns), None)
         if source_field is None:
-            raise DataFileError(f"{name}: line 1: no source field found among {_listed(columns)}: name it with "
+            raise DataFileError(f"{name}: {where(0)}: no source field found among {_listed(columns)}: name it with "
                                 f"--source-field (looked for {', '.join(s for s, _ in FIELD_PAIRS)})")
     if source_field not in columns:
-        raise DataFileError(f"{name}: line 1: no field {source_field!r} (--source-field); it has {_listed(columns)}")
+        raise DataFileError(f"{name}: {where(0)}: no field {source_field!r} (--source-field); it has {_listed(columns)}")
     return [_text(f"{name}: {where(i)}", row.get(source_field), source_field, "source") for i, row in enumerate(rows)]
 
 
@@ -100,7 +101,7 @@ def load_train_dev(data, dev_data=None, dev_fraction: float = 0.1, seed: int = 1
     `seed`. `fields` are `load_records`' (source_field, target_field, user_field, messages_field)."""
     train = load_records(data, **fields)
     if dev_data is not None:
-        return train, load_records(dev_data, **{**fields, "split": fields.get("split", "train")})
+        return train, load_records(dev_data, **fields)
     return split_dev(train, dev_fraction, seed)
 
 
@@ -143,6 +144,8 @@ def _read_file(path: Path):
     try:
         rows = _build(builder, str(path), options)
     except Exception as e:  # datasets wraps the parser's error (pyarrow, pandas) in its own
+        if suffix in (".csv", ".tsv") and len(_jsonl_lines(path)) == 1:
+            raise DataFileError(f"{path}: line 2: empty: no rows after the header") from None
         if suffix != ".parquet" and not _jsonl_lines(path):
             raise DataFileError(f"{path}: line 1: empty file: no rows (only blank lines)") from None
         raise DataFileError(_malformed(path, suffix, e)) from None
@@ -220,7 +223,7 @@ def _first_line(error: Exception) -> str:
 
 
 def _jsonl_lines(path: Path) -> list[int]:
-    """The 1-based numbers of a JSONL file's non-blank lines (the rows; blank lines are skipped)."""
+    """The 1-based numbers of a text file's non-blank lines (in JSONL, the rows: blank lines are skipped)."""
     with open(path, "rb") as f:
         return [n for n, line in enumerate(f, 1) if line.strip()]
 
@@ -242,7 +245,9 @@ def _malformed(path: Path, suffix: str, error: Exception) -> str:
     return f"{path}: malformed {suffix[1:].upper()} ({detail})"
 
 
-def _pick_fields(name, columns, source_field, target_field, messages_field):
+def _pick_fields(at, columns, source_field, target_field, messages_field):
+    """(source field, target field): the given ones, else the first known pair the rows have; `at` is
+    "FILE: line N" of the first row, for the error."""
     if source_field is None or target_field is None:
         candidates = [(s, t) for s, t in FIELD_PAIRS if source_field in (None, s) and target_field in (None, t)]
         found = [(s, t) for s, t in candidates if s in columns and t in columns]
@@ -252,15 +257,15 @@ def _pick_fields(name, columns, source_field, target_field, messages_field):
         elif half:  # one half of a known pair: name the other
             s, t = half[0]
             what, missing, flag = ("target", t, "--target-field") if s in columns else ("source", s, "--source-field")
-            raise DataFileError(f"{name}: line 1: no {what} field ({(s, t)[what == 'source']!r} is there, {missing!r} "
+            raise DataFileError(f"{at}: no {what} field ({(s, t)[what == 'source']!r} is there, {missing!r} "
                                 f"is not): name it with {flag}; the rows have {_listed(columns)}")
     for flag, field in (("--source-field", source_field), ("--target-field", target_field)):
         if field is None:
             pairs = ", ".join(f"{s}/{t}" for s, t in FIELD_PAIRS)
-            raise DataFileError(f"{name}: line 1: no {flag[2:-6]} field found among {_listed(columns)}: name it with "
+            raise DataFileError(f"{at}: no {flag[2:-6]} field found among {_listed(columns)}: name it with "
                                 f"{flag} (looked for {pairs}, or {messages_field!r} for chat rows)")
         if field not in columns:
-            raise DataFileError(f"{name}: line 1: no field {field!r} ({flag}); it has {_listed(columns)}")
+            raise DataFileError(f"{at}: no field {field!r} ({flag}); it has {_listed(columns)}")
     return source_field, target_field
 
 
