@@ -287,6 +287,10 @@ def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
     assert csv_rows[1].startswith("ann,ann,11,1,2,2,")  # 12 rows, one held out for the dev loss, 2 steps
     again = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user")
     assert again.exit_code == 2 and "holds a many-users run" in again.stderr
+    for flags, message in ((["--resume"], "--resume does not apply to --user-field"),
+                           (["--tenant", "a/b"], "tenant 'a/b' is not a valid tenant name")):
+        refused = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user", *flags)
+        assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
 
 
 def test_every_model_family_trains_users_apart_and_as_alone(family, tokenizer, tmp_path):
