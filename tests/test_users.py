@@ -186,6 +186,26 @@ def test_bad_jobs_are_refused_before_the_model_loads(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_killed_job_resumes_with_the_users_it_had_not_written(llama, tokenizer, tmp_path):
+    train_pairs, dev_pairs = user_data(4, 5)
+    cfg = config(tmp_path, "run")
+    whole = train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    prefixes = store_dir(cfg.output_dir, "default")
+    before = {u: exported(whole, u) for u in train_pairs}
+    for user in ("user1", "user3"):  # a job killed while these two were training: their files were never written
+        (prefixes / f"{user}.safetensors").unlink()
+    (tmp_path / "run" / "users.json").unlink()
+    kept = (prefixes / "user0.safetensors").stat().st_mtime_ns
+    changed = {**train_pairs, "user2": train_pairs["user2"][:3]}  # and user2's rows changed meanwhile
+    resumed = train_users(cfg, llama, tokenizer, changed, dev_pairs, progress=False, resume=True)
+    assert (prefixes / "user0.safetensors").stat().st_mtime_ns == kept          # kept, not trained again
+    assert all(same_bytes(before[u], exported(resumed, u)) for u in ("user0", "user1", "user3"))
+    assert not same_bytes(before["user2"], exported(resumed, "user2"))          # trained again on its new rows
+    rows = {r["user"]: r for r in resumed.users}
+    assert rows["user0"] == {r["user"]: r for r in whole.users}["user0"] and rows["user2"]["examples"] == 3
+    assert len(json.loads((tmp_path / "run" / "users.json").read_text())["users"]) == 4
+
+
 def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
     train_pairs, dev_pairs = user_data(2, 3)
     cfg = config(tmp_path, "run", max_steps=1)
@@ -287,10 +307,14 @@ def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
     assert csv_rows[1].startswith("ann,ann,11,1,2,2,")  # 12 rows, one held out for the dev loss, 2 steps
     again = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user")
     assert again.exit_code == 2 and "holds a many-users run" in again.stderr
-    for flags, message in ((["--resume"], "--resume does not apply to --user-field"),
-                           (["--tenant", "a/b"], "tenant 'a/b' is not a valid tenant name")):
-        refused = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user", *flags)
-        assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
+    refused = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user",
+                     "--tenant", "a/b")
+    assert refused.exit_code == 2 and "tenant 'a/b' is not a valid tenant name" in refused.stderr, refused.stderr
+    (store_dir(tmp_path / "run", "acme") / "bo-b.safetensors").unlink()  # as if killed before bo b was written
+    resumed = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user",
+                     "--tenant", "acme", "--max-steps", "2", "--method", "prefix-flat", "--resume")
+    assert resumed.exit_code == 0 and json.loads(resumed.stdout.strip().splitlines()[-1])["users"] == 2
+    assert (tmp_path / "run" / "users.csv").read_text().splitlines() == csv_rows
 
 
 def test_every_model_family_trains_users_apart_and_as_alone(family, tokenizer, tmp_path):

@@ -85,10 +85,7 @@ def train(
             template=template, adapter_budget=adapter_budget, device=device, data=data, dev_data=dev_data,
             dev_fraction=dev_fraction, source_field=source_field, target_field=target_field, user_field=user_field)
         if user_field is not None:
-            if resume:
-                _fail("--resume does not apply to --user-field: run the job again with --overwrite (each user's "
-                      "training is deterministic, so the prefixes come out the same)")
-            raise typer.Exit(_train_users(config, tenant, overwrite))
+            raise typer.Exit(_train_users(config, tenant, overwrite, resume))
         result = run_train(config, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
@@ -98,7 +95,7 @@ def train(
                            "best_dev_loss": result.best_dev_loss, "tokens_per_s": round(result.tokens_per_s, 1)}))
 
 
-def _train_users(config: TrainConfig, tenant: str, overwrite: bool) -> int:
+def _train_users(config: TrainConfig, tenant: str, overwrite: bool, resume: bool) -> int:
     """--user-field: one prefix per user in one job (prefixtune.users), into OUTPUT_DIR/store for `serve --store`."""
     from ..users import UsersConfig, check_users, load_user_pairs, train_users
 
@@ -106,7 +103,7 @@ def _train_users(config: TrainConfig, tenant: str, overwrite: bool) -> int:
     train, dev = load_user_pairs(config)  # every row checked (file, line, field) before the model loads
     check_users(config, train)            # and every user's prefix name
     model, tokenizer = _load_model(config.model, config.device)
-    result = train_users(config, model, tokenizer, train, dev, users=users, overwrite=overwrite)
+    result = train_users(config, model, tokenizer, train, dev, users=users, overwrite=overwrite, resume=resume)
     typer.echo(result.table())
     typer.echo(f"serve them: PREFIXTUNE_API_KEYS=KEY:{result.tenant} prefixtune serve --store {result.store} "
                f"--max-prefixes {max(len(result.users), 64)}", err=True)

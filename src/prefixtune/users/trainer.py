@@ -9,6 +9,7 @@ result does not depend on the order of users, the rounds, or the memory budget.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -23,8 +24,9 @@ from ..atomic import atomic_write_bytes
 from ..data.collate import Collator, encode_example
 from ..methods import build_method
 from ..methods.base import count_parameters
+from ..exported import read_header
 from ..models import load_base_model, model_name, model_spec, resolve_device
-from ..prefix_file import save_prefix
+from ..prefix_file import PrefixFileError, save_prefix
 from ..serve.tenants import tenant_dir_name
 from ..train import use_bf16
 from ..train_config import TrainConfig
@@ -43,16 +45,32 @@ def store_dir(output_dir: str | Path, tenant: str) -> Path:
     return Path(output_dir) / STORE / tenant_dir_name(tenant)
 
 
-def _check_output_dir(out: Path, overwrite: bool):
-    """Never replace a run silently: a finished or interrupted many-users run needs `overwrite`."""
+def _check_output_dir(out: Path, overwrite: bool, resume: bool):
+    """Never replace a run silently: a finished or interrupted many-users run needs `overwrite` (or `resume`)."""
     held = (out / SUMMARY).is_file() or any((out / STORE).glob("*/*.safetensors"))
-    if held and not overwrite:
-        raise FileExistsError(f"{out} holds a many-users run: pass --overwrite to replace it, "
-                              "or choose another --output-dir")
-    if held:
+    if held and not (overwrite or resume):
+        raise FileExistsError(f"{out} holds a many-users run: pass --overwrite to replace it, --resume to finish "
+                              "it, or choose another --output-dir")
+    if held and overwrite:
         shutil.rmtree(out / STORE, ignore_errors=True)
         for name in (SUMMARY, "users.csv"):
             (out / name).unlink(missing_ok=True)
+
+
+def _data_digest(train: list, dev: list) -> str:
+    return hashlib.sha256(json.dumps([train, dev], default=str).encode()).hexdigest()
+
+
+def _finished(path: Path, user: str, digest: str, config: TrainConfig) -> dict | None:
+    """The summary row of a user an earlier run of this job exported, when their file says it was trained on the
+    same rows with the same options; else None (they are trained again: each user's training is deterministic)."""
+    try:
+        meta = json.loads(read_header(path)[0].get("train_config") or "{}") if path.is_file() else {}
+    except (PrefixFileError, json.JSONDecodeError):
+        return None
+    wanted = json.loads(json.dumps(asdict(config), sort_keys=True, default=str))
+    same = meta.get("user") == user and meta.get("data_digest") == digest
+    return meta.get("summary") if same and all(meta.get(k) == v for k, v in wanted.items()) else None
 
 
 def check_users(config: TrainConfig, train: dict, reserved: tuple[str, ...] = ()) -> dict[str, str]:
@@ -70,13 +88,15 @@ def check_users(config: TrainConfig, train: dict, reserved: tuple[str, ...] = ()
 
 
 def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | None = None, dev: dict | None = None,
-                users: UsersConfig | None = None, progress: bool = True, overwrite: bool = False) -> UsersResult:
+                users: UsersConfig | None = None, progress: bool = True, overwrite: bool = False,
+                resume: bool = False) -> UsersResult:
     """Train one prefix per user in one job and write them into OUTPUT_DIR/store for `prefixtune serve`.
 
     `train` and `dev` map each user to their examples ((source, target) pairs, or chat conversations); without
     them they are read from `config.data` with `config.user_field` (users/data.py). Every user is trained as `train.train` would
     train their data alone with `config` (same seed, same batches, same schedule), and independently of
-    every other user.
+    every other user. `resume` finishes a killed job: users already in the store (same rows, same options)
+    are kept, the others are trained.
     """
     users = users or UsersConfig()
     if train is None:  # data before the model: a bad file fails in a second
@@ -87,7 +107,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     dev = {str(user): examples for user, examples in (dev or {}).items()}
     check_users(config, train)
     out = Path(config.output_dir)
-    _check_output_dir(out, overwrite)  # after the checks: bad input never clears a run
+    _check_output_dir(out, overwrite, resume)  # after the checks: bad input never clears a run
     device = resolve_device(config.device)
     if model is None:
         model, tokenizer = load_base_model(config.model)
@@ -119,11 +139,18 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
                        json.dumps({**asdict(config), "users": asdict(users)}, indent=2).encode())
     prefixes = store_dir(out, users.tenant)
     base_params = count_parameters(model)
-    rows, pending, active = [], deque(train), []
+    digests = {user: _data_digest(train[user], dev.get(user, [])) for user in train}
+    rows, pending, active = [], deque(), []
+    for user in train:
+        row = _finished(prefixes / f"{names[user]}.safetensors", user, digests[user], config) if resume else None
+        if row is None:
+            pending.append(user)
+        else:
+            rows.append(row)
     state_bytes = 0
     tokens = padded = 0
     train_time = 0.0
-    bar = tqdm(total=len(train), disable=not progress, desc="users", dynamic_ncols=True)
+    bar = tqdm(total=len(train), initial=len(rows), disable=not progress, desc="users", dynamic_ncols=True)
 
     def export(state: UserState):
         nonlocal state_bytes
@@ -142,7 +169,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
                "stop_reason": stop}
         save_prefix(prefixes / f"{state.name}.safetensors", p, spec, model_name(model),
                     {**asdict(config), "user": state.user, "best_step": state.best["step"],
-                     "best_dev_loss": state.best["loss"], "base_params": base_params})
+                     "best_dev_loss": state.best["loss"], "base_params": base_params, "summary": row,
+                     "data_digest": digests[state.user]})
         rows.append(row)
         bar.update(1)
 
