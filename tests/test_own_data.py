@@ -91,19 +91,6 @@ def test_dev_fraction_out_of_range_is_refused(tmp_path):
     assert "dev_fraction must be in [0, 1)" in line and not (tmp_path / "r").exists()
 
 
-def test_user_field_needs_part_two(tmp_path):
-    try:
-        import prefixtune.users  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("prefixtune.users exists: --user-field is tested with it")
-    data = write_jsonl(tmp_path / "d.jsonl", [{**r, "user": "a"} for r in ROWS])
-    line = error_line(invoke("train", "-o", tmp_path / "r", "--model", NO_MODEL, "--data", data,
-                             "--user-field", "user"))
-    assert "prefixtune.users" in line and not (tmp_path / "r").exists()
-
-
 def test_score_text_reads_any_references():
     from prefixtune.metrics.generic import score_text
 
