@@ -209,6 +209,7 @@ def main():
         "steps_per_user": args.steps, "batch_size": args.batch_size, "method": args.method,
         "threads": args.threads, "model": args.model,
         "joint": {"wall_s": round(joint["wall_s"], 2), "train_s": round(summary["train_seconds"], 2),
+                  "dev_loss_s": round(summary["dev_seconds"], 2), "export_s": round(summary["export_seconds"], 2),
                   "tokens": summary["tokens"], "padded_tokens": summary["padded_tokens"],
                   "tokens_per_s_with_load": round(summary["tokens"] / joint["wall_s"], 1),
                   "tokens_per_s_training": round(summary["tokens_per_s"], 1),
@@ -236,7 +237,8 @@ def main():
     print(f"where the time goes: training steps joint {summary['train_seconds']:.1f}s vs separate {sep_train:.1f}s "
           f"(ratio {result['ratio_training_only']:.2f}); everything else (start, imports, model load, init, dev loss, "
           f"export, checkpoints) joint {outside_joint:.1f}s once vs separate {outside_sep:.1f}s "
-          f"({outside_sep / args.users:.1f}s per run, of which {load_s:.1f}s start + model load)")
+          f"({outside_sep / args.users:.1f}s per run, of which {load_s:.1f}s start + model load); the joint job's "
+          f"dev losses {summary['dev_seconds']:.1f}s and exports {summary['export_seconds']:.1f}s")
     if args.memory_users:
         result["memory"] = memory_per_user(args, work)
     if args.json:

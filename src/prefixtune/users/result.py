@@ -27,6 +27,8 @@ class UsersResult:
     resident_users: int = 0      # users whose state was held at once
     state_bytes_per_user: int = 0      # measured: parameters + AdamW moments + best state of one user
     budget_bytes_per_user: int = 0     # what the resident budget assumed (the above plus a gradient)
+    dev_seconds: float = 0.0     # the users' dev losses
+    export_seconds: float = 0.0  # writing the users' prefixes into the store
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -149,7 +149,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
             rows.append(row)
     state_bytes = 0
     tokens = padded = 0
-    train_time = 0.0
+    train_time = dev_time = export_time = 0.0
     bar = tqdm(total=len(train), initial=len(rows), disable=not progress, desc="users", dynamic_ncols=True)
 
     def export(state: UserState):
@@ -186,18 +186,22 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         train_time += time.perf_counter() - start
         tokens, padded = tokens + round_tokens, padded + round_padded
         due = [i for i, state in enumerate(active) if state.eval_due(config.eval_every)]
+        start = time.perf_counter()
         dev_losses = _dev_losses({i: active[i] for i in due}, model, spec, collate, device, bf16, users, config)
+        dev_time += time.perf_counter() - start
         for i in due:
             state = active[i]
             state.record({"step": state.step, "loss": state.last_loss, "lr": state.scheduler.get_last_lr()[0],
                           "dev_loss": dev_losses.get(i)}, config.early_stop_patience)
+        start = time.perf_counter()
         for state in [s for s in active if s.done]:
             export(state)
+        export_time += time.perf_counter() - start
         active = [s for s in active if not s.done]
         bar.set_postfix(resident=len(active), tok_s=f"{tokens / max(train_time, 1e-9):.0f}")
     bar.close()
     result = UsersResult(str(out), str(out / STORE), users.tenant, rows, tokens / max(train_time, 1e-9),
-                         train_time, tokens, padded, resident, state_bytes, per_user)
+                         train_time, tokens, padded, resident, state_bytes, per_user, dev_time, export_time)
     write_summary(result, out)
     return result
 
