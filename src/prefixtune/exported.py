@@ -143,3 +143,26 @@ class ExportDecoder:
             raise ValueError(f"raw inputs work with prefix files and the bare model, "
                              f"not with {self.method.name} weights")
         return self.method.generate(texts, config, batch_size, progress)
+
+    def generate_chats(self, conversations: list, config, batch_size: int = 32, progress=None) -> list[str]:
+        """The next assistant turn of each chat `Conversation` (data/chat.py: the chat template's prompt, content
+        tokenized as text), with the prefix; the turn ends at the template's end of turn, not at a newline."""
+        from dataclasses import replace
+
+        from .data.chat import encode_chat_prompt
+
+        if self.method is not None:
+            raise ValueError(f"chat rows decode with prefix files and the bare model, not with {self.method.name} "
+                             f"weights")
+        tokenizer, config = self.bank.tokenizer, replace(config, stop_at_newline=False)
+        encoded = [encode_chat_prompt(tokenizer, c, self.bank.max_source_len) for c in conversations]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        outputs = [""] * len(encoded)
+        for start in range(0, len(order), batch_size):
+            rows = order[start: start + batch_size]
+            ids = self.bank.generate_ids([encoded[i] for i in rows], [self.prefix_id] * len(rows), config)
+            for i, seq in zip(rows, ids):
+                outputs[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(len(rows))
+        return outputs

@@ -71,12 +71,27 @@ def prefix_offsets(prefix_kv: PrefixKV | None, batch: int, device) -> torch.Tens
     return prefix_kv.mask.sum(-1).long()
 
 
-def lm_loss(model, spec: ModelSpec, batch: dict, prefix_kv: PrefixKV | None):
-    """Cross-entropy of the target tokens y given x and the prefix.
+def grouped_prefix_kv(groups: list[tuple[dict[str, torch.Tensor], int]], spec: ModelSpec) -> PrefixKV:
+    """Rows grouped by prefix (many users in one batch): `groups` is [(P, rows)], each P given to its
+    next `rows` rows. Each P is expanded, never copied per row, so its gradient is the sum over its own
+    rows only, as in `single_prefix_kv`. All P must have one length."""
+    keys, values = {}, {}
+    for group in groups[0][0]:
+        stacked = torch.cat([p[group].unsqueeze(0).expand(rows, *p[group].shape) for p, rows in groups])
+        k, v = p_to_kv(stacked, spec, group)
+        keys.update(k)
+        values.update(v)
+    ref = next(iter(groups[0][0].values()))
+    mask = torch.ones(sum(rows for _, rows in groups), ref.shape[0], dtype=torch.bool, device=ref.device)
+    return PrefixKV(keys=keys, values=values, mask=mask)
+
+
+def target_logits(model, spec: ModelSpec, batch: dict, prefix_kv: PrefixKV | None):
+    """(logits, targets, rows) of the target tokens y given x and the prefix, in row-major order;
+    `rows[i]` is the batch row of target token i.
 
     Decoder-only models run the LM head on target positions only: the head is about a
     fifth of a small model's compute and the source and padding never need logits.
-    Returns (loss, number of target tokens).
     """
     cache.install(model)
     if spec.family == "encoder-decoder":
@@ -85,7 +100,7 @@ def lm_loss(model, spec: ModelSpec, batch: dict, prefix_kv: PrefixKV | None):
                     prefix_kv=prefix_kv, use_cache=False)
         labels = batch["labels"]
         selected = labels != -100
-        logits, targets = out.logits[selected], labels[selected]
+        logits = out.logits[selected]
     else:
         mask = batch["attention_mask"]
         offsets = prefix_offsets(prefix_kv, mask.shape[0], mask.device)
@@ -95,6 +110,10 @@ def lm_loss(model, spec: ModelSpec, batch: dict, prefix_kv: PrefixKV | None):
         labels = batch["labels"][:, 1:]
         selected = labels != -100
         logits = model.get_output_embeddings()(hidden[:, :-1][selected])
-        targets = labels[selected]
-    loss = F.cross_entropy(logits.float(), targets)
-    return loss, int(selected.sum())
+    return logits, labels[selected], selected.nonzero()[:, 0]
+
+
+def lm_loss(model, spec: ModelSpec, batch: dict, prefix_kv: PrefixKV | None):
+    """Cross-entropy of the target tokens y given x and the prefix; returns (loss, number of target tokens)."""
+    logits, targets, _ = target_logits(model, spec, batch, prefix_kv)
+    return F.cross_entropy(logits.float(), targets), targets.numel()

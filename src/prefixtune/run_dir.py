@@ -50,17 +50,34 @@ def data_dir_of(config: TrainConfig) -> str | None:
 
 
 def data_provenance(config: TrainConfig, from_api: bool, n_train: int, n_dev: int) -> dict:
-    """What a run trained on, for the export's metadata, `info` and the model card."""
+    """What a run trained on, for the export's metadata (`provenance`), `info` and the model card."""
     if from_api:
         return {"source": "train_pairs", "train_pairs": n_train, "dev_pairs": n_dev}
+    if config.data:  # the user's own file (data/files.py)
+        return {"source": "file", "data": config.data, "dev_data": config.dev_data, "train_pairs": n_train,
+                "dev_pairs": n_dev}
     given_by = "--data-dir" if config.data_dir else (DATA_ENV if os.environ.get(DATA_ENV) else "default")
     return {"source": "task", "task": config.task, **config.task_options, "data_dir": data_dir_of(config),
             "data_dir_from": given_by, "train_pairs": n_train, "dev_pairs": n_dev}
 
 
+def provenance_of(config: dict) -> dict:
+    """The data provenance an export's train_config carries (`provenance`; `data` in exports made before
+    `--data FILE` took that name), or {}."""
+    for key in ("provenance", "data"):
+        if isinstance(config.get(key), dict):
+            return config[key]
+    return {}
+
+
 def describe_data(config: dict) -> str:
-    """One line saying what a run (its saved config and `data` provenance) trained on."""
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    """One line saying what a run (its saved config and `provenance`) trained on."""
+    data = provenance_of(config)
+    if data.get("source") == "file" or isinstance(config.get("data"), str):
+        dev = (f"dev rows from {config['dev_data']}" if config.get("dev_data")
+               else f"{config.get('dev_fraction')} of its rows held out for dev")
+        counted = f", {data['train_pairs']} train pairs" if data.get("train_pairs") else ""
+        return f"the file {config.get('data')} ({dev}){counted}"
     if data.get("source") == "train_pairs":
         dev = data.get("dev_pairs")
         return (f"{data.get('train_pairs')} (source, target) pairs given to the Python API (train_pairs), "

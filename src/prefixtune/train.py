@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write_bytes
 from .cache import enable_gradient_checkpointing
 from .checkpoint import CHECKPOINT, Checkpoint
-from .data import check_pairs, load_task, sample_pairs, training_pairs
-from .data.collate import Collator, encode_pair, length_grouped_batches
+from .data import check_pairs, load_task, load_train_dev, sample_pairs, training_pairs
+from .data.collate import Collator, encode_example, length_grouped_batches
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
@@ -105,15 +105,25 @@ def early_stop_due(history: list[dict], best_step: int | None, patience: int) ->
     return len(since_best) >= patience
 
 
+def load_records_of(config: TrainConfig):
+    """(train records, dev records): the config's data file when it has one (checked row by row), else its task."""
+    if config.data is not None:
+        return load_train_dev(config.data, config.dev_data, config.dev_fraction, config.seed,
+                              source_field=config.source_field, target_field=config.target_field,
+                              user_field=config.user_field)
+    return (load_task(config.task, "train", config.data_dir, **config.task_options),
+            load_task(config.task, "dev", config.data_dir,
+                      **{k: v for k, v in config.task_options.items() if k != "train_from"}))
+
+
 def load_pairs(config: TrainConfig):
-    """(train pairs, dev pairs) for the config's task, with the low-data sampler applied."""
-    train_records = load_task(config.task, "train", config.data_dir, **config.task_options)
-    dev_records = load_task(config.task, "dev", config.data_dir,
-                            **{k: v for k, v in config.task_options.items() if k != "train_from"})
+    """(train pairs, dev pairs) for the config's data or task, with the low-data sampler applied."""
+    train_records, dev_records = load_records_of(config)
     train = sample_pairs(training_pairs(train_records), config.train_size, config.seed)
     dev = sample_pairs(training_pairs(dev_records), config.dev_size, config.seed)
     if not train:
-        raise ValueError(f"no training examples: the {config.task} train split in {data_dir_of(config)} is empty")
+        where = config.data if config.data else f"the {config.task} train split in {data_dir_of(config)}"
+        raise ValueError(f"no training examples: {where} is empty")
     return train, dev
 
 
@@ -142,7 +152,6 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     if config.method not in EXPORT_FILES:
         raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(EXPORT_FILES)}")
     out_dir = Path(config.output_dir)
-    check_output_dir(out_dir, resume, overwrite)
     resuming = resume and saved_config(out_dir) is not None  # resume=True in an empty directory starts the run
     if resuming:  # the run in the directory, as it was started: a contradicting option is refused
         config = resumed_config(out_dir, given_options(config))
@@ -156,8 +165,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         dev_pairs = check_pairs(dev_pairs, "dev_pairs") if dev_pairs is not None else None
         if not train_pairs:
             raise ValueError("no training examples: train_pairs is empty")
-    else:  # data before the model: a wrong path fails in a second, not after loading
+    else:  # data before the model and before --overwrite clears a run: bad rows change nothing
         train_pairs, dev_pairs = load_pairs(config)
+    check_output_dir(out_dir, resume, overwrite)
     provenance = data_provenance(config, from_api, len(train_pairs), len(dev_pairs or []))
     accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu", **watch.accelerator_kwargs())
     set_seed(config.seed)
@@ -171,10 +181,10 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     lr = config.lr if config.lr is not None else method.default_lr
     bf16 = use_bf16(config.precision, accelerator.device)
 
-    encode = lambda s, t: encode_pair(tokenizer, spec.family, s, t, config.template, config.max_source_len,
-                                      config.max_target_len)
-    train_examples = [encode(s, t) for s, t in train_pairs]
-    dev_examples = [encode(s, t) for s, t in (dev_pairs or [])]
+    encode = lambda example: encode_example(tokenizer, spec.family, example, config.template,  # noqa: E731
+                                            config.max_source_len, config.max_target_len)
+    train_examples = [encode(e) for e in train_pairs]  # a pair, or a chat Conversation
+    dev_examples = [encode(e) for e in (dev_pairs or [])]
     collate = Collator(tokenizer.pad_token_id, spec.family, getattr(model.config, "decoder_start_token_id", None))
     lengths = [len(e["input_ids"]) + len(e["labels"]) * (spec.family != "decoder") for e in train_examples]
     steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
@@ -282,7 +292,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     if accelerator.is_main_process and config.export:
         prefix_file = str(method.export(out_dir / EXPORT_FILES[config.method],
                                         {**asdict(config), "steps": step, "best_step": best["step"],
-                                         "best_dev_loss": best["loss"], "data": provenance}))
+                                         "best_dev_loss": best["loss"], "provenance": provenance}))
     accelerator.wait_for_everyone()
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,

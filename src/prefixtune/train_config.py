@@ -42,6 +42,13 @@ class TrainConfig:
     export: bool = True                  # write the trained artefact at the end (experiments skip it)
     device: str = "auto"                 # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     report_to: str = "none"              # accelerate trackers: tensorboard, wandb, mlflow, ... (comma list) | all | none
+    # The user's own data (data/files.py): a file, dataset folder or hub id; when set, `task` does not apply.
+    data: str | None = None
+    dev_data: str | None = None          # its dev rows; without them, `dev_fraction` of `data` is held out by seed
+    dev_fraction: float = 0.1
+    source_field: str | None = None      # None: detected (source/target, input/output, prompt/completion, ...)
+    target_field: str | None = None
+    user_field: str | None = None        # one prefix per distinct value of this field (prefixtune.users)
 
     def __post_init__(self):  # refuse a bad option before loading anything (not a ZeroDivisionError later)
         for name in ("batch_size", "prefix_len", "max_source_len", "max_target_len"):
@@ -49,6 +56,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.template is not None:
             check_template(self.template)
+        if not 0 <= self.dev_fraction < 1:
+            raise ValueError(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
 
     def prefix_config(self) -> PrefixConfig:
         return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",

@@ -12,6 +12,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Prefix-tuning of frozen language models: train, export, generate, evaluate, serve.")
 
 DATA_HELP = "data directory (default: $PREFIXTUNE_DATA, else ./data or ../shared/data)"
+DATA_FILE_HELP = ("your own data: a .jsonl/.json, .csv, .tsv or .parquet file, a dataset folder (save_to_disk) or a "
+                  "Hugging Face dataset id; rows of source and target, or chat rows (messages)")
+SOURCE_FIELD_HELP = "the source field of --data (default: detected: source, input, prompt, question, ...)"
+TARGET_FIELD_HELP = "the target field of --data (default: detected: target, output, completion, answer, ...)"
 
 
 def _version(value: bool):

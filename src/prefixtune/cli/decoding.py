@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
-from .app import DATA_HELP, _device_option, _fail, _load_model, _task_options, app
+from .app import (DATA_FILE_HELP, DATA_HELP, SOURCE_FIELD_HELP, TARGET_FIELD_HELP, _device_option, _fail,
+                  _load_model, _task_options, app)
 
 
 def _read_inputs(inputs: list[str], input_file: Optional[Path]) -> list[str]:
@@ -30,6 +31,13 @@ def _read_inputs(inputs: list[str], input_file: Optional[Path]) -> list[str]:
     _fail("no inputs: give them as arguments, with --input-file, or on stdin")
 
 
+def _is_data_file(path: Path) -> bool:
+    """A data file (JSONL, CSV/TSV, Parquet, a dataset folder) rather than plain text, one input per line."""
+    from ..data.files import FORMATS
+
+    return path.is_dir() or path.suffix.lower() in FORMATS
+
+
 EXPORT_HELP = "exported prefix, another method's weights (.safetensors), or a training directory"
 NGRAM_HELP = "never repeat an n-gram of this size within the output (0: off)"
 PENALTY_HELP = "repetition penalty on tokens already generated, as in HF (1: off; e.g. 1.2)"
@@ -42,7 +50,9 @@ def generate(
     inputs: list[str] = typer.Argument(None, help="source texts ('-' or none: read stdin)"),
     prefix: Optional[Path] = typer.Option(None, help=EXPORT_HELP + "; none = the bare model"),
     model: str = typer.Option(DEFAULT_MODEL),
-    input_file: Optional[Path] = typer.Option(None, help="one source per line"),
+    input_file: Optional[Path] = typer.Option(None, help="one source per line; or a data file (.jsonl, .csv, .tsv, "
+                                                         ".parquet, a dataset folder): its sources, or chat rows"),
+    source_field: Optional[str] = typer.Option(None, help=SOURCE_FIELD_HELP.replace("--data", "a data --input-file")),
     beams: int = typer.Option(1, help="1 = greedy; the paper uses 5"),
     max_new_tokens: int = typer.Option(64),
     stop_at_newline: bool = typer.Option(True),
@@ -58,7 +68,15 @@ def generate(
     from ..generation import DecodingConfig
     from ..models import resolve_device
 
-    texts = _read_inputs(inputs or [], input_file)
+    if input_file is not None and _is_data_file(input_file) and not (inputs and inputs != ["-"]):
+        from ..data.files import load_sources
+
+        try:
+            texts = load_sources(input_file, source_field=source_field)
+        except ValueError as e:  # DataFileError names the file, the line and the field
+            _fail(str(e))
+    else:
+        texts = _read_inputs(inputs or [], input_file)
     try:  # everything that can be checked without the model, before loading it
         config = DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams, stop_at_newline=stop_at_newline,
                                 no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
@@ -69,7 +87,11 @@ def generate(
         _fail(str(e))
     base, tokenizer = _load_model(model, device)
     try:
-        outputs = ExportDecoder(base, tokenizer, path, kind).generate(texts, config, batch_size, raw=raw)
+        decoder = ExportDecoder(base, tokenizer, path, kind)
+        if texts and not isinstance(texts[0], str):  # chat rows (data/chat.py Conversations)
+            outputs = decoder.generate_chats(texts, config, batch_size)
+        else:
+            outputs = decoder.generate(texts, config, batch_size, raw=raw)
     except ValueError as e:
         _fail(str(e))
     for line in outputs:
@@ -80,8 +102,8 @@ def generate(
 def eval_cmd(
     prefix: Path = typer.Option(..., help=EXPORT_HELP),
     model: str = typer.Option(DEFAULT_MODEL),
-    task: str = typer.Option("e2e"),
-    split: str = typer.Option("test"),
+    task: Optional[str] = typer.Option(None, help="e2e | webnlg | dart | xsum (default e2e; not with --data)"),
+    split: str = typer.Option("test", help="the task's split; with --data, the split of a dataset folder or hub id"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
     subset: Optional[str] = typer.Option(None, help="WebNLG: all | seen | unseen"),
     scheme: Optional[str] = typer.Option(None, help="XSUM: news-sport | within-news | official"),
@@ -95,8 +117,12 @@ def eval_cmd(
     bleu_only: bool = typer.Option(False, "--bleu-only", help="sacreBLEU only (skip the official metric suite)"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = _device_option(),
+    data: Optional[str] = typer.Option(None, help=DATA_FILE_HELP + "; scored with BLEU, chrF and ROUGE-L"),
+    source_field: Optional[str] = typer.Option(None, help=SOURCE_FIELD_HELP),
+    target_field: Optional[str] = typer.Option(None, help=TARGET_FIELD_HELP),
 ):
-    """Decode a split with a prefix, score it, and write OUT_DIR/hypotheses.txt and scores.json."""
+    """Decode a split with a prefix, score it, and write OUT_DIR/hypotheses.txt and scores.json
+    (--data FILE: your own rows, with outputs.jsonl: each hypothesis beside its references)."""
     from rich.console import Console
     from tqdm.auto import tqdm
 
@@ -107,6 +133,20 @@ def eval_cmd(
     from ..metrics import TASK_METRICS, MetricsError
     from ..models import resolve_device
 
+    if data is not None:
+        given = [flag for flag, value in (("--task", task), ("--data-dir", data_dir), ("--subset", subset),
+                                          ("--scheme", scheme)) if value is not None]
+        if given:
+            _fail(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with --data")
+        if bleu_only:
+            _fail("--bleu-only applies to a task's official metric suite; --data scores BLEU, chrF and ROUGE-L")
+        return _eval_data(data, source_field, target_field, split, prefix, model, limit, out_dir, batch_size, device,
+                          DecodingConfig, dict(max_new_tokens=max_new_tokens, num_beams=beams, dtype=dtype,
+                                               no_repeat_ngram_size=no_repeat_ngram_size,
+                                               repetition_penalty=repetition_penalty))
+    if source_field is not None or target_field is not None:
+        _fail("--source-field and --target-field apply to --data FILE, which is missing")
+    task = task or "e2e"
     try:  # data, file and options before the model
         every = load_task(task, split, data_dir, **_task_options(None, subset, scheme))
         records = every[:limit]
@@ -143,10 +183,68 @@ def eval_cmd(
     typer.echo(f"hypotheses and scores of {which} {task} {split} items written to {out}/", err=True)
 
 
+def _eval_data(data, source_field, target_field, split, prefix, model, limit, out_dir, batch_size, device,
+               decoding_config, decoding: dict):
+    """`eval --data FILE`: decode the file's sources (or chat rows), score BLEU, chrF and ROUGE-L against its
+    targets, and write OUT_DIR/hypotheses.txt, scores.json and outputs.jsonl (hypothesis beside references)."""
+    from tqdm.auto import tqdm
+
+    from ..atomic import atomic_write_bytes
+    from ..data import load_records
+    from ..evaluate import write_results
+    from ..exported import ExportDecoder, check_export
+    from ..metrics.generic import score_text
+    from ..models import resolve_device
+
+    try:  # every row, the prefix and the options checked before the model
+        every = load_records(data, source_field=source_field, target_field=target_field, split=split)
+        if limit is not None and limit < 1:
+            raise ValueError("--limit must be >= 1")
+        records = every[:limit]
+        path, kind = check_export(prefix)
+        config = decoding_config(**decoding)
+        resolve_device(device)
+    except (ValueError, FileNotFoundError) as e:  # DataFileError names the file, the line and the field
+        _fail(str(e))
+    base, tokenizer = _load_model(model, device)
+    out = out_dir or path.parent / f"eval-{_data_name(data)}"
+    try:
+        decoder = ExportDecoder(base, tokenizer, path, kind)
+        with tqdm(total=len(records), desc=f"decode {data}") as bar:
+            if "messages" in records[0].meta:
+                from ..data.chat import Conversation
+
+                hypotheses = decoder.generate_chats([Conversation.of(r.meta["messages"]) for r in records], config,
+                                                    batch_size, progress=bar.update)
+            else:
+                hypotheses = decoder.generate([r.source for r in records], config, batch_size, progress=bar.update)
+    except ValueError as e:
+        _fail(str(e))
+    scores = score_text(hypotheses, [r.references for r in records])
+    write_results(out, hypotheses, scores)
+    rows = [{"line": r.meta["line"], "source": r.source, "hypothesis": h, "references": r.references}
+            for r, h in zip(records, hypotheses)]
+    atomic_write_bytes(Path(out) / "outputs.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                                            for row in rows).encode())
+    typer.echo(json.dumps({k: round(v, 4) for k, v in scores.items()}))
+    which = f"the first {len(records)} of {len(every)}" if len(records) < len(every) else f"all {len(records)}"
+    typer.echo(f"hypotheses and scores of {which} rows of {data} written to {out}/", err=True)
+
+
+def _data_name(data: str) -> str:
+    """A folder name for a data file, folder or hub id: its name without the suffix, '/' made '-'."""
+    path = Path(data)
+    return (path.stem if path.suffix else path.name) if path.exists() else data.replace("/", "-")
+
+
 @app.command()
 def score(
-    task: str = typer.Argument(..., help="e2e | webnlg | dart | xsum"),
+    task: Optional[str] = typer.Argument(None, help="e2e | webnlg | dart | xsum (none with --data)"),
     hyp: Path = typer.Option(..., "--hyp", help="hypotheses, one per line"),
+    data: Optional[str] = typer.Option(None, help=DATA_FILE_HELP + "; its targets are the references "
+                                                                   "(BLEU, chrF, ROUGE-L)"),
+    source_field: Optional[str] = typer.Option(None, help=SOURCE_FIELD_HELP),
+    target_field: Optional[str] = typer.Option(None, help=TARGET_FIELD_HELP),
     refs: Optional[Path] = typer.Option(None, "--refs", help="references as plain text (E2E blank-line groups, or "
                                                              "one per line; not JSON) or an E2E .csv; default: the "
                                                              "task's split from the data dir"),
@@ -160,8 +258,18 @@ def score(
     limit: Optional[int] = typer.Option(None, help="the hypotheses are for the split's first N items "
                                                    "(what eval --limit N decoded)"),
 ):
-    """Score a hypothesis file with the official-equal metrics of TASK."""
+    """Score a hypothesis file with the official-equal metrics of TASK, or against --data FILE's targets."""
     from ..metrics.command import score_command
+
+    if data is not None:
+        if task is not None or refs is not None:
+            _fail(f"{'TASK' if task is not None else '--refs'} does not apply with --data (its targets are the references)")
+        from ..metrics.generic import score_data_command
+
+        raise typer.Exit(score_data_command(data, hyp, split=split, source_field=source_field,
+                                            target_field=target_field, as_json=as_json, limit=limit))
+    if task is None:
+        _fail("give a TASK (e2e | webnlg | dart | xsum), or --data FILE to score against your own file")
 
     raise typer.Exit(score_command(task, hyp, refs, split, data_dir, as_json,
                                    loader_options=_task_options(None, subset, scheme), mteval_variant=nist,

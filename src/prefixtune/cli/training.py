@@ -10,7 +10,8 @@ import typer
 
 from ..tracking import REPORT_TO_HELP
 from ..train_config import TrainConfig
-from .app import DATA_HELP, _device_option, _fail, _task_options, app
+from .app import (DATA_FILE_HELP, DATA_HELP, SOURCE_FIELD_HELP, TARGET_FIELD_HELP, _device_option, _fail,
+                  _load_model, _task_options, app)
 
 # Option defaults come from the config itself, so a default changes in one place.
 TRAIN = TrainConfig()
@@ -21,7 +22,7 @@ def train(
     ctx: typer.Context,
     output_dir: Path = typer.Option(Path(TRAIN.output_dir), "--output-dir", "-o", help="checkpoints and the exported prefix"),
     model: str = typer.Option(TRAIN.model, help="embedded name, local dir, .gguf file or hub id"),
-    task: str = typer.Option(TRAIN.task, help="e2e | webnlg | dart | xsum"),
+    task: Optional[str] = typer.Option(None, help=f"e2e | webnlg | dart | xsum (default {TRAIN.task}; not with --data)"),
     data_dir: Optional[str] = typer.Option(None, help=DATA_HELP),
     train_size: Optional[int] = typer.Option(None, help="low-data: train on this many sampled examples"),
     train_from: Optional[str] = typer.Option(None, help="DART here: train on another split, e.g. dev"),
@@ -54,21 +55,43 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in OUTPUT_DIR"),
     device: str = _device_option(),
     report_to: str = typer.Option(TRAIN.report_to, help=REPORT_TO_HELP),
+    data: Optional[str] = typer.Option(None, help=DATA_FILE_HELP),
+    dev_data: Optional[str] = typer.Option(None, help="dev rows for --data (same formats); default: --dev-fraction "
+                                                      "of --data held out by --seed"),
+    dev_fraction: float = typer.Option(TRAIN.dev_fraction, help="the share of --data held out for the dev loss"),
+    source_field: Optional[str] = typer.Option(None, help=SOURCE_FIELD_HELP),
+    target_field: Optional[str] = typer.Option(None, help=TARGET_FIELD_HELP),
+    user_field: Optional[str] = typer.Option(None, help="train one prefix per distinct value of this field of --data, "
+                                                        "in one job, into OUTPUT_DIR/store (see docs/users.md)"),
+    tenant: str = typer.Option("default", help="--user-field: the store tenant owning the users' prefixes"),
 ):
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
-    (other methods: a weights file named for the method, e.g. finetuned-model.safetensors)."""
+    (other methods: a weights file named for the method, e.g. finetuned-model.safetensors).
+    Your own data: --data FILE (JSONL, CSV/TSV, Parquet, a dataset folder or hub id) instead of --task."""
     from ..run_dir import finished_result, resumed_config
     from ..train import train as run_train
 
+    if data is None and (dev_data, source_field, target_field, user_field) != (None,) * 4:
+        _fail("--dev-data, --source-field, --target-field and --user-field apply to --data FILE, which is missing")
+    if data is not None:
+        given = [flag for flag, value in (("--task", task), ("--data-dir", data_dir), ("--train-from", train_from),
+                                          ("--subset", subset), ("--scheme", scheme)) if value is not None]
+        if given:
+            _fail(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with --data (your own data "
+                  f"replaces the task's)")
     options = dict(
-        output_dir=str(output_dir), model=model, task=task, data_dir=data_dir,
+        output_dir=str(output_dir), model=model, task=task or TRAIN.task, data_dir=data_dir,
         task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
         prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
         batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
         save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
-        template=template, adapter_budget=adapter_budget, device=device, report_to=report_to)
+        template=template, adapter_budget=adapter_budget, device=device, report_to=report_to, data=data,
+        dev_data=dev_data, dev_fraction=dev_fraction, source_field=source_field, target_field=target_field,
+        user_field=user_field)
     try:
+        if user_field is not None:  # many users in one job: prefixtune.users keeps (and resumes) its own store
+            raise typer.Exit(_train_users(TrainConfig(**options), tenant, overwrite, resume))
         if resume:  # the run in the directory as saved; only the flags typed here are checked against it
             if overwrite:
                 raise ValueError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: give one")
@@ -102,6 +125,24 @@ def _typed(ctx: typer.Context, options: dict) -> dict:
     given = {k: v for k, v in options.items() if k in typed}
     task_options = {k: v for k, v in options["task_options"].items() if k in typed}
     return {**given, **({"task_options": task_options} if task_options else {})}
+
+
+def _train_users(config: TrainConfig, tenant: str, overwrite: bool, resume: bool) -> int:
+    """--user-field: one prefix per user in one job (prefixtune.users), into OUTPUT_DIR/store for `serve --store`."""
+    from ..users import UsersConfig, check_users, load_user_pairs, train_users
+
+    users = UsersConfig(tenant=tenant)
+    train, dev = load_user_pairs(config)  # every row checked (file, line, field) before the model loads
+    check_users(config, train)            # and every user's prefix name
+    model, tokenizer = _load_model(config.model, config.device)
+    result = train_users(config, model, tokenizer, train, dev, users=users, overwrite=overwrite, resume=resume)
+    typer.echo(result.table())
+    typer.echo(f"serve them: PREFIXTUNE_API_KEYS=KEY:{result.tenant} prefixtune serve --store {result.store} "
+               f"--max-prefixes {max(len(result.users), 64)}", err=True)
+    summary = {k: v for k, v in result.to_json().items() if k != "users"}
+    typer.echo(json.dumps({**summary, "users": len(result.users),
+                           "summary": str(Path(result.output_dir) / "users.csv")}))
+    return 0
 
 
 @app.command()
@@ -154,6 +195,7 @@ def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file,
     training = training_summary(metadata)  # provenance: what it was trained on, how long, how well
     if training:
         meta["training"] = training
+    meta.update(_training_data(metadata))
     meta["shapes"] = shapes if len(shapes) <= 20 else f"{len(shapes)} tensors"
     meta["params"] = sum(math.prod(shape) for shape in shapes.values())
     if (prefix / CURVE_FILE).is_file():  # a training directory: where to look at its losses
@@ -161,3 +203,15 @@ def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file,
     if (prefix / LOG_DIR).is_dir():
         meta["tracker_logs"] = str(prefix / LOG_DIR)
     typer.echo(json.dumps(meta, indent=2))
+
+
+def _training_data(metadata: dict) -> dict:
+    """What the prefix was trained on, from its train_config: {"data": FILE, ...} or {"task": TASK}."""
+    try:
+        config = json.loads(metadata.get("train_config") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    if config.get("data"):
+        keys = ("data", "dev_data", "source_field", "target_field", "user_field")
+        return {k: config[k] for k in keys if config.get(k) is not None}
+    return {"task": config["task"]} if config.get("task") else {}

@@ -1,8 +1,9 @@
-"""Datasets: every loader returns a list of `Record`s for a split."""
+"""Datasets: every loader returns a list of `Record`s for a split (the paper's tasks, or the user's own file)."""
 from __future__ import annotations
 
 from .dart import load_dart
 from .e2e import load_e2e
+from .files import DataFileError, load_records, load_train_dev, split_dev
 from .records import DATA_ENV, Record, check_pairs, resolve_data_dir, sample_pairs, training_pairs
 from .webnlg import load_webnlg
 from .xsum import load_xsum
@@ -17,4 +18,5 @@ def load_task(task: str, split: str, data_dir=None, **options) -> list[Record]:
     return LOADERS[task](split, data_dir=data_dir, **options)
 
 
-__all__ = ["DATA_ENV", "LOADERS", "Record", "check_pairs", "load_task", "resolve_data_dir", "sample_pairs", "training_pairs"]
+__all__ = ["DATA_ENV", "LOADERS", "DataFileError", "Record", "check_pairs", "load_records", "load_task", "load_train_dev",
+           "split_dev", "resolve_data_dir", "sample_pairs", "training_pairs"]

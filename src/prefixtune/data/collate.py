@@ -7,6 +7,7 @@ import torch
 
 from .. import user_text
 from ..templates import fill_template
+from .chat import Conversation, encode_chat
 
 DEFAULT_TEMPLATES = {"decoder": "{source}\n", "encoder-decoder": "{source}"}
 
@@ -36,6 +37,17 @@ def encode_pair(tokenizer, family: str, source: str, target: str, template: str 
         return {"input_ids": src + tgt, "labels": [-100] * len(src) + tgt}
     tgt = tokenizer(target)["input_ids"][:max_target_len]
     return {"input_ids": src, "labels": tgt}
+
+
+def encode_example(tokenizer, family: str, example, template: str | None = None, max_source_len: int = 512,
+                   max_target_len: int = 256) -> dict:
+    """A (source, target) pair, or a chat `Conversation` (through the chat template), as token ids and labels."""
+    if isinstance(example, Conversation):
+        if family != "decoder":
+            raise ValueError("chat rows train decoder-only models (the chat template writes one token stream)")
+        return encode_chat(tokenizer, example, max_source_len + max_target_len)
+    source, target = example
+    return encode_pair(tokenizer, family, source, target, template, max_source_len, max_target_len)
 
 
 class Collator:

@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat import Conversation
+
 DATA_ENV = "PREFIXTUNE_DATA"
 
 
@@ -63,9 +65,18 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, task: str) -> Path:
     )
 
 
-def training_pairs(records: list[Record]) -> list[tuple[str, str]]:
-    """One (source, target) pair per reference: how the paper trains on multi-reference data."""
-    return [(r.source, ref) for r in records for ref in r.references]
+def training_pairs(records: list[Record]) -> list:
+    """One (source, target) pair per reference: how the paper trains on multi-reference data.
+
+    A chat record (`meta["messages"]`) is one `Conversation` instead: it trains on all its assistant turns.
+    """
+    pairs: list = []
+    for r in records:
+        if "messages" in r.meta:
+            pairs.append(Conversation.of(r.meta["messages"]))
+        else:
+            pairs += [(r.source, ref) for ref in r.references]
+    return pairs
 
 
 def check_pairs(items, name: str = "train_pairs") -> list[tuple[str, str]]:

@@ -11,7 +11,10 @@ from dataclasses import asdict, dataclass, field
 
 # TrainConfig fields added after reports were committed: at these values they are left out of a cell's id,
 # so every id computed before they existed stays the same.
-ID_NEUTRAL_DEFAULTS = {"early_stop_patience": 0}
+ID_NEUTRAL_DEFAULTS = {"early_stop_patience": 0,
+                       # the user's own data (issue 22): studies train on their task
+                       "data": None, "dev_data": None, "dev_fraction": 0.1, "source_field": None, "target_field": None,
+                       "user_field": None}
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def training_command(config: dict, data_dir: str | None = None) -> str | None:
     if not config or "method" not in config:
         return None
     parts = ["prefixtune train", f"-o {config.get('output_dir', defaults['output_dir'])}"]
-    for key in ("model", "task"):
+    for key in ("model",) if config.get("data") else ("model", "task"):  # --data replaces --task
         parts.append(f"--{key} {_quote(str(config.get(key, defaults[key])))}")
     if data_dir:
         parts.append(f"--data-dir {_quote(str(data_dir))}")
@@ -89,12 +89,15 @@ def training_data(config: dict) -> dict:
     """What the run trained on, for the card: `hub` (the public dataset, claimed only for data read from the
     default location), `text` (a sentence), `data_dir` (the --data-dir that reproduces the run), `own` (the
     API's own pairs: no command reproduces them)."""
-    from ..run_dir import describe_data
+    from ..run_dir import describe_data, provenance_of
 
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    data = provenance_of(config)
     task = config.get("task")
+    if data.get("source") == "file" or isinstance(config.get("data"), str):  # `--data FILE`: --data reproduces it
+        return {"hub": None, "data_dir": None, "own": False, "file": True,
+                "text": f"Trained on {describe_data(config)}: the user's own data, not included here."}
     if data.get("source") == "train_pairs":
-        return {"hub": None, "data_dir": None, "own": True,
+        return {"hub": None, "data_dir": None, "own": True, "file": False,
                 "text": f"Trained on the user's own data: {describe_data(config)}. It is not a public dataset and "
                         f"is not included here."}
     given_by = data.get("data_dir_from") or ("--data-dir" if config.get("data_dir") else None)
@@ -105,7 +108,7 @@ def training_data(config: dict) -> dict:
     if local:
         text += (f" These are local files in the layout of the {task} loader; they may not be the public "
                  f"{DATASETS.get(task, task)}.")
-    return {"hub": hub, "data_dir": data_dir, "own": False, "text": text}
+    return {"hub": hub, "data_dir": data_dir, "own": False, "file": False, "text": text}
 
 
 def _eval_results(config: dict, scores: list[dict], dataset: dict):
@@ -117,8 +120,9 @@ def _eval_results(config: dict, scores: list[dict], dataset: dict):
                           metric_value=round(float(value), 4), metric_name=metric_name)
 
     results = []
-    if config.get("best_dev_loss") is not None and config.get("task"):
-        name = "own data" if dataset["own"] else config["task"]
+    trained_on = config.get("data") if isinstance(config.get("data"), str) else config.get("task")
+    if config.get("best_dev_loss") is not None and trained_on:  # --data: the user's own file, not a task
+        name = "own data" if dataset["own"] else trained_on
         results.append(result(name, "validation", "loss", config["best_dev_loss"], "dev loss",
                               dataset["hub"] or name))
     for s in scores:
@@ -138,7 +142,7 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
     config = train_config_of(exported)
     base = hub_id(exported.metadata.get("base_model", "")) or "unknown"
     dataset = training_data(config)
-    task = None if dataset["own"] else config.get("task")
+    task = None if dataset["own"] or dataset["file"] else config.get("task")  # own rows: no task of the paper
     base_params = base_params or config.get("base_params")
     results = _eval_results(config, scores or [], dataset)
     tags = ["prefixtune", "prefix-tuning", "text-generation"] + (["peft"] if fmt == "peft" else []) + (
@@ -156,6 +160,7 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
              f"| prefix length | {exported.prefix_len} virtual tokens |",
              f"| parameters | {params:,}{share} |",
              f"| attention groups | {', '.join(f'{g} {tuple(t.shape)}' for g, t in exported.p.items())} |",
+             *([f"| training data | `{config['data']}` (`prefixtune train --data`) |"] if config.get("data") else []),
              f"| layout | {exported.metadata.get('layout', '')} |",
              f"| base model fingerprint | `{exported.metadata.get('fingerprint', '')}` |",
              f"| files | {FILES[fmt]} |"]

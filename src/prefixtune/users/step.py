@@ -1,0 +1,108 @@
+"""One joint step: many users' rows in as few forward passes as memory allows, each row attending to its
+own user's prefix, and each user's loss normalised by their own target tokens.
+
+Rows are padded to their own length rounded up to `pad_to`, and one forward holds rows of one padded
+length. Why: on CPU (measured here with SmolLM2, fp32 and bf16) a row's forward does not depend on its
+batch companions or on how far it is padded, but its backward is bit-identical only at the same padded
+length: the kernels block their sums over the sequence by its length. A row's padded length that depends
+on the row alone makes every user's gradients independent of the other users in the job, to the bit
+(tests/test_users.py changes one user's data and compares every other user's prefix byte for byte).
+For the same reason a user's rows of one length are never split across two forwards, and their
+gradients are summed over the forwards in a fixed order (ascending length).
+
+Each user's P is computed once per step and its gradient gathered in float32 over the forwards
+(`gradient_leaves`); it then goes back through the user's MLP (if any) once, as in a step of `train.train`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..forward import grouped_prefix_kv, target_logits
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_key(example: dict, family: str, pad_to: int) -> tuple[int, ...]:
+    """The padded lengths of a row: (input,) for decoder-only models, (input, decoder input) otherwise."""
+    if family == "decoder":
+        return (_round_up(len(example["input_ids"]), pad_to),)
+    return (_round_up(len(example["input_ids"]), pad_to), _round_up(len(example["labels"]), pad_to))
+
+
+def target_count(example: dict, family: str) -> int:
+    """Target tokens of a row, as `forward.target_logits` selects them."""
+    labels = example["labels"][1:] if family == "decoder" else example["labels"]
+    return sum(1 for t in labels if t != -100)
+
+
+def plan(batches: dict[int, list[dict]], family: str, pad_to: int, max_tokens: int) -> list[tuple[tuple, list]]:
+    """Forward passes for one step: [(padded key, [(user, rows), ...])], ascending by length.
+
+    A user's rows of one padded length stay together; a pass holds at most `max_tokens` padded tokens
+    unless one user's rows alone need more."""
+    buckets: dict[tuple, list] = {}
+    for user, batch in batches.items():
+        by_key: dict[tuple, list] = {}
+        for example in batch:
+            by_key.setdefault(padded_key(example, family, pad_to), []).append(example)
+        for key, rows in by_key.items():
+            buckets.setdefault(key, []).append((user, rows))
+    passes = []
+    for key in sorted(buckets):
+        per_row, current, tokens = sum(key), [], 0
+        for user, rows in buckets[key]:
+            if current and tokens + per_row * len(rows) > max_tokens:
+                passes.append((key, current))
+                current, tokens = [], 0
+            current.append((user, rows))
+            tokens += per_row * len(rows)
+        passes.append((key, current))
+    return passes
+
+
+def collate_padded(collate, rows: list[dict], key: tuple, family: str, device) -> dict:
+    """`Collator` output padded on the right to the pass's lengths."""
+    batch = collate(rows)
+    source, target = key[0], key[-1]
+    widths = {"input_ids": source, "attention_mask": source, "labels": source if family == "decoder" else target,
+              "decoder_input_ids": target, "decoder_attention_mask": target}
+    fill = {"input_ids": collate.pad_id, "attention_mask": 0, "labels": -100,
+            "decoder_input_ids": collate.pad_id, "decoder_attention_mask": 0}
+    return {k: F.pad(v, (0, widths[k] - v.shape[1]), value=fill[k]).to(device) for k, v in batch.items()}
+
+
+def gradient_leaves(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where a user's gradient is gathered over the passes: P itself when it is a float32 parameter (prefix-flat
+    without dropout: no copy), else a float32 copy of P whose gradient then goes back through the MLP once."""
+    return {g: t if t.is_leaf and t.requires_grad and t.dtype == torch.float32 else t.detach().float().requires_grad_()
+            for g, t in p.items()}
+
+
+def run_passes(model, spec, passes, prefixes: dict, collate, device, bf16: bool, normalisers: dict | None = None):
+    """Run the passes; returns {user: (sum of target-token losses, target tokens)}.
+
+    With `normalisers` (user -> target tokens of their batch) each pass backpropagates
+    sum over users of (their token losses / their normaliser): a user's gradient is the mean over their
+    own tokens, whatever else is in the pass. Without, nothing is backpropagated (dev loss)."""
+    sums: dict = {}
+    for key, groups in passes:
+        rows = [example for _, group in groups for example in group]
+        batch = collate_padded(collate, rows, key, spec.family, device)
+        counts = [sum(target_count(e, spec.family) for e in group) for _, group in groups]
+        grad = contextlib.nullcontext() if normalisers else torch.no_grad()
+        with grad, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            prefix_kv = grouped_prefix_kv([(prefixes[user], len(group)) for user, group in groups], spec)
+            logits, targets, _ = target_logits(model, spec, batch, prefix_kv)
+            token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        parts = token_losses.split(counts)  # rows are grouped by user, tokens are row-major
+        if normalisers:
+            sum(part.sum() / normalisers[user] for (user, _), part in zip(groups, parts)).backward()
+        for (user, _), part, count in zip(groups, parts, counts):
+            total, n = sums.get(user, (0.0, 0))
+            sums[user] = (total + part.detach().double().sum().item(), n + count)
+    return sums

@@ -1,0 +1,335 @@
+"""Many users in one job (prefixtune.users): isolation to the bit, equivalence with a lone `train` run,
+gradients that reach only their own user, a frozen base model, 1,000 users, and a store the server starts on."""
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model
+from prefixtune.train import train
+from prefixtune.train_config import TrainConfig
+from prefixtune.users import UsersConfig, store_dir, train_users
+from prefixtune.users.names import prefix_name, prefix_names
+
+WORDS = "name area food price pub cheap Thai riverside centre coffee shop family friendly yes no the a is".split()
+
+
+def user_data(users: int, examples: int, seed: int = 0, dev: int = 2):
+    """Each user's own (source, target) pairs: random words of random lengths, so rows pad differently."""
+    rng = random.Random(seed)
+    phrase = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+    train_pairs, dev_pairs = {}, {}
+    for u in range(users):
+        pairs = [(f"user {u} : " + phrase(2, 12), phrase(1, 10)) for _ in range(examples + dev)]
+        train_pairs[f"user{u}"], dev_pairs[f"user{u}"] = pairs[:examples], pairs[examples:]
+    return train_pairs, dev_pairs
+
+
+def config(tmp_path, name, **overrides):
+    options = dict(output_dir=str(tmp_path / name), method="prefix", mlp_dim=16, batch_size=3, max_steps=6,
+                   eval_every=2, early_stop_patience=1, lr=5e-3)
+    return TrainConfig(**{**options, **overrides})
+
+
+def exported(result, user) -> dict:
+    return load_file(store_dir(result.output_dir, result.tenant) / f"{prefix_name(user)}.safetensors")
+
+
+def same_bytes(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.mark.parametrize("method, precision", [("prefix", "auto"), ("prefix-flat", "fp32")])
+def test_changing_one_users_data_leaves_every_other_users_prefix_bit_identical(llama, tokenizer, tmp_path,
+                                                                               method, precision):
+    train_pairs, dev_pairs = user_data(6, 7)
+    first = train_users(config(tmp_path, "a", method=method, precision=precision), llama, tokenizer,
+                        train_pairs, dev_pairs, progress=False)
+    changed = dict(train_pairs)  # user2: other texts, other lengths, another number of examples and steps
+    changed["user2"] = [(s + " and much more text here", t.upper() + " longer") for s, t in train_pairs["user2"]][:4]
+    # ... and other rounds: 2 users resident at a time instead of all 6, so every batch mixes other users
+    second = train_users(config(tmp_path, "b", method=method, precision=precision), llama, tokenizer,
+                         changed, dev_pairs, users=UsersConfig(resident_users=2), progress=False)
+    assert not same_bytes(exported(first, "user2"), exported(second, "user2"))
+    for user in train_pairs:
+        if user != "user2":
+            assert same_bytes(exported(first, user), exported(second, user)), user
+    rows = {r["user"]: r for r in first.users}
+    assert {r["user"]: r for r in second.users}["user0"] == rows["user0"]
+    # and alone: a job of one user gives that user's prefix to the bit
+    alone = train_users(config(tmp_path, "c", method=method, precision=precision), llama, tokenizer,
+                        {"user4": train_pairs["user4"]}, dev_pairs, progress=False)
+    assert same_bytes(exported(first, "user4"), exported(alone, "user4"))
+
+
+# A user trained in the joint job against `train.train` on that user's data alone, same seed and batches, in
+# fp32. The one difference is the padding: train pads a batch to its longest row, the joint job pads each row to
+# a multiple of 16, which changes the order of some sums in the backward pass (measured: 1e-7 relative on
+# a gradient). Measured here: 1.0-1.4e-7 of the largest |P| after these steps, fp32; 1e-5 bounds it. (In bf16 the
+# two differ by bf16 rounding instead: 9e-4.)
+EQUIVALENCE_TOL = 1e-5
+
+
+@pytest.mark.parametrize("method, dropout", [("prefix", 0.0), ("prefix-flat", 0.0), ("prefix", 0.3)])
+def test_a_user_trained_jointly_equals_that_user_trained_alone_by_train(llama, tokenizer, tmp_path, method, dropout):
+    train_pairs, dev_pairs = user_data(4, 8, seed=1)
+    options = dict(method=method, precision="fp32", prefix_dropout=dropout, weight_decay=0.01, warmup_steps=2,
+                   early_stop_patience=0)
+    joint = train_users(config(tmp_path, "joint", **options), llama, tokenizer, train_pairs, dev_pairs,
+                        progress=False)
+    rows = {r["user"]: r for r in joint.users}
+    for user in ("user1", "user3"):
+        alone = train(config(tmp_path, f"alone-{user}", **options), llama, tokenizer, train_pairs[user],
+                      dev_pairs[user], progress=False)
+        ours, theirs = exported(joint, user), load_file(alone.prefix_file)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert (ours[key] - theirs[key]).abs().max() <= EQUIVALENCE_TOL * theirs[key].abs().max(), (user, key)
+        assert rows[user]["steps"] == alone.steps and rows[user]["best_step"] == alone.best_step
+        assert rows[user]["best_dev_loss"] == pytest.approx(alone.best_dev_loss, rel=1e-5)
+    # the prefixes moved: the tolerance is far below what training changed
+    other = exported(joint, "user1")["prefix.decoder"] - exported(joint, "user3")["prefix.decoder"]
+    assert other.abs().max() > 100 * EQUIVALENCE_TOL * exported(joint, "user1")["prefix.decoder"].abs().max()
+
+
+def test_a_users_gradients_come_from_their_own_rows_only(llama, tokenizer):
+    """A backward pass over a batch of three users' rows: each user's gradient is the one their rows alone
+    give, a user without rows gets none, and another user's rows changing changes nothing."""
+    from prefixtune.data.collate import Collator, encode_pair
+    from prefixtune.models import model_spec
+    from prefixtune.users.step import plan, run_passes, target_count
+
+    spec = model_spec(llama)
+    train_pairs, _ = user_data(3, 4, seed=2)
+    encoded = {u: [encode_pair(tokenizer, "decoder", s, t) for s, t in train_pairs[f"user{u}"]] for u in range(3)}
+    collate = Collator(tokenizer.pad_token_id, "decoder")
+    torch.manual_seed(0)
+    base = {u: {"decoder": torch.randn(10, 64)} for u in range(4)}
+
+    def grads(batches):
+        leaves = {u: {"decoder": p["decoder"].clone().requires_grad_()} for u, p in base.items()}
+        norms = {u: sum(target_count(e, "decoder") for e in rows) for u, rows in batches.items()}
+        run_passes(llama, spec, plan(batches, "decoder", 16, 4096), leaves, collate, torch.device("cpu"), False, norms)
+        return {u: leaf["decoder"].grad for u, leaf in leaves.items()}
+
+    mixed = grads(encoded)
+    assert mixed[3] is None                               # user 3 has no rows: no gradient at all
+    assert all(mixed[u].abs().sum() > 0 for u in range(3))
+    for u in range(3):
+        assert torch.equal(mixed[u], grads({u: encoded[u]})[u])
+    other = dict(encoded)
+    other[1] = [encode_pair(tokenizer, "decoder", s + " changed", "another target") for s, _ in train_pairs["user1"]]
+    changed = grads(other)
+    assert torch.equal(changed[0], mixed[0]) and torch.equal(changed[2], mixed[2])
+    assert not torch.equal(changed[1], mixed[1])
+
+
+def test_the_frozen_model_never_changes(llama, tokenizer, tmp_path):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    train_pairs, dev_pairs = user_data(3, 4)
+    train_users(config(tmp_path, "frozen", weight_decay=0.1), llama, tokenizer, train_pairs, dev_pairs,
+                progress=False)
+    after = llama.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad or p.grad is not None for p in llama.parameters())
+
+
+def test_a_thousand_users_in_one_job(llama, tokenizer, tmp_path):
+    from prefixtune.bank import PrefixBank
+    from prefixtune.serve import PrefixStore, ServeSettings
+
+    train_pairs, dev_pairs = user_data(1000, 3, dev=1)
+    result = train_users(config(tmp_path, "many", method="prefix-flat", max_steps=2, eval_every=0), llama,
+                         tokenizer, train_pairs, dev_pairs, progress=False)
+    assert len(result.users) == 1000 and result.resident_users == 1000
+    assert all(r["steps"] == 2 and r["best_step"] == 2 and r["best_dev_loss"] > 0 for r in result.users)
+    # memory per user, measured: P (10 x 64 floats), AdamW's two moments and step, the best state
+    assert result.state_bytes_per_user == 4 * 640 * 4 + 4
+    store = PrefixStore(PrefixBank(llama, tokenizer), ServeSettings(store_dir=result.store), [result.tenant])
+    assert store.count() == 1000 and store.get(result.tenant, "user999").prefix_len == 10
+    summary = json.loads((tmp_path / "many" / "users.json").read_text())
+    assert len(summary["users"]) == 1000
+    csv_lines = (tmp_path / "many" / "users.csv").read_text().splitlines()
+    assert len(csv_lines) == 1001 and csv_lines[0].startswith("user,prefix,examples,dev_examples,steps,best_step")
+
+
+def test_user_names_become_prefix_names_or_are_refused():
+    assert prefix_name("alice") == "alice" and prefix_name(7) == "7"
+    assert prefix_name("alice@example.com") == "alice-example.com"
+    assert prefix_name("Jörg Müller") == "J-rg-M-ller"
+    with pytest.raises(ValueError, match="'a b' and 'a-b' would both be named 'a-b'"):
+        prefix_names(["a b", "a-b"])
+    with pytest.raises(ValueError, match="no usable prefix name"):
+        prefix_names(["ok", "@@@"])
+    with pytest.raises(ValueError, match="base model's name"):
+        prefix_names(["smollm2-135m"], reserved=("smollm2-135m",))
+
+
+def test_bad_jobs_are_refused_before_the_model_loads(tmp_path):
+    bad = TrainConfig(output_dir=str(tmp_path / "x"), model="no-such-model", method="prefix")
+    with pytest.raises(ValueError, match="would both be named"):
+        train_users(bad, train={"a b": [("x", "y")], "a_b": [("x", "y")], "a-b": [("x", "y")]})
+    with pytest.raises(ValueError, match="user 'b' has no training examples"):
+        train_users(bad, train={"a": [("x", "y")], "b": []})
+    with pytest.raises(ValueError, match="--method must be one of prefix, prefix-flat"):
+        train_users(TrainConfig(output_dir=str(tmp_path / "x"), method="adapter"), train={"a": [("x", "y")]})
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_killed_job_resumes_with_the_users_it_had_not_written(llama, tokenizer, tmp_path):
+    train_pairs, dev_pairs = user_data(4, 5)
+    cfg = config(tmp_path, "run")
+    whole = train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    prefixes = store_dir(cfg.output_dir, "default")
+    before = {u: exported(whole, u) for u in train_pairs}
+    for user in ("user1", "user3"):  # a job killed while these two were training: their files were never written
+        (prefixes / f"{user}.safetensors").unlink()
+    (tmp_path / "run" / "users.json").unlink()
+    kept = (prefixes / "user0.safetensors").stat().st_mtime_ns
+    changed = {**train_pairs, "user2": train_pairs["user2"][:3]}  # and user2's rows changed meanwhile
+    resumed = train_users(cfg, llama, tokenizer, changed, dev_pairs, progress=False, resume=True)
+    assert (prefixes / "user0.safetensors").stat().st_mtime_ns == kept          # kept, not trained again
+    assert all(same_bytes(before[u], exported(resumed, u)) for u in ("user0", "user1", "user3"))
+    assert not same_bytes(before["user2"], exported(resumed, "user2"))          # trained again on its new rows
+    rows = {r["user"]: r for r in resumed.users}
+    assert rows["user0"] == {r["user"]: r for r in whole.users}["user0"] and rows["user2"]["examples"] == 3
+    assert len(json.loads((tmp_path / "run" / "users.json").read_text())["users"]) == 4
+
+
+def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
+    train_pairs, dev_pairs = user_data(2, 3)
+    cfg = config(tmp_path, "run", max_steps=1)
+    train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    with pytest.raises(FileExistsError, match="holds a many-users run"):
+        train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    result = train_users(cfg, llama, tokenizer, {"user0": train_pairs["user0"]}, dev_pairs, progress=False,
+                         overwrite=True)
+    assert [p.name for p in store_dir(result.output_dir, "default").iterdir()] == ["user0.safetensors"]
+
+
+def test_each_users_dev_rows_are_held_out_of_their_own_rows():
+    from prefixtune.data.records import Record
+    from prefixtune.users.data import group_by_user, user_examples
+
+    def records(counts):
+        return [Record(f"{u} row {i}", [f"t{i}"], {"user": u}) for u, n in counts.items() for i in range(n)]
+
+    cfg = SimpleNamespace(dev_fraction=0.2, seed=3, train_size=None, dev_size=100)  # the TrainConfig fields it reads
+    train_a, dev_a = user_examples(group_by_user(records({"ann": 10, "bo": 20})), None, cfg)
+    train_b, dev_b = user_examples(group_by_user(records({"ann": 10, "bo": 35, "cy": 1})), None, cfg)
+    assert len(dev_a["ann"]) == 2 and len(train_a["ann"]) == 8 and len(dev_a["bo"]) == 4
+    assert dev_a["ann"] == dev_b["ann"] and train_a["ann"] == train_b["ann"]  # bo's rows change nothing for ann
+    assert dev_b["cy"] == [] and len(train_b["cy"]) == 1                       # a user keeps a training row
+    assert not set(dev_a["bo"]) & set(train_a["bo"])
+
+
+def test_the_server_starts_on_the_store_and_serves_every_user_their_own_prefix(tmp_path):
+    """`prefixtune serve --store OUT/store` as it is: each user's name is a model, decoded with their own prefix."""
+    import httpx
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefixtune.bank import PrefixBank
+    from prefixtune.generation import DecodingConfig
+    from prefixtune.models import freeze, load_base_model
+    from prefixtune.serve import BackgroundServer, KeyRing, ServeSettings, create_app
+
+    _, tokenizer = load_base_model("smollm2-135m")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         hidden_size=32, intermediate_size=64, vocab_size=len(tokenizer),
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.config._name_or_path = "tiny-llama"
+    freeze(model)
+    train_pairs, dev_pairs = user_data(3, 4)
+    train_pairs["bob@example.com"] = train_pairs.pop("user1")
+    result = train_users(config(tmp_path, "served", method="prefix-flat", max_steps=3, lr=0.5), model, tokenizer,
+                         train_pairs, dev_pairs, users=UsersConfig(tenant="acme"), progress=False)
+    settings = ServeSettings(store_dir=result.store, batch_window_ms=5, dtype="fp32")
+    server = BackgroundServer(create_app(model, tokenizer, settings, KeyRing([("sk-acme-0123456789", "acme")]))).start()
+    try:
+        headers = {"Authorization": "Bearer sk-acme-0123456789"}
+        listed = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=60).json()["data"]
+        assert sorted(m["id"] for m in listed[1:]) == ["bob-example.com", "user0", "user2"]
+        bank, texts = PrefixBank(model, tokenizer), set()
+        for name in ("user0", "bob-example.com", "user2"):
+            answer = httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=60, json={
+                "model": name, "prompt": "user 0 : name area", "max_tokens": 8, "stop": []}).json()
+            bank.add(name, store_dir(result.output_dir, "acme") / f"{name}.safetensors")
+            ids = bank.generate_ids([bank.encode("user 0 : name area", name)], [name],
+                                    DecodingConfig(max_new_tokens=8, stop_at_newline=False))[0]
+            assert answer["choices"][0]["text"] == tokenizer.decode(ids, skip_special_tokens=True), name
+            texts.add(answer["choices"][0]["text"])
+        assert len(texts) == 3  # three users, three prefixes, three different answers
+    finally:
+        server.stop()
+
+
+def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, ["train", *map(str, args)])
+
+    rows = [{"user": u, "input": f"name : Place {i} | food : Thai", "output": f"Place {i} by {u}."}
+            for i in range(12) for u in ("ann", "bo b")]
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # refused before the model loads (the model path does not exist), one error line, nothing written
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text("".join(json.dumps({**r, "user": r["user"].replace("ann", "bo-b")}) + "\n" for r in rows))
+    for path, message in ((clash, "users 'bo-b' and 'bo b' would both be named 'bo-b'"),
+                          (data, "field 'who' (--user-field)")):
+        result = invoke("-o", tmp_path / "bad", "--model", "/no/such/model", "--data", path,
+                        "--user-field", "who" if "who" in message else "user")
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        assert not (tmp_path / "bad").exists()
+    result = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user",
+                    "--tenant", "acme", "--max-steps", "2", "--method", "prefix-flat")
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["users"] == 2 and summary["tenant"] == "acme" and summary["store"] == str(tmp_path / "run" / "store")
+    assert "bo b  " in result.stdout and "prefix serve" not in result.stdout  # the table; the hint goes to stderr
+    names = sorted(p.name for p in store_dir(tmp_path / "run", "acme").iterdir())
+    assert names == ["ann.safetensors", "bo-b.safetensors"]
+    csv_rows = (tmp_path / "run" / "users.csv").read_text().splitlines()
+    assert csv_rows[1].startswith("ann,ann,11,1,2,2,")  # 12 rows, one held out for the dev loss, 2 steps
+    again = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user")
+    assert again.exit_code == 2 and "holds a many-users run" in again.stderr
+    refused = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user",
+                     "--tenant", "a/b")
+    assert refused.exit_code == 2 and "tenant 'a/b' is not a valid tenant name" in refused.stderr, refused.stderr
+    (store_dir(tmp_path / "run", "acme") / "bo-b.safetensors").unlink()  # as if killed before bo b was written
+    resumed = invoke("-o", tmp_path / "run", "--model", tiny_dir, "--data", data, "--user-field", "user",
+                     "--tenant", "acme", "--max-steps", "2", "--method", "prefix-flat", "--resume")
+    assert resumed.exit_code == 0 and json.loads(resumed.stdout.strip().splitlines()[-1])["users"] == 2
+    assert (tmp_path / "run" / "users.csv").read_text().splitlines() == csv_rows
+
+
+def test_every_model_family_trains_users_apart_and_as_alone(family, tokenizer, tmp_path):
+    """Encoder-decoder models too (three prefix groups, rows padded on both sides): isolation to the bit
+    and equivalence with `train` within the tolerance above."""
+    model = tiny_model(family)
+    train_pairs, dev_pairs = user_data(3, 6, seed=1)
+    options = dict(method="prefix", precision="fp32", early_stop_patience=0)
+    joint = train_users(config(tmp_path, "joint", **options), model, tokenizer, train_pairs, dev_pairs, progress=False)
+    alone = train(config(tmp_path, "alone", **options), model, tokenizer, train_pairs["user1"], dev_pairs["user1"],
+                  progress=False)
+    ours, theirs = exported(joint, "user1"), load_file(alone.prefix_file)
+    assert ours.keys() == theirs.keys()
+    assert all((ours[k] - theirs[k]).abs().max() <= EQUIVALENCE_TOL * theirs[k].abs().max() for k in ours)
+    changed = {**train_pairs, "user0": [(s, t + " and more") for s, t in train_pairs["user0"][:3]]}
+    again = train_users(config(tmp_path, "again", **options), model, tokenizer, changed, dev_pairs,
+                        users=UsersConfig(resident_users=1), progress=False)
+    assert all(same_bytes(exported(joint, u), exported(again, u)) for u in ("user1", "user2"))
