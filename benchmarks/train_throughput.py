@@ -13,7 +13,10 @@ over the target tokens of the same dev pairs). Achieved FLOP/s counts the matmul
 contestant executed (padding included; the backward pass of a frozen model computes input
 gradients only, about one forward) and is divided by a matmul peak measured in this run.
 
-    python benchmarks/train_throughput.py [--steps 30] [--rounds 2] [--json]
+`--methods finetune,adapter` also times prefixtune's trainer on those methods (their own default rates;
+their dev loss is the trainer's own, under bf16), since the studies compare methods on equal budgets.
+
+    python benchmarks/train_throughput.py [--steps 30] [--rounds 2] [--methods finetune,adapter] [--json]
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ def dev_loss_of(forward_loss, examples, collate, batch_size=16) -> float:
     return total / count
 
 
-def worker_ours(args, model, tokenizer, train_pairs, dev_pairs):
+def worker_ours(args, model, tokenizer, train_pairs, dev_pairs, method="prefix"):
     from prefixtune.data.collate import Collator, encode_pair
     from prefixtune.prefix_file import load_prefix
     from prefixtune.forward import lm_loss, prefix_kv_from_groups
@@ -72,12 +75,18 @@ def worker_ours(args, model, tokenizer, train_pairs, dev_pairs):
     from prefixtune.train import TrainConfig, train, use_bf16
 
     spec = model_spec(model)
-    out = Path(args.work_dir) / "ours"
-    config = TrainConfig(output_dir=str(out), train_size=None, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+    out = Path(args.work_dir) / ("ours" if method == "prefix" else method)
+    config = TrainConfig(output_dir=str(out), train_size=None, seed=args.seed, batch_size=args.batch_size,
+                         lr=args.lr if method == "prefix" else None, method=method, export=method == "prefix",
                          max_steps=args.steps, eval_every=0, save_every=0, prefix_len=10, mlp_dim=512,
                          init="random", precision=args.precision)
     result = train(config, model, tokenizer, train_pairs, dev_pairs, progress=False, overwrite=True)  # scratch dir
     bf16 = use_bf16(args.precision, torch.device("cpu"))
+    if method != "prefix":  # other methods: the trainer's own dev loss (bf16 like its training)
+        return {"tokens_per_s": result.tokens_per_s, "target_tokens_per_s": result.target_tokens_per_s,
+                "dev_loss": result.final_dev_loss, "executed_tokens": result.padded_tokens,
+                "head_tokens": result.target_tokens_per_s * result.train_seconds, "bf16": bf16,
+                "train_seconds": result.train_seconds}
     p = load_prefix(result.prefix_file, spec).p
     dev_examples = [encode_pair(tokenizer, "decoder", s, t) for s, t in dev_pairs]
     collate = Collator(tokenizer.pad_token_id, "decoder")
@@ -143,6 +152,9 @@ def worker_peft(args, model, tokenizer, train_pairs, dev_pairs, autocast: bool):
             "executed_tokens": executed, "head_tokens": executed, "bf16": autocast, "train_seconds": seconds}
 
 
+OTHER_METHODS = ("finetune", "adapter")  # prefixtune's trainer on the other methods the studies compare
+
+
 def run_worker(args):
     torch.manual_seed(args.seed)
     from prefixtune.models import load_base_model
@@ -151,6 +163,8 @@ def run_worker(args):
     train_pairs, dev_pairs = load_data(args.data_dir, args.train_size, args.dev_size, args.seed)
     if args.worker == "ours":
         out = worker_ours(args, model, tokenizer, train_pairs, dev_pairs)
+    elif args.worker in OTHER_METHODS:
+        out = worker_ours(args, model, tokenizer, train_pairs, dev_pairs, method=args.worker)
     else:
         out = worker_peft(args, model, tokenizer, train_pairs, dev_pairs, autocast=args.worker == "peft-bf16")
     out["body_params"] = body_params(model)
@@ -171,6 +185,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--work-dir", default="/tmp/prefixtune-bench")
+    parser.add_argument("--methods", default="",
+                        help="also time prefixtune's trainer on these methods (comma-separated: finetune,adapter)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -178,13 +194,17 @@ def main():
     if args.worker:
         return run_worker(args)
 
+    others = [m for m in args.methods.split(",") if m]
+    if any(m not in OTHER_METHODS for m in others):
+        sys.exit(f"error: --methods takes {', '.join(OTHER_METHODS)}; got {args.methods!r}")
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    contestants = ["ours", "peft", "peft-bf16"]
+    contestants = ["ours", "peft", "peft-bf16", *others]
     runs = {c: [] for c in contestants}
     for round_ in range(args.rounds):
         for c in contestants:
             cmd = [sys.executable, __file__, "--worker", c] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "json") and v is not None]
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k not in ("worker", "json", "methods") and v is not None]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -200,7 +220,8 @@ def main():
     for c in contestants:
         r0 = runs[c][0]
         tps = mean(c, "tokens_per_s")
-        flops = [2 * (2 * r["body_params"] * r["executed_tokens"] + 2 * r["hidden"] * r["vocab"] * r["head_tokens"])
+        passes = 3 if c == "finetune" else 2  # fine-tuning's backward also computes weight gradients
+        flops = [passes * (2 * r["body_params"] * r["executed_tokens"] + 2 * r["hidden"] * r["vocab"] * r["head_tokens"])
                  / r["train_seconds"] for r in runs[c]]
         peak = peaks["bf16" if r0["bf16"] else "fp32"]
         summary[c] = {"tokens_per_s": tps, "target_tokens_per_s": mean(c, "target_tokens_per_s"),
@@ -229,6 +250,8 @@ def main():
         "fraction_of_matmul_peak_peft": summary["peft"]["fraction_of_peak"],
         "matmul_peak_gflops_fp32": peaks["fp32"] / 1e9,
         "matmul_peak_gflops_bf16": peaks["bf16"] / 1e9,
+        **{f"tokens_per_s_{m}": summary[m]["tokens_per_s"] for m in others},
+        **{f"dev_loss_{m}": summary[m]["dev_loss"] for m in others},
         "steps": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
     }
