@@ -51,6 +51,7 @@ class TrainResult:
     epochs_run: float = 0.0              # optimiser steps / steps per epoch
     # the trained method, to decode with; not in result.json
     method: object = field(default=None, repr=False, compare=False, metadata={"json": False})
+    train_cpu_seconds: float = 0.0       # optimiser steps in this process's CPU time
 
     def to_json(self) -> dict:
         # field by field, not asdict: asdict would deep-copy the method and its model
@@ -220,6 +221,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
                desc=f"train {config.method}", dynamic_ncols=True)
     tokens = target_tokens = padded_tokens = 0
     train_time = 0.0  # optimiser steps only: dev evaluation and checkpoints are not throughput
+    train_cpu_time = 0.0  # the same steps in this process's CPU time (fair on a shared machine)
     stopped_early = early_stop_due(history, best["step"], config.early_stop_patience)
     while step < total_steps and not stopped_early:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -228,7 +230,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             if step >= total_steps or stopped_early:
                 break
             local = global_batch[rank::world] or global_batch[:1]  # each process takes its share
-            step_start = time.perf_counter()
+            step_start, step_cpu_start = time.perf_counter(), time.process_time()
             batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in local]).items()}
             with frozen_weights:
                 with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
@@ -242,6 +244,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             step += 1
             loss_value = loss.item()  # also waits for an accelerator to finish the step
             train_time += time.perf_counter() - step_start
+            train_cpu_time += time.process_time() - step_cpu_start
             tokens += int(batch["attention_mask"].sum()) + int(batch.get("decoder_attention_mask", torch.zeros(1)).sum())
             target_tokens += n_target
             padded_tokens += sum(v.numel() for k, v in batch.items() if k in ("input_ids", "decoder_input_ids"))
@@ -277,7 +280,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
                          method.trainable_parameters(), method.shipped_parameters(), history,
-                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3), method)
+                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3), method,
+                         train_cpu_seconds=train_cpu_time)
     if accelerator.is_main_process:
         atomic_write_bytes(out_dir / RESULT, json.dumps(result.to_json(), indent=2).encode())
     return result
