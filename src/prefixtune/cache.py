@@ -17,6 +17,8 @@ Decoding a decoder-only model is the exception, for speed: the prefix is
 prefilled into the decoding cache once (`prefilled_cache`), the caller widens
 the mask by the prefix's, and positions still count from the prefix length, so
 every token sees what it saw in training.
+Training on a CPU runs `grouped_attention` (below) instead of SDPA, whose CPU kernels are slow
+for the short sequences prefix-tuning trains on; inference keeps SDPA.
 When transformers changes its attention or cache API, this file changes.
 """
 from __future__ import annotations
