@@ -1,14 +1,14 @@
 """Where a training step's time goes: a breakdown by phase and torch.profiler's operator table.
 
-The step is the trainer's own (`train.train_step` pieces: the method's loss under the trainer's
-autocast, backward, clipping, AdamW), on SmolLM2-135M and E2E batches as `train_throughput.py`
-draws them. Phases are timed with the step split at its natural seams:
+The step is what `train.py` runs (the method's loss under bf16 autocast with the frozen weights'
+bf16 copies, backward, clipping, fused AdamW), on SmolLM2-135M and 200 E2E pairs in length-grouped
+batches of 8. Phases are timed with the step split at its natural seams:
 
   data       collating a batch of encoded pairs
   reparam    the prefix module: P' -> MLP -> P (prefix methods only)
-  forward    the frozen model's forward with the prefix, up to the loss
+  forward    the frozen model's forward with the prefix, and the loss
   backward   loss.backward()
-  optimizer  gradient clipping, AdamW step, schedule, zero_grad
+  optimizer  gradient clipping, AdamW step, zero_grad
 
     python benchmarks/train_profile.py [--method prefix] [--steps 20] [--rows 25] [--threads 1]
 """
