@@ -17,16 +17,16 @@ Decoding a decoder-only model is the exception, for speed: the prefix is
 prefilled into the decoding cache once (`prefilled_cache`), the caller widens
 the mask by the prefix's, and positions still count from the prefix length, so
 every token sees what it saw in training.
+Training on a CPU runs `grouped_attention` (below) instead of SDPA, whose CPU kernels are slow
+for the short sequences prefix-tuning trains on; inference keeps SDPA.
 When transformers changes its attention or cache API, this file changes.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, DynamicCache, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -90,8 +90,10 @@ def prefix_attention(module, query, key, value, attention_mask, prefix_kv: Prefi
     if prefix_kv is not None and prefix_kv.capture is not None and slot is not None:
         prefix_kv.capture[slot] = (key.detach(), value.detach())
     if prefix_kv is None or slot not in prefix_kv.keys:
-        with _kernels(query):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if _grouped_applies(query, kwargs):
+            mask = _unmask_empty_rows(_bool_mask(module, attention_mask, query.shape[2], key.shape[2], query.device))
+            return grouped_attention(query, key, value, mask, kwargs.get("scaling"))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     pk, pv = prefix_kv.keys[slot], prefix_kv.values[slot]
     batch, _, q_len, _ = query.shape
@@ -106,18 +108,40 @@ def prefix_attention(module, query, key, value, attention_mask, prefix_kv: Prefi
         position_bias = F.pad(position_bias, (p_len, 0))
     key = torch.cat([pk.to(key.dtype), key], dim=2)
     value = torch.cat([pv.to(value.dtype), value], dim=2)
-    with _kernels(query):
-        return sdpa_attention_forward(module, query, key, value, mask, position_bias=position_bias, **kwargs)
+    if position_bias is None and _grouped_applies(query, kwargs):
+        return grouped_attention(query, key, value, mask, kwargs.get("scaling"))
+    return sdpa_attention_forward(module, query, key, value, mask, position_bias=position_bias, **kwargs)
 
 
-def _kernels(query: torch.Tensor):
-    """SDPA kernels for this call. On CPUs, with gradients on, the fused flash kernel's backward is
-    slow for the short sequences prefix-tuning trains on (measured here: the math path gave +15%
-    training tokens/s on SmolLM2-135M). The choice depends only on the call itself, so gradient
-    checkpointing recomputes with the same kernel. Accelerators keep PyTorch's own choice."""
-    if query.device.type == "cpu" and torch.is_grad_enabled():
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
+def _grouped_applies(query: torch.Tensor, kwargs: dict) -> bool:
+    """Training on a CPU: SDPA's kernels are slow there for the short sequences prefix-tuning trains
+    on (the flash kernel's backward; the math kernel upcasts bf16 to float32 and repeats keys/values
+    per query head): `grouped_attention` trains 2-3x faster per attention (benchmarks/train_profile.py).
+    The choice depends only on the call itself, so gradient checkpointing recomputes with the same
+    path. Inference and accelerators keep SDPA; so do calls that need what it alone does (T5's
+    position bias, attention dropout, soft-capping, sinks)."""
+    return (query.device.type == "cpu" and torch.is_grad_enabled() and not kwargs.get("dropout")
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and kwargs.get("s_aux") is None)
+
+
+def grouped_attention(query, key, value, mask, scaling=None):
+    """softmax(q k^T * scaling, masked) v for (batch, heads, q, dim) queries and (batch, kv_heads, k, dim)
+    keys/values. The query heads that share a key/value head are stacked into one matmul, so keys and
+    values are never repeated per head; scores are computed in the inputs' dtype and the softmax in
+    float32, as transformers' eager attention does. `mask`: bool, broadcastable to (batch, 1, q, k);
+    True = may attend. Returns (output as (batch, q, heads, dim), None), like transformers' attention
+    functions."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scaling = dim ** -0.5 if scaling is None else scaling
+    scores = query.reshape(batch, kv_heads, groups * q_len, dim) @ key.transpose(-1, -2)
+    scores = scores.view(batch, kv_heads, groups, q_len, k_len).float() * scaling
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))  # (batch|1, 1, 1, q, k)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, groups * q_len, k_len)
+    out = (probs @ value).view(batch, heads, q_len, dim)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _always_mask(*args, **kwargs):

@@ -53,8 +53,11 @@ def p_to_kv(p: torch.Tensor, spec: ModelSpec, group: str) -> tuple[dict, dict]:
     x = p.reshape(*lead, length, layers, 2, spec.num_kv_heads, spec.head_dim)
     x = x.movedim(-4, 0).movedim(-3, 1)           # layers, 2, ..., len, H, D
     x = x.transpose(-3, -2)                       # layers, 2, ..., H, len, D
-    keys = {f"{group}.{i}": x[i, 0] for i in range(layers)}
-    values = {f"{group}.{i}": x[i, 1] for i in range(layers)}
+    # unbind, not x[i, 0]: the backward of one unbind stacks the slots' gradients once, where each
+    # indexing's backward would zero-fill a tensor of x's full size (2 x layers of them per step)
+    keys, values = {}, {}
+    for i, (k, v) in enumerate(t.unbind(0) for t in x.unbind(0)):
+        keys[f"{group}.{i}"], values[f"{group}.{i}"] = k, v
     return keys, values
 
 

@@ -5,6 +5,7 @@ It knows datasets only as (source, target) pairs and methods only through `Metho
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -27,6 +28,7 @@ from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
 from .run_dir import (RESULT, TRAIN_CONFIG, check_output_dir, checkpoint_facts, data_dir_of, data_provenance,
                       describe_data, finished_result, given_options, resumed_config, saved_config)
+from .precision import FrozenBf16Weights
 from .train_config import TrainConfig
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
@@ -51,6 +53,7 @@ class TrainResult:
     epochs_run: float = 0.0              # optimiser steps / steps per epoch
     # the trained method, to decode with; not in result.json
     method: object = field(default=None, repr=False, compare=False, metadata={"json": False})
+    train_cpu_seconds: float = 0.0       # optimiser steps in this process's CPU time
 
     def to_json(self) -> dict:
         # field by field, not asdict: asdict would deep-copy the method and its model
@@ -190,8 +193,10 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
 
+    # fused: one pass over each parameter per step instead of a dozen (CPU and CUDA have the kernel)
     optimizer = torch.optim.AdamW([p for p in method.module.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay,
+                                  fused=accelerator.device.type in ("cpu", "cuda") or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, total_steps))
     module, optimizer = accelerator.prepare(method.module, optimizer)
 
@@ -221,7 +226,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             return None
         module.eval()
         total, count = 0.0, 0
-        with torch.no_grad(), torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), frozen_weights, torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
             for i in range(0, len(dev_examples), config.batch_size * 2):
                 batch = {k: v.to(accelerator.device) for k, v in collate(dev_examples[i: i + config.batch_size * 2]).items()}
                 loss, n = method.loss(module, batch)
@@ -232,12 +237,15 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     if accelerator.is_main_process and not resuming:  # a resumed run keeps the config it was started with
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_dir / TRAIN_CONFIG, json.dumps(asdict(config), indent=2).encode())
+    # bf16: the frozen weights are cast once here, not at every step (see precision.py)
+    frozen_weights = FrozenBf16Weights(*method.loss_modules()) if bf16 else contextlib.nullcontext()
     rank, world = accelerator.process_index, accelerator.num_processes
     module.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc=f"train {config.method}", dynamic_ncols=True)
     tokens = target_tokens = padded_tokens = 0
     train_time = 0.0  # optimiser steps only: dev evaluation and checkpoints are not throughput
+    train_cpu_time = 0.0  # the same steps in this process's CPU time (fair on a shared machine)
     stopped_early = early_stop_due(history, best["step"], config.early_stop_patience)
     while step < total_steps and not stopped_early:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -246,11 +254,12 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             if step >= total_steps or stopped_early:
                 break
             local = global_batch[rank::world] or global_batch[:1]  # each process takes its share
-            step_start = time.perf_counter()
+            step_start, step_cpu_start = time.perf_counter(), time.process_time()
             batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in local]).items()}
-            with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
-                loss, n_target = method.loss(module, batch)
-            accelerator.backward(loss)
+            with frozen_weights:
+                with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
+                    loss, n_target = method.loss(module, batch)
+                accelerator.backward(loss)
             if config.grad_clip:
                 accelerator.clip_grad_norm_(module.parameters(), config.grad_clip)
             optimizer.step()
@@ -259,6 +268,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             step += 1
             loss_value = loss.item()  # also waits for an accelerator to finish the step
             train_time += time.perf_counter() - step_start
+            train_cpu_time += time.process_time() - step_cpu_start
             tokens += int(batch["attention_mask"].sum()) + int(batch.get("decoder_attention_mask", torch.zeros(1)).sum())
             target_tokens += n_target
             padded_tokens += sum(v.numel() for k, v in batch.items() if k in ("input_ids", "decoder_input_ids"))
@@ -297,7 +307,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     result = TrainResult(str(out_dir), prefix_file, step, best["step"], best["loss"], final_dev,
                          tokens * world / elapsed, target_tokens * world / elapsed,
                          method.trainable_parameters(), method.shipped_parameters(), history,
-                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3), method)
+                         train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3), method,
+                         train_cpu_seconds=train_cpu_time)
     if accelerator.is_main_process:
         atomic_write_bytes(out_dir / RESULT, json.dumps(result.to_json(), indent=2).encode())
     return result

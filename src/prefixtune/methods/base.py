@@ -50,6 +50,10 @@ class Method:
         `progress(n)` is called after each batch of n sources."""
         raise NotImplementedError
 
+    def loss_modules(self) -> tuple[nn.Module, ...]:
+        """Every module `loss` runs through (the trainer casts their frozen weights to bf16 once)."""
+        return (self.model, self.module)
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 

@@ -49,6 +49,9 @@ class CopyMethod(Method):
     def loss(self, module, batch):
         return module(batch)
 
+    def loss_modules(self):
+        return (self.module,)  # the trained copy only: the shared frozen model takes no part
+
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The trained weights only (the full model for `finetune`), tied weights once."""
         return {n: p for n, p in self.trained.named_parameters() if p.requires_grad}

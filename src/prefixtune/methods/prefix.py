@@ -25,7 +25,10 @@ class PrefixMethod(Method):
         self.default_lr = 5e-4 if config.reparam else 5e-3
 
     def loss(self, module, batch):
-        p = module()
+        # P in float32 even under bf16 autocast: the MLP is a sliver of the step's work, and autocast
+        # would cast its 6M-weight last layer to bf16 (and that weight's gradient back) at every step.
+        with torch.autocast(batch["input_ids"].device.type, enabled=False):
+            p = module()
         return lm_loss(self.model, self.spec, batch, single_prefix_kv(p, self.spec, batch["input_ids"].shape[0]))
 
     @torch.no_grad()
