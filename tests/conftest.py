@@ -124,3 +124,20 @@ def tiny_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def invoke(*args, stdin=None):
+    """The CLI run in-process, as a user would type it (arguments made strings)."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+
+
+def error_line(result) -> str:
+    """The one `error:` line a refused command prints (exit 2, no traceback)."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

@@ -3,22 +3,12 @@ from __future__ import annotations
 
 import json
 
-from typer.testing import CliRunner
 
-from prefixtune.cli import app
+from conftest import error_line, invoke
 
 NO_MODEL = "/no/such/model-dir"  # loading it would fail: an error about anything else proves the order
 
 
-def invoke(*args, stdin=None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_empty_stdin_is_an_error():

@@ -5,10 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import tiny_model
-from prefixtune.cli import app
+from conftest import error_line, invoke, tiny_model
 from prefixtune.train import CHECKPOINT, RESULT, TrainConfig, train
 
 PAIRS = [(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food.") for i, f in
@@ -26,15 +24,6 @@ def kill_at(at):
     return on_step
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 torch.set_num_threads(1)
 
-from conftest import tiny_model
+from conftest import error_line, tiny_model
 from prefixtune.cli import app
 from prefixtune.tracking import CURVE_FILE, LOG_DIR, PROJECT, check_trackers, log_user_dev_losses, write_loss_curve
 from prefixtune.train import TrainConfig, train
@@ -103,12 +103,6 @@ def test_the_curve_marks_the_best_step(tmp_path):
     # a run without dev pairs: train loss alone, nothing to mark
     assert write_loss_curve([{"step": 5, "loss": 1.0, "dev_loss": None}], None, tmp_path / "train.png")
 
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_its_extra(tmp_path, monkeypatch):
