@@ -258,7 +258,7 @@ def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
     from prefixtune.models import load_base_model
     from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 
-    from prefixtune.train import bf16_available
+    from prefixtune.precision import bf16_available
 
     if not bf16_available(torch.device("cpu")):
         pytest.skip("this CPU has no native bf16")

@@ -61,7 +61,7 @@ def test_resume_continues_a_killed_run_exactly(tokenizer, tmp_path):
 
 
 def test_bf16_autocast_matches_fp32_dev_loss(tokenizer, tmp_path):
-    from prefixtune.train import bf16_available
+    from prefixtune.precision import bf16_available
 
     if not bf16_available(torch.device("cpu")):
         pytest.skip("this CPU has no bf16")

@@ -1,4 +1,5 @@
-"""Frozen weights for bf16 training: each frozen matmul weight cast to bf16 once, not at every call.
+"""Precision: whether a device computes bf16 natively (`bf16_available`, for training and decoding alike),
+and frozen weights for bf16 training: each frozen matmul weight cast to bf16 once, not at every call.
 
 Under autocast a Linear casts its float32 weight to bf16 at every call, and autocast's cache keeps
 a cast only for weights that require grad: a frozen model's weights are cast again at every step
@@ -12,6 +13,17 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def bf16_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
 class FrozenBf16Weights:

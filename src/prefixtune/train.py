@@ -28,7 +28,7 @@ from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
 from .run_dir import (RESULT, TRAIN_CONFIG, check_output_dir, checkpoint_facts, data_dir_of, data_provenance,
                       describe_data, finished_result, given_options, resumed_config, saved_config)
-from .precision import FrozenBf16Weights
+from .precision import FrozenBf16Weights, bf16_available
 from .train_config import TrainConfig
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
@@ -58,17 +58,6 @@ class TrainResult:
     def to_json(self) -> dict:
         # field by field, not asdict: asdict would deep-copy the method and its model
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("json", True)}
-
-
-def bf16_available(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

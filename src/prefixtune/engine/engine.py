@@ -38,7 +38,7 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        from ..train import bf16_available
+        from ..precision import bf16_available
 
         return torch.bfloat16 if bf16_available(torch.device(device)) else torch.float32
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
