@@ -47,7 +47,7 @@ def local_ray():
     os.environ.update(env)
     # "local": a new instance even where `ray start` left a cluster (ray.init() would join it)
     ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024 ** 2,
-             log_to_driver=False)
+             log_to_driver=False, _node_ip_address="127.0.0.1")  # loopback only
     yield ray
     ray.shutdown()
     for k, v in saved.items():

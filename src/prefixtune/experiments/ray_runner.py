@@ -94,7 +94,8 @@ def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: 
     started_here = not ray.is_initialized()
     if started_here:
         try:
-            ray.init(address=address)
+            # a new Ray on this machine talks to itself over loopback, not the machine's network address
+            ray.init(address=address, **({"_node_ip_address": "127.0.0.1"} if address == "local" else {}))
         except (ConnectionError, RuntimeError) as e:  # no cluster there, or its token is missing: one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"--ray {address or 'local'}: could not start or join Ray: {first} (a cluster with "
