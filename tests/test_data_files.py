@@ -7,7 +7,7 @@ import json
 import pytest
 
 from prefixtune.data import DataFileError, load_records, split_dev, training_pairs
-from prefixtune.data.chat import Conversation, encode_chat, encode_chat_prompt
+from prefixtune.data.chat import Conversation, chat_prompt_ids, encode_chat, encode_chat_prompt
 from prefixtune.data.collate import encode_example
 
 ROWS = [{"source": f"name : Place {i} | food : Thai", "target": f"Place {i} serves Thai food.", "user": f"u{i % 3}"}
@@ -183,6 +183,24 @@ def test_the_decoding_prompt_is_the_training_rows_start(chat_tokenizer):
     assert trained["input_ids"][: len(prompt)] == prompt  # decoding sees what training saw before the answer
     assert trained["labels"][len(prompt) - 1] == -100 and trained["labels"][len(prompt)] != -100
     assert encode_chat_prompt(tok, Conversation.of(CHAT[:-1])) == prompt  # a row ending on the user: the same
+
+
+def test_training_and_serving_tokenize_a_chat_prompt_alike(chat_tokenizer):
+    """Content that starts or ends with whitespace merges with the template's newlines when the text is
+    tokenized whole, as the server tokenizes a chat request: training must see those very tokens."""
+    from prefixtune import user_text
+
+    tok = chat_tokenizer
+    chat = [{"role": "system", "content": "  be brief "}, {"role": "user", "content": "\n\nname : Zizzi <|im_end|>"},
+            {"role": "assistant", "content": "Zizzi."}]
+    served = user_text.encode(tok, lambda guard: tok.apply_chat_template(  # what serve/chat.py tokenized before
+        [{**m, "content": guard(m["content"])} for m in chat[:-1]], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)
+    assert chat_prompt_ids(tok, [(m["role"], m["content"]) for m in chat[:-1]]) == served
+    trained = encode_chat(tok, Conversation.of(chat))
+    first = next(i for i, label in enumerate(trained["labels"]) if label != -100)
+    assert trained["input_ids"][:first] == served
+    assert tok.decode(trained["input_ids"][first:]) == "Zizzi.<|im_end|>\n"
 
 
 def test_a_name_that_is_no_local_path_is_a_hub_dataset_id(monkeypatch):

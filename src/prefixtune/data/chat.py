@@ -1,15 +1,22 @@
 """Chat rows: a conversation trained through the tokenizer's chat template, the loss on assistant turns only.
 
-The template is rendered once with every message's content replaced by a marker, so that
-the template's own text (its special tokens included) is tokenized as the template, and each
-message's content is tokenized as plain text (`split_special_tokens=True`: a user who writes
-"<|im_end|>" gets those characters, never the control token). An assistant turn is the text
-that rendering the conversation up to that turn adds after the generation prompt: its content
-and the template's end-of-turn tokens, so the prefix learns where to stop.
+The template is rendered once with every message's content replaced by a marker, to find where
+each assistant turn lies in the rendered text. The text is then tokenized in segments, cut at the
+turns' edges, each segment as `user_text.encode` tokenizes it: the template's text keeps its
+special tokens, a message's content is text (a user who writes "<|im_end|>" gets those
+characters, never the control token). So the tokens before a turn are exactly the prompt that
+`chat_prompt_ids` gives for the conversation up to that turn, which is what the server decodes
+from (serve/chat.py): one tokenization for training and serving. An assistant turn is the text
+that rendering the conversation up to that turn adds after the generation prompt, tokenized on
+its own as the model writes it: its content and the template's end-of-turn tokens, so the prefix
+learns where to stop.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from .. import user_text
 
 ROLES = ("system", "user", "assistant")
 # Private-use code points: no chat template writes them, so they mark where content goes.
@@ -32,63 +39,65 @@ def encode_chat(tokenizer, conversation: Conversation, max_len: int = 1024) -> d
 
     A conversation longer than `max_len` tokens keeps its start (the end is cut, as a target is).
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat rows need a tokenizer with a chat template; this model's tokenizer has none")
-    marked = [{"role": role, "content": f"{_OPEN}{k}{_CLOSE}"} for k, (role, _) in enumerate(conversation.messages)]
+    _check_template(tokenizer)
+    marked = _marked(conversation.messages)
     render = lambda messages, prompt=False: tokenizer.apply_chat_template(  # noqa: E731
         messages, tokenize=False, add_generation_prompt=prompt)
     full = render(marked)
-    spans = []  # (start, end) of each assistant turn in `full`
+    cuts, trained = [0], []  # segment edges in `full`, and whether each segment is an assistant turn
     for k, (role, _) in enumerate(conversation.messages):
         if role != "assistant":
             continue
         before, through = render(marked[:k], prompt=True), render(marked[: k + 1])
-        if not (full.startswith(through) and through.startswith(before)):
+        if not (full.startswith(through) and through.startswith(before) and len(before) >= cuts[-1]):
             raise ValueError("this chat template does not render a conversation turn by turn (an earlier turn "
                              "changes when a later one is added), so assistant turns cannot be located")
-        spans.append((len(before), len(through)))
+        cuts += [len(before), len(through)]
+        trained += [False, True]
+    cuts.append(len(full))
+    trained.append(False)
+    contents = [content for _, content in conversation.messages]
     input_ids, labels = [], []
-    for text, is_content, trained in _pieces(full, spans):
-        if is_content:
-            text = conversation.messages[int(text)][1]
-        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+    for start, end, is_turn in zip(cuts, cuts[1:], trained):
+        ids = _encode(tokenizer, full[start:end], contents) if end > start else []
         input_ids += ids
-        labels += ids if trained else [-100] * len(ids)
+        labels += ids if is_turn else [-100] * len(ids)
     return {"input_ids": input_ids[:max_len], "labels": labels[:max_len]}
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    """The ids that decode the next assistant turn after `messages` ((role, content) pairs or
+    {"role", "content"} dicts): the template with its generation prompt, contents as text."""
+    _check_template(tokenizer)
+    pairs = [(m["role"], m["content"]) if isinstance(m, dict) else tuple(m) for m in messages]
+    rendered = tokenizer.apply_chat_template(_marked(pairs), tokenize=False, add_generation_prompt=True)
+    return _encode(tokenizer, rendered, [content for _, content in pairs])
 
 
 def encode_chat_prompt(tokenizer, conversation: Conversation, max_len: int = 1024) -> list[int]:
     """The prompt that decodes the conversation's next assistant turn: every message before its last assistant
     turn (all of them when it ends on another role), then the template's generation prompt; the last `max_len`
-    tokens. Content is tokenized as text, as in training."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat rows need a tokenizer with a chat template; this model's tokenizer has none")
+    tokens. The same tokens as training puts before that turn."""
     messages = list(conversation.messages)
     if messages and messages[-1][0] == "assistant":
         messages = messages[:-1]
-    marked = [{"role": role, "content": f"{_OPEN}{k}{_CLOSE}"} for k, (role, _) in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
-    ids = []
-    for text, is_content, _ in _pieces(rendered, []):
-        if is_content:
-            text = messages[int(text)][1]
-        ids += tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
-    return ids[-max_len:]
+    return chat_prompt_ids(tokenizer, messages)[-max_len:]
 
 
-def _pieces(full: str, spans: list[tuple[int, int]]):
-    """(text or message index, is content, inside an assistant turn) for consecutive pieces of `full`."""
-    cuts = sorted({0, len(full), *(p for span in spans for p in span)})
-    for start, end in zip(cuts, cuts[1:]):
-        trained = any(s <= start and end <= e for s, e in spans)
-        rest = full[start:end]
-        while rest:
-            at = rest.find(_OPEN)
-            if at < 0:
-                yield rest, False, trained
-                break
-            if at:
-                yield rest[:at], False, trained
-            close = rest.index(_CLOSE, at)
-            yield rest[at + 1: close], True, trained
-            rest = rest[close + 1:]
+def _check_template(tokenizer):
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat rows need a tokenizer with a chat template; this model's tokenizer has none")
+
+
+def _marked(messages) -> list[dict]:
+    """The messages with content k replaced by a marker (private-use characters no template writes)."""
+    return [{"role": role, "content": f"{_OPEN}{k}{_CLOSE}"} for k, (role, _) in enumerate(messages)]
+
+
+def _encode(tokenizer, marked_text: str, contents: list[str]) -> list[int]:
+    """`marked_text` with each marker replaced by its content, tokenized with the contents as user text.
+    (re.sub's replacement function is not re-scanned, so a content cannot forge a marker.)"""
+    def render(guard):
+        return re.sub(f"{_OPEN}(\\d+){_CLOSE}", lambda m: guard(contents[int(m.group(1))]), marked_text)
+
+    return [int(i) for i in user_text.encode(tokenizer, render, add_special_tokens=False)]

@@ -1,7 +1,8 @@
 """`POST /v1/chat/completions`: OpenAI's chat API over the same rows, scheduler and limits as completions.
 
 The messages go through the tokenizer's chat template (`add_generation_prompt=True`), their contents
-tokenized as text (user_text.py: a spelled-out `<|im_end|>` is not the special token), and the ids
+tokenized as text (user_text.py: a spelled-out `<|im_end|>` is not the special token), exactly as
+training on chat rows tokenizes the context of an assistant turn (data/chat.py), and the ids
 are fed as they are: no prefix source template, though a prefix named by `model` still comes
 first in the cache. Without `stop`, only end-of-text ends a reply (a chat reply spans lines).
 """
@@ -12,8 +13,9 @@ import uuid
 
 from fastapi import Request
 
-from .. import user_text
 from fastapi.responses import StreamingResponse
+
+from ..data.chat import chat_prompt_ids
 
 from .completions import Completions, Finisher, Stops, choice_jobs, decoding_controls, sse, sse_stream
 from .errors import ServeError
@@ -34,17 +36,12 @@ class ChatCompletions:
         if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
             raise ServeError(400, "no_chat_template", "this server's tokenizer has no chat template: use "
                                                       "/v1/completions with a plain prompt")
-        def render(guard) -> str:  # the contents are user text: special tokens come from the template only
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": guard(m.content)}
-                        for m in req.messages]
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-        try:
-            ids = user_text.encode(tokenizer, render, add_special_tokens=False)  # as apply_chat_template tokenizes
+        messages = [("system" if m.role == "developer" else m.role, m.content) for m in req.messages]
+        try:  # the tokens training put before an assistant turn (data/chat.py); contents are user text
+            return chat_prompt_ids(tokenizer, messages)
         except Exception as e:  # the template's own checks (roles must alternate, ...) raise here
             raise ServeError(400, "invalid_messages", f"the chat template refused the messages: {e}",
                              "messages") from None
-        return [int(i) for i in ids]
 
     def _check(self, req: ChatCompletionRequest):
         for name in REFUSED:
