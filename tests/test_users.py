@@ -333,3 +333,23 @@ def test_every_model_family_trains_users_apart_and_as_alone(family, tokenizer, t
     again = train_users(config(tmp_path, "again", **options), model, tokenizer, changed, dev_pairs,
                         users=UsersConfig(resident_users=1), progress=False)
     assert all(same_bytes(exported(joint, u), exported(again, u)) for u in ("user1", "user2"))
+
+
+def test_the_frozen_bf16_weights_change_no_bit_of_a_users_prefix(llama, tokenizer, tmp_path, monkeypatch):
+    """bf16 jobs cast the frozen weights once (precision.FrozenBf16Weights), not at every pass: the exported
+    prefixes are those that autocast's own per-call casts give, to the bit."""
+    import contextlib
+
+    from prefixtune.users import trainer
+
+    train_pairs, dev_pairs = user_data(3, 5)
+    cast_once = train_users(config(tmp_path, "once", precision="bf16"), llama, tokenizer, train_pairs, dev_pairs,
+                            progress=False)
+    swapped = []
+    monkeypatch.setattr(trainer, "FrozenBf16Weights", lambda model: swapped.append(model) or contextlib.nullcontext())
+    per_call = train_users(config(tmp_path, "per-call", precision="bf16"), llama, tokenizer, train_pairs, dev_pairs,
+                           progress=False)
+    assert swapped == [llama]  # the job did go through the swap
+    for user in train_pairs:
+        assert same_bytes(exported(cast_once, user), exported(per_call, user)), user
+    assert all(p.dtype == torch.float32 for p in llama.parameters())  # the model is float32 again after the job

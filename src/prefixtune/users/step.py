@@ -83,8 +83,10 @@ def gradient_leaves(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for g, t in p.items()}
 
 
-def run_passes(model, spec, passes, prefixes: dict, collate, device, bf16: bool, normalisers: dict | None = None):
-    """Run the passes; returns {user: (sum of target-token losses, target tokens)}.
+def run_passes(model, spec, passes, prefixes: dict, collate, device, bf16: bool, normalisers: dict | None = None,
+               frozen=contextlib.nullcontext()):
+    """Run the passes; returns {user: (sum of target-token losses, target tokens)}. `frozen`: the job's
+    `FrozenBf16Weights` under bf16 (the frozen weights cast once per job, as train.py does).
 
     With `normalisers` (user -> target tokens of their batch) each pass backpropagates
     sum over users of (their token losses / their normaliser): a user's gradient is the mean over their
@@ -95,13 +97,14 @@ def run_passes(model, spec, passes, prefixes: dict, collate, device, bf16: bool,
         batch = collate_padded(collate, rows, key, spec.family, device)
         counts = [sum(target_count(e, spec.family) for e in group) for _, group in groups]
         grad = contextlib.nullcontext() if normalisers else torch.no_grad()
-        with grad, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            prefix_kv = grouped_prefix_kv([(prefixes[user], len(group)) for user, group in groups], spec)
-            logits, targets, _ = target_logits(model, spec, batch, prefix_kv)
-            token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
-        parts = token_losses.split(counts)  # rows are grouped by user, tokens are row-major
-        if normalisers:
-            sum(part.sum() / normalisers[user] for (user, _), part in zip(groups, parts)).backward()
+        with frozen:
+            with grad, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                prefix_kv = grouped_prefix_kv([(prefixes[user], len(group)) for user, group in groups], spec)
+                logits, targets, _ = target_logits(model, spec, batch, prefix_kv)
+                token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+            parts = token_losses.split(counts)  # rows are grouped by user, tokens are row-major
+            if normalisers:
+                sum(part.sum() / normalisers[user] for (user, _), part in zip(groups, parts)).backward()
         for (user, _), part, count in zip(groups, parts, counts):
             total, n = sums.get(user, (0.0, 0))
             sums[user] = (total + part.detach().double().sum().item(), n + count)

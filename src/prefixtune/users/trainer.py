@@ -9,6 +9,7 @@ result does not depend on the order of users, the rounds, or the memory budget.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -26,6 +27,7 @@ from ..methods import build_method
 from ..methods.base import count_parameters
 from ..exported import read_header
 from ..models import load_base_model, model_name, model_spec, resolve_device
+from ..precision import FrozenBf16Weights
 from ..prefix_file import PrefixFileError, save_prefix
 from ..serve.tenants import tenant_dir_name
 from ..train import use_bf16
@@ -127,6 +129,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         enable_gradient_checkpointing(model)
     lr = config.lr if config.lr is not None else method.default_lr
     bf16 = use_bf16(config.precision, device)
+    # bf16: the frozen weights are cast once for the job, not at every pass (see precision.py)
+    frozen = FrozenBf16Weights(model) if bf16 else contextlib.nullcontext()
     encode = lambda example: encode_example(tokenizer, spec.family, example, config.template,  # noqa: E731
                                             config.max_source_len, config.max_target_len)
     collate = Collator(tokenizer.pad_token_id, spec.family, getattr(model.config, "decoder_start_token_id", None))
@@ -182,12 +186,14 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
                                            spec.family, rng))
         start = time.perf_counter()
         batches = {i: state.next_batch() for i, state in enumerate(active)}
-        round_tokens, round_padded = _train_round(active, batches, model, spec, collate, device, bf16, users, config)
+        round_tokens, round_padded = _train_round(active, batches, model, spec, collate, device, bf16, users, config,
+                                                   frozen)
         train_time += time.perf_counter() - start
         tokens, padded = tokens + round_tokens, padded + round_padded
         due = [i for i, state in enumerate(active) if state.eval_due(config.eval_every)]
         start = time.perf_counter()
-        dev_losses = _dev_losses({i: active[i] for i in due}, model, spec, collate, device, bf16, users, config)
+        dev_losses = _dev_losses({i: active[i] for i in due}, model, spec, collate, device, bf16, users, config,
+                                frozen)
         dev_time += time.perf_counter() - start
         for i in due:
             state = active[i]
@@ -207,13 +213,13 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
 
 
 def _train_round(active: list[UserState], batches: dict, model, spec, collate, device, bf16: bool,
-                 users: UsersConfig, config: TrainConfig) -> tuple[int, int]:
+                 users: UsersConfig, config: TrainConfig, frozen) -> tuple[int, int]:
     """Every resident user takes one step on their own batch; returns (tokens, padded tokens) computed."""
     prefixes = {i: state.prefix(device, bf16) for i, state in enumerate(active)}
     leaves = {i: gradient_leaves(p) for i, p in prefixes.items()}
     normalisers = {i: sum(target_count(e, spec.family) for e in batch) for i, batch in batches.items()}
     passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
-    sums = run_passes(model, spec, passes, leaves, collate, device, bf16, normalisers)
+    sums = run_passes(model, spec, passes, leaves, collate, device, bf16, normalisers, frozen)
     for i, state in enumerate(active):
         state.step_with(prefixes[i], leaves[i], config.grad_clip)
         state.last_loss = sums[i][0] / max(sums[i][1], 1)
@@ -222,7 +228,8 @@ def _train_round(active: list[UserState], batches: dict, model, spec, collate, d
     return tokens, sum(sum(key) * len(group) for key, groups in passes for _, group in groups)
 
 
-def _dev_losses(states: dict, model, spec, collate, device, bf16, users: UsersConfig, config: TrainConfig) -> dict:
+def _dev_losses(states: dict, model, spec, collate, device, bf16, users: UsersConfig, config: TrainConfig,
+                frozen) -> dict:
     """Each due user's mean dev loss per target token, their dev rows run together (no gradients)."""
     batches = {i: s.dev_examples for i, s in states.items() if s.dev_examples}
     if not batches:
@@ -234,5 +241,5 @@ def _dev_losses(states: dict, model, spec, collate, device, bf16, users: UsersCo
     for state in states.values():
         state.module.train()
     passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
-    sums = run_passes(model, spec, passes, prefixes, collate, device, bf16)
+    sums = run_passes(model, spec, passes, prefixes, collate, device, bf16, frozen=frozen)
     return {i: total / max(n, 1) for i, (total, n) in sums.items()}
