@@ -27,7 +27,7 @@ from ..models import model_spec
 from ..prefix import group_width, groups_of
 from . import llama_fast, sampling
 from .generic import HFDecoder, RowWise
-from .kv import SlotKV, prefix_to_kv
+from .kv import PagedKV
 from .request import Choice, Request, RequestOutput, TokenEvent
 from .scheduler import Row, Scheduler
 from .stops import StopState, eos_ids
@@ -56,7 +56,7 @@ class Engine:
     `bucket` rounds the padded attention span of the generic and `exact=False` paths."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
-                 fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, bucket: int = 32):
+                 fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16):
         self.spec = model_spec(model)
         self.tokenizer = tokenizer
         self.device = model.device
@@ -67,8 +67,8 @@ class Engine:
         if self.spec.family == "encoder-decoder":
             self.backend, self.path = RowWise(self._in_dtype(model), self.spec, self.dtype), "rowwise"
         else:
-            self.kv = SlotKV(self.spec.num_layers, max_batch, self.spec.num_kv_heads, self.spec.head_dim, max_len,
-                             self.dtype, self.device, bucket)
+            self.kv = PagedKV(self.spec.num_layers, max_batch, self.spec.num_kv_heads, self.spec.head_dim, max_len,
+                              self.dtype, self.device, block_size)
             if fast and llama_fast.supports(model):
                 self.backend, self.path = llama_fast.LlamaFast(model, self.kv, self.dtype, exact), "llama_fast"
             else:
@@ -93,8 +93,7 @@ class Engine:
         length = next(iter(groups.values())).shape[0]
         if self.kv is None:
             return {g: t.to(self.device) for g, t in groups.items()}, length
-        return prefix_to_kv(groups["decoder"].to(self.device), self.spec.num_kv_heads, self.spec.head_dim,
-                            self.dtype), length
+        return groups["decoder"], length  # the KV writes it into blocks once, shared by every row using it
 
     def add_request(self, request: Request) -> str:
         prefix, length = self._prefix(request.prefix)
@@ -129,13 +128,11 @@ class Engine:
 
     # -- stepping (one thread) -----------------------------------------------------------------
     def _leave(self, row: Row):
-        slot = row.slot
+        self.backend.release(row.slot)  # its blocks go back (shared ones when their last row leaves)
         moved = self.scheduler.remove(row)
         if moved is not None:
             last, src, dst = moved
             self.backend.move(src, dst, last.length)
-        elif hasattr(self.backend, "release"):
-            self.backend.release(slot)
 
     def _emit(self, rows: list[Row], logits: torch.Tensor, events: list[TokenEvent]):
         for row, (token, logprob, top) in zip(rows, sampling.choose(logits, rows)):

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .kv import SlotKV
+from .kv import PagedKV
 
 
 def supports(model) -> bool:
@@ -85,7 +85,7 @@ def _rms_norm(x, weight, eps):
 
 
 class LlamaFast:
-    def __init__(self, model, kv: SlotKV, dtype: torch.dtype, exact: bool = True):
+    def __init__(self, model, kv: PagedKV, dtype: torch.dtype, exact: bool = True):
         cfg = model.config
         self.kv, self.exact = kv, exact
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -139,37 +139,39 @@ class LlamaFast:
 
     @torch.no_grad()
     def prefill(self, batch: list[tuple[int, torch.Tensor | None, list[int]]]) -> torch.Tensor:
-        """Admit rows: (slot, prefix (layers, 2, H, P, D) or None, prompt). Writes each prefix and prompt
-        into its slot; returns each row's last-position logits in fp32, (rows, vocab)."""
+        """Prefill rows, or a chunk of each: (slot, prefix P or None, prompt tokens). A prefix starts the
+        slot's row (its blocks attached); the tokens follow what the slot holds already. Returns each
+        row's last-position logits in fp32, (rows, vocab)."""
         kv = self.kv
-        bounds, slots, positions, ids, spans = [], [], [], [], []
+        bounds, spans, slots, positions, ids = [], [], [], [], []
         start = 0
         for slot, prefix, prompt in batch:
-            p = 0 if prefix is None else prefix.shape[3]
             if prefix is not None:
-                kv.write_prefix(slot, prefix)
-            n = len(prompt)
+                kv.attach_prefix(slot, prefix)
+            p, n = kv.length(slot), len(prompt)
             bounds.append((start, start + n))
-            spans.append((slot, p, n))
+            spans.append((p, n))
             slots += [slot] * n
-            positions.append(torch.arange(p, p + n))
+            positions += range(p, p + n)
             ids += prompt
             start += n
-        positions = torch.cat(positions)
-        index = kv.write_index(torch.tensor(slots), positions)
+        index = kv.write_index(slots, positions)
+        positions = torch.tensor(positions)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]    # (tokens, 1, D)
-        # query i of a row (position p + i) sees entries 0..p+i: the prefix and the prompt up to itself
-        masks = [(torch.arange(p + n)[None, :] <= torch.arange(p, p + n)[:, None])[None, None] for _, p, n in spans]
+        # query i of a row (position p + i) sees entries 0..p+i: the prefix, earlier chunks, the prompt up to itself
+        masks = [(torch.arange(p + n)[None, :] <= torch.arange(p, p + n)[:, None])[None, None] for p, n in spans]
+        rows = [slot for slot, _, _ in batch]
         h = self.embed[torch.tensor(ids)]
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.ln1, layer.eps1)
             qkv = layer.qkv.segments(x, bounds)
             self._rope_in_place(qkv, cos, sin)
             kv.flat(i).index_copy_(0, index, qkv[:, self.q_dim:].reshape(-1, self.head_dim))
+            entries, starts = kv.gather(i, rows)
             outs = []
-            for (a, b), (slot, p, n), mask in zip(bounds, spans, masks):
+            for (a, b), (p, n), s, mask in zip(bounds, spans, starts, masks):
                 q = qkv[a:b, : self.q_dim].view(n, self.heads, self.head_dim).transpose(0, 1)
-                keys, values = kv.k[i, slot, :, : p + n], kv.v[i, slot, :, : p + n]
+                keys, values = entries[0, :, s: s + p + n], entries[1, :, s: s + p + n]
                 if self.rep > 1:  # transformers' repeat_kv for a multi-token query
                     shape = (self.kv_heads, self.rep, p + n, self.head_dim)
                     keys = keys[:, None].expand(shape).reshape(self.heads, p + n, self.head_dim)
@@ -187,12 +189,11 @@ class LlamaFast:
         """One token for each running row (slots 0..B-1) at its position; fp32 logits (B, vocab)."""
         kv = self.kv
         b = tokens.shape[0]
-        index = kv.write_index(torch.arange(b), positions)
+        slots, where = list(range(b)), positions.tolist()
+        index = kv.write_index(slots, where)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, D)
-        if self.exact:
-            lengths = (positions + 1).tolist()
-        else:
-            span = kv.span(int(positions.max()) + 1)
+        if not self.exact:
+            span = kv.span(max(where) + 1)
             visible = torch.arange(span)[None, :] <= positions[:, None]
             mask = torch.zeros(b, 1, 1, span, dtype=self.dtype).masked_fill_(~visible[:, None, None], float("-inf"))
         h = self.embed[tokens]
@@ -203,13 +204,14 @@ class LlamaFast:
             kv.flat(i).index_copy_(0, index, qkv[:, self.q_dim:].reshape(-1, self.head_dim))
             # one query: its heads packed by key/value head (transformers' pack_gqa), no repeat_kv
             q = qkv[:, : self.q_dim].view(b, self.kv_heads, self.rep, self.head_dim)
-            if self.exact:
-                keys, values = kv.k[i], kv.v[i]
-                o = torch.cat([F.scaled_dot_product_attention(q[r: r + 1], keys[r: r + 1, :, :n], values[r: r + 1, :, :n],
-                                                              scale=self.scale) for r, n in enumerate(lengths)])
+            if self.exact:  # each row over exactly its own entries, gathered from its blocks
+                entries, starts = kv.gather(i, slots)
+                o = torch.cat([F.scaled_dot_product_attention(q[r: r + 1], entries[None, 0, :, s: s + n + 1],
+                                                              entries[None, 1, :, s: s + n + 1], scale=self.scale)
+                               for r, (s, n) in enumerate(zip(starts, where))])
             else:
-                o = F.scaled_dot_product_attention(q, kv.k[i, :b, :, :span], kv.v[i, :b, :, :span], attn_mask=mask,
-                                                   scale=self.scale)
+                entries = kv.padded(i, slots, span)
+                o = F.scaled_dot_product_attention(q, entries[0], entries[1], attn_mask=mask, scale=self.scale)
             h = h + layer.o(o.reshape(b, self.q_dim))
             h = self._mlp(layer, h)
         h = _rms_norm(h, self.norm, self.norm_eps)
@@ -217,3 +219,9 @@ class LlamaFast:
 
     def move(self, src: int, dst: int, length: int):
         self.kv.move(src, dst, length)
+
+    def release(self, slot: int):
+        self.kv.release(slot)
+
+    def fork(self, src: int, dst: int, length: int):
+        self.kv.fork(src, dst, length)
