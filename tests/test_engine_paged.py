@@ -104,3 +104,41 @@ def test_rows_sharing_a_prefix_get_the_bits_of_the_row_alone(tokenizer, exact):
         assert out.choices[0].token_ids == ref.token_ids
         if exact:
             assert out.choices[0].logprobs == ref.logprobs
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_within_the_budget(tokenizer, fast):
+    """fp32: a prompt prefilled in chunks of a 16-token budget gives the tokens it gets prefilled whole,
+    no step prefills more than 16 tokens, and a running row gets a token at every step meanwhile."""
+    model = tiny_model("llama", seed=1)
+    p1, _ = prefixes(model, tokenizer, lengths=(19, 6))
+    long_prompt = ids(tokenizer, [" | ".join(SOURCES)])[0]
+    assert len(long_prompt) > 60
+
+    def requests():
+        return [Request(ids(tokenizer, ["hello there"])[0], max_tokens=12, ignore_eos=True, request_id="short"),
+                Request(long_prompt, prefix=p1, max_tokens=8, ignore_eos=True, request_id="long"),
+                Request(long_prompt, max_tokens=8, ignore_eos=True, request_id="long-plain")]
+
+    whole = Engine(model, tokenizer, max_batch=4, max_len=160, dtype="fp32", fast=fast)
+    expected = [o.choices[0].token_ids for o in whole.generate(requests())]
+    assert whole.stats["max_step_prefill_tokens"] > 60
+
+    engine = Engine(model, tokenizer, max_batch=4, max_len=160, dtype="fp32", fast=fast, max_prefill_tokens=16)
+    prefilled, backend_prefill = [], engine.backend.prefill
+    engine.backend.prefill = lambda batch: prefilled.append(sum(len(t) for _, _, t in batch)) or backend_prefill(batch)
+    reqs = requests()
+    for r in reqs:
+        engine.add_request(r)
+    got, short_every_step = {r.request_id: [] for r in reqs}, []
+    while engine.has_work():
+        events = engine.step()
+        for e in events:
+            if e.token is not None:
+                got[e.request_id].append(e.token)
+        if engine.scheduler.prefilling and 0 < len(got["short"]) < 12:
+            short_every_step.append(any(e.request_id == "short" and e.token is not None for e in events))
+    assert max(prefilled) == 16 and engine.stats["max_step_prefill_tokens"] == 16
+    assert [got[r.request_id] for r in reqs] == expected
+    assert short_every_step and all(short_every_step)   # decode went on while the long prompts were prefilled
+    assert not engine.kv.tables                          # every row gave its blocks back

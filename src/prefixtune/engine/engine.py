@@ -73,9 +73,12 @@ class Engine:
                 self.backend, self.path = llama_fast.LlamaFast(model, self.kv, self.dtype, exact), "llama_fast"
             else:
                 self.backend, self.path = HFDecoder(self._in_dtype(model), self.kv, self.spec.num_layers), "hf"
-        # slot backends rebuild a preempted row's cache by prefilling it again; RowWise keeps per-row states
-        self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=self.kv is not None)
-        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0}
+        # paged backends rebuild a preempted row's cache by prefilling it again, and prefill in chunks;
+        # RowWise keeps per-row states
+        paged = self.kv is not None
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=paged, chunked=paged)
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0,
+                      "max_step_prefill_tokens": 0}
 
     def _in_dtype(self, model):
         return model if model.dtype == self.dtype else copy.deepcopy(model).to(self.dtype)
@@ -164,20 +167,25 @@ class Engine:
         for row in preempted:
             self._leave(row)
         self.scheduler.requeue(preempted)
-        admitted = self.scheduler.admit()
-        if admitted:
-            inputs = [r.prefill_ids() for r in admitted]
-            logits = self.backend.prefill([(self.scheduler.place(r), r.prefix, ids) for r, ids in zip(admitted, inputs)])
+        work = self.scheduler.prefill_work()  # whole prompts, or chunks of long ones, within the budget
+        if work:
+            logits = self.backend.prefill([(r.slot, r.prefix if first else None, ids) for r, ids, first in work])
             fresh = []
-            for i, (r, ids) in enumerate(zip(admitted, inputs)):
-                r.length = r.prefix_len + len(ids)
+            for i, (r, ids, _) in enumerate(work):
                 self.stats["prefill_tokens"] += len(ids)
+                if r.prefilled < len(r.prefill_ids()):
+                    continue  # more chunks at the next steps
+                src = r.slot
+                self.backend.move(src, self.scheduler.place(r), r.prefilled)
+                r.length = r.prefix_len + r.prefilled
                 if r.preempted:  # its next token is sampled already (last_token): the cache is whole again
                     r.preempted = False
                 else:
                     fresh.append(i)
             if fresh:
-                self._emit([admitted[i] for i in fresh], logits[fresh], events)
+                self._emit([work[i][0] for i in fresh], logits[fresh], events)
+            self.stats["max_step_prefill_tokens"] = max(self.stats["max_step_prefill_tokens"],
+                                                        sum(len(ids) for _, ids, _ in work))
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
         return events
