@@ -117,28 +117,32 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_within_the_bu
 
     def requests():
         return [Request(ids(tokenizer, ["hello there"])[0], max_tokens=12, ignore_eos=True, request_id="short"),
-                Request(long_prompt, prefix=p1, max_tokens=8, ignore_eos=True, request_id="long"),
-                Request(long_prompt, max_tokens=8, ignore_eos=True, request_id="long-plain")]
+                Request(long_prompt, prefix=p1, max_tokens=8, ignore_eos=True, request_id="long", logprobs=True),
+                Request(long_prompt, max_tokens=8, ignore_eos=True, request_id="long-plain", logprobs=True)]
 
     whole = Engine(model, tokenizer, max_batch=4, max_len=160, dtype="fp32", fast=fast)
-    expected = [o.choices[0].token_ids for o in whole.generate(requests())]
+    outputs = whole.generate(requests())
+    expected = [o.choices[0].token_ids for o in outputs]
     assert whole.stats["max_step_prefill_tokens"] > 60
 
     engine = Engine(model, tokenizer, max_batch=4, max_len=160, dtype="fp32", fast=fast, max_prefill_tokens=16)
     prefilled, backend_prefill = [], engine.backend.prefill
-    engine.backend.prefill = lambda batch: prefilled.append(sum(len(t) for _, _, t in batch)) or backend_prefill(batch)
+    engine.backend.prefill = lambda batch, totals: prefilled.append(sum(len(t) for _, _, t in batch)) or backend_prefill(batch, totals)
     reqs = requests()
     for r in reqs:
         engine.add_request(r)
-    got, short_every_step = {r.request_id: [] for r in reqs}, []
+    got, short_every_step, logprobs = {r.request_id: [] for r in reqs}, [], {}
     while engine.has_work():
         events = engine.step()
         for e in events:
             if e.token is not None:
                 got[e.request_id].append(e.token)
+                logprobs.setdefault(e.request_id, []).append(e.logprob)
         if engine.scheduler.prefilling and 0 < len(got["short"]) < 12:
             short_every_step.append(any(e.request_id == "short" and e.token is not None for e in events))
     assert max(prefilled) == 16 and engine.stats["max_step_prefill_tokens"] == 16
     assert [got[r.request_id] for r in reqs] == expected
+    for r, o in zip(reqs[1:], outputs[1:]):  # the chunked prefill's logits: the whole prefill's, bit for bit
+        assert logprobs[r.request_id][0] == o.choices[0].logprobs[0]
     assert short_every_step and all(short_every_step)   # decode went on while the long prompts were prefilled
     assert not engine.kv.tables                          # every row gave its blocks back

@@ -169,7 +169,8 @@ class Engine:
         self.scheduler.requeue(preempted)
         work = self.scheduler.prefill_work()  # whole prompts, or chunks of long ones, within the budget
         if work:
-            logits = self.backend.prefill([(r.slot, r.prefix if first else None, ids) for r, ids, first in work])
+            logits = self.backend.prefill([(r.slot, r.prefix if first else None, ids) for r, ids, first in work],
+                                          [r.prefix_len + len(r.prefill_ids()) for r, _, _ in work])
             fresh = []
             for i, (r, ids, _) in enumerate(work):
                 self.stats["prefill_tokens"] += len(ids)

@@ -29,7 +29,7 @@ class HFDecoder:
                          prefix_kv=prefix, use_cache=False, **kw)
         return out.logits[:, -1].float()
 
-    def prefill(self, batch: list[tuple[int, object, list[int]]]) -> torch.Tensor:
+    def prefill(self, batch: list[tuple[int, object, list[int]]], totals=None) -> torch.Tensor:
         """Prefill rows or chunks (slot, prefix P or None, tokens), one forward each; their last-position
         logits (rows, vocab)."""
         return torch.stack([self._prefill(*row) for row in batch])
@@ -94,7 +94,7 @@ class RowWise:
         self.states: dict[int, _Decoder] = {}
         cache.install(model)
 
-    def prefill(self, batch: list[tuple[int, object, list[int]]]) -> torch.Tensor:
+    def prefill(self, batch: list[tuple[int, object, list[int]]], totals=None) -> torch.Tensor:
         return torch.stack([self._prefill(*row) for row in batch])
 
     @torch.no_grad()

@@ -138,10 +138,14 @@ class LlamaFast:
         return h + (layer.down(act) if bounds is None else layer.down.segments(act, bounds))
 
     @torch.no_grad()
-    def prefill(self, batch: list[tuple[int, torch.Tensor | None, list[int]]]) -> torch.Tensor:
+    def prefill(self, batch: list[tuple[int, torch.Tensor | None, list[int]]], totals: list[int] | None = None
+                ) -> torch.Tensor:
         """Prefill rows, or a chunk of each: (slot, prefix P or None, prompt tokens). A prefix starts the
-        slot's row (its blocks attached); the tokens follow what the slot holds already. Returns each
-        row's last-position logits in fp32, (rows, vocab)."""
+        slot's row (its blocks attached); the tokens follow what the slot holds already. `totals`: the
+        entries each row holds once its whole prompt is in; a chunk attends over that many keys, the
+        ones not written yet masked, so its queries get the bits of the whole prompt's prefill (the CPU
+        flash kernel's sums depend on the key length). Returns each row's last-position logits in fp32,
+        (rows, vocab)."""
         kv = self.kv
         bounds, spans, slots, positions, ids = [], [], [], [], []
         start = 0
@@ -159,7 +163,9 @@ class LlamaFast:
         positions = torch.tensor(positions)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]    # (tokens, 1, D)
         # query i of a row (position p + i) sees entries 0..p+i: the prefix, earlier chunks, the prompt up to itself
-        masks = [(torch.arange(p + n)[None, :] <= torch.arange(p, p + n)[:, None])[None, None] for p, n in spans]
+        totals = totals or [p + n for p, n in spans]
+        masks = [(torch.arange(t)[None, :] <= torch.arange(p, p + n)[:, None])[None, None]
+                 for (p, n), t in zip(spans, totals)]
         rows = [slot for slot, _, _ in batch]
         h = self.embed[torch.tensor(ids)]
         for i, layer in enumerate(self.layers):
@@ -169,13 +175,15 @@ class LlamaFast:
             kv.flat(i).index_copy_(0, index, qkv[:, self.q_dim:].reshape(-1, self.head_dim))
             entries, starts = kv.gather(i, rows)
             outs = []
-            for (a, b), (p, n), s, mask in zip(bounds, spans, starts, masks):
+            for (a, b), (p, n), s, t, mask in zip(bounds, spans, starts, totals, masks):
                 q = qkv[a:b, : self.q_dim].view(n, self.heads, self.head_dim).transpose(0, 1)
-                keys, values = entries[0, :, s: s + p + n], entries[1, :, s: s + p + n]
+                keys, values = entries[0, :, s: s + t], entries[1, :, s: s + t]
+                if keys.shape[1] < t:  # a chunk: the keys still to come, as zeros (masked)
+                    keys, values = (F.pad(x, (0, 0, 0, t - x.shape[1])) for x in (keys, values))
                 if self.rep > 1:  # transformers' repeat_kv for a multi-token query
-                    shape = (self.kv_heads, self.rep, p + n, self.head_dim)
-                    keys = keys[:, None].expand(shape).reshape(self.heads, p + n, self.head_dim)
-                    values = values[:, None].expand(shape).reshape(self.heads, p + n, self.head_dim)
+                    shape = (self.kv_heads, self.rep, t, self.head_dim)
+                    keys = keys[:, None].expand(shape).reshape(self.heads, t, self.head_dim)
+                    values = values[:, None].expand(shape).reshape(self.heads, t, self.head_dim)
                 o = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=self.scale)
                 outs.append(o[0].transpose(0, 1).reshape(n, self.q_dim))
             h = h + layer.o.segments(torch.cat(outs) if len(outs) > 1 else outs[0], bounds)
