@@ -142,7 +142,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_within_the_bu
             short_every_step.append(any(e.request_id == "short" and e.token is not None for e in events))
     assert max(prefilled) == 16 and engine.stats["max_step_prefill_tokens"] == 16
     assert [got[r.request_id] for r in reqs] == expected
-    for r, o in zip(reqs[1:], outputs[1:]):  # the chunked prefill's logits: the whole prefill's, bit for bit
-        assert logprobs[r.request_id][0] == o.choices[0].logprobs[0]
+    for r, o in zip(reqs[1:], outputs[1:]):  # the chunked prefill's logits: the whole prefill's (fp32 matmuls
+        assert logprobs[r.request_id][0] == pytest.approx(o.choices[0].logprobs[0], abs=1e-5)  # vary in the last bit)
     assert short_every_step and all(short_every_step)   # decode went on while the long prompts were prefilled
     assert not engine.kv.tables                          # every row gave its blocks back
