@@ -11,10 +11,11 @@ or `engine.generate([Request(...), ...])`, which runs them to completion. `step`
 from one thread (a server's worker); `add_request`, `cancel` and `has_work` from any thread.
 
 A step first ends cancelled and timed-out rows, then decodes one token for every running row in
-one batched forward (each row at its own position, over its own slots), then preempts rows of a
-tenant over its share of the slots if another tenant waits for one (scheduler.py), then prefills
-the rows admitted this step, whose first token comes from their prefill; they join the batch at
-the next step. Finished rows leave at once, and their slots are reused.
+one batched forward (each row at its own position, over its own KV blocks), then preempts rows of
+a tenant over its share of the slots if another tenant waits for one (scheduler.py), then prefills
+at most `max_prefill_tokens` prompt tokens: chunks of long prompts begun earlier, then the rows
+admitted this step. A row whose prompt is all in gets its first token from that prefill and joins
+the batch at the next step. Finished rows leave at once and give their blocks back (kv.py).
 """
 from __future__ import annotations
 
@@ -48,12 +49,12 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 
 class Engine:
-    """`max_batch` running rows (their slots are preallocated: max_batch x max_len entries per layer);
-    `dtype` "auto" (bf16 where the CPU computes it natively, else fp32), "bf16" or "fp32"; `fast`
-    uses the lean Llama step where it applies (else the HF forward); `exact` gives every row its own
-    attention call (bit-exact to the row alone; False: one padded call per layer); `max_prefill_tokens`
-    caps the prompt tokens admitted in one step (at least one row is admitted when a slot is free);
-    `bucket` rounds the padded attention span of the generic and `exact=False` paths."""
+    """`max_batch` running rows of at most `max_len` entries (KV blocks of `block_size` entries, taken
+    as rows need them: nothing is preallocated); `dtype` "auto" (bf16 where the CPU computes it
+    natively, else fp32), "bf16" or "fp32"; `fast` uses the lean Llama step where it applies (else the
+    HF forward); `exact` gives every row its own attention call (bit-exact to the row alone; False: one
+    padded call per layer); `max_prefill_tokens` caps the prompt tokens prefilled in one step (a longer
+    prompt is prefilled in chunks, decode steps in between)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
                  fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16):

@@ -14,9 +14,9 @@ forward, and a row's bits never depend on the rows around it:
     the row alone up to near-ties.
 What it drops is the per-call machinery: q/k/v and gate/up are one matmul each (concatenated once),
 bf16 weights are prepacked for oneDNN once, RoPE is applied to queries and keys in one pass with a
-precomputed table, keys and values reach the `SlotKV` in one indexed copy per layer, and a decode
-step attends over the running rows' slots up to the longest row rounded up to a bucket, with one
-additive mask per step. A prefill runs all admitted prompts together layer by layer, so each
+precomputed table, keys and values reach the rows' `PagedKV` blocks in one indexed copy per layer,
+and attention reads them with one gather per layer (`exact=False`: padded to the longest row
+rounded up to a block, with one additive mask per step). A prefill runs all admitted prompts together layer by layer, so each
 layer's weights are read from memory once for all of them.
 """
 from __future__ import annotations
