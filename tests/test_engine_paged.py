@@ -146,3 +146,16 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_within_the_bu
         assert logprobs[r.request_id][0] == pytest.approx(o.choices[0].logprobs[0], abs=1e-5)  # vary in the last bit)
     assert short_every_step and all(short_every_step)   # decode went on while the long prompts were prefilled
     assert not engine.kv.tables                          # every row gave its blocks back
+
+
+def test_a_row_cancelled_while_its_prompt_is_prefilled_in_chunks_gives_its_blocks_back(tokenizer):
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=160, dtype="fp32", max_prefill_tokens=8)
+    engine.add_request(Request(list(range(3, 60)), max_tokens=4, request_id="long"))
+    engine.step()
+    engine.step()
+    assert engine.scheduler.prefilling and engine.kv.blocks_in_use > 0
+    engine.cancel("long")
+    events = engine.step()
+    assert [e.finish_reason for e in events] == ["cancelled"] and events[0].token is None
+    assert not engine.has_work() and engine.kv.blocks_in_use == 0 and not engine.kv.tables

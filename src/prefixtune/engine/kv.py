@@ -112,8 +112,8 @@ class PagedKV:
         """Start the slot's row with a prefix: its full blocks shared, its last partial block copied.
         `key` is the prefix's P of the decoder group, (len, layers*2*H*D); its identity names it."""
         self.release(slot)
-        cached = self.prefixes.get(id(key))
-        if cached is None or cached[0] is not key:
+        cached = self.prefixes.get(id(key))  # the entry holds its tensor: an id in the cache is that tensor's
+        if cached is None:
             kv = prefix_to_kv(key.to(self.device), self.kv_heads, self.head_dim, self.dtype)
             length = kv.shape[3]
             blocks = [self._alloc() for _ in range(-(-length // self.block_size))]
