@@ -5,7 +5,7 @@ of layer l holds `block_size` consecutive entries (positions) of one row, keys a
 (a "slot": the engine's running index, or a key above max_batch while it is being prefilled) owns a
 block table, its blocks in position order; entry j of the row is entry j % block_size of block
 table[j // block_size]. The pool starts empty and doubles when it runs out of free blocks, up to
-`max_blocks` (enough for every slot at max_len); block 0 is never handed out: it stays zeros, the
+`max_blocks` (enough for every row at max_len); block 0 is never handed out: it stays zeros, the
 padding of the batched (`exact=False`) gather.
 
 A prefix's keys/values (post-RoPE, as a cache holds them) are written once into blocks of their own
@@ -32,9 +32,10 @@ class PagedKV:
         self.layers, self.kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.max_batch, self.max_len, self.block_size = max_batch, max_len, block_size
         self.dtype, self.device = dtype, device
-        per_row = -(-max_len // block_size) + 1  # + the prefix's last block, copied (the cached one stays)
-        # running and prefilling rows at max_len, and the cached prefixes no row uses (evicted when short)
-        self.max_blocks = 1 + 2 * max_batch * per_row
+        # every row at max_len (running and being prefilled: max_batch in all), each with its prefix's
+        # partly-filled last block held by the cache too; at the cap, cached prefixes no row uses are dropped
+        per_row = -(-max_len // block_size) + 1
+        self.max_blocks = 1 + max_batch * per_row
         self.buffer = self._zeros(1 + initial_blocks)
         self.refs = [0] * self.num_blocks
         self.free = list(range(self.num_blocks - 1, 0, -1))
