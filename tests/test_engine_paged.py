@@ -159,3 +159,14 @@ def test_a_row_cancelled_while_its_prompt_is_prefilled_in_chunks_gives_its_block
     events = engine.step()
     assert [e.finish_reason for e in events] == ["cancelled"] and events[0].token is None
     assert not engine.has_work() and engine.kv.blocks_in_use == 0 and not engine.kv.tables
+
+
+def test_at_the_cap_a_cached_prefix_no_row_uses_gives_its_blocks_back():
+    kv = PagedKV(LAYERS, 1, HEADS, DIM, 8, torch.float32, block_size=4)   # one row of 8: 3 blocks at most
+    kv.attach_prefix(0, _prefix(8))
+    kv.release(0)
+    assert len(kv.prefixes) == 1 and kv.blocks_in_use == 2
+    kv.reserve(0, 12)                                  # 3 blocks: only by dropping the cached prefix
+    assert not kv.prefixes and kv.blocks_in_use == 3 == kv.num_blocks - 1
+    with pytest.raises(RuntimeError, match="full"):
+        kv.reserve(0, 16)
