@@ -170,3 +170,28 @@ def test_at_the_cap_a_cached_prefix_no_row_uses_gives_its_blocks_back():
     assert not kv.prefixes and kv.blocks_in_use == 3 == kv.num_blocks - 1
     with pytest.raises(RuntimeError, match="full"):
         kv.reserve(0, 16)
+
+
+def test_rows_of_one_length_attend_in_one_call_with_the_bits_of_each_alone(tokenizer):
+    """bf16: one prompt under four prefixes of one length (equal lengths every step: one attention call
+    for the four) gives each row the logprobs of the row alone, bit for bit."""
+    from prefixtune.precision import bf16_available
+
+    if not bf16_available(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    model = tiny_model("llama", seed=1)
+    ps = prefixes(model, tokenizer, lengths=(7, 7)) + prefixes(model, tokenizer, lengths=(7, 7))[::-1]
+    seq = ids(tokenizer, SOURCES[1:2])[0]
+    ps[2] = {g: t * 0.5 for g, t in ps[2].items()}
+    ps[3] = {g: -t for g, t in ps[3].items()}
+
+    def request(p):
+        return Request(seq, prefix=p, max_tokens=12, ignore_eos=True, logprobs=True)
+
+    engine = Engine(model, tokenizer, max_batch=4, max_len=96, dtype="bf16", block_size=8)
+    together = [o.choices[0] for o in engine.generate([request(p) for p in ps])]
+    assert len({tuple(c.token_ids) for c in together}) > 1      # the prefixes make the rows differ
+    for p, got in zip(ps, together):
+        alone = Engine(model, tokenizer, max_batch=4, max_len=96, dtype="bf16", block_size=8)
+        ref = alone.generate([request(p)])[0].choices[0]
+        assert got.token_ids == ref.token_ids and got.logprobs == ref.logprobs

@@ -200,7 +200,16 @@ class LlamaFast:
         slots, where = list(range(b)), positions.tolist()
         index = kv.write_index(slots, where)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, D)
-        if not self.exact:
+        if self.exact:
+            # rows of one length (and so as many blocks) attend in one call: the flash kernel computes each
+            # batch entry on its own, so a row's bits are those of its own call; the gather puts a group's
+            # rows side by side, blocks of equal count, so the group is a strided view (no copy)
+            groups: dict[tuple[int, int], list[int]] = {}
+            for r, n in enumerate(where):
+                groups.setdefault((n + 1, len(kv.tables[r])), []).append(r)
+            order = [r for rows in groups.values() for r in rows]
+            pick = [torch.tensor(rows) for rows in groups.values()]
+        else:
             span = kv.span(max(where) + 1)
             visible = torch.arange(span)[None, :] <= positions[:, None]
             mask = torch.zeros(b, 1, 1, span, dtype=self.dtype).masked_fill_(~visible[:, None, None], float("-inf"))
@@ -213,10 +222,16 @@ class LlamaFast:
             # one query: its heads packed by key/value head (transformers' pack_gqa), no repeat_kv
             q = qkv[:, : self.q_dim].view(b, self.kv_heads, self.rep, self.head_dim)
             if self.exact:  # each row over exactly its own entries, gathered from its blocks
-                entries, starts = kv.gather(i, slots)
-                o = torch.cat([F.scaled_dot_product_attention(q[r: r + 1], entries[None, 0, :, s: s + n + 1],
-                                                              entries[None, 1, :, s: s + n + 1], scale=self.scale)
-                               for r, (s, n) in enumerate(zip(starts, where))])
+                entries, starts = kv.gather(i, order)
+                o = q.new_empty(q.shape)
+                at = 0
+                for ((n, blocks), rows), members in zip(groups.items(), pick):
+                    g, width = len(rows), blocks * kv.block_size
+                    s = starts[at]
+                    group = entries[:, :, s: s + g * width].view(2, self.kv_heads, g, width, self.head_dim)
+                    group = group[:, :, :, :n].transpose(1, 2)                  # (2, g, H, n, D)
+                    o[members] = F.scaled_dot_product_attention(q[members], group[0], group[1], scale=self.scale)
+                    at += g
             else:
                 entries = kv.padded(i, slots, span)
                 o = F.scaled_dot_product_attention(q, entries[0], entries[1], attn_mask=mask, scale=self.scale)
