@@ -324,7 +324,7 @@ def main(argv=None):
             vllm, vllm_error = None, f"{type(e).__name__}: {str(e)[-500:]}"
     engines, peak = {}, None
     if not args.no_engine:
-        peak = matmul_peak(torch.bfloat16)
+        peak = matmul_peak(torch.bfloat16)[0]  # per wall-clock second
         engines = {"engine": Engine(model, tokenizer, max_batch=n, max_len=512),
                    "engine_fast": Engine(model, tokenizer, max_batch=n, max_len=512, exact=False)}
 
