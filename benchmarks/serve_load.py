@@ -19,6 +19,7 @@ Ratios are measured in one run (the engine against the window scheduler, same ma
                               (target <= 0.5)
   throughput_ratio_vs_window  engine saturation throughput / window's (generated tokens/s, closed loop)
   rss_mb_10k_prefixes         peak RSS of the memory run, MB
+  rss_mb_after_start          RSS of that server right after start (10,000 stored prefixes), MB
 `--scheduler` comes from `prefixtune serve --scheduler window|engine`; on a checkout whose server has no such
 option, the server's only scheduler is the window one, and the engine's keys are null (`engine_error` says why).
 
@@ -447,6 +448,7 @@ def main(argv=None):
                                             window and window["saturation"]["tokens_per_s"]),
         "ttft_p99_ratio_vs_window": ratio(at(engine, 0.7, "ttft_p99_s"), at(window, 0.7, "ttft_p99_s")),
         "rss_mb_10k_prefixes": memory["rss_mb_peak"] or memory["rss_mb_now"],
+        "rss_mb_after_start": memory["rss_mb_after_start"],
         "window_saturation_requests_per_s": window and window["saturation"]["requests_per_s"],
         "rates": rates, "rate_fractions": list(RATE_FRACTIONS),
         "results": results, "memory": memory, "engine_error": engine_error,

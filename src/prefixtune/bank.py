@@ -17,7 +17,8 @@ from . import user_text
 from .data.collate import DEFAULT_TEMPLATES, source_ids
 from .engine.offline import EngineCache, decode_ids, engine_decodes
 from .generation import DecodingConfig, decode
-from .prefix_file import ExportedPrefix, PrefixFileError, check_prefix, load_prefix, source_template
+from .interop.folders import load_any
+from .prefix_file import ExportedPrefix, PrefixFileError, check_prefix, source_template
 from .models import model_spec
 from .forward import prefix_kv_from_groups
 
@@ -64,7 +65,7 @@ class PrefixBank:
     def _prepare(self, prefix_id: str, prefix: ExportedPrefix | str | Path) -> ExportedPrefix:
         """Checked (prefix_file.check_prefix) and on the model's device."""
         if not isinstance(prefix, ExportedPrefix):
-            prefix = load_prefix(prefix, self.spec)
+            prefix = load_any(prefix, self.spec)
         else:
             check_prefix(prefix, self.spec, f"prefix {prefix_id!r}")
         device = self.model.device

@@ -11,7 +11,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from .bank import PrefixBank
-from .prefix_file import PrefixFileError, load_prefix
+from .interop.folders import load_any
+from .prefix_file import PrefixFileError
 from .methods import EXPORT_FILES, METHODS, Method, build_method
 from .models import model_spec
 
@@ -27,7 +28,7 @@ def find_export(path) -> Path:
         raise PrefixFileError(f"prefix file not found: {path}")
     from .interop.peft import is_peft_dir
 
-    if is_peft_dir(path):  # a PEFT adapter folder loads as it is (load_prefix converts it)
+    if is_peft_dir(path):  # a PEFT adapter folder loads as it is (load_any converts it)
         return path
     names = list(dict.fromkeys(EXPORT_FILES.values()))
     config = path / "train_config.json"
@@ -62,7 +63,7 @@ def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
     metadata, shapes = read_header(path)
     if metadata.get("format") == WEIGHTS_FORMAT:
         return metadata, shapes
-    exported = load_prefix(path)
+    exported = load_any(path)
     return exported.metadata, {group: list(t.shape) for group, t in exported.p.items()}
 
 
@@ -99,7 +100,7 @@ def check_export(path) -> tuple[Path, str]:
 
         read_folder(path)
         return path, "prefix"
-    load_prefix(path)  # format, checksum and shapes
+    load_any(path)  # format, checksum and shapes
     return path, "prefix"
 
 

@@ -46,19 +46,6 @@ class ExportedPrefix:
     def num_params(self) -> int:
         return sum(t.numel() for t in self.p.values())
 
-    def save_pretrained(self, directory, fmt: str = "prefixtune", allow_lossy: bool = False, **card):
-        """An HF-style folder: prefix.safetensors (or, fmt="peft", a PEFT adapter) and a model card."""
-        from .interop.hub import save_pretrained
-
-        return save_pretrained(self, directory, fmt, allow_lossy, **card)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, spec: ModelSpec | None = None, revision: str | None = None):
-        """From a local folder or file, or a hub repo id; checked against `spec` when given."""
-        from .interop.hub import from_pretrained
-
-        return from_pretrained(name_or_path, spec, revision)
-
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
@@ -188,15 +175,14 @@ def check_compatible(exported: ExportedPrefix, spec: ModelSpec, source: str = "p
 
 
 def load_prefix(path, spec: ModelSpec | None = None) -> ExportedPrefix:
-    """Read and validate an exported prefix; with `spec`, also check it fits that base model.
+    """Read and validate an exported prefix file; with `spec`, also check it fits that base model.
 
-    A folder works too: ours (prefix.safetensors + README.md) or a PEFT prefix-tuning adapter.
+    Folders (ours, PEFT adapters) are interop's: `prefixtune.interop.folders.load_any` reads either.
     """
     path = Path(path)
     if path.is_dir():
-        from .interop.folders import load_folder
-
-        return load_folder(path, spec)
+        raise PrefixFileError(f"{path} is a folder, not a prefix file (prefixtune.interop.folders.load_any "
+                              "reads prefix folders and PEFT adapters)")
     if not path.is_file():
         raise PrefixFileError(f"prefix file not found: {path}")
     return load_prefix_bytes(path.read_bytes(), spec, source=str(path))

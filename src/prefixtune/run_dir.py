@@ -15,8 +15,16 @@ from pathlib import Path
 
 from .checkpoint import CHECKPOINT, Checkpoint
 from .data import DATA_ENV, resolve_data_dir
-from .methods import EXPORT_FILES
 from .train_config import TrainConfig
+
+# What `train` writes for each method, named for what the file holds. Prefix files are the shipped
+# format (`prefixtune.prefix/1`); the others hold the trained weights (`prefixtune.weights/1`).
+EXPORT_FILES: dict[str, str] = {
+    "prefix": "prefix.safetensors", "prefix-flat": "prefix.safetensors",
+    "embedding-only": "prompt-embeddings.safetensors", "infix": "infix.safetensors",
+    "finetune": "finetuned-model.safetensors", "finetune-top2": "finetuned-top2-layers.safetensors",
+    "adapter": "adapters.safetensors",
+}
 
 RESULT = "result.json"
 TRAIN_CONFIG = "train_config.json"

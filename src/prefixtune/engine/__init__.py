@@ -1,4 +1,4 @@
-"""prefixtune's decoding engine: continuous batching over preallocated KV slots, a prefix per row."""
+"""prefixtune's decoding engine: continuous batching over paged KV blocks, a prefix per row."""
 from .engine import Engine, resolve_dtype
 from .request import Choice, Request, RequestOutput, TokenEvent
 

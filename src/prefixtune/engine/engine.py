@@ -11,10 +11,11 @@ or `engine.generate([Request(...), ...])`, which runs them to completion. `step`
 from one thread (a server's worker); `add_request`, `cancel` and `has_work` from any thread.
 
 A step first ends cancelled and timed-out rows, then decodes one token for every running row in
-one batched forward (each row at its own position, over its own slots), then preempts rows of a
-tenant over its share of the slots if another tenant waits for one (scheduler.py), then prefills
-the rows admitted this step, whose first token comes from their prefill; they join the batch at
-the next step. Finished rows leave at once, and their slots are reused.
+one batched forward (each row at its own position, over its own KV blocks), then preempts rows of
+a tenant over its share of the slots if another tenant waits for one (scheduler.py), then prefills
+at most `max_prefill_tokens` prompt tokens: chunks of long prompts begun earlier, then the rows
+admitted this step. A row whose prompt is all in gets its first token from that prefill and joins
+the batch at the next step. Finished rows leave at once and give their blocks back (kv.py).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..models import model_spec
 from ..prefix import group_width, groups_of
 from . import llama_fast, sampling
 from .generic import HFDecoder, RowWise
-from .kv import SlotKV, prefix_to_kv
+from .kv import PagedKV
 from .request import Choice, Request, RequestOutput, TokenEvent
 from .scheduler import Row, Scheduler
 from .stops import StopState, eos_ids
@@ -48,15 +49,15 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 
 class Engine:
-    """`max_batch` running rows (their slots are preallocated: max_batch x max_len entries per layer);
-    `dtype` "auto" (bf16 where the CPU computes it natively, else fp32), "bf16" or "fp32"; `fast`
-    uses the lean Llama step where it applies (else the HF forward); `exact` gives every row its own
-    attention call (bit-exact to the row alone; False: one padded call per layer); `max_prefill_tokens`
-    caps the prompt tokens admitted in one step (at least one row is admitted when a slot is free);
-    `bucket` rounds the padded attention span of the generic and `exact=False` paths."""
+    """`max_batch` running rows of at most `max_len` entries (KV blocks of `block_size` entries, taken
+    as rows need them: nothing is preallocated); `dtype` "auto" (bf16 where the CPU computes it
+    natively, else fp32), "bf16" or "fp32"; `fast` uses the lean Llama step where it applies (else the
+    HF forward); `exact` gives every row its own attention call (bit-exact to the row alone; False: one
+    padded call per layer); `max_prefill_tokens` caps the prompt tokens prefilled in one step (a longer
+    prompt is prefilled in chunks, decode steps in between)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
-                 fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, bucket: int = 32):
+                 fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16):
         self.spec = model_spec(model)
         self.tokenizer = tokenizer
         self.device = model.device
@@ -67,15 +68,18 @@ class Engine:
         if self.spec.family == "encoder-decoder":
             self.backend, self.path = RowWise(self._in_dtype(model), self.spec, self.dtype), "rowwise"
         else:
-            self.kv = SlotKV(self.spec.num_layers, max_batch, self.spec.num_kv_heads, self.spec.head_dim, max_len,
-                             self.dtype, self.device, bucket)
+            self.kv = PagedKV(self.spec.num_layers, max_batch, self.spec.num_kv_heads, self.spec.head_dim, max_len,
+                              self.dtype, self.device, block_size)
             if fast and llama_fast.supports(model):
                 self.backend, self.path = llama_fast.LlamaFast(model, self.kv, self.dtype, exact), "llama_fast"
             else:
                 self.backend, self.path = HFDecoder(self._in_dtype(model), self.kv, self.spec.num_layers), "hf"
-        # slot backends rebuild a preempted row's cache by prefilling it again; RowWise keeps per-row states
-        self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=self.kv is not None)
-        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0}
+        # paged backends rebuild a preempted row's cache by prefilling it again, and prefill in chunks;
+        # RowWise keeps per-row states
+        paged = self.kv is not None
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=paged, chunked=paged)
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0,
+                      "max_step_prefill_tokens": 0}
 
     def _in_dtype(self, model):
         return model if model.dtype == self.dtype else copy.deepcopy(model).to(self.dtype)
@@ -93,8 +97,7 @@ class Engine:
         length = next(iter(groups.values())).shape[0]
         if self.kv is None:
             return {g: t.to(self.device) for g, t in groups.items()}, length
-        return prefix_to_kv(groups["decoder"].to(self.device), self.spec.num_kv_heads, self.spec.head_dim,
-                            self.dtype), length
+        return groups["decoder"], length  # the KV writes it into blocks once, shared by every row using it
 
     def add_request(self, request: Request) -> str:
         prefix, length = self._prefix(request.prefix)
@@ -129,13 +132,11 @@ class Engine:
 
     # -- stepping (one thread) -----------------------------------------------------------------
     def _leave(self, row: Row):
-        slot = row.slot
+        self.backend.release(row.slot)  # its blocks go back (shared ones when their last row leaves)
         moved = self.scheduler.remove(row)
         if moved is not None:
             last, src, dst = moved
             self.backend.move(src, dst, last.length)
-        elif hasattr(self.backend, "release"):
-            self.backend.release(slot)
 
     def _emit(self, rows: list[Row], logits: torch.Tensor, events: list[TokenEvent]):
         for row, (token, logprob, top) in zip(rows, sampling.choose(logits, rows)):
@@ -167,20 +168,26 @@ class Engine:
         for row in preempted:
             self._leave(row)
         self.scheduler.requeue(preempted)
-        admitted = self.scheduler.admit()
-        if admitted:
-            inputs = [r.prefill_ids() for r in admitted]
-            logits = self.backend.prefill([(self.scheduler.place(r), r.prefix, ids) for r, ids in zip(admitted, inputs)])
+        work = self.scheduler.prefill_work()  # whole prompts, or chunks of long ones, within the budget
+        if work:
+            logits = self.backend.prefill([(r.slot, r.prefix if first else None, ids) for r, ids, first in work],
+                                          [r.prefix_len + len(r.prefill_ids()) for r, _, _ in work])
             fresh = []
-            for i, (r, ids) in enumerate(zip(admitted, inputs)):
-                r.length = r.prefix_len + len(ids)
+            for i, (r, ids, _) in enumerate(work):
                 self.stats["prefill_tokens"] += len(ids)
+                if r.prefilled < len(r.prefill_ids()):
+                    continue  # more chunks at the next steps
+                src = r.slot
+                self.backend.move(src, self.scheduler.place(r), r.prefilled)
+                r.length = r.prefix_len + r.prefilled
                 if r.preempted:  # its next token is sampled already (last_token): the cache is whole again
                     r.preempted = False
                 else:
                     fresh.append(i)
             if fresh:
-                self._emit([admitted[i] for i in fresh], logits[fresh], events)
+                self._emit([work[i][0] for i in fresh], logits[fresh], events)
+            self.stats["max_step_prefill_tokens"] = max(self.stats["max_step_prefill_tokens"],
+                                                        sum(len(ids) for _, ids, _ in work))
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
         return events

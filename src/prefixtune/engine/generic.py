@@ -1,9 +1,9 @@
 """Decoding steps for any model prefixtune supports, through the HF forward and prefixtune's
 attention function (`cache.prefix_attention`): slower than `llama_fast`, but exact everywhere.
 
-* `HFDecoder` (GPT-2, Llama, any decoder-only model): the slot cache enters each forward as the
-  rows' "prefix" (`PrefixKV` with a per-row mask), and the attention function captures the new
-  tokens' keys/values, which are then written into the slots. No transformers cache is used.
+* `HFDecoder` (GPT-2, Llama, any decoder-only model): the rows' paged entries, gathered, enter each
+  forward as the rows' "prefix" (`PrefixKV` with a per-row mask), and the attention function
+  captures the new tokens' keys/values, which are then written into the rows' blocks. No transformers cache is used.
 * `RowWise` (BART, T5): each row keeps today's `generation._Decoder` state and steps alone. Correct,
   joins and leaves like any row, but not batched: the encoder-decoder fast path is future work.
 """
@@ -15,11 +15,11 @@ from .. import cache
 from ..cache import PrefixKV
 from ..generation import _Decoder
 from ..forward import prefix_kv_from_groups
-from .kv import SlotKV
+from .kv import PagedKV
 
 
 class HFDecoder:
-    def __init__(self, model, kv: SlotKV, num_layers: int):
+    def __init__(self, model, kv: PagedKV, num_layers: int):
         self.model, self.kv, self.num_layers = model, kv, num_layers
         cache.install(model)
 
@@ -29,50 +29,63 @@ class HFDecoder:
                          prefix_kv=prefix, use_cache=False, **kw)
         return out.logits[:, -1].float()
 
-    def prefill(self, batch: list[tuple[int, object, list[int]]]) -> torch.Tensor:
-        """Admit rows (slot, prefix, prompt), one forward each; their last-position logits (rows, vocab)."""
+    def prefill(self, batch: list[tuple[int, object, list[int]]], totals=None) -> torch.Tensor:
+        """Prefill rows or chunks (slot, prefix P or None, tokens), one forward each; their last-position
+        logits (rows, vocab)."""
         return torch.stack([self._prefill(*row) for row in batch])
+
+    def _write(self, slots: list[int], positions: list[int], captured: dict, tokens: int):
+        """The captured keys/values (rows, H, tokens, D) of every layer into the rows' blocks."""
+        index = self.kv.write_index(slots, positions)
+        for i in range(self.num_layers):
+            k, v = captured[f"decoder.{i}"]
+            # (rows * tokens, 2H, D): a token's key heads then value heads, as write_index orders them
+            both = torch.cat([k, v], dim=1).transpose(1, 2).reshape(-1, self.kv.head_dim)
+            self.kv.flat(i).index_copy_(0, index, both.to(self.kv.dtype))
 
     @torch.no_grad()
     def _prefill(self, slot: int, prefix: torch.Tensor | None, prompt: list[int]) -> torch.Tensor:
         kv = self.kv
-        p = 0 if prefix is None else prefix.shape[3]
-        keys, values = {}, {}
         if prefix is not None:
-            kv.write_prefix(slot, prefix)
-            keys = {f"decoder.{i}": kv.k[i, slot: slot + 1, :, :p] for i in range(self.num_layers)}
-            values = {f"decoder.{i}": kv.v[i, slot: slot + 1, :, :p] for i in range(self.num_layers)}
+            kv.attach_prefix(slot, prefix)
+        p, n = kv.length(slot), len(prompt)
+        keys, values = {}, {}
+        if p:
+            for i in range(self.num_layers):
+                entries, _ = kv.gather(i, [slot])
+                keys[f"decoder.{i}"], values[f"decoder.{i}"] = entries[0, None, :, :p], entries[1, None, :, :p]
         captured: dict = {}
         state = PrefixKV(keys, values, torch.ones(1, p, dtype=torch.bool), capture=captured)
-        n = len(prompt)
         ids = torch.tensor([prompt])
         logits = self._run(ids, torch.arange(p, p + n)[None], state, torch.tensor([n - 1]))
-        for i in range(self.num_layers):
-            k, v = captured[f"decoder.{i}"]
-            kv.k[i, slot, :, p: p + n] = k[0]
-            kv.v[i, slot, :, p: p + n] = v[0]
+        self._write([slot] * n, list(range(p, p + n)), captured, n)
         return logits[0]
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         kv = self.kv
         b = tokens.shape[0]
-        span = kv.span(int(positions.max()) + 1)
-        keys = {f"decoder.{i}": kv.k[i, :b, :, :span] for i in range(self.num_layers)}
-        values = {f"decoder.{i}": kv.v[i, :b, :, :span] for i in range(self.num_layers)}
+        slots, where = list(range(b)), positions.tolist()
+        span = kv.span(max(where) + 1)
+        keys, values = {}, {}
+        for i in range(self.num_layers):
+            entries = kv.padded(i, slots, span)
+            keys[f"decoder.{i}"], values[f"decoder.{i}"] = entries[0], entries[1]
         # the token sees its row's entries before it; itself it sees as the one "real" key
         mask = torch.arange(span)[None, :] < positions[:, None]
         captured: dict = {}
         logits = self._run(tokens[:, None], positions[:, None], PrefixKV(keys, values, mask, capture=captured))
-        rows = torch.arange(b)
-        for i in range(self.num_layers):
-            k, v = captured[f"decoder.{i}"]
-            kv.k[i][rows, :, positions] = k[:, :, 0]
-            kv.v[i][rows, :, positions] = v[:, :, 0]
+        self._write(slots, where, captured, 1)
         return logits
 
     def move(self, src: int, dst: int, length: int):
         self.kv.move(src, dst, length)
+
+    def release(self, slot: int):
+        self.kv.release(slot)
+
+    def fork(self, src: int, dst: int, length: int):
+        self.kv.fork(src, dst, length)
 
 
 class RowWise:
@@ -81,7 +94,7 @@ class RowWise:
         self.states: dict[int, _Decoder] = {}
         cache.install(model)
 
-    def prefill(self, batch: list[tuple[int, object, list[int]]]) -> torch.Tensor:
+    def prefill(self, batch: list[tuple[int, object, list[int]]], totals=None) -> torch.Tensor:
         return torch.stack([self._prefill(*row) for row in batch])
 
     @torch.no_grad()

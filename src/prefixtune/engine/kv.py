@@ -1,56 +1,209 @@
-"""Preallocated key/value slots: one slot per running row, filled in place, never grown by copying.
+"""Paged keys/values: a pool of fixed-size blocks, taken by traffic, shared read-only by prefix.
 
-`k` and `v` are (layers, max_batch, kv_heads, max_len, head_dim) views of one buffer laid out as
-(layers, 2, max_batch, kv_heads, max_len, head_dim), so one indexed copy per layer writes a step's
-keys and values together (`flat`, `write_index`). A row owns one slot; entry j of the slot holds
-the keys/values of the row's position j. A prefix is simply what is already there
-at admission: its P keys (post-RoPE, as a cache holds them) are copied into entries 0..P-1, and the
-row's real tokens follow from entry P, exactly where a cached prompt of P tokens would sit.
+The pool is one buffer laid out as (layers, 2, kv_heads, blocks, block_size, head_dim): block b
+of layer l holds `block_size` consecutive entries (positions) of one row, keys and values. A row
+(a "slot": the engine's running index, or a key above max_batch while it is being prefilled) owns a
+block table, its blocks in position order; entry j of the row is entry j % block_size of block
+table[j // block_size]. The pool starts empty and doubles when it runs out of free blocks, up to
+`max_blocks` (enough for every row at max_len); block 0 is never handed out: it stays zeros, the
+padding of the batched (`exact=False`) gather.
 
-Running rows occupy slots 0..B-1, so a step attends over `k[l, :B, :, :L]`, a view. When a row
-leaves, the last row moves into its slot (one copy of that row's filled entries).
+A prefix's keys/values (post-RoPE, as a cache holds them) are written once into blocks of their own
+and kept in a small LRU keyed by the prefix tensor's identity (the entry holds the tensor, so the id
+stays its own). A row using the prefix references its full blocks (a refcount each) and copies only
+its partly-filled last block, since the row's own tokens follow there. `fork` shares a row's full
+blocks the same way (copy-on-write: a full block is never written again). A block returns to the
+free list when nothing references it: no row and no cached prefix.
+
+Attention reads a row's entries with one gather per layer (`gather`: all rows' tables at once), so
+a row attends over exactly its own entries, contiguous, as in a slot of its own.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
 
-class SlotKV:
+class PagedKV:
     def __init__(self, num_layers: int, max_batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device="cpu", bucket: int = 32):
-        # zeros, not empty: masked entries are multiplied by a zero weight, and 0 * NaN would be NaN
-        self.buffer = torch.zeros(num_layers, 2, max_batch, num_kv_heads, max_len, head_dim, dtype=dtype,
-                                  device=device)
-        self.k, self.v = self.buffer[:, 0], self.buffer[:, 1]
-        self.max_batch, self.max_len, self.bucket = max_batch, max_len, bucket
-        self.kv_heads, self.head_dim = num_kv_heads, head_dim
+                 dtype: torch.dtype, device="cpu", block_size: int = 16, cached_prefixes: int = 64,
+                 initial_blocks: int = 0):
+        self.layers, self.kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.max_batch, self.max_len, self.block_size = max_batch, max_len, block_size
+        self.dtype, self.device = dtype, device
+        # every row at max_len (running and being prefilled: max_batch in all), each with its prefix's
+        # partly-filled last block held by the cache too; at the cap, cached prefixes no row uses are dropped
+        per_row = -(-max_len // block_size) + 1
+        self.max_blocks = 1 + max_batch * per_row
+        self.buffer = self._zeros(1 + initial_blocks)
+        self.refs = [0] * self.num_blocks
+        self.free = list(range(self.num_blocks - 1, 0, -1))
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+        self.prefixes: OrderedDict[int, tuple[torch.Tensor, list[int], int]] = OrderedDict()
+        self.cached_prefixes = cached_prefixes
 
-    def flat(self, layer: int) -> torch.Tensor:
-        """Layer `layer` as rows of head_dim: row ((kind * max_batch + slot) * kv_heads + head) * max_len + position."""
-        return self.buffer[layer].view(-1, self.head_dim)
+    def _zeros(self, blocks: int) -> torch.Tensor:
+        # zeros, not empty: padded entries are multiplied by a zero weight, and 0 * NaN would be NaN
+        return torch.zeros(self.layers, 2, self.kv_heads, blocks, self.block_size, self.head_dim, dtype=self.dtype,
+                           device=self.device)
 
-    def write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rows of `flat` for tokens at (slot, position): (tokens * 2 * kv_heads,), in the order of a
-        projection's key heads then value heads, as they sit in a fused qkv output."""
-        j = torch.arange(2 * self.kv_heads, device=slots.device)
-        kind, head = j // self.kv_heads, j % self.kv_heads
-        rows = (kind[None, :] * self.max_batch + slots[:, None]) * self.kv_heads + head[None, :]
-        return (rows * self.max_len + positions[:, None]).reshape(-1)
+    @property
+    def num_blocks(self) -> int:
+        return self.buffer.shape[3]
 
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
+    @property
+    def nbytes_per_block(self) -> int:
+        return self.nbytes // self.num_blocks
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.num_blocks - 1 - len(self.free)
+
+    # -- blocks --------------------------------------------------------------------------------
+    def _grow(self):
+        if self.num_blocks >= self.max_blocks:
+            raise RuntimeError(f"the KV pool is full ({self.max_blocks} blocks)")
+        old = self.num_blocks
+        new = min(self.max_blocks, max(2 * old, 16))
+        buffer = self._zeros(new)
+        buffer[:, :, :, :old] = self.buffer
+        self.buffer = buffer
+        self.refs += [0] * (new - old)
+        self.free = list(range(new - 1, old - 1, -1)) + self.free
+
+    def _alloc(self) -> int:
+        while not self.free:
+            unused = next((key for key, (_, blocks, _) in self.prefixes.items()
+                           if all(self.refs[b] == 1 for b in blocks)), None)
+            if unused is not None and self.num_blocks >= self.max_blocks:
+                self._drop_prefix(unused)  # at the cap: a cached prefix no row uses gives its blocks back
+            else:
+                self._grow()
+        block = self.free.pop()
+        self.refs[block] = 1
+        return block
+
+    def _unref(self, blocks):
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
+
+    def _copy_block(self, src: int, dst: int, entries: int):
+        self.buffer[:, :, :, dst, :entries] = self.buffer[:, :, :, src, :entries]
+
+    # -- rows ----------------------------------------------------------------------------------
+    def length(self, slot: int) -> int:
+        return self.lengths.get(slot, 0)
+
+    def reserve(self, slot: int, length: int):
+        """Blocks for the slot's entries up to `length` (not yet written)."""
+        table = self.tables.setdefault(slot, [])
+        while len(table) * self.block_size < length:
+            table.append(self._alloc())
+        self.lengths[slot] = max(self.lengths.get(slot, 0), length)
+
+    def attach_prefix(self, slot: int, key: torch.Tensor):
+        """Start the slot's row with a prefix: its full blocks shared, its last partial block copied.
+        `key` is the prefix's P of the decoder group, (len, layers*2*H*D); its identity names it."""
+        self.release(slot)
+        cached = self.prefixes.get(id(key))  # the entry holds its tensor: an id in the cache is that tensor's
+        if cached is None:
+            kv = prefix_to_kv(key.to(self.device), self.kv_heads, self.head_dim, self.dtype)
+            length = kv.shape[3]
+            blocks = [self._alloc() for _ in range(-(-length // self.block_size))]
+            for i, b in enumerate(blocks):
+                part = kv[:, :, :, i * self.block_size: (i + 1) * self.block_size]
+                self.buffer[:, :, :, b, : part.shape[3]] = part
+            cached = (key, blocks, length)
+            self.prefixes[id(key)] = cached
+            while len(self.prefixes) > self.cached_prefixes:
+                self._drop_prefix(next(iter(self.prefixes)))
+        self.prefixes.move_to_end(id(key))
+        _, blocks, length = cached
+        full, tail = divmod(length, self.block_size)
+        table = blocks[:full]
+        for b in table:
+            self.refs[b] += 1
+        if tail:
+            own = self._alloc()
+            self._copy_block(blocks[full], own, tail)
+            table = table + [own]
+        self.tables[slot], self.lengths[slot] = table, length
+
+    def _drop_prefix(self, key_id: int):
+        _, blocks, _ = self.prefixes.pop(key_id)
+        self._unref(blocks)
+
+    def release(self, slot: int):
+        self._unref(self.tables.pop(slot, []))
+        self.lengths.pop(slot, None)
+
+    def move(self, src: int, dst: int, length: int | None = None):
+        """The row in `src` now sits in `dst` (whose row has left): its table changes hands, no copy."""
+        self.release(dst)
+        self.tables[dst] = self.tables.pop(src, [])
+        self.lengths[dst] = self.lengths.pop(src, 0)
+
+    def fork(self, src: int, dst: int, length: int):
+        """dst's row starts as the first `length` entries of src's: src's full blocks shared (never written
+        again: both rows write from `length` on), the partly-filled last one copied."""
+        self.release(dst)
+        full, tail = divmod(length, self.block_size)
+        table = self.tables[src][:full]
+        for b in table:
+            self.refs[b] += 1
+        if tail:
+            own = self._alloc()
+            self._copy_block(self.tables[src][full], own, tail)
+            table = table + [own]
+        self.tables[dst], self.lengths[dst] = table, length
+
+    # -- reading and writing -------------------------------------------------------------------
+    def flat(self, layer: int) -> torch.Tensor:
+        """Layer `layer` as rows of head_dim: row ((kind * kv_heads + head) * blocks + block) * block_size + entry."""
+        return self.buffer[layer].view(-1, self.head_dim)
+
+    def write_index(self, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Rows of `flat` for tokens at (slot, position), blocks reserved: (tokens * 2 * kv_heads,), in
+        the order of a projection's key heads then value heads, as they sit in a fused qkv output."""
+        bs = self.block_size
+        for slot, pos in zip(slots, positions):
+            if pos >= self.lengths.get(slot, 0):
+                self.reserve(slot, pos + 1)
+        entries = torch.tensor([self.tables[s][p // bs] * bs + p % bs for s, p in zip(slots, positions)])
+        j = torch.arange(2 * self.kv_heads)
+        return (j[None, :] * (self.num_blocks * bs) + entries[:, None]).reshape(-1)
+
+    def gather(self, layer: int, slots: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Every slot's blocks of one layer, in one copy: (2, H, entries, D), and where each slot starts.
+        Slot s's entries are [start, start + length(s)), contiguous, exactly its own."""
+        tables = [self.tables[s] for s in slots]
+        index = torch.tensor([b for t in tables for b in t])
+        out = self.buffer[layer].index_select(2, index)
+        starts, at = [], 0
+        for t in tables:
+            starts.append(at)
+            at += len(t) * self.block_size
+        return out.view(2, self.kv_heads, -1, self.head_dim), starts
+
+    def padded(self, layer: int, slots: list[int], span: int) -> torch.Tensor:
+        """The slots' first `span` entries side by side, (2, rows, H, span, D); past a row's blocks, zeros."""
+        blocks = -(-span // self.block_size)
+        index = torch.tensor([(self.tables[s] + [0] * blocks)[:blocks] for s in slots]).reshape(-1)
+        out = self.buffer[layer].index_select(2, index)       # (2, H, rows * blocks, bs, D)
+        out = out.view(2, self.kv_heads, len(slots), blocks * self.block_size, self.head_dim)[:, :, :, :span]
+        return out.transpose(1, 2)
+
     def span(self, longest: int) -> int:
-        """Entries a step attends over: the longest row rounded up to a bucket, so shapes repeat."""
-        return min(self.max_len, -(-longest // self.bucket) * self.bucket)
-
-    def write_prefix(self, slot: int, kv: torch.Tensor):
-        """kv: (layers, 2, kv_heads, P, head_dim), already in the cache dtype."""
-        self.buffer[:, :, slot, :, : kv.shape[3]] = kv
-
-    def move(self, src: int, dst: int, length: int):
-        self.buffer[:, :, dst, :, :length] = self.buffer[:, :, src, :, :length]
+        """Entries a batched step attends over: the longest row rounded up to a block, so shapes repeat."""
+        return -(-longest // self.block_size) * self.block_size
 
 
 def prefix_to_kv(p: torch.Tensor, num_kv_heads: int, head_dim: int, dtype) -> torch.Tensor:

@@ -14,9 +14,9 @@ forward, and a row's bits never depend on the rows around it:
     the row alone up to near-ties.
 What it drops is the per-call machinery: q/k/v and gate/up are one matmul each (concatenated once),
 bf16 weights are prepacked for oneDNN once, RoPE is applied to queries and keys in one pass with a
-precomputed table, keys and values reach the `SlotKV` in one indexed copy per layer, and a decode
-step attends over the running rows' slots up to the longest row rounded up to a bucket, with one
-additive mask per step. A prefill runs all admitted prompts together layer by layer, so each
+precomputed table, keys and values reach the rows' `PagedKV` blocks in one indexed copy per layer,
+and attention reads them with one gather per layer (`exact=False`: padded to the longest row
+rounded up to a block, with one additive mask per step). A prefill runs all admitted prompts together layer by layer, so each
 layer's weights are read from memory once for all of them.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .kv import SlotKV
+from .kv import PagedKV
 
 
 def supports(model) -> bool:
@@ -85,7 +85,7 @@ def _rms_norm(x, weight, eps):
 
 
 class LlamaFast:
-    def __init__(self, model, kv: SlotKV, dtype: torch.dtype, exact: bool = True):
+    def __init__(self, model, kv: PagedKV, dtype: torch.dtype, exact: bool = True):
         cfg = model.config
         self.kv, self.exact = kv, exact
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -138,42 +138,52 @@ class LlamaFast:
         return h + (layer.down(act) if bounds is None else layer.down.segments(act, bounds))
 
     @torch.no_grad()
-    def prefill(self, batch: list[tuple[int, torch.Tensor | None, list[int]]]) -> torch.Tensor:
-        """Admit rows: (slot, prefix (layers, 2, H, P, D) or None, prompt). Writes each prefix and prompt
-        into its slot; returns each row's last-position logits in fp32, (rows, vocab)."""
+    def prefill(self, batch: list[tuple[int, torch.Tensor | None, list[int]]], totals: list[int] | None = None
+                ) -> torch.Tensor:
+        """Prefill rows, or a chunk of each: (slot, prefix P or None, prompt tokens). A prefix starts the
+        slot's row (its blocks attached); the tokens follow what the slot holds already. `totals`: the
+        entries each row holds once its whole prompt is in; a chunk attends over that many keys, the
+        ones not written yet masked, so its queries get the bits of the whole prompt's prefill (the CPU
+        flash kernel's sums depend on the key length). Returns each row's last-position logits in fp32,
+        (rows, vocab)."""
         kv = self.kv
-        bounds, slots, positions, ids, spans = [], [], [], [], []
+        bounds, spans, slots, positions, ids = [], [], [], [], []
         start = 0
         for slot, prefix, prompt in batch:
-            p = 0 if prefix is None else prefix.shape[3]
             if prefix is not None:
-                kv.write_prefix(slot, prefix)
-            n = len(prompt)
+                kv.attach_prefix(slot, prefix)
+            p, n = kv.length(slot), len(prompt)
             bounds.append((start, start + n))
-            spans.append((slot, p, n))
+            spans.append((p, n))
             slots += [slot] * n
-            positions.append(torch.arange(p, p + n))
+            positions += range(p, p + n)
             ids += prompt
             start += n
-        positions = torch.cat(positions)
-        index = kv.write_index(torch.tensor(slots), positions)
+        index = kv.write_index(slots, positions)
+        positions = torch.tensor(positions)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]    # (tokens, 1, D)
-        # query i of a row (position p + i) sees entries 0..p+i: the prefix and the prompt up to itself
-        masks = [(torch.arange(p + n)[None, :] <= torch.arange(p, p + n)[:, None])[None, None] for _, p, n in spans]
+        # query i of a row (position p + i) sees entries 0..p+i: the prefix, earlier chunks, the prompt up to itself
+        totals = totals or [p + n for p, n in spans]
+        masks = [(torch.arange(t)[None, :] <= torch.arange(p, p + n)[:, None])[None, None]
+                 for (p, n), t in zip(spans, totals)]
+        rows = [slot for slot, _, _ in batch]
         h = self.embed[torch.tensor(ids)]
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.ln1, layer.eps1)
             qkv = layer.qkv.segments(x, bounds)
             self._rope_in_place(qkv, cos, sin)
             kv.flat(i).index_copy_(0, index, qkv[:, self.q_dim:].reshape(-1, self.head_dim))
+            entries, starts = kv.gather(i, rows)
             outs = []
-            for (a, b), (slot, p, n), mask in zip(bounds, spans, masks):
+            for (a, b), (p, n), s, t, mask in zip(bounds, spans, starts, totals, masks):
                 q = qkv[a:b, : self.q_dim].view(n, self.heads, self.head_dim).transpose(0, 1)
-                keys, values = kv.k[i, slot, :, : p + n], kv.v[i, slot, :, : p + n]
+                keys, values = entries[0, :, s: s + t], entries[1, :, s: s + t]
+                if keys.shape[1] < t:  # a chunk: the keys still to come, as zeros (masked)
+                    keys, values = (F.pad(x, (0, 0, 0, t - x.shape[1])) for x in (keys, values))
                 if self.rep > 1:  # transformers' repeat_kv for a multi-token query
-                    shape = (self.kv_heads, self.rep, p + n, self.head_dim)
-                    keys = keys[:, None].expand(shape).reshape(self.heads, p + n, self.head_dim)
-                    values = values[:, None].expand(shape).reshape(self.heads, p + n, self.head_dim)
+                    shape = (self.kv_heads, self.rep, t, self.head_dim)
+                    keys = keys[:, None].expand(shape).reshape(self.heads, t, self.head_dim)
+                    values = values[:, None].expand(shape).reshape(self.heads, t, self.head_dim)
                 o = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=self.scale)
                 outs.append(o[0].transpose(0, 1).reshape(n, self.q_dim))
             h = h + layer.o.segments(torch.cat(outs) if len(outs) > 1 else outs[0], bounds)
@@ -187,12 +197,20 @@ class LlamaFast:
         """One token for each running row (slots 0..B-1) at its position; fp32 logits (B, vocab)."""
         kv = self.kv
         b = tokens.shape[0]
-        index = kv.write_index(torch.arange(b), positions)
+        slots, where = list(range(b)), positions.tolist()
+        index = kv.write_index(slots, where)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, D)
         if self.exact:
-            lengths = (positions + 1).tolist()
+            # rows of one length (and so as many blocks) attend in one call: the flash kernel computes each
+            # batch entry on its own, so a row's bits are those of its own call; the gather puts a group's
+            # rows side by side, blocks of equal count, so the group is a strided view (no copy)
+            groups: dict[tuple[int, int], list[int]] = {}
+            for r, n in enumerate(where):
+                groups.setdefault((n + 1, len(kv.tables[r])), []).append(r)
+            order = [r for rows in groups.values() for r in rows]
+            pick = [torch.tensor(rows) for rows in groups.values()]
         else:
-            span = kv.span(int(positions.max()) + 1)
+            span = kv.span(max(where) + 1)
             visible = torch.arange(span)[None, :] <= positions[:, None]
             mask = torch.zeros(b, 1, 1, span, dtype=self.dtype).masked_fill_(~visible[:, None, None], float("-inf"))
         h = self.embed[tokens]
@@ -203,13 +221,20 @@ class LlamaFast:
             kv.flat(i).index_copy_(0, index, qkv[:, self.q_dim:].reshape(-1, self.head_dim))
             # one query: its heads packed by key/value head (transformers' pack_gqa), no repeat_kv
             q = qkv[:, : self.q_dim].view(b, self.kv_heads, self.rep, self.head_dim)
-            if self.exact:
-                keys, values = kv.k[i], kv.v[i]
-                o = torch.cat([F.scaled_dot_product_attention(q[r: r + 1], keys[r: r + 1, :, :n], values[r: r + 1, :, :n],
-                                                              scale=self.scale) for r, n in enumerate(lengths)])
+            if self.exact:  # each row over exactly its own entries, gathered from its blocks
+                entries, starts = kv.gather(i, order)
+                o = q.new_empty(q.shape)
+                at = 0
+                for ((n, blocks), rows), members in zip(groups.items(), pick):
+                    g, width = len(rows), blocks * kv.block_size
+                    s = starts[at]
+                    group = entries[:, :, s: s + g * width].view(2, self.kv_heads, g, width, self.head_dim)
+                    group = group[:, :, :, :n].transpose(1, 2)                  # (2, g, H, n, D)
+                    o[members] = F.scaled_dot_product_attention(q[members], group[0], group[1], scale=self.scale)
+                    at += g
             else:
-                o = F.scaled_dot_product_attention(q, kv.k[i, :b, :, :span], kv.v[i, :b, :, :span], attn_mask=mask,
-                                                   scale=self.scale)
+                entries = kv.padded(i, slots, span)
+                o = F.scaled_dot_product_attention(q, entries[0], entries[1], attn_mask=mask, scale=self.scale)
             h = h + layer.o(o.reshape(b, self.q_dim))
             h = self._mlp(layer, h)
         h = _rms_norm(h, self.norm, self.norm_eps)
@@ -217,3 +242,9 @@ class LlamaFast:
 
     def move(self, src: int, dst: int, length: int):
         self.kv.move(src, dst, length)
+
+    def release(self, slot: int):
+        self.kv.release(slot)
+
+    def fork(self, src: int, dst: int, length: int):
+        self.kv.fork(src, dst, length)

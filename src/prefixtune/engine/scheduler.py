@@ -2,9 +2,14 @@
 
 Requests may arrive and be cancelled from any thread; they land in an inbox under a lock and the
 stepping thread takes them at the start of its next step. Each step, rows that were cancelled or
-ran past their deadline leave (waiting or running), and waiting rows are admitted while a slot is
-free and the step's prefill budget (prompt tokens) lasts; one row is always admitted when a slot is
-free, so a long prompt cannot starve.
+ran past their deadline leave (waiting, being prefilled or running), and the step's prefill budget
+(`max_prefill_tokens` prompt tokens) goes first to rows whose prompt is partly prefilled, then to
+waiting rows admitted while a slot is free. Prefill is chunked (paged backends): a prompt longer
+than what is left of the budget is prefilled in pieces over several steps, decode steps in between,
+so no step prefills more than the budget whatever one request sends; one row is always admitted
+when a slot is free and nothing else prefills, so a long prompt cannot starve. A row being
+prefilled holds one of the max_batch places, under a slot number above max_batch, and takes the
+next running slot when its last chunk is in.
 
 Admission is fair across tenants (`Request.tenant`; LoRAX's fair scheduling across adapters is the
 model). Each tenant with work (running or waiting) has a share of the slots, max_batch / tenants,
@@ -45,6 +50,7 @@ class Row:
     length: int = 0                # cache entries filled: prefix + prompt + tokens fed back
     last_token: int = -1           # sampled, not yet fed back
     preempted: bool = False        # waiting again after running: its prefill recomputes its tokens so far
+    prefilled: int = 0             # of prefill_ids(), the tokens already in the cache (chunked prefill)
 
     @property
     def request_id(self) -> str:
@@ -61,14 +67,16 @@ class Row:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_prefill_tokens: int, preemptive: bool = False):
+    def __init__(self, max_batch: int, max_prefill_tokens: int, preemptive: bool = False, chunked: bool = False):
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
-        self.preemptive = preemptive      # slot backends can rebuild a row's cache; per-row states cannot
+        self.preemptive = preemptive      # paged backends can rebuild a row's cache; per-row states cannot
+        self.chunked = chunked            # paged backends can prefill a prompt in pieces
         self._lock = threading.Lock()
         self._inbox: deque[Row] = deque()
         self._cancelled: set[str] = set()
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []      # running[i].slot == i
+        self.prefilling: list[Row] = []   # admitted, prompt partly in the cache; slots max_batch and up
         self.preemptions = 0
 
     # -- any thread ----------------------------------------------------------------------------
@@ -82,7 +90,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._inbox or self.waiting or self.running)
+            return bool(self._inbox or self.waiting or self.running or self.prefilling)
 
     # -- the stepping thread -------------------------------------------------------------------
     def leaving(self, now: float) -> list[tuple[Row, str]]:
@@ -92,7 +100,7 @@ class Scheduler:
             self._inbox.clear()
             cancelled, self._cancelled = self._cancelled, set()
         out = []
-        for row in list(self.waiting) + self.running:
+        for row in list(self.waiting) + self.prefilling + self.running:
             if row.request_id in cancelled:
                 out.append((row, "cancelled"))
             elif row.deadline is not None and now >= row.deadline:
@@ -102,13 +110,40 @@ class Scheduler:
         return out
 
     def _held(self) -> Counter:
-        return Counter(row.tenant for row in self.running)
+        return Counter(row.tenant for row in self.running + self.prefilling)
+
+    def prefill_work(self) -> list[tuple[Row, list[int], bool]]:
+        """This step's prompt tokens, (row, tokens, first chunk?): rows being prefilled go on (oldest first),
+        then admitted rows start. Chunked, a step never takes more than max_prefill_tokens in all: a row
+        takes what is left of the budget and goes on at the next step, between two decode steps."""
+        budget, work = self.max_prefill_tokens, []
+        for row in self.prefilling:
+            if budget <= 0:
+                break
+            chunk = row.prefill_ids()[row.prefilled: row.prefilled + budget]
+            work.append((row, chunk, False))
+            budget -= len(chunk)
+        if budget > 0:
+            for row in self.admit(budget, busy=bool(work)):
+                ids = row.prefill_ids()
+                chunk = ids[:budget] if self.chunked else ids
+                row.slot, row.prefilled = self._prefill_slot(), 0
+                self.prefilling.append(row)
+                work.append((row, chunk, True))
+                budget -= len(chunk)
+        for row, chunk, _ in work:
+            row.prefilled += len(chunk)
+        return work
+
+    def _prefill_slot(self) -> int:
+        taken = {row.slot for row in self.prefilling}
+        return next(s for s in range(self.max_batch, 2 * self.max_batch + 1) if s not in taken)
 
     def _share(self, held: Counter) -> float:
         tenants = set(held) | {row.tenant for row in self.waiting}
         return self.max_batch / max(len(tenants), 1)
 
-    def admit(self) -> list[Row]:
+    def admit(self, budget: int | None = None, busy: bool = False) -> list[Row]:
         """Waiting rows that join the batch this step (not yet placed): one at a time to the waiting tenant
         holding the fewest slots, while slots are free and the prefill budget lasts; each tenant's rows take
         at most its share of the budget (the budget / tenants with work), since a step's prefill holds
@@ -120,12 +155,12 @@ class Scheduler:
         order = {tenant: i for i, tenant in enumerate(queues)}  # the tenant whose oldest row came first wins a tie
         share = self.max_prefill_tokens / max(len(set(held) | set(queues)), 1)
         spent: Counter = Counter()
-        out, budget = [], self.max_prefill_tokens
-        while queues and len(self.running) + len(out) < self.max_batch:
+        out, budget = [], self.max_prefill_tokens if budget is None else budget
+        while queues and len(self.running) + len(self.prefilling) + len(out) < self.max_batch:
             tenant = min(queues, key=lambda t: (held[t], order[t]))
             row = queues[tenant][0]
             cost = len(row.prefill_ids())
-            if out and (cost > budget or spent[tenant] + cost > share):  # waits for the next step; others may fit
+            if (out or busy) and (cost > budget or spent[tenant] + cost > share):  # waits for the next step; others may fit
                 del queues[tenant]
                 continue
             queues[tenant].popleft()
@@ -148,7 +183,7 @@ class Scheduler:
         share = self._share(held)
         waiting = Counter(row.tenant for row in self.waiting)
         wanted = sum(min(n, max(math.ceil(share) - held[t], 0)) for t, n in waiting.items() if held[t] < share)
-        short = wanted - (self.max_batch - len(self.running))
+        short = wanted - (self.max_batch - len(self.running) - len(self.prefilling))
         out = []
         while short > 0:
             over = [t for t in held if held[t] - 1 >= share]  # a victim stays at or above its share
@@ -169,12 +204,20 @@ class Scheduler:
         self.preemptions += len(rows)
 
     def place(self, row: Row) -> int:
+        """The row runs (its prefill done): it takes the next running slot."""
+        if row in self.prefilling:
+            self.prefilling.remove(row)
         row.slot = len(self.running)
         self.running.append(row)
         return row.slot
 
     def remove(self, row: Row) -> tuple[Row, int, int] | None:
-        """Take a running row out; the last row fills its slot. Returns (moved row, from, to) or None."""
+        """Take a row out (running or being prefilled); the last running row fills a running row's slot.
+        Returns (moved row, from, to) or None."""
+        if row in self.prefilling:
+            self.prefilling.remove(row)
+            row.slot = -1
+            return None
         slot, last = row.slot, self.running.pop()
         row.slot = -1
         if last is row:

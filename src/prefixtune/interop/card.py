@@ -196,13 +196,13 @@ def _usage(name: str, fmt: str, base: str) -> list[str]:
              f"prefixtune generate --model {base} --prefix {folder} 'name : The Eagle | Type : pub'",
              "```", "", "```python",
              "from prefixtune.bank import PrefixBank",
-             "from prefixtune.prefix_file import ExportedPrefix",
              "from prefixtune.models import load_base_model", "",
              f"model, tokenizer = load_base_model({base!r})",
              "bank = PrefixBank(model, tokenizer)",
              f"bank.add({name!r}, {folder!r})   # checked against the model; mixed batches with other prefixes"]
     if fmt != "peft":
-        lines.append(f"prefix = ExportedPrefix.from_pretrained('USER/{name}')   # or a local folder")
+        lines += ["from prefixtune.interop.hub import from_pretrained",
+                  f"prefix = from_pretrained('USER/{name}')   # or a local folder"]
     put = f"curl -X PUT -H 'Authorization: Bearer KEY' localhost:8000/v1/prefixes/{name} --data-binary"
     upload = (f"(cd {folder} && zip - adapter_config.json adapter_model.safetensors) | {put} @-" if fmt == "peft"
               else f"{put} @{folder}/prefix.safetensors")

@@ -68,8 +68,9 @@ def check_export_dir(out: Path, overwrite: bool = False):
 def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "best", allow_lossy: bool = False,
                   overwrite: bool = False) -> Path:
     """Write SOURCE (a run dir, a prefix file or a prefixtune folder) as an HF-style or PEFT folder with a card."""
-    from ..prefix_file import load_prefix
     from ..checkpoint import CHECKPOINT
+    from .folders import load_any
+    from .hub import save_pretrained
     from .card import find_scores
 
     if fmt not in FORMATS:
@@ -80,9 +81,9 @@ def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "bes
     if source.is_dir() and (source / CHECKPOINT).is_file():
         exported, card = prefix_from_run(source, which)
     else:
-        exported, card = load_prefix(source), {}
+        exported, card = load_any(source), {}
     card["scores"] = find_scores(source if source.is_dir() else source.parent)
-    exported.save_pretrained(out, FORMATS[fmt], allow_lossy, name=out.resolve().name, **card)
+    save_pretrained(exported, out, FORMATS[fmt], allow_lossy, name=out.resolve().name, **card)
     return out
 
 

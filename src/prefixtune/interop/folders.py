@@ -30,6 +30,12 @@ META_TYPES = tuple(META_NAMES)
 BLOCK = tarfile.BLOCKSIZE
 
 
+def load_any(path, spec: ModelSpec | None = None) -> ExportedPrefix:
+    """A prefix from a file, our HF-style folder (prefix.safetensors + README.md) or a PEFT prefix-tuning
+    adapter folder, checked against `spec` when given: what a user may name as a prefix."""
+    return load_folder(path, spec) if Path(path).is_dir() else load_prefix(path, spec)
+
+
 def load_folder(folder, spec: ModelSpec | None = None) -> ExportedPrefix:
     """A prefix from our HF-style folder or a PEFT adapter folder, checked against `spec` when given."""
     folder = Path(folder)

@@ -12,11 +12,11 @@ import torch
 
 from ..atomic import atomic_write_bytes
 
-from ..prefix_file import ExportedPrefix, PrefixFileError, load_prefix, prefix_to_bytes
+from ..prefix_file import ExportedPrefix, PrefixFileError, prefix_to_bytes
 from ..models import ModelSpec
 from . import peft
 from .card import model_card
-from .folders import CARD_FILE, PREFIX_FILE, load_folder
+from .folders import CARD_FILE, PREFIX_FILE, load_any, load_folder
 
 HUB_FILES = [PREFIX_FILE, peft.CONFIG_FILE, peft.WEIGHTS_FILE, CARD_FILE]
 
@@ -69,7 +69,7 @@ def from_pretrained(name_or_path, spec: ModelSpec | None = None, revision: str |
     With `spec`, it is checked against that base model (and a PEFT adapter needs one to be read).
     """
     if Path(name_or_path).exists():
-        return load_prefix(name_or_path, spec)  # a file or a folder
+        return load_any(name_or_path, spec)
     return load_folder(pull(str(name_or_path), revision), spec)
 
 

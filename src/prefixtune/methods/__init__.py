@@ -11,22 +11,13 @@ from .embedding import EmbeddingMethod
 from .finetune import FinetuneMethod
 from .infix import InfixMethod
 from .prefix import PrefixMethod
+from ..run_dir import EXPORT_FILES  # what `train` writes for each method
 
 METHODS: dict[str, type[Method]] = {
     "prefix": PrefixMethod, "prefix-flat": PrefixMethod,
     "embedding-only": EmbeddingMethod, "infix": InfixMethod,
     "finetune": FinetuneMethod, "finetune-top2": FinetuneMethod,
     "adapter": AdapterMethod,
-}
-
-
-# What `train` writes for each method, named for what the file holds. Prefix files are the shipped
-# format (`prefixtune.prefix/1`); the others hold the trained weights (`prefixtune.weights/1`).
-EXPORT_FILES: dict[str, str] = {
-    "prefix": "prefix.safetensors", "prefix-flat": "prefix.safetensors",
-    "embedding-only": "prompt-embeddings.safetensors", "infix": "infix.safetensors",
-    "finetune": "finetuned-model.safetensors", "finetune-top2": "finetuned-top2-layers.safetensors",
-    "adapter": "adapters.safetensors",
 }
 
 

@@ -3,8 +3,8 @@
 Handlers `submit` jobs (one per choice) as with the window `Batcher` and await their futures or
 streams. At the start of each cycle the worker takes the new jobs: it encodes each prompt, takes
 the row's prefix from the bank (`bank.get`) and adds a `Request` to the engine. That is the row's
-admission: a PUT replacing a prefix affects only rows admitted after it, since a running row holds
-its own copy of the keys/values in its slot. Then it steps the engine while the engine has work
+admission: a PUT replacing a prefix affects only rows admitted after it, since the engine keys a
+prefix's KV blocks by the prefix tensor and a running row keeps the blocks it started with. Then it steps the engine while the engine has work
 (a request arriving during a long batch joins at the next step), maps each `TokenEvent` to its job
 (stream callback, then the future) and waits on a condition when idle. A job whose request gave
 up (client gone, timed out) is cancelled in the engine: its row leaves at the next step.
@@ -135,8 +135,8 @@ class EngineWorker(WorkerHealth):
 
     # -- the worker --------------------------------------------------------------------------
     def _run(self):
-        log.info("engine worker started (%s, %s, %d slots of %d entries)", self.engine.path, self.engine.dtype,
-                 self.engine.max_batch, self.engine.max_len)
+        log.info("engine worker started (%s, %s, %d rows of up to %d entries, KV blocks by traffic)",
+                 self.engine.path, self.engine.dtype, self.engine.max_batch, self.engine.max_len)
         while not self._stopping:
             try:
                 self._cycle()

@@ -25,7 +25,7 @@ def serve(model: str, store: str | Path, host: str = "127.0.0.1", port: int = 80
 
     from ..models import resolve_device
 
-    resolve_device(device)  # a wrong --device fails before the model loads
+    where = resolve_device(device)  # a wrong --device fails before the model loads
     keys = KeyRing.load(keys_file)
     if not len(keys):
         raise ValueError(f"no API keys: set ${ENV_VAR}='key:tenant,...' or pass --keys-file")
@@ -33,7 +33,12 @@ def serve(model: str, store: str | Path, host: str = "127.0.0.1", port: int = 80
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base, tokenizer = load_base_model(model, device=device)
+    # the model in the engine's dtype, and only that copy: the engine decodes every request (the window
+    # scheduler decodes on the model itself, in fp32 as before)
+    from ..engine import resolve_dtype
+
+    dtype = resolve_dtype(settings.dtype, where) if settings.scheduler == "engine" else torch.float32
+    base, tokenizer = load_base_model(model, dtype=dtype, device=device)
     app = create_app(base, tokenizer, settings, keys)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
