@@ -74,6 +74,9 @@ class HFDecoder:
     def move(self, src: int, dst: int, length: int):
         self.kv.move(src, dst, length)
 
+    def fork(self, src: int, dst: int, length: int):
+        self.kv.fork(src, dst, length)
+
 
 class RowWise:
     def __init__(self, model, spec, dtype):

@@ -52,6 +52,11 @@ class SlotKV:
     def move(self, src: int, dst: int, length: int):
         self.buffer[:, :, dst, :, :length] = self.buffer[:, :, src, :, :length]
 
+    def fork(self, src: int, dst: int, length: int):
+        """Slot `dst` continues slot `src`'s first `length` entries (a beam taking another's hypothesis);
+        `src` stays as it is."""
+        self.buffer[:, :, dst, :, :length] = self.buffer[:, :, src, :, :length]
+
 
 def prefix_to_kv(p: torch.Tensor, num_kv_heads: int, head_dim: int, dtype) -> torch.Tensor:
     """P of one group, (len, layers*2*H*D) in prefixtune's layout, as (layers, 2, H, len, D)."""

@@ -217,3 +217,6 @@ class LlamaFast:
 
     def move(self, src: int, dst: int, length: int):
         self.kv.move(src, dst, length)
+
+    def fork(self, src: int, dst: int, length: int):
+        self.kv.fork(src, dst, length)

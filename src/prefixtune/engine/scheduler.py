@@ -45,6 +45,12 @@ class Row:
     length: int = 0                # cache entries filled: prefix + prompt + tokens fed back
     last_token: int = -1           # sampled, not yet fed back
     preempted: bool = False        # waiting again after running: its prefill recomputes its tokens so far
+    beam: object = None            # beam search: its BeamGroup (engine/beam.py)
+
+    @property
+    def slots(self) -> int:
+        """Slots its admission takes: a beam request's first row reserves one for each beam."""
+        return self.beam.k if self.beam is not None and not self.beam.rows else 1
 
     @property
     def request_id(self) -> str:
@@ -120,19 +126,21 @@ class Scheduler:
         order = {tenant: i for i, tenant in enumerate(queues)}  # the tenant whose oldest row came first wins a tie
         share = self.max_prefill_tokens / max(len(set(held) | set(queues)), 1)
         spent: Counter = Counter()
-        out, budget = [], self.max_prefill_tokens
-        while queues and len(self.running) + len(out) < self.max_batch:
+        out, budget, taken = [], self.max_prefill_tokens, 0
+        while queues and len(self.running) + taken < self.max_batch:
             tenant = min(queues, key=lambda t: (held[t], order[t]))
             row = queues[tenant][0]
             cost = len(row.prefill_ids())
-            if out and (cost > budget or spent[tenant] + cost > share):  # waits for the next step; others may fit
+            if (out and (cost > budget or spent[tenant] + cost > share)
+                    or len(self.running) + taken + row.slots > self.max_batch):  # waits; others may fit
                 del queues[tenant]
                 continue
             queues[tenant].popleft()
             if not queues[tenant]:
                 del queues[tenant]
             out.append(row)
-            held[tenant] += 1
+            taken += row.slots
+            held[tenant] += row.slots
             spent[tenant] += cost
             budget -= cost
         taken = {id(r) for r in out}
@@ -151,11 +159,14 @@ class Scheduler:
         short = wanted - (self.max_batch - len(self.running))
         out = []
         while short > 0:
-            over = [t for t in held if held[t] - 1 >= share]  # a victim stays at or above its share
+            # a victim stays at or above its share; beam rows are never taken (their group needs them all)
+            over = [t for t in held if held[t] - 1 >= share
+                    and any(r.tenant == t and r.beam is None and r not in out for r in self.running)]
             if not over:
                 break
             victim = max(over, key=lambda t: held[t])
-            row = min((r for r in self.running if r.tenant == victim and r not in out), key=lambda r: len(r.stop.tokens))
+            row = min((r for r in self.running if r.tenant == victim and r.beam is None and r not in out),
+                      key=lambda r: len(r.stop.tokens))
             out.append(row)
             held[victim] -= 1
             short -= 1
