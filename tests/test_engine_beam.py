@@ -171,3 +171,34 @@ def test_smollm2_beam5_equals_todays_beam_search_in_fp32(data_root):
     outs = engine.generate(others + [Request(s, prefix=p, max_tokens=24, beams=5, stop_token_ids=newline)
                                      for s, p in zip(seqs, rows)])
     assert [o.choices[0].token_ids for o in outs[2:]] == want
+
+
+def test_a_tenant_over_its_share_loses_a_greedy_row_never_a_beam_row(tokenizer):
+    """Tenant a holds all 6 slots (a beam-4 group and two greedy rows) when tenant b arrives. The preempted
+    row is a greedy one (beam rows have no output of their own, so without the rule one would go first):
+    the beam output still equals today's, the greedy rows resume exactly, and b is served."""
+    model = tiny_model("llama", seed=2)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs = ids(tokenizer, SOURCES)
+    beam = Request(seqs[1], prefix=p1, max_tokens=16, beams=4, ignore_eos=True, tenant="a")
+    greedy = [Request(s, prefix=p2, max_tokens=16, ignore_eos=True, tenant="a") for s in seqs[2:4]]
+    late = Request(seqs[0], max_tokens=3, ignore_eos=True, tenant="b")
+    engine = Engine(model, tokenizer, max_batch=6, max_len=96, dtype="fp32")
+    events, step = {}, 0
+    for r in [beam] + greedy:
+        engine.add_request(r)
+    while engine.has_work():
+        if step == 4:
+            assert engine.num_running == 6
+            engine.add_request(late)
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e)
+        step += 1
+    assert engine.scheduler.preemptions >= 1
+    got = lambda r: [e.token for e in events[r.request_id] if e.token is not None]  # noqa: E731
+    assert got(beam) == today(model, tokenizer, [seqs[1]], [p1], max_new_tokens=16, num_beams=4, ignore_eos=True)[0]
+    alone = Engine(model, tokenizer, max_batch=1, max_len=96, dtype="fp32")
+    for r in greedy:
+        again = Request(r.prompt, prefix=r.prefix, max_tokens=16, ignore_eos=True)
+        assert got(r) == alone.generate([again])[0].choices[0].token_ids
+    assert len(got(late)) == 3
