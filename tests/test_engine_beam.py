@@ -10,6 +10,7 @@ import torch
 
 from conftest import ByteTokenizer, tiny_model
 from prefixtune.engine import Engine, Request
+from prefixtune.engine.beam import BeamGroup
 from prefixtune.forward import prefix_kv_from_groups
 from prefixtune.generation import DecodingConfig, decode
 from prefixtune.models import model_spec
@@ -202,3 +203,34 @@ def test_a_tenant_over_its_share_loses_a_greedy_row_never_a_beam_row(tokenizer):
         again = Request(r.prompt, prefix=r.prefix, max_tokens=16, ignore_eos=True)
         assert got(r) == alone.generate([again])[0].choices[0].token_ids
     assert len(got(late)) == 3
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_beams_that_die_and_come_back_equal_todays(fast, tokenizer, monkeypatch):
+    """Most tokens made stop tokens: often fewer than k candidates continue, so beams die (their rows idle)
+    and come back later (an idle row takes a hypothesis by a fork). The outputs still equal today's."""
+    import prefixtune.generation as generation
+
+    model = tiny_model("llama", seed=3)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
+    plain = today(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=4, ignore_eos=True)
+    kept = {t for seq in plain for t in seq}  # the tokens beams like, and a few more, stay; the rest stop
+    stops = frozenset(range(tokenizer.vocab_size)) - kept - set(range(100, 110))
+    monkeypatch.setattr(generation, "_newline_ids", lambda tok: stops)
+    want = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, model_spec(model)),
+                  DecodingConfig(max_new_tokens=10, num_beams=4, ignore_eos=True))
+    engine = Engine(model, tokenizer, max_batch=8, max_len=64, dtype="fp32", fast=fast)
+    dead = []
+    rank = BeamGroup.rank
+
+    def counted(group, logprobs):
+        chosen = rank(group, logprobs)
+        dead.append(0 < len(chosen) < group.k)
+        return chosen
+
+    monkeypatch.setattr(BeamGroup, "rank", counted)
+    outs = engine.generate([Request(s, prefix=p, max_tokens=10, beams=4, stop_token_ids=sorted(stops),
+                                    ignore_eos=True) for s, p in zip(seqs, rows)])
+    assert [o.choices[0].token_ids for o in outs] == want
+    assert any(dead)  # some steps ran with dead beams

@@ -186,8 +186,9 @@ class Engine:
                 row.last_token = token
 
     def _fork_row(self, leader: Row) -> Row:
+        # token 0 until a beam takes the row: a dead beam's row decodes something valid, and nothing reads it
         row = Row(leader.request, leader.index, leader.stop, leader.prefix, leader.prefix_len, None, leader.deadline,
-                  beam=leader.beam, length=leader.length, last_token=leader.last_token)
+                  beam=leader.beam, length=leader.length, last_token=0)
         self.scheduler.place(row)  # admission reserved the group's slots
         self.backend.fork(leader.slot, row.slot, leader.length)
         return row
