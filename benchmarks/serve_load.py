@@ -15,6 +15,8 @@ first token. Every server is `prefixtune serve` in a subprocess with `--threads`
                   then the same arrivals while another tenant's `--beam-clients` (2) clients send beam-5
                   requests back to back (`num_beams` 5, the same max_tokens range). The beam rows decode
                   in the same engine steps as the greedy ones (no row waits for a beam search).
+                  `--beam-rounds` (2) alternations of the two, each condition's requests pooled, so that a
+                  change in the machine's load during the phase weighs on both alike.
   4. memory       a server over `--rss-prefixes` (10,000) stored prefixes with `--rss-resident` (64) resident,
                   256 requests over 256 distinct prefixes: its RSS right after start and its peak (VmHWM)
 
@@ -336,9 +338,6 @@ def beam_tenant_run(args, url: str, work: Workload, rate: float, log) -> dict:
     beams = Workload({beam_tenant: work.owned[beam_tenant]}, work.keys, work.prompts, work.min_tokens,
                      work.max_tokens, extra={"num_beams": 5}).phase(300)
     arrivals = poisson_arrivals(rate, args.seconds, seed=200)
-    log(f"beam tenant phase: greedy tenant at {rate:.3f} req/s alone")
-    alone = summarize(asyncio.run(open_loop(url, greedy.phase(200), arrivals)))
-    log(f"  {alone}")
 
     async def beside_beams():
         stop, outcomes = asyncio.Event(), []
@@ -356,10 +355,18 @@ def beam_tenant_run(args, url: str, work: Workload, rate: float, log) -> dict:
             await asyncio.gather(*users)
         return greedy_outcomes, outcomes
 
-    log(f"  the same arrivals beside {args.beam_clients} clients of beam-5 requests")
-    with_beams, beam_outcomes = asyncio.run(beside_beams())
-    result = {"rate": round(rate, 4), "greedy_alone": alone, "greedy_with_beams": summarize(with_beams),
-              "beam_requests": summarize(beam_outcomes), "beam_clients": args.beam_clients}
+    alone, with_beams, beam_outcomes = [], [], []
+    for round_ in range(args.beam_rounds):
+        log(f"beam tenant phase, round {round_ + 1}: greedy tenant at {rate:.3f} req/s alone, then beside "
+            f"{args.beam_clients} clients of beam-5 requests")
+        alone += asyncio.run(open_loop(url, greedy.phase(200), arrivals))
+        greedy_outcomes, beam_round = asyncio.run(beside_beams())
+        with_beams += greedy_outcomes
+        beam_outcomes += beam_round
+    result = {"rate": round(rate, 4), "rounds": args.beam_rounds, "greedy_alone": summarize(alone),
+              "greedy_with_beams": summarize(with_beams), "beam_requests": summarize(beam_outcomes),
+              "beam_clients": args.beam_clients}
+    log(f"  greedy alone {result['greedy_alone']}")
     log(f"  greedy {result['greedy_with_beams']}\n  beam {result['beam_requests']}")
     return result
 
@@ -421,6 +428,7 @@ def main(argv=None):
     ap.add_argument("--rss-prefixes", type=int, default=10_000)
     ap.add_argument("--rss-resident", type=int, default=64)
     ap.add_argument("--beam-clients", type=int, default=2, help="the beam tenant's closed-loop clients (beam 5)")
+    ap.add_argument("--beam-rounds", type=int, default=2, help="alternations of alone / beside the beam tenant")
     ap.add_argument("--beam-phase-fraction", type=float, default=0.4,
                     help="the greedy tenant's rate in the beam phase, x saturation")
     ap.add_argument("--work-dir", default=None, help="scratch space for the stores (default: a temp dir)")
