@@ -69,7 +69,7 @@ class EngineWorker(WorkerHealth):
         self._cond = threading.Condition()
         self._init_health()
         self._newlines: set[int] | None = None
-        self._advanced = self.clock()   # when the engine's running rows last got a token
+        self._advanced = self.clock()   # when the engine's running rows last took a step
 
     def _new_engine(self) -> Engine:
         s = self.settings
@@ -248,11 +248,9 @@ class EngineWorker(WorkerHealth):
 
     def _step(self):
         started = time.monotonic()
-        running = self.engine.num_running
         events = self.engine.step()
         self._heartbeat()
-        if running == 0 or any(e.token is not None for e in events):
-            self._advanced = self.clock()
+        self._advanced = self.clock()  # every running row took a step (a beam row's tokens come at its end)
         rows = {(e.request_id, e.index) for e in events if e.token is not None}
         if rows:
             prefixes = len({self._live[r].job.bank_id for r, _ in rows if r in self._live})
