@@ -67,6 +67,22 @@ def test_beam_rows_equal_todays_beam_search_in_a_mixed_batch(family, fast, contr
         assert got[r.request_id].token_ids == alone.generate([again])[0].choices[0].token_ids
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_encoder_decoder_beams_fork_row_states_and_equal_todays(family, tokenizer):
+    """Encoder-decoders step row by row (`RowWise`): a beam that takes over another's hypothesis gets a
+    copy of that row's decoder state."""
+    model = tiny_model(family, seed=1)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
+    want = today(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=3, no_repeat_ngram_size=2)
+    engine = Engine(model, tokenizer, max_batch=7, max_len=64, dtype="fp32")
+    assert engine.path == "rowwise"
+    outs = engine.generate([Request(s, prefix=p, max_tokens=10, beams=3, no_repeat_ngram_size=2)
+                            for s, p in zip(seqs, rows)])
+    assert [o.choices[0].token_ids for o in outs] == want
+    assert not engine.backend.states  # every row's state released
+
+
 def test_a_beam_group_reserves_its_slots_and_forks_caches_when_hypotheses_cross(tokenizer):
     """Beams that take over another beam's hypothesis decode from a fork of its cache: a wrong fork (or
     none) would change the tokens. With 5 slots, a 3-beam group never runs beside two others."""
@@ -95,8 +111,6 @@ def test_a_beam_request_is_checked_and_cancelled_as_one(tokenizer):
             Request(seq, **{"beams": 3, **bad})
     with pytest.raises(ValueError, match="max_batch"):
         engine.add_request(Request(seq, max_tokens=8, beams=5))
-    with pytest.raises(ValueError, match="decoder-only"):
-        Engine(tiny_model("bart"), tokenizer, max_batch=4, dtype="fp32").add_request(Request(seq, beams=2))
     rid = engine.add_request(Request(seq, max_tokens=30, beams=4, ignore_eos=True))
     events = [e for _ in range(3) for e in engine.step()]
     assert engine.num_running == 4 and not events  # nothing is output before the search ends

@@ -106,8 +106,6 @@ class Engine:
         if self.kv is not None and length + len(request.prompt) + request.max_tokens > self.max_len:
             raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
                              f"({request.max_tokens}) exceeds the engine's max_len {self.max_len}")
-        if request.beams > 1 and self.kv is None:
-            raise ValueError("beam search in the engine needs a decoder-only model")
         if request.beams > self.max_batch:
             raise ValueError(f"beams ({request.beams}) exceeds the engine's max_batch {self.max_batch}")
         deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
