@@ -39,7 +39,8 @@ def loop_outputs(bank, sources: list[str], config, batch_size: int) -> list[str]
 def main():
     parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--prefix", required=True, help="a trained E2E prefix file")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N test MRs (default: all 630)")
+    parser.add_argument("--limit", type=int, default=None, help="only N test MRs (default: all 630)")
+    parser.add_argument("--offset", type=int, default=0, help="from this test MR on")
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="inputs per batch of the loop (x beams rows)")
@@ -57,13 +58,14 @@ def main():
     from prefixtune.generation import DecodingConfig
     from prefixtune.models import load_base_model
 
-    records = load_task("e2e", "test", args.data_dir)[: args.limit]
+    records = load_task("e2e", "test", args.data_dir)[args.offset:][: args.limit]
     sources = [r.source for r in records]
     model, tokenizer = load_base_model(args.model, dtype=torch.float32)
     bank = PrefixBank(model, tokenizer)
     bank.add("e2e", args.prefix)
     config = DecodingConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams, dtype="fp32")
-    result = {"model": args.model, "prefix": str(args.prefix), "test_mrs": len(records), "beams": args.beams,
+    result = {"model": args.model, "prefix": str(args.prefix), "test_mrs": len(records), "offset": args.offset,
+              "beams": args.beams,
               "threads": args.threads}
     sides = {"engine": lambda c: bank.generate(sources, "e2e", c, batch_size=args.batch_size),
              "loop": lambda c: loop_outputs(bank, sources, c, args.batch_size)}
@@ -72,7 +74,7 @@ def main():
             max_new_tokens=args.max_new_tokens, num_beams=args.beams, dtype="bf16"), batch_size=args.batch_size)
     outputs = {}
     for name, run in sides.items():
-        saved = args.outputs_dir / f"{name}-{len(records)}.json" if args.outputs_dir else None
+        saved = args.outputs_dir / f"{name}-{args.offset}-{len(records)}.json" if args.outputs_dir else None
         if name in args.sides.split(","):
             start = time.perf_counter()
             outputs[name] = run(config)
