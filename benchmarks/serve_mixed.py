@@ -149,10 +149,9 @@ def hf_reference(model_name: str, tokenizer, seqs: list[list[int]], new_tokens: 
             "hf_ratio_batch_vs_sequential": (batch_tokens / batch_s) / (seq_tokens / seq_s)}
 
 
-def server_run(model, tokenizer, blobs: list[bytes], texts: list[str], new_tokens: int, tenants: int = 4,
-               scheduler: str = "engine"):
-    """The same requests through HTTP, all at once (`scheduler` "window": one batch window collects them; "engine":
-    continuous batching, batches = engine steps). Returns (seconds, tokens, batches)."""
+def server_run(model, tokenizer, blobs: list[bytes], texts: list[str], new_tokens: int, tenants: int = 4):
+    """The same requests through HTTP, all at once (continuous batching: batches = engine steps).
+    Returns (seconds, tokens, batches)."""
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
@@ -162,8 +161,7 @@ def server_run(model, tokenizer, blobs: list[bytes], texts: list[str], new_token
 
     keys = [(f"bench-key-{t}", f"tenant{t}") for t in range(tenants)]
     with tempfile.TemporaryDirectory() as store:
-        settings = ServeSettings(store_dir=store, batch_window_ms=200, max_batch_size=len(texts),
-                                 request_timeout_s=600, scheduler=scheduler)
+        settings = ServeSettings(store_dir=store, max_batch_size=len(texts), request_timeout_s=600)
         app = create_app(model, tokenizer, settings, KeyRing(keys))
         with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=600) as http:
             for i, blob in enumerate(blobs):
@@ -277,8 +275,6 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="batch runs per configuration")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-server", action="store_true")
-    ap.add_argument("--server-scheduler", default="engine", choices=["engine", "window"],
-                    help="the HTTP server's scheduler (window: the time-window batcher of earlier releases)")
     ap.add_argument("--no-engine", action="store_true", help="leave out prefixtune.engine (and vLLM)")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--vllm-python", default=default_vllm_python(),
@@ -382,8 +378,7 @@ def main(argv=None):
 
     server = None
     if not args.no_server:
-        seconds, tokens, batches = server_run(model, tokenizer, blobs, texts, args.new_tokens,
-                                              scheduler=args.server_scheduler)
+        seconds, tokens, batches = server_run(model, tokenizer, blobs, texts, args.new_tokens)
         server = {"seconds": seconds, "tokens": tokens, "batches": batches}
 
     reference = hf_reference(args.model, tokenizer, seqs, args.new_tokens) if args.hf_reference else {}

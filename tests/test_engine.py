@@ -298,11 +298,16 @@ def test_offline_decode_equals_alone_and_routes_what_the_engine_does_not_do(toke
     assert got == [alone(model, tokenizer, s, p, 7) for s, p in zip(seqs, rows)]
     spec = model_spec(model)
     assert engine_decodes(config, spec)
-    assert not engine_decodes(DecodingConfig(num_beams=2), spec)
-    assert not engine_decodes(DecodingConfig(repetition_penalty=1.2), spec)
+    assert engine_decodes(DecodingConfig(num_beams=5, repetition_penalty=1.2), spec)
     assert not engine_decodes(config, model_spec(tiny_model("bart")))
-    with pytest.raises(ValueError, match="beam search"):
-        decode_ids(model, tokenizer, seqs, rows, DecodingConfig(num_beams=2))
+    # beam search and the repetition controls too, 2 inputs at a time (6 slots): today's beams, exactly
+    beam = DecodingConfig(max_new_tokens=7, stop_at_newline=False, num_beams=3, length_penalty=0.7,
+                          no_repeat_ngram_size=2)
+    assert decode_ids(model, tokenizer, seqs, rows, beam, batch_size=2) == decode(
+        model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), beam)
+    bart = tiny_model("bart")
+    with pytest.raises(ValueError, match="encoder-decoders"):
+        decode_ids(bart, tokenizer, seqs, [None] * len(seqs), config)
     with pytest.raises(ValueError, match="dtype"):
         DecodingConfig(dtype="fp16")
 

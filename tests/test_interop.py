@@ -310,7 +310,7 @@ def test_server_takes_an_archived_peft_adapter_and_decodes_it_like_the_bank(tmp_
     exported = our_prefix(model, seed=1)
     save_pretrained(exported, tmp_path / "peft", fmt="peft")
     save_pretrained(our_prefix(tiny_model("gpt2"), seed=1), tmp_path / "wrong", fmt="peft")
-    settings = ServeSettings(store_dir=tmp_path / "store", batch_window_ms=5, dtype="fp32")  # as the bank below
+    settings = ServeSettings(store_dir=tmp_path / "store", dtype="fp32")  # as the bank below
     server = BackgroundServer(create_app(model, tokenizer, settings, KeyRing([("sk-alice-0123456789", "alice")]))).start()
     try:
         url, headers = f"{server.url}/v1/prefixes", {"Authorization": "Bearer sk-alice-0123456789"}

@@ -35,7 +35,6 @@ from prefixtune.serve.completions import Finisher, Stops
 
 openai = pytest.importorskip("openai")
 
-SCHEDULERS = ["engine", "window"]
 KEYS = {"alice": "sk-alice-0123456789abcdef", "bob": "sk-bob-fedcba9876543210"}
 PROMPTS = ["name : The Eagle | Type : coffee shop", "name : Zizzi | food : Thai | area : riverside",
            "hello there", "name : Aromi | price : cheap"]
@@ -84,7 +83,7 @@ def make_server(model, real_tokenizer, tmp_path):
     started = []
 
     def make(store=None, **overrides):
-        settings = ServeSettings(store_dir=store or tmp_path / "store", **{"batch_window_ms": 5, "dtype": "fp32", **overrides})
+        settings = ServeSettings(store_dir=store or tmp_path / "store", **{"dtype": "fp32", **overrides})
         app = create_app(model, real_tokenizer, settings, KeyRing([(k, t) for t, k in KEYS.items()]))
         server = BackgroundServer(app).start()
         started.append(server)
@@ -126,54 +125,32 @@ def expected(model, tokenizer, data: bytes | None, prompt: str, max_tokens: int,
 @contextmanager
 def held_worker(server, at_token: int):
     """Holds the decoding worker when it emits its `at_token`-th token, until `release` is set; counts the
-    tokens it emits, the decoding calls it makes (window: `generate_ids`; engine: steps that prefill) and
-    records the jobs submitted. Works on either scheduler."""
-    app_state = server.server.config.app.state
-    bank, batcher = app_state.bank, app_state.batcher
+    tokens it emits and the engine steps that prefill, and records the jobs submitted."""
+    batcher = server.server.config.app.state.batcher
     state = SimpleNamespace(reached=threading.Event(), release=threading.Event(), tokens=0, jobs=[], calls=0)
-    submit = batcher.submit
+    submit, engine = batcher.submit, batcher.engine
+    step, prefill = engine.step, engine.backend.prefill
 
-    def count(token_count: int = 1):
-        for _ in range(token_count):
+    def gated_step():
+        events = step()
+        for _ in range(sum(e.token is not None for e in events)):
             state.tokens += 1
             if state.tokens == at_token:
                 state.reached.set()
                 state.release.wait(60)
+        return events
 
-    engine = getattr(batcher, "engine", None)
-    if engine is not None:
-        step, prefill = engine.step, engine.backend.prefill
-
-        def gated_step():
-            events = step()
-            count(sum(e.token is not None for e in events))
-            return events
-
-        def counted_prefill(batch):
-            state.calls += 1
-            return prefill(batch)
-
-        engine.step, engine.backend.prefill = gated_step, counted_prefill
-    generate_ids = bank.generate_ids
-
-    def gated(sequences, prefix_ids, config=None, on_token=None, **kw):
+    def counted_prefill(batch):
         state.calls += 1
+        return prefill(batch)
 
-        def counted(row, token):
-            count()
-            if on_token is not None:
-                on_token(row, token)
-        return generate_ids(sequences, prefix_ids, config, on_token=counted, **kw)
-
-    bank.generate_ids = gated
+    engine.step, engine.backend.prefill = gated_step, counted_prefill
     batcher.submit = lambda jobs: (state.jobs.extend(jobs), submit(jobs))[1]
     try:
         yield state
     finally:
         state.release.set()
-        bank.generate_ids, batcher.submit = generate_ids, submit
-        if engine is not None:
-            engine.step, engine.backend.prefill = step, prefill
+        batcher.submit, engine.step, engine.backend.prefill = submit, step, prefill
 
 
 def snapshot(root: Path) -> dict:
@@ -215,8 +192,12 @@ def test_openai_client_models_completions_and_stream(make_server, model, real_to
     assert [c.choices[0].finish_reason for c in pieces if c.choices][-1] == "length"
     assert pieces[-1].usage.completion_tokens == 10
 
-    beams = oa.completions.create(model="e2e", prompt=PROMPTS[1], max_tokens=6, extra_body={"num_beams": 3})
-    assert isinstance(beams.choices[0].text, str)
+    beams = oa.completions.create(model="e2e", prompt=PROMPTS[1], max_tokens=6, stop=[], extra_body={"num_beams": 3})
+    assert beams.choices[0].text == expected(model, real_tokenizer, prefixes[0], PROMPTS[1], 6, stop_at_newline=False,
+                                             num_beams=3)
+    streamed = list(oa.completions.create(model="e2e", prompt=PROMPTS[1], max_tokens=6, stop=[], stream=True,
+                                          extra_body={"num_beams": 3}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == beams.choices[0].text
 
     controls = {"no_repeat_ngram_size": 1, "repetition_penalty": 1.5}
     controlled = oa.completions.create(model="e2e", prompt=PROMPTS[0], max_tokens=10, stop=[], extra_body=controls)
@@ -225,26 +206,17 @@ def test_openai_client_models_completions_and_stream(make_server, model, real_to
     assert controlled.choices[0].text != want  # the random model repeats tokens; the controls forbid it
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_openai_client_errors_are_clear(make_server, prefixes, scheduler):
-    server = make_server(scheduler=scheduler)
+def test_openai_client_errors_are_clear(make_server, prefixes):
+    server = make_server()
     upload(server, "alice", "e2e", prefixes[0])
     oa = client(server, "alice")
-    if scheduler == "window":  # greedy and beam search only: sampling fields are refused, never ignored
-        with pytest.raises(openai.BadRequestError, match="greedy"):
-            oa.completions.create(model="e2e", prompt="x", temperature=0.7)
-        with pytest.raises(openai.BadRequestError, match="n and best_of"):
-            oa.completions.create(model="e2e", prompt="x", n=2)
-        with pytest.raises(openai.BadRequestError, match="engine scheduler"):
-            oa.completions.create(model="e2e", prompt="x", logprobs=2)
-    else:
-        assert len(oa.completions.create(model="e2e", prompt="x", temperature=0.7, n=2, max_tokens=2).choices) == 2
-        with pytest.raises(openai.BadRequestError, match="temperature"):
-            oa.completions.create(model="e2e", prompt="x", temperature=5)
-        with pytest.raises(openai.BadRequestError, match="num_beams"):
-            oa.completions.create(model="e2e", prompt="x", n=2, extra_body={"num_beams": 2})
-        with pytest.raises(openai.BadRequestError, match="logprobs"):
-            oa.completions.create(model="e2e", prompt="x", logprobs=50)
+    assert len(oa.completions.create(model="e2e", prompt="x", temperature=0.7, n=2, max_tokens=2).choices) == 2
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        oa.completions.create(model="e2e", prompt="x", temperature=5)
+    with pytest.raises(openai.BadRequestError, match="num_beams"):
+        oa.completions.create(model="e2e", prompt="x", n=2, extra_body={"num_beams": 2})
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        oa.completions.create(model="e2e", prompt="x", logprobs=50)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         oa.completions.create(model="e2e", prompt="x", max_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="prompt"):
@@ -280,9 +252,8 @@ def test_finisher_streams_add_up_and_stop_strings_cut(real_tokenizer):
 
 
 # -- dynamic batching ------------------------------------------------------------------------------
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_requests_from_two_tenants_decode_in_one_mixed_batch(make_server, model, real_tokenizer, prefixes, scheduler):
-    server = make_server(batch_window_ms=1000, scheduler=scheduler)
+def test_requests_from_two_tenants_decode_in_one_mixed_batch(make_server, model, real_tokenizer, prefixes):
+    server = make_server()
     assert upload(server, "alice", "e2e", prefixes[1]).status_code == 201
     assert upload(server, "bob", "e2e", prefixes[2]).status_code == 201  # same name, another tenant
     jobs = [("alice", "e2e", PROMPTS[0], prefixes[1]), ("bob", "e2e", PROMPTS[0], prefixes[2]),
@@ -295,12 +266,8 @@ def test_requests_from_two_tenants_decode_in_one_mixed_batch(make_server, model,
         return client(server, tenant).completions.create(model=name, prompt=prompt, max_tokens=8,
                                                          stop=[]).choices[0].text
 
-    before = _metric(server, "prefixtune_batches_total")
     with ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(ask, jobs))
-    batches = _metric(server, "prefixtune_batches_total") - before
-    if scheduler == "window":
-        assert batches < len(jobs)  # decoded together, not one by one
     assert _metric(server, 'prefixtune_batch_size_bucket{le="1"}') < _metric(server, "prefixtune_batch_size_count")
     assert _metric(server, 'prefixtune_batch_prefixes_bucket{le="1"}') < _metric(server, "prefixtune_batch_prefixes_count")
     for text, (_, _, prompt, data) in zip(got, jobs):
@@ -333,16 +300,15 @@ def test_metrics_and_health(make_server, prefixes):
     assert "/v1/completions" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_queue_full_is_429_and_timeouts_are_503(make_server, prefixes, scheduler):
-    server = make_server(max_queue=1, scheduler=scheduler)
+def test_queue_full_is_429_and_timeouts_are_503(make_server, prefixes):
+    server = make_server(max_queue=1)
     upload(server, "alice", "e2e", prefixes[0])
     oa = client(server, "alice")
     with pytest.raises(openai.RateLimitError, match="busy"):
         oa.completions.create(model="e2e", prompt=["a", "b"], max_tokens=2)
     # a worker held up: requests beyond the queue get 429 at once, queued ones time out with 503
     server.stop()
-    slow = make_server(store=server_store(server), max_queue=2, request_timeout_s=1.0, scheduler=scheduler)
+    slow = make_server(store=server_store(server), max_queue=2, request_timeout_s=1.0)
     with held_worker(slow, at_token=1) as worker:
         oa = client(slow, "alice")
         with ThreadPoolExecutor(6) as pool:
@@ -365,31 +331,6 @@ def _status(oa, model) -> int:
         return 200
     except openai.APIStatusError as e:
         return e.status_code
-
-
-def test_one_failing_row_does_not_fail_the_batch_or_the_worker(make_server, model, real_tokenizer, prefixes):
-    server = make_server(batch_window_ms=300, scheduler="window")  # the engine's version: test_serve_engine.py
-    upload(server, "alice", "good", prefixes[0])
-    upload(server, "alice", "bad", prefixes[1])
-    bank = server.server.config.app.state.bank
-    bad_id = server.server.config.app.state.store.resolve("alice", "bad")
-    original = bank.generate_ids
-
-    def flaky(sequences, prefix_ids, *a, **k):
-        if bad_id in prefix_ids:
-            raise RuntimeError("boom")
-        return original(sequences, prefix_ids, *a, **k)
-
-    bank.generate_ids = flaky
-    try:
-        oa = client(server, "alice")
-        with ThreadPoolExecutor(3) as pool:
-            results = list(pool.map(lambda m: _status(oa, m), ["good", "bad", "good"]))
-    finally:
-        bank.generate_ids = original
-    assert results == [200, 500, 200]
-    assert healthy(server)
-    assert oa.completions.create(model="bad", prompt="x", max_tokens=2).choices
 
 
 def test_bad_requests_never_take_the_server_down(make_server):

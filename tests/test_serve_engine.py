@@ -108,6 +108,40 @@ def test_rows_join_a_running_batch_and_each_equals_decoding_it_alone(make_server
     assert state(server).batcher.engine.stats["max_running"] >= 2
 
 
+def test_a_beam_request_decodes_beside_the_other_rows_without_pausing_them(make_server, model, real_tokenizer,
+                                                                            prefixes):
+    """Beam search is engine rows: while a beam-4 request of one tenant decodes, another tenant's streamed
+    greedy row gets a token at every step (no step without it), and both answers equal today's decoding."""
+    server = make_server()
+    upload(server, "alice", "a", prefixes[0])
+    upload(server, "bob", "b", prefixes[1])
+    done = threading.Event()
+    steps = record_steps(server, slow_until=done)
+    got = {}
+
+    def beam():
+        got["beam"] = client(server, "bob").completions.create(
+            model="b", prompt=PROMPTS[1], max_tokens=20, stop=[], extra_body={"num_beams": 4, "ignore_eos": True})
+
+    def start_beam():
+        got["thread"] = threading.Thread(target=beam)
+        got["thread"].start()
+
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=long_body("a"), headers=auth("alice"),
+                      timeout=60) as r:
+        greedy = stream_text(r, until_chunks=3, on_chunks=start_beam)
+    got["thread"].join(60)
+    done.set()
+    assert greedy == expected(model, real_tokenizer, prefixes[0], PROMPTS[0], LONG, stop_at_newline=False,
+                              ignore_eos=True)
+    assert got["beam"].choices[0].text == expected(model, real_tokenizer, prefixes[1], PROMPTS[1], 20,
+                                                   stop_at_newline=False, num_beams=4, ignore_eos=True)
+    greedy_id = next(iter(steps[0]))
+    together = [s for s in steps if len(s) == 2 and greedy_id in s]  # the greedy row and the beam request's rows
+    assert len(together) >= 19  # every step of the beam search also decoded the greedy row
+    assert state(server).batcher.engine.stats["max_running"] == 5
+
+
 def test_a_dropped_stream_leaves_and_the_others_are_unaffected(make_server, model, real_tokenizer, prefixes):
     server = make_server()
     upload(server, "alice", "a", prefixes[0])
@@ -327,7 +361,7 @@ def test_chat_requests_are_checked_strictly(make_server):
     assert healthy(server)
 
 
-def test_chat_without_a_chat_template_is_a_clear_400_and_window_chat_is_greedy(model, real_tokenizer, tmp_path):
+def test_chat_without_a_chat_template_is_a_clear_400(model, real_tokenizer, tmp_path):
     plain = copy.deepcopy(real_tokenizer)
     plain.chat_template = None
     keys = KeyRing([(KEYS["alice"], "alice")])
@@ -336,18 +370,11 @@ def test_chat_without_a_chat_template_is_a_clear_400_and_window_chat_is_greedy(m
     with BackgroundServer(app) as server:
         r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=auth("alice"), timeout=30)
         assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
-    app = create_app(model, real_tokenizer, ServeSettings(store_dir=tmp_path / "b", scheduler="window"), keys)
-    with BackgroundServer(app) as server:
-        oa = client(server, "alice")
-        out = oa.chat.completions.create(**body)
-        assert out.choices[0].message.content == expected_chat(model, real_tokenizer, None, MESSAGES, 4)
-        with pytest.raises(openai.BadRequestError, match="greedy"):
-            oa.chat.completions.create(**body, temperature=0.5)
 
 
-def test_settings_and_cli_name_the_scheduler():
-    with pytest.raises(ValueError, match="scheduler"):
-        ServeSettings(store_dir="x", scheduler="fast")
+def test_settings_and_cli_have_one_scheduler_and_name_the_dtype():
+    with pytest.raises(TypeError, match="scheduler"):  # the window scheduler is gone, and its option
+        ServeSettings(store_dir="x", scheduler="window")
     with pytest.raises(ValueError, match="dtype"):
         ServeSettings(store_dir="x", dtype="fp16")
     from typer.testing import CliRunner
@@ -355,7 +382,7 @@ def test_settings_and_cli_name_the_scheduler():
     from prefixtune.cli import app
 
     text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
-    assert "--scheduler" in text and "--dtype" in text
+    assert "--scheduler" not in text and "--batch-window-ms" not in text and "--dtype" in text
 
 
 def test_stop_strings_end_the_row_and_streams_add_up(make_server, model, real_tokenizer):

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from test_serve import (KEYS, PROMPTS, SCHEDULERS, auth, client, expected, healthy, held_worker,  # noqa: F401
+from test_serve import (KEYS, PROMPTS, auth, client, expected, healthy, held_worker,  # noqa: F401
                         make_server, model, prefixes, real_tokenizer, server_store, snapshot, upload)
 
 openai = pytest.importorskip("openai")
@@ -116,9 +116,8 @@ def test_uploads_of_a_wrong_dtype_or_no_tokens_are_refused(make_server, prefixes
 
 
 # -- 2. a client that leaves, or runs out of time, leaves the batch ---------------------------------
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_a_dropped_stream_leaves_the_batch_at_the_next_step(make_server, prefixes, scheduler, caplog):
-    server = make_server(scheduler=scheduler)
+def test_a_dropped_stream_leaves_the_batch_at_the_next_step(make_server, prefixes, caplog):
+    server = make_server()
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
         with httpx.stream("POST", f"{server.url}/v1/completions", json=long_request(stream=True),
@@ -138,9 +137,8 @@ def no_errors_logged(caplog) -> bool:  # a client that leaves is no error (nor a
     return not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes, scheduler, caplog):
-    server = make_server(scheduler=scheduler)
+def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes, caplog):
+    server = make_server()
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
         sock = raw_http(server, "POST", "/v1/completions", json.dumps(long_request()).encode())
@@ -156,9 +154,8 @@ def test_a_dropped_request_leaves_the_batch_and_is_a_499(make_server, prefixes, 
     assert no_errors_logged(caplog), [r.getMessage() for r in caplog.records]
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_a_timed_out_request_leaves_the_batch(make_server, prefixes, scheduler, caplog):
-    server = make_server(request_timeout_s=0.5, scheduler=scheduler)
+def test_a_timed_out_request_leaves_the_batch(make_server, prefixes, caplog):
+    server = make_server(request_timeout_s=0.5)
     upload(server, "alice", "e2e", prefixes[0])
     with held_worker(server, at_token=3) as worker:
         answer = {}
@@ -176,38 +173,9 @@ def test_a_timed_out_request_leaves_the_batch(make_server, prefixes, scheduler, 
     assert no_errors_logged(caplog), [r.getMessage() for r in caplog.records]
 
 
-def test_a_batch_prefills_at_most_max_batch_tokens_and_given_up_rows_skip_theirs(make_server, prefixes, model,
-                                                                                   real_tokenizer):
-    # the window batcher's version; the engine's (prefill budget per step): test_serve_engine.py
-    server = make_server(max_batch_tokens=16, batch_window_ms=200, scheduler="window")  # prompts of 10, 15, 3, 10 tokens
-    upload(server, "alice", "e2e", prefixes[0])
-    before = metric(server, "prefixtune_batches_total")
-    out = client(server, "alice").completions.create(model="e2e", prompt=PROMPTS, max_tokens=4, stop=[])
-    assert metric(server, "prefixtune_batches_total") - before == 3  # [10], [15], [3, 10]: not one batch
-    assert [c.text for c in out.choices] == [expected(model, real_tokenizer, prefixes[0], p, 4, stop_at_newline=False)
-                                             for p in PROMPTS]
-    server.stop()
-    server = make_server(store=server_store(server), max_batch_tokens=16,
-                         batch_window_ms=200, request_timeout_s=0.5, scheduler="window")
-    with held_worker(server, at_token=1) as worker:
-        r = {}
-        asker = threading.Thread(target=lambda: r.update(r=httpx.post(
-            f"{server.url}/v1/completions", json={**long_request(), "prompt": PROMPTS}, headers=auth("alice"),
-            timeout=60)))
-        asker.start()
-        assert worker.reached.wait(30)
-        assert wait_until(lambda: all(job.future.cancelled() for job in worker.jobs))  # the request timed out
-        worker.release.set()
-        asker.join(60)
-        assert wait_until(lambda: metric(server, completions("cancelled")) == len(PROMPTS))
-    assert r["r"].status_code == 503
-    assert worker.calls == 1  # the rows of the later batches were never prefilled
-
-
 # -- 3. /health tells a stuck worker ----------------------------------------------------------------
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_health_is_503_while_the_worker_is_stuck_with_work_pending(make_server, prefixes, scheduler):
-    server = make_server(worker_stall_s=0.3, scheduler=scheduler)
+def test_health_is_503_while_the_worker_is_stuck_with_work_pending(make_server, prefixes):
+    server = make_server(worker_stall_s=0.3)
     upload(server, "alice", "e2e", prefixes[0])
     time.sleep(0.6)  # idle for longer than the limit: an idle worker is not a stuck one
     assert httpx.get(f"{server.url}/health").status_code == 200

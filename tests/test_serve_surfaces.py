@@ -12,7 +12,7 @@ import pytest
 
 from prefixtune.bank import PrefixBank
 from prefixtune.serve import ServeSettings
-from prefixtune.serve.batcher import Job
+from prefixtune.serve.jobs import Job
 from prefixtune.serve.engine_worker import EngineWorker
 from test_serve import KEYS, auth, make_server, model, prefixes, real_tokenizer, upload  # noqa: F401
 
@@ -107,7 +107,7 @@ def test_the_stall_is_what_a_waiting_row_lives_not_the_heartbeat(model, real_tok
     job = Job(None, "hello there", max_new_tokens=8, raw=True, ignore_eos=True, stop_at_newline=False)
     job.enqueued = now[0]
     worker._inbox.append(job)
-    now[0] += 50  # queued for 50 s (behind a beam search, say), while the worker beats as often as it likes
+    now[0] += 50  # queued for 50 s (behind full slots, say), while the worker beats as often as it likes
     worker._heartbeat()
     assert worker.stall_s() == 50 and worker.longest_stall_s == 50
     assert "a row has waited 50.0 s for a token" in worker.stalled(30)

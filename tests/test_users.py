@@ -254,7 +254,7 @@ def test_the_server_starts_on_the_store_and_serves_every_user_their_own_prefix(t
     train_pairs["bob@example.com"] = train_pairs.pop("user1")
     result = train_users(config(tmp_path, "served", method="prefix-flat", max_steps=3, lr=0.5), model, tokenizer,
                          train_pairs, dev_pairs, users=UsersConfig(tenant="acme"), progress=False)
-    settings = ServeSettings(store_dir=result.store, batch_window_ms=5, dtype="fp32")
+    settings = ServeSettings(store_dir=result.store, dtype="fp32")
     server = BackgroundServer(create_app(model, tokenizer, settings, KeyRing([("sk-acme-0123456789", "acme")]))).start()
     try:
         headers = {"Authorization": "Bearer sk-acme-0123456789"}

@@ -2,8 +2,9 @@
 
 Every decoding of an exported prefix (CLI `generate`, evaluation, the server,
 `PrefixMethod.generate`) goes through here, so a prefix behaves the same wherever
-it is used. Greedy decoding runs on the engine (`engine.offline`, continuous
-batching); beam search and repetition controls on `generation.decode`.
+it is used. Decoder-only models decode on the engine (`engine.offline`, continuous
+batching: greedy, beam search, the repetition controls); encoder-decoders on
+`generation.decode`'s batched loop (`generate_ids`).
 """
 from __future__ import annotations
 
@@ -220,8 +221,9 @@ class PrefixBank:
 
     def generate_ids(self, sequences: list[list[int]], prefix_ids: list[str | None],
                      config: DecodingConfig | None = None, on_token=None, cancelled=None) -> list[list[int]]:
-        """Token ids for each sequence; `on_token(row, token)` sees greedy tokens as they come (streaming),
-        `cancelled(row)` drops a row whose request gave up (generation.decode)."""
+        """Token ids for each sequence through `generation.decode`'s batched loop (encoder-decoders; the
+        reference the engine is tested against); `on_token(row, token)` sees greedy tokens as they come,
+        `cancelled(row)` drops a row whose request gave up."""
         if len(sequences) != len(prefix_ids):
             raise ValueError(f"{len(sequences)} inputs but {len(prefix_ids)} prefix ids")
         groups = [None if pid is None else self.get(pid).p for pid in prefix_ids]
@@ -241,18 +243,24 @@ class PrefixBank:
         if prefix_ids is None or isinstance(prefix_ids, str):
             prefix_ids = [prefix_ids] * len(inputs)
         encoded = [self.encode(t, pid, raw) for t, pid in zip(inputs, prefix_ids)]
-        if engine_decodes(config, self.spec):  # continuous batching: no batch waits for its longest row
+        return [self._text(seq, config) for seq in self.decode_encoded(encoded, prefix_ids, config, batch_size,
+                                                                       progress)]
+
+    def decode_encoded(self, encoded: list[list[int]], prefix_ids: list[str | None], config: DecodingConfig,
+                       batch_size: int = 32, progress=None) -> list[list[int]]:
+        """Token ids for prompts already encoded: on the engine where it decodes the config (continuous
+        batching: no batch waits for its longest row), else in length-sorted batches of `generate_ids`."""
+        if engine_decodes(config, self.spec):
             prefixes = [None if pid is None else self.get(pid) for pid in prefix_ids]
-            ids = decode_ids(self.model, self.tokenizer, encoded, prefixes, config, batch_size=batch_size,
-                             engines=self._engines, progress=progress)
-            return [self._text(seq, config) for seq in ids]
-        order = sorted(range(len(inputs)), key=lambda i: len(encoded[i]))
-        outputs: list[str] = [""] * len(inputs)
+            return decode_ids(self.model, self.tokenizer, encoded, prefixes, config, batch_size=batch_size,
+                              engines=self._engines, progress=progress)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        outputs: list[list[int]] = [[] for _ in encoded]
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
-            ids = self.generate_ids([encoded[i] for i in rows], [prefix_ids[i] for i in rows], config)
-            for i, seq in zip(rows, ids):
-                outputs[i] = self._text(seq, config)
+            for i, seq in zip(rows, self.generate_ids([encoded[i] for i in rows], [prefix_ids[i] for i in rows],
+                                                      config)):
+                outputs[i] = seq
             if progress is not None:
                 progress(len(rows))
         return outputs

@@ -157,13 +157,5 @@ class ExportDecoder:
                              f"weights")
         tokenizer, config = self.bank.tokenizer, replace(config, stop_at_newline=False)
         encoded = [encode_chat_prompt(tokenizer, c, self.bank.max_source_len) for c in conversations]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        outputs = [""] * len(encoded)
-        for start in range(0, len(order), batch_size):
-            rows = order[start: start + batch_size]
-            ids = self.bank.generate_ids([encoded[i] for i in rows], [self.prefix_id] * len(rows), config)
-            for i, seq in zip(rows, ids):
-                outputs[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
-            if progress is not None:
-                progress(len(rows))
-        return outputs
+        ids = self.bank.decode_encoded(encoded, [self.prefix_id] * len(encoded), config, batch_size, progress)
+        return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]

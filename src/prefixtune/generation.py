@@ -1,4 +1,9 @@
-"""Batched decoding with per-row prefixes: greedy and beam search.
+"""Batched decoding with per-row prefixes: greedy and beam search (the loop before the engine).
+
+The engine (engine/) decodes every decoder-only model; this loop remains for encoder-decoders, the
+ablations whose virtual tokens are inputs (`embeds_prefix`), and as the reference the engine's
+greedy and beam outputs are tested against. `DecodingConfig`, `stop_ids` and
+`apply_repetition_controls` are shared by both.
 
 transformers' `generate` assumes everything in the cache came from the input ids,
 which a prefix breaks (PEFT's left-padded rows decode into garbage for that
@@ -33,8 +38,8 @@ class DecodingConfig:
     # tokens only, not the source: a data-to-text output must be free to copy its input's names.
     no_repeat_ngram_size: int = 0     # n > 0: an n-gram never occurs twice in one output
     repetition_penalty: float = 1.0   # > 1: a generated token's logit is divided (if > 0) or multiplied by it
-    # greedy decoding's dtype (engine.offline): "model" (the model's own), "auto" (bf16 where the CPU computes
-    # it natively), "bf16" or "fp32". Beam search runs in the model's dtype.
+    # the engine's dtype (engine.offline: greedy and beam search of decoder-only models): "model" (the model's
+    # own), "auto" (bf16 where the CPU computes it natively), "bf16" or "fp32". `decode` below runs in the model's.
     dtype: str = "model"
 
     def __post_init__(self):

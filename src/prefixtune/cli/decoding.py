@@ -41,8 +41,8 @@ def _is_data_file(path: Path) -> bool:
 EXPORT_HELP = "exported prefix, another method's weights (.safetensors), or a training directory"
 NGRAM_HELP = "never repeat an n-gram of this size within the output (0: off)"
 PENALTY_HELP = "repetition penalty on tokens already generated, as in HF (1: off; e.g. 1.2)"
-DTYPE_HELP = ("greedy decoding's dtype: auto (bf16 where the CPU computes it natively, else fp32), bf16, fp32, "
-              "or model (the model's own); beam search runs in the model's dtype")
+DTYPE_HELP = ("decoding dtype: auto (bf16 where the CPU computes it natively, else fp32), bf16, fp32, "
+              "or model (the model's own); encoder-decoders decode in the model's dtype")
 
 
 @app.command()

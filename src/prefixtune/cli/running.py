@@ -24,9 +24,8 @@ def serve(
     port: int = typer.Option(8000),
     keys_file: Optional[Path] = typer.Option(None, help="API keys: JSON {key: tenant} or 'key:tenant' lines "
                                                          "(also $PREFIXTUNE_API_KEYS='key:tenant,...')"),
-    batch_window_ms: float = typer.Option(SERVE["batch_window_ms"], help="requests arriving within this window are decoded together"),
-    max_batch_size: int = typer.Option(SERVE["max_batch_size"], help="rows per decoding batch"),
-    max_batch_tokens: int = typer.Option(SERVE["max_batch_tokens"], help="prompt tokens per decoding batch (bounds one prefill step)"),
+    max_batch_size: int = typer.Option(SERVE["max_batch_size"], help="rows per decoding step (a beam request takes one per beam)"),
+    max_batch_tokens: int = typer.Option(SERVE["max_batch_tokens"], help="prompt tokens prefilled in one step (bounds one step)"),
     max_queue: int = typer.Option(SERVE["max_queue"], help="rows waiting to be decoded; beyond that: 429"),
     request_timeout: float = typer.Option(SERVE["request_timeout_s"], help="seconds a completion may wait and decode; then 503"),
     max_upload_mb: float = typer.Option(SERVE["max_upload_bytes"] / MiB, help="largest prefix upload"),
@@ -39,8 +38,6 @@ def serve(
     max_prompt_tokens: int = typer.Option(SERVE["max_prompt_tokens"], help="longest prompt, template included; longer: 400 unless the "
                                                     "request sends truncate_prompt_tokens"),
     body_timeout: float = typer.Option(SERVE["body_timeout_s"], help="seconds to receive a request body (upload or JSON); then 408"),
-    scheduler: str = typer.Option(SERVE["scheduler"], help="engine (continuous batching, sampling, logprobs) | window "
-                                                           "(the time-window batcher of earlier releases: greedy/beam)"),
     dtype: str = typer.Option(SERVE["dtype"], help="engine compute dtype: auto (bf16 where the CPU has it) | bf16 | fp32"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     log_level: str = typer.Option("info"),
@@ -67,12 +64,12 @@ def serve(
     try:
         run_server(model, store, host=host, port=port, keys_file=keys_file, threads=threads, log_level=log_level,
                    device=device,
-                   batch_window_ms=batch_window_ms, max_batch_size=max_batch_size,
+                   max_batch_size=max_batch_size,
                    max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                    request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * MiB),
                    max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * MiB),
                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
-                   body_timeout_s=body_timeout, scheduler=scheduler, dtype=dtype,
+                   body_timeout_s=body_timeout, dtype=dtype,
                    max_resident_prefixes=max_resident_prefixes or None,
                    max_resident_bytes=int(max_resident_mb * MiB) or None)
     except (ValueError, FileNotFoundError) as e:

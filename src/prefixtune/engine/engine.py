@@ -16,6 +16,10 @@ a tenant over its share of the slots if another tenant waits for one (scheduler.
 at most `max_prefill_tokens` prompt tokens: chunks of long prompts begun earlier, then the rows
 admitted this step. A row whose prompt is all in gets its first token from that prefill and joins
 the batch at the next step. Finished rows leave at once and give their blocks back (kv.py).
+
+A row's repetition controls change its logits before its token is chosen (sampling.py). A beam
+request (`beams=k`) is a group of k rows that rank their candidates together and fork each other's
+caches (beam.py, `backend.fork`); its output comes whole when the search ends.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 from ..models import model_spec
 from ..prefix import group_width, groups_of
 from . import llama_fast, sampling
+from .beam import BeamGroup
 from .generic import HFDecoder, RowWise
 from .kv import PagedKV
 from .request import Choice, Request, RequestOutput, TokenEvent
@@ -104,14 +109,17 @@ class Engine:
         if self.kv is not None and length + len(request.prompt) + request.max_tokens > self.max_len:
             raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
                              f"({request.max_tokens}) exceeds the engine's max_len {self.max_len}")
+        if request.beams > self.max_batch:
+            raise ValueError(f"beams ({request.beams}) exceeds the engine's max_batch {self.max_batch}")
         deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
         rows = []
         for i in range(request.n):
             generator = None
             if not request.greedy:
                 generator = sampling.make_generator(None if request.seed is None else (request.seed + i) % 2**64)
-            rows.append(Row(request, i, StopState(request, self.tokenizer, self.eos), prefix, length,
-                            generator, deadline))
+            stop = StopState(request, self.tokenizer, self.eos)
+            group = BeamGroup(request, stop.stop_ids) if request.beams > 1 else None
+            rows.append(Row(request, i, stop, prefix, length, generator, deadline, beam=group))
         self.scheduler.submit(rows)
         return request.request_id
 
@@ -139,7 +147,13 @@ class Engine:
             self.backend.move(src, dst, last.length)
 
     def _emit(self, rows: list[Row], logits: torch.Tensor, events: list[TokenEvent]):
-        for row, (token, logprob, top) in zip(rows, sampling.choose(logits, rows)):
+        histories = [r.stop.tokens if r.beam is None else r.beam.history(r) for r in rows]
+        controlled = sampling.repetition_controls(logits, rows, histories)
+        plain = [i for i, r in enumerate(rows) if r.beam is None]
+        if len(plain) < len(rows):
+            self._advance_beams(rows, controlled, events)
+            rows, logits, controlled = [rows[i] for i in plain], logits[plain], controlled[plain]
+        for row, (token, logprob, top) in zip(rows, sampling.choose(controlled, rows, logits)):
             is_output, text, reason = row.stop.add(token)
             events.append(TokenEvent(row.request_id, row.index, token if is_output else None, text,
                                      logprob if is_output else None, top if is_output else None, reason))
@@ -148,11 +162,53 @@ class Engine:
             else:
                 row.last_token = token
 
+    def _advance_beams(self, rows: list[Row], logits: torch.Tensor, events: list[TokenEvent]):
+        """One ranking step for each beam group among `rows`; then its rows are re-seated (forks) or,
+        when the search ends, leave with the best hypothesis as the output."""
+        where = {id(r): i for i, r in enumerate(rows)}
+        for group in {id(r.beam): r.beam for r in rows if r.beam is not None}.values():
+            if not group.rows:  # the first step, from the leader's prefill: k rows holding the leader's cache
+                leader = next(r for r in rows if r.beam is group)
+                group.rows = [leader] + [self._fork_row(leader) for _ in range(group.k - 1)]
+            first = where[id(group.rows[0])]  # a dead beam's row has no logits of its own: any row's will do
+            picked = [where.get(id(r), first) for r in group.rows]
+            chosen = group.rank(torch.log_softmax(logits[picked], -1))
+            if group.done:
+                self._beam_output(group, events)
+                for row in group.rows:
+                    self._leave(row)
+                continue
+            for row, src in group.reseat(chosen):
+                self.backend.fork(src.slot, row.slot, src.length)
+                row.length = src.length
+            for row, (_, _, token) in zip(group.rows, chosen):
+                row.last_token = token
+
+    def _fork_row(self, leader: Row) -> Row:
+        # token 0 until a beam takes the row: a dead beam's row decodes something valid, and nothing reads it
+        row = Row(leader.request, leader.index, leader.stop, leader.prefix, leader.prefix_len, None, leader.deadline,
+                  beam=leader.beam, length=leader.length, last_token=0)
+        self.scheduler.place(row)  # admission reserved the group's slots
+        self.backend.fork(leader.slot, row.slot, leader.length)
+        return row
+
+    @staticmethod
+    def _beam_output(group: BeamGroup, events: list[TokenEvent]):
+        tokens, stopped = group.best()
+        stop, rid, reason = group.rows[0].stop, group.request.request_id, None
+        for token in tokens:
+            _, text, reason = stop.add(token)
+            events.append(TokenEvent(rid, 0, token, text, finish_reason=reason))
+            if reason is not None:
+                return
+        events.append(TokenEvent(rid, 0, None, stop.finish(), finish_reason="stop" if stopped else "length"))
+
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         for row, reason in self.scheduler.leaving(time.monotonic()):
-            events.append(TokenEvent(row.request_id, row.index, None, row.stop.finish(), finish_reason=reason))
+            if row.beam is None or not row.beam.rows or row is row.beam.rows[0]:  # a beam group ends once
+                events.append(TokenEvent(row.request_id, row.index, None, row.stop.finish(), finish_reason=reason))
             if row.slot >= 0:
                 self._leave(row)
         running = list(self.scheduler.running)

@@ -5,9 +5,12 @@ attention function (`cache.prefix_attention`): slower than `llama_fast`, but exa
   forward as the rows' "prefix" (`PrefixKV` with a per-row mask), and the attention function
   captures the new tokens' keys/values, which are then written into the rows' blocks. No transformers cache is used.
 * `RowWise` (BART, T5): each row keeps today's `generation._Decoder` state and steps alone. Correct,
-  joins and leaves like any row, but not batched: the encoder-decoder fast path is future work.
+  joins and leaves like any row (a beam forks a copy of another's state), but not batched: the
+  encoder-decoder fast path is future work.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -111,6 +114,13 @@ class RowWise:
 
     def move(self, src: int, dst: int, length: int):
         self.states[dst] = self.states.pop(src)
+
+    def fork(self, src: int, dst: int, length: int):
+        """Row `dst` continues row `src`: a copy of its cache; the encoder's output and the prefix are
+        read only, so shared."""
+        state = copy.copy(self.states[src])
+        state.cache = copy.deepcopy(state.cache)
+        self.states[dst] = state
 
     def release(self, slot: int):
         self.states.pop(slot, None)

@@ -2,14 +2,15 @@
 (`generate`, `eval`), evaluation, the experiments and every method's `generate` call. The server
 steps an engine of its own.
 
-One rule says which loop decodes (`engine_decodes`): the engine takes greedy decoding of decoder-only
-models, with or without a prefix; `generation.decode` keeps what the engine does not do, beam search
-(the paper's beam 5), HF's repetition controls, and encoder-decoders (the engine steps those row by
-row, slower than the batched loop for a whole test set).
+One rule says which loop decodes (`engine_decodes`): the engine takes every decoding of decoder-only
+models, with or without a prefix: greedy, beam search (the paper's beam 5: `num_beams` rows per input,
+engine/beam.py) and HF's repetition controls. `generation.decode` keeps encoder-decoders (the engine
+steps those row by row, slower than the batched loop for a whole test set, and has no beams for them)
+and the ablations whose virtual tokens are inputs (methods/embedding.py, infix.py).
 
 `dtype` of a `DecodingConfig`: "model" decodes in the model's own dtype (the library's default, as
 `generate` in transformers); "auto" in bf16 where the CPU computes it natively (the CLI's default);
-"bf16"/"fp32" as named. Beam search always runs in the model's dtype.
+"bf16"/"fp32" as named; beam search as greedy decoding.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ MAX_ENGINE_BATCH = 32  # rows per decode step at which a row's bf16 bits equal t
 
 
 def engine_decodes(config: DecodingConfig, spec) -> bool:
-    return spec.family == "decoder" and config.num_beams == 1 and not config.penalises
+    return spec.family == "decoder" and config.num_beams <= MAX_ENGINE_BATCH
 
 
 def decode_dtype(config: DecodingConfig, model) -> torch.dtype:
@@ -60,9 +61,10 @@ class EngineCache:
 def decode_ids(model, tokenizer, sequences: list[list[int]], prefixes: list, config: DecodingConfig | None = None,
                *, batch_size: int = MAX_ENGINE_BATCH, engines: EngineCache | None = None, fast: bool = True,
                progress=None) -> list[list[int]]:
-    """Greedy token ids for each sequence (its stop token not included), row i with prefix `prefixes[i]`
-    (an `ExportedPrefix`, its groups `{"decoder": P}`, or None). Rows run continuously batched: a row
-    that finishes frees its slot for the next one at once. `progress(1)` after each finished row."""
+    """Token ids for each sequence (its stop token not included), row i with prefix `prefixes[i]`
+    (an `ExportedPrefix`, its groups `{"decoder": P}`, or None), decoded as `config` says (greedy or
+    beam search, repetition controls). Rows run continuously batched: a row (or a beam group) that
+    finishes frees its slots for the next one at once. `progress(1)` after each finished input."""
     config = config or DecodingConfig()
     if len(sequences) != len(prefixes):
         raise ValueError(f"{len(sequences)} inputs but {len(prefixes)} prefixes")
@@ -70,8 +72,8 @@ def decode_ids(model, tokenizer, sequences: list[list[int]], prefixes: list, con
         return []
     spec = model_spec(model)
     if not engine_decodes(config, spec):
-        raise ValueError("the engine decodes greedily, decoder-only models, without repetition controls: "
-                         "use generation.decode for beam search, penalties and encoder-decoders")
+        raise ValueError(f"the engine decodes decoder-only models with at most {MAX_ENGINE_BATCH} beams: "
+                         "use generation.decode for encoder-decoders")
     stops = sorted(stop_ids(tokenizer, config.stop_at_newline, ignore_eos=True))
     longest_prefix = max((_prefix_len(p) for p in prefixes), default=0)
     max_len = longest_prefix + max(len(s) for s in sequences) + config.max_new_tokens
@@ -81,9 +83,14 @@ def decode_ids(model, tokenizer, sequences: list[list[int]], prefixes: list, con
 
 
 def _run(engines, model, tokenizer, sequences, prefixes, config, batch_size, max_len, stops, progress):
-    engine = engines.get(decode_dtype(config, model), min(batch_size, MAX_ENGINE_BATCH, len(sequences)), max_len)
+    beams = config.num_beams  # a beam input takes one slot per beam
+    rows = max(beams, min(batch_size * beams, MAX_ENGINE_BATCH, len(sequences) * beams))
+    engine = engines.get(decode_dtype(config, model), rows, max_len)
     requests = [Request(seq, prefix=prefix, max_tokens=config.max_new_tokens, stop_token_ids=stops,
-                        ignore_eos=config.ignore_eos) for seq, prefix in zip(sequences, prefixes)]
+                        ignore_eos=config.ignore_eos, beams=beams, length_penalty=config.length_penalty,
+                        no_repeat_ngram_size=config.no_repeat_ngram_size,
+                        repetition_penalty=config.repetition_penalty)
+                for seq, prefix in zip(sequences, prefixes)]
     row_of = {r.request_id: i for i, r in enumerate(requests)}
     outputs: list[list[int]] = [[] for _ in requests]
     for r in requests:

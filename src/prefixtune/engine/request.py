@@ -25,6 +25,9 @@ class Request:
     A row stops at `max_tokens` tokens, at a stop token (`stop_token_ids`, and the tokenizer's
     end-of-text unless `ignore_eos`; the stop token is not part of the output) or when its text
     contains a stop string (the text is cut before it). `timeout_s` counts from `add_request`.
+    `beams` > 1: beam search with `length_penalty` (engine/beam.py), greedy and one choice only; the
+    output comes whole when the search ends. `no_repeat_ngram_size` and `repetition_penalty`: HF's
+    controls against loops, over the generated tokens only (sampling.repetition_controls).
     """
 
     prompt: list[int]
@@ -43,6 +46,10 @@ class Request:
     timeout_s: float | None = None
     request_id: str | None = None
     tenant: str | None = None      # whose request: the scheduler shares slots and prefill fairly among tenants
+    beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # n > 0: an n-gram never occurs twice in one output
+    repetition_penalty: float = 1.0  # > 1: a generated token's logit is divided (if > 0) or multiplied by it
 
     def __post_init__(self):
         if isinstance(self.prompt, torch.Tensor):
@@ -66,12 +73,25 @@ class Request:
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.beams < 1:
+            raise ValueError(f"beams must be >= 1, got {self.beams}")
+        if self.beams > 1 and (not self.greedy or self.n > 1 or self.logprobs or self.top_logprobs):
+            raise ValueError("beam search decodes greedily, one choice: it combines with neither temperature, "
+                             "n > 1 nor logprobs")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError("no_repeat_ngram_size must be >= 0 (0: off)")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be > 0 (1: off)")
         if self.request_id is None:
             self.request_id = f"req-{next(_ids)}"
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalises(self) -> bool:
+        return self.no_repeat_ngram_size > 0 or self.repetition_penalty != 1.0
 
 
 @dataclass

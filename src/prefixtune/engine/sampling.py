@@ -1,4 +1,5 @@
 """Choosing each row's next token: greedy without a softmax, or seeded sampling; and logprobs.
+Before the choice, a row's repetition controls (if its request asks) change its logits.
 
 A sampled row draws from its own `torch.Generator`, one uniform number per token, and picks the
 token by inverse CDF over its filtered distribution. Its tokens therefore depend only on its own
@@ -7,6 +8,8 @@ logits and its own seed, never on which rows share the batch.
 from __future__ import annotations
 
 import torch
+
+from ..generation import apply_repetition_controls
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -40,15 +43,30 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return int(ids[pick]) if ids is not None else pick
 
 
-def choose(logits: torch.Tensor, rows) -> list[tuple[int, float | None, list | None]]:
+def repetition_controls(logits: torch.Tensor, rows, histories: list[list[int]]) -> torch.Tensor:
+    """Each row's logits after its request's `repetition_penalty` and `no_repeat_ngram_size`, over the
+    tokens it has generated (`histories[i]`), exactly as `generation.apply_repetition_controls`.
+    Returns `logits` itself when no row asks for them."""
+    which = [i for i, row in enumerate(rows) if row.request.penalises]
+    if not which:
+        return logits
+    logits = logits.clone()
+    for i in which:
+        logits[i: i + 1] = apply_repetition_controls(logits[i: i + 1], [histories[i]], rows[i].request)
+    return logits
+
+
+def choose(logits: torch.Tensor, rows, raw: torch.Tensor | None = None) -> list[tuple[int, float | None, list | None]]:
     """(token, logprob, top_logprobs) for each row of fp32 logits (batch, vocab).
 
     `rows[i]` has `.request` (temperature, top_k, top_p, logprobs, top_logprobs) and `.generator`.
-    Logprobs are those of the model's distribution (log-softmax of the raw logits).
+    Logprobs are those of the model's distribution (log-softmax of the `raw` logits, before the
+    repetition controls; `logits` when not given), as vLLM reports them by default.
     """
+    raw = logits if raw is None else raw
     greedy = logits.argmax(-1).tolist()
     want = [i for i, r in enumerate(rows) if r.request.logprobs or r.request.top_logprobs]
-    logprobs = torch.log_softmax(logits[want], -1) if want else None
+    logprobs = torch.log_softmax(raw[want], -1) if want else None
     out = []
     for i, row in enumerate(rows):
         req = row.request

@@ -51,6 +51,12 @@ class Row:
     last_token: int = -1           # sampled, not yet fed back
     preempted: bool = False        # waiting again after running: its prefill recomputes its tokens so far
     prefilled: int = 0             # of prefill_ids(), the tokens already in the cache (chunked prefill)
+    beam: object = None            # beam search: its BeamGroup (engine/beam.py)
+
+    @property
+    def slots(self) -> int:
+        """Slots its admission takes: a beam request's first row reserves one for each beam."""
+        return self.beam.k if self.beam is not None and not self.beam.rows else 1
 
     @property
     def request_id(self) -> str:
@@ -110,7 +116,14 @@ class Scheduler:
         return out
 
     def _held(self) -> Counter:
-        return Counter(row.tenant for row in self.running + self.prefilling)
+        held = Counter(row.tenant for row in self.running)
+        for row in self.prefilling:  # a beam request's first row holds its group's slots
+            held[row.tenant] += row.slots
+        return held
+
+    def _used(self) -> int:
+        """Places taken: running rows, and rows being prefilled with the slots their beams will fork into."""
+        return len(self.running) + sum(row.slots for row in self.prefilling)
 
     def prefill_work(self) -> list[tuple[Row, list[int], bool]]:
         """This step's prompt tokens, (row, tokens, first chunk?): rows being prefilled go on (oldest first),
@@ -155,19 +168,22 @@ class Scheduler:
         order = {tenant: i for i, tenant in enumerate(queues)}  # the tenant whose oldest row came first wins a tie
         share = self.max_prefill_tokens / max(len(set(held) | set(queues)), 1)
         spent: Counter = Counter()
-        out, budget = [], self.max_prefill_tokens if budget is None else budget
-        while queues and len(self.running) + len(self.prefilling) + len(out) < self.max_batch:
+        out, budget, taken = [], self.max_prefill_tokens if budget is None else budget, 0
+        used = self._used()
+        while queues and used + taken < self.max_batch:
             tenant = min(queues, key=lambda t: (held[t], order[t]))
             row = queues[tenant][0]
             cost = len(row.prefill_ids())
-            if (out or busy) and (cost > budget or spent[tenant] + cost > share):  # waits for the next step; others may fit
+            if ((out or busy) and (cost > budget or spent[tenant] + cost > share)
+                    or used + taken + row.slots > self.max_batch):  # waits for the next step; others may fit
                 del queues[tenant]
                 continue
             queues[tenant].popleft()
             if not queues[tenant]:
                 del queues[tenant]
             out.append(row)
-            held[tenant] += 1
+            taken += row.slots
+            held[tenant] += row.slots
             spent[tenant] += cost
             budget -= cost
         taken = {id(r) for r in out}
@@ -183,14 +199,17 @@ class Scheduler:
         share = self._share(held)
         waiting = Counter(row.tenant for row in self.waiting)
         wanted = sum(min(n, max(math.ceil(share) - held[t], 0)) for t, n in waiting.items() if held[t] < share)
-        short = wanted - (self.max_batch - len(self.running) - len(self.prefilling))
+        short = wanted - (self.max_batch - self._used())
         out = []
         while short > 0:
-            over = [t for t in held if held[t] - 1 >= share]  # a victim stays at or above its share
+            # a victim stays at or above its share; beam rows are never taken (their group needs them all)
+            over = [t for t in held if held[t] - 1 >= share
+                    and any(r.tenant == t and r.beam is None and r not in out for r in self.running)]
             if not over:
                 break
             victim = max(over, key=lambda t: held[t])
-            row = min((r for r in self.running if r.tenant == victim and r not in out), key=lambda r: len(r.stop.tokens))
+            row = min((r for r in self.running if r.tenant == victim and r.beam is None and r not in out),
+                      key=lambda r: len(r.stop.tokens))
             out.append(row)
             held[victim] -= 1
             short -= 1

@@ -73,7 +73,7 @@ def generate_texts(method: Method, sources: list[str], config, batch_size: int, 
                    progress=None, engine_model=None) -> list[str]:
     """Decode `sources` like `PrefixBank.generate` (same template and text cleanup).
 
-    `method` supplies `model`, `tokenizer`, `spec`, `template` and `max_source_len`. Greedy decoding runs
+    `method` supplies `model`, `tokenizer`, `spec`, `template` and `max_source_len`. Decoding (greedy or beams) runs
     on the engine when the method decodes as a plain model (`engine_model`: its trained copy) and the
     engine takes the config (`engine.offline.engine_decodes`); otherwise `decode_batch(sequences, config)`
     returns the generated ids of each length-sorted batch.

@@ -9,7 +9,7 @@ from importlib import import_module
 
 # Imported on first use (PEP 562): `prefixtune.serve.settings` stays light, so the CLI can read the
 # server's defaults without loading FastAPI.
-_WHERE = {"create_app": ".app", "Batcher": ".batcher", "Job": ".batcher", "QueueFull": ".errors",
+_WHERE = {"create_app": ".app", "Job": ".jobs", "QueueFull": ".errors",
           "ServeError": ".errors", "EngineWorker": ".engine_worker", "BackgroundServer": ".server", "serve": ".server", "ServeSettings": ".settings",
           "PrefixStore": ".store", "KeyRing": ".tenants", "tenant_dir_name": ".tenants", "valid_name": ".tenants"}
 __all__ = list(_WHERE)

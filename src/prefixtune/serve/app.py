@@ -26,10 +26,10 @@ from starlette.concurrency import run_in_threadpool
 
 from ..bank import PrefixBank
 from ..models import model_name
-from .batcher import Batcher
 from .chat import ChatCompletions
 from .completions import Completions
 from .connection import guarded_receive
+from .engine_worker import EngineWorker
 from .errors import ServeError, error_response, install_handlers
 from .prometheus import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -110,12 +110,7 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     base_name = settings.model_name or model_name(model)
     metrics = Metrics()
     store = PrefixStore(bank, settings, keys.tenants(), reserved=(base_name,), model_names=(base_name, model_name(model)))
-    if settings.scheduler == "engine":  # continuous batching; "window": the time-window batcher
-        from .engine_worker import EngineWorker
-
-        batcher = EngineWorker(bank, settings, metrics)
-    else:
-        batcher = Batcher(bank, settings, metrics)
+    batcher = EngineWorker(bank, settings, metrics)  # the one decoding worker: continuous batching
     metrics.gauges.update({"prefixtune_queue_depth": batcher.depth, "prefixtune_prefixes": store.count,
                            "prefixtune_worker_alive": lambda: int(batcher.alive()),
                            "prefixtune_worker_heartbeat_age_seconds": batcher.heartbeat_age,

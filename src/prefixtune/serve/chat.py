@@ -58,7 +58,7 @@ class ChatCompletions:
     async def __call__(self, req: ChatCompletionRequest, request: Request, tenant: str):
         settings = self.settings
         self._check(req)
-        n, controls = decoding_controls(req, self.c.sampling, (req.top_logprobs or 0) if req.logprobs else None)
+        n, controls = decoding_controls(req, (req.top_logprobs or 0) if req.logprobs else None)
         if n > settings.max_prompts_per_request:
             raise ServeError(400, "invalid_n", f"n must be <= {settings.max_prompts_per_request}", "n")
         max_tokens = req.max_completion_tokens or req.max_tokens or settings.max_tokens_limit

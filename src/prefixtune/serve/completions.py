@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.request import MIN_TEMPERATURE, SEED_RANGE
-from .batcher import Job, Result
+from .jobs import Job, Result
 from .errors import ServeError
 from .logprobs import completion_logprobs
 from .prometheus import Metrics
@@ -97,24 +97,11 @@ class CompletionPlan:
     controls: dict = field(default_factory=dict)
 
 
-def decoding_controls(req, sampling: bool, logprobs: int | None) -> tuple[int, dict]:
-    """(n, the `Job` fields of sampling) from a completions or chat request; refuses what the scheduler
-    cannot honour. `sampling`: the engine scheduler (else greedy or beam search only)."""
+def decoding_controls(req, logprobs: int | None) -> tuple[int, dict]:
+    """(n, the `Job` fields of sampling) from a completions or chat request; refuses what decoding
+    cannot honour."""
     if req.presence_penalty not in (None, 0) or req.frequency_penalty not in (None, 0):
         raise ServeError(400, "unsupported", "presence and frequency penalties are not supported")
-    if not sampling:
-        if req.n not in (None, 1) or getattr(req, "best_of", None) not in (None, 1):
-            raise ServeError(400, "unsupported", "n and best_of must be 1: decoding is greedy, one completion per "
-                                                 "prompt (use num_beams for beam search)", "n")
-        if (req.temperature or 0) >= MIN_TEMPERATURE:
-            raise ServeError(400, "unsupported", "only greedy decoding is supported by the window scheduler: use "
-                                                 "temperature 0 or leave it out (--scheduler engine samples)",
-                             "temperature")
-        if req.top_p not in (None, 1) or req.top_k not in (None, 0, -1):
-            raise ServeError(400, "unsupported", "top_p must be 1 and top_k 0 (decoding is greedy)", "top_p")
-        if logprobs is not None:
-            raise ServeError(400, "unsupported", "logprobs need the engine scheduler (--scheduler engine)", "logprobs")
-        return 1, {}
     n = req.n or 1
     if getattr(req, "best_of", None) not in (None, n):
         raise ServeError(400, "unsupported", "best_of must equal n (no ranking of extra choices)", "best_of")
@@ -122,11 +109,9 @@ def decoding_controls(req, sampling: bool, logprobs: int | None) -> tuple[int, d
     controls = {"temperature": 0.0 if temperature < MIN_TEMPERATURE else temperature,  # the floor: greedy
                 "top_p": 1.0 if req.top_p is None else req.top_p,
                 "top_k": max(req.top_k or 0, 0), "seed": req.seed, "logprobs": logprobs}
-    decode_path = (getattr(req, "num_beams", 1) > 1 or getattr(req, "no_repeat_ngram_size", 0) > 0
-                   or getattr(req, "repetition_penalty", 1.0) != 1.0)
-    if decode_path and (controls["temperature"] > 0 or n > 1 or logprobs is not None):
-        raise ServeError(400, "unsupported", "num_beams, no_repeat_ngram_size and repetition_penalty decode "
-                                             "greedily: they combine with neither temperature, n > 1 nor logprobs")
+    if getattr(req, "num_beams", 1) > 1 and (controls["temperature"] > 0 or n > 1 or logprobs is not None):
+        raise ServeError(400, "unsupported", "num_beams (beam search) decodes greedily, one completion: it combines "
+                                             "with neither temperature, n > 1 nor logprobs")
     return n, controls
 
 
@@ -148,9 +133,9 @@ def choice_jobs(bank_id, prompts: list, n: int, controls: dict, **fields) -> lis
     return jobs
 
 
-def plan(req: CompletionRequest, settings: ServeSettings, resolve, sampling: bool = False) -> CompletionPlan:
+def plan(req: CompletionRequest, settings: ServeSettings, resolve) -> CompletionPlan:
     """Refuse what decoding cannot honour, check the limits; `resolve(model)` -> bank id or None."""
-    n, controls = decoding_controls(req, sampling, req.logprobs)
+    n, controls = decoding_controls(req, req.logprobs)
     if req.suffix is not None:
         raise ServeError(400, "unsupported", "suffix is not supported", "suffix")
     if req.logit_bias is not None:  # as chat: refused, never ignored
@@ -218,7 +203,6 @@ class Completions:
                  base_name: str):
         self.tokenizer, self.settings, self.store = tokenizer, settings, store
         self.batcher, self.metrics, self.base_name = batcher, metrics, base_name
-        self.sampling = settings.scheduler == "engine"
 
     def resolver(self, tenant: str):
         def resolve(model: str) -> str | None:
@@ -232,7 +216,7 @@ class Completions:
 
     async def __call__(self, req: CompletionRequest, request: Request, tenant: str):
         settings = self.settings
-        p = plan(req, settings, self.resolver(tenant), self.sampling)
+        p = plan(req, settings, self.resolver(tenant))
         jobs = choice_jobs(p.bank_id, p.prompts, p.n, p.controls, max_new_tokens=p.stops.max_tokens,
                            num_beams=req.num_beams, stop_at_newline=p.stops.at_newline, raw=req.raw,
                            ignore_eos=req.ignore_eos, no_repeat_ngram_size=req.no_repeat_ngram_size,

@@ -1,7 +1,6 @@
-"""Continuous batching for the server: one worker thread steps `prefixtune.engine` (issue 13, phase 2).
+"""Continuous batching for the server: one worker thread steps `prefixtune.engine`.
 
-Handlers `submit` jobs (one per choice) as with the window `Batcher` and await their futures or
-streams. At the start of each cycle the worker takes the new jobs: it encodes each prompt, takes
+Handlers `submit` jobs (one per choice) and await their futures or streams. At the start of each cycle the worker takes the new jobs: it encodes each prompt, takes
 the row's prefix from the bank (`bank.get`) and adds a `Request` to the engine. That is the row's
 admission: a PUT replacing a prefix affects only rows admitted after it, since the engine keys a
 prefix's KV blocks by the prefix tensor and a running row keeps the blocks it started with. Then it steps the engine while the engine has work
@@ -9,10 +8,9 @@ prefix's KV blocks by the prefix tensor and a running row keeps the blocks it st
 (stream callback, then the future) and waits on a condition when idle. A job whose request gave
 up (client gone, timed out) is cancelled in the engine: its row leaves at the next step.
 
-Beam search, `no_repeat_ngram_size` and `repetition_penalty` are not engine features. Those jobs
-are decoded by `generation.decode` (the window batcher's own code, in this same thread, so the
-model is never used by two threads) between two engine steps, all that arrived together in one
-call; running rows wait meanwhile. They suit evaluation, not the interactive path.
+Beam search (`num_beams`: k rows of the engine, the answer whole when the search ends),
+`no_repeat_ngram_size` and `repetition_penalty` are engine features like sampling: such a row
+decodes beside every other, and no row waits for it.
 
 An error in a step fails the rows that were running (500) and the engine is rebuilt, since its
 state may be half a step; the worker keeps running.
@@ -21,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -29,8 +28,8 @@ from dataclasses import dataclass, field
 from ..bank import PrefixBank, PrefixUnavailable
 from ..engine import Engine, Request
 from ..generation import stop_ids
-from .batcher import Batcher, Job, Result, WorkerHealth, _resolve
 from .errors import QueueFull, ServeError, ShuttingDown
+from .jobs import Job, Result, WorkerHealth, resolve
 from .prometheus import Metrics
 from .settings import ServeSettings
 
@@ -58,24 +57,19 @@ def engine_max_len(model, settings: ServeSettings) -> int:
 
 
 class EngineWorker(WorkerHealth):
-    """The same surface as `Batcher` (submit, start/stop, alive, depth, heartbeat_age, pending, metrics)."""
+    """submit, start/stop, alive, depth, heartbeat_age, pending, metrics: what the app and /health use."""
 
     def __init__(self, bank: PrefixBank, settings: ServeSettings, metrics: Metrics | None = None):
         self.bank, self.settings = bank, settings
         self.metrics = metrics or Metrics()
         self.engine = self._new_engine()
-        # The window batcher's per-job checks (gave up, timed out, prefix deleted, encoding, prompt limit)
-        # and its decode path, run by this worker; its heartbeat is ours.
-        self.decode_path = Batcher(bank, settings, self.metrics)
-        self.decode_path._heartbeat = self._heartbeat
         self._inbox: deque[Job] = deque()
         self._live: dict[str, _Live] = {}
         self._unstarted = 0             # admitted to the engine, no token yet: still queued, for `depth`
         self._cond = threading.Condition()
         self._init_health()
         self._newlines: set[int] | None = None
-        self._aside: list[Job] = []     # jobs on the decode path right now (beam search, ...)
-        self._advanced = self.clock()   # when the engine's running rows last got a token
+        self._advanced = self.clock()   # when the engine's running rows last took a step
 
     def _new_engine(self) -> Engine:
         s = self.settings
@@ -98,7 +92,7 @@ class EngineWorker(WorkerHealth):
             pending = list(self._inbox) + [live.job for live in self._live.values()]
             self._inbox.clear()
         for job in pending:
-            _resolve(job, error=ShuttingDown())
+            resolve(job, error=ShuttingDown())
 
     def depth(self) -> int:
         """Rows waiting: not yet taken by the worker, or in the engine without a slot (no token yet)."""
@@ -108,13 +102,13 @@ class EngineWorker(WorkerHealth):
         return self._busy or bool(self._inbox)
 
     def stall_s(self) -> float:
-        """The age of the oldest row without a token yet (queued, admitted to the engine, or aside on the
-        decode path), or the time since the engine's running rows last advanced, whichever is longer."""
+        """The age of the oldest row without a token yet (queued, or admitted to the engine), or the time
+        since the engine's running rows last advanced, whichever is longer. (A beam row outputs its tokens
+        at the end: it counts from its last step.)"""
         now = self.clock()
         with self._cond:
             waiting = [job.enqueued for job in self._inbox]
-        waiting += [live.job.enqueued for live in list(self._live.values()) if not live.tokens]
-        waiting += [job.enqueued for job in self._aside if not job.future.done()]
+        waiting += [live.job.enqueued for live in list(self._live.values()) if not live.tokens and live.job.num_beams == 1]
         oldest = now - min(waiting) if waiting else 0.0
         running = now - self._advanced if self.engine.num_running else 0.0
         return max(oldest, running)
@@ -160,63 +154,91 @@ class EngineWorker(WorkerHealth):
             self._busy = True
             new = list(self._inbox)
             self._inbox.clear()
-        decode_path = [job for job in new if job.needs_decode_path]
         for job in new:
-            if not job.needs_decode_path:
-                self._admit(job)
-        if decode_path:
-            self._decode_elsewhere(decode_path)
+            self._admit(job)
         self._cancel_given_up()
         if self.engine.has_work():
             self._step()
 
     def _admit(self, job: Job):
         try:
-            seq = self.decode_path._prepare(job)
+            seq = self._prepare(job)
             if seq is None:  # answered already (gave up, timed out, deleted prefix, bad prompt)
                 return
             try:
                 prefix = None if job.bank_id is None else self.bank.get(job.bank_id)
             except KeyError:
-                _resolve(job, error=ServeError(404, "model_not_found", "the prefix was deleted before decoding"))
+                resolve(job, error=ServeError(404, "model_not_found", "the prefix was deleted before decoding"))
                 return
             except PrefixUnavailable as e:
-                _resolve(job, error=ServeError(500, "prefix_unavailable", str(e)))
-                self.decode_path._count(job, "error")
+                resolve(job, error=ServeError(500, "prefix_unavailable", str(e)))
+                self._count(job, "error")
                 return
             left = job.deadline - self.clock()
             request = Request(seq, prefix=prefix, max_tokens=job.max_new_tokens, temperature=job.temperature,
                               top_p=job.top_p, top_k=job.top_k, seed=job.seed, stop=list(job.stop_strings),
                               stop_token_ids=sorted(self._newline_ids()) if job.stop_at_newline else (),
                               ignore_eos=job.ignore_eos, logprobs=job.logprobs is not None, tenant=job.tenant,
-                              top_logprobs=job.logprobs or 0, timeout_s=max(left, 0.0) if math.isfinite(left) else None)
+                              top_logprobs=job.logprobs or 0, timeout_s=max(left, 0.0) if math.isfinite(left) else None,
+                              beams=job.num_beams, no_repeat_ngram_size=job.no_repeat_ngram_size,
+                              repetition_penalty=job.repetition_penalty)
             self.engine.add_request(request)
         except ValueError as e:  # the engine's own checks: prompt + prefix + max_tokens over its slots, ...
-            _resolve(job, error=ServeError(400, "invalid_request", str(e)))
+            resolve(job, error=ServeError(400, "invalid_request", str(e)))
             return
         except Exception as e:
             log.exception("admitting a row failed")
-            _resolve(job, error=ServeError(500, "server_error", f"could not start decoding ({type(e).__name__})"))
-            self.decode_path._count(job, "error")
+            resolve(job, error=ServeError(500, "server_error", f"could not start decoding ({type(e).__name__})"))
+            self._count(job, "error")
             return
         self._live[request.request_id] = _Live(job)
         self._unstarted += 1
+
+    def _count(self, job: Job, outcome: str):
+        if job.outcome is None:
+            job.outcome = outcome
+            self.metrics.inc("prefixtune_completions_total", outcome=outcome)
+
+    def _prepare(self, job: Job) -> list[int] | None:
+        """The job's prompt ids, or None when it is answered already (gave up, timed out, prefix deleted,
+        a prompt that does not encode or is over the limit)."""
+        if job.future.done():  # the request gave up (timeout, disconnect): skip it
+            self._count(job, "cancelled")
+            return None
+        if self.clock() > job.deadline:
+            resolve(job, error=ServeError(503, "timeout", "request timed out in the queue"))
+            self._count(job, "timeout")
+            return None
+        if job.bank_id is not None and job.bank_id not in self.bank:
+            resolve(job, error=ServeError(404, "model_not_found", "the prefix was deleted before decoding"))
+            return None
+        limit = self.settings.max_prompt_tokens
+        try:  # encoded whole unless truncation was asked for, so that too long is refused, not cut
+            if job.prompt_ids is not None:
+                seq = list(job.prompt_ids)[-(job.truncate_to or len(job.prompt_ids)):]
+            else:
+                seq = self.bank.encode(job.text, job.bank_id, job.raw, max_len=job.truncate_to or sys.maxsize)
+        except PrefixUnavailable as e:  # a stored file that no longer loads: the server's fault, not the prompt's
+            resolve(job, error=ServeError(500, "prefix_unavailable", str(e)))
+            self._count(job, "error")
+            return None
+        except Exception as e:
+            resolve(job, error=ServeError(400, "invalid_prompt", f"could not encode the prompt ({type(e).__name__})"))
+            return None
+        job.prompt_tokens = len(seq)
+        if not seq:
+            resolve(job, error=ServeError(400, "invalid_prompt", "the prompt encodes to no tokens"))
+            return None
+        if len(seq) > limit:
+            resolve(job, error=ServeError(400, "prompt_too_long", f"the prompt is {len(seq)} tokens (with its template); "
+                               f"the limit is {limit}. Shorten it, or send truncate_prompt_tokens to cut it"))
+            return None
+        return seq
 
     def _newline_ids(self) -> set[int]:
         if self._newlines is None:  # every token whose text holds a newline: today's stop_at_newline
             self._newlines = stop_ids(self.bank.tokenizer, stop_at_newline=True, ignore_eos=True)
         return self._newlines
-
-    def _decode_elsewhere(self, jobs: list[Job]):
-        self._aside = jobs
-        try:
-            self.decode_path._process(jobs)
-        except Exception as e:
-            log.exception("decoding %d rows on generation.decode failed", len(jobs))
-            for job in jobs:
-                _resolve(job, error=ServeError(500, "server_error", f"internal error while decoding ({type(e).__name__})"))
-        finally:
-            self._aside = []
 
     def _cancel_given_up(self):
         for request_id, live in self._live.items():
@@ -226,11 +248,9 @@ class EngineWorker(WorkerHealth):
 
     def _step(self):
         started = time.monotonic()
-        running = self.engine.num_running
         events = self.engine.step()
         self._heartbeat()
-        if running == 0 or any(e.token is not None for e in events):
-            self._advanced = self.clock()
+        self._advanced = self.clock()  # every running row took a step (a beam row's tokens come at its end)
         rows = {(e.request_id, e.index) for e in events if e.token is not None}
         if rows:
             prefixes = len({self._live[r].job.bank_id for r, _ in rows if r in self._live})
@@ -259,13 +279,13 @@ class EngineWorker(WorkerHealth):
                 self._finish(live, event.finish_reason)
 
     def _finish(self, live: _Live, reason: str):
-        job, count = live.job, self.decode_path._count
+        job, count = live.job, self._count
         if reason == "cancelled":
             count(job, "cancelled")
         elif reason == "timeout":
-            _resolve(job, error=ServeError(503, "timeout", "request timed out"))
+            resolve(job, error=ServeError(503, "timeout", "request timed out"))
             count(job, "timeout")
-        elif _resolve(job, Result(live.tokens, job.prompt_tokens, live.logprobs if job.logprobs is not None else None,
+        elif resolve(job, Result(live.tokens, job.prompt_tokens, live.logprobs if job.logprobs is not None else None,
                                   live.top_logprobs if job.logprobs is not None else None)):
             self.metrics.inc("prefixtune_generated_tokens_total", len(live.tokens))
             self.metrics.inc("prefixtune_prompt_tokens_total", job.prompt_tokens)
@@ -275,7 +295,7 @@ class EngineWorker(WorkerHealth):
 
     def _fail_running(self, error: Exception):
         for live in self._live.values():
-            _resolve(live.job, error=ServeError(500, "decode_error", f"decoding failed ({type(error).__name__})"))
-            self.decode_path._count(live.job, "error")
+            resolve(live.job, error=ServeError(500, "decode_error", f"decoding failed ({type(error).__name__})"))
+            self._count(live.job, "error")
         self._live.clear()
         self._unstarted = 0

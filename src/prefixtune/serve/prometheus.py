@@ -86,7 +86,7 @@ class Metrics:
             self._hist[name].observe(value)
 
     def batch(self, rows: int, prefixes: int, seconds: float):
-        """One decoding batch (window) or step (engine): its counters, histograms and peaks."""
+        """One decoding step of the engine: its counters, histograms and peaks."""
         with self._lock:
             self._counters["prefixtune_batches_total"][()] += 1
             self._hist["prefixtune_batch_size"].observe(rows)

@@ -12,7 +12,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from .batcher import Job, Result
+from .jobs import Job, Result
 from .connection import unless_disconnected
 from .errors import ServeError
 

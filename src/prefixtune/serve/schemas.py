@@ -13,8 +13,8 @@ from ..engine.request import SEED_RANGE
 
 class CompletionRequest(BaseModel):
     """`POST /v1/completions`, as OpenAI defines it. `model` names one of the caller's prefixes, or the
-    base model (no prefix). Decoding is greedy unless `temperature` > 0 (sampling: the engine scheduler; the
-    window scheduler refuses it with a 400 rather than ignore it), or beam search with `num_beams`. Types are strict: `"max_tokens": true`
+    base model (no prefix). Decoding is greedy unless `temperature` > 0 (sampling), or beam search with
+    `num_beams` (greedy, one choice; the text comes whole when the search ends). Types are strict: `"max_tokens": true`
     or `"stream": "yes"` is a 400, not 1 and True (an int is still taken where a float is expected)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # an unknown field is a 400, never ignored

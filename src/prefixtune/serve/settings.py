@@ -11,9 +11,8 @@ MiB = 1 << 20
 class ServeSettings:
     store_dir: Path
     model_name: str | None = None        # the base model's name in /v1/models; default: the model's own name
-    batch_window_ms: float = 10.0        # requests arriving within this window of the first are decoded together
-    max_batch_size: int = 32             # rows per decoding batch
-    max_batch_tokens: int = 2048         # prompt tokens per decoding batch: bounds the prefill, one uninterrupted step
+    max_batch_size: int = 32             # rows per decoding step (a beam request takes one per beam)
+    max_batch_tokens: int = 2048         # prompt tokens prefilled in one step: bounds the prefill, one uninterrupted step
     max_queue: int = 256                 # rows waiting for the worker; beyond that: 429
     request_timeout_s: float = 120.0     # queueing + decoding; beyond that: 503
     max_upload_bytes: int = 16 * MiB     # one prefix file
@@ -30,8 +29,6 @@ class ServeSettings:
     max_json_bytes: int = 1 * MiB        # body of a JSON request (completions)
     body_timeout_s: float = 30.0         # to receive a whole request body (upload or JSON); then 408 (slowloris)
     worker_stall_s: float = 30.0         # /health is 503 when work waits and the worker has not stepped for this long
-    scheduler: str = "engine"            # "engine": continuous batching (prefixtune.engine); "window": the time-window
-                                         # batcher of earlier releases (greedy/beam only; kept one release to compare)
     dtype: str = "auto"                  # the engine's compute dtype: auto (bf16 where the CPU has it) | bf16 | fp32
 
     def __post_init__(self):
@@ -41,13 +38,10 @@ class ServeSettings:
                      "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.scheduler not in ("engine", "window"):
-            raise ValueError(f"scheduler must be engine or window, got {self.scheduler!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         for name in ("max_resident_prefixes", "max_resident_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, or None for no limit")
-        if self.batch_window_ms < 0 or min(self.request_timeout_s, self.body_timeout_s, self.worker_stall_s) <= 0:
-            raise ValueError("batch_window_ms must be >= 0, and request_timeout_s, body_timeout_s and "
-                             "worker_stall_s > 0")
+        if min(self.request_timeout_s, self.body_timeout_s, self.worker_stall_s) <= 0:
+            raise ValueError("request_timeout_s, body_timeout_s and worker_stall_s must be > 0")

@@ -1,0 +1,250 @@
+"""Beam search and the repetition controls in the engine: a beam request's output equals today's
+beam search (`generation.decode`) in the same dtype, next to greedy and sampled rows of other
+prefixes; the repetition controls act per row, exactly as today's."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import ByteTokenizer, tiny_model
+from prefixtune.engine import Engine, Request
+from prefixtune.engine.beam import BeamGroup
+from prefixtune.forward import prefix_kv_from_groups
+from prefixtune.generation import DecodingConfig, decode
+from prefixtune.models import model_spec
+from test_generation import SOURCES, ids, prefixes
+
+torch.set_num_threads(1)
+
+
+def today(model, tokenizer, seqs, rows, **config):
+    """Today's batched loop over all rows at once (beam search decodes them together)."""
+    spec = model_spec(model)
+    return decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec),
+                  DecodingConfig(stop_at_newline=False, **config))
+
+
+def end_early(model, tokenizer, seqs, rows, **config):
+    """Make a token that today's beam search often emits the end-of-text token, so that some hypotheses
+    end at a stop token and others run to max_new_tokens; returns today's outputs then."""
+    out = today(model, tokenizer, seqs, rows, **config)
+    for token, _ in Counter(t for seq in out for t in seq).most_common(6):
+        tokenizer.eos_token_id = token
+        want = today(model, tokenizer, seqs, rows, **config)
+        if any(len(w) < config["max_new_tokens"] for w in want) and any(len(w) == config["max_new_tokens"] for w in want):
+            return want
+    raise AssertionError("no token ends some hypotheses early")
+
+
+@pytest.mark.parametrize("family,fast", [("llama", True), ("llama", False), ("gpt2", False)])
+@pytest.mark.parametrize("controls", [{}, {"length_penalty": 0.6, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2}])
+def test_beam_rows_equal_todays_beam_search_in_a_mixed_batch(family, fast, controls):
+    tokenizer = ByteTokenizer()
+    model = tiny_model(family, seed=1)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
+    want = end_early(model, tokenizer, seqs, rows, max_new_tokens=12, num_beams=4, **controls)
+    # 4 beams x 5 requests + a greedy and a sampled row of other prefixes, in 9 slots: beam groups wait
+    # for 4 free slots, join and leave while the others run
+    beam = [Request(s, prefix=p, max_tokens=12, beams=4, **controls) for s, p in zip(seqs, rows)]
+    greedy = Request(seqs[1], prefix=p2, max_tokens=10, ignore_eos=True)
+    sampled = Request(seqs[0], prefix=p1, max_tokens=10, temperature=0.9, seed=5, ignore_eos=True)
+    engine = Engine(model, tokenizer, max_batch=9, max_len=64, dtype="fp32", fast=fast)
+    outs = engine.generate([greedy, beam[0], sampled] + beam[1:])
+    got = {o.request_id: o.choices[0] for o in outs}
+    assert [got[r.request_id].token_ids for r in beam] == want
+    for r, w in zip(beam, want):
+        assert got[r.request_id].finish_reason == ("length" if len(w) == 12 else "stop")
+        assert got[r.request_id].text == tokenizer.decode(w, skip_special_tokens=True)
+    assert engine.stats["max_running"] <= 9 and engine.num_running == 0
+    # the other rows are unaffected: each equals its own decoding alone
+    alone = Engine(model, tokenizer, max_batch=1, max_len=64, dtype="fp32", fast=fast)
+    for r in (greedy, sampled):
+        again = Request(r.prompt, prefix=r.prefix, max_tokens=10, temperature=r.temperature, seed=r.seed,
+                        ignore_eos=True)
+        assert got[r.request_id].token_ids == alone.generate([again])[0].choices[0].token_ids
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_encoder_decoder_beams_fork_row_states_and_equal_todays(family, tokenizer):
+    """Encoder-decoders step row by row (`RowWise`): a beam that takes over another's hypothesis gets a
+    copy of that row's decoder state."""
+    model = tiny_model(family, seed=1)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
+    want = today(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=3, no_repeat_ngram_size=2)
+    engine = Engine(model, tokenizer, max_batch=7, max_len=64, dtype="fp32")
+    assert engine.path == "rowwise"
+    outs = engine.generate([Request(s, prefix=p, max_tokens=10, beams=3, no_repeat_ngram_size=2)
+                            for s, p in zip(seqs, rows)])
+    assert [o.choices[0].token_ids for o in outs] == want
+    assert not engine.backend.states  # every row's state released
+
+
+def test_a_beam_group_reserves_its_slots_and_forks_caches_when_hypotheses_cross(tokenizer):
+    """Beams that take over another beam's hypothesis decode from a fork of its cache: a wrong fork (or
+    none) would change the tokens. With 5 slots, a 3-beam group never runs beside two others."""
+    model = tiny_model("llama", seed=4)
+    p1, p2 = prefixes(model, tokenizer, lengths=(2, 5))
+    seqs = ids(tokenizer, SOURCES)
+    rows = [p1, p2, None, p1, p2]
+    engine = Engine(model, tokenizer, max_batch=5, max_len=64, dtype="fp32")
+    forks = []
+    real = engine.backend.fork
+    engine.backend.fork = lambda src, dst, n: forks.append((src, dst, n)) or real(src, dst, n)
+    outs = engine.generate([Request(s, prefix=p, max_tokens=10, beams=3) for s, p in zip(seqs, rows)])
+    assert [o.choices[0].token_ids for o in outs] == today(model, tokenizer, seqs, rows, max_new_tokens=10,
+                                                           num_beams=3)
+    assert engine.stats["max_running"] == 3  # a second group would need 6 slots
+    assert len(forks) > 2 * len(seqs)  # beyond the expansion from the first row: hypotheses crossed
+
+
+def test_a_beam_request_is_checked_and_cancelled_as_one(tokenizer):
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, tokenizer, max_batch=4, max_len=64, dtype="fp32")
+    seq = ids(tokenizer, ["hello there"])[0]
+    for bad in ({"temperature": 0.7}, {"n": 2}, {"logprobs": True}, {"beams": 0}, {"repetition_penalty": 0},
+                {"no_repeat_ngram_size": -1}):
+        with pytest.raises(ValueError):
+            Request(seq, **{"beams": 3, **bad})
+    with pytest.raises(ValueError, match="max_batch"):
+        engine.add_request(Request(seq, max_tokens=8, beams=5))
+    rid = engine.add_request(Request(seq, max_tokens=30, beams=4, ignore_eos=True))
+    events = [e for _ in range(3) for e in engine.step()]
+    assert engine.num_running == 4 and not events  # nothing is output before the search ends
+    engine.cancel(rid)
+    events = engine.step()
+    assert [(e.request_id, e.token, e.finish_reason) for e in events] == [(rid, None, "cancelled")]
+    assert engine.num_running == 0 and not engine.has_work()
+
+
+@pytest.mark.parametrize("controls", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 1},
+                                      {"no_repeat_ngram_size": 2, "repetition_penalty": 0.7}])
+def test_repetition_controls_on_greedy_rows_equal_todays(controls, tokenizer):
+    model = tiny_model("llama", seed=1)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
+    want = today(model, tokenizer, seqs, rows, max_new_tokens=14, ignore_eos=True, **controls)
+    plain = today(model, tokenizer, seqs, rows, max_new_tokens=14, ignore_eos=True)
+    assert want != plain  # the controls change these outputs
+    engine = Engine(model, tokenizer, max_batch=3, max_len=64, dtype="fp32")
+    # a plain row in the same batch keeps its own tokens
+    outs = engine.generate([Request(s, prefix=p, max_tokens=14, ignore_eos=True, **controls)
+                            for s, p in zip(seqs, rows)] + [Request(seqs[4], prefix=p1, max_tokens=14, ignore_eos=True)])
+    assert [o.choices[0].token_ids for o in outs] == want + [plain[4]]
+
+
+def test_repetition_controls_on_sampled_rows_act_per_row(tokenizer):
+    """A sampled row with a penalty draws from its penalised logits: the n-gram ban holds in its output,
+    its tokens equal the same request alone, and its logprobs stay the model's (raw logits)."""
+    model = tiny_model("llama", seed=2)
+    (p1,) = prefixes(model, tokenizer, lengths=(3,))
+    seq = ids(tokenizer, ["abc"])[0]
+
+    def req(**kw):
+        return Request(seq, prefix=p1, max_tokens=40, temperature=1.5, ignore_eos=True, **{"seed": 11, **kw})
+
+    engine = Engine(model, tokenizer, max_batch=4, max_len=96, dtype="fp32")
+    banned, free, other = engine.generate([req(no_repeat_ngram_size=1, logprobs=True), req(), req(seed=3)])
+    tokens = banned.choices[0].token_ids
+    assert len(set(tokens)) == len(tokens) == 40  # no token twice
+    assert len(set(free.choices[0].token_ids)) < 40  # without the ban this row repeats
+    alone = Engine(model, tokenizer, max_batch=1, max_len=96, dtype="fp32").generate([req(no_repeat_ngram_size=1)])
+    assert alone[0].choices[0].token_ids == tokens
+    assert all(lp > float("-inf") for lp in banned.choices[0].logprobs)  # raw logprobs, not the ban's -inf
+
+
+@pytest.mark.slow
+def test_smollm2_beam5_equals_todays_beam_search_in_fp32(data_root):
+    """The embedded model, three random prefixes: beam-5 outputs of six E2E inputs from the engine equal
+    today's beam search in fp32, next to greedy and sampled rows."""
+    from prefixtune.bank import PrefixBank
+    from prefixtune.data.e2e import load_e2e
+    from prefixtune.models import load_base_model
+    from prefixtune.prefix import PrefixConfig, build_prefix_encoder
+
+    model, tokenizer = load_base_model("smollm2-135m", dtype=torch.float32)
+    spec = model_spec(model)
+    ps = []
+    for i, length in enumerate((10, 5, 10)):
+        enc = build_prefix_encoder(model, tokenizer, spec, PrefixConfig(prefix_len=length), seed=1000 + i)
+        with torch.no_grad():
+            ps.append({g: t.float() for g, t in enc().items()})
+    bank = PrefixBank(model, tokenizer)
+    seqs = [bank.encode(r.source, None) for r in load_e2e("test", data_root)[:6]]
+    rows = [ps[0], ps[1], None, ps[2], ps[0], ps[1]]
+    config = DecodingConfig(max_new_tokens=24, num_beams=5)
+    want = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), config)
+    from prefixtune.generation import stop_ids
+
+    newline = sorted(stop_ids(tokenizer, True, ignore_eos=True))
+    engine = Engine(model, tokenizer, max_batch=32, max_len=256, dtype="fp32")
+    others = [Request(seqs[0], prefix=ps[2], max_tokens=24), Request(seqs[1], prefix=None, max_tokens=24,
+                                                                      temperature=0.8, seed=1)]
+    outs = engine.generate(others + [Request(s, prefix=p, max_tokens=24, beams=5, stop_token_ids=newline)
+                                     for s, p in zip(seqs, rows)])
+    assert [o.choices[0].token_ids for o in outs[2:]] == want
+
+
+def test_a_tenant_over_its_share_loses_a_greedy_row_never_a_beam_row(tokenizer):
+    """Tenant a holds all 6 slots (a beam-4 group and two greedy rows) when tenant b arrives. The preempted
+    row is a greedy one (beam rows have no output of their own, so without the rule one would go first):
+    the beam output still equals today's, the greedy rows resume exactly, and b is served."""
+    model = tiny_model("llama", seed=2)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs = ids(tokenizer, SOURCES)
+    beam = Request(seqs[1], prefix=p1, max_tokens=16, beams=4, ignore_eos=True, tenant="a")
+    greedy = [Request(s, prefix=p2, max_tokens=16, ignore_eos=True, tenant="a") for s in seqs[2:4]]
+    late = Request(seqs[0], max_tokens=3, ignore_eos=True, tenant="b")
+    engine = Engine(model, tokenizer, max_batch=6, max_len=96, dtype="fp32")
+    events, step = {}, 0
+    for r in [beam] + greedy:
+        engine.add_request(r)
+    while engine.has_work():
+        if step == 4:
+            assert engine.num_running == 6
+            engine.add_request(late)
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e)
+        step += 1
+    assert engine.scheduler.preemptions >= 1
+    got = lambda r: [e.token for e in events[r.request_id] if e.token is not None]  # noqa: E731
+    assert got(beam) == today(model, tokenizer, [seqs[1]], [p1], max_new_tokens=16, num_beams=4, ignore_eos=True)[0]
+    alone = Engine(model, tokenizer, max_batch=1, max_len=96, dtype="fp32")
+    for r in greedy:
+        again = Request(r.prompt, prefix=r.prefix, max_tokens=16, ignore_eos=True)
+        assert got(r) == alone.generate([again])[0].choices[0].token_ids
+    assert len(got(late)) == 3
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_beams_that_die_and_come_back_equal_todays(fast, tokenizer, monkeypatch):
+    """Most tokens made stop tokens: often fewer than k candidates continue, so beams die (their rows idle)
+    and come back later (an idle row takes a hypothesis by a fork). The outputs still equal today's."""
+    import prefixtune.generation as generation
+
+    model = tiny_model("llama", seed=3)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
+    plain = today(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=4, ignore_eos=True)
+    kept = {t for seq in plain for t in seq}  # the tokens beams like, and a few more, stay; the rest stop
+    stops = frozenset(range(tokenizer.vocab_size)) - kept - set(range(100, 110))
+    monkeypatch.setattr(generation, "_newline_ids", lambda tok: stops)
+    want = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, model_spec(model)),
+                  DecodingConfig(max_new_tokens=10, num_beams=4, ignore_eos=True))
+    engine = Engine(model, tokenizer, max_batch=8, max_len=64, dtype="fp32", fast=fast)
+    dead = []
+    rank = BeamGroup.rank
+
+    def counted(group, logprobs):
+        chosen = rank(group, logprobs)
+        dead.append(0 < len(chosen) < group.k)
+        return chosen
+
+    monkeypatch.setattr(BeamGroup, "rank", counted)
+    outs = engine.generate([Request(s, prefix=p, max_tokens=10, beams=4, stop_token_ids=sorted(stops),
+                                    ignore_eos=True) for s, p in zip(seqs, rows)])
+    assert [o.choices[0].token_ids for o in outs] == want
+    assert any(dead)  # some steps ran with dead beams
