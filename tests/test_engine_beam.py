@@ -248,3 +248,33 @@ def test_beams_that_die_and_come_back_equal_todays(fast, tokenizer, monkeypatch)
                                     ignore_eos=True) for s, p in zip(seqs, rows)])
     assert [o.choices[0].token_ids for o in outs] == want
     assert any(dead)  # some steps ran with dead beams
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_beam_request_prefilled_in_chunks_keeps_its_slots_and_equals_todays(fast):
+    """Chunked prefill (paged KV) holds a beam request's first row over several steps: the slots its beams
+    fork into stay reserved meanwhile (other rows fill every other place), and the forks share the
+    prompt's full blocks copy-on-write."""
+    tokenizer = ByteTokenizer()
+    model = tiny_model("llama", seed=1)
+    p1, p2 = prefixes(model, tokenizer)
+    long_source = [SOURCES[1] + " | " + SOURCES[4], SOURCES[4] + " " + SOURCES[2]]  # prompts of many chunks of 8
+    seqs, rows = ids(tokenizer, long_source), [p1, p2]
+    want = today(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=3)
+    beam = [Request(s, prefix=p, max_tokens=10, beams=3) for s, p in zip(seqs, rows)]
+    # short prompts: they fit in what a step's budget has left after a leader's last chunk, and so are
+    # admitted while the leader's beams have not forked yet
+    greedy = [Request(s[:2], prefix=p2, max_tokens=20, ignore_eos=True) for s in ids(tokenizer, SOURCES)]
+    assert all(len(s) % 8 for s in seqs)
+    engine = Engine(model, tokenizer, max_batch=5, max_len=256, dtype="fp32", fast=fast, max_prefill_tokens=8)
+    outs = engine.generate(beam[:1] + greedy + beam[1:])
+    got = {o.request_id: o.choices[0].token_ids for o in outs}
+    assert [got[r.request_id] for r in beam] == want
+    assert engine.stats["max_step_prefill_tokens"] <= 8 and engine.stats["max_running"] <= 5
+    alone = Engine(model, tokenizer, max_batch=1, max_len=256, dtype="fp32", fast=fast)
+    for r in greedy:
+        again = Request(r.prompt, prefix=r.prefix, max_tokens=20, ignore_eos=True)
+        assert got[r.request_id] == alone.generate([again])[0].choices[0].token_ids
+    # every row gave its blocks back (forked blocks included): what is left is the cached prefixes' own
+    assert not engine.kv.tables
+    assert engine.kv.blocks_in_use == sum(len(blocks) for _, blocks, _ in engine.kv.prefixes.values())
