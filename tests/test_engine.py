@@ -453,3 +453,20 @@ def test_a_tenant_over_its_share_of_slots_is_preempted_for_a_waiting_tenant_and_
     for i, choice in enumerate(solo.choices):  # the preempted row resumed where it was: the same tokens
         assert [e.token for e in events[a.request_id] if e.index == i and e.token is not None] == choice.token_ids
     assert tokens_of(events[b.request_id]) == alone(model, tokenizer, seqs[0], None, 3)
+
+
+def test_a_lone_row_gets_the_bits_it_gets_in_a_batch():
+    """oneDNN's bf16 matmul runs one row on another kernel whose sums differ in the last bit (K=1536, as
+    SmolLM2's down projection: ~10% of rows here): `_Linear` runs a lone row as two, so a row decoded
+    alone gets the bits it gets beside any other rows."""
+    from prefixtune.engine.llama_fast import _Linear
+
+    torch.manual_seed(0)
+    lin = _Linear((torch.randn(576, 1536) * 0.02).to(torch.bfloat16), 32)
+    if lin.packed is None:
+        pytest.skip("no oneDNN bf16 packing on this CPU")
+    x = (torch.randn(256, 1536) * 0.3).to(torch.bfloat16)
+    alone = torch.cat([lin(x[i: i + 1]) for i in range(len(x))])
+    for rows in (2, 3, 32):
+        batched = torch.cat([lin(x[i: i + rows]) for i in range(0, len(x), rows)])
+        assert torch.equal(alone, batched), rows

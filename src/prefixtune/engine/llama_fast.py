@@ -5,8 +5,9 @@ fp32, RoPE cos/sin from the model's own `inv_freq`, SDPA with the same mask, a s
 packed by key/value head, repeat_kv for a multi-token query), so its tokens are those of the HF
 forward, and a row's bits never depend on the rows around it:
   * every matmul of a prefill covers exactly one request's prompt, as when it runs alone;
-  * a decode step's matmuls cover the running rows (<= 32 rows: oneDNN's bf16 kernels here give
-    each row the bits it gets alone, measured; larger batches may differ in the last bit);
+  * a decode step's matmuls cover the running rows (2..64 rows: oneDNN's bf16 kernels here give
+    each row the same bits, measured; a lone row runs as two, since oneDNN's one-row kernel sums
+    otherwise: `_Linear`);
   * with `exact` (the default) each row attends over exactly its own entries, one SDPA call per row:
     the CPU flash kernel's sums depend on the padded length (a masked tail changes the last bits,
     measured), so one padded call for the batch would tie a row's bits to the longest row.
@@ -55,7 +56,7 @@ def _unmodified(model) -> bool:
 
 class _Linear:
     """y = x @ W.T. bf16 weights are reordered once into oneDNN's blocked layout: bit-identical to
-    F.linear, 1.5-2x faster at 32-64 rows on one AVX512/AMX core (measured here)."""
+    F.linear at two rows or more, 1.5-2x faster at 32-64 rows on one AVX512/AMX core (measured here)."""
 
     def __init__(self, weight: torch.Tensor, batch_hint: int):
         self.weight, self.packed = weight, None
@@ -68,6 +69,11 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
+            if x.shape[0] == 1:
+                # oneDNN runs one row on another kernel, whose sums differ in the last bit (SmolLM2's
+                # down projection, K=1536: ~10% of rows, measured); 2..64 rows all agree. So one row
+                # runs as two, and a row decoded alone gets the bits it gets in any batch.
+                return torch.ops.mkldnn._linear_pointwise(x.repeat(2, 1), self.packed, None, "none", [], "")[:1]
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
