@@ -136,8 +136,8 @@ class EngineWorker(WorkerHealth):
                 self._cycle()
             except Exception as e:  # never let the worker die: fail the running rows, start a clean engine
                 log.exception("engine worker error")
+                self.engine = self._new_engine()  # first, so a client told of the failure finds a clean engine
                 self._fail_running(e)
-                self.engine = self._new_engine()
             finally:
                 self._heartbeat()
         self._busy = False
