@@ -29,13 +29,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..atomic import atomic_write_bytes
+from .personalization_serve import SHARED, serve_checks
 from .report import READING, md_table, write_report
 from .runner import select_test
 
 NAME = "personalization"
 TITLE = "Personalisation: one prefix per WebNLG category, trained in one job, served together"
 RESULTS, OUTPUTS, FIGURE = "results.json", "outputs.jsonl", "heatmap.png"
-SHARED = "all-categories"  # the shared prefix's name, in the heat map and when it is added to the server
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,10 @@ class PScale:
 
 
 SCALES = {
-    # the tests: 3 categories, a few rows, 2 steps, a tiny model (passed as --model)
-    "tiny": PScale("tiny", categories=3, train_size=6, batch_size=2, steps=2, test_size=3, serve_size=2,
-                   max_new_tokens=6),
+    # the tests: 2 categories, a few rows, 2 steps, a tiny model (passed as --model); a large rate, so that a
+    # tiny random model's outputs depend on the prefix (else every check below would hold trivially)
+    "tiny": PScale("tiny", categories=2, train_size=6, batch_size=2, steps=2, test_size=3, serve_size=3,
+                   max_new_tokens=8, lr=1.0),
     # the report: about 30 minutes on one thread of a busy 2-core CPU
     "cpu": PScale("cpu", categories=10, train_size=40, batch_size=4, steps=10, test_size=10, serve_size=3,
                   max_new_tokens=48),
@@ -248,8 +249,6 @@ def run(scale: str = "cpu", out: str | Path | None = None, model: str | None = N
         if "heatmap" not in results:
             results["heatmap"] = decode_heatmap(bank, users, tests, s, out, progress)
             save()
-        from .personalization_serve import serve_checks
-
         results["serving"] = serve_checks(bank, users, tests, read_outputs(out), s, model_name, store, work,
                                           threads, log)
         save()

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 KEY = "sk-personalization-study"
+SHARED = "all-categories"  # the shared prefix's name: in the heat map, and as the user added while requests run
 TENANT = "default"  # the joint job's tenant (users.UsersConfig)
 
 
@@ -69,7 +70,6 @@ def serve_checks(bank, users: list[str], tests: dict, outputs: dict, scale, mode
     import httpx
 
     from ..generation import DecodingConfig
-    from .personalization import SHARED
 
     config = DecodingConfig(max_new_tokens=scale.max_new_tokens, dtype="auto")
     alone = lambda prefix, source: bank.generate([source], [prefix], config)[0].strip()  # noqa: E731
@@ -118,5 +118,7 @@ def serve_checks(bank, users: list[str], tests: dict, outputs: dict, scale, mode
                   "unchanged": sum(answer == before and answer[0] == 200 for answer, (_, before) in zip(again, others)),
                   "added_requests": len(added), "added_equal_alone": sum(
                       status == 200 and text == a for (status, text), a in zip(added, alone_added)),
-                  "deleted_requests": len(gone), "deleted_statuses": sorted({status for status, _ in gone})},
+                  "deleted_requests": len(gone), "deleted_statuses": sorted({status for status, _ in gone}),
+                  "added_rows": [{"entry": tests[deleted][i].meta["eid"], "served": text, "alone": a}
+                                 for (_, i, _), (_, text), a in zip(added_rows, added, alone_added)]},
     }
