@@ -388,7 +388,7 @@ afterwards were refused with {churn['deleted_statuses']}.
 ## Training: one job against separate runs
 
 Every user: {s['train_size']} training pairs of its own category (one pair per reference, drawn by seed 0),
-{s['steps']} steps of batch {s['batch_size']} (one epoch), `{s['method']}` (prefix length 10, P trained directly:
+{s['steps']} steps of batch {s['batch_size']} ({s['steps'] * s['batch_size'] / s['train_size']:g} epochs), `{s['method']}` (prefix length 10, P trained directly:
 the parameterisation that holds 1,000 users in memory, docs/users.md), initialised from "table-to-text:", the
 method's default learning rate{'' if s['lr'] is None else f' ({s["lr"]})'}, no dev loss (a fixed step budget). The
 shared prefix trains on all {len(users)} users' rows (the same file without `--user-field`) by the same budget rule:
