@@ -392,7 +392,7 @@ afterwards were refused with {churn['deleted_statuses']}.
 Every user: {s['train_size']} training pairs of its own category (one pair per reference, drawn by seed 0),
 {s['steps']} steps of batch {s['batch_size']} ({s['steps'] * s['batch_size'] / s['train_size']:g} epochs), `{s['method']}` (prefix length 10, P trained directly:
 the parameterisation that holds 1,000 users in memory, docs/users.md), initialised from "table-to-text:", the
-method's default learning rate{'' if s['lr'] is None else f' ({s["lr"]})'}, no dev loss (a fixed step budget). The
+learning rate {'of the method (its default)' if s['lr'] is None else f"{s['lr']:g} (the same for the shared prefix)"}, no dev loss (a fixed step budget). The
 shared prefix trains on all {len(users)} users' rows (the same file without `--user-field`) by the same budget rule:
 the same number of epochs over its data, so {training['shared']['steps']} steps of batch {s['batch_size']}
 ({training['shared']['wall_s']:.0f} s as one process).
