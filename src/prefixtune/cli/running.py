@@ -79,7 +79,9 @@ def serve(
 @app.command()
 def experiment(
     name: str = typer.Argument(..., help="lowdata | prefix-length | init | ablation | extrapolation | main | "
-                                         "table1 (the summary of the converged main studies; runs nothing)"),
+                                         "table1 (the summary of the converged main studies; runs nothing) | "
+                                         "personalization (one prefix per WebNLG category, trained in one job "
+                                         "and served together; --scale tiny | cpu)"),
     task: Optional[str] = typer.Option(None, help="e2e | webnlg | dart | xsum (main: a comma list or all); "
                                                   "default: the study's"),
     scale: str = typer.Option("cpu", help="tiny (seconds) | cpu (about an hour here) | paper (the paper's settings)"),
@@ -114,8 +116,14 @@ def experiment(
 
             typer.echo(json.dumps(write_summary(out or Path("reports/table1"))))
             return
+        if name == "personalization":
+            from ..experiments import personalization
+
+            typer.echo(json.dumps(personalization.run(scale, out, model, data_dir, threads=threads or 1,
+                                                      report_only=report_only)))
+            return
         result = run_experiment(name, task, scale, out, model, data_dir, report_only=report_only, epochs=epochs,
                                 reuse_from=reuse_from, rates_from=rates_from, ray=ray or False, threads=threads or 1)
-    except (ValueError, FileNotFoundError, CellDied) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, CellDied) as e:
         _fail(str(e))
     typer.echo(json.dumps(result))
