@@ -140,9 +140,9 @@ def held_worker(server, at_token: int):
                 state.release.wait(60)
         return events
 
-    def counted_prefill(batch):
+    def counted_prefill(batch, *args):
         state.calls += 1
-        return prefill(batch)
+        return prefill(batch, *args)
 
     engine.step, engine.backend.prefill = gated_step, counted_prefill
     batcher.submit = lambda jobs: (state.jobs.extend(jobs), submit(jobs))[1]
