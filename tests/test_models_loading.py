@@ -57,3 +57,20 @@ def test_hub_id_without_a_network_is_one_error_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model 'some-org/some-model' needs the Hugging Face hub")
+
+
+def test_a_model_loaded_in_bf16_keeps_ropes_fp32_frequencies_and_decodes_as_the_fp32_one(tiny_dir):
+    """transformers casts RoPE's inverse frequencies with the weights: the server (bf16) and `generate`
+    (fp32, decoded in bf16) would rotate by different angles and write other tokens."""
+    from prefixtune.engine import Engine, Request
+
+    low, tokenizer = models.load_base_model(str(tiny_dir), dtype=torch.bfloat16)
+    full, _ = models.load_base_model(str(tiny_dir))
+    for name in ("inv_freq", "original_inv_freq"):
+        got, want = getattr(low.model.rotary_emb, name), getattr(full.model.rotary_emb, name)
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+    assert low.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    prompt = tokenizer("name : The Eagle | Type : coffee shop")["input_ids"]
+    outs = [Engine(m, tokenizer, max_batch=2, max_len=256, dtype="bf16").generate(
+        [Request(prompt, max_tokens=40, ignore_eos=True)])[0].choices[0].token_ids for m in (low, full)]
+    assert outs[0] == outs[1]

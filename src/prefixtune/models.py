@@ -214,9 +214,29 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
             except OSError as e:
                 raise FileNotFoundError(f"cannot load model {name!r} from the hub: {str(e).splitlines()[0]}") from None
     model = model.to(dtype=dtype)
+    _rope_frequencies_in_fp32(model)
     if device:
         model = model.to(resolve_device(device) if device in DEVICES else device)
     return freeze(model), prepare_tokenizer(tokenizer)
+
+
+def _rope_frequencies_in_fp32(model):
+    """transformers casts every buffer to the load dtype, RoPE's inverse frequencies too: loaded in bf16,
+    a model rotates by rounded angles, and decodes otherwise than the same model loaded in fp32 and
+    decoded in bf16 (the server loads bf16, `generate` and the studies fp32). Its rotary modules are
+    rebuilt from the config (a few floats each), so the frequencies are the fp32 ones whatever the dtype;
+    their forward computes the angles in fp32 anyway."""
+    for module in model.modules():
+        inv_freq = module._buffers.get("inv_freq")
+        if inv_freq is None or inv_freq.dtype == torch.float32 or not hasattr(module, "config"):
+            continue
+        try:
+            fresh = type(module)(module.config)
+        except Exception:  # a rotary module built otherwise: left as transformers loaded it
+            continue
+        for name in ("inv_freq", "original_inv_freq"):
+            if name in module._buffers and name in fresh._buffers:
+                module._buffers[name] = fresh._buffers[name].to(inv_freq.device)
 
 
 def _load_dir(path: Path, dtype):

@@ -33,11 +33,11 @@ def serve(model: str, store: str | Path, host: str = "127.0.0.1", port: int = 80
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # the model in the engine's dtype, and only that copy: the engine decodes every request (the window
-    # scheduler decodes on the model itself, in fp32 as before)
+    # the model in the engine's dtype, and only that copy: the engine decodes every request, beams included
+    # (fp32 only where `--dtype fp32` asks for it)
     from ..engine import resolve_dtype
 
-    dtype = resolve_dtype(settings.dtype, where) if settings.scheduler == "engine" else torch.float32
+    dtype = resolve_dtype(settings.dtype, where)
     base, tokenizer = load_base_model(model, dtype=dtype, device=device)
     app = create_app(base, tokenizer, settings, keys)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
