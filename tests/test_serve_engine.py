@@ -195,7 +195,7 @@ def test_the_prefill_budget_holds_per_step_and_given_up_rows_are_never_prefilled
     upload(server, "alice", "e2e", prefixes[0])
     backend = state(server).batcher.engine.backend
     prefill, admitted = backend.prefill, []
-    backend.prefill = lambda batch: (admitted.append([len(prompt) for _, _, prompt in batch]), prefill(batch))[1]
+    backend.prefill = lambda batch, *rest: (admitted.append([len(prompt) for _, _, prompt in batch]), prefill(batch, *rest))[1]
     out = client(server, "alice").completions.create(model="e2e", prompt=PROMPTS, max_tokens=4, stop=[])
     assert admitted == [[10], [15], [3, 10]]
     assert [c.text for c in out.choices] == [expected(model, real_tokenizer, prefixes[0], p, 4, stop_at_newline=False)
