@@ -252,7 +252,7 @@ def test_requests_are_checked(tokenizer):
 @pytest.mark.slow
 def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
     """The lean bf16 step on the embedded model: rows joining and leaving a batch of 4 decode the
-    tokens today's path gives each row alone in bf16."""
+    tokens today's path gives each row in bf16 (run as two copies of itself: see below)."""
     from prefixtune.data.e2e import load_e2e
     from prefixtune.bank import PrefixBank
     from prefixtune.models import load_base_model
@@ -280,8 +280,11 @@ def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
                             for s, p, m in zip(seqs, rows, lengths)])
     config = lambda m: DecodingConfig(max_new_tokens=m, stop_at_newline=False, ignore_eos=True)
     for out, s, p, m in zip(outs, seqs, rows, lengths):
-        ref = decode(model, tokenizer, [s], prefix_kv_from_groups([p], spec, dtype=model.dtype), config(m))[0]
-        assert out.choices[0].token_ids == ref
+        # the row twice in one batch: oneDNN runs a lone row's bf16 matmuls on another kernel, whose last
+        # bits differ (the engine runs a lone row as two for that reason: `llama_fast._Linear`)
+        ref = decode(model, tokenizer, [s, s], prefix_kv_from_groups([p, p], spec, dtype=model.dtype), config(m))
+        assert ref[0] == ref[1]
+        assert out.choices[0].token_ids == ref[0]
 
 
 # -- offline decoding (PrefixBank, the CLI, evaluation and the methods) goes through the engine ------------
