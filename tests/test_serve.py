@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import struct
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 from prefixtune.serve import BackgroundServer, KeyRing, ServeSettings, create_app, tenant_dir_name
 from prefixtune.serve.completions import Finisher, Stops
+from prefixtune.serve.server import serve_process
 
 openai = pytest.importorskip("openai")
 
@@ -543,49 +543,16 @@ def test_prefixes_survive_a_restart(make_server, model, real_tokenizer, prefixes
 
 
 # -- the command line --------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _cli_server(args, env):
-    proc = subprocess.Popen([sys.executable, "-m", "prefixtune.cli", "serve", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-
-
 def test_cli_serve_end_to_end(model, real_tokenizer, prefixes, tmp_path):
     model_dir = tmp_path / "tiny"
     model.save_pretrained(model_dir)
     real_tokenizer.save_pretrained(model_dir)
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PREFIXTUNE_API_KEYS": f"{KEYS['alice']}:alice"}
-    args = ["--model", model_dir, "--store", tmp_path / "store", "--port", port, "--threads", 1,
-            "--log-level", "warning"]
-    with _cli_server(args, env) as proc:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
-        r = httpx.put(f"http://127.0.0.1:{port}/v1/prefixes/e2e", content=prefixes[0], headers=auth("alice"))
+    args = ["--model", model_dir, "--store", tmp_path / "store", "--threads", 1, "--log-level", "warning"]
+    with serve_process(args, env, tmp_path / "serve.log", timeout_s=120) as (_, url):
+        r = httpx.put(f"{url}/v1/prefixes/e2e", content=prefixes[0], headers=auth("alice"))
         assert r.status_code == 201, r.text
-        oa = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEYS["alice"], max_retries=0)
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["alice"], max_retries=0)
         out = oa.completions.create(model="e2e", prompt=PROMPTS[0], max_tokens=5, stop=[])
         assert out.usage.completion_tokens == 5
     no_keys = {k: v for k, v in env.items() if k != "PREFIXTUNE_API_KEYS"}

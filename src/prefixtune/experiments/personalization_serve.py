@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,45 +19,17 @@ SHARED = "all-categories"  # the shared prefix's name: in the heat map, and as t
 TENANT = "default"  # the joint job's tenant (users.UsersConfig)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server(model: str, store: Path, threads: int, log_file: Path):
     """A `prefixtune serve` process on 127.0.0.1 over `store`; yields its base URL once /health answers."""
-    import httpx
+    from ..serve.server import serve_process
 
-    port = free_port()
     src = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PREFIXTUNE_API_KEYS": f"{KEY}:{TENANT}", "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
-    command = [sys.executable, "-m", "prefixtune.cli", "serve", "--model", model, "--store", str(store),
-               "--port", str(port), "--threads", str(threads), "--log-level", "warning", "--max-prefixes", "64"]
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefixtune serve did not come up: {log_file.read_text()[-2000:]}")
-            time.sleep(0.5)
+    args = ["--model", model, "--store", store, "--threads", threads, "--log-level", "warning", "--max-prefixes", 64]
+    with serve_process(args, env, log_file) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
 
 
 def serve_checks(bank, users: list[str], tests: dict, outputs: dict, scale, model: str, store: Path, work: Path,

@@ -5,6 +5,7 @@ import logging
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .settings import ServeSettings
@@ -89,3 +90,46 @@ class BackgroundServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_process(args: list, env: dict, log_file: Path, timeout_s: float = 600.0):
+    """`prefixtune serve ARGS` in a subprocess on 127.0.0.1 (a free `--port` is added), its output in
+    `log_file`; yields (process, base URL) once /health answers 200, and stops it on exit (terminate, then
+    kill). A process that exits first, or a server not up in `timeout_s`, raises RuntimeError with the
+    tail of its output. For tests, benchmarks and studies that need a real server process."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "prefixtune.cli", "serve", *map(str, args), "--port", str(port)]
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefixtune serve did not come up: {Path(log_file).read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
