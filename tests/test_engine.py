@@ -249,20 +249,15 @@ def test_requests_are_checked(tokenizer):
         Request([1], top_p=0)
 
 
-@pytest.mark.slow
-def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
-    """The lean bf16 step on the embedded model: rows joining and leaving a batch of 4 decode the
-    tokens today's path gives each row in bf16 (run as two copies of itself: see below)."""
-    from prefixtune.data.e2e import load_e2e
+def smollm2_rows(data_root, dtype):
+    """The embedded model in `dtype`, three random prefixes (lengths 10, 5, 10) and six E2E test sources
+    encoded by the bank: what the SmolLM2 engine tests decode."""
     from prefixtune.bank import PrefixBank
+    from prefixtune.data.e2e import load_e2e
     from prefixtune.models import load_base_model
     from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 
-    from prefixtune.precision import bf16_available
-
-    if not bf16_available(torch.device("cpu")):
-        pytest.skip("this CPU has no native bf16")
-    model, tokenizer = load_base_model("smollm2-135m", dtype=torch.bfloat16)
+    model, tokenizer = load_base_model("smollm2-135m", dtype=dtype)
     spec = model_spec(model)
     ps = []
     for i, length in enumerate((10, 5, 10)):
@@ -270,8 +265,19 @@ def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
         with torch.no_grad():
             ps.append({g: t.float() for g, t in enc().items()})
     bank = PrefixBank(model, tokenizer)
-    texts = [r.source for r in load_e2e("test", data_root)[:6]]
-    seqs = [bank.encode(t, None) for t in texts]
+    seqs = [bank.encode(r.source, None) for r in load_e2e("test", data_root)[:6]]
+    return model, tokenizer, spec, ps, seqs
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
+    """The lean bf16 step on the embedded model: rows joining and leaving a batch of 4 decode the
+    tokens today's path gives each row in bf16 (run as two copies of itself: see below)."""
+    from prefixtune.precision import bf16_available
+
+    if not bf16_available(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    model, tokenizer, spec, ps, seqs = smollm2_rows(data_root, torch.bfloat16)
     rows = [ps[0], ps[1], None, ps[2], ps[0], None]
     lengths = [16, 6, 12, 16, 9, 16]
     engine = Engine(model, tokenizer, max_batch=4, max_len=128)

@@ -160,20 +160,9 @@ def test_repetition_controls_on_sampled_rows_act_per_row(tokenizer):
 def test_smollm2_beam5_equals_todays_beam_search_in_fp32(data_root):
     """The embedded model, three random prefixes: beam-5 outputs of six E2E inputs from the engine equal
     today's beam search in fp32, next to greedy and sampled rows."""
-    from prefixtune.bank import PrefixBank
-    from prefixtune.data.e2e import load_e2e
-    from prefixtune.models import load_base_model
-    from prefixtune.prefix import PrefixConfig, build_prefix_encoder
+    from test_engine import smollm2_rows
 
-    model, tokenizer = load_base_model("smollm2-135m", dtype=torch.float32)
-    spec = model_spec(model)
-    ps = []
-    for i, length in enumerate((10, 5, 10)):
-        enc = build_prefix_encoder(model, tokenizer, spec, PrefixConfig(prefix_len=length), seed=1000 + i)
-        with torch.no_grad():
-            ps.append({g: t.float() for g, t in enc().items()})
-    bank = PrefixBank(model, tokenizer)
-    seqs = [bank.encode(r.source, None) for r in load_e2e("test", data_root)[:6]]
+    model, tokenizer, spec, ps, seqs = smollm2_rows(data_root, torch.float32)
     rows = [ps[0], ps[1], None, ps[2], ps[0], ps[1]]
     config = DecodingConfig(max_new_tokens=24, num_beams=5)
     want = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), config)
