@@ -2,9 +2,8 @@
 
 Every decoding of an exported prefix (CLI `generate`, evaluation, the server,
 `PrefixMethod.generate`) goes through here, so a prefix behaves the same wherever
-it is used. Decoder-only models decode on the engine (`engine.offline`, continuous
-batching: greedy, beam search, the repetition controls); encoder-decoders on
-`generation.decode`'s batched loop (`generate_ids`).
+it is used. Decoding runs on the engine (`engine.offline`, continuous batching: greedy,
+beam search, the repetition controls; encoder-decoders row by row).
 """
 from __future__ import annotations
 
@@ -16,12 +15,11 @@ from typing import Callable
 
 from . import user_text
 from .data.collate import DEFAULT_TEMPLATES, source_ids
-from .engine.offline import EngineCache, decode_ids, engine_decodes
-from .generation import DecodingConfig, decode
+from .engine.offline import EngineCache, decode_ids
+from .generation import DecodingConfig
 from .interop.folders import load_any
 from .prefix_file import ExportedPrefix, PrefixFileError, check_prefix, source_template
 from .models import model_spec
-from .forward import prefix_kv_from_groups
 
 
 class PrefixUnavailable(RuntimeError):
@@ -58,7 +56,7 @@ class PrefixBank:
         self._next_version = 0                # for a replaced prefix must not become resident
         self._loading: dict[str, Future] = {}  # one load per prefix at a time; other lookups wait for it
         self._lock = threading.Lock()
-        self._engines = EngineCache(model, tokenizer)  # greedy decoding's engine, kept between calls
+        self._engines = EngineCache(model, tokenizer)  # the decoding engine, kept between calls
         self._prefetcher: ThreadPoolExecutor | None = None
         self.hits = self.misses = self.evictions = 0
 
@@ -220,16 +218,11 @@ class PrefixBank:
         return source_ids(self.tokenizer, self.spec.family, text, self.template_of(prefix_id), max_len)
 
     def generate_ids(self, sequences: list[list[int]], prefix_ids: list[str | None],
-                     config: DecodingConfig | None = None, on_token=None, cancelled=None) -> list[list[int]]:
-        """Token ids for each sequence through `generation.decode`'s batched loop (encoder-decoders; the
-        reference the engine is tested against); `on_token(row, token)` sees greedy tokens as they come,
-        `cancelled(row)` drops a row whose request gave up."""
+                     config: DecodingConfig | None = None) -> list[list[int]]:
+        """Token ids for each sequence, row i with prefix `prefix_ids[i]` (None: none), in one engine call."""
         if len(sequences) != len(prefix_ids):
             raise ValueError(f"{len(sequences)} inputs but {len(prefix_ids)} prefix ids")
-        groups = [None if pid is None else self.get(pid).p for pid in prefix_ids]
-        prefix_kv = prefix_kv_from_groups(groups, self.spec, device=self.model.device, dtype=self.model.dtype)
-        return decode(self.model, self.tokenizer, sequences, prefix_kv, config, self.spec, on_token=on_token,
-                      cancelled=cancelled)
+        return self.decode_encoded(sequences, prefix_ids, config or DecodingConfig())
 
     def generate(self, inputs: list[str], prefix_ids: list[str | None] | str | None = None,
                  config: DecodingConfig | None = None, batch_size: int = 32, raw: bool = False,
@@ -237,7 +230,7 @@ class PrefixBank:
         """Decode `inputs`; row i uses prefix `prefix_ids[i]` (one id for all rows, or None for none).
 
         `raw=True` feeds the inputs as they are (e.g. a chat prompt) instead of the prefix's template.
-        Inputs are sorted by length into batches of `batch_size` (less padding); output order is the input order.
+        `batch_size` inputs decode at once (continuous batching); output order is the input order.
         """
         config = config or DecodingConfig(**decoding)
         if prefix_ids is None or isinstance(prefix_ids, str):
@@ -248,22 +241,11 @@ class PrefixBank:
 
     def decode_encoded(self, encoded: list[list[int]], prefix_ids: list[str | None], config: DecodingConfig,
                        batch_size: int = 32, progress=None) -> list[list[int]]:
-        """Token ids for prompts already encoded: on the engine where it decodes the config (continuous
-        batching: no batch waits for its longest row), else in length-sorted batches of `generate_ids`."""
-        if engine_decodes(config, self.spec):
-            prefixes = [None if pid is None else self.get(pid) for pid in prefix_ids]
-            return decode_ids(self.model, self.tokenizer, encoded, prefixes, config, batch_size=batch_size,
-                              engines=self._engines, progress=progress)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        outputs: list[list[int]] = [[] for _ in encoded]
-        for start in range(0, len(order), batch_size):
-            rows = order[start: start + batch_size]
-            for i, seq in zip(rows, self.generate_ids([encoded[i] for i in rows], [prefix_ids[i] for i in rows],
-                                                      config)):
-                outputs[i] = seq
-            if progress is not None:
-                progress(len(rows))
-        return outputs
+        """Token ids for prompts already encoded, on the engine (continuous batching: no batch waits for
+        its longest row; `batch_size` inputs decode at once, at most engine.offline.MAX_ENGINE_BATCH rows)."""
+        prefixes = [None if pid is None else self.get(pid) for pid in prefix_ids]
+        return decode_ids(self.model, self.tokenizer, encoded, prefixes, config, batch_size=batch_size,
+                          engines=self._engines, progress=progress)
 
     def _text(self, ids: list[int], config: DecodingConfig) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

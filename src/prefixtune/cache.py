@@ -43,7 +43,9 @@ class PrefixKV:
 
     keys/values: slot -> (batch, kv_heads, prefix_len, head_dim), already in the
     model's key space (for RoPE models: the keys as they would sit in the cache).
-    mask: (batch, prefix_len) bool; rows with shorter prefixes are padded with False.
+    mask: (batch, prefix_len) bool; rows with shorter prefixes are padded with False. Or
+    (batch, query_len, prefix_len) where queries see different entries (an infix row prefilled by
+    the engine: its earlier tokens see the row's own entries, not the infix's).
     query_visible: optional (batch, query_len) bool; a False query does not see the
     prefix (used by infix, where the source must not attend to it).
     capture: when a dict, the attention function records every slot's keys/values
@@ -99,7 +101,8 @@ def prefix_attention(module, query, key, value, attention_mask, prefix_kv: Prefi
     batch, _, q_len, _ = query.shape
     k_len, p_len = key.shape[2], pk.shape[2]
     real = _bool_mask(module, attention_mask, q_len, k_len, query.device).expand(batch, 1, q_len, k_len)
-    seen = prefix_kv.mask[:, None, None, :].expand(batch, 1, q_len, p_len)
+    mask = prefix_kv.mask
+    seen = (mask[:, None, -q_len:] if mask.dim() == 3 else mask[:, None, None, :]).expand(batch, 1, q_len, p_len)
     if prefix_kv.query_visible is not None:
         seen = seen & prefix_kv.query_visible[:, None, -q_len:, None]
     mask = _unmask_empty_rows(torch.cat([seen, real], dim=-1))

@@ -20,6 +20,9 @@ the batch at the next step. Finished rows leave at once and give their blocks ba
 A row's repetition controls change its logits before its token is chosen (sampling.py). A beam
 request (`beams=k`) is a group of k rows that rank their candidates together and fork each other's
 caches (beam.py, `backend.fork`); its output comes whole when the search ends.
+
+The ablations' virtual tokens (`Request.prefix_embeds`, `Request.infix`) decode on the HF forward
+(generic.py: `Virtual`); the lean Llama step declines them.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from ..models import model_spec
 from ..prefix import group_width, groups_of
 from . import llama_fast, sampling
 from .beam import BeamGroup
-from .generic import HFDecoder, RowWise
+from .generic import HFDecoder, RowWise, Virtual
 from .kv import PagedKV
 from .request import Choice, Request, RequestOutput, TokenEvent
 from .scheduler import Row, Scheduler
@@ -90,22 +93,36 @@ class Engine:
         return model if model.dtype == self.dtype else copy.deepcopy(model).to(self.dtype)
 
     # -- requests (any thread) -----------------------------------------------------------------
-    def _prefix(self, prefix):
-        """A request's prefix as the backend wants it, and its length."""
-        if prefix is None:
-            return None, 0
-        groups = getattr(prefix, "p", prefix)
-        expected = {g: group_width(self.spec, n) for g, n in groups_of(self.spec).items()}
-        got = {g: t.shape[-1] for g, t in groups.items()}
-        if got != expected:
-            raise ValueError(f"prefix widths {got} do not fit this model ({expected})")
-        length = next(iter(groups.values())).shape[0]
-        if self.kv is None:
-            return {g: t.to(self.device) for g, t in groups.items()}, length
-        return groups["decoder"], length  # the KV writes it into blocks once, shared by every row using it
+    def _prefix(self, request: Request):
+        """A request's prefix as the backend wants it, and the cache entries it takes before the prompt."""
+        prefix, embeds = request.prefix, request.prefix_embeds
+        p, length = None, 0
+        if prefix is not None:
+            groups = getattr(prefix, "p", prefix)
+            expected = {g: group_width(self.spec, n) for g, n in groups_of(self.spec).items()
+                        if not request.infix or g == "decoder"}  # an infix is a decoder self-attention prefix
+            got = {g: t.shape[-1] for g, t in groups.items()}
+            if got != expected:
+                raise ValueError(f"{'infix' if request.infix else 'prefix'} widths {got} do not fit this model "
+                                 f"({expected})")
+            length = next(iter(groups.values())).shape[0]
+            # paged: the KV writes the decoder group into blocks once, shared by every row using it
+            p = groups["decoder"] if self.kv is not None else {g: t.to(self.device) for g, t in groups.items()}
+        if embeds is None and not request.infix:
+            return p, length
+        if self.path == "llama_fast":
+            raise ValueError("the lean Llama step decodes plain prefixes only: decode virtual tokens (prefix_embeds, "
+                             "infix) on an engine built with fast=False")
+        if embeds is not None and embeds.shape[1] != self.spec.hidden_size:
+            raise ValueError(f"prefix_embeds are {embeds.shape[1]} wide, this model's embeddings {self.spec.hidden_size}")
+        if embeds is not None and self.kv is not None:
+            length += embeds.shape[0]  # prefilled with the prompt: positions 0..k-1, the prompt from k
+        # a decoder-only model's infix is seen from the prompt's last token on
+        sees_from = length + len(request.prompt) - 1 if request.infix and self.kv is not None else None
+        return Virtual(p, embeds, sees_from), length
 
     def add_request(self, request: Request) -> str:
-        prefix, length = self._prefix(request.prefix)
+        prefix, length = self._prefix(request)
         if self.kv is not None and length + len(request.prompt) + request.max_tokens > self.max_len:
             raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
                              f"({request.max_tokens}) exceeds the engine's max_len {self.max_len}")

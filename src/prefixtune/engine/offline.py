@@ -2,11 +2,10 @@
 (`generate`, `eval`), evaluation, the experiments and every method's `generate` call. The server
 steps an engine of its own.
 
-One rule says which loop decodes (`engine_decodes`): the engine takes every decoding of decoder-only
-models, with or without a prefix: greedy, beam search (the paper's beam 5: `num_beams` rows per input,
-engine/beam.py) and HF's repetition controls. `generation.decode` keeps encoder-decoders (the engine
-steps those row by row, slower than the batched loop for a whole test set, and has no beams for them)
-and the ablations whose virtual tokens are inputs (methods/embedding.py, infix.py).
+Every decoding runs here: greedy, beam search (the paper's beam 5: `num_beams` rows per input,
+engine/beam.py) and HF's repetition controls, for decoder-only models (batched) and encoder-decoders
+(row by row: generic.RowWise), with a prefix per row or the ablations' virtual tokens
+(`prefix_embeds`, `infix`: methods/embedding.py, infix.py), which decode on the HF forward.
 
 `dtype` of a `DecodingConfig`: "model" decodes in the model's own dtype (the library's default, as
 `generate` in transformers); "auto" in bf16 where the CPU computes it natively (the CLI's default);
@@ -19,15 +18,10 @@ import threading
 import torch
 
 from ..generation import DecodingConfig, stop_ids
-from ..models import model_spec
 from .engine import Engine, resolve_dtype
 from .request import Request
 
 MAX_ENGINE_BATCH = 32  # rows per decode step at which a row's bf16 bits equal the row alone (engine.md)
-
-
-def engine_decodes(config: DecodingConfig, spec) -> bool:
-    return spec.family == "decoder" and config.num_beams <= MAX_ENGINE_BATCH
 
 
 def decode_dtype(config: DecodingConfig, model) -> torch.dtype:
@@ -59,37 +53,40 @@ class EngineCache:
 
 
 def decode_ids(model, tokenizer, sequences: list[list[int]], prefixes: list, config: DecodingConfig | None = None,
-               *, batch_size: int = MAX_ENGINE_BATCH, engines: EngineCache | None = None, fast: bool = True,
-               progress=None) -> list[list[int]]:
+               *, prefix_embeds: torch.Tensor | None = None, infix: bool = False, batch_size: int = MAX_ENGINE_BATCH,
+               engines: EngineCache | None = None, fast: bool = True, progress=None) -> list[list[int]]:
     """Token ids for each sequence (its stop token not included), row i with prefix `prefixes[i]`
     (an `ExportedPrefix`, its groups `{"decoder": P}`, or None), decoded as `config` says (greedy or
     beam search, repetition controls). Rows run continuously batched: a row (or a beam group) that
-    finishes frees its slots for the next one at once. `progress(1)` after each finished input."""
+    finishes frees its slots for the next one at once. `progress(1)` after each finished input.
+
+    The ablations: `prefix_embeds` (k, hidden), input embeddings every row reads before its prompt;
+    `infix=True`, the prefixes are infixes (engine.Request). Both decode on the HF forward."""
     config = config or DecodingConfig()
     if len(sequences) != len(prefixes):
         raise ValueError(f"{len(sequences)} inputs but {len(prefixes)} prefixes")
     if not sequences:
         return []
-    spec = model_spec(model)
-    if not engine_decodes(config, spec):
-        raise ValueError(f"the engine decodes decoder-only models with at most {MAX_ENGINE_BATCH} beams: "
-                         "use generation.decode for encoder-decoders")
     stops = sorted(stop_ids(tokenizer, config.stop_at_newline, ignore_eos=True))
-    longest_prefix = max((_prefix_len(p) for p in prefixes), default=0)
+    virtual = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+    longest_prefix = max((_prefix_len(p) for p in prefixes), default=0) + virtual
     max_len = longest_prefix + max(len(s) for s in sequences) + config.max_new_tokens
-    engines = engines or EngineCache(model, tokenizer, fast)
+    if engines is None:  # the lean Llama step decodes plain prefixes only
+        engines = EngineCache(model, tokenizer, fast and prefix_embeds is None and not infix)
     with engines.lock:
-        return _run(engines, model, tokenizer, sequences, prefixes, config, batch_size, max_len, stops, progress)
+        return _run(engines, model, tokenizer, sequences, prefixes, config, batch_size, max_len, stops, progress,
+                    prefix_embeds, infix)
 
 
-def _run(engines, model, tokenizer, sequences, prefixes, config, batch_size, max_len, stops, progress):
+def _run(engines, model, tokenizer, sequences, prefixes, config, batch_size, max_len, stops, progress, prefix_embeds,
+         infix):
     beams = config.num_beams  # a beam input takes one slot per beam
     rows = max(beams, min(batch_size * beams, MAX_ENGINE_BATCH, len(sequences) * beams))
     engine = engines.get(decode_dtype(config, model), rows, max_len)
     requests = [Request(seq, prefix=prefix, max_tokens=config.max_new_tokens, stop_token_ids=stops,
                         ignore_eos=config.ignore_eos, beams=beams, length_penalty=config.length_penalty,
                         no_repeat_ngram_size=config.no_repeat_ngram_size,
-                        repetition_penalty=config.repetition_penalty)
+                        repetition_penalty=config.repetition_penalty, prefix_embeds=prefix_embeds, infix=infix)
                 for seq, prefix in zip(sequences, prefixes)]
     row_of = {r.request_id: i for i, r in enumerate(requests)}
     outputs: list[list[int]] = [[] for _ in requests]

@@ -28,6 +28,11 @@ class Request:
     `beams` > 1: beam search with `length_penalty` (engine/beam.py), greedy and one choice only; the
     output comes whole when the search ends. `no_repeat_ngram_size` and `repetition_penalty`: HF's
     controls against loops, over the generated tokens only (sampling.repetition_controls).
+    The ablations' virtual tokens (methods/embedding.py, infix.py; the lean Llama step declines them):
+    `prefix_embeds` (k, hidden) are input embeddings read before the prompt, at positions 0..k-1 (for
+    an encoder-decoder, before the encoder's input); `infix=True` makes `prefix` an infix ([x; INFIX; y]):
+    a decoder-only model's prompt tokens but the last do not see it (an encoder-decoder's infix is a
+    decoder self-attention prefix: its one group, "decoder").
     """
 
     prompt: list[int]
@@ -50,6 +55,8 @@ class Request:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # n > 0: an n-gram never occurs twice in one output
     repetition_penalty: float = 1.0  # > 1: a generated token's logit is divided (if > 0) or multiplied by it
+    prefix_embeds: torch.Tensor | None = None  # (k, hidden): virtual tokens as input embeddings
+    infix: bool = False
 
     def __post_init__(self):
         if isinstance(self.prompt, torch.Tensor):
@@ -82,6 +89,10 @@ class Request:
             raise ValueError("no_repeat_ngram_size must be >= 0 (0: off)")
         if not self.repetition_penalty > 0:
             raise ValueError("repetition_penalty must be > 0 (1: off)")
+        if self.prefix_embeds is not None and (self.prefix_embeds.dim() != 2 or not len(self.prefix_embeds)):
+            raise ValueError(f"prefix_embeds must be (tokens, hidden), got shape {tuple(self.prefix_embeds.shape)}")
+        if self.infix and self.prefix is None:
+            raise ValueError("infix=True needs a prefix (the infix's P)")
         if self.request_id is None:
             self.request_id = f"req-{next(_ids)}"
 

@@ -69,35 +69,25 @@ class Method:
         return percent_of_base(self.shipped_parameters(), self.model)
 
 
-def generate_texts(method: Method, sources: list[str], config, batch_size: int, decode_batch,
-                   progress=None, engine_model=None) -> list[str]:
-    """Decode `sources` like `PrefixBank.generate` (same template and text cleanup).
+def generate_texts(method: Method, sources: list[str], config, batch_size: int, progress=None, *, model=None,
+                   prefix=None, prefix_embeds=None, infix: bool = False) -> list[str]:
+    """Decode `sources` like `PrefixBank.generate` (same template and text cleanup), on the engine
+    (`engine.offline.decode_ids`: greedy or beams, continuously batched, `batch_size` inputs at a time).
 
-    `method` supplies `model`, `tokenizer`, `spec`, `template` and `max_source_len`. Decoding (greedy or beams) runs
-    on the engine when the method decodes as a plain model (`engine_model`: its trained copy) and the
-    engine takes the config (`engine.offline.engine_decodes`); otherwise `decode_batch(sequences, config)`
-    returns the generated ids of each length-sorted batch.
+    `method` supplies `model`, `tokenizer`, `spec`, `template` and `max_source_len`; `model` replaces the
+    frozen model (a method's trained copy); every row reads `prefix` (P per group), `prefix_embeds`
+    (virtual tokens as input embeddings) and, with `infix`, the prefix as an infix.
     """
     from ..data.collate import source_ids
-    from ..engine.offline import decode_ids, engine_decodes
+    from ..engine.offline import decode_ids
     from ..generation import DecodingConfig
 
     config = config or DecodingConfig()
     encoded = [source_ids(method.tokenizer, method.spec.family, s, method.template, method.max_source_len)
                for s in sources]
-    if engine_model is not None and engine_decodes(config, method.spec):
-        ids = decode_ids(engine_model, method.tokenizer, encoded, [None] * len(encoded), config,
-                         batch_size=batch_size, progress=progress)
-        return [_clean(method.tokenizer.decode(seq, skip_special_tokens=True), config) for seq in ids]
-    order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
-    outputs = [""] * len(sources)
-    for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
-        for i, seq in zip(rows, decode_batch([encoded[i] for i in rows], config)):
-            outputs[i] = _clean(method.tokenizer.decode(seq, skip_special_tokens=True), config)
-        if progress is not None:
-            progress(len(rows))
-    return outputs
+    ids = decode_ids(method.model if model is None else model, method.tokenizer, encoded, [prefix] * len(encoded),
+                     config, prefix_embeds=prefix_embeds, infix=infix, batch_size=batch_size, progress=progress)
+    return [_clean(method.tokenizer.decode(seq, skip_special_tokens=True), config) for seq in ids]
 
 
 def _clean(text: str, config) -> str:

@@ -7,7 +7,7 @@ with `prefix`, whose keys/values are free at every layer). The length k is
 encoder input.
 
 Positions: the virtual tokens take positions 0..k-1 and x starts at k, in training
-and decoding alike (decoding prepends them through `generate.decode(embeds_prefix=...)`).
+and decoding alike (the engine prefills them before the prompt: `Request.prefix_embeds`).
 Init: "random" draws each coordinate from N(0, s^2) with s the standard deviation of
 the model's embedding table (scale-matched); "words:<text>" starts at the
 embeddings of those tokens, repeated to fill k slots.
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generation import decode
 from ..forward import position_ids
 from .base import Method, generate_texts, save_weights
 
@@ -93,9 +92,4 @@ class EmbeddingMethod(Method):
     @torch.no_grad()
     def generate(self, sources, config=None, batch_size=32, progress=None):
         v = self.module().detach().to(self.model.device)
-
-        def run(seqs, cfg):
-            prefix = v.unsqueeze(0).expand(len(seqs), -1, -1)
-            return decode(self.model, self.tokenizer, seqs, None, cfg, self.spec, embeds_prefix=prefix)
-
-        return generate_texts(self, sources, config, batch_size, run, progress)
+        return generate_texts(self, sources, config, batch_size, progress, prefix_embeds=v)

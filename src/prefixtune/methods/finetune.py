@@ -10,7 +10,6 @@ import copy
 import torch
 from torch import nn
 
-from ..generation import decode
 from ..architectures import top_layers
 from ..cache import enable_gradient_checkpointing
 from ..forward import lm_loss
@@ -72,9 +71,7 @@ class CopyMethod(Method):
         was_training = self.trained.training
         self.trained.eval()
         try:
-            return generate_texts(self, sources, config, batch_size,
-                                  lambda seqs, cfg: decode(self.trained, self.tokenizer, seqs, None, cfg, self.spec),
-                                  progress, engine_model=self.trained)
+            return generate_texts(self, sources, config, batch_size, progress, model=self.trained)
         finally:
             self.trained.train(was_training)
 

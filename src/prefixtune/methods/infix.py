@@ -7,14 +7,13 @@ target tokens attend to it; the rest of x is computed exactly as without it. For
 BART/T5, x lives in the encoder, so the infix is a decoder self-attention prefix
 only (no encoder or cross-attention activations). The length is
 `TrainConfig.prefix_len`. Positions follow the prefix convention (x starts at k),
-the same in training and decoding.
+the same in training and decoding (the engine decodes it: `Request(infix=True)`).
 """
 from __future__ import annotations
 
 import torch
 
-from ..generation import decode
-from ..forward import lm_loss, prefix_kv_from_groups, single_prefix_kv
+from ..forward import lm_loss, single_prefix_kv
 from ..prefix import build_prefix_encoder
 from .base import Method, generate_texts, save_weights
 
@@ -70,13 +69,4 @@ class InfixMethod(Method):
     @torch.no_grad()
     def generate(self, sources, config=None, batch_size=32, progress=None):
         p = {g: t.to(self.model.device) for g, t in self.infix_p().items()}
-
-        def run(seqs, cfg):
-            kv = prefix_kv_from_groups([p] * len(seqs), self.spec, device=self.model.device, dtype=self.model.dtype)
-            if self.spec.family == "decoder":  # left-padded: the last column is every row's last source token
-                visible = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.bool, device=self.model.device)
-                visible[:, -1] = True
-                kv.query_visible = visible
-            return decode(self.model, self.tokenizer, seqs, kv, cfg, self.spec)
-
-        return generate_texts(self, sources, config, batch_size, run, progress)
+        return generate_texts(self, sources, config, batch_size, progress, prefix=p, infix=True)
