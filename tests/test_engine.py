@@ -479,3 +479,33 @@ def test_a_lone_row_gets_the_bits_it_gets_in_a_batch():
     for rows in (2, 3, 32):
         batched = torch.cat([lin(x[i: i + rows]) for i in range(0, len(x), rows)])
         assert torch.equal(alone, batched), rows
+
+
+# -- the ablations' virtual tokens (methods/embedding.py, infix.py) ------------------------------------------
+@pytest.mark.parametrize("kind", ["embeds", "infix"])
+def test_virtual_tokens_prefilled_in_chunks_equal_one_piece_and_the_lean_step_declines_them(kind, tokenizer):
+    model = tiny_model("llama", seed=1)
+    spec = model_spec(model)
+    (p,) = prefixes(model, tokenizer, lengths=(4,))
+    torch.manual_seed(0)
+    virtual = dict(prefix_embeds=torch.randn(3, spec.hidden_size)) if kind == "embeds" else dict(prefix=p, infix=True)
+    seqs = ids(tokenizer, SOURCES)
+
+    def outputs(**engine):
+        e = Engine(model, tokenizer, max_batch=3, max_len=96, dtype="fp32", fast=False, **engine)
+        return [o.choices[0].token_ids for o in e.generate([Request(s, max_tokens=8, **virtual) for s in seqs])]
+
+    whole = outputs()
+    assert outputs(max_prefill_tokens=3) == whole  # prompts in chunks of 3 tokens, decode steps in between
+    engine = Engine(model, tokenizer, max_batch=3, max_len=96, dtype="fp32", fast=False)
+    plain = [o.choices[0].token_ids for o in engine.generate(
+        [Request(s, max_tokens=8, prefix=p if kind == "infix" else None) for s in seqs])]
+    assert plain != whole  # the virtual tokens change the tokens (an infix is not a prefix)
+    lean = Engine(model, tokenizer, max_batch=3, max_len=96, dtype="fp32")
+    assert lean.path == "llama_fast"
+    with pytest.raises(ValueError, match="fast=False"):
+        lean.add_request(Request(seqs[0], **virtual))
+    with pytest.raises(ValueError, match="prefix_embeds must be"):
+        Request(seqs[0], prefix_embeds=torch.zeros(spec.hidden_size))
+    with pytest.raises(ValueError, match="infix=True needs a prefix"):
+        Request(seqs[0], infix=True)

@@ -266,3 +266,40 @@ def test_every_export_decodes_like_the_trained_method(method, tokenizer, tmp_pat
 
         with pytest.raises(PrefixFileError, match=f"holds {method} weights, not a prefix"):
             load_prefix(result.prefix_file)
+
+
+# Tokens of the ablations on `generation.decode`'s batched loop (fp32, the first 3 SOURCES, 8 tokens), frozen
+# when the engine took them over (the engine gave these exact tokens then): the engine must keep giving them.
+OLD_LOOP_TOKENS = {
+    ("llama", "embedding-only", 1): [[168, 217, 62, 78, 17, 166, 248, 217], [168, 217, 35, 30, 131, 35, 30, 131], [168, 217, 35, 243, 23, 175, 264, 36]],
+    ("llama", "embedding-only", 5): [[168, 217, 279, 278, 84, 264, 162, 39], [168, 217, 237, 66, 69, 35, 126, 293], [168, 217, 237, 66, 69, 177, 47, 21]],
+    ("llama", "infix", 1): [[198, 174, 289, 44, 44, 44, 44, 44], [289, 44, 44, 44, 44, 44, 44, 44], [289, 44, 44, 44, 44, 44, 44, 44]],
+    ("llama", "infix", 5): [[44, 44, 44, 44, 44, 44, 44, 44], [289, 44, 44, 44, 44, 44, 44, 44], [289, 44, 44, 44, 44, 44, 44, 44]],
+    ("gpt2", "embedding-only", 5): [[13, 13, 13, 141, 141, 141, 141, 141], [109, 109, 109, 109, 109, 109, 109, 109], [13, 109, 109, 109, 109, 109, 109, 109]],
+    ("t5", "embedding-only", 5): [[84, 84, 84, 84, 84, 84, 84, 84], [220, 220, 220, 148, 148, 148, 148, 148], [84, 84, 84, 84, 84, 84, 84, 84]],
+}
+
+
+@pytest.mark.parametrize("family,method,beams", sorted(OLD_LOOP_TOKENS))
+def test_ablations_decode_on_the_engine_as_the_old_loop_did(family, method, beams):
+    m = build(method, family, IdTokenizer())
+    m.module.eval()
+    got = m.generate(SOURCES[:3], DecodingConfig(max_new_tokens=8, num_beams=beams, stop_at_newline=False))
+    assert [[int(t) for t in text.split()] for text in got] == OLD_LOOP_TOKENS[family, method, beams]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_embedding_only_greedy_equals_transformers_generate_with_inputs_embeds(family):
+    from prefixtune.data.collate import source_ids
+
+    m = build("embedding-only", family, IdTokenizer())
+    m.module.eval()
+    got = m.generate(SOURCES[:3], DecodingConfig(max_new_tokens=8, stop_at_newline=False))
+    v = m.module().detach()
+    for source, text in zip(SOURCES[:3], got):
+        x = torch.tensor([source_ids(m.tokenizer, "decoder", source, m.template, m.max_source_len)])
+        embeds = torch.cat([v[None], m.model.get_input_embeddings()(x)], dim=1)  # [v; x], positions from 0
+        with torch.no_grad():
+            want = m.model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                    max_new_tokens=8, do_sample=False, eos_token_id=1, pad_token_id=0)[0].tolist()
+        assert [int(t) for t in text.split()] == (want[: want.index(1)] if 1 in want else want)  # 1: eos
