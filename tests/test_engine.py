@@ -1,5 +1,5 @@
-"""The engine: a row's greedy tokens equal today's decoding of that row alone, whatever joins or
-leaves the batch around it; seeded sampling is reproducible; stops, max_tokens, cancellation,
+"""The engine: a row's greedy tokens equal the oracle's (test_generation.reference: that row alone, recomputed
+at every step), whatever joins or leaves the batch around it; seeded sampling is reproducible; stops, max_tokens, cancellation,
 timeouts and logprobs behave per row."""
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import ByteTokenizer, tiny_model
+from prefixtune import cache
 from prefixtune.engine import Engine, Request
-from prefixtune.generation import DecodingConfig, _Decoder, decode
-from prefixtune.forward import prefix_kv_from_groups
+from prefixtune.generation import DecodingConfig
+from prefixtune.forward import position_ids, prefix_kv_from_groups
 from prefixtune.models import model_spec
-from test_generation import SOURCES, ids, prefixes
+from test_generation import SOURCES, ids, prefixes, reference
 
 torch.set_num_threads(1)
 
@@ -28,10 +29,8 @@ class LetterTokenizer(ByteTokenizer):
 
 
 def alone(model, tokenizer, seq, prefix, max_tokens):
-    """Today's path, the row by itself."""
-    spec = model_spec(model)
-    config = DecodingConfig(max_new_tokens=max_tokens, stop_at_newline=False)
-    return decode(model, tokenizer, [seq], prefix_kv_from_groups([prefix], spec), config)[0]
+    """The oracle's greedy tokens for the row by itself."""
+    return reference(model, tokenizer, seq, prefix, DecodingConfig(max_new_tokens=max_tokens, stop_at_newline=False))
 
 
 def run(engine, schedule, cancel_at=None):
@@ -180,8 +179,10 @@ def test_logprobs_are_the_log_softmax_of_the_step_logits(tokenizer):
     choice = out[0].choices[0]
     assert len(choice.logprobs) == len(choice.top_logprobs) == 5
     x = torch.tensor([seq])
-    with torch.no_grad():
-        first = _Decoder(model, spec, x, torch.ones_like(x), prefix_kv_from_groups([p], spec)).logits[0]
+    cache.install(model)  # the prefix enters attention through prefixtune's attention function
+    with torch.no_grad():  # the prompt's positions count from the prefix's length, as in training
+        first = model(input_ids=x, attention_mask=torch.ones_like(x), position_ids=position_ids(torch.ones_like(x), 4),
+                      prefix_kv=prefix_kv_from_groups([p], spec)).logits[0, -1].float()
     reference = torch.log_softmax(first, -1)
     assert choice.logprobs[0] == pytest.approx(float(reference[choice.token_ids[0]]), abs=1e-4)
     top_ids = [t for t, _ in choice.top_logprobs[0]]
@@ -272,7 +273,7 @@ def smollm2_rows(data_root, dtype):
 @pytest.mark.slow
 def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
     """The lean bf16 step on the embedded model: rows joining and leaving a batch of 4 decode the
-    tokens today's path gives each row in bf16 (run as two copies of itself: see below)."""
+    tokens the HF path (HFDecoder) gives each row in bf16 (run as two copies of itself: see below)."""
     from prefixtune.precision import bf16_available
 
     if not bf16_available(torch.device("cpu")):
@@ -284,18 +285,18 @@ def test_smollm2_bf16_batch_equals_bf16_alone(data_root):
     assert engine.path == "llama_fast" and engine.dtype == torch.bfloat16
     outs = engine.generate([Request(s, prefix=p, max_tokens=m, ignore_eos=True)
                             for s, p, m in zip(seqs, rows, lengths)])
-    config = lambda m: DecodingConfig(max_new_tokens=m, stop_at_newline=False, ignore_eos=True)
+    hf = Engine(model, tokenizer, max_batch=2, max_len=128, fast=False)
     for out, s, p, m in zip(outs, seqs, rows, lengths):
         # the row twice in one batch: oneDNN runs a lone row's bf16 matmuls on another kernel, whose last
         # bits differ (the engine runs a lone row as two for that reason: `llama_fast._Linear`)
-        ref = decode(model, tokenizer, [s, s], prefix_kv_from_groups([p, p], spec, dtype=model.dtype), config(m))
-        assert ref[0] == ref[1]
-        assert out.choices[0].token_ids == ref[0]
+        ref = hf.generate([Request(s, prefix=p, max_tokens=m, ignore_eos=True) for _ in range(2)])
+        assert ref[0].choices[0].token_ids == ref[1].choices[0].token_ids
+        assert out.choices[0].token_ids == ref[0].choices[0].token_ids
 
 
 # -- offline decoding (PrefixBank, the CLI, evaluation and the methods) goes through the engine ------------
-def test_offline_decode_equals_alone_and_routes_what_the_engine_does_not_do(tokenizer):
-    from prefixtune.engine.offline import decode_ids, engine_decodes
+def test_offline_decode_equals_alone_for_every_family_greedy_and_beams(tokenizer):
+    from prefixtune.engine.offline import decode_ids
 
     model = tiny_model("llama", seed=3)
     p1, p2 = prefixes(model, tokenizer, lengths=(2, 5))
@@ -305,23 +306,19 @@ def test_offline_decode_equals_alone_and_routes_what_the_engine_does_not_do(toke
     # batch_size 2 for 5 rows: rows wait for a slot, as in a long evaluation
     got = decode_ids(model, tokenizer, seqs, rows, config, batch_size=2)
     assert got == [alone(model, tokenizer, s, p, 7) for s, p in zip(seqs, rows)]
-    spec = model_spec(model)
-    assert engine_decodes(config, spec)
-    assert engine_decodes(DecodingConfig(num_beams=5, repetition_penalty=1.2), spec)
-    assert not engine_decodes(config, model_spec(tiny_model("bart")))
-    # beam search and the repetition controls too, 2 inputs at a time (6 slots): today's beams, exactly
+    # beam search and the repetition controls too, 2 inputs at a time (6 slots)
     beam = DecodingConfig(max_new_tokens=7, stop_at_newline=False, num_beams=3, length_penalty=0.7,
                           no_repeat_ngram_size=2)
-    assert decode_ids(model, tokenizer, seqs, rows, beam, batch_size=2) == decode(
-        model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), beam)
-    bart = tiny_model("bart")
-    with pytest.raises(ValueError, match="encoder-decoders"):
-        decode_ids(bart, tokenizer, seqs, [None] * len(seqs), config)
+    assert decode_ids(model, tokenizer, seqs, rows, beam, batch_size=2) == [
+        reference(model, tokenizer, s, p, beam) for s, p in zip(seqs, rows)]
+    bart = tiny_model("bart")  # encoder-decoders: row by row
+    assert decode_ids(bart, tokenizer, seqs, [None] * len(seqs), config) == [
+        alone(bart, tokenizer, s, None, 7) for s in seqs]
     with pytest.raises(ValueError, match="dtype"):
         DecodingConfig(dtype="fp16")
 
 
-def test_bank_generate_runs_on_the_engine_and_equals_the_decoding_loop(tokenizer, monkeypatch):
+def test_bank_generate_runs_on_the_engine_and_equals_each_row_alone(tokenizer, monkeypatch):
     import prefixtune.bank as bank_module
     from prefixtune.bank import PrefixBank
     from prefixtune.prefix_file import ExportedPrefix
@@ -338,13 +335,11 @@ def test_bank_generate_runs_on_the_engine_and_equals_the_decoding_loop(tokenizer
     real = bank_module.decode_ids
     monkeypatch.setattr(bank_module, "decode_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
     greedy = bank.generate(texts, pids, DecodingConfig(max_new_tokens=6), batch_size=3)
-    assert calls, "greedy decoding did not go through the engine"
-    # the same rows through the old batched loop (a 2-row "beam" config would change the tokens, so the
-    # loop is reached directly): the engine changes no output
-    loop = [bank.tokenizer.decode(s, skip_special_tokens=True).split("\n")[0].strip()
-            for s in bank.generate_ids([bank.encode(t, p) for t, p in zip(texts, pids)], pids,
-                                       DecodingConfig(max_new_tokens=6))]
-    assert greedy == loop
+    assert calls, "decoding did not go through the engine"
+    config = DecodingConfig(max_new_tokens=6)
+    want = [reference(model, tokenizer, bank.encode(t, p), None if p is None else bank.get(p).p, config)
+            for t, p in zip(texts, pids)]
+    assert greedy == [bank.tokenizer.decode(s, skip_special_tokens=True).split("\n")[0].strip() for s in want]
 
 
 def test_a_model_with_adapters_is_not_decoded_by_the_lean_llama_step(tokenizer):

@@ -1,6 +1,6 @@
-"""Beam search and the repetition controls in the engine: a beam request's output equals today's
-beam search (`generation.decode`) in the same dtype, next to greedy and sampled rows of other
-prefixes; the repetition controls act per row, exactly as today's."""
+"""Beam search and the repetition controls in the engine: a beam request's output equals the oracle's
+(test_generation.reference: the row alone, recomputed at every step, ranked by engine/beam.py) next to
+greedy and sampled rows of other prefixes; the repetition controls act per row."""
 from __future__ import annotations
 
 from collections import Counter
@@ -11,28 +11,25 @@ import torch
 from conftest import ByteTokenizer, tiny_model
 from prefixtune.engine import Engine, Request
 from prefixtune.engine.beam import BeamGroup
-from prefixtune.forward import prefix_kv_from_groups
-from prefixtune.generation import DecodingConfig, decode
-from prefixtune.models import model_spec
-from test_generation import SOURCES, ids, prefixes
+from prefixtune.generation import DecodingConfig
+from test_generation import SOURCES, ids, prefixes, reference
 
 torch.set_num_threads(1)
 
 
-def today(model, tokenizer, seqs, rows, **config):
-    """Today's batched loop over all rows at once (beam search decodes them together)."""
-    spec = model_spec(model)
-    return decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec),
-                  DecodingConfig(stop_at_newline=False, **config))
+def oracle(model, tokenizer, seqs, rows, **config):
+    """The oracle's output for each row."""
+    config = DecodingConfig(**{"stop_at_newline": False, **config})
+    return [reference(model, tokenizer, s, p, config) for s, p in zip(seqs, rows)]
 
 
 def end_early(model, tokenizer, seqs, rows, **config):
-    """Make a token that today's beam search often emits the end-of-text token, so that some hypotheses
-    end at a stop token and others run to max_new_tokens; returns today's outputs then."""
-    out = today(model, tokenizer, seqs, rows, **config)
+    """Make a token that beam search often emits the end-of-text token, so that some hypotheses
+    end at a stop token and others run to max_new_tokens; returns the oracle's outputs then."""
+    out = oracle(model, tokenizer, seqs, rows, **config)
     for token, _ in Counter(t for seq in out for t in seq).most_common(6):
         tokenizer.eos_token_id = token
-        want = today(model, tokenizer, seqs, rows, **config)
+        want = oracle(model, tokenizer, seqs, rows, **config)
         if any(len(w) < config["max_new_tokens"] for w in want) and any(len(w) == config["max_new_tokens"] for w in want):
             return want
     raise AssertionError("no token ends some hypotheses early")
@@ -40,7 +37,7 @@ def end_early(model, tokenizer, seqs, rows, **config):
 
 @pytest.mark.parametrize("family,fast", [("llama", True), ("llama", False), ("gpt2", False)])
 @pytest.mark.parametrize("controls", [{}, {"length_penalty": 0.6, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2}])
-def test_beam_rows_equal_todays_beam_search_in_a_mixed_batch(family, fast, controls):
+def test_beam_rows_equal_the_oracles_beam_search_in_a_mixed_batch(family, fast, controls):
     tokenizer = ByteTokenizer()
     model = tiny_model(family, seed=1)
     p1, p2 = prefixes(model, tokenizer)
@@ -68,13 +65,13 @@ def test_beam_rows_equal_todays_beam_search_in_a_mixed_batch(family, fast, contr
 
 
 @pytest.mark.parametrize("family", ["bart", "t5"])
-def test_encoder_decoder_beams_fork_row_states_and_equal_todays(family, tokenizer):
+def test_encoder_decoder_beams_fork_row_states_and_equal_the_oracles(family, tokenizer):
     """Encoder-decoders step row by row (`RowWise`): a beam that takes over another's hypothesis gets a
     copy of that row's decoder state."""
     model = tiny_model(family, seed=1)
     p1, p2 = prefixes(model, tokenizer)
     seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
-    want = today(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=3, no_repeat_ngram_size=2)
+    want = oracle(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=3, no_repeat_ngram_size=2)
     engine = Engine(model, tokenizer, max_batch=7, max_len=64, dtype="fp32")
     assert engine.path == "rowwise"
     outs = engine.generate([Request(s, prefix=p, max_tokens=10, beams=3, no_repeat_ngram_size=2)
@@ -95,7 +92,7 @@ def test_a_beam_group_reserves_its_slots_and_forks_caches_when_hypotheses_cross(
     real = engine.backend.fork
     engine.backend.fork = lambda src, dst, n: forks.append((src, dst, n)) or real(src, dst, n)
     outs = engine.generate([Request(s, prefix=p, max_tokens=10, beams=3) for s, p in zip(seqs, rows)])
-    assert [o.choices[0].token_ids for o in outs] == today(model, tokenizer, seqs, rows, max_new_tokens=10,
+    assert [o.choices[0].token_ids for o in outs] == oracle(model, tokenizer, seqs, rows, max_new_tokens=10,
                                                            num_beams=3)
     assert engine.stats["max_running"] == 3  # a second group would need 6 slots
     assert len(forks) > 2 * len(seqs)  # beyond the expansion from the first row: hypotheses crossed
@@ -122,12 +119,12 @@ def test_a_beam_request_is_checked_and_cancelled_as_one(tokenizer):
 
 @pytest.mark.parametrize("controls", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 1},
                                       {"no_repeat_ngram_size": 2, "repetition_penalty": 0.7}])
-def test_repetition_controls_on_greedy_rows_equal_todays(controls, tokenizer):
+def test_repetition_controls_on_greedy_rows_equal_the_oracles(controls, tokenizer):
     model = tiny_model("llama", seed=1)
     p1, p2 = prefixes(model, tokenizer)
     seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
-    want = today(model, tokenizer, seqs, rows, max_new_tokens=14, ignore_eos=True, **controls)
-    plain = today(model, tokenizer, seqs, rows, max_new_tokens=14, ignore_eos=True)
+    want = oracle(model, tokenizer, seqs, rows, max_new_tokens=14, ignore_eos=True, **controls)
+    plain = oracle(model, tokenizer, seqs, rows, max_new_tokens=14, ignore_eos=True)
     assert want != plain  # the controls change these outputs
     engine = Engine(model, tokenizer, max_batch=3, max_len=64, dtype="fp32")
     # a plain row in the same batch keeps its own tokens
@@ -157,15 +154,14 @@ def test_repetition_controls_on_sampled_rows_act_per_row(tokenizer):
 
 
 @pytest.mark.slow
-def test_smollm2_beam5_equals_todays_beam_search_in_fp32(data_root):
+def test_smollm2_beam5_equals_the_oracles_beam_search_in_fp32(data_root):
     """The embedded model, three random prefixes: beam-5 outputs of six E2E inputs from the engine equal
-    today's beam search in fp32, next to greedy and sampled rows."""
+    the oracle's in fp32, next to greedy and sampled rows."""
     from test_engine import smollm2_rows
 
     model, tokenizer, spec, ps, seqs = smollm2_rows(data_root, torch.float32)
     rows = [ps[0], ps[1], None, ps[2], ps[0], ps[1]]
-    config = DecodingConfig(max_new_tokens=24, num_beams=5)
-    want = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), config)
+    want = oracle(model, tokenizer, seqs, rows, max_new_tokens=24, num_beams=5, stop_at_newline=True)
     from prefixtune.generation import stop_ids
 
     newline = sorted(stop_ids(tokenizer, True, ignore_eos=True))
@@ -180,7 +176,7 @@ def test_smollm2_beam5_equals_todays_beam_search_in_fp32(data_root):
 def test_a_tenant_over_its_share_loses_a_greedy_row_never_a_beam_row(tokenizer):
     """Tenant a holds all 6 slots (a beam-4 group and two greedy rows) when tenant b arrives. The preempted
     row is a greedy one (beam rows have no output of their own, so without the rule one would go first):
-    the beam output still equals today's, the greedy rows resume exactly, and b is served."""
+    the beam output still equals the oracle's, the greedy rows resume exactly, and b is served."""
     model = tiny_model("llama", seed=2)
     p1, p2 = prefixes(model, tokenizer)
     seqs = ids(tokenizer, SOURCES)
@@ -200,7 +196,7 @@ def test_a_tenant_over_its_share_loses_a_greedy_row_never_a_beam_row(tokenizer):
         step += 1
     assert engine.scheduler.preemptions >= 1
     got = lambda r: [e.token for e in events[r.request_id] if e.token is not None]  # noqa: E731
-    assert got(beam) == today(model, tokenizer, [seqs[1]], [p1], max_new_tokens=16, num_beams=4, ignore_eos=True)[0]
+    assert got(beam) == oracle(model, tokenizer, [seqs[1]], [p1], max_new_tokens=16, num_beams=4, ignore_eos=True)[0]
     alone = Engine(model, tokenizer, max_batch=1, max_len=96, dtype="fp32")
     for r in greedy:
         again = Request(r.prompt, prefix=r.prefix, max_tokens=16, ignore_eos=True)
@@ -209,20 +205,19 @@ def test_a_tenant_over_its_share_loses_a_greedy_row_never_a_beam_row(tokenizer):
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_beams_that_die_and_come_back_equal_todays(fast, tokenizer, monkeypatch):
+def test_beams_that_die_and_come_back_equal_the_oracles(fast, tokenizer, monkeypatch):
     """Most tokens made stop tokens: often fewer than k candidates continue, so beams die (their rows idle)
-    and come back later (an idle row takes a hypothesis by a fork). The outputs still equal today's."""
+    and come back later (an idle row takes a hypothesis by a fork). The outputs still equal the oracle's."""
     import prefixtune.generation as generation
 
     model = tiny_model("llama", seed=3)
     p1, p2 = prefixes(model, tokenizer)
     seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
-    plain = today(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=4, ignore_eos=True)
+    plain = oracle(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=4, ignore_eos=True)
     kept = {t for seq in plain for t in seq}  # the tokens beams like, and a few more, stay; the rest stop
     stops = frozenset(range(tokenizer.vocab_size)) - kept - set(range(100, 110))
     monkeypatch.setattr(generation, "_newline_ids", lambda tok: stops)
-    want = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, model_spec(model)),
-                  DecodingConfig(max_new_tokens=10, num_beams=4, ignore_eos=True))
+    want = oracle(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=4, ignore_eos=True, stop_at_newline=True)
     engine = Engine(model, tokenizer, max_batch=8, max_len=64, dtype="fp32", fast=fast)
     dead = []
     rank = BeamGroup.rank
@@ -240,7 +235,7 @@ def test_beams_that_die_and_come_back_equal_todays(fast, tokenizer, monkeypatch)
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_a_beam_request_prefilled_in_chunks_keeps_its_slots_and_equals_todays(fast):
+def test_a_beam_request_prefilled_in_chunks_keeps_its_slots_and_equals_the_oracles(fast):
     """Chunked prefill (paged KV) holds a beam request's first row over several steps: the slots its beams
     fork into stay reserved meanwhile (other rows fill every other place), and the forks share the
     prompt's full blocks copy-on-write."""
@@ -249,7 +244,7 @@ def test_a_beam_request_prefilled_in_chunks_keeps_its_slots_and_equals_todays(fa
     p1, p2 = prefixes(model, tokenizer)
     long_source = [SOURCES[1] + " | " + SOURCES[4], SOURCES[4] + " " + SOURCES[2]]  # prompts of many chunks of 8
     seqs, rows = ids(tokenizer, long_source), [p1, p2]
-    want = today(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=3)
+    want = oracle(model, tokenizer, seqs, rows, max_new_tokens=10, num_beams=3)
     beam = [Request(s, prefix=p, max_tokens=10, beams=3) for s, p in zip(seqs, rows)]
     # short prompts: they fit in what a step's budget has left after a leader's last chunk, and so are
     # admitted while the leader's beams have not forked yet

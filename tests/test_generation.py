@@ -1,14 +1,19 @@
-"""Decoding: batched equals one-by-one, with mixed prefixes, greedy and beam, every family."""
+"""Decoding on the engine, checked against an oracle (`reference`: one row alone, the whole sequence
+recomputed at every step, no cache, no batch): mixed prefixes, greedy and beam, every family."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import FAMILIES, tiny_model
+from prefixtune import cache
 from prefixtune.bank import PrefixBank
-from prefixtune.generation import DecodingConfig, decode
+from prefixtune.engine.beam import BeamGroup
+from prefixtune.engine.offline import decode_ids
+from prefixtune.engine.request import Request
+from prefixtune.forward import position_ids, prefix_kv_from_groups
+from prefixtune.generation import DecodingConfig, apply_repetition_controls, stop_ids
 from prefixtune.prefix_file import ExportedPrefix, save_prefix, load_prefix
-from prefixtune.forward import prefix_kv_from_groups
 from prefixtune.models import model_spec
 from prefixtune.prefix import PrefixConfig, build_prefix_encoder
 
@@ -30,54 +35,66 @@ def ids(tokenizer, texts):
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
+@torch.no_grad()
+def reference(model, tokenizer, seq, prefix=None, config=None) -> list[int]:
+    """The oracle: row `seq` alone with `prefix` (P per group, or None), its whole sequence recomputed
+    through the HF forward at every step (no cache, no batch, no paging); greedy, or beams ranked by
+    engine/beam.py; the repetition controls over each hypothesis' tokens."""
+    config = config or DecodingConfig(stop_at_newline=False)
+    spec = model_spec(model)
+    cache.install(model)
+    kv = None if prefix is None else prefix_kv_from_groups([prefix], spec)
+    start = 0 if prefix is None else next(iter(prefix.values())).shape[0]
+    stops = stop_ids(tokenizer, config.stop_at_newline, config.ignore_eos)
+
+    def logits(tokens):  # the next token's logits after the source and `tokens`, the controls applied
+        if spec.family == "decoder":
+            x = torch.tensor([seq + tokens])
+            mask = torch.ones_like(x)
+            out = model(input_ids=x, attention_mask=mask, position_ids=position_ids(mask, start), prefix_kv=kv)
+        else:
+            dec = torch.tensor([[model.config.decoder_start_token_id] + tokens])
+            out = model(input_ids=torch.tensor([seq]), decoder_input_ids=dec, prefix_kv=kv)
+        return apply_repetition_controls(out.logits[:, -1].float(), [tokens], config)[0]
+
+    if config.num_beams == 1:
+        generated = []
+        for _ in range(config.max_new_tokens):
+            token = int(logits(generated).argmax())
+            if token in stops:
+                break
+            generated.append(token)
+        return generated
+    group = BeamGroup(Request(seq, max_tokens=config.max_new_tokens, beams=config.num_beams,
+                              length_penalty=config.length_penalty), stops)
+    while not group.done:
+        rows = [torch.log_softmax(logits(tokens), -1) if score > float("-inf") else None
+                for tokens, score in zip(group.sequences, group.scores)]
+        dead = torch.zeros_like(next(r for r in rows if r is not None))
+        rows += [None] * (group.k - len(rows))
+        group.rank(torch.stack([dead if r is None else r for r in rows]))
+    return group.best()[0]
+
+
+def decode(model, tokenizer, sequences, rows, config):
+    """All rows at once on the engine (continuous batching, 32 slots)."""
+    return decode_ids(model, tokenizer, sequences, rows, config)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("beams", [1, 3])
-def test_mixed_batch_equals_each_row_alone(family, beams, tokenizer):
+def test_mixed_batch_equals_each_row_alone_recomputed(family, beams, tokenizer):
     model = tiny_model(family, seed=1)
-    spec = model_spec(model)
     p1, p2 = prefixes(model, tokenizer)
     rows = [p1, p2, None, p2, p1]
     config = DecodingConfig(max_new_tokens=8, num_beams=beams, stop_at_newline=False)
     sequences = ids(tokenizer, SOURCES)
-    batched = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config)
-    alone = [decode(model, tokenizer, [s], prefix_kv_from_groups([p], spec), config)[0]
-             for s, p in zip(sequences, rows)]
-    assert batched == alone
+    batched = decode(model, tokenizer, sequences, rows, config)
+    assert batched == [reference(model, tokenizer, s, p, config) for s, p in zip(sequences, rows)]
     assert all(len(x) > 0 for x in batched)
     # the prefixes are not ignored: the same input decodes differently under another prefix
-    swapped = decode(model, tokenizer, sequences, prefix_kv_from_groups([p2, p1, p1, None, None], spec), config)
+    swapped = decode(model, tokenizer, sequences, [p2, p1, p1, None, None], config)
     assert swapped != batched
-
-
-@pytest.mark.parametrize("family", ["llama", "t5"])
-def test_greedy_equals_full_recompute(family, tokenizer):
-    """The incremental cache gives the same tokens as re-running the whole sequence each step."""
-    from prefixtune import cache
-    from prefixtune.forward import position_ids
-
-    model = tiny_model(family, seed=2)
-    spec = model_spec(model)
-    (p,) = prefixes(model, tokenizer, lengths=(4,))
-    src = ids(tokenizer, ["name : Zizzi | food : Thai"])[0]
-    fast = decode(model, tokenizer, [src], prefix_kv_from_groups([p], spec),
-                  DecodingConfig(max_new_tokens=6, stop_at_newline=False))[0]
-    kv = prefix_kv_from_groups([p], spec)
-    cache.install(model)
-    generated = []
-    with torch.no_grad():
-        for _ in range(6):
-            if spec.family == "decoder":
-                x = torch.tensor([src + generated])
-                mask = torch.ones_like(x)
-                logits = model(input_ids=x, attention_mask=mask, position_ids=position_ids(mask, 4), prefix_kv=kv).logits
-            else:
-                dec = torch.tensor([[model.config.decoder_start_token_id] + generated])
-                logits = model(input_ids=torch.tensor([src]), decoder_input_ids=dec, prefix_kv=kv).logits
-            token = int(logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            generated.append(token)
-    assert fast == generated
 
 
 def test_stops_at_eos_and_newline(tokenizer):
@@ -86,10 +103,9 @@ def test_stops_at_eos_and_newline(tokenizer):
     # force the model to emit a newline: bias the LM head towards it
     with torch.no_grad():
         model.lm_head.weight[newline] += 50 * model.lm_head.weight.abs().max()
-    out = decode(model, tokenizer, ids(tokenizer, ["abc"]), None, DecodingConfig(max_new_tokens=5))
+    out = decode(model, tokenizer, ids(tokenizer, ["abc"]), [None], DecodingConfig(max_new_tokens=5))
     assert out == [[]]
-    out = decode(model, tokenizer, ids(tokenizer, ["abc"]), None,
-                 DecodingConfig(max_new_tokens=5, stop_at_newline=False))
+    out = decode(model, tokenizer, ids(tokenizer, ["abc"]), [None], DecodingConfig(max_new_tokens=5, stop_at_newline=False))
     assert out == [[newline] * 5]
 
 
@@ -112,31 +128,10 @@ def test_bank_generate_keeps_order_and_checks_ids(tokenizer, tmp_path):
     assert bank.ids() == ["two"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_padded_rows_get_the_same_first_logits_as_alone(family, tokenizer):
-    """Stricter than equal tokens: the prefill logits of a padded row equal the row alone (BART's
-    absolute encoder positions break if its input is left-padded)."""
-    from prefixtune.generation import _Decoder, pad_batch
-
-    model = tiny_model(family, seed=4)
-    spec = model_spec(model)
-    p1, p2 = prefixes(model, tokenizer)
-    rows = [p1, None, p2]
-    sequences = ids(tokenizer, SOURCES[:3])
-    side = "right" if spec.family == "encoder-decoder" else "left"
-    with torch.no_grad():
-        batch = _Decoder(model, spec, *pad_batch(sequences, 0, "cpu", side), prefix_kv_from_groups(rows, spec)).logits
-        for i, (s, p) in enumerate(zip(sequences, rows)):
-            alone = _Decoder(model, spec, *pad_batch([s], 0, "cpu", side), prefix_kv_from_groups([p], spec)).logits
-            assert torch.allclose(batch[i], alone[0], atol=1e-4), (family, i, (batch[i] - alone[0]).abs().max())
-
-
 # --------------------------------------------------------------------------- repetition controls
 
 
 def test_repetition_controls_on_logits():
-    from prefixtune.generation import apply_repetition_controls
-
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]])
     off = DecodingConfig()
     assert apply_repetition_controls(logits, [[0, 1], [2]], off) is logits  # off by default: untouched
@@ -157,21 +152,17 @@ def test_repetition_controls_on_logits():
 @pytest.mark.parametrize("beams", [1, 3])
 def test_no_repeat_ngram_decoding_never_repeats_and_batches_exactly(beams, tokenizer):
     model = tiny_model("llama", seed=1)
-    spec = model_spec(model)
     p1, p2 = prefixes(model, tokenizer)
     seqs, rows = ids(tokenizer, SOURCES), [p1, p2, None, p2, p1]
-    plain = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec),
-                   DecodingConfig(max_new_tokens=12, num_beams=beams, stop_at_newline=False), spec)
+    plain = decode(model, tokenizer, seqs, rows, DecodingConfig(max_new_tokens=12, num_beams=beams, stop_at_newline=False))
     assert any(len(set(zip(o, o[1:]))) < len(o) - 1 for o in plain)  # a random model loops: the test has teeth
     config = DecodingConfig(max_new_tokens=12, num_beams=beams, stop_at_newline=False, no_repeat_ngram_size=2,
                             repetition_penalty=1.3)
-    batched = decode(model, tokenizer, seqs, prefix_kv_from_groups(rows, spec), config, spec)
+    batched = decode(model, tokenizer, seqs, rows, config)
     for out in batched:
         bigrams = list(zip(out, out[1:]))
         assert len(set(bigrams)) == len(bigrams), out
-    alone = [decode(model, tokenizer, [s], prefix_kv_from_groups([r], spec), config, spec)[0]
-             for s, r in zip(seqs, rows)]
-    assert batched == alone
+    assert batched == [reference(model, tokenizer, s, r, config) for s, r in zip(seqs, rows)]
 
 
 def test_bank_passes_repetition_controls(tokenizer):
@@ -180,27 +171,3 @@ def test_bank_passes_repetition_controls(tokenizer):
     plain = bank.generate(SOURCES, None, max_new_tokens=10, stop_at_newline=False)
     controlled = bank.generate(SOURCES, None, max_new_tokens=10, stop_at_newline=False, no_repeat_ngram_size=1)
     assert plain != controlled
-
-
-@pytest.mark.parametrize("beams", [1, 3])
-def test_a_cancelled_row_leaves_the_batch_and_the_others_are_unchanged(beams, tokenizer):
-    model = tiny_model("llama", seed=1)
-    spec = model_spec(model)
-    p1, p2 = prefixes(model, tokenizer)
-    rows, sequences = [p1, p2, None], ids(tokenizer, SOURCES[:3])
-    config = DecodingConfig(max_new_tokens=12, num_beams=beams, stop_at_newline=False, ignore_eos=True)
-    full = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config)
-    asked = []
-
-    def cancelled(row):  # row 1's request gives up after its 3rd step
-        asked.append(row)
-        return row == 1 and asked.count(1) > 3
-
-    cut = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config, cancelled=cancelled)
-    assert cut[0] == full[0] and cut[2] == full[2]
-    assert asked.count(1) == 4  # asked once more, then gone
-    if beams == 1:
-        assert cut[1] == full[1][:3]
-    everything = decode(model, tokenizer, sequences, prefix_kv_from_groups(rows, spec), config,
-                        cancelled=lambda row: True)
-    assert everything == [[], [], []]  # all gone at the first step

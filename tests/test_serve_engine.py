@@ -1,7 +1,7 @@
 """The server on the engine scheduler (issue 13 phase 2): continuous batching through HTTP, rows that join
 and leave mid-batch, cancellation, a PUT during decoding, seeded sampling, logprobs, and chat completions
 with the openai client. The model is the tiny random Llama of test_serve, in fp32, so a row's greedy text
-must equal decoding that row alone (generation.decode) exactly.
+must equal decoding that row alone (`PrefixBank.generate_ids`: an offline engine of its own) exactly.
 """
 from __future__ import annotations
 

@@ -6,17 +6,14 @@ and values of every attention it is given a prefix for (decoder self-attention,
 encoder self-attention, cross-attention) and widens the mask to match. The
 prefix travels as a keyword argument (`prefix_kv`) that transformers passes
 through every layer down to the attention function. In training, scoring and
-the encoder-decoder models' decoding the prefix is that argument only, never in
-transformers' own cache:
+decoding the prefix is that argument only, never in transformers' own cache:
   * positions and masks of the real tokens are computed exactly as without a
     prefix;
   * each row of a batch can carry its own prefix, of its own length (serving);
   * gradient checkpointing works (the prefix is an argument of the layer call,
     so recomputation sees it), where PEFT refuses to run.
-Decoding a decoder-only model is the exception, for speed: the prefix is
-prefilled into the decoding cache once (`prefilled_cache`), the caller widens
-the mask by the prefix's, and positions still count from the prefix length, so
-every token sees what it saw in training.
+The engine's HF path (engine/generic.py) passes a row's paged entries (its prefix and its tokens so
+far) as that row's `prefix_kv`, and takes the new tokens' keys/values back through `capture`.
 Training on a CPU runs `grouped_attention` (below) instead of SDPA, whose CPU kernels are slow
 for the short sequences prefix-tuning trains on; inference keeps SDPA.
 When transformers changes its attention or cache API, this file changes.
@@ -188,32 +185,10 @@ def enable_gradient_checkpointing(model):
     return model
 
 
-def prefilled_cache(prefix_kv: PrefixKV, num_layers: int) -> DynamicCache:
-    """A decoding cache that already holds a decoder-only model's prefix keys/values.
-
-    Decoding then appends to one cache (one copy per step, as without a prefix) instead
-    of prepending the prefix at every step; the caller widens the 2D attention mask by
-    `prefix_kv.mask` and passes no `prefix_kv` to the forward.
-    """
-    cache = DynamicCache()
-    for i in range(num_layers):
-        cache.update(prefix_kv.keys[f"decoder.{i}"], prefix_kv.values[f"decoder.{i}"], i)
-    return cache
-
-
 def new_cache(model):
-    """An empty cache for incremental decoding (a decoder-only model's prefix goes in `prefilled_cache` instead)."""
+    """An empty cache for incremental decoding (the engine's encoder-decoder rows: engine/generic.py)."""
     if model.config.is_encoder_decoder:
         return EncoderDecoderCache(DynamicCache(), DynamicCache())
     return DynamicCache()
 
 
-def reorder_cache(cache, rows: torch.Tensor):
-    """Keep only / reorder the given batch rows of a decoding cache (beam search, finished rows)."""
-    caches = [cache.self_attention_cache, cache.cross_attention_cache] if isinstance(cache, EncoderDecoderCache) else [cache]
-    for c in caches:
-        for layer in c.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                layer.keys = layer.keys.index_select(0, rows)
-                layer.values = layer.values.index_select(0, rows)
-    return cache

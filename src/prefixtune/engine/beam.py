@@ -1,7 +1,7 @@
 """Beam search as engine rows: a request with `beams=k` decodes as k rows, one per beam.
 
-The group ranks its candidates exactly as `generation.decode`'s beam search did (the paper's
-decoding): every live beam's score plus its next-token log-probabilities form a (k, vocab) table
+The group ranks its candidates exactly as the batched loop it replaced (`generation.decode`,
+retired) did, the paper's decoding: every live beam's score plus its next-token log-probabilities form a (k, vocab) table
 (a dead beam's row is -inf), the best 2k candidates are read in order; a stop token among the
 first k ends that hypothesis (its score normalised by length ** length_penalty, the stop token
 counted), other candidates continue until k are chosen. A group is done when k hypotheses have
