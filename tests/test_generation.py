@@ -97,6 +97,21 @@ def test_mixed_batch_equals_each_row_alone_recomputed(family, beams, tokenizer):
     assert swapped != batched
 
 
+def test_bank_decodes_encoder_decoders_as_the_old_loop_did(tokenizer):
+    """T5 through `PrefixBank.generate_ids` (the engine, row by row), beam 5 and an n-gram ban, mixed prefixes:
+    the tokens of `generation.decode`'s batched loop, frozen when the engine took encoder-decoders over."""
+    model = tiny_model("t5", seed=1)
+    p1, p2 = prefixes(model, tokenizer)
+    bank = PrefixBank(model, tokenizer)
+    meta = {"fingerprint": model_spec(model).fingerprint()}
+    bank.add("one", ExportedPrefix(p1, meta))
+    bank.add("two", ExportedPrefix(p2, meta))
+    config = DecodingConfig(max_new_tokens=8, num_beams=5, stop_at_newline=False, no_repeat_ngram_size=2)
+    assert bank.generate_ids(ids(tokenizer, SOURCES[:3]), ["one", "two", None], config) == [
+        [2, 2, 210, 210, 221, 221, 232, 232], [148, 148, 159, 159, 290, 290, 184, 184],
+        [18, 18, 285, 285, 264, 264, 206, 206]]
+
+
 def test_stops_at_eos_and_newline(tokenizer):
     model = tiny_model("llama")
     newline = tokenizer("\n")["input_ids"][0]

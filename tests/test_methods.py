@@ -268,14 +268,18 @@ def test_every_export_decodes_like_the_trained_method(method, tokenizer, tmp_pat
             load_prefix(result.prefix_file)
 
 
-# Tokens of the ablations on `generation.decode`'s batched loop (fp32, the first 3 SOURCES, 8 tokens), frozen
-# when the engine took them over (the engine gave these exact tokens then): the engine must keep giving them.
+# Tokens of the ablations and of encoder-decoder fine-tuning on `generation.decode`'s batched loop (fp32, the
+# first 3 SOURCES, 8 tokens), frozen when the engine took them over (the engine gave these exact tokens then):
+# the engine must keep giving them.
 OLD_LOOP_TOKENS = {
     ("llama", "embedding-only", 1): [[168, 217, 62, 78, 17, 166, 248, 217], [168, 217, 35, 30, 131, 35, 30, 131], [168, 217, 35, 243, 23, 175, 264, 36]],
     ("llama", "embedding-only", 5): [[168, 217, 279, 278, 84, 264, 162, 39], [168, 217, 237, 66, 69, 35, 126, 293], [168, 217, 237, 66, 69, 177, 47, 21]],
     ("llama", "infix", 1): [[198, 174, 289, 44, 44, 44, 44, 44], [289, 44, 44, 44, 44, 44, 44, 44], [289, 44, 44, 44, 44, 44, 44, 44]],
     ("llama", "infix", 5): [[44, 44, 44, 44, 44, 44, 44, 44], [289, 44, 44, 44, 44, 44, 44, 44], [289, 44, 44, 44, 44, 44, 44, 44]],
     ("gpt2", "embedding-only", 5): [[13, 13, 13, 141, 141, 141, 141, 141], [109, 109, 109, 109, 109, 109, 109, 109], [13, 109, 109, 109, 109, 109, 109, 109]],
+    ("bart", "finetune", 1): [[294] * 8, [182, 138, 138, 94, 20, 193, 99, 138], [181, 181, 181, 181, 94, 94, 94, 294]],
+    ("bart", "finetune", 5): [[294] * 8, [182, 138, 138, 294, 182, 138, 182, 266], [181, 181, 181, 181, 94, 94, 94, 294]],
+    ("t5", "finetune", 1): [[148] * 8, [75, 164, 84, 164, 234, 35, 184, 95], [264, 285, 284, 284, 284, 284, 284, 284]],
     ("t5", "embedding-only", 5): [[84, 84, 84, 84, 84, 84, 84, 84], [220, 220, 220, 148, 148, 148, 148, 148], [84, 84, 84, 84, 84, 84, 84, 84]],
 }
 
