@@ -1,8 +1,8 @@
 """Beam search as engine rows: a request with `beams=k` decodes as k rows, one per beam.
 
-The group ranks its candidates exactly as the batched loop it replaced (`generation.decode`,
-retired) did, the paper's decoding: every live beam's score plus its next-token log-probabilities form a (k, vocab) table
-(a dead beam's row is -inf), the best 2k candidates are read in order; a stop token among the
+The group ranks its candidates exactly as the batched loop it replaced (`generation.decode`, retired)
+did, the paper's decoding: every live beam's score plus its next-token log-probabilities form a
+(k, vocab) table (a dead beam's row is -inf), the best 2k candidates are read in order; a stop token among the
 first k ends that hypothesis (its score normalised by length ** length_penalty, the stop token
 counted), other candidates continue until k are chosen. A group is done when k hypotheses have
 finished and the best running one, normalised, cannot beat the worst of them; or when no candidate
