@@ -12,7 +12,7 @@ Rows are re-seated after each ranking (`reseat`): the first new beam that contin
 keeps that beam's row (its cache is already right); any other new beam takes a row whose
 hypothesis was dropped, and that row's cache is forked from its source beam's row
 (`backend.fork`). After the first step a group always holds k rows (it reserved k slots at
-admission); a dead beam's row idles, not decoded, until a later step needs it again.
+admission); a dead beam's row idles until a later step needs it again.
 """
 from __future__ import annotations
 
@@ -38,10 +38,6 @@ class BeamGroup:
 
     def normalised(self, score: float, length: int) -> float:
         return score / (max(length, 1) ** self.length_penalty)
-
-    def live(self, row) -> bool:
-        """Whether `row` decodes a running hypothesis (a dead beam's row has nothing to decode)."""
-        return not self.rows or self.scores[self.rows.index(row)] > NEG_INF
 
     def history(self, row) -> list[int]:
         """The tokens that `row`'s beam has generated (what the repetition controls look at)."""

@@ -190,7 +190,7 @@ class Engine:
                 row.last_token = token
 
     def _fork_row(self, leader: Row) -> Row:
-        # token 0 until a beam takes the row (a dead beam's row is not decoded; its ranking sets the token then)
+        # token 0 until a beam takes the row: a dead beam's row decodes something valid, and nothing reads it
         row = Row(leader.request, leader.index, leader.stop, leader.prefix, leader.prefix_len, None, leader.deadline,
                   beam=leader.beam, length=leader.length, last_token=0)
         self.scheduler.place(row)  # admission reserved the group's slots

@@ -29,7 +29,7 @@ max(`tenant_step_rows`, the running rows of the busiest other tenant, its next r
 other rows wait for a later step, taking turns (least recently decoded first; a beam group's rows
 decode together). Equal tenants are never held back, and one tenant's rows can add to another's step
 at most what the larger of the two holds, or `tenant_step_rows`, or one beam group. Alone, a tenant
-decodes all its rows at every step. A dead beam's row is never decoded (nothing reads its logits).
+decodes all its rows at every step.
 """
 from __future__ import annotations
 
@@ -206,11 +206,10 @@ class Scheduler:
 
     def decode_rows(self) -> list[Row]:
         """The running rows this step decodes, in slot order: all of them, except a tenant's rows beyond its
-        step share while other tenants run (see the module's docstring) and dead beams' rows."""
-        units: dict[int, list[Row]] = {}  # what decodes as one: a row, or a beam group's live rows
+        step share while other tenants run (see the module's docstring)."""
+        units: dict[int, list[Row]] = {}  # what decodes as one: a row, or a beam group's rows
         for row in self.running:
-            if row.beam is None or row.beam.live(row):
-                units.setdefault(id(row if row.beam is None else row.beam), []).append(row)
+            units.setdefault(id(row if row.beam is None else row.beam), []).append(row)
         tenants: dict[object, list[list[Row]]] = {}
         for unit in units.values():
             tenants.setdefault(unit[0].tenant, []).append(unit)
