@@ -496,7 +496,7 @@ def main(argv=None):
         "greedy_p50_ratio_with_beam_tenant": beam and ratio(beam["greedy_with_beams"]["latency_p50_s"],
                                                             beam["greedy_alone"]["latency_p50_s"]),
         "rss_mb_after_start": memory.get("rss_mb_after_start"),
-        "rss_mb_10k_prefixes": memory and (memory["rss_mb_peak"] or memory["rss_mb_now"]),
+        "rss_mb_10k_prefixes": (memory["rss_mb_peak"] or memory["rss_mb_now"]) if memory else None,
         "saturation_requests_per_s": result.get("saturation", {}).get("requests_per_s"), "phases": args.phases,
         "rate_fractions": list(RATE_FRACTIONS), "result": result, "memory": memory,
         "prefixes": args.prefixes, "tenants": args.tenants, "prefix_len": args.prefix_len,
