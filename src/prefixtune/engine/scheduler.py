@@ -28,7 +28,8 @@ few rows those hold. While other tenants have running rows, a tenant decodes in 
 max(`tenant_step_rows`, the running rows of the busiest other tenant, its next request's rows); its
 other rows wait for a later step, taking turns (least recently decoded first; a beam group's rows
 decode together). Equal tenants are never held back; beside a small tenant, a big one adds to its
-steps at most `tenant_step_rows` rows or one beam group, unless a third tenant is as big. Alone, a
+steps at most max(`tenant_step_rows`, the small one's rows, one beam group), unless a third tenant
+is as big. Alone, a
 tenant decodes all its rows at every step.
 """
 from __future__ import annotations
