@@ -14,7 +14,9 @@ first token. Every server is `prefixtune serve` in a subprocess with `--threads`
   3. beam tenant  one tenant's greedy requests, Poisson at `--beam-phase-fraction` (0.4) x saturation, alone;
                   then the same arrivals while another tenant's `--beam-clients` (2) clients send beam-5
                   requests back to back (`num_beams` 5, the same max_tokens range). The beam rows decode
-                  in the same engine steps as the greedy ones (no row waits for a beam search).
+                  in the same engine steps as the greedy ones (no row waits for a beam search); while
+                  the greedy tenant runs, the beam tenant's groups take turns (its step share,
+                  docs/engine.md), so its ten rows cost the greedy rows' steps what five do.
                   `--beam-rounds` (2) alternations of the two, each condition's requests pooled, so that a
                   change in the machine's load during the phase weighs on both alike.
   4. memory       a server over `--rss-prefixes` (10,000) stored prefixes with `--rss-resident` (64) resident,
@@ -27,6 +29,7 @@ Top-level keys, measured in one run:
 (The window scheduler, which `p99_ratio_vs_window` and `throughput_ratio_vs_window` compared against, is gone.)
 
     nice -n 10 python benchmarks/serve_load.py --json | tee benchmarks/results/serve_load_cpu.txt
+    python benchmarks/serve_load.py --phases beam,memory --beam-rate 0.144 --json   # the targets' phases only
     python benchmarks/serve_load.py --quick             # a smoke run: small sizes, a few seconds per phase
 """
 from __future__ import annotations
@@ -50,6 +53,7 @@ from common import HERE, benchmark_parser
 
 REPO = HERE.parent
 RATE_FRACTIONS = (0.4, 0.7, 1.0)
+PHASES = ("saturation", "rates", "beam", "memory")
 QUICK = {"prefixes": 50, "tenants": 5, "seconds": 8, "max_tokens": 24, "clients": 16, "resident": 16,
          "rss_prefixes": 500, "rss_resident": 16}  # --quick's defaults; options given explicitly still win
 
@@ -307,26 +311,34 @@ def warm_up(url: str, work: Workload):
 
 # -- the run -------------------------------------------------------------------------------------------
 def load_run(args, store: Path, keys_file: Path, work: Workload, work_dir: Path, log) -> dict:
-    """Saturation (closed loop), the open-loop rates derived from it, then the beam tenant phase."""
+    """Saturation (closed loop), the open-loop rates derived from it, then the beam tenant phase: those of
+    `args.phases` (the beam phase needs the saturation rate unless --beam-rate gives its rate)."""
+    out = {}
     with Server(args, store, keys_file, args.resident, work_dir) as server:
         warm_up(server.url, work.phase(99))
-        log(f"closed loop, {args.clients} clients, {args.seconds:g} s")
-        saturation = summarize(asyncio.run(closed_loop(server.url, work.phase(100), args.clients, args.seconds)))
-        log(f"  {saturation}")
-        if not saturation["requests_per_s"]:
-            raise RuntimeError(f"no request completed at full load, so no saturation rate: {saturation}; "
-                               f"see the server's log in --work-dir")
-        rates = [round(f * saturation["requests_per_s"], 4) for f in RATE_FRACTIONS]
-        runs = []
-        for i, (fraction, rate) in enumerate(zip(RATE_FRACTIONS, rates)):
-            log(f"open loop at {rate:.3f} req/s ({fraction:g} x saturation)")
-            runs.append({"fraction": fraction, "rate": rate,
-                         **summarize(asyncio.run(open_loop(server.url, work.phase(i),
-                                                           poisson_arrivals(rate, args.seconds, seed=i))))})
-            log(f"  {runs[-1]}")
-        beam = beam_tenant_run(args, server.url, work, args.beam_phase_fraction * saturation["requests_per_s"], log)
-        cache = {k: server.metric(f"prefixtune_prefix_cache_{k}_total") for k in ("hits", "misses", "evictions")}
-    return {"saturation": saturation, "rates": runs, "beam_tenant": beam, "prefix_cache": cache}
+        if "saturation" in args.phases:
+            log(f"closed loop, {args.clients} clients, {args.seconds:g} s")
+            saturation = summarize(asyncio.run(closed_loop(server.url, work.phase(100), args.clients, args.seconds)))
+            log(f"  {saturation}")
+            if not saturation["requests_per_s"]:
+                raise RuntimeError(f"no request completed at full load, so no saturation rate: {saturation}; "
+                                   f"see the server's log in --work-dir")
+            out["saturation"] = saturation
+        if "rates" in args.phases:
+            rates = [round(f * out["saturation"]["requests_per_s"], 4) for f in RATE_FRACTIONS]
+            out["rates"] = []
+            for i, (fraction, rate) in enumerate(zip(RATE_FRACTIONS, rates)):
+                log(f"open loop at {rate:.3f} req/s ({fraction:g} x saturation)")
+                out["rates"].append({"fraction": fraction, "rate": rate,
+                                     **summarize(asyncio.run(open_loop(server.url, work.phase(i),
+                                                                       poisson_arrivals(rate, args.seconds, seed=i))))})
+                log(f"  {out['rates'][-1]}")
+        if "beam" in args.phases:
+            rate = args.beam_rate or args.beam_phase_fraction * out["saturation"]["requests_per_s"]
+            out["beam_tenant"] = beam_tenant_run(args, server.url, work, rate, log)
+        out["prefix_cache"] = {k: server.metric(f"prefixtune_prefix_cache_{k}_total")
+                               for k in ("hits", "misses", "evictions")}
+    return out
 
 
 def beam_tenant_run(args, url: str, work: Workload, rate: float, log) -> dict:
@@ -431,6 +443,11 @@ def main(argv=None):
     ap.add_argument("--beam-rounds", type=int, default=2, help="alternations of alone / beside the beam tenant")
     ap.add_argument("--beam-phase-fraction", type=float, default=0.4,
                     help="the greedy tenant's rate in the beam phase, x saturation")
+    ap.add_argument("--beam-rate", type=float, default=None,
+                    help="the greedy tenant's rate in the beam phase, req/s (default: --beam-phase-fraction x the "
+                         "saturation rate, which then needs the saturation phase)")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"the phases to run, comma-separated, of {','.join(PHASES)} (rates need saturation)")
     ap.add_argument("--work-dir", default=None, help="scratch space for the stores (default: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 50 prefixes, 5 tenants, 8 s phases, "
                                                          "8-24 tokens, 500 prefixes for the memory run")
@@ -438,6 +455,12 @@ def main(argv=None):
     if args.quick:
         ap.set_defaults(**QUICK)
         args = ap.parse_args(argv)
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        ap.error(f"--phases: unknown {sorted(unknown)}; choose from {','.join(PHASES)}")
+    if ("rates" in args.phases or ("beam" in args.phases and not args.beam_rate)) and "saturation" not in args.phases:
+        ap.error("--phases: rates, and beam without --beam-rate, need the saturation phase")
     began = time.perf_counter()
     load_before = os.getloadavg()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
@@ -456,21 +479,25 @@ def main(argv=None):
         keys_file.write_text(json.dumps(keys_of(owned)))
         keys = {t: k for k, t in keys_of(owned).items()}
 
-        result = load_run(args, store, keys_file, Workload(owned, keys, prompts, args.min_tokens, args.max_tokens),
-                          work_dir, log)
+        result = {}
+        if set(args.phases) - {"memory"}:
+            result = load_run(args, store, keys_file,
+                              Workload(owned, keys, prompts, args.min_tokens, args.max_tokens), work_dir, log)
         shutil.rmtree(store, ignore_errors=True)
-        memory = rss_run(args, blobs, prompts, work_dir, log)
+        memory = rss_run(args, blobs, prompts, work_dir, log) if "memory" in args.phases else {}
     finally:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
 
-    beam = result["beam_tenant"]
+    beam = result.get("beam_tenant")
     summary = {
-        "greedy_p99_ratio_with_beam_tenant": ratio(beam["greedy_with_beams"]["latency_p99_s"],
-                                                   beam["greedy_alone"]["latency_p99_s"]),
-        "rss_mb_after_start": memory["rss_mb_after_start"],
-        "rss_mb_10k_prefixes": memory["rss_mb_peak"] or memory["rss_mb_now"],
-        "saturation_requests_per_s": result["saturation"]["requests_per_s"],
+        "greedy_p99_ratio_with_beam_tenant": beam and ratio(beam["greedy_with_beams"]["latency_p99_s"],
+                                                            beam["greedy_alone"]["latency_p99_s"]),
+        "greedy_p50_ratio_with_beam_tenant": beam and ratio(beam["greedy_with_beams"]["latency_p50_s"],
+                                                            beam["greedy_alone"]["latency_p50_s"]),
+        "rss_mb_after_start": memory.get("rss_mb_after_start"),
+        "rss_mb_10k_prefixes": (memory["rss_mb_peak"] or memory["rss_mb_now"]) if memory else None,
+        "saturation_requests_per_s": result.get("saturation", {}).get("requests_per_s"), "phases": args.phases,
         "rate_fractions": list(RATE_FRACTIONS), "result": result, "memory": memory,
         "prefixes": args.prefixes, "tenants": args.tenants, "prefix_len": args.prefix_len,
         "max_tokens": [args.min_tokens, args.max_tokens], "seconds": args.seconds, "clients": args.clients,
@@ -490,23 +517,28 @@ def report(s: dict):
           f"streamed; {s['resident']} resident; {s['seconds']:g} s per phase; inputs: {s['inputs']}")
     print(f"{'load':<36} {'done':>5} {'err':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "
           f"{'ttft50':>7} {'ttft99':>7}")
-    result, beam = s["result"], s["result"]["beam_tenant"]
-    rows = [(f"closed, {s['clients']} clients", result["saturation"])]
-    rows += [(f"{r['rate']:.3f}/s ({r['fraction']:g}x)", r) for r in result["rates"]]
-    rows += [(f"greedy tenant {beam['rate']:.3f}/s, alone", beam["greedy_alone"]),
-             ("greedy tenant, beside beam tenant", beam["greedy_with_beams"]),
-             (f"beam tenant ({beam['beam_clients']} clients, beam 5)", beam["beam_requests"])]
+    result, beam = s["result"], s["result"].get("beam_tenant")
+    rows = [(f"closed, {s['clients']} clients", result["saturation"])] if "saturation" in result else []
+    rows += [(f"{r['rate']:.3f}/s ({r['fraction']:g}x)", r) for r in result.get("rates", [])]
+    if beam:
+        rows += [(f"greedy tenant {beam['rate']:.3f}/s, alone", beam["greedy_alone"]),
+                 ("greedy tenant, beside beam tenant", beam["greedy_with_beams"]),
+                 (f"beam tenant ({beam['beam_clients']} clients, beam 5)", beam["beam_requests"])]
     for label, r in rows:
         cells = [r["requests_per_s"], r["tokens_per_s"], r["latency_p50_s"], r["latency_p99_s"],
                  r["ttft_p50_s"], r["ttft_p99_s"]]
         print(f"{label:<36} {r['completed']:>5} {sum(r['errors'].values()):>4} "
               + " ".join(f"{'-' if c is None else f'{c:.2f}':>7}" for c in cells))
-    print(f"prefix cache: {result['prefix_cache']}")
+    if result:
+        print(f"prefix cache: {result['prefix_cache']}")
     m = s["memory"]
-    print(f"memory: {m['stored']:.0f} stored, {m['resident']:.0f} resident after {m['requests']} requests over as many "
-          f"prefixes ({m['misses']:.0f} misses, {m['evictions']:.0f} evictions); start {m['startup_s']} s; RSS "
-          f"{m['rss_mb_after_start']} MB after start, peak {m['rss_mb_peak']} MB")
-    print(f"targets: greedy_p99_ratio_with_beam_tenant {s['greedy_p99_ratio_with_beam_tenant']} (target <= 1.5), "
+    if m:
+        print(f"memory: {m['stored']:.0f} stored, {m['resident']:.0f} resident after {m['requests']} requests over as many "
+              f"prefixes ({m['misses']:.0f} misses, {m['evictions']:.0f} evictions); start {m['startup_s']} s; RSS "
+              f"{m['rss_mb_after_start']} MB after start, peak {m['rss_mb_peak']} MB")
+    print(f"phases: {','.join(s['phases'])}")
+    print(f"targets: greedy_p99_ratio_with_beam_tenant {s['greedy_p99_ratio_with_beam_tenant']} (target <= 1.5; "
+          f"p50 ratio {s['greedy_p50_ratio_with_beam_tenant']}), "
           f"rss_mb_after_start {s['rss_mb_after_start']}, rss_mb_10k_prefixes {s['rss_mb_10k_prefixes']}")
     print(f"load average {s['loadavg_before']} -> {s['loadavg_after']}; {s['wall_s']} s")
 

@@ -267,3 +267,60 @@ def test_a_beam_request_prefilled_in_chunks_keeps_its_slots_and_equals_the_oracl
     # every row gave its blocks back (forked blocks included): what is left is the cached prefixes' own
     assert not engine.kv.tables
     assert engine.kv.blocks_in_use == sum(len(blocks) for _, blocks, _ in engine.kv.prefixes.values())
+
+
+# -- issue 26: a beam tenant must not slow a greedy tenant --------------------------------------------
+def test_a_beam_tenant_decodes_one_group_per_step_beside_a_greedy_tenant(tokenizer):
+    """Tenant a's two beam-5 requests hold 10 rows; tenant b's greedy row arrives beside them. While b runs,
+    a step decodes b's row and one of a's groups (a's step share: 5 rows, not 10), the groups taking turns,
+    so b's step costs what 6 rows cost, not 11, and b gets a token at every step (as many steps as alone).
+    The beams, decoded every other step meanwhile, still equal today's beam search; b's tokens equal b's
+    alone."""
+    from test_engine import run
+
+    model = tiny_model("llama", seed=2)
+    p1, p2 = prefixes(model, tokenizer)
+    seqs = ids(tokenizer, SOURCES)
+    beams = [Request(seqs[i], prefix=p1, max_tokens=20, beams=5, ignore_eos=True, tenant="a") for i in (1, 2)]
+    greedy = Request(seqs[0], prefix=p2, max_tokens=8, ignore_eos=True, tenant="b")
+    engine = Engine(model, tokenizer, max_batch=12, max_len=96, dtype="fp32")
+    decoded, real = [], engine.backend.decode
+
+    def counting(tokens, positions, slots=None):
+        tenants = Counter(r.tenant for r in engine.scheduler.running if r.slot in slots)
+        decoded.append((tenants["a"], tenants["b"]))
+        return real(tokens, positions, slots)
+
+    engine.backend.decode = counting
+    events = run(engine, {0: beams, 4: [greedy]})
+    with_b = [a for a, b in decoded if b]
+    assert len(with_b) == 8 - 1 and all(a == 5 for a in with_b)  # b's first token comes from its prefill
+    assert max(a for a, _ in decoded) == 10  # alone, a decodes all its rows
+    got = lambda r: [e.token for e in events[r.request_id] if e.token is not None]  # noqa: E731
+    for r in beams:
+        assert got(r) == today(model, tokenizer, [r.prompt], [p1], max_new_tokens=20, num_beams=5, ignore_eos=True)[0]
+    alone = Engine(model, tokenizer, max_batch=1, max_len=96, dtype="fp32")
+    again = Request(greedy.prompt, prefix=p2, max_tokens=8, ignore_eos=True)
+    assert got(greedy) == alone.generate([again])[0].choices[0].token_ids
+
+
+def test_tenants_of_equal_rows_are_never_held_back_and_a_busy_tenants_rows_take_turns():
+    from prefixtune.engine.scheduler import Scheduler
+    from test_engine import _row
+
+    scheduler = Scheduler(max_batch=32, max_prefill_tokens=2048, tenant_step_rows=4)
+    for row in [_row("a", 5) for _ in range(8)] + [_row("b", 5) for _ in range(8)]:
+        scheduler.place(row)
+    assert len(scheduler.decode_rows()) == 16 and scheduler.held_back == 0  # equals: every row, every step
+    for row in [r for r in scheduler.running if r.tenant == "b"][1:]:
+        scheduler.remove(row)
+    # a (8 rows) beside b (1 row): a decodes 4 a step, the 4 decoded least recently, so each row every other step
+    seen = Counter()
+    for _ in range(4):
+        rows = scheduler.decode_rows()
+        assert sorted(Counter(r.tenant for r in rows).items()) == [("a", 4), ("b", 1)]
+        seen.update(id(r) for r in rows if r.tenant == "a")
+    assert sorted(seen.values()) == [2] * 8 and scheduler.held_back == 4 * 4
+    for row in [r for r in scheduler.running if r.tenant == "b"]:
+        scheduler.remove(row)
+    assert len(scheduler.decode_rows()) == 8  # alone again: all its rows

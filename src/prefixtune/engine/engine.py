@@ -11,7 +11,8 @@ or `engine.generate([Request(...), ...])`, which runs them to completion. `step`
 from one thread (a server's worker); `add_request`, `cancel` and `has_work` from any thread.
 
 A step first ends cancelled and timed-out rows, then decodes one token for every running row in
-one batched forward (each row at its own position, over its own KV blocks), then preempts rows of
+one batched forward (each row at its own position, over its own KV blocks; a tenant's rows beyond
+its step share, while other tenants run, wait their turn: scheduler.py), then preempts rows of
 a tenant over its share of the slots if another tenant waits for one (scheduler.py), then prefills
 at most `max_prefill_tokens` prompt tokens: chunks of long prompts begun earlier, then the rows
 admitted this step. A row whose prompt is all in gets its first token from that prefill and joins
@@ -62,10 +63,13 @@ class Engine:
     natively, else fp32), "bf16" or "fp32"; `fast` uses the lean Llama step where it applies (else the
     HF forward); `exact` gives every row its own attention call (bit-exact to the row alone; False: one
     padded call per layer); `max_prefill_tokens` caps the prompt tokens prefilled in one step (a longer
-    prompt is prefilled in chunks, decode steps in between)."""
+    prompt is prefilled in chunks, decode steps in between); while other tenants run, a tenant decodes at
+    most max(`tenant_step_rows`, the busiest other tenant's rows, one request's rows) per step, its other
+    rows taking turns (scheduler.py), so that one tenant's many rows (beams) do not slow another's steps."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
-                 fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16):
+                 fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16,
+                 tenant_step_rows: int = 4):
         self.spec = model_spec(model)
         self.tokenizer = tokenizer
         self.device = model.device
@@ -85,7 +89,8 @@ class Engine:
         # paged backends rebuild a preempted row's cache by prefilling it again, and prefill in chunks;
         # RowWise keeps per-row states
         paged = self.kv is not None
-        self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=paged, chunked=paged)
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=paged, chunked=paged,
+                                   tenant_step_rows=tenant_step_rows)
         self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0,
                       "max_step_prefill_tokens": 0}
 
@@ -228,15 +233,15 @@ class Engine:
                 events.append(TokenEvent(row.request_id, row.index, None, row.stop.finish(), finish_reason=reason))
             if row.slot >= 0:
                 self._leave(row)
-        running = list(self.scheduler.running)
-        if running:
-            tokens = torch.tensor([r.last_token for r in running], device=self.device)
-            positions = torch.tensor([r.length for r in running], device=self.device)
-            logits = self.backend.decode(tokens, positions)
-            for r in running:
+        decoding = self.scheduler.decode_rows()  # all running rows but a busy tenant's beyond its step share
+        if decoding:
+            tokens = torch.tensor([r.last_token for r in decoding], device=self.device)
+            positions = torch.tensor([r.length for r in decoding], device=self.device)
+            logits = self.backend.decode(tokens, positions, [r.slot for r in decoding])
+            for r in decoding:
                 r.length += 1
-            self.stats["decode_tokens"] += len(running)
-            self._emit(running, logits, events)
+            self.stats["decode_tokens"] += len(decoding)
+            self._emit(decoding, logits, events)
         preempted = self.scheduler.preempt()  # a tenant under its share waits and no slot is free
         for row in preempted:
             self._leave(row)

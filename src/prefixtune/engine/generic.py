@@ -97,10 +97,10 @@ class HFDecoder:
         return logits[0]
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:
         kv = self.kv
         b = tokens.shape[0]
-        slots, where = list(range(b)), positions.tolist()
+        slots, where = list(range(b)) if slots is None else slots, positions.tolist()
         span = kv.span(max(where) + 1)
         keys, values = {}, {}
         for i in range(self.num_layers):
@@ -174,8 +174,9 @@ class RowWise:
         return state.logits[0]
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.states[i].step(tokens[i: i + 1]) for i in range(tokens.shape[0])])
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:
+        slots = range(tokens.shape[0]) if slots is None else slots
+        return torch.cat([self.states[s].step(tokens[i: i + 1]) for i, s in enumerate(slots)])
 
     def move(self, src: int, dst: int, length: int):
         self.states[dst] = self.states.pop(src)

@@ -199,11 +199,11 @@ class LlamaFast:
         return torch.cat([self.lm_head(h[r: r + 32]) for r in range(0, len(bounds), 32)]).float()
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token for each running row (slots 0..B-1) at its position; fp32 logits (B, vocab)."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:
+        """One token for each of `slots` (default: 0..B-1) at its position; fp32 logits (B, vocab)."""
         kv = self.kv
         b = tokens.shape[0]
-        slots, where = list(range(b)), positions.tolist()
+        slots, where = list(range(b)) if slots is None else slots, positions.tolist()
         index = kv.write_index(slots, where)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, D)
         if self.exact:
@@ -212,7 +212,7 @@ class LlamaFast:
             # rows side by side, blocks of equal count, so the group is a strided view (no copy)
             groups: dict[tuple[int, int], list[int]] = {}
             for r, n in enumerate(where):
-                groups.setdefault((n + 1, len(kv.tables[r])), []).append(r)
+                groups.setdefault((n + 1, len(kv.tables[slots[r]])), []).append(r)
             order = [r for rows in groups.values() for r in rows]
             pick = [torch.tensor(rows) for rows in groups.values()]
         else:
@@ -228,7 +228,7 @@ class LlamaFast:
             # one query: its heads packed by key/value head (transformers' pack_gqa), no repeat_kv
             q = qkv[:, : self.q_dim].view(b, self.kv_heads, self.rep, self.head_dim)
             if self.exact:  # each row over exactly its own entries, gathered from its blocks
-                entries, starts = kv.gather(i, order)
+                entries, starts = kv.gather(i, [slots[r] for r in order])
                 o = q.new_empty(q.shape)
                 at = 0
                 for ((n, blocks), rows), members in zip(groups.items(), pick):

@@ -21,6 +21,16 @@ no slot is free, the scheduler preempts (`preempt`) the newest rows of the tenan
 share: they go back to the front of their tenant's queue with what they have produced, and are
 prefilled again (prompt + tokens so far) when readmitted, as vLLM's recompute preemption does.
 Within a tenant, rows keep their arrival order.
+
+Decoding is fair across tenants too (`decode_rows`). A step's time grows with its rows, so a tenant
+with many rows (a beam request holds one per beam) would slow every other tenant's tokens, however
+few rows those hold. While other tenants have running rows, a tenant decodes in one step at most
+max(`tenant_step_rows`, the running rows of the busiest other tenant, its next request's rows); its
+other rows wait for a later step, taking turns (least recently decoded first; a beam group's rows
+decode together). Equal tenants are never held back; beside a small tenant, a big one adds to its
+steps at most max(`tenant_step_rows`, the small one's rows, one beam group), unless a third tenant
+is as big. Alone, a
+tenant decodes all its rows at every step.
 """
 from __future__ import annotations
 
@@ -52,6 +62,7 @@ class Row:
     preempted: bool = False        # waiting again after running: its prefill recomputes its tokens so far
     prefilled: int = 0             # of prefill_ids(), the tokens already in the cache (chunked prefill)
     beam: object = None            # beam search: its BeamGroup (engine/beam.py)
+    turn: int = -1                 # the decode step that last decoded it (its tenant's rows take turns)
 
     @property
     def slots(self) -> int:
@@ -73,8 +84,10 @@ class Row:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_prefill_tokens: int, preemptive: bool = False, chunked: bool = False):
+    def __init__(self, max_batch: int, max_prefill_tokens: int, preemptive: bool = False, chunked: bool = False,
+                 tenant_step_rows: int = 4):
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.tenant_step_rows = tenant_step_rows
         self.preemptive = preemptive      # paged backends can rebuild a row's cache; per-row states cannot
         self.chunked = chunked            # paged backends can prefill a prompt in pieces
         self._lock = threading.Lock()
@@ -84,6 +97,8 @@ class Scheduler:
         self.running: list[Row] = []      # running[i].slot == i
         self.prefilling: list[Row] = []   # admitted, prompt partly in the cache; slots max_batch and up
         self.preemptions = 0
+        self.decode_steps = 0
+        self.held_back = 0                # row-steps a running row waited for its tenant's turn
 
     # -- any thread ----------------------------------------------------------------------------
     def submit(self, rows: list[Row]):
@@ -189,6 +204,32 @@ class Scheduler:
         taken = {id(r) for r in out}
         self.waiting = deque(r for r in self.waiting if id(r) not in taken)
         return out
+
+    def decode_rows(self) -> list[Row]:
+        """The running rows this step decodes, in slot order: all of them, except a tenant's rows beyond its
+        step share while other tenants run (see the module's docstring)."""
+        units: dict[int, list[Row]] = {}  # what decodes as one: a row, or a beam group's rows
+        for row in self.running:
+            units.setdefault(id(row if row.beam is None else row.beam), []).append(row)
+        tenants: dict[object, list[list[Row]]] = {}
+        for unit in units.values():
+            tenants.setdefault(unit[0].tenant, []).append(unit)
+        rows_of = {t: sum(map(len, us)) for t, us in tenants.items()}
+        out = []
+        for tenant, tenant_units in tenants.items():
+            others = [n for t, n in rows_of.items() if t != tenant]
+            cap = max([self.tenant_step_rows] + others) if others else rows_of[tenant]
+            taken = 0
+            for unit in sorted(tenant_units, key=lambda u: (max(r.turn for r in u), u[0].slot)):
+                if taken and taken + len(unit) > cap:
+                    continue  # it waits; having waited, it comes first at the next step
+                out += unit
+                taken += len(unit)
+            self.held_back += rows_of[tenant] - taken
+        for row in out:
+            row.turn = self.decode_steps
+        self.decode_steps += 1
+        return sorted(out, key=lambda r: r.slot)
 
     def preempt(self) -> list[Row]:
         """Running rows to take out now (their slots released by the caller, then `requeue`d), so that each
