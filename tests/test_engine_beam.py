@@ -274,7 +274,7 @@ def test_a_beam_tenant_decodes_one_group_per_step_beside_a_greedy_tenant(tokeniz
     """Tenant a's two beam-5 requests hold 10 rows; tenant b's greedy row arrives beside them. While b runs,
     a step decodes b's row and one of a's groups (a's step share: 5 rows, not 10), the groups taking turns,
     so b's step costs what 6 rows cost, not 11, and b gets a token at every step (as many steps as alone).
-    The beams, decoded every other step meanwhile, still equal today's beam search; b's tokens equal b's
+    The beams, decoded every other step meanwhile, still equal the oracle's beam search; b's tokens equal b's
     alone."""
     from test_engine import run
 
@@ -298,7 +298,7 @@ def test_a_beam_tenant_decodes_one_group_per_step_beside_a_greedy_tenant(tokeniz
     assert max(a for a, _ in decoded) == 10  # alone, a decodes all its rows
     got = lambda r: [e.token for e in events[r.request_id] if e.token is not None]  # noqa: E731
     for r in beams:
-        assert got(r) == today(model, tokenizer, [r.prompt], [p1], max_new_tokens=20, num_beams=5, ignore_eos=True)[0]
+        assert got(r) == oracle(model, tokenizer, [r.prompt], [p1], max_new_tokens=20, num_beams=5, ignore_eos=True)[0]
     alone = Engine(model, tokenizer, max_batch=1, max_len=96, dtype="fp32")
     again = Request(greedy.prompt, prefix=p2, max_tokens=8, ignore_eos=True)
     assert got(greedy) == alone.generate([again])[0].choices[0].token_ids
