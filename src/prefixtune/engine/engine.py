@@ -61,11 +61,12 @@ class Engine:
     """`max_batch` running rows of at most `max_len` entries (KV blocks of `block_size` entries, taken
     as rows need them: nothing is preallocated); `dtype` "auto" (bf16 where the CPU computes it
     natively, else fp32), "bf16" or "fp32"; `fast` uses the lean Llama step where it applies (else the
-    HF forward); `exact` gives every row its own attention call (bit-exact to the row alone; False: one
-    padded call per layer); `max_prefill_tokens` caps the prompt tokens prefilled in one step (a longer
-    prompt is prefilled in chunks, decode steps in between); while other tenants run, a tenant decodes at
-    most max(`tenant_step_rows`, the busiest other tenant's rows, one request's rows) per step, its other
-    rows taking turns (scheduler.py), so that one tenant's many rows (beams) do not slow another's steps."""
+    HF forward); `exact` keeps an fp32 prefill to one matmul per prompt (in bf16 every row is bit-exact
+    to the row alone either way: llama_fast's docstring); `max_prefill_tokens` caps the prompt tokens
+    prefilled in one step (a longer prompt is prefilled in chunks, decode steps in between); while other
+    tenants run, a tenant decodes at most max(`tenant_step_rows`, the busiest other tenant's rows, one
+    request's rows) per step, its other rows taking turns (scheduler.py), so that one tenant's many rows
+    (beams) do not slow another's steps."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
                  fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16,

@@ -103,9 +103,9 @@ class HFDecoder:
         slots, where = list(range(b)) if slots is None else slots, positions.tolist()
         span = kv.span(max(where) + 1)
         keys, values = {}, {}
+        blocks = kv.padded_index(slots, span)
         for i in range(self.num_layers):
-            entries = kv.padded(i, slots, span)
-            keys[f"decoder.{i}"], values[f"decoder.{i}"] = entries[0], entries[1]
+            keys[f"decoder.{i}"], values[f"decoder.{i}"] = kv.padded(i, blocks, b, span)
         # the token sees its row's entries before it; itself it sees as the one "real" key
         mask = torch.arange(span)[None, :] < positions[:, None]
         captured: dict = {}

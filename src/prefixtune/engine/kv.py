@@ -6,7 +6,7 @@ of layer l holds `block_size` consecutive entries (positions) of one row, keys a
 block table, its blocks in position order; entry j of the row is entry j % block_size of block
 table[j // block_size]. The pool starts empty and doubles when it runs out of free blocks, up to
 `max_blocks` (enough for every row at max_len); block 0 is never handed out: it stays zeros, the
-padding of the batched (`exact=False`) gather.
+padding of a decode step's batched read (`padded`).
 
 A prefix's keys/values (post-RoPE, as a cache holds them) are written once into blocks of their own
 and kept in a small LRU keyed by the prefix tensor's identity (the entry holds the tensor, so the id
@@ -15,8 +15,9 @@ its partly-filled last block, since the row's own tokens follow there. `fork` sh
 blocks the same way (copy-on-write: a full block is never written again). A block returns to the
 free list when nothing references it: no row and no cached prefix.
 
-Attention reads a row's entries with one gather per layer (`gather`: all rows' tables at once), so
-a row attends over exactly its own entries, contiguous, as in a slot of its own.
+A decode step reads the running rows' entries side by side, padded to a common span with block 0, in
+one gather per layer (`padded_index` once a step, then `padded`); a prefill reads a row's entries
+exactly, contiguous, as in a slot of its own (`gather`).
 """
 from __future__ import annotations
 
@@ -193,12 +194,16 @@ class PagedKV:
             at += len(t) * self.block_size
         return out.view(2, self.kv_heads, -1, self.head_dim), starts
 
-    def padded(self, layer: int, slots: list[int], span: int) -> torch.Tensor:
-        """The slots' first `span` entries side by side, (2, rows, H, span, D); past a row's blocks, zeros."""
+    def padded_index(self, slots: list[int], span: int) -> torch.Tensor:
+        """Blocks holding the slots' first `span` entries, row after row; past a row's blocks, block 0 (zeros)."""
         blocks = -(-span // self.block_size)
-        index = torch.tensor([(self.tables[s] + [0] * blocks)[:blocks] for s in slots]).reshape(-1)
-        out = self.buffer[layer].index_select(2, index)       # (2, H, rows * blocks, bs, D)
-        out = out.view(2, self.kv_heads, len(slots), blocks * self.block_size, self.head_dim)[:, :, :, :span]
+        return torch.tensor([(self.tables[s] + [0] * blocks)[:blocks] for s in slots]).reshape(-1)
+
+    def padded(self, layer: int, index: torch.Tensor, rows: int, span: int) -> torch.Tensor:
+        """Keys and values of `rows` rows side by side, (2, rows, H, span, D), from `padded_index`'s blocks."""
+        # on a 3-d view: twice as fast as on the 5-d layer (measured), the same copy
+        out = self.buffer[layer].view(2 * self.kv_heads, self.num_blocks, -1).index_select(1, index)
+        out = out.view(2, self.kv_heads, rows, -1, self.head_dim)[:, :, :, :span]
         return out.transpose(1, 2)
 
     def span(self, longest: int) -> int:

@@ -1,33 +1,40 @@
 """A lean decoding step for the Llama family, run directly on the HF module's weights.
 
 It reproduces transformers' Llama forward operation for operation in the same dtype (RMSNorm in
-fp32, RoPE cos/sin from the model's own `inv_freq`, SDPA with the same mask, a single query's heads
-packed by key/value head, repeat_kv for a multi-token query), so its tokens are those of the HF
-forward, and a row's bits never depend on the rows around it:
-  * every matmul of a prefill covers exactly one request's prompt, as when it runs alone;
-  * a decode step's matmuls cover the running rows (2..64 rows: oneDNN's bf16 kernels here give
-    each row the same bits, measured; a lone row runs as two, since oneDNN's one-row kernel sums
-    otherwise: `_Linear`);
-  * with `exact` (the default) each row attends over exactly its own entries, one SDPA call per row:
-    the CPU flash kernel's sums depend on the padded length (a masked tail changes the last bits,
-    measured), so one padded call for the batch would tie a row's bits to the longest row.
-    `exact=False` makes that one call per layer (about 2.5x cheaper attention here); tokens then match
-    the row alone up to near-ties.
-What it drops is the per-call machinery: q/k/v and gate/up are one matmul each (concatenated once),
-bf16 weights are prepacked for oneDNN once, RoPE is applied to queries and keys in one pass with a
-precomputed table, keys and values reach the rows' `PagedKV` blocks in one indexed copy per layer,
-and attention reads them with one gather per layer (`exact=False`: padded to the longest row
-rounded up to a block, with one additive mask per step). A prefill runs all admitted prompts together layer by layer, so each
-layer's weights are read from memory once for all of them.
+fp32, RoPE cos/sin from the model's own `inv_freq`, SDPA, a single query's heads packed by key/value
+head, repeat_kv for a multi-token query), and in bf16 a row's bits never depend on the rows around it
+(`exact`, the default; all measured on this CPU, and tested):
+  * bf16 matmuls run on oneDNN's packed weights, whose kernel gives a row the same bits at any number
+    of rows from 2 to 2,100: so a prefill runs every admitted prompt's tokens through one matmul per
+    weight, and a decode step all running rows. A lone row runs as two, since oneDNN's one-row kernel
+    sums otherwise (`_Linear`);
+  * a decode step attends in one SDPA call per layer, every row padded (masked, zeros) to the
+    longest row rounded up to `PAD` (16) entries and to a block. The CPU flash kernel's sums depend on
+    the padded length, but not on how far past a row's own 16-rounded length it goes: a row padded to
+    any multiple of 16 gets the bits it gets padded to its own (measured: lengths 1..1,100, batches
+    1..64, 1 and 2 threads; multiples of 8 are not enough). So a row alone and in any batch agree;
+  * a prefill attends per prompt over exactly its own keys (unpadded, as transformers does).
+So a decode step's bits are not transformers' unpadded SDPA's in their last place, but they are the
+row's own. fp32 rows are not batch-invariant: MKL's fp32 matmuls give a row other last bits in a
+batch (so before paging too); there an exact prefill still runs one matmul per prompt, as alone, and
+`exact=False` runs all prompts through one (in bf16 `exact=False` changes nothing: exactness no
+longer costs there).
+What it drops against the HF forward is the per-call machinery: q/k/v and gate/up are one matmul each
+(concatenated once), bf16 weights are prepacked for oneDNN once, RoPE is applied to queries and keys in
+one pass with a precomputed table, keys and values reach the rows' `PagedKV` blocks in one indexed copy
+per layer, and attention reads them with one gather per layer (its index and mask built once a step).
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from .kv import PagedKV
+
+PAD = 16  # a decode step pads each row's keys to a multiple of this; more padding leaves a row's bits (8: not so)
 
 
 def supports(model) -> bool:
@@ -56,7 +63,8 @@ def _unmodified(model) -> bool:
 
 class _Linear:
     """y = x @ W.T. bf16 weights are reordered once into oneDNN's blocked layout: bit-identical to
-    F.linear at two rows or more, 1.5-2x faster at 32-64 rows on one AVX512/AMX core (measured here)."""
+    F.linear at two rows or more, 1.5-2x faster at 32-64 rows on one AVX512/AMX core (measured here),
+    and row-invariant (`rows_independent`: a row's bits are the same at 2..2,100 rows, measured)."""
 
     def __init__(self, weight: torch.Tensor, batch_hint: int):
         self.weight, self.packed = weight, None
@@ -77,9 +85,14 @@ class _Linear:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
-    def segments(self, x: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
-        """One matmul per request's rows, as each would run alone."""
-        if len(bounds) == 1:
+    @property
+    def rows_independent(self) -> bool:
+        return self.packed is not None
+
+    def segments(self, x: torch.Tensor, bounds: list[tuple[int, int]], exact: bool = True) -> torch.Tensor:
+        """Rows of several requests: one matmul where a row's bits do not depend on the others (packed
+        bf16), else one per request's rows, as each would run alone."""
+        if len(bounds) == 1 or self.rows_independent or not exact:
             return self(x)
         return torch.cat([self(x[a:b]) for a, b in bounds])
 
@@ -139,9 +152,9 @@ class LlamaFast:
 
     def _mlp(self, layer, h, bounds=None):
         x = _rms_norm(h, layer.ln2, layer.eps2)
-        gu = layer.gate_up(x) if bounds is None else layer.gate_up.segments(x, bounds)
-        act = F.silu(gu[:, : self.inter]) * gu[:, self.inter:]
-        return h + (layer.down(act) if bounds is None else layer.down.segments(act, bounds))
+        gu = layer.gate_up(x) if bounds is None else layer.gate_up.segments(x, bounds, self.exact)
+        act = F.silu(gu[:, : self.inter]).mul_(gu[:, self.inter:])
+        return h.add_(layer.down(act) if bounds is None else layer.down.segments(act, bounds, self.exact))
 
     @torch.no_grad()
     def prefill(self, batch: list[tuple[int, torch.Tensor | None, list[int]]], totals: list[int] | None = None
@@ -176,7 +189,7 @@ class LlamaFast:
         h = self.embed[torch.tensor(ids)]
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.ln1, layer.eps1)
-            qkv = layer.qkv.segments(x, bounds)
+            qkv = layer.qkv.segments(x, bounds, self.exact)
             self._rope_in_place(qkv, cos, sin)
             kv.flat(i).index_copy_(0, index, qkv[:, self.q_dim:].reshape(-1, self.head_dim))
             entries, starts = kv.gather(i, rows)
@@ -192,7 +205,7 @@ class LlamaFast:
                     values = values[:, None].expand(shape).reshape(self.heads, t, self.head_dim)
                 o = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=self.scale)
                 outs.append(o[0].transpose(0, 1).reshape(n, self.q_dim))
-            h = h + layer.o.segments(torch.cat(outs) if len(outs) > 1 else outs[0], bounds)
+            h.add_(layer.o.segments(torch.cat(outs) if len(outs) > 1 else outs[0], bounds, self.exact))
             h = self._mlp(layer, h, bounds)
         last = torch.tensor([b - 1 for _, b in bounds])
         h = _rms_norm(h[last], self.norm, self.norm_eps)
@@ -206,19 +219,12 @@ class LlamaFast:
         slots, where = list(range(b)) if slots is None else slots, positions.tolist()
         index = kv.write_index(slots, where)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, D)
-        if self.exact:
-            # rows of one length (and so as many blocks) attend in one call: the flash kernel computes each
-            # batch entry on its own, so a row's bits are those of its own call; the gather puts a group's
-            # rows side by side, blocks of equal count, so the group is a strided view (no copy)
-            groups: dict[tuple[int, int], list[int]] = {}
-            for r, n in enumerate(where):
-                groups.setdefault((n + 1, len(kv.tables[slots[r]])), []).append(r)
-            order = [r for rows in groups.values() for r in rows]
-            pick = [torch.tensor(rows) for rows in groups.values()]
-        else:
-            span = kv.span(max(where) + 1)
-            visible = torch.arange(span)[None, :] <= positions[:, None]
-            mask = torch.zeros(b, 1, 1, span, dtype=self.dtype).masked_fill_(~visible[:, None, None], float("-inf"))
+        # every row padded to the step's span (zeros, masked): its bits are those of the row padded to its
+        # own blocks, alone (module docstring); built once a step, read by every layer
+        span = self._span(max(where) + 1)
+        blocks = kv.padded_index(slots, span)
+        visible = torch.arange(span)[None, :] <= positions[:, None]
+        mask = torch.zeros(b, 1, 1, span, dtype=self.dtype).masked_fill_(~visible[:, None, None], float("-inf"))
         h = self.embed[tokens]
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.ln1, layer.eps1)
@@ -227,24 +233,16 @@ class LlamaFast:
             kv.flat(i).index_copy_(0, index, qkv[:, self.q_dim:].reshape(-1, self.head_dim))
             # one query: its heads packed by key/value head (transformers' pack_gqa), no repeat_kv
             q = qkv[:, : self.q_dim].view(b, self.kv_heads, self.rep, self.head_dim)
-            if self.exact:  # each row over exactly its own entries, gathered from its blocks
-                entries, starts = kv.gather(i, [slots[r] for r in order])
-                o = q.new_empty(q.shape)
-                at = 0
-                for ((n, blocks), rows), members in zip(groups.items(), pick):
-                    g, width = len(rows), blocks * kv.block_size
-                    s = starts[at]
-                    group = entries[:, :, s: s + g * width].view(2, self.kv_heads, g, width, self.head_dim)
-                    group = group[:, :, :, :n].transpose(1, 2)                  # (2, g, H, n, D)
-                    o[members] = F.scaled_dot_product_attention(q[members], group[0], group[1], scale=self.scale)
-                    at += g
-            else:
-                entries = kv.padded(i, slots, span)
-                o = F.scaled_dot_product_attention(q, entries[0], entries[1], attn_mask=mask, scale=self.scale)
-            h = h + layer.o(o.reshape(b, self.q_dim))
+            keys, values = kv.padded(i, blocks, b, span)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            h.add_(layer.o(o.reshape(b, self.q_dim)))  # h is the step's own (the embedding lookup copies)
             h = self._mlp(layer, h)
         h = _rms_norm(h, self.norm, self.norm_eps)
         return self.lm_head(h).float()
+
+    def _span(self, entries: int) -> int:
+        quantum = math.lcm(PAD, self.kv.block_size)
+        return -(-entries // quantum) * quantum
 
     def move(self, src: int, dst: int, length: int):
         self.kv.move(src, dst, length)
