@@ -35,6 +35,11 @@ def _frozen_norm(norm) -> bool:
     return type(norm) is llama.LlamaRMSNorm and not norm.weight.requires_grad
 
 
+def _swap_halves(x):
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
 class _QkvRope(torch.autograd.Function):
     """(batch, len, heads + 2 kv_heads, dim) bf16 projections and float32 cos/sin (batch, len, dim) ->
     queries, keys and values as (batch, heads, len, dim) in the input's dtype. RoPE is transformers'
@@ -44,15 +49,15 @@ class _QkvRope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, heads):
+        half = qkv.shape[-1] // 2
+        # rotate_half(x) * sin == swap_halves(x) * (-sin | sin), bitwise (a product's sign is exact): one op less
+        cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
         ctx.save_for_backward(cos, sin)
-        ctx.heads = heads
         rotated_heads = qkv.shape[2] - (qkv.shape[2] - heads) // 2  # queries and keys
         x = qkv[:, :, :rotated_heads].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        half = x.shape[-1] // 2
-        qk = (x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin).to(qkv.dtype)
-        v = qkv[:, :, rotated_heads:].transpose(1, 2)
-        return qk[:, :heads], qk[:, heads:], v
+        qk = torch.empty(x.shape, dtype=qkv.dtype, device=qkv.device)
+        torch.add(x * cos, _swap_halves(x) * sin, out=qk)  # the float32 sum, rounded as it is stored
+        return qk[:, :heads], qk[:, heads:], qkv[:, :, rotated_heads:].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
@@ -61,11 +66,9 @@ class _QkvRope(torch.autograd.Function):
         kv_heads = grad_k.shape[1]
         g = torch.empty(batch, heads + kv_heads, length, dim, dtype=torch.float32, device=grad_q.device)
         g[:, :heads], g[:, heads:] = grad_q, grad_k
-        gs = g * sin.unsqueeze(1)
-        half = dim // 2
-        gx = g * cos.unsqueeze(1) + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)  # rotate_half transposed
         grad = torch.empty(batch, length, heads + 2 * kv_heads, dim, dtype=grad_q.dtype, device=grad_q.device)
-        grad[:, :, :heads + kv_heads] = gx.transpose(1, 2)
+        # swapping halves is its own transpose
+        torch.add(g * cos, _swap_halves(g * sin), out=grad[:, :, :heads + kv_heads].transpose(1, 2))
         grad[:, :, heads + kv_heads:] = grad_v.transpose(1, 2)
         return grad, None, None, None
 
@@ -100,7 +103,7 @@ class _RmsNorm(torch.autograd.Function):
         rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         normed = x * rstd
         ctx.save_for_backward(normed, rstd, weight)
-        return (weight * normed).to(dtype)
+        return torch.mul(weight, normed, out=torch.empty(x.shape, dtype=dtype, device=x.device))  # rounded as stored
 
     @staticmethod
     def backward(ctx, grad):
