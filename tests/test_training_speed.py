@@ -189,8 +189,9 @@ def test_fused_llama_layers_leave_other_models_alone(tokenizer):
     model = tiny_model("llama")
     for p in model.model.layers[1].parameters():
         p.requires_grad_(True)  # a trained layer (finetune-top2) keeps transformers' forward
+    fused = {"LlamaAttention", "LlamaMLP", "LlamaRMSNorm"}
     assert {id(m) for m, _ in FusedLlamaLayers(model).patches} == {
-        id(m) for m in model.model.layers[0].modules() if type(m).__name__ in ("LlamaAttention", "LlamaMLP", "LlamaRMSNorm")}
+        id(m) for m in model.model.layers[0].modules() if type(m).__name__ in fused}
 
 
 def test_fused_llama_functions_give_transformers_values_and_gradients_float32():

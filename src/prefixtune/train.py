@@ -216,7 +216,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             return None
         module.eval()
         total, count = 0.0, 0
-        with torch.no_grad(), frozen_weights, fused_layers, torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
+        with (torch.no_grad(), frozen_weights, fused_layers,
+              torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)):
             for i in range(0, len(dev_examples), config.batch_size * 2):
                 batch = {k: v.to(accelerator.device) for k, v in collate(dev_examples[i: i + config.batch_size * 2]).items()}
                 loss, n = method.loss(module, batch)
