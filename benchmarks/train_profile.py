@@ -38,6 +38,7 @@ def main():
     from prefixtune.data.collate import Collator, encode_pair, length_grouped_batches
     from prefixtune.methods import build_method
     from prefixtune.models import load_base_model, model_spec
+    from prefixtune.llama_training import FusedLlamaLayers
     from prefixtune.precision import FrozenBf16Weights
     from prefixtune.train import TrainConfig, use_bf16
 
@@ -64,7 +65,7 @@ def main():
         t0 = time.perf_counter()
         batch = collate([examples[j] for j in batches[i % len(batches)]])
         t1 = time.perf_counter()
-        with frozen_weights:
+        with frozen_weights, fused_layers:
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 if hasattr(module, "embeddings") or hasattr(module, "prefix"):  # time the reparameterisation apart
                     with torch.autocast("cpu", enabled=False):  # as PrefixMethod.loss computes P
@@ -88,6 +89,7 @@ def main():
             tokens += int(batch["attention_mask"].sum())
 
     frozen_weights = FrozenBf16Weights(*method.loss_modules()) if bf16 else contextlib.nullcontext()
+    fused_layers = FusedLlamaLayers(*method.loss_modules()) if bf16 else contextlib.nullcontext()
     for i in range(3):
         step(i, False)
     for i in range(args.steps):

@@ -12,6 +12,7 @@ from conftest import FAMILIES, tiny_model
 from prefixtune import cache
 from prefixtune.cache import grouped_attention
 from prefixtune.data.collate import Collator, encode_pair
+from prefixtune.llama_training import FusedLlamaLayers
 from prefixtune.methods import build_method
 from prefixtune.models import model_spec
 from prefixtune.precision import FrozenBf16Weights
@@ -144,3 +145,85 @@ def test_bf16_copies_skip_the_shared_model_for_copy_methods(tokenizer):
     method = build_method("adapter", model, tokenizer, model_spec(model), TrainConfig(method="adapter"))
     swapped = {id(m) for m, _, _ in FrozenBf16Weights(*method.loss_modules()).swaps}
     assert swapped and not swapped & {id(m) for m in model.modules()}
+
+
+def fused_run(method_name, fused: bool, tokenizer):
+    """(loss, trained gradients, frozen weights after the step, patched modules) of one bf16 step on tiny Llama."""
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    method = build_method(method_name, model, tokenizer, model_spec(model),
+                          TrainConfig(method=method_name, prefix_len=4, mlp_dim=16))
+    for p in method.module.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    layers = FusedLlamaLayers(*method.loss_modules())
+    with FrozenBf16Weights(*method.loss_modules()), layers if fused else contextlib.nullcontext():
+        with torch.autocast("cpu", torch.bfloat16):
+            loss, _ = method.loss(method.module, make_batch(model, tokenizer))
+        loss.backward()
+    trained = {n: p.grad.clone() for m in method.loss_modules() for n, p in m.named_parameters() if p.requires_grad}
+    frozen = {n: p for m in method.loss_modules() for n, p in m.named_parameters() if not p.requires_grad}
+    assert all(p.grad is None for p in frozen.values()), "a gradient reached a frozen weight"
+    return loss.detach(), trained, {n: p.detach().clone() for n, p in frozen.items()}, layers
+
+
+@pytest.mark.parametrize("method_name", ["prefix", "adapter", "finetune-top2"])
+def test_fused_llama_layers_give_transformers_loss_and_gradients(method_name, tokenizer):
+    loss, grads, frozen, _ = fused_run(method_name, False, tokenizer)
+    fused_loss, fused_grads, fused_frozen, layers = fused_run(method_name, True, tokenizer)
+    patched = {type(m).__name__ for m, _ in layers.patches}
+    # trained layers keep transformers' forward (the tiny model's 2 layers are finetune-top2's top 2)
+    assert patched == (set() if method_name == "finetune-top2" else {"LlamaAttention", "LlamaMLP", "LlamaRMSNorm"})
+    assert all("forward" not in vars(m) for m, _ in layers.patches), "a patched forward outlived the block"
+    assert torch.equal(loss, fused_loss)  # the forward is bitwise transformers' under autocast
+    assert grads.keys() == fused_grads.keys() and grads
+    for name in grads:  # gradients differ in summation order only (float32 where autograd summed in bf16)
+        torch.testing.assert_close(fused_grads[name], grads[name], atol=1e-4, rtol=2e-2)
+    assert sum(g.abs().sum() for g in fused_grads.values()) > 0
+    assert frozen.keys() == fused_frozen.keys()
+    assert all(torch.equal(frozen[n], fused_frozen[n]) for n in frozen)
+
+
+def test_fused_llama_layers_leave_other_models_alone(tokenizer):
+    assert not FusedLlamaLayers(tiny_model("gpt2")).patches
+    model = tiny_model("llama")
+    for p in model.model.layers[1].parameters():
+        p.requires_grad_(True)  # a trained layer (finetune-top2) keeps transformers' forward
+    fused = {"LlamaAttention", "LlamaMLP", "LlamaRMSNorm"}
+    assert {id(m) for m, _ in FusedLlamaLayers(model).patches} == {
+        id(m) for m in model.model.layers[0].modules() if type(m).__name__ in fused}
+
+
+def test_fused_llama_functions_give_transformers_values_and_gradients_float32():
+    """Each hand-written backward against autograd through transformers' own float32 operations."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from prefixtune.llama_training import _QkvRope, _RmsNorm, _SwiGlu
+
+    torch.manual_seed(0)
+    batch, length, heads, kv_heads, dim = 2, 5, 4, 2, 8
+    qkv = torch.randn(batch, length, heads + 2 * kv_heads, dim, requires_grad=True)
+    angles = torch.rand(batch, length, dim // 2) * 6
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    reference = (*apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin), v.transpose(1, 2))
+    ours = _QkvRope.apply(qkv, cos, sin, heads)
+    grads = [torch.randn_like(t) for t in reference]
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(torch.autograd.grad(ours, qkv, grads)[0], torch.autograd.grad(reference, qkv, grads)[0])
+
+    x = torch.randn(batch, length, 16, requires_grad=True)
+    norm = LlamaRMSNorm(16, eps=1e-5)
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.weight.requires_grad_(False)
+    ours, reference = _RmsNorm.apply(x, norm.weight, 1e-5, torch.float32), norm(x)
+    assert torch.equal(ours, reference)
+    grad = torch.randn_like(x)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
+
+    gate_up = torch.randn(batch, length, 32, requires_grad=True)
+    ours, reference = _SwiGlu.apply(gate_up), F.silu(gate_up[..., :16]) * gate_up[..., 16:]
+    assert torch.equal(ours, reference)
+    grad = torch.randn_like(ours)
+    assert torch.equal(torch.autograd.grad(ours, gate_up, grad)[0], torch.autograd.grad(reference, gate_up, grad)[0])

@@ -137,8 +137,10 @@ def grouped_attention(query, key, value, mask, scaling=None):
     groups = heads // kv_heads
     scaling = dim ** -0.5 if scaling is None else scaling
     scores = query.reshape(batch, kv_heads, groups * q_len, dim) @ key.transpose(-1, -2)
-    scores = scores.view(batch, kv_heads, groups, q_len, k_len).float() * scaling
-    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))  # (batch|1, 1, 1, q, k)
+    # the mask as an additive float32 bias, so scaling, upcast and masking are one pass (bitwise the same:
+    # 0 + s * scaling rounds as s * scaling does) and its backward one multiply
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    scores = torch.add(bias.unsqueeze(2), scores.view(batch, kv_heads, groups, q_len, k_len), alpha=scaling)
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, groups * q_len, k_len)
     out = (probs @ value).view(batch, heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
