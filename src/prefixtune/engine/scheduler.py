@@ -29,8 +29,7 @@ max(`tenant_step_rows`, the running rows of the busiest other tenant, its next r
 other rows wait for a later step, taking turns (least recently decoded first; a beam group's rows
 decode together). Equal tenants are never held back; beside a small tenant, a big one adds to its
 steps at most max(`tenant_step_rows`, the small one's rows, one beam group), unless a third tenant
-is as big. Alone, a
-tenant decodes all its rows at every step.
+is as big. Alone, a tenant decodes all its rows at every step.
 """
 from __future__ import annotations
 
