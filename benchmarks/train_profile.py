@@ -38,8 +38,7 @@ def main():
     from prefixtune.data.collate import Collator, encode_pair, length_grouped_batches
     from prefixtune.methods import build_method
     from prefixtune.models import load_base_model, model_spec
-    from prefixtune.llama_training import FusedLlamaLayers
-    from prefixtune.precision import FrozenBf16Weights
+    from prefixtune.precision import FrozenBf16Step
     from prefixtune.train import TrainConfig, use_bf16
 
     torch.manual_seed(args.seed)
@@ -65,7 +64,7 @@ def main():
         t0 = time.perf_counter()
         batch = collate([examples[j] for j in batches[i % len(batches)]])
         t1 = time.perf_counter()
-        with frozen_weights, fused_layers:
+        with frozen_step:
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 if hasattr(module, "embeddings") or hasattr(module, "prefix"):  # time the reparameterisation apart
                     with torch.autocast("cpu", enabled=False):  # as PrefixMethod.loss computes P
@@ -88,8 +87,7 @@ def main():
                 phases[name] += dt
             tokens += int(batch["attention_mask"].sum())
 
-    frozen_weights = FrozenBf16Weights(*method.loss_modules()) if bf16 else contextlib.nullcontext()
-    fused_layers = FusedLlamaLayers(*method.loss_modules()) if bf16 else contextlib.nullcontext()
+    frozen_step = FrozenBf16Step(*method.loss_modules()) if bf16 else contextlib.nullcontext()  # as train.py
     for i in range(3):
         step(i, False)
     for i in range(args.steps):

@@ -340,13 +340,13 @@ def test_the_frozen_bf16_weights_change_no_bit_of_a_users_prefix(llama, tokenize
     prefixes are those that autocast's own per-call casts give, to the bit."""
     import contextlib
 
-    from prefixtune.users import trainer
+    from prefixtune import precision
 
     train_pairs, dev_pairs = user_data(3, 5)
     cast_once = train_users(config(tmp_path, "once", precision="bf16"), llama, tokenizer, train_pairs, dev_pairs,
                             progress=False)
     swapped = []
-    monkeypatch.setattr(trainer, "FrozenBf16Weights", lambda model: swapped.append(model) or contextlib.nullcontext())
+    monkeypatch.setattr(precision, "FrozenBf16Weights", lambda model: swapped.append(model) or contextlib.nullcontext())
     per_call = train_users(config(tmp_path, "per-call", precision="bf16"), llama, tokenizer, train_pairs, dev_pairs,
                            progress=False)
     assert swapped == [llama]  # the job did go through the swap

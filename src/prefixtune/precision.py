@@ -11,8 +11,12 @@ exports and float32 callers see float32), so the block should hold one step, not
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+
+from .llama_training import FusedLlamaLayers
 
 
 def bf16_available(device: torch.device) -> bool:
@@ -58,3 +62,21 @@ class FrozenBf16Weights:
         for module, original, _ in self.swaps:
             module._parameters["weight"] = original
         return False
+
+
+class FrozenBf16Step:
+    """What a bf16 training step of a frozen model runs inside, built once per run: the frozen weights'
+    bf16 copies (`FrozenBf16Weights`) and frozen Llama layers on fused weights (llama_training.py).
+    train.py and the users trainer both enter it, so a user's prefix trained in a joint job is the one a
+    separate run trains. Reusable: `with step:` at every step."""
+
+    def __init__(self, *modules: nn.Module):
+        self.contexts = (FrozenBf16Weights(*modules), FusedLlamaLayers(*modules))
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        for context in self.contexts:
+            self.stack.enter_context(context)
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)

@@ -28,8 +28,7 @@ from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
 from .run_dir import (RESULT, TRAIN_CONFIG, check_output_dir, checkpoint_facts, data_dir_of, data_provenance,
                       describe_data, finished_result, given_options, resumed_config, saved_config)
-from .llama_training import FusedLlamaLayers
-from .precision import FrozenBf16Weights, bf16_available
+from .precision import FrozenBf16Step, bf16_available
 from .train_config import TrainConfig
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
@@ -216,8 +215,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             return None
         module.eval()
         total, count = 0.0, 0
-        with (torch.no_grad(), frozen_weights, fused_layers,
-              torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)):
+        with torch.no_grad(), frozen_step, torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
             for i in range(0, len(dev_examples), config.batch_size * 2):
                 batch = {k: v.to(accelerator.device) for k, v in collate(dev_examples[i: i + config.batch_size * 2]).items()}
                 loss, n = method.loss(module, batch)
@@ -228,10 +226,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     if accelerator.is_main_process and not resuming:  # a resumed run keeps the config it was started with
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_dir / TRAIN_CONFIG, json.dumps(asdict(config), indent=2).encode())
-    # bf16: the frozen weights are cast once here, not at every step (see precision.py)
-    frozen_weights = FrozenBf16Weights(*method.loss_modules()) if bf16 else contextlib.nullcontext()
-    # and frozen Llama layers run a leaner forward on concatenated bf16 weights (see llama_training.py)
-    fused_layers = FusedLlamaLayers(*method.loss_modules()) if bf16 else contextlib.nullcontext()
+    # bf16: the frozen weights are cast once here, not at every step, and frozen Llama layers run on fused
+    # weights (precision.FrozenBf16Step)
+    frozen_step = FrozenBf16Step(*method.loss_modules()) if bf16 else contextlib.nullcontext()
     rank, world = accelerator.process_index, accelerator.num_processes
     module.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process),
@@ -249,7 +246,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             local = global_batch[rank::world] or global_batch[:1]  # each process takes its share
             step_start, step_cpu_start = time.perf_counter(), time.process_time()
             batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in local]).items()}
-            with frozen_weights, fused_layers:
+            with frozen_step:
                 with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
                     loss, n_target = method.loss(module, batch)
                 accelerator.backward(loss)

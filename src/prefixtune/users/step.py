@@ -86,7 +86,7 @@ def gradient_leaves(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def run_passes(model, spec, passes, prefixes: dict, collate, device, bf16: bool, normalisers: dict | None = None,
                frozen=contextlib.nullcontext()):
     """Run the passes; returns {user: (sum of target-token losses, target tokens)}. `frozen`: the job's
-    `FrozenBf16Weights` and `FusedLlamaLayers` under bf16 (as train.py: weights cast and fused once per job).
+    `precision.FrozenBf16Step` under bf16 (as train.py: weights cast and fused once per job).
 
     With `normalisers` (user -> target tokens of their batch) each pass backpropagates
     sum over users of (their token losses / their normaliser): a user's gradient is the mean over their

@@ -27,8 +27,7 @@ from ..methods import build_method
 from ..methods.base import count_parameters
 from ..exported import read_header
 from ..models import load_base_model, model_name, model_spec, resolve_device
-from ..llama_training import FusedLlamaLayers
-from ..precision import FrozenBf16Weights
+from ..precision import FrozenBf16Step
 from ..prefix_file import PrefixFileError, save_prefix
 from ..serve.tenants import tenant_dir_name
 from ..train import use_bf16
@@ -41,21 +40,6 @@ from .step import gradient_leaves, plan, run_passes, target_count
 
 STORE = "store"           # OUT/store: the prefix store `prefixtune serve --store` starts on
 SUMMARY = "users.json"
-
-
-class _Contexts:
-    """Several reusable contexts entered as one, at every pass."""
-
-    def __init__(self, *contexts):
-        self.contexts = contexts
-
-    def __enter__(self):
-        self.stack = contextlib.ExitStack()
-        for context in self.contexts:
-            self.stack.enter_context(context)
-
-    def __exit__(self, *exc):
-        return self.stack.__exit__(*exc)
 
 
 def store_dir(output_dir: str | Path, tenant: str) -> Path:
@@ -148,7 +132,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     # bf16: the frozen weights are cast once for the job, not at every pass (see precision.py), and frozen
     # Llama layers run on fused weights (llama_training.py): train.py's numerics, so a user's prefix is the
     # one a separate `prefixtune train` on their rows gives
-    frozen = _Contexts(FrozenBf16Weights(model), FusedLlamaLayers(model)) if bf16 else contextlib.nullcontext()
+    frozen = FrozenBf16Step(model) if bf16 else contextlib.nullcontext()
     encode = lambda example: encode_example(tokenizer, spec.family, example, config.template,  # noqa: E731
                                             config.max_source_len, config.max_target_len)
     collate = Collator(tokenizer.pad_token_id, spec.family, getattr(model.config, "decoder_start_token_id", None))
