@@ -148,3 +148,29 @@ def test_smollm2_bf16_replicas_equal_one_engine(data_root):
     replicas = Replicas(model, tokenizer, replicas=2, max_batch=12, max_len=256)
     assert tokens(replicas.generate(requests())) == tokens(want)
     replicas.close()
+
+
+def test_offline_decoding_on_two_threads_uses_replicas_and_gives_the_same_tokens(tokenizer):
+    """decode_ids with torch on 2 threads and 32 bf16 rows decodes on 2 replicas (16 rows each); the
+    tokens equal one engine's on one thread. fp32, or too few rows for two replicas: one engine."""
+    bf16_or_skip()
+    from prefixtune.engine.offline import EngineCache, decode_ids
+    from prefixtune.generation import DecodingConfig
+
+    model = tiny_model("llama", seed=1)
+    ps = prefixes(model, tokenizer, lengths=(19, 6))
+    seqs = ids(tokenizer, SOURCES) * 7
+    rows = [ps[i % 3] if i % 3 < 2 else None for i in range(len(seqs))]
+    config = DecodingConfig(max_new_tokens=6, dtype="bf16", stop_at_newline=False)
+    want = decode_ids(model, tokenizer, seqs, rows, config, engines=EngineCache(model, tokenizer))
+    cache = EngineCache(model, tokenizer)
+    torch.set_num_threads(2)
+    try:
+        got = decode_ids(model, tokenizer, seqs, rows, config, engines=cache)
+        assert isinstance(cache._engine, Replicas) and len(cache._engine.engines) == 2
+        assert cache.replicas(torch.float32, 32, 1) == 1 and cache.replicas(torch.bfloat16, 20, 1) == 1
+        assert cache.replicas(torch.bfloat16, 32, 5) == 2 and cache.replicas(torch.bfloat16, 32, 17) == 1
+    finally:
+        torch.set_num_threads(1)
+        cache.clear()
+    assert got == want and len(set(map(tuple, want))) > 3
