@@ -222,6 +222,7 @@ class VLLMPeer:
         self.proc = subprocess.Popen([python, str(HERE / "vllm_peer.py"), str(job)], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         self.startup_s = self._read()["startup_s"]
+        self._settle()
         self.batch_walls, self.batch_cpus, self.sequential_walls, self.tokens = [], [], [], None
 
     def _read(self) -> dict:
@@ -235,7 +236,27 @@ class VLLMPeer:
     def _ask(self, cmd: dict) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
-        return self._read()
+        out = self._read()
+        self._settle()
+        return out
+
+    def _settle(self, limit_s: float = 5.0):
+        """vLLM keeps about a core busy for a while after it answers (measured: 0.46 CPU-seconds in the
+        0.5 s after a batch, then ~0.03 a second): wait until its processes are idle, so that the run
+        after it does not share the machine with it."""
+        import psutil
+
+        def cpu_seconds():
+            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+            return sum(sum(p.cpu_times()[:2]) for p in procs if p.is_running())
+
+        deadline, last = time.monotonic() + limit_s, cpu_seconds()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = cpu_seconds()
+            if now - last < 0.02:
+                return
+            last = now
 
     def batch(self):
         out = self._ask({"cmd": "batch"})
