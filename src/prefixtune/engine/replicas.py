@@ -5,8 +5,9 @@
 
 Why: at serve_mixed's 32 rows a decode step is many small ops (per-layer projections of 32 rows,
 RoPE, a gather, SDPA) that do not split well over OpenMP threads; two engines each given one core,
-each stepping half the rows, keep both cores busy (measured here: 415-441 tokens/s against 328-373
-for one engine at 2 torch threads). Torch releases the GIL inside its ops, so Python threads suffice.
+each stepping half the rows, keep both cores busy (measured on this 2-core CPU, quiet, one process:
+383-405 tokens/s against 350-355 for one engine on 2 torch threads; docs/engine.md "Both cores").
+Torch releases the GIL inside its ops, so Python threads suffice.
 This is vLLM's data parallelism, in one process and over one copy of the weights.
 
 A request goes whole to the replica holding the fewest rows (a beam request's rows stay together:
