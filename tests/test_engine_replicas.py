@@ -67,6 +67,10 @@ def test_replicas_share_one_copy_of_the_weights(tokenizer):
         for la, lo in zip(a.layers, other.layers):
             assert lo.qkv is la.qkv and lo.down is la.down and lo.ln1.data_ptr() == la.ln1.data_ptr()
     replicas.close()
+    hf = make_engine(model, tokenizer, replicas=2, max_batch=8, max_len=64, dtype="bf16", fast=False)
+    assert hf.path == "hf" and hf.engines[1].backend.model is hf.engines[0].backend.model  # converted once
+    assert hf.engines[0].backend.model is not model and next(hf.engines[0].backend.model.parameters()).dtype == torch.bfloat16
+    hf.close()
     assert isinstance(make_engine(model, tokenizer, max_batch=8, max_len=64), Engine)
     with pytest.raises(ValueError, match="replicas"):
         make_engine(model, tokenizer, replicas=0)
