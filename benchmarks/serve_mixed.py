@@ -17,12 +17,16 @@ end-of-text ignored so every request decodes the same length), timed as
                        each engine run, and --vllm-sequential requests one at a time in the same slots
                        (wall time; CPU time of every vLLM process for the batch); left out (keys null,
                        `vllm_error` says why) without such a venv
-  * whole machine      then `--two-core-rounds` batch runs of the engine with torch threads = cores, each
-                       followed by one of a second vLLM peer left to its own CPU thread settings
+  * whole machine      then `--two-core-rounds` batch runs of the engine given every core: `Replicas`, one
+                       engine per core on one torch thread each, over one copy of the weights
+                       (engine/replicas.py; `engine_2cores`), and one engine with torch threads = cores
+                       (`engine_one_2threads`, for comparison), each round followed by one batch of a
+                       second vLLM peer left to its own CPU thread settings
 The batch runs repeat `--rounds` times; the one-at-a-time requests are spread over the same rounds, so every
 configuration samples the same stretches of a shared machine. Times are wall-clock means; tokens/s counts
 generated tokens. `cpu_ratio_vs_vllm_cpu`: the engine's tokens per CPU-second over vLLM's (counting every
-process each side uses); `ratio_vs_vllm_cpu_2cores`: wall-clock tokens/s, both sides given every core.
+process each side uses); `ratio_vs_vllm_cpu_2cores`: wall-clock tokens/s, both sides given every core
+(the engine as replicas; `engine_2cores_equals_engine`: its rows' tokens against the one engine's).
 `fraction_of_bf16_peak`: the engine's tokens/s x 2 x (body + LM-head parameters), over a
 bf16 matmul peak measured in the same run (prompt work not counted). `--json` prints one JSON object as the
 last line.
@@ -51,7 +55,7 @@ import torch  # noqa: E402
 from common import HERE, benchmark_parser
 from train_throughput import body_params, matmul_peak
 from prefixtune.bank import PrefixBank
-from prefixtune.engine import Engine, Request
+from prefixtune.engine import Engine, Replicas, Request
 from prefixtune.generation import DecodingConfig
 from prefixtune.prefix_file import load_prefix_bytes, prefix_to_bytes
 from prefixtune.models import load_base_model, model_spec
@@ -218,6 +222,7 @@ class VLLMPeer:
         self.proc = subprocess.Popen([python, str(HERE / "vllm_peer.py"), str(job)], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         self.startup_s = self._read()["startup_s"]
+        self._settle()
         self.batch_walls, self.batch_cpus, self.sequential_walls, self.tokens = [], [], [], None
 
     def _read(self) -> dict:
@@ -231,7 +236,27 @@ class VLLMPeer:
     def _ask(self, cmd: dict) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
-        return self._read()
+        out = self._read()
+        self._settle()
+        return out
+
+    def _settle(self, limit_s: float = 5.0):
+        """vLLM keeps about a core busy for a while after it answers (measured: 0.46 CPU-seconds in the
+        0.5 s after a batch, then ~0.03 a second): wait until its processes are idle, so that the run
+        after it does not share the machine with it."""
+        import psutil
+
+        def cpu_seconds():
+            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+            return sum(sum(p.cpu_times()[:2]) for p in procs if p.is_running())
+
+        deadline, last = time.monotonic() + limit_s, cpu_seconds()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = cpu_seconds()
+            if now - last < 0.02:
+                return
+            last = now
 
     def batch(self):
         out = self._ask({"cmd": "batch"})
@@ -349,7 +374,7 @@ def main(argv=None):
         engine.generate(engine_requests(range(min(8, n))))
     timers = {k: Timer() for k in ("mixed", "single", "none", "sequential", "peft", *engines,
                                    *(["engine_sequential"] if engines else []))}
-    engine_out, engine_fast_out, engine_sequential_out = None, None, [None] * n
+    engine_out, engine_fast_out, engine_sequential_out, engine_2cores_out = None, None, [None] * n, None
     mixed_out, sequential_out, peft_lengths = None, [None] * n, []
     # each batch run is followed by the next few one-at-a-time requests, so all configurations share the
     # same stretches of time on a shared machine
@@ -409,11 +434,18 @@ def main(argv=None):
                 vllm_error = f"two cores: {type(e).__name__}: {str(e)[-500:]}"
             else:
                 torch.set_num_threads(os.cpu_count())
-                timers["engine_2cores"] = Timer()
+                # one engine per core, one torch thread each, sharing the weights (engine/replicas.py)
+                replicas = Replicas(model, tokenizer, replicas=os.cpu_count(), max_batch=n, max_len=512)
+                replicas.generate(engine_requests(range(min(8, n))))  # warm-up
+                timers["engine_2cores"], timers["engine_one_2threads"] = Timer(), Timer()
                 for _ in range(args.two_core_rounds):
                     timers["engine_2cores"].new_sample()
-                    timers["engine_2cores"](lambda: engine_tokens(engines["engine"].generate(engine_requests(range(n)))))
+                    engine_2cores_out = timers["engine_2cores"](
+                        lambda: engine_tokens(replicas.generate(engine_requests(range(n)))))
+                    timers["engine_one_2threads"].new_sample()
+                    timers["engine_one_2threads"](lambda: engine_tokens(engines["engine"].generate(engine_requests(range(n)))))
                     peer.batch()
+                replicas.close()
                 torch.set_num_threads(args.threads)
                 peer.close()
                 vllm["tps_2cores"] = statistics.median(generated / w for w in peer.batch_walls)
@@ -445,7 +477,7 @@ def main(argv=None):
         **reference,
         "mixed_equals_sequential": f"{equal}/{n}",
         **(engine_keys(model, t, n, peak, vllm, vllm_error, engine_out, engine_fast_out, engine_sequential_out,
-                       mixed_out) if engines else {}),
+                       mixed_out, engine_2cores_out) if engines else {}),
         "peft_tokens_per_request": sorted(set(peft_lengths)),
         "peft_error": peft_error,
         "requests": n, "distinct_prefixes": n, "new_tokens": args.new_tokens, "prefix_len": args.prefix_len,
@@ -465,7 +497,8 @@ def main(argv=None):
         rows += [("engine, mixed batch", t["engine"]), ("engine exact=False, mixed", t["engine_fast"]),
                  ("engine, one at a time", t["engine_sequential"])]
         if "engine_2cores" in t:
-            rows.append((f"engine, mixed, {os.cpu_count()} threads", t["engine_2cores"]))
+            rows.append((f"engine, mixed, {os.cpu_count()} replicas x 1 thread", t["engine_2cores"]))
+            rows.append((f"engine, mixed, one engine x {os.cpu_count()} threads", t["engine_one_2threads"]))
     print(f"\n{n} requests x {args.new_tokens} new tokens, {n} distinct prefixes of {args.prefix_len} tokens, "
           f"{args.model}, {args.threads} thread(s), {args.rounds} rounds; inputs: {source}, "
           f"mean {result['mean_input_tokens']} tokens")
@@ -508,7 +541,10 @@ def main(argv=None):
                   f"{vllm['sequential_tps']:.1f}; ratio_vs_vllm_cpu {result['ratio_vs_vllm_cpu']:.2f}, "
                   f"one at a time {result['ratio_vs_vllm_cpu_sequential']:.2f}; per CPU-second (every process): "
                   f"cpu_ratio_vs_vllm_cpu {result['cpu_ratio_vs_vllm_cpu']:.2f} (target >= 1.5); whole machine: "
-                  f"ratio_vs_vllm_cpu_2cores {result['ratio_vs_vllm_cpu_2cores']} (target >= 1.0)")
+                  f"ratio_vs_vllm_cpu_2cores {result['ratio_vs_vllm_cpu_2cores']} (target >= 1.0; the engine as "
+                  f"{result['engine_2cores_replicas']} replicas x 1 thread, rows == one engine's: "
+                  f"{result['engine_2cores_equals_engine']}; one engine x {os.cpu_count()} threads: "
+                  f"{result['engine_one_2threads_tokens_per_s']} tokens/s)")
         else:
             print(f"vLLM CPU: not run ({vllm_error})")
     if args.json:
@@ -517,7 +553,7 @@ def main(argv=None):
 
 
 def engine_keys(model, t, n, peak, vllm, vllm_error, engine_out, engine_fast_out, engine_sequential_out,
-                mixed_out) -> dict:
+                mixed_out, engine_2cores_out) -> dict:
     per_token = 2 * (body_params(model) + model.get_output_embeddings().weight.numel())
     same = lambda a, b: f"{sum(x == y for x, y in zip(a, b))}/{n}"
     tps = t["engine"].tps()
@@ -534,10 +570,13 @@ def engine_keys(model, t, n, peak, vllm, vllm_error, engine_out, engine_fast_out
         "cpu_ratio_vs_vllm_cpu": vllm and t["engine"].tps(True) / vllm["cpu_tps"],
         "engine_tokens_per_cpu_s": t["engine"].tps(True),
         "vllm_tokens_per_cpu_s": vllm and vllm["cpu_tps"],
-        # wall clock with the whole machine given to each side: the engine with torch threads = cores
+        # wall clock with the whole machine given to each side: the engine as one replica per core
         "ratio_vs_vllm_cpu_2cores": vllm and "tps_2cores" in vllm and t["engine_2cores"].tps() / vllm["tps_2cores"] or None,
         "engine_2cores_tokens_per_s": "engine_2cores" in t and t["engine_2cores"].tps() or None,
         "vllm_2cores_tokens_per_s": vllm and vllm.get("tps_2cores"),
+        "engine_2cores_replicas": "engine_2cores" in t and os.cpu_count() or None,
+        "engine_one_2threads_tokens_per_s": "engine_one_2threads" in t and t["engine_one_2threads"].tps() or None,
+        "engine_2cores_equals_engine": engine_2cores_out and same(engine_2cores_out, engine_out),
         "ratio_vs_vllm_cpu_fast": vllm and t["engine_fast"].tps() / vllm["tps"],
         "ratio_vs_vllm_cpu_sequential": vllm and t["engine_sequential"].tps() / vllm["sequential_tps"],
         "vllm_tokens_per_s": vllm and vllm["tps"],

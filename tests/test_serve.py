@@ -548,13 +548,15 @@ def test_cli_serve_end_to_end(model, real_tokenizer, prefixes, tmp_path):
     model.save_pretrained(model_dir)
     real_tokenizer.save_pretrained(model_dir)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PREFIXTUNE_API_KEYS": f"{KEYS['alice']}:alice"}
-    args = ["--model", model_dir, "--store", tmp_path / "store", "--threads", 1, "--log-level", "warning"]
+    # --threads 2: two engine replicas over one copy of the weights (engine/replicas.py)
+    args = ["--model", model_dir, "--store", tmp_path / "store", "--threads", 2, "--log-level", "info"]
     with serve_process(args, env, tmp_path / "serve.log", timeout_s=120) as (_, url):
         r = httpx.put(f"{url}/v1/prefixes/e2e", content=prefixes[0], headers=auth("alice"))
         assert r.status_code == 201, r.text
         oa = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["alice"], max_retries=0)
         out = oa.completions.create(model="e2e", prompt=PROMPTS[0], max_tokens=5, stop=[])
         assert out.usage.completion_tokens == 5
+    assert "2 replica(s)" in (tmp_path / "serve.log").read_text()
     no_keys = {k: v for k, v in env.items() if k != "PREFIXTUNE_API_KEYS"}
     proc = subprocess.run([sys.executable, "-m", "prefixtune.cli", "serve", "--store", tmp_path / "s2"],
                           env=no_keys, capture_output=True, text=True, timeout=120)

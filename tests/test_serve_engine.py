@@ -428,3 +428,35 @@ def test_two_prefixes_decoded_together_show_in_the_metrics(make_server, prefixes
         first.result(30), second.result(30)
     assert metric(server, "prefixtune_batch_size_max") == 2
     assert metric(server, "prefixtune_batch_prefixes_max") == 2
+
+
+def test_a_server_with_two_replicas_answers_every_row_as_alone(make_server, model, real_tokenizer, prefixes):
+    """replicas=2 (what `--threads 2` gives): rows of two tenants, with and without prefixes, a beam request
+    and a cancelled stream spread over both replicas; each answer equals decoding its row alone."""
+    from prefixtune.engine import Replicas
+
+    server = make_server(replicas=2, max_batch_size=8)
+    engine = state(server).batcher.engine
+    assert isinstance(engine, Replicas) and len(engine.engines) == 2 and engine.max_batch == 8
+    upload(server, "alice", "a", prefixes[0])
+    upload(server, "bob", "b", prefixes[1])
+    jobs = [("alice", "a", PROMPTS[0], prefixes[0], {}), ("bob", "b", PROMPTS[1], prefixes[1], {}),
+            ("alice", "tiny-llama", PROMPTS[2], None, {}), ("bob", "b", PROMPTS[0], prefixes[1], {"num_beams": 3}),
+            ("alice", "a", PROMPTS[1], prefixes[0], {})]
+    barrier = threading.Barrier(len(jobs))
+
+    def ask(job):
+        tenant, name, prompt, _, extra = job
+        barrier.wait()
+        return client(server, tenant).completions.create(model=name, prompt=prompt, max_tokens=10, stop=[],
+                                                         extra_body=extra).choices[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(ask, jobs))
+    for text, (_, _, prompt, data, extra) in zip(got, jobs):
+        assert text == expected(model, real_tokenizer, data, prompt, 10, stop_at_newline=False, **extra)
+    assert all(e.stats["decode_tokens"] > 0 for e in engine.engines)  # both replicas decoded
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=long_body("a"), headers=auth("alice"),
+                      timeout=60) as r:
+        stream_text(r, until_chunks=2)  # leaves early: the row is cancelled in its replica
+    assert wait_until(lambda: not engine.has_work() and not engine._where, 30)

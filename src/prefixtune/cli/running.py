@@ -40,6 +40,9 @@ def serve(
     body_timeout: float = typer.Option(SERVE["body_timeout_s"], help="seconds to receive a request body (upload or JSON); then 408"),
     dtype: str = typer.Option(SERVE["dtype"], help="engine compute dtype: auto (bf16 where the CPU has it) | bf16 | fp32"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    replicas: Optional[int] = typer.Option(None, help="engines over one copy of the weights, stepped together on one "
+                                                      "torch thread each (default: --threads, else 1); a replica "
+                                                      "takes max_batch_size / replicas rows"),
     log_level: str = typer.Option("info"),
     device: str = _device_option(),
     engine: str = typer.Option("prefixtune", help="prefixtune | vllm (vLLM's OpenAI server with prefixtune's "
@@ -69,7 +72,7 @@ def serve(
                    request_timeout_s=request_timeout, max_upload_bytes=int(max_upload_mb * MiB),
                    max_prefixes_per_tenant=max_prefixes, max_bytes_per_tenant=int(tenant_quota_mb * MiB),
                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
-                   body_timeout_s=body_timeout, dtype=dtype,
+                   body_timeout_s=body_timeout, dtype=dtype, replicas=replicas,
                    max_resident_prefixes=max_resident_prefixes or None,
                    max_resident_bytes=int(max_resident_mb * MiB) or None)
     except (ValueError, FileNotFoundError) as e:

@@ -66,11 +66,13 @@ class Engine:
     prefilled in one step (a longer prompt is prefilled in chunks, decode steps in between); while other
     tenants run, a tenant decodes at most max(`tenant_step_rows`, the busiest other tenant's rows, one
     request's rows) per step, its other rows taking turns (scheduler.py), so that one tenant's many rows
-    (beams) do not slow another's steps."""
+    (beams) do not slow another's steps. `shares`: an engine over the same model and settings whose
+    weights this one reads instead of copying and packing its own (replicas.py)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
                  fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16,
-                 tenant_step_rows: int = 4):
+                 tenant_step_rows: int = 4, shares: Engine | None = None):
+        self.shares = shares  # an engine over the same model whose weights this one reads (replicas.py)
         self.spec = model_spec(model)
         self.tokenizer = tokenizer
         self.device = model.device
@@ -83,7 +85,9 @@ class Engine:
         else:
             self.kv = PagedKV(self.spec.num_layers, max_batch, self.spec.num_kv_heads, self.spec.head_dim, max_len,
                               self.dtype, self.device, block_size)
-            if fast and llama_fast.supports(model):
+            if shares is not None and shares.path == "llama_fast" and fast:
+                self.backend, self.path = shares.backend.sharing(self.kv), "llama_fast"
+            elif fast and llama_fast.supports(model):
                 self.backend, self.path = llama_fast.LlamaFast(model, self.kv, self.dtype, exact), "llama_fast"
             else:
                 self.backend, self.path = HFDecoder(self._in_dtype(model), self.kv, self.spec.num_layers), "hf"
@@ -96,6 +100,8 @@ class Engine:
                       "max_step_prefill_tokens": 0}
 
     def _in_dtype(self, model):
+        if self.shares is not None and self.shares.dtype == self.dtype and hasattr(self.shares.backend, "model"):
+            return self.shares.backend.model  # the replica's model in this dtype, converted once
         return model if model.dtype == self.dtype else copy.deepcopy(model).to(self.dtype)
 
     # -- requests (any thread) -----------------------------------------------------------------

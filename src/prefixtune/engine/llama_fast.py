@@ -26,6 +26,7 @@ per layer, and attention reads them with one gather per layer (its index and mas
 """
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -239,6 +240,15 @@ class LlamaFast:
             h = self._mlp(layer, h)
         h = _rms_norm(h, self.norm, self.norm_eps)
         return self.lm_head(h).float()
+
+    def sharing(self, kv: PagedKV) -> "LlamaFast":
+        """This step over another KV (a replica's, replicas.py), reading the same weights: nothing is
+        copied or packed again. The weights are read only, so replicas may decode concurrently."""
+        if kv.max_len > self.kv.max_len:  # the RoPE table covers max_len positions
+            raise ValueError(f"a sharing KV's max_len {kv.max_len} exceeds {self.kv.max_len}")
+        step = copy.copy(self)
+        step.kv = kv
+        return step
 
     def _span(self, entries: int) -> int:
         quantum = math.lcm(PAD, self.kv.block_size)

@@ -19,9 +19,11 @@ import torch
 
 from ..generation import DecodingConfig, stop_ids
 from .engine import Engine, resolve_dtype
+from .replicas import Replicas, make_engine
 from .request import Request
 
 MAX_ENGINE_BATCH = 32  # rows per decode step at which a row's bf16 bits equal the row alone (engine.md)
+REPLICA_ROWS = 16  # rows a replica needs to pay: 2 x 16 rows beat one engine of 32 rows on 2 threads (engine.md)
 
 
 def decode_dtype(config: DecodingConfig, model) -> torch.dtype:
@@ -31,7 +33,8 @@ def decode_dtype(config: DecodingConfig, model) -> torch.dtype:
 
 class EngineCache:
     """One engine per (dtype, fast) for a model, rebuilt only when a call needs longer or more slots:
-    building one copies and packs the weights (about a second for SmolLM2)."""
+    building one copies and packs the weights (about a second for SmolLM2). With torch on several threads
+    and enough rows, the engine is `Replicas` (replicas.py), one per thread, over one copy of the weights."""
 
     def __init__(self, model, tokenizer, fast: bool = True):
         self.model, self.tokenizer, self.fast = model, tokenizer, fast
@@ -39,16 +42,29 @@ class EngineCache:
         self._key = None
         self.lock = threading.Lock()  # one caller steps the engine at a time (two would take each other's events)
 
-    def get(self, dtype: torch.dtype, max_batch: int, max_len: int) -> Engine:
+    def get(self, dtype: torch.dtype, max_batch: int, max_len: int, beams: int = 1) -> Engine | Replicas:
+        replicas = self.replicas(dtype, max_batch, beams)
         e = self._engine
-        if e is None or self._key != dtype or e.max_batch < max_batch or e.max_len < max_len or e.has_work():
+        if (e is None or self._key != (dtype, replicas) or e.max_batch < max_batch or e.max_len < max_len
+                or e.has_work()):
+            self.clear()
             max_len = -(-max_len // 64) * 64  # round up: a few more tokens next time need no rebuild
-            self._engine = Engine(self.model, self.tokenizer, max_batch=max_batch, max_len=max_len, dtype=dtype,
-                                  fast=self.fast)
-            self._key = dtype
+            self._engine = make_engine(self.model, self.tokenizer, replicas=replicas, max_batch=max_batch,
+                                       max_len=max_len, dtype=dtype, fast=self.fast)
+            self._key = (dtype, replicas)
         return self._engine
 
+    def replicas(self, dtype: torch.dtype, rows: int, beams: int) -> int:
+        """One replica per torch thread (replicas.py) where each still gets REPLICA_ROWS rows and a beam
+        group, and a row's tokens do not depend on its batch (bf16 on the lean step); else one engine."""
+        threads = torch.get_num_threads()
+        if threads < 2 or dtype != torch.bfloat16 or not self.fast:
+            return 1
+        return max(1, min(threads, rows // max(REPLICA_ROWS, beams)))
+
     def clear(self):
+        if isinstance(self._engine, Replicas):
+            self._engine.close()
         self._engine, self._key = None, None
 
 
@@ -82,7 +98,7 @@ def _run(engines, model, tokenizer, sequences, prefixes, config, batch_size, max
          infix):
     beams = config.num_beams  # a beam input takes one slot per beam
     rows = max(beams, min(batch_size * beams, MAX_ENGINE_BATCH, len(sequences) * beams))
-    engine = engines.get(decode_dtype(config, model), rows, max_len)
+    engine = engines.get(decode_dtype(config, model), rows, max_len, beams)
     requests = [Request(seq, prefix=prefix, max_tokens=config.max_new_tokens, stop_token_ids=stops,
                         ignore_eos=config.ignore_eos, beams=beams, length_penalty=config.length_penalty,
                         no_repeat_ngram_size=config.no_repeat_ngram_size,

@@ -12,6 +12,10 @@ Beam search (`num_beams`: k rows of the engine, the answer whole when the search
 `no_repeat_ngram_size` and `repetition_penalty` are engine features like sampling: such a row
 decodes beside every other, and no row waits for it.
 
+With `replicas` > 1 (`--replicas`, by default `--threads`) the engine is `Replicas`: that many engines
+over one copy of the weights, stepped together, one core each (engine/replicas.py); this worker
+still steps them as one.
+
 An error in a step fails the rows that were running (500) and the engine is rebuilt, since its
 state may be half a step; the worker keeps running.
 """
@@ -26,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..bank import PrefixBank, PrefixUnavailable
-from ..engine import Engine, Request
+from ..engine import Engine, Replicas, Request, make_engine
 from ..generation import stop_ids
 from .errors import QueueFull, ServeError, ShuttingDown
 from .jobs import Job, Result, WorkerHealth, resolve
@@ -71,10 +75,11 @@ class EngineWorker(WorkerHealth):
         self._newlines: set[int] | None = None
         self._advanced = self.clock()   # when the engine's running rows last took a step
 
-    def _new_engine(self) -> Engine:
+    def _new_engine(self) -> Engine | Replicas:
         s = self.settings
-        return Engine(self.bank.model, self.bank.tokenizer, max_batch=s.max_batch_size,
-                      max_len=engine_max_len(self.bank.model, s), dtype=s.dtype, max_prefill_tokens=s.max_batch_tokens)
+        return make_engine(self.bank.model, self.bank.tokenizer, replicas=s.replicas, max_batch=s.max_batch_size,
+                           max_len=engine_max_len(self.bank.model, s), dtype=s.dtype,
+                           max_prefill_tokens=s.max_batch_tokens)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self):
@@ -129,13 +134,16 @@ class EngineWorker(WorkerHealth):
 
     # -- the worker --------------------------------------------------------------------------
     def _run(self):
-        log.info("engine worker started (%s, %s, %d rows of up to %d entries, KV blocks by traffic)",
-                 self.engine.path, self.engine.dtype, self.engine.max_batch, self.engine.max_len)
+        log.info("engine worker started (%s, %s, %d rows of up to %d entries, KV blocks by traffic, %d replica(s))",
+                 self.engine.path, self.engine.dtype, self.engine.max_batch, self.engine.max_len,
+                 self.settings.replicas)
         while not self._stopping:
             try:
                 self._cycle()
             except Exception as e:  # never let the worker die: fail the running rows, start a clean engine
                 log.exception("engine worker error")
+                if isinstance(self.engine, Replicas):
+                    self.engine.close()
                 self.engine = self._new_engine()  # first, so a client told of the failure finds a clean engine
                 self._fail_running(e)
             finally:

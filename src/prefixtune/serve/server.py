@@ -30,6 +30,8 @@ def serve(model: str, store: str | Path, host: str = "127.0.0.1", port: int = 80
     keys = KeyRing.load(keys_file)
     if not len(keys):
         raise ValueError(f"no API keys: set ${ENV_VAR}='key:tenant,...' or pass --keys-file")
+    if limits.get("replicas") is None:  # one engine per torch thread: at a server's batches a step's small ops
+        limits["replicas"] = threads or 1  # do not split over OpenMP threads, whole replicas do (engine.md)
     settings = ServeSettings(store_dir=Path(store), **limits)
     if threads:
         torch.set_num_threads(threads)

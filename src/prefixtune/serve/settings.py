@@ -30,12 +30,13 @@ class ServeSettings:
     body_timeout_s: float = 30.0         # to receive a whole request body (upload or JSON); then 408 (slowloris)
     worker_stall_s: float = 30.0         # /health is 503 when work waits and the worker has not stepped for this long
     dtype: str = "auto"                  # the engine's compute dtype: auto (bf16 where the CPU has it) | bf16 | fp32
+    replicas: int = 1                    # engines over one copy of the weights, one torch thread each (engine/replicas.py)
 
     def __post_init__(self):
         self.store_dir = Path(self.store_dir)
         for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_upload_bytes", "max_prefixes_per_tenant",
                      "max_bytes_per_tenant", "max_prefix_len", "max_tokens_limit", "max_prompts_per_request",
-                     "max_prompt_tokens"):
+                     "max_prompt_tokens", "replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.dtype not in ("auto", "bf16", "fp32"):
