@@ -328,3 +328,36 @@ def test_train_runs_halves_on_two_threads_reproducibly(tokenizer, tmp_path, monk
     for group in one:
         assert torch.equal(two[group], again[group])
         torch.testing.assert_close(two[group], one[group], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method_name", ["prefix", "adapter"])
+def test_bf16_step_copies_only_the_linears_the_fused_layers_still_call(method_name, tokenizer):
+    """FrozenBf16Step casts no Linear the fused layers replace (their copies would go unused), and its step is
+    bitwise the one with every Linear copied."""
+    from prefixtune.precision import FrozenBf16Step
+
+    runs = []
+    for whole_step in (True, False):
+        model = tiny_model("llama")
+        torch.manual_seed(0)
+        method = build_method(method_name, model, tokenizer, model_spec(model),
+                              TrainConfig(method=method_name, prefix_len=4, mlp_dim=16))
+        modules = method.loss_modules()
+        weights, fused = FrozenBf16Step(*modules).contexts if whole_step else (
+            FrozenBf16Weights(*modules), FusedLlamaLayers(*modules))  # before: every frozen Linear copied
+        swapped = {id(m) for m, _, _ in weights.swaps}
+        names = {n.rsplit(".", 1)[-1] for m in modules for n, l in m.named_modules() if id(l) in swapped}
+        assert fused.replaced and "lm_head" in names
+        if whole_step:
+            assert not swapped & {id(m) for m in fused.replaced}
+            # adapters wrap o_proj and down_proj: the wrapped Linears ("inner") are still called, so still copied
+            assert names == ({"lm_head", "inner"} if method_name == "adapter" else {"lm_head"})
+        else:
+            assert {"q_proj", "gate_proj"} <= names
+        with weights, fused:
+            with torch.autocast("cpu", torch.bfloat16):
+                loss, _ = method.loss(method.module, make_batch(model, tokenizer))
+            loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in method.module.parameters() if p.requires_grad]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
