@@ -79,7 +79,7 @@ class ThreadedHalves:
             grads = torch.autograd.grad(loss, params, allow_unused=True) if n else [None] * len(params)
             return loss.detach(), n, grads
 
-        results = list(self.pool.map(run, split_rows(batch, self.workers)))
+        results = self.map(run, split_rows(batch, self.workers))
         total = sum(n for _, n, _ in results)
         weights = [n / total if total else 1.0 / len(results) for _, n, _ in results]
         for i, p in enumerate(params):
@@ -91,6 +91,10 @@ class ThreadedHalves:
             p.grad = grad
         loss = sum(l * w for (l, n, _), w in zip(results, weights) if n) if total else results[0][0]
         return loss, total
+
+    def map(self, fn, items) -> list:
+        """[fn(item) for item in items], run on the workers (at most two at once), in order."""
+        return list(self.pool.map(fn, items))
 
     def close(self):
         self.pool.shutdown(wait=True)
