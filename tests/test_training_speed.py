@@ -325,6 +325,15 @@ def test_train_runs_halves_on_two_threads_reproducibly(tokenizer, tmp_path, monk
     assert not calls
     two, again = run("two", 2), run("again", 2)
     assert len(calls) == 8
+    cfg = TrainConfig(output_dir=str(tmp_path / "finetune"), method="finetune", max_steps=2, batch_size=4,
+                      eval_every=0, save_every=0, precision="fp32", export=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # fine-tuning trains every weight: one pass on both threads (the halves measured slower)
+        train(cfg, tiny_model("llama"), tokenizer, pairs, pairs[:3], progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 8
     for group in one:
         assert torch.equal(two[group], again[group])
         torch.testing.assert_close(two[group], one[group], atol=1e-5, rtol=1e-4)

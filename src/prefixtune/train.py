@@ -232,10 +232,14 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     frozen_step = FrozenBf16Step(*method.loss_modules()) if bf16 else contextlib.nullcontext()
     rank, world = accelerator.process_index, accelerator.num_processes
     # two or more torch threads on a CPU, one process: each batch's halves run on two Python threads
-    # (data_parallel.py); not with dropout, whose random draws would then depend on thread timing
-    halves = (ThreadedHalves(torch.get_num_threads()) if accelerator.device.type == "cpu" and world == 1
-              and torch.get_num_threads() >= 2 and not uses_dropout(*method.loss_modules()) else None)
+    # (data_parallel.py). Not with dropout, whose random draws would then depend on thread timing; not when
+    # most weights train (finetune): each half then computes the whole model's weight gradient, and the
+    # halves were slower than one pass on both threads (measured in docs/training_speed.md)
     trained = [p for p in module.parameters() if p.requires_grad]
+    all_weights = sum(p.numel() for p in {id(p): p for m in method.loss_modules() for p in m.parameters()}.values())
+    halves = (ThreadedHalves(torch.get_num_threads()) if accelerator.device.type == "cpu" and world == 1
+              and torch.get_num_threads() >= 2 and not uses_dropout(*method.loss_modules())
+              and sum(p.numel() for p in trained) < all_weights / 4 else None)
 
     def loss_of(batch):  # autocast is per thread: entered by the thread that runs the loss
         with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
