@@ -36,13 +36,14 @@ class FrozenBf16Weights:
     Only weights that do not require grad are swapped (a trained weight changes every step; autocast
     already casts it once per forward). A weight shared by several Linears gets one copy; a weight
     tied to an embedding is swapped in the Linear only, so embedding lookups stay float32. Use only
-    under bf16 autocast: a float32 input meets a bf16 weight outside it and fails loudly.
+    under bf16 autocast: a float32 input meets a bf16 weight outside it and fails loudly. `skip`: Linears
+    left float32 because another path multiplies by its own copy (the fused Llama layers).
     """
 
     def __init__(self, *modules: nn.Module, skip=()):
         copies: dict[int, nn.Parameter] = {}
         self.swaps: list[tuple[nn.Module, nn.Parameter, nn.Parameter]] = []
-        seen: set[int] = {id(module) for module in skip}  # `skip`: Linears that another path multiplies by
+        seen: set[int] = {id(module) for module in skip}
         for root in modules:
             for module in root.modules():
                 weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
