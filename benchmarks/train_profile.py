@@ -10,7 +10,11 @@ batches of 8. Phases are timed with the step split at its natural seams:
   backward   loss.backward()
   optimizer  gradient clipping, AdamW step, zero_grad
 
-    python benchmarks/train_profile.py [--method prefix] [--steps 20] [--rows 25] [--threads 1]
+With --threads 2 or more the step is train.py's at that thread count: the batch's halves on two Python
+threads (data_parallel.ThreadedHalves), so reparam, forward and backward are one phase, "halves"
+(their wall time, both threads at once); --no-halves times one pass on all the threads instead.
+
+    python benchmarks/train_profile.py [--method prefix] [--steps 20] [--rows 25] [--threads 1] [--no-halves]
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def main():
     parser.add_argument("--rows", type=int, default=25, help="operator table rows")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-halves", action="store_true", help="with 2+ threads: one pass, not two threaded halves")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -38,6 +43,7 @@ def main():
     from prefixtune.data.collate import Collator, encode_pair, length_grouped_batches
     from prefixtune.methods import build_method
     from prefixtune.models import load_base_model, model_spec
+    from prefixtune.data_parallel import ThreadedHalves
     from prefixtune.precision import FrozenBf16Step
     from prefixtune.train import TrainConfig, use_bf16
 
@@ -56,14 +62,37 @@ def main():
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as train.py makes it on a CPU
     module.train()
-    phases = dict.fromkeys(["data", "reparam", "forward", "backward", "optimizer"], 0.0)
+    halves = None if args.no_halves or torch.get_num_threads() < 2 else ThreadedHalves(torch.get_num_threads())
+    phases = dict.fromkeys(["data", "reparam", "forward", "backward", "optimizer"] if halves is None else
+                           ["data", "halves", "optimizer"], 0.0)
     tokens = 0
+
+    def loss_of(batch):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return method.loss(module, batch)
 
     def step(i, timed):
         nonlocal tokens
         t0 = time.perf_counter()
         batch = collate([examples[j] for j in batches[i % len(batches)]])
         t1 = time.perf_counter()
+        if halves is not None:  # as train.py with 2+ threads
+            with frozen_step:
+                halves.step(loss_of, batch, params)
+            t2 = t3 = t4 = time.perf_counter()
+        else:
+            t2, t3, t4 = one_pass(batch)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t5 = time.perf_counter()
+        if timed:
+            seams = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4) if halves is None else (t1 - t0, t4 - t1, t5 - t4)
+            for name, dt in zip(phases, seams):
+                phases[name] += dt
+            tokens += int(batch["attention_mask"].sum())
+
+    def one_pass(batch):
         with frozen_step:
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 if hasattr(module, "embeddings") or hasattr(module, "prefix"):  # time the reparameterisation apart
@@ -76,16 +105,7 @@ def main():
                     loss, _ = method.loss(module, batch)
             t3 = time.perf_counter()
             loss.backward()
-        t4 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        t5 = time.perf_counter()
-        if timed:
-            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                phases[name] += dt
-            tokens += int(batch["attention_mask"].sum())
+        return t2, t3, time.perf_counter()
 
     frozen_step = FrozenBf16Step(*method.loss_modules()) if bf16 else contextlib.nullcontext()  # as train.py
     for i in range(3):
@@ -94,7 +114,7 @@ def main():
         step(i, True)
     total = sum(phases.values())
     print(f"# {args.method}, {args.steps} steps of {args.batch_size}, bf16={bf16}, "
-          f"threads={torch.get_num_threads()}: {tokens / total:.1f} tokens/s, {1000 * total / args.steps:.0f} ms/step")
+          f"threads={torch.get_num_threads()}, halves={halves is not None}: {tokens / total:.1f} tokens/s, {1000 * total / args.steps:.0f} ms/step")
     print("| phase | ms/step | share |\n| --- | ---: | ---: |")
     for name, dt in phases.items():
         print(f"| {name} | {1000 * dt / args.steps:.1f} | {dt / total:.1%} |")

@@ -227,3 +227,146 @@ def test_fused_llama_functions_give_transformers_values_and_gradients_float32():
     assert torch.equal(ours, reference)
     grad = torch.randn_like(ours)
     assert torch.equal(torch.autograd.grad(ours, gate_up, grad)[0], torch.autograd.grad(reference, gate_up, grad)[0])
+
+
+def half_batch_run(method_name, tokenizer, halves: bool, bf16: bool = False):
+    """(loss, trained gradients, frozen weights after) of one step on tiny Llama, the batch whole or in threaded halves."""
+    from prefixtune.data_parallel import ThreadedHalves
+    from prefixtune.precision import FrozenBf16Step
+
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    method = build_method(method_name, model, tokenizer, model_spec(model),
+                          TrainConfig(method=method_name, prefix_len=4, mlp_dim=16))
+    for p in method.module.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    trained = {n: p for m in method.loss_modules() for n, p in m.named_parameters() if p.requires_grad}
+    frozen = {n: p for m in method.loss_modules() for n, p in m.named_parameters() if not p.requires_grad}
+    batch = make_batch(model, tokenizer)
+    assert batch["input_ids"].shape[0] == 3  # odd: halves of 2 and 1 rows, weighted by their target tokens
+
+    def loss_of(b):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return method.loss(method.module, b)
+
+    with FrozenBf16Step(*method.loss_modules()) if bf16 else contextlib.nullcontext():
+        if halves:
+            pool = ThreadedHalves(2)
+            loss, n = pool.step(loss_of, batch, list(trained.values()))
+            pool.close()
+        else:
+            loss, n = loss_of(batch)
+            loss.backward()
+    assert all(p.grad is None for p in frozen.values()), "a gradient reached a frozen weight"
+    return loss.detach(), n, {k: p.grad.clone() for k, p in trained.items()}, {k: p.detach().clone() for k, p in frozen.items()}
+
+
+@pytest.mark.parametrize("method_name", ["prefix", "adapter", "finetune"])
+def test_threaded_halves_give_the_whole_batch_gradient(method_name, tokenizer):
+    loss, n, grads, frozen = half_batch_run(method_name, tokenizer, halves=False)
+    half_loss, half_n, half_grads, half_frozen = half_batch_run(method_name, tokenizer, halves=True)
+    assert n == half_n
+    torch.testing.assert_close(half_loss, loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == half_grads.keys() and grads
+    for name in grads:  # float32: equal up to summation order (an unweighted mean of the halves is off by ~10%)
+        torch.testing.assert_close(half_grads[name], grads[name], atol=1e-6, rtol=1e-5)
+    assert sum(g.abs().sum() for g in half_grads.values()) > 0
+    assert all(torch.equal(frozen[k], half_frozen[k]) for k in frozen)
+
+
+def test_threaded_halves_under_bf16_stay_near_the_whole_batch(tokenizer):
+    loss, _, grads, _ = half_batch_run("prefix", tokenizer, halves=False, bf16=True)
+    half_loss, _, half_grads, _ = half_batch_run("prefix", tokenizer, halves=True, bf16=True)
+    torch.testing.assert_close(half_loss, loss, atol=1e-2, rtol=1e-2)
+    for name in grads:
+        torch.testing.assert_close(half_grads[name], grads[name], atol=1e-4, rtol=2e-2)
+
+
+def test_split_rows_and_dropout_check():
+    from prefixtune.data_parallel import split_rows, uses_dropout
+
+    batch = {"input_ids": torch.arange(15).view(5, 3), "attention_mask": torch.ones(5, 3)}
+    halves = split_rows(batch, 2)
+    assert [h["input_ids"].shape[0] for h in halves] == [3, 2]
+    assert torch.equal(torch.cat([h["input_ids"] for h in halves]), batch["input_ids"])
+    assert split_rows({"input_ids": torch.zeros(1, 4)}, 2)[0]["input_ids"].shape == (1, 4)
+    assert len(split_rows({"input_ids": torch.zeros(1, 4)}, 2)) == 1
+    model = tiny_model("llama")
+    assert not uses_dropout(model.train())
+    assert uses_dropout(torch.nn.Sequential(torch.nn.Dropout(0.1)).train())
+    assert not uses_dropout(torch.nn.Sequential(torch.nn.Dropout(0.1)).eval())
+
+
+def test_train_runs_halves_on_two_threads_reproducibly(tokenizer, tmp_path, monkeypatch):
+    """With two torch threads `train` splits every batch of 2+ rows over two threads: the same prefix as one
+    thread up to float rounding, and bitwise the same prefix twice; the caller's thread count is kept."""
+    from prefixtune import data_parallel
+    from prefixtune.train import train
+
+    pairs = PAIRS * 4
+    calls = []
+    step = data_parallel.ThreadedHalves.step
+    monkeypatch.setattr(data_parallel.ThreadedHalves, "step", lambda self, *a: calls.append(1) or step(self, *a))
+
+    def run(name, threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            cfg = TrainConfig(output_dir=str(tmp_path / name), max_steps=4, batch_size=4, eval_every=0, save_every=0,
+                              prefix_len=4, mlp_dim=16, precision="fp32", seed=3)
+            result = train(cfg, tiny_model("llama"), tokenizer, pairs, pairs[:3], progress=False)
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(before)
+        return result.method.prefix_p()
+
+    one = run("one", 1)
+    assert not calls
+    two, again = run("two", 2), run("again", 2)
+    assert len(calls) == 8
+    cfg = TrainConfig(output_dir=str(tmp_path / "finetune"), method="finetune", max_steps=2, batch_size=4,
+                      eval_every=0, save_every=0, precision="fp32", export=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # fine-tuning trains every weight: one pass on both threads (the halves measured slower)
+        train(cfg, tiny_model("llama"), tokenizer, pairs, pairs[:3], progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 8
+    for group in one:
+        assert torch.equal(two[group], again[group])
+        torch.testing.assert_close(two[group], one[group], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method_name", ["prefix", "adapter"])
+def test_bf16_step_copies_only_the_linears_the_fused_layers_still_call(method_name, tokenizer):
+    """FrozenBf16Step casts no Linear the fused layers replace (their copies would go unused), and its step is
+    bitwise the one with every Linear copied."""
+    from prefixtune.precision import FrozenBf16Step
+
+    runs = []
+    for whole_step in (True, False):
+        model = tiny_model("llama")
+        torch.manual_seed(0)
+        method = build_method(method_name, model, tokenizer, model_spec(model),
+                              TrainConfig(method=method_name, prefix_len=4, mlp_dim=16))
+        modules = method.loss_modules()
+        weights, fused = FrozenBf16Step(*modules).contexts if whole_step else (
+            FrozenBf16Weights(*modules), FusedLlamaLayers(*modules))  # before: every frozen Linear copied
+        swapped = {id(m) for m, _, _ in weights.swaps}
+        names = {n.rsplit(".", 1)[-1] for m in modules for n, l in m.named_modules() if id(l) in swapped}
+        assert fused.replaced and "lm_head" in names
+        if whole_step:
+            assert not swapped & {id(m) for m in fused.replaced}
+            # adapters wrap o_proj and down_proj: the wrapped Linears ("inner") are still called, so still copied
+            assert names == ({"lm_head", "inner"} if method_name == "adapter" else {"lm_head"})
+        else:
+            assert {"q_proj", "gate_proj"} <= names
+        with weights, fused:
+            with torch.autocast("cpu", torch.bfloat16):
+                loss, _ = method.loss(method.module, make_batch(model, tokenizer))
+            loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in method.module.parameters() if p.requires_grad]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

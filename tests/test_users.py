@@ -346,10 +346,39 @@ def test_the_frozen_bf16_weights_change_no_bit_of_a_users_prefix(llama, tokenize
     cast_once = train_users(config(tmp_path, "once", precision="bf16"), llama, tokenizer, train_pairs, dev_pairs,
                             progress=False)
     swapped = []
-    monkeypatch.setattr(precision, "FrozenBf16Weights", lambda model: swapped.append(model) or contextlib.nullcontext())
+    monkeypatch.setattr(precision, "FrozenBf16Weights", lambda model, skip=(): swapped.append(model) or contextlib.nullcontext())
     per_call = train_users(config(tmp_path, "per-call", precision="bf16"), llama, tokenizer, train_pairs, dev_pairs,
                            progress=False)
     assert swapped == [llama]  # the job did go through the swap
     for user in train_pairs:
         assert same_bytes(exported(cast_once, user), exported(per_call, user)), user
     assert all(p.dtype == torch.float32 for p in llama.parameters())  # the model is float32 again after the job
+
+
+def on_two_threads(monkeypatch, run):
+    """run() with two torch threads, where the trainers run their passes on two single-threaded workers
+    (data_parallel.ThreadedHalves); returns how many times the workers ran."""
+    from prefixtune import data_parallel
+
+    calls = []
+    mapped = data_parallel.ThreadedHalves.map
+    monkeypatch.setattr(data_parallel.ThreadedHalves, "map", lambda self, *a: calls.append(1) or mapped(self, *a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run()
+    finally:
+        torch.set_num_threads(before)
+    return len(calls)
+
+
+def test_on_two_threads_users_stay_independent_to_the_bit_and_equal_alone_runs(llama, tokenizer, tmp_path,
+                                                                               monkeypatch):
+    """The two tests above with the jobs' passes split over two worker threads (and `train`'s batches in
+    halves): whoever shares a pass, a user's rows run together on one single-threaded worker."""
+    runs = on_two_threads(monkeypatch, lambda: (
+        test_changing_one_users_data_leaves_every_other_users_prefix_bit_identical(
+            llama, tokenizer, tmp_path / "bits", "prefix", "auto"),
+        test_a_user_trained_jointly_equals_that_user_trained_alone_by_train(
+            llama, tokenizer, tmp_path / "alone", "prefix", 0.0)))
+    assert runs > 0

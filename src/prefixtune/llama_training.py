@@ -188,6 +188,7 @@ class FusedLlamaLayers:
 
     def __init__(self, *modules: nn.Module):
         self.patches: list[tuple[nn.Module, object]] = []
+        self.replaced: list[nn.Linear] = []  # Linears whose weights the patched forwards never read (own copies)
         seen: set[int] = set()
         for root in modules:
             for layer in root.modules():
@@ -198,12 +199,16 @@ class FusedLlamaLayers:
                 if type(attn) is llama.LlamaAttention and _frozen_linears(attn.q_proj, attn.k_proj, attn.v_proj):
                     weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
                     self.patches.append((attn, _attention_forward(attn, weight)))
+                    self.replaced += [attn.q_proj, attn.k_proj, attn.v_proj]
+                    self.replaced += [attn.o_proj] if _frozen_linears(attn.o_proj) else []
                     if _frozen_norm(layer.input_layernorm):
                         self.patches.append((layer.input_layernorm, _norm_forward(layer.input_layernorm)))
                 if (type(mlp) is llama.LlamaMLP and mlp.config.hidden_act == "silu"
                         and _frozen_linears(mlp.gate_proj, mlp.up_proj)):
                     weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
                     self.patches.append((mlp, _mlp_forward(mlp, weight)))
+                    self.replaced += [mlp.gate_proj, mlp.up_proj]
+                    self.replaced += [mlp.down_proj] if _frozen_linears(mlp.down_proj) else []
                     if _frozen_norm(layer.post_attention_layernorm):
                         self.patches.append((layer.post_attention_layernorm,
                                              _norm_forward(layer.post_attention_layernorm)))

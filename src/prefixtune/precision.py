@@ -36,13 +36,14 @@ class FrozenBf16Weights:
     Only weights that do not require grad are swapped (a trained weight changes every step; autocast
     already casts it once per forward). A weight shared by several Linears gets one copy; a weight
     tied to an embedding is swapped in the Linear only, so embedding lookups stay float32. Use only
-    under bf16 autocast: a float32 input meets a bf16 weight outside it and fails loudly.
+    under bf16 autocast: a float32 input meets a bf16 weight outside it and fails loudly. `skip`: Linears
+    left float32 because another path multiplies by its own copy (the fused Llama layers).
     """
 
-    def __init__(self, *modules: nn.Module):
+    def __init__(self, *modules: nn.Module, skip=()):
         copies: dict[int, nn.Parameter] = {}
         self.swaps: list[tuple[nn.Module, nn.Parameter, nn.Parameter]] = []
-        seen: set[int] = set()
+        seen: set[int] = {id(module) for module in skip}
         for root in modules:
             for module in root.modules():
                 weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
@@ -71,7 +72,9 @@ class FrozenBf16Step:
     separate run trains. Reusable: `with step:` at every step."""
 
     def __init__(self, *modules: nn.Module):
-        self.contexts = (FrozenBf16Weights(*modules), FusedLlamaLayers(*modules))
+        fused = FusedLlamaLayers(*modules)
+        # the Linears the fused layers replace keep float32 weights: their bf16 copies would go unused (~0.2 GB)
+        self.contexts = (FrozenBf16Weights(*modules, skip=fused.replaced), fused)
 
     def __enter__(self):
         self.stack = contextlib.ExitStack()

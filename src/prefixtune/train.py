@@ -23,6 +23,7 @@ from .cache import enable_gradient_checkpointing
 from .checkpoint import CHECKPOINT, Checkpoint
 from .data import check_pairs, load_task, load_train_dev, sample_pairs, training_pairs
 from .data.collate import Collator, encode_example, length_grouped_batches
+from .data_parallel import ThreadedHalves, uses_dropout
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
@@ -230,6 +231,19 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     # weights (precision.FrozenBf16Step)
     frozen_step = FrozenBf16Step(*method.loss_modules()) if bf16 else contextlib.nullcontext()
     rank, world = accelerator.process_index, accelerator.num_processes
+    # two or more torch threads on a CPU, one process: each batch's halves run on two Python threads
+    # (data_parallel.py). Not with dropout, whose random draws would then depend on thread timing; not when
+    # most weights train (finetune): each half then computes the whole model's weight gradient, and the
+    # halves were slower than one pass on both threads (measured in docs/training_speed.md)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    all_weights = sum(p.numel() for p in {id(p): p for m in method.loss_modules() for p in m.parameters()}.values())
+    halves = (ThreadedHalves(torch.get_num_threads()) if accelerator.device.type == "cpu" and world == 1
+              and torch.get_num_threads() >= 2 and not uses_dropout(*method.loss_modules())
+              and sum(p.numel() for p in trained) < all_weights / 4 else None)
+
+    def loss_of(batch):  # autocast is per thread: entered by the thread that runs the loss
+        with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
+            return method.loss(module, batch)
     module.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc=f"train {config.method}", dynamic_ncols=True)
@@ -247,9 +261,11 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             step_start, step_cpu_start = time.perf_counter(), time.process_time()
             batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in local]).items()}
             with frozen_step:
-                with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
-                    loss, n_target = method.loss(module, batch)
-                accelerator.backward(loss)
+                if halves is not None and len(local) >= 2:
+                    loss, n_target = halves.step(loss_of, batch, trained)
+                else:
+                    loss, n_target = loss_of(batch)
+                    accelerator.backward(loss)
             if config.grad_clip:
                 accelerator.clip_grad_norm_(module.parameters(), config.grad_clip)
             optimizer.step()
@@ -280,6 +296,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             if on_step is not None:
                 on_step(step, logs, accelerator.unwrap_model(module))
     bar.close()
+    if halves is not None:
+        halves.close()
     elapsed = max(train_time, 1e-9)
     final_dev = history[-1].get("dev_loss") if history else None
     stop_reason = "early_stop" if stopped_early else ("step_limit" if config.max_steps else "epoch_limit")

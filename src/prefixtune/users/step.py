@@ -83,29 +83,68 @@ def gradient_leaves(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for g, t in p.items()}
 
 
+def split_users(groups: list, parts: int = 2) -> list[list]:
+    """A pass's [(user, rows), ...] in up to `parts` pieces of whole users, about equal in rows, in order."""
+    total, pieces, rows = sum(len(group) for _, group in groups), [[]], 0
+    for user, group in groups:
+        if pieces[-1] and len(pieces) < parts and rows >= total * len(pieces) / parts:
+            pieces.append([])
+        pieces[-1].append((user, group))
+        rows += len(group)
+    return pieces
+
+
+def _run_pass(model, spec, key, groups, prefixes, collate, device, bf16, normalisers):
+    """One forward of whole users' rows at one padded length: ({user: (loss sum, target tokens)}, {user: gradients
+    of their `prefixes` entry, or None without `normalisers`})."""
+    rows = [example for _, group in groups for example in group]
+    batch = collate_padded(collate, rows, key, spec.family, device)
+    counts = [sum(target_count(e, spec.family) for e in group) for _, group in groups]
+    grad = contextlib.nullcontext() if normalisers else torch.no_grad()
+    with grad, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        prefix_kv = grouped_prefix_kv([(prefixes[user], len(group)) for user, group in groups], spec)
+        logits, targets, _ = target_logits(model, spec, batch, prefix_kv)
+        token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    parts = token_losses.split(counts)  # rows are grouped by user, tokens are row-major
+    grads = None
+    if normalisers:
+        leaves = [(user, g, t) for user, _ in groups for g, t in prefixes[user].items()]
+        loss = sum(part.sum() / normalisers[user] for (user, _), part in zip(groups, parts))
+        found = torch.autograd.grad(loss, [t for _, _, t in leaves], allow_unused=True)
+        grads = {}
+        for (user, g, _), d in zip(leaves, found):
+            grads.setdefault(user, {})[g] = d
+    sums = {user: (part.detach().double().sum().item(), count) for (user, _), part, count in zip(groups, parts, counts)}
+    return sums, grads
+
+
 def run_passes(model, spec, passes, prefixes: dict, collate, device, bf16: bool, normalisers: dict | None = None,
-               frozen=contextlib.nullcontext()):
+               frozen=contextlib.nullcontext(), halves=None):
     """Run the passes; returns {user: (sum of target-token losses, target tokens)}. `frozen`: the job's
     `precision.FrozenBf16Step` under bf16 (as train.py: weights cast and fused once per job).
 
     With `normalisers` (user -> target tokens of their batch) each pass backpropagates
-    sum over users of (their token losses / their normaliser): a user's gradient is the mean over their
-    own tokens, whatever else is in the pass. Without, nothing is backpropagated (dev loss)."""
+    sum over users of (their token losses / their normaliser) into the `prefixes` tensors' `.grad`: a user's
+    gradient is the mean over their own tokens, whatever else is in the pass. Without, nothing is
+    backpropagated (dev loss). With `halves` (a `data_parallel.ThreadedHalves`, as train.py makes with 2+
+    torch threads) every training pass runs on its worker threads, split into two pieces of whole users: a
+    user's rows still run together at their padded length on one single-threaded worker, whoever shares
+    the pass, so their gradient stays independent of the other users, to the bit."""
     sums: dict = {}
     for key, groups in passes:
-        rows = [example for _, group in groups for example in group]
-        batch = collate_padded(collate, rows, key, spec.family, device)
-        counts = [sum(target_count(e, spec.family) for e in group) for _, group in groups]
-        grad = contextlib.nullcontext() if normalisers else torch.no_grad()
         with frozen:
-            with grad, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                prefix_kv = grouped_prefix_kv([(prefixes[user], len(group)) for user, group in groups], spec)
-                logits, targets, _ = target_logits(model, spec, batch, prefix_kv)
-                token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
-            parts = token_losses.split(counts)  # rows are grouped by user, tokens are row-major
-            if normalisers:
-                sum(part.sum() / normalisers[user] for (user, _), part in zip(groups, parts)).backward()
-        for (user, _), part, count in zip(groups, parts, counts):
-            total, n = sums.get(user, (0.0, 0))
-            sums[user] = (total + part.detach().double().sum().item(), n + count)
+            if halves is not None and normalisers:
+                pieces = list(halves.map(lambda part: _run_pass(model, spec, key, part, prefixes, collate, device,
+                                                                bf16, normalisers), split_users(groups)))
+            else:
+                pieces = [_run_pass(model, spec, key, groups, prefixes, collate, device, bf16, normalisers)]
+        for piece_sums, grads in pieces:  # fixed order: passes ascending, then the pieces of a pass in order
+            for user, (total, count) in piece_sums.items():
+                before, n = sums.get(user, (0.0, 0))
+                sums[user] = (before + total, n + count)
+            for user, by_group in (grads or {}).items():
+                for g, d in by_group.items():
+                    leaf = prefixes[user][g]
+                    if d is not None:
+                        leaf.grad = d if leaf.grad is None else leaf.grad + d
     return sums

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_bytes
 from ..data.collate import Collator, encode_example
+from ..data_parallel import ThreadedHalves, uses_dropout
 from ..methods import build_method
 from ..methods.base import count_parameters
 from ..exported import read_header
@@ -133,6 +134,9 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     # Llama layers run on fused weights (llama_training.py): train.py's numerics, so a user's prefix is the
     # one a separate `prefixtune train` on their rows gives
     frozen = FrozenBf16Step(model) if bf16 else contextlib.nullcontext()
+    # 2+ torch threads on a CPU: the passes run on two single-threaded workers, as train.py's halves
+    halves = (ThreadedHalves(torch.get_num_threads()) if device.type == "cpu" and torch.get_num_threads() >= 2
+              and not uses_dropout(model, template) else None)  # as train.py decides
     encode = lambda example: encode_example(tokenizer, spec.family, example, config.template,  # noqa: E731
                                             config.max_source_len, config.max_target_len)
     collate = Collator(tokenizer.pad_token_id, spec.family, getattr(model.config, "decoder_start_token_id", None))
@@ -189,7 +193,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         start = time.perf_counter()
         batches = {i: state.next_batch() for i, state in enumerate(active)}
         round_tokens, round_padded = _train_round(active, batches, model, spec, collate, device, bf16, users, config,
-                                                   frozen)
+                                                   frozen, halves)
         train_time += time.perf_counter() - start
         tokens, padded = tokens + round_tokens, padded + round_padded
         due = [i for i, state in enumerate(active) if state.eval_due(config.eval_every)]
@@ -208,6 +212,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         active = [s for s in active if not s.done]
         bar.set_postfix(resident=len(active), tok_s=f"{tokens / max(train_time, 1e-9):.0f}")
     bar.close()
+    if halves is not None:
+        halves.close()
     result = UsersResult(str(out), str(out / STORE), users.tenant, rows, tokens / max(train_time, 1e-9),
                          train_time, tokens, padded, resident, state_bytes, per_user, dev_time, export_time)
     write_summary(result, out)
@@ -215,13 +221,13 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
 
 
 def _train_round(active: list[UserState], batches: dict, model, spec, collate, device, bf16: bool,
-                 users: UsersConfig, config: TrainConfig, frozen) -> tuple[int, int]:
+                 users: UsersConfig, config: TrainConfig, frozen, halves=None) -> tuple[int, int]:
     """Every resident user takes one step on their own batch; returns (tokens, padded tokens) computed."""
     prefixes = {i: state.prefix(device, bf16) for i, state in enumerate(active)}
     leaves = {i: gradient_leaves(p) for i, p in prefixes.items()}
     normalisers = {i: sum(target_count(e, spec.family) for e in batch) for i, batch in batches.items()}
     passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
-    sums = run_passes(model, spec, passes, leaves, collate, device, bf16, normalisers, frozen)
+    sums = run_passes(model, spec, passes, leaves, collate, device, bf16, normalisers, frozen, halves)
     for i, state in enumerate(active):
         state.step_with(prefixes[i], leaves[i], config.grad_clip)
         state.last_loss = sums[i][0] / max(sums[i][1], 1)
