@@ -147,8 +147,8 @@ def test_bf16_copies_skip_the_shared_model_for_copy_methods(tokenizer):
     assert swapped and not swapped & {id(m) for m in model.modules()}
 
 
-def fused_run(method_name, fused: bool, tokenizer):
-    """(loss, trained gradients, frozen weights after the step, patched modules) of one bf16 step on tiny Llama."""
+def tiny_method(method_name, tokenizer):
+    """A tiny Llama and a method on it whose trained parameters are random (not zero-initialised)."""
     model = tiny_model("llama")
     torch.manual_seed(0)
     method = build_method(method_name, model, tokenizer, model_spec(model),
@@ -156,6 +156,12 @@ def fused_run(method_name, fused: bool, tokenizer):
     for p in method.module.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.1)
+    return model, method
+
+
+def fused_run(method_name, fused: bool, tokenizer):
+    """(loss, trained gradients, frozen weights after the step, patched modules) of one bf16 step on tiny Llama."""
+    model, method = tiny_method(method_name, tokenizer)
     layers = FusedLlamaLayers(*method.loss_modules())
     with FrozenBf16Weights(*method.loss_modules()), layers if fused else contextlib.nullcontext():
         with torch.autocast("cpu", torch.bfloat16):
@@ -234,13 +240,7 @@ def half_batch_run(method_name, tokenizer, halves: bool, bf16: bool = False):
     from prefixtune.data_parallel import ThreadedHalves
     from prefixtune.precision import FrozenBf16Step
 
-    model = tiny_model("llama")
-    torch.manual_seed(0)
-    method = build_method(method_name, model, tokenizer, model_spec(model),
-                          TrainConfig(method=method_name, prefix_len=4, mlp_dim=16))
-    for p in method.module.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.1)
+    model, method = tiny_method(method_name, tokenizer)
     trained = {n: p for m in method.loss_modules() for n, p in m.named_parameters() if p.requires_grad}
     frozen = {n: p for m in method.loss_modules() for n, p in m.named_parameters() if not p.requires_grad}
     batch = make_batch(model, tokenizer)
