@@ -178,3 +178,16 @@ def test_offline_decoding_on_two_threads_uses_replicas_and_gives_the_same_tokens
         torch.set_num_threads(1)
         cache.clear()
     assert got == want and len(set(map(tuple, want))) > 3
+
+
+def test_offline_decoding_off_the_lean_llama_step_keeps_one_engine_on_two_threads(tokenizer):
+    """GPT-2 decodes on the HF path, whose bf16 rows may depend on their batch: replicas would make its
+    outputs depend on the thread count, so offline decoding keeps one engine there."""
+    from prefixtune.engine.offline import EngineCache
+
+    cache = EngineCache(tiny_model("gpt2"), tokenizer)
+    torch.set_num_threads(2)
+    try:
+        assert cache.replicas(torch.bfloat16, 32, 1) == 1
+    finally:
+        torch.set_num_threads(1)

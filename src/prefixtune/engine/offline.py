@@ -18,6 +18,7 @@ import threading
 import torch
 
 from ..generation import DecodingConfig, stop_ids
+from . import llama_fast
 from .engine import Engine, resolve_dtype
 from .replicas import Replicas, make_engine
 from .request import Request
@@ -58,8 +59,8 @@ class EngineCache:
         """One replica per torch thread (replicas.py) where each still gets REPLICA_ROWS rows and a beam
         group, and a row's tokens do not depend on its batch (bf16 on the lean step); else one engine."""
         threads = torch.get_num_threads()
-        if threads < 2 or dtype != torch.bfloat16 or not self.fast:
-            return 1
+        if threads < 2 or dtype != torch.bfloat16 or not self.fast or not llama_fast.supports(self.model):
+            return 1  # the HF path's bf16 rows may depend on their batch: one engine, whatever the threads
         return max(1, min(threads, rows // max(REPLICA_ROWS, beams)))
 
     def clear(self):
