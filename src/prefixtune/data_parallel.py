@@ -45,6 +45,15 @@ def uses_dropout(*modules: nn.Module) -> bool:
     return False
 
 
+def threaded_halves(device: torch.device, *modules: nn.Module) -> "ThreadedHalves | None":
+    """`ThreadedHalves` where they apply (train.py, the users trainer): a CPU with 2+ torch threads and no
+    dropout in `modules` (its draws would depend on thread timing); else None, one pass."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or uses_dropout(*modules):
+        return None
+    return ThreadedHalves(threads)
+
+
 class ThreadedHalves:
     """`step(loss_of, batch, params)`: the batch's mean-loss gradient on `params`, the halves run on two threads.
 

@@ -23,7 +23,7 @@ from .cache import enable_gradient_checkpointing
 from .checkpoint import CHECKPOINT, Checkpoint
 from .data import check_pairs, load_task, load_train_dev, sample_pairs, training_pairs
 from .data.collate import Collator, encode_example, length_grouped_batches
-from .data_parallel import ThreadedHalves, uses_dropout
+from .data_parallel import threaded_halves
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
@@ -237,9 +237,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     # halves were slower than one pass on both threads (measured in docs/training_speed.md)
     trained = [p for p in module.parameters() if p.requires_grad]
     all_weights = sum(p.numel() for p in {id(p): p for m in method.loss_modules() for p in m.parameters()}.values())
-    halves = (ThreadedHalves(torch.get_num_threads()) if accelerator.device.type == "cpu" and world == 1
-              and torch.get_num_threads() >= 2 and not uses_dropout(*method.loss_modules())
-              and sum(p.numel() for p in trained) < all_weights / 4 else None)
+    halves = (threaded_halves(accelerator.device, *method.loss_modules())
+              if world == 1 and sum(p.numel() for p in trained) < all_weights / 4 else None)
 
     def loss_of(batch):  # autocast is per thread: entered by the thread that runs the loss
         with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_bytes
 from ..data.collate import Collator, encode_example
-from ..data_parallel import ThreadedHalves, uses_dropout
+from ..data_parallel import threaded_halves
 from ..methods import build_method
 from ..methods.base import count_parameters
 from ..exported import read_header
@@ -135,8 +135,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     # one a separate `prefixtune train` on their rows gives
     frozen = FrozenBf16Step(model) if bf16 else contextlib.nullcontext()
     # 2+ torch threads on a CPU: the passes run on two single-threaded workers, as train.py's halves
-    halves = (ThreadedHalves(torch.get_num_threads()) if device.type == "cpu" and torch.get_num_threads() >= 2
-              and not uses_dropout(model, template) else None)  # as train.py decides
+    halves = threaded_halves(device, model, template)
     encode = lambda example: encode_example(tokenizer, spec.family, example, config.template,  # noqa: E731
                                             config.max_source_len, config.max_target_len)
     collate = Collator(tokenizer.pad_token_id, spec.family, getattr(model.config, "decoder_start_token_id", None))
