@@ -53,6 +53,15 @@ def test_every_format_loads_to_the_same_records(tmp_path):
         load_records(tmp_path / "saved-dict", split="dev")
 
 
+@pytest.mark.parametrize("suffix,sep", [(".csv", ","), (".tsv", "\t")])
+def test_csv_cells_are_read_as_text_not_as_numbers(tmp_path, suffix, sep):
+    """pandas alone would read '00123' as 123.0 and merge users '007' and '7'."""
+    path = tmp_path / f"d{suffix}"
+    path.write_text(sep.join(["user", "source", "target"]) + "\n" + sep.join(["007", "1e5", "00123"]) + "\n"
+                    + sep.join(["7", "True", "2.50"]) + "\n", encoding="utf-8-sig")
+    assert simple(load_records(path, user_field="user")) == [("1e5", ["00123"], "007"), ("True", ["2.50"], "7")]
+
+
 def test_line_numbers_skip_blank_lines_and_count_the_csv_header(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")

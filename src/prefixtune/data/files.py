@@ -141,6 +141,8 @@ def _read_file(path: Path):
     if path.stat().st_size == 0:
         raise DataFileError(f"{path}: line 1: empty file: no rows")
     builder, options = FORMATS[suffix]
+    if builder == "csv":
+        options = {**options, **_text_columns(path, options.get("delimiter", ","))}
     try:
         rows = _build(builder, str(path), options)
     except Exception as e:  # datasets wraps the parser's error (pyarrow, pandas) in its own
@@ -156,6 +158,24 @@ def _read_file(path: Path):
     if suffix in (".csv", ".tsv"):  # the header is line 1
         return rows, lambda i: f"line {i + 2}"
     return rows, _rows
+
+
+def _text_columns(path: Path, delimiter: str) -> dict:
+    """`load_dataset` options that read every CSV column as text: left to pandas, a column of numbers becomes
+    numbers, so target '00123' trains as '123.0' and users '007' and '7' merge into one. {} when the header has
+    an empty or repeated name (pandas renames those columns): the columns are then inferred as before."""
+    import csv
+
+    import datasets
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f, delimiter=delimiter), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}  # the parser says what is wrong
+    if not header or "" in header or len(set(header)) != len(header):
+        return {}
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
 
 
 def _build(builder: str, data_file: str, options: dict) -> list[dict]:
