@@ -169,6 +169,10 @@ def test_user_names_become_prefix_names_or_are_refused():
     assert prefix_name("Jörg Müller") == "J-rg-M-ller"
     with pytest.raises(ValueError, match="'a b' and 'a-b' would both be named 'a-b'"):
         prefix_names(["a b", "a-b"])
+    with pytest.raises(ValueError, match="'Ann' and 'ann' would be named 'Ann' and 'ann', which differ only in case"):
+        prefix_names(["Ann", "ann"])  # one file on macOS or Windows: one user's prefix served as the other's
+    with pytest.raises(ValueError, match="'Bo B' and 'bo-b' would be named 'Bo-B' and 'bo-b'"):
+        prefix_names(["Bo B", "bo-b"])
     with pytest.raises(ValueError, match="no usable prefix name"):
         prefix_names(["ok", "@@@"])
     with pytest.raises(ValueError, match="base model's name"):
