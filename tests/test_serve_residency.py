@@ -118,6 +118,26 @@ def test_pinned_prefixes_stay_and_a_failing_load_is_prefix_unavailable(model, re
     assert "a" not in bank and bank.get("b") is not None
 
 
+def test_a_stored_file_that_went_missing_is_refused_without_the_servers_paths(model, real_tokenizer, blobs, tmp_path):
+    from prefixtune.serve.errors import ServeError
+    from prefixtune.serve.settings import ServeSettings
+    from prefixtune.serve.store import PrefixStore
+
+    root = tmp_path / "private-store-root"
+    bank = PrefixBank(model, real_tokenizer, max_resident=1)
+    store = PrefixStore(bank, ServeSettings(store_dir=root), ["alice"])
+    store.put("alice", "a", blobs["p0"])
+    store.put("alice", "b", blobs["p1"])  # evicts a
+    (root / tenant_dir_name("alice") / "a.safetensors").unlink()  # an operator's slip, a full disk's cleanup...
+    with pytest.raises(PrefixUnavailable) as raised:
+        bank.get(store.bank_id("alice", "a"))
+    with pytest.raises(ServeError) as refused:  # the requests after it
+        store.resolve("alice", "a")
+    for message in (str(raised.value), refused.value.message):
+        assert "No such file or directory" in message and "upload it again" in message
+        assert str(root) not in message and tenant_dir_name("alice") not in message, message
+
+
 def test_byte_limit(model, real_tokenizer, blobs):
     sizes = {i: 4 * sum(t.numel() for t in load_prefix_bytes(b).p.values()) for i, b in blobs.items()}
     bank = PrefixBank(model, real_tokenizer, max_resident_bytes=sizes["p2"] + sizes["p3"])

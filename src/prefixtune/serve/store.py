@@ -146,7 +146,9 @@ class PrefixStore:
                 data = f.read()
             return self._validate(data, name)
         except (ServeError, OSError) as e:
-            message = getattr(e, "message", str(e))
+            # an OSError's text holds the file's path: the server's layout is not the client's business
+            message = e.message if isinstance(e, ServeError) else \
+                f"the stored file cannot be read: {e.strerror or type(e).__name__}"
             log.warning("stored prefix %s cannot be loaded: %s", path, message)
             with self._lock:
                 if inode is None or _inode(path) == inode:  # not replaced by an upload meanwhile
