@@ -179,6 +179,28 @@ def test_malformed_files_are_prefix_file_errors(exported):
     assert load_prefix_bytes(half, spec).prefix_len == 5  # an fp16 export that says so is fine
 
 
+def test_a_header_of_many_tensors_or_megabytes_is_refused_before_it_is_parsed(exported):
+    """200,000 empty tensors in 11 MB (an upload's size) cost 160 MB and seconds to parse; 1 MB of padding
+    in a header is no prefix either."""
+    from safetensors.torch import save
+
+    from prefixtune.interop.peft import check_adapter
+    from prefixtune.prefix_file import MAX_TENSORS
+
+    path, _, spec = exported
+    many = save({f"t{i}": torch.zeros(0) for i in range(MAX_TENSORS + 1)}, metadata={"format": "x"})
+    with pytest.raises(PrefixFileError, match=f"it holds {MAX_TENSORS + 1} tensors; a prefix file holds at most"):
+        load_prefix_bytes(many, spec)
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 5, "num_layers": 2,
+              "token_dim": 16, "num_attention_heads": 2}
+    with pytest.raises(PrefixFileError, match="tensors; a prefix file holds at most"):
+        check_adapter(config, many)
+    padded = _with_header(path.read_bytes(), lambda h: {**h, "__metadata__": {**h["__metadata__"],
+                                                                               "pad": "x" * (1 << 20)}})
+    with pytest.raises(PrefixFileError, match="its header is .* bytes; a prefix file's is at most"):
+        load_prefix_bytes(padded, spec)
+
+
 def _with_header(data: bytes, change) -> bytes:
     import json
     import struct

@@ -28,7 +28,8 @@ import torch
 
 from ..atomic import atomic_write_bytes
 
-from ..prefix_file import DTYPES, ExportedPrefix, PrefixFileError, load_prefix_bytes, prefix_to_bytes
+from ..prefix_file import (DTYPES, ExportedPrefix, PrefixFileError, load_prefix_bytes, prefix_to_bytes,
+                           safetensors_header)
 from ..models import EMBEDDED, ModelSpec
 
 CONFIG_FILE = "adapter_config.json"
@@ -173,6 +174,7 @@ def check_adapter(config: dict, weights: bytes, source: str = "PEFT adapter",
 
     check_config(config, source, max_prefix_len)
     try:
+        safetensors_header(weights)  # bounded before safetensors builds its tensors
         tensors = load(weights)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise PrefixFileError(f"{source}: {WEIGHTS_FILE} is not a valid safetensors file ({e})") from None
