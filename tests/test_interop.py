@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
@@ -605,6 +606,33 @@ def test_a_tar_unpacking_beyond_the_cap_is_refused_and_reasons_are_named(tmp_pat
         with pytest.raises(PrefixFileError, match="holds prefix.safetensors twice"):
             archive_to_prefix_bytes(packed, spec, 1 << 20)
     assert read_archive(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ", 1 << 20, "upload") is None  # a safetensors file
+
+
+def test_a_zip_of_many_entries_is_refused_from_its_end_record(tmp_path):
+    """zipfile parses the whole central directory before anyone can count it: 150,000 empty entries in 12 MB
+    (an upload's size) cost 80 MB. The end record's count and size are checked first; so is a lying count."""
+    import tracemalloc
+
+    from prefixtune.interop.folders import MAX_MEMBERS, read_archive
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(30000):
+            z.writestr(f"{i}", b"")
+    data = buf.getvalue()
+    at = data.rfind(b"PK\x05\x06")
+    lying = data[:at + 8] + struct.pack("<HH", 1, 1) + data[at + 12:]  # says 1 member, holds 30,000
+    for packed, message in ((data, "holds 30000 members; the limit is 64"), (lying, "directory is .* bytes")):
+        tracemalloc.start()
+        try:
+            with pytest.raises(PrefixFileError, match=message):
+                read_archive(packed, 16 << 20, "upload")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, f"refusing a {len(packed)}-byte zip allocated {peak} bytes"
+    small = _zip({f"f{i}.txt": b"x" for i in range(MAX_MEMBERS)})
+    assert read_archive(small, 1 << 20, "upload") == {}  # 64 members of no known name: none kept, no refusal
 
 
 def _peft_files(exported, spec, **config_changes) -> dict[str, bytes]:

@@ -11,6 +11,7 @@ import bz2
 import gzip
 import io
 import lzma
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -25,6 +26,7 @@ CARD_FILE = "README.md"
 KNOWN = (PREFIX_FILE, peft.CONFIG_FILE, peft.WEIGHTS_FILE)
 MAX_MEMBERS = 64               # members of one archive (directories included)
 MAX_META_BYTES = 64 << 10      # a tar long-name or pax header's data: a name, never megabytes
+MAX_ZIP_DIRECTORY = 1 << 20    # a zip's central directory: 64 members' names and fields, never megabytes
 META_NAMES = {b"L": "GNU long name", b"K": "GNU long link", b"x": "pax", b"g": "pax global"}
 META_TYPES = tuple(META_NAMES)
 BLOCK = tarfile.BLOCKSIZE
@@ -83,6 +85,21 @@ def _tar_stream(data: bytes):
     return io.BytesIO(data) if len(data) >= BLOCK and _is_tar_header(data[:BLOCK]) else None
 
 
+def _check_zip_directory(data: bytes, source: str):
+    """The zip's end record, checked before zipfile reads the central directory it points to: zipfile builds
+    an object per entry there (12 MB of empty entries cost 80 MB), and counts them only afterwards."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 0xFFFF))
+    if at < 0 or at + 22 > len(data):
+        return  # no end record: zipfile refuses the archive
+    if at >= 20 and data[at - 20: at - 16] == b"PK\x06\x07":  # zip64 (its own counts): never needed for a prefix
+        raise PrefixFileError(f"{source}: a zip64 archive; a prefix folder fits a plain zip")
+    entries, size = struct.unpack("<HI", data[at + 10: at + 16])
+    if entries > MAX_MEMBERS:
+        raise PrefixFileError(f"{source}: the archive holds {entries} members; the limit is {MAX_MEMBERS}")
+    if size > MAX_ZIP_DIRECTORY:
+        raise PrefixFileError(f"{source}: the archive's directory is {size} bytes; the limit is {MAX_ZIP_DIRECTORY}")
+
+
 def _checked_tar(reader: BoundedReader, source: str) -> bytes:
     """The tar's bytes, read header by header: each header's declared size is checked before its data is
     read (a GNU long name or a pax header is data that tarfile would read whole), members are counted.
@@ -139,6 +156,7 @@ def read_archive(data: bytes, limit: int, source: str) -> dict[str, bytes] | Non
 
     try:
         if data[:4] == b"PK\x03\x04":
+            _check_zip_directory(data, source)
             with zipfile.ZipFile(io.BytesIO(data)) as z:
                 infos = z.infolist()
                 if len(infos) > MAX_MEMBERS:
