@@ -321,6 +321,58 @@ def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
     assert (tmp_path / "run" / "users.csv").read_text().splitlines() == csv_rows
 
 
+def contents(path) -> tuple:
+    """A safetensors file's tensors (as bytes) and metadata: its header's order is not fixed from run to run."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+
+
+def test_a_bare_resume_finishes_a_many_users_job_with_its_options_and_runs_never_take_each_others_dirs(
+        tmp_path, tiny_dir, llama, tokenizer):
+    """`train -o OUT --resume` finishes the many-users job in OUT with its saved options (it said "written by
+    another version"; with --user-field, a forgotten --max-steps retrained every user on the default schedule);
+    a flag that contradicts them is refused; a single run and a many-users job never write into each other's
+    directory without --overwrite."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, ["train", *map(str, args)])
+
+    rows = [{"user": u, "input": f"name : Place {i} | food : Thai", "output": f"Place {i} by {u}."}
+            for i in range(8) for u in ("ann", "bob")]
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    first = invoke("-o", out, "--model", tiny_dir, "--data", data, "--user-field", "user", "--tenant", "acme",
+                   "--max-steps", "2", "--method", "prefix-flat")
+    assert first.exit_code == 0, (first.output, first.exception)
+    summary = (out / "users.csv").read_text()
+    bob = store_dir(out, "acme") / "bob.safetensors"
+    written = contents(bob)
+    bob.unlink()  # as if killed before bob was written
+    resumed = invoke("-o", out, "--resume")
+    assert resumed.exit_code == 0, (resumed.output, resumed.exception)
+    assert (out / "users.csv").read_text() == summary and contents(bob) == written  # 2 steps, tenant acme
+    for flag, value, saved in (("--max-steps", "3", "2"), ("--tenant", "other", "'acme'")):
+        refused = invoke("-o", out, "--resume", flag, value)
+        assert refused.exit_code == 2 and f"with {flag} {saved}, not" in refused.stderr, refused.stderr
+    single = invoke("-o", out, "--model", tiny_dir, "--data", data, "--max-steps", "1")
+    assert single.exit_code == 2 and "holds a many-users run (--user-field): pass --overwrite" in single.stderr
+    with pytest.raises(ValueError, match="holds a many-users run"):
+        train(TrainConfig(output_dir=str(out)), llama, tokenizer, [("a", "b")], resume=True, progress=False)
+    assert (out / "users.csv").read_text() == summary and contents(bob) == written
+    other = tmp_path / "single"
+    other.mkdir()
+    (other / "result.json").write_text("{}")  # a finished single run
+    users = invoke("-o", other, "--model", tiny_dir, "--data", data, "--user-field", "user")
+    assert users.exit_code == 2 and "holds a single-prefix run" in users.stderr, users.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["result.json"]
+
+
 def test_every_model_family_trains_users_apart_and_as_alone(family, tokenizer, tmp_path):
     """Encoder-decoder models too (three prefix groups, rows padded on both sides): isolation to the bit
     and equivalence with `train` within the tolerance above."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -30,24 +31,46 @@ RESULT = "result.json"
 TRAIN_CONFIG = "train_config.json"
 # Where and on what a resumed run goes on; they may differ from the saved config without contradicting it.
 NOT_THE_RUN = ("output_dir", "device")
+# A many-users job (users/trainer.py, `train --user-field`) writes its prefixes into OUT/store, its summary
+# into OUT/users.json and .csv, and its UsersConfig under this key of train_config.json.
+USERS_KEY, USERS_STORE, USERS_SUMMARY, USERS_CSV = "users", "store", "users.json", "users.csv"
+
+
+def holds_single_run(out_dir: Path) -> bool:
+    """Whether OUT_DIR holds a finished or interrupted `train` run (one prefix, or one method's weights)."""
+    return (out_dir / RESULT).is_file() or (out_dir / CHECKPOINT).is_file()
+
+
+def holds_users_run(out_dir: Path) -> bool:
+    """Whether OUT_DIR holds a many-users job that wrote something: its summary, or users' prefixes."""
+    return (out_dir / USERS_SUMMARY).is_file() or any((out_dir / USERS_STORE).glob("*/*.safetensors"))
+
+
+def clear_run(out_dir: Path):
+    """Remove what a run, single or many-users, wrote into OUT_DIR (--overwrite); anything else stays."""
+    for name in [CHECKPOINT, RESULT, TRAIN_CONFIG, USERS_SUMMARY, USERS_CSV, *set(EXPORT_FILES.values())]:
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / USERS_STORE, ignore_errors=True)
 
 
 def check_output_dir(out_dir: Path, resume: bool, overwrite: bool):
-    """Never silently replace a run: a finished or interrupted one needs --resume or --overwrite."""
+    """Never silently replace a run: a finished or interrupted one needs --resume or --overwrite, and a many-users
+    job's directory (`--user-field`) is never taken by a single run without --overwrite."""
     if resume or not out_dir.is_dir():
         return
     if (out_dir / RESULT).is_file():
         state = "a finished run"
     elif (out_dir / CHECKPOINT).is_file():
         state = "an interrupted run"
+    elif holds_users_run(out_dir):
+        state = "a many-users run (--user-field)"
     else:
         return
     if not overwrite:
-        keep = "" if state == "a finished run" else ", --resume to continue it"
+        keep = ", --resume to continue it" if state == "an interrupted run" else ""
         raise FileExistsError(f"{out_dir} holds {state}: pass --overwrite to replace it{keep}, "
                               f"or choose another --output-dir")
-    for name in [CHECKPOINT, RESULT, TRAIN_CONFIG, *set(EXPORT_FILES.values())]:
-        (out_dir / name).unlink(missing_ok=True)
+    clear_run(out_dir)
 
 
 def data_dir_of(config: TrainConfig) -> str | None:
@@ -131,6 +154,7 @@ def resumed_config(out_dir: str | Path, given: dict, flags: bool = False) -> Tra
     saved = saved_config(out_dir)
     if saved is None:
         raise FileNotFoundError(f"nothing to resume: {out_dir} holds no run ({TRAIN_CONFIG} or {CHECKPOINT})")
+    saved = {k: v for k, v in saved.items() if k != USERS_KEY}  # a many-users job's own options: users/trainer.py
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(saved) - known)
     if unknown:

@@ -27,8 +27,8 @@ from .data_parallel import threaded_halves
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
-from .run_dir import (RESULT, TRAIN_CONFIG, check_output_dir, checkpoint_facts, data_dir_of, data_provenance,
-                      describe_data, finished_result, given_options, resumed_config, saved_config)
+from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpoint_facts, data_dir_of,
+                      data_provenance, describe_data, finished_result, given_options, resumed_config, saved_config)
 from .precision import FrozenBf16Step, bf16_available
 from .train_config import TrainConfig
 
@@ -145,7 +145,11 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     if config.method not in EXPORT_FILES:
         raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(EXPORT_FILES)}")
     out_dir = Path(config.output_dir)
-    resuming = resume and saved_config(out_dir) is not None  # resume=True in an empty directory starts the run
+    saved = saved_config(out_dir) if resume else None
+    resuming = saved is not None  # resume=True in an empty directory starts the run
+    if resuming and USERS_KEY in saved:  # else one prefix would train on every user's rows, into their job
+        raise ValueError(f"{out_dir} holds a many-users run (--user-field): resume it with `prefixtune train -o "
+                         f"{out_dir} --resume` or prefixtune.users.train_users(..., resume=True)")
     if resuming:  # the run in the directory, as it was started: a contradicting option is refused
         config = resumed_config(out_dir, given_options(config))
         finished = finished_result(out_dir)

@@ -68,7 +68,7 @@ def train(
     """Train a prefix (or another --method) on a frozen model; writes OUTPUT_DIR/prefix.safetensors
     (other methods: a weights file named for the method, e.g. finetuned-model.safetensors).
     Your own data: --data FILE (JSONL, CSV/TSV, Parquet, a dataset folder or hub id) instead of --task."""
-    from ..run_dir import finished_result, resumed_config
+    from ..run_dir import USERS_KEY, finished_result, resumed_config, saved_config
     from ..train import train as run_train
 
     if data is None and (dev_data, source_field, target_field, user_field) != (None,) * 4:
@@ -90,8 +90,11 @@ def train(
         dev_data=dev_data, dev_fraction=dev_fraction, source_field=source_field, target_field=target_field,
         user_field=user_field)
     try:
+        if resume and user_field is None:  # a bare --resume of a many-users job finishes that job
+            saved = saved_config(output_dir) or {}
+            user_field = saved.get("user_field") if USERS_KEY in saved else None
         if user_field is not None:  # many users in one job: prefixtune.users keeps (and resumes) its own store
-            raise typer.Exit(_train_users(TrainConfig(**options), tenant, overwrite, resume))
+            raise typer.Exit(_train_users(ctx, options, tenant, overwrite, resume))
         if resume:  # the run in the directory as saved; only the flags typed here are checked against it
             if overwrite:
                 raise ValueError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: give one")
@@ -127,11 +130,19 @@ def _typed(ctx: typer.Context, options: dict) -> dict:
     return {**given, **({"task_options": task_options} if task_options else {})}
 
 
-def _train_users(config: TrainConfig, tenant: str, overwrite: bool, resume: bool) -> int:
-    """--user-field: one prefix per user in one job (prefixtune.users), into OUTPUT_DIR/store for `serve --store`."""
-    from ..users import UsersConfig, check_users, load_user_pairs, train_users
+def _train_users(ctx: typer.Context, options: dict, tenant: str, overwrite: bool, resume: bool) -> int:
+    """--user-field: one prefix per user in one job (prefixtune.users), into OUTPUT_DIR/store for `serve --store`.
+    --resume finishes the job in OUTPUT_DIR with its saved options (a flag that contradicts them is refused)."""
+    from ..users import UsersConfig, check_users, load_user_pairs, resumed_users_config, train_users
 
-    users = UsersConfig(tenant=tenant)
+    config, users = TrainConfig(**options), UsersConfig(tenant=tenant)
+    if resume:
+        if overwrite:
+            raise ValueError("--resume finishes the run in OUTPUT_DIR and --overwrite replaces it: give one")
+        typed_tenant = tenant if ctx.get_parameter_source("tenant").name not in ("DEFAULT", "DEFAULT_MAP") else None
+        resumed = resumed_users_config(Path(config.output_dir), _typed(ctx, options), typed_tenant, flags=True)
+        if resumed is not None:
+            config, users = resumed
     train, dev = load_user_pairs(config)  # every row checked (file, line, field) before the model loads
     check_users(config, train)            # and every user's prefix name
     model, tokenizer = _load_model(config.model, config.device)

@@ -13,6 +13,7 @@ See docs/users.md.
 from .config import UsersConfig
 from .data import load_user_pairs
 from .result import UsersResult
-from .trainer import check_users, store_dir, train_users
+from .trainer import check_users, resumed_users_config, store_dir, train_users
 
-__all__ = ["UsersConfig", "UsersResult", "check_users", "load_user_pairs", "store_dir", "train_users"]
+__all__ = ["UsersConfig", "UsersResult", "check_users", "load_user_pairs", "resumed_users_config", "store_dir",
+           "train_users"]

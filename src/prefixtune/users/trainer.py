@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +29,8 @@ from ..exported import read_header
 from ..models import load_base_model, model_name, model_spec, resolve_device
 from ..precision import FrozenBf16Step
 from ..prefix_file import PrefixFileError, save_prefix
+from ..run_dir import (USERS_KEY, USERS_STORE, check_output_dir, given_options, holds_single_run, holds_users_run,
+                       resumed_config, saved_config)
 from ..serve.tenants import tenant_dir_name
 from ..train import use_bf16
 from ..train_config import TrainConfig
@@ -39,8 +40,7 @@ from .result import UsersResult, write_summary
 from .state import UserState
 from .step import gradient_leaves, plan, run_passes, target_count
 
-STORE = "store"           # OUT/store: the prefix store `prefixtune serve --store` starts on
-SUMMARY = "users.json"
+STORE = USERS_STORE       # OUT/store: the prefix store `prefixtune serve --store` starts on
 
 
 def store_dir(output_dir: str | Path, tenant: str) -> Path:
@@ -49,15 +49,34 @@ def store_dir(output_dir: str | Path, tenant: str) -> Path:
 
 
 def _check_output_dir(out: Path, overwrite: bool, resume: bool):
-    """Never replace a run silently: a finished or interrupted many-users run needs `overwrite` (or `resume`)."""
-    held = (out / SUMMARY).is_file() or any((out / STORE).glob("*/*.safetensors"))
-    if held and not (overwrite or resume):
+    """Never replace a run silently: a finished or interrupted many-users run needs `overwrite` (or `resume`), and
+    a single `train` run's directory is taken only with `overwrite`."""
+    if holds_single_run(out) and not overwrite:
+        raise FileExistsError(f"{out} holds a single-prefix run (train without --user-field): pass --overwrite to "
+                              "replace it, or choose another --output-dir")
+    if holds_users_run(out) and not (overwrite or resume):
         raise FileExistsError(f"{out} holds a many-users run: pass --overwrite to replace it, --resume to finish "
                               "it, or choose another --output-dir")
-    if held and overwrite:
-        shutil.rmtree(out / STORE, ignore_errors=True)
-        for name in (SUMMARY, "users.csv"):
-            (out / name).unlink(missing_ok=True)
+    if overwrite:
+        check_output_dir(out, resume=False, overwrite=True)
+
+
+def resumed_users_config(out: Path, given: dict, tenant: str | None, flags: bool = False
+                         ) -> tuple[TrainConfig, UsersConfig] | None:
+    """The saved options of the many-users job in OUT (train_config.json), to finish it as it was started, or None
+    when OUT holds no job yet. `given` (the options the caller set) and `tenant` (None: not set) must agree with
+    them: a contradiction is refused naming both values, as `train --resume` refuses one."""
+    saved = saved_config(out)
+    if saved is None:
+        return None
+    if USERS_KEY not in saved:
+        raise ValueError(f"{out} holds a single-prefix run (train without --user-field), not a many-users one")
+    config = resumed_config(out, given, flags)
+    users = UsersConfig(**saved[USERS_KEY])
+    if tenant is not None and tenant != users.tenant:
+        raise ValueError(f"{out} holds a many-users run with {'--tenant' if flags else 'tenant'} {users.tenant!r}, "
+                         f"not {tenant!r}: --resume finishes that run as it was started")
+    return config, users
 
 
 def _data_digest(train: list, dev: list) -> str:
@@ -101,6 +120,12 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     every other user. `resume` finishes a killed job: users already in the store (same rows, same options)
     are kept, the others are trained.
     """
+    if resume:  # the job in OUTPUT_DIR as it was started (its options, its tenant), like `train`'s resume
+        resumed = resumed_users_config(Path(config.output_dir), given_options(config),
+                                       None if users is None else users.tenant)
+        if resumed is not None:
+            config, saved_users = resumed
+            users = replace(users, tenant=saved_users.tenant) if users is not None else saved_users
     users = users or UsersConfig()
     if train is None:  # data before the model: a bad file fails in a second
         from .data import load_user_pairs
@@ -145,7 +170,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "train_config.json",
-                       json.dumps({**asdict(config), "users": asdict(users)}, indent=2).encode())
+                       json.dumps({**asdict(config), USERS_KEY: asdict(users)}, indent=2).encode())
     prefixes = store_dir(out, users.tenant)
     base_params = count_parameters(model)
     digests = {user: _data_digest(train[user], dev.get(user, [])) for user in train}
