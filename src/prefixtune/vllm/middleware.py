@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import user_text
 from .protocol import PLACEHOLDER_TOKEN_ID, PrefixRef, prompt_ids, template_of, tenant_salt
 
 log = logging.getLogger("prefixtune.vllm")
@@ -157,8 +158,8 @@ class Frontend:
         raw = bool(body.pop("raw", False))
         ids = []
         for text in prompts:
-            if raw:
-                source = self.tokenizer(text)["input_ids"][-self.max_source_len:]
+            if raw:  # user text as text, as `prefixtune serve` (bank.encode): a spelled <|im_end|> is no control token
+                source = user_text.encode(self.tokenizer, lambda guard, text=text: guard(text))[-self.max_source_len:]
             else:
                 from ..data.collate import source_ids
 
