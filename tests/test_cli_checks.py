@@ -58,5 +58,19 @@ def test_train_checks_data_and_output_dir_before_the_model(tmp_path):
     assert "unknown method 'lora'" in line
 
 
+def test_export_refuses_a_misspelt_which_instead_of_exporting_the_last_step(tmp_path):
+    import pytest
+
+    from prefixtune.checkpoint import Checkpoint
+
+    for fmt in ("file", "hf"):
+        line = error_line(invoke("export", tmp_path, "--which", "bset", "--format", fmt))
+        assert "--which must be best or last, not 'bset'" in line, line
+    ckpt = Checkpoint({"w": 1}, {}, {}, 3, {"loss": 0.5, "step": 2, "state": {"w": 0}}, [], {}, {})
+    assert ckpt.state("best") == {"w": 0} and ckpt.state("last") == {"w": 1}
+    with pytest.raises(ValueError, match="not 'Best'"):
+        ckpt.state("Best")  # was the last step, silently
+
+
 def test_a_model_that_cannot_load_is_one_line():
     assert "model directory not found" in error_line(invoke("generate", "--model", NO_MODEL, "x"))

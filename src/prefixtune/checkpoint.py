@@ -44,4 +44,14 @@ class Checkpoint:
 
     def state(self, which: str) -> dict:
         """The module state to export: `best` (lowest dev loss; the last step when none was measured) or `last`."""
+        check_which(which)
         return self.best["state"] if which == "best" and self.has_best() else self.module
+
+
+WHICH = ("best", "last")
+
+
+def check_which(which: str):
+    """`export --which`: a misspelt `best` must not export the last step silently."""
+    if which not in WHICH:
+        raise ValueError(f"which must be best or last, not {which!r}")

@@ -170,6 +170,12 @@ def export(
                                                "export"),
 ):
     """Drop the MLP and write P alone (safetensors + metadata), or a folder for the hub or for PEFT."""
+    from ..checkpoint import check_which
+
+    try:
+        check_which(which)
+    except ValueError as e:
+        _fail(f"--{e}")
     if fmt != "file":
         from ..interop.commands import export_folder
         from ..prefix_file import PrefixFileError
