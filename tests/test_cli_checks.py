@@ -56,6 +56,14 @@ def test_train_checks_data_and_output_dir_before_the_model(tmp_path):
     assert "holds a finished run: pass --overwrite to replace it, or choose another" in line
     line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--method", "lora"))
     assert "unknown method 'lora'" in line
+    # options that would train nothing (or the default epochs) silently, or fail after the model loads
+    for flag, value, message in (("--max-steps", "-5", "max_steps must be >= 1"), ("--max-steps", "0", ">= 1"),
+                                 ("--train-size", "0", "train_size must be >= 1"), ("--epochs", "0", "epochs must"),
+                                 ("--lr", "-1e-3", "lr must be > 0"), ("--eval-every", "-1", "eval_every must"),
+                                 ("--prefix-dropout", "1.5", "prefix_dropout must"), ("--precision", "fp8", "fp8")):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, flag, value))
+        assert message in line, (flag, line)
+    assert not (tmp_path / "run").exists()
 
 
 def test_export_refuses_a_misspelt_which_instead_of_exporting_the_last_step(tmp_path):

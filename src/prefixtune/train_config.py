@@ -54,6 +54,20 @@ class TrainConfig:
         for name in ("batch_size", "prefix_len", "max_source_len", "max_target_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "train_size"):  # None: unset; 0 or less would train nothing, or everything, silently
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "early_stop_patience", "dev_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.prefix_dropout < 1:
+            raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.template is not None:
             check_template(self.template)
         if not 0 <= self.dev_fraction < 1:
