@@ -138,6 +138,23 @@ def test_a_stored_file_that_went_missing_is_refused_without_the_servers_paths(mo
         assert str(root) not in message and tenant_dir_name("alice") not in message, message
 
 
+def test_a_name_that_differs_from_another_only_in_case_is_refused(model, real_tokenizer, blobs, tmp_path):
+    """On macOS or Windows 'E2E.safetensors' is 'e2e.safetensors': the upload would replace the other's tensors."""
+    from prefixtune.serve.errors import ServeError
+    from prefixtune.serve.settings import ServeSettings
+    from prefixtune.serve.store import PrefixStore
+
+    bank = PrefixBank(model, real_tokenizer)
+    store = PrefixStore(bank, ServeSettings(store_dir=tmp_path / "store"), ["alice", "bob"])
+    store.put("alice", "e2e", blobs["p0"])
+    with pytest.raises(ServeError) as refused:
+        store.put("alice", "E2E", blobs["p1"])
+    assert refused.value.status == 409 and "'e2e' exists, and 'E2E' differs from it only in case" in refused.value.message
+    assert [i.name for i in store.list("alice")] == ["e2e"]
+    assert store.put("alice", "e2e", blobs["p1"])[1] is False  # replacing it under its own name is fine
+    assert store.put("bob", "E2E", blobs["p1"])[1] is True     # another tenant's names are another directory
+
+
 def test_byte_limit(model, real_tokenizer, blobs):
     sizes = {i: 4 * sum(t.numel() for t in load_prefix_bytes(b).p.values()) for i, b in blobs.items()}
     bank = PrefixBank(model, real_tokenizer, max_resident_bytes=sizes["p2"] + sizes["p3"])

@@ -207,6 +207,12 @@ class PrefixStore:
             old = index.get(name)
             if old is not None and not overwrite:
                 raise ServeError(412, "already_exists", f"prefix {name!r} already exists")
+            # on a case-insensitive file system (macOS, Windows) 'E2E' and 'e2e' are one file: writing one would
+            # replace the other's tensors, and deleting one would delete both
+            twin = next((n for n in index if n != name and n.lower() == name.lower()), None) if old is None else None
+            if twin is not None:
+                raise ServeError(409, "name_conflict", f"prefix {twin!r} exists, and {name!r} differs from it only "
+                                                       f"in case: choose another name, or replace {twin!r}")
             count = len(index) + (old is None)
             if count > self.settings.max_prefixes_per_tenant:
                 raise ServeError(403, "quota_exceeded", f"quota exceeded: at most {self.settings.max_prefixes_per_tenant} "
