@@ -217,6 +217,53 @@ def test_the_prefill_budget_holds_per_step_and_given_up_rows_are_never_prefilled
     assert worker.calls == 1  # the waiting rows left before their prefill
 
 
+def test_encoding_new_prompts_never_pauses_the_running_rows_for_long(model, real_tokenizer, tmp_path):
+    """The worker encodes new prompts between steps, and 31 prompts of 32,768 characters take it seconds: while
+    rows run it encodes for at most ADMIT_BUDGET_S before the next step. Here each encoding takes 1 s of a fake
+    clock: the running row steps between any two of them (it waited for all five, in one block)."""
+    from prefixtune.serve.engine_worker import EngineWorker
+    from prefixtune.serve.jobs import Job
+
+    bank = PrefixBank(model, real_tokenizer)
+    worker = EngineWorker(bank, ServeSettings(store_dir=tmp_path / "store", dtype="fp32"))
+    now, log, first = [0.0], [], threading.Event()
+    worker.clock = lambda: now[0]
+    encode, step = bank.encode, worker.engine.step
+
+    def slow_encode(*args, **kwargs):
+        now[0] += 1.0
+        log.append("encode")
+        return encode(*args, **kwargs)
+
+    def logged_step():
+        log.append("step")
+        return step()
+
+    def on_token(*_):  # the worker waits at the running row's first token until the new jobs are queued
+        if not first.is_set():
+            first.set()
+            queued.wait(30)
+
+    bank.encode, worker.engine.step = slow_encode, logged_step
+    queued = threading.Event()
+    worker.start()
+    try:
+        running = Job(None, PROMPTS[0], max_new_tokens=40, ignore_eos=True, stop_at_newline=False, on_token=on_token)
+        worker.submit([running])
+        assert first.wait(30)
+        new = [Job(None, p, max_new_tokens=2, stop_at_newline=False) for p in PROMPTS + PROMPTS[:1]]
+        start = len(log)
+        worker.submit(new)
+        queued.set()
+        for job in new + [running]:
+            job.future.result(60)
+    finally:
+        worker.stop()
+    later = log[start:]
+    assert later.count("encode") == len(new)
+    assert all(later[i + 1] == "step" for i, event in enumerate(later) if event == "encode"), later
+
+
 def test_failures_stay_with_their_rows_and_the_engine_recovers(make_server, prefixes):
     server = make_server()
     upload(server, "alice", "good", prefixes[0])

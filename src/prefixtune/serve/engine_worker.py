@@ -1,6 +1,7 @@
 """Continuous batching for the server: one worker thread steps `prefixtune.engine`.
 
-Handlers `submit` jobs (one per choice) and await their futures or streams. At the start of each cycle the worker takes the new jobs: it encodes each prompt, takes
+Handlers `submit` jobs (one per choice) and await their futures or streams. At the start of each cycle the worker
+takes the new jobs (while rows run, as many as it encodes within ADMIT_BUDGET_S): it encodes each prompt, takes
 the row's prefix from the bank (`bank.get`) and adds a `Request` to the engine. That is the row's
 admission: a PUT replacing a prefix affects only rows admitted after it, since the engine keys a
 prefix's KV blocks by the prefix tensor and a running row keeps the blocks it started with. Then it steps the engine while the engine has work
@@ -38,6 +39,9 @@ from .prometheus import Metrics
 from .settings import ServeSettings
 
 log = logging.getLogger("prefixtune.serve")
+# While rows run, new prompts are encoded for at most this long between two steps (the others wait for the next
+# cycle): 31 prompts of 32,768 characters take seconds to tokenize, which would pause every running row.
+ADMIT_BUDGET_S = 0.05
 
 
 @dataclass(eq=False)
@@ -160,10 +164,15 @@ class EngineWorker(WorkerHealth):
             if self._stopping:
                 return
             self._busy = True
-            new = list(self._inbox)
-            self._inbox.clear()
-        for job in new:
+        started = self.clock()
+        while True:  # FIFO; while rows run, within ADMIT_BUDGET_S (one prompt at least)
+            with self._cond:
+                if not self._inbox:
+                    break
+                job = self._inbox.popleft()
             self._admit(job)
+            if self.engine.num_running and self.clock() - started > ADMIT_BUDGET_S:
+                break
         self._cancel_given_up()
         if self.engine.has_work():
             self._step()
