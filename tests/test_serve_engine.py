@@ -360,6 +360,29 @@ def expected_chat(model, tokenizer, data, messages, max_tokens) -> str:
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
+def test_a_chat_prompt_is_tokenized_off_the_event_loop(make_server, monkeypatch):
+    """Rendering and tokenizing 32K characters of messages takes a tenth of a second: on the event loop it
+    paused every connection of the server (health checks, streams) meanwhile."""
+    import asyncio
+
+    from prefixtune.serve import chat
+
+    on_loop, render = [], chat.chat_prompt_ids
+
+    def recorded(*args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # a worker thread has no running loop
+            on_loop.append(False)
+        return render(*args)
+
+    monkeypatch.setattr(chat, "chat_prompt_ids", recorded)
+    server = make_server()
+    out = client(server, "alice").chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=2)
+    assert out.choices and on_loop == [False]
+
+
 def test_chat_through_the_openai_client_plain_and_streamed(make_server, model, real_tokenizer, prefixes):
     server = make_server()
     upload(server, "alice", "e2e", prefixes[1])

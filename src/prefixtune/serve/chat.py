@@ -12,8 +12,8 @@ import time
 import uuid
 
 from fastapi import Request
-
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..data.chat import chat_prompt_ids
 
@@ -67,7 +67,7 @@ class ChatCompletions:
                              "max_tokens")
         stops = Stops.of([] if req.stop is None else req.stop, max_tokens)
         bank_id = self.c.resolver(tenant)(req.model)
-        ids = self._prompt_ids(req)
+        ids = await run_in_threadpool(self._prompt_ids, req)  # 32K characters of template and tokens: off the loop
         jobs = choice_jobs(bank_id, [ids], n, controls, max_new_tokens=max_tokens, stop_at_newline=stops.at_newline,
                            raw=True, ignore_eos=req.ignore_eos, timeout_s=settings.request_timeout_s,
                            stop_strings=tuple(stops.strings), tenant=tenant)
