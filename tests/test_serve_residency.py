@@ -155,6 +155,39 @@ def test_a_name_that_differs_from_another_only_in_case_is_refused(model, real_to
     assert store.put("bob", "E2E", blobs["p1"])[1] is True     # another tenant's names are another directory
 
 
+def test_lookups_never_wait_for_an_upload_being_written(model, real_tokenizer, blobs, tmp_path, monkeypatch):
+    """Requests resolve their prefix on the event loop: an upload holding the index lock through its write and
+    fsync (megabytes, a slow disk) held every request of every tenant meanwhile."""
+    from prefixtune.serve import store as store_module
+    from prefixtune.serve.settings import ServeSettings
+    from prefixtune.serve.store import PrefixStore
+
+    store = PrefixStore(PrefixBank(model, real_tokenizer), ServeSettings(store_dir=tmp_path / "store"), ["alice", "bob"])
+    store.put("alice", "a", blobs["p0"])
+    writing, release, write = threading.Event(), threading.Event(), store_module.atomic_write_bytes
+
+    def slow_write(path, data):
+        writing.set()
+        release.wait(60)
+        write(path, data)
+
+    monkeypatch.setattr(store_module, "atomic_write_bytes", slow_write)
+    uploader = threading.Thread(target=store.put, args=("bob", "b", blobs["p1"]))
+    uploader.start()
+    assert writing.wait(30)
+    looked = []
+    reader = threading.Thread(target=lambda: looked.append(
+        (store.resolve("alice", "a"), [i.name for i in store.list("bob")], store.count())))
+    reader.start()
+    reader.join(20)  # a liveness check: without the fix it waits for `release`, however long
+    answered = not reader.is_alive()
+    release.set()
+    uploader.join(60)
+    reader.join(60)
+    assert answered and looked == [(store.bank_id("alice", "a"), [], 1)]
+    assert [i.name for i in store.list("bob")] == ["b"] and store.count() == 2
+
+
 def test_byte_limit(model, real_tokenizer, blobs):
     sizes = {i: 4 * sum(t.numel() for t in load_prefix_bytes(b).p.values()) for i, b in blobs.items()}
     bank = PrefixBank(model, real_tokenizer, max_resident_bytes=sizes["p2"] + sizes["p3"])

@@ -76,7 +76,8 @@ class PrefixStore:
         self.model_names = model_names
         self.root = Path(settings.store_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # the index: held for lookups and updates, never across disk I/O
+        self._writing = threading.Lock()     # one upload or delete at a time (its quota check, write, index update)
         self._index: dict[str, dict[str, PrefixInfo]] = {}  # tenant -> name -> info
         self._broken: dict[str, str] = {}  # bank id -> why its stored file failed to load (until a new upload)
         for tenant in tenants:
@@ -202,38 +203,46 @@ class PrefixStore:
             raise ServeError(413, "upload_too_large", f"prefix {name!r} would be stored as {len(data)} bytes, over "
                                   f"the limit of {self.settings.max_upload_bytes} bytes")
         prefix = self._validate(data, name)
-        with self._lock:
-            index = self._index.setdefault(tenant, {})
-            old = index.get(name)
-            if old is not None and not overwrite:
-                raise ServeError(412, "already_exists", f"prefix {name!r} already exists")
-            # on a case-insensitive file system (macOS, Windows) 'E2E' and 'e2e' are one file: writing one would
-            # replace the other's tensors, and deleting one would delete both
-            twin = next((n for n in index if n != name and n.lower() == name.lower()), None) if old is None else None
-            if twin is not None:
-                raise ServeError(409, "name_conflict", f"prefix {twin!r} exists, and {name!r} differs from it only "
-                                                       f"in case: choose another name, or replace {twin!r}")
-            count = len(index) + (old is None)
-            if count > self.settings.max_prefixes_per_tenant:
-                raise ServeError(403, "quota_exceeded", f"quota exceeded: at most {self.settings.max_prefixes_per_tenant} "
-                                                     "prefixes per tenant; delete one first")
-            used = sum(i.bytes for i in index.values()) - (old.bytes if old else 0) + len(data)
-            if used > self.settings.max_bytes_per_tenant:
-                raise ServeError(403, "quota_exceeded", f"quota exceeded: {used} bytes would exceed the tenant "
-                                                     f"limit of {self.settings.max_bytes_per_tenant} bytes")
+        # The index lock is not held while the file is written (an fsync of megabytes): requests look prefixes up
+        # on the event loop, and would all wait for the disk. Uploads and deletes take turns instead.
+        with self._writing:
+            with self._lock:
+                index = self._index.setdefault(tenant, {})
+                old = index.get(name)
+                self._check_put(index, name, old, len(data), overwrite)
             atomic_write_bytes(path, data)
-            # resident at once (it is likely used next), and evictable: the bank reloads it from `path`
-            bank_id = self.bank_id(tenant, name)
-            self.bank.add(bank_id, prefix, loader=partial(self._load_stored, path, name, bank_id))
-            self._broken.pop(bank_id, None)
-            info = PrefixInfo(name, prefix.prefix_len, len(data), int(time.time()),
-                              prefix.metadata.get("base_model", ""))
-            index[name] = info
+            with self._lock:
+                # resident at once (it is likely used next), and evictable: the bank reloads it from `path`
+                bank_id = self.bank_id(tenant, name)
+                self.bank.add(bank_id, prefix, loader=partial(self._load_stored, path, name, bank_id))
+                self._broken.pop(bank_id, None)
+                info = PrefixInfo(name, prefix.prefix_len, len(data), int(time.time()),
+                                  prefix.metadata.get("base_model", ""))
+                index[name] = info
         return info, old is None
+
+    def _check_put(self, index: dict, name: str, old: PrefixInfo | None, size: int, overwrite: bool):
+        """Refuse an upload of `size` bytes as `name` into a tenant's `index`: existing, a case twin, quotas."""
+        if old is not None and not overwrite:
+            raise ServeError(412, "already_exists", f"prefix {name!r} already exists")
+        # on a case-insensitive file system (macOS, Windows) 'E2E' and 'e2e' are one file: writing one would
+        # replace the other's tensors, and deleting one would delete both
+        twin = next((n for n in index if n != name and n.lower() == name.lower()), None) if old is None else None
+        if twin is not None:
+            raise ServeError(409, "name_conflict", f"prefix {twin!r} exists, and {name!r} differs from it only "
+                                                   f"in case: choose another name, or replace {twin!r}")
+        count = len(index) + (old is None)
+        if count > self.settings.max_prefixes_per_tenant:
+            raise ServeError(403, "quota_exceeded", f"quota exceeded: at most {self.settings.max_prefixes_per_tenant} "
+                                                 "prefixes per tenant; delete one first")
+        used = sum(i.bytes for i in index.values()) - (old.bytes if old else 0) + size
+        if used > self.settings.max_bytes_per_tenant:
+            raise ServeError(403, "quota_exceeded", f"quota exceeded: {used} bytes would exceed the tenant "
+                                                 f"limit of {self.settings.max_bytes_per_tenant} bytes")
 
     def delete(self, tenant: str, name: str):
         path = self._path(tenant, name)
-        with self._lock:
+        with self._writing, self._lock:
             index = self._index.get(tenant, {})
             if name not in index:
                 raise ServeError(404, "prefix_not_found", f"prefix {name!r} not found")
