@@ -54,6 +54,8 @@ def test_train_checks_data_and_output_dir_before_the_model(tmp_path):
     (finished / "result.json").write_text(json.dumps({}))
     line = error_line(invoke("train", "-o", finished, "--model", NO_MODEL))
     assert "holds a finished run: pass --overwrite to replace it, or choose another" in line
+    line = error_line(invoke("train", "-o", finished, "--model", NO_MODEL, "--overwrite"))
+    assert "model directory not found" in line and (finished / "result.json").is_file()  # a typo clears no run
     line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--method", "lora"))
     assert "unknown method 'lora'" in line
     # options that would train nothing (or the default epochs) silently, or fail after the model loads

@@ -53,11 +53,13 @@ def clear_run(out_dir: Path):
     shutil.rmtree(out_dir / USERS_STORE, ignore_errors=True)
 
 
-def check_output_dir(out_dir: Path, resume: bool, overwrite: bool):
+def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
     """Never silently replace a run: a finished or interrupted one needs --resume or --overwrite, and a many-users
-    job's directory (`--user-field`) is never taken by a single run without --overwrite."""
+    job's directory (`--user-field`) is never taken by a single run without --overwrite. Returns whether OUT_DIR
+    holds a run that --overwrite replaces: the caller clears it (`clear_run`) once the model has loaded, so that
+    a model that fails to load leaves the old run as it was."""
     if resume or not out_dir.is_dir():
-        return
+        return False
     if (out_dir / RESULT).is_file():
         state = "a finished run"
     elif (out_dir / CHECKPOINT).is_file():
@@ -65,12 +67,12 @@ def check_output_dir(out_dir: Path, resume: bool, overwrite: bool):
     elif holds_users_run(out_dir):
         state = "a many-users run (--user-field)"
     else:
-        return
+        return False
     if not overwrite:
         keep = ", --resume to continue it" if state == "an interrupted run" else ""
         raise FileExistsError(f"{out_dir} holds {state}: pass --overwrite to replace it{keep}, "
                               f"or choose another --output-dir")
-    clear_run(out_dir)
+    return True
 
 
 def data_dir_of(config: TrainConfig) -> str | None:

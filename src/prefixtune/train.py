@@ -27,7 +27,7 @@ from .data_parallel import threaded_halves
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
-from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpoint_facts, data_dir_of,
+from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpoint_facts, clear_run, data_dir_of,
                       data_provenance, describe_data, finished_result, given_options, resumed_config, saved_config)
 from .precision import FrozenBf16Step, bf16_available
 from .train_config import TrainConfig
@@ -164,12 +164,14 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             raise ValueError("no training examples: train_pairs is empty")
     else:  # data before the model and before --overwrite clears a run: bad rows change nothing
         train_pairs, dev_pairs = load_pairs(config)
-    check_output_dir(out_dir, resume, overwrite)
+    replacing = check_output_dir(out_dir, resume, overwrite)  # refused here; an old run is cleared once the model loads
     provenance = data_provenance(config, from_api, len(train_pairs), len(dev_pairs or []))
     accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu", **watch.accelerator_kwargs())
     set_seed(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model)
+    if replacing:
+        clear_run(out_dir)
     model.to(accelerator.device)
     spec = model_spec(model)
     method = build_method(config.method, model, tokenizer, spec, config)
