@@ -60,6 +60,10 @@ def test_csv_cells_are_read_as_text_not_as_numbers(tmp_path, suffix, sep):
     path.write_text(sep.join(["user", "source", "target"]) + "\n" + sep.join(["007", "1e5", "00123"]) + "\n"
                     + sep.join(["7", "True", "2.50"]) + "\n", encoding="utf-8-sig")
     assert simple(load_records(path, user_field="user")) == [("1e5", ["00123"], "007"), ("True", ["2.50"], "7")]
+    folder = tmp_path / "files"  # a folder of data files, read the same way
+    folder.mkdir()
+    path.rename(folder / f"train{suffix}")
+    assert simple(load_records(folder, user_field="user")) == [("1e5", ["00123"], "007"), ("True", ["2.50"], "7")]
 
 
 def test_line_numbers_skip_blank_lines_and_count_the_csv_header(tmp_path):

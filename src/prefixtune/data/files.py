@@ -178,6 +178,20 @@ def _text_columns(path: Path, delimiter: str) -> dict:
     return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
 
 
+def _folder_csv_options(path: Path) -> dict:
+    """For a folder of CSV (or of TSV) files with one header: their cells as text, as for one file (FORMATS,
+    _text_columns). {} for anything else (other formats, subfolders, headers that differ)."""
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    suffixes = {p.suffix.lower() for p in entries}
+    if not entries or any(not p.is_file() for p in entries) or suffixes not in ({".csv"}, {".tsv"}):
+        return {}
+    delimiter = FORMATS[suffixes.pop()][1].get("delimiter", ",")
+    options = [_text_columns(p, delimiter) for p in entries]
+    if not options[0] or any(o != options[0] for o in options):
+        return {}
+    return {"na_filter": False, **options[0]}
+
+
 def _build(builder: str, data_file: str, options: dict) -> list[dict]:
     """The rows of one file, read by `datasets` into a scratch cache that is removed afterwards."""
     import datasets
@@ -202,7 +216,7 @@ def _read_folder(path: Path, split: str) -> list[dict]:
         return loaded.to_list()
     cache = tempfile.mkdtemp(prefix="prefixtune-data-")
     try:  # a folder of data files (train.jsonl, test.csv, ...): datasets matches splits to file names
-        return datasets.load_dataset(str(path), split=split, cache_dir=cache).to_list()
+        return datasets.load_dataset(str(path), split=split, cache_dir=cache, **_folder_csv_options(path)).to_list()
     except (ValueError, FileNotFoundError) as e:
         raise DataFileError(f"{path}: not a dataset folder (save_to_disk) nor a folder of data files with a "
                             f"{split!r} split ({str(e).splitlines()[0]})") from None
