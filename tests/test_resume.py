@@ -106,6 +106,21 @@ def test_the_api_resumes_the_saved_run_too(tmp_path, tokenizer):
                                                                                              batch_size=1)
 
 
+def test_a_run_is_not_continued_on_data_that_changed_since_it_started(tmp_path, tokenizer):
+    """A --data file with rows added or removed since the kill: the run would go on silently on other rows."""
+    out = tmp_path / "run"
+    config = TrainConfig(output_dir=str(out), max_steps=6, batch_size=4, prefix_len=3, mlp_dim=16, eval_every=2,
+                         save_every=2, precision="fp32")
+    with pytest.raises(Killed):
+        train(config, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], on_step=kill_at(3), progress=False)
+    for pairs, dev in ((PAIRS[:10], PAIRS[:4]), (PAIRS, PAIRS[:3])):
+        with pytest.raises(ValueError, match="started on 18 train and 4 dev pairs, but its data now gives"):
+            train(TrainConfig(output_dir=str(out)), tiny_model("llama"), tokenizer, pairs, dev, resume=True,
+                  progress=False)
+    assert train(TrainConfig(output_dir=str(out)), tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], resume=True,
+                 progress=False).steps == 6
+
+
 def test_a_run_on_api_pairs_is_not_continued_on_the_task_data(tmp_path, tokenizer, data_dir):
     out = tmp_path / "run"
     config = TrainConfig(output_dir=str(out), max_steps=6, batch_size=4, prefix_len=3, mlp_dim=16, eval_every=2,

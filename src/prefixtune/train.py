@@ -204,6 +204,11 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             raise ValueError(f"{out_dir} holds a run trained on {describe_data({**ckpt.config, 'data': ckpt.data})}"
                              f"; resume it on the same data ({'train_pairs' if from_api else 'its task'} "
                              f"cannot continue it)")
+        started, now = (ckpt.data or {}).get("train_pairs"), (provenance["train_pairs"], provenance["dev_pairs"])
+        if started is not None and (started, ckpt.data.get("dev_pairs")) != now:  # rows added or removed since
+            raise ValueError(f"{out_dir} holds a run started on {started} train and {ckpt.data.get('dev_pairs')} dev "
+                             f"pairs, but its data now gives {now[0]} and {now[1]}: resume it on the data it started "
+                             f"with (or start a new run with --overwrite)")
         accelerator.unwrap_model(module).load_state_dict(ckpt.module)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
