@@ -37,6 +37,13 @@ def test_generate_checks_the_prefix_before_the_model(tmp_path):
         invoke("generate", "--model", NO_MODEL, "--no-repeat-ngram-size", "-1", "x"))
 
 
+def test_a_many_users_run_given_as_a_prefix_says_where_its_prefixes_are(tmp_path):
+    (tmp_path / "train_config.json").write_text(json.dumps({"method": "prefix-flat", "users": {"tenant": "acme"}}))
+    line = error_line(invoke("generate", "--model", NO_MODEL, "--prefix", tmp_path, "x"))
+    assert f"holds a many-users run: each user's prefix is in {tmp_path / 'store'}/<tenant hash>/" in line
+    assert "prefixtune export" not in line  # what it said: export has no checkpoint to read there
+
+
 def test_eval_checks_data_and_prefix_before_the_model(tmp_path, data_dir):
     line = error_line(invoke("eval", "--model", NO_MODEL, "--prefix", tmp_path / "p.safetensors",
                              "--data-dir", tmp_path / "no-data"))

@@ -33,8 +33,12 @@ def find_export(path) -> Path:
     names = list(dict.fromkeys(EXPORT_FILES.values()))
     config = path / "train_config.json"
     if config.is_file():
-        method = json.loads(config.read_text()).get("method", "prefix")
-        names = [EXPORT_FILES.get(method, EXPORT_FILES["prefix"])]
+        saved = json.loads(config.read_text())
+        if isinstance(saved.get("users"), dict):  # `train --user-field`: a prefix per user, in its store
+            store = path / "store"
+            raise PrefixFileError(f"{path} holds a many-users run: each user's prefix is in {store}/<tenant hash>/ "
+                                  f"(users.csv names them); serve them all: prefixtune serve --store {store}")
+        names = [EXPORT_FILES.get(saved.get("method", "prefix"), EXPORT_FILES["prefix"])]
     for name in names:
         if (path / name).is_file():
             return path / name
