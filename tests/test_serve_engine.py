@@ -428,6 +428,11 @@ def test_chat_requests_are_checked_strictly(make_server):
         assert r.status_code in (400, 404), (body, r.status_code, r.text)
         assert r.json()["error"]["message"]
     assert httpx.post(url, json=base, headers=h, timeout=30).status_code == 200
+    long = httpx.post(url, json={**base, "messages": [{"role": "user", "content": "word " * 600}]}, headers=h,
+                      timeout=30)
+    message = long.json()["error"]["message"]  # not "send truncate_prompt_tokens": chat refuses that field
+    assert long.status_code == 400 and "the limit is 512. Shorten the messages" in message, message
+    assert httpx.post(url, json={**base, "truncate_prompt_tokens": 8}, headers=h, timeout=30).status_code == 400
     assert healthy(server)
 
 

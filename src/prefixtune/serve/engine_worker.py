@@ -247,8 +247,10 @@ class EngineWorker(WorkerHealth):
             resolve(job, error=ServeError(400, "invalid_prompt", "the prompt encodes to no tokens"))
             return None
         if len(seq) > limit:
+            fix = "Shorten the messages" if job.prompt_ids is not None else \
+                "Shorten it, or send truncate_prompt_tokens to cut it"  # chat requests have no truncate_prompt_tokens
             resolve(job, error=ServeError(400, "prompt_too_long", f"the prompt is {len(seq)} tokens (with its template); "
-                               f"the limit is {limit}. Shorten it, or send truncate_prompt_tokens to cut it"))
+                               f"the limit is {limit}. {fix}"))
             return None
         return seq
 
