@@ -149,7 +149,8 @@ def test_a_name_that_differs_from_another_only_in_case_is_refused(model, real_to
     store.put("alice", "e2e", blobs["p0"])
     with pytest.raises(ServeError) as refused:
         store.put("alice", "E2E", blobs["p1"])
-    assert refused.value.status == 409 and "'e2e' exists, and 'E2E' differs from it only in case" in refused.value.message
+    assert refused.value.status == 409
+    assert "'e2e' exists, and 'E2E' differs from it only in case" in refused.value.message
     assert [i.name for i in store.list("alice")] == ["e2e"]
     assert store.put("alice", "e2e", blobs["p1"])[1] is False  # replacing it under its own name is fine
     assert store.put("bob", "E2E", blobs["p1"])[1] is True     # another tenant's names are another directory
@@ -162,7 +163,8 @@ def test_lookups_never_wait_for_an_upload_being_written(model, real_tokenizer, b
     from prefixtune.serve.settings import ServeSettings
     from prefixtune.serve.store import PrefixStore
 
-    store = PrefixStore(PrefixBank(model, real_tokenizer), ServeSettings(store_dir=tmp_path / "store"), ["alice", "bob"])
+    store = PrefixStore(PrefixBank(model, real_tokenizer), ServeSettings(store_dir=tmp_path / "store"),
+                        ["alice", "bob"])
     store.put("alice", "a", blobs["p0"])
     writing, release, write = threading.Event(), threading.Event(), store_module.atomic_write_bytes
 

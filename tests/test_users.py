@@ -208,6 +208,14 @@ def test_a_killed_job_resumes_with_the_users_it_had_not_written(llama, tokenizer
     rows = {r["user"]: r for r in resumed.users}
     assert rows["user0"] == {r["user"]: r for r in whole.users}["user0"] and rows["user2"]["examples"] == 3
     assert len(json.loads((tmp_path / "run" / "users.json").read_text())["users"]) == 4
+    # the job moved to another folder (or another machine) and killed again: its users are still its own
+    (tmp_path / "run").rename(tmp_path / "moved")
+    moved = store_dir(tmp_path / "moved", "default")
+    (moved / "user1.safetensors").unlink()
+    kept = (moved / "user0.safetensors").stat().st_mtime_ns
+    again = train_users(config(tmp_path, "moved"), llama, tokenizer, changed, dev_pairs, progress=False, resume=True)
+    assert (moved / "user0.safetensors").stat().st_mtime_ns == kept
+    assert same_bytes(before["user1"], exported(again, "user1"))
 
 
 def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):

@@ -29,8 +29,8 @@ from ..exported import read_header
 from ..models import load_base_model, model_name, model_spec, resolve_device
 from ..precision import FrozenBf16Step
 from ..prefix_file import PrefixFileError, save_prefix
-from ..run_dir import (USERS_KEY, USERS_STORE, check_output_dir, clear_run, given_options, holds_single_run,
-                       holds_users_run, resumed_config, saved_config)
+from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, clear_run, given_options,
+                       holds_single_run, holds_users_run, resumed_config, saved_config)
 from ..serve.tenants import tenant_dir_name
 from ..train import use_bf16
 from ..train_config import TrainConfig
@@ -90,7 +90,9 @@ def _finished(path: Path, user: str, digest: str, config: TrainConfig) -> dict |
         meta = json.loads(read_header(path)[0].get("train_config") or "{}") if path.is_file() else {}
     except (PrefixFileError, json.JSONDecodeError):
         return None
-    wanted = json.loads(json.dumps(asdict(config), sort_keys=True, default=str))
+    # where the job runs and on what device are no options of its users (run_dir.NOT_THE_RUN): a moved job keeps them
+    wanted = {k: v for k, v in json.loads(json.dumps(asdict(config), sort_keys=True, default=str)).items()
+              if k not in NOT_THE_RUN}
     same = meta.get("user") == user and meta.get("data_digest") == digest
     return meta.get("summary") if same and all(meta.get(k) == v for k, v in wanted.items()) else None
 
