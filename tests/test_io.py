@@ -208,3 +208,19 @@ def _with_header(data: bytes, change) -> bytes:
     n = struct.unpack("<Q", data[:8])[0]
     header = json.dumps(change(json.loads(data[8: 8 + n]))).encode()
     return struct.pack("<Q", len(header)) + header + data[8 + n:]
+
+
+def test_a_checkpoint_is_fsynced_before_it_takes_the_name(tmp_path, monkeypatch):
+    """Else a power loss after the rename can leave checkpoint.pt empty: the run and its best step lost."""
+    import os
+
+    from prefixtune import atomic
+
+    events, fsync, rename = [], os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), fsync(fd))[1])
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("replace", os.stat(a).st_ino)),
+                                                            rename(a, b))[1])
+    atomic.atomic_torch_save({"step": 3, "t": torch.ones(2)}, tmp_path / "checkpoint.pt")
+    assert [e[0] for e in events] == ["fsync", "replace"] and events[0][1] == events[1][1]  # the temp file's bytes
+    assert torch.load(tmp_path / "checkpoint.pt")["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import error_line, invoke, tiny_model
+from prefixtune.checkpoint import load_checkpoint_file
 from prefixtune.train import CHECKPOINT, RESULT, TrainConfig, train
 
 PAIRS = [(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food.") for i, f in
@@ -129,3 +131,40 @@ def test_a_run_on_api_pairs_is_not_continued_on_the_task_data(tmp_path, tokenize
         train(config, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], on_step=kill_at(3), progress=False)
     with pytest.raises(ValueError, match="trained on 18 .source, target. pairs given to the Python API"):
         train(TrainConfig(output_dir=str(out)), tiny_model("llama"), tokenizer, resume=True, progress=False)
+
+
+class Payload:
+    """What a hostile pickle holds: unpickling it calls exec, which writes `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_naming_the_file(killed_run, tmp_path):
+    """A shared run directory: `export` and `--resume` unpickle checkpoint.pt, which must not run its code."""
+    marker, path = tmp_path / "ran", killed_run / CHECKPOINT
+    torch.save({**load_checkpoint_file(path), "history": Payload(marker)}, path)
+    for command in (("train", "-o", killed_run, "--resume"), ("export", killed_run)):
+        line = error_line(invoke(*command))
+        assert str(path) in line and "could run code" in line and "(it names exec)" in line, line
+    with pytest.raises(ValueError, match="could run code"):
+        train(TrainConfig(output_dir=str(killed_run)), resume=True, progress=False)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is real: the old loader ran it
+    assert marker.read_text() == "ran"
+
+
+def test_a_run_removes_the_temp_files_a_killed_save_left_and_nothing_else(killed_run):
+    stale = [killed_run / ".checkpoint.pt.a1b2c3d_.tmp", killed_run / ".result.json.zz99zz99.tmp",
+             killed_run / ".prefix.safetensors.k3j4h5g6.tmp"]
+    kept = [killed_run / ".checkpoint.pt.tmp", killed_run / ".mine.pt.a1b2c3d4.tmp", killed_run / "notes.tmp",
+            killed_run / ".checkpoint.pt.a1b2c3d4e.tmp", killed_run / "checkpoint.pt.a1b2c3d4.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"half a checkpoint")
+    result = invoke("train", "-o", killed_run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)

@@ -4,11 +4,14 @@ Each write goes to a temporary file in the same folder, then `os.replace` rename
 target (atomic on POSIX and Windows), so a crash or a full disk never leaves a truncated file.
 The temporary file is created private (0600); before the rename it gets the mode an ordinary
 `open(path, "w")` would give: the existing file's mode, else 0666 less the umask. Exports and
-model folders are meant to be shared.
+model folders are meant to be shared. Its bytes are fsynced before the rename, so that after a power
+loss the name holds the old content or the new, not an empty file. A process killed mid-write leaves
+its temporary file (`.NAME.XXXXXXXX.tmp`): `remove_stale_temps` clears those of a folder's files.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,6 +48,22 @@ def _temp_file(path: Path) -> str:
     return tmp
 
 
+def remove_stale_temps(folder: str | os.PathLike, names) -> list[Path]:
+    """Remove the temporary files that killed writes of `folder/NAME` left, for each NAME of `names`: only
+    `_temp_file`'s pattern (`.NAME.` + mkstemp's 8 characters + `.tmp`), nothing else. For a folder that
+    no other process is writing those files into. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp" for name in names))
+    removed = []
+    for path in folder.iterdir():
+        if ours.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def _replace(tmp: str, path: Path):
     os.chmod(tmp, ordinary_mode(path))
     os.replace(tmp, path)
@@ -69,6 +88,8 @@ def atomic_torch_save(obj, path: str | os.PathLike):
     tmp = _temp_file(path)
     try:
         torch.save(obj, tmp)
+        with open(tmp, "r+b") as f:  # torch.save closes the file unsynced: its bytes may still be in the page cache
+            os.fsync(f.fileno())
         _replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,17 +3,42 @@
 A checkpoint holds all a run needs to continue exactly (`train --resume`) or to export its best
 or last step later (`export`): the trained module's state, the optimiser and schedule, the step,
 the best step so far (with its state), the dev-loss history, the random generators and the config.
+
+A checkpoint is loaded as data (`torch.load(weights_only=True)`): tensors, plain Python values and the
+numpy arrays of the random generators' state, nothing else. A run directory may be shared, and a
+pickle that names any other callable (os.system, ...) would run it on `export` or `--resume`: such a
+file is refused.
 """
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .atomic import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
+# What a checkpoint holds beyond tensors and plain values: numpy's RNG state (train._rng_state), a uint32
+# array. numpy 1.x pickled its array constructor as numpy.core.multiarray, numpy 2 as numpy._core.multiarray.
+_RECONSTRUCT = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+                (_RECONSTRUCT, "numpy.core.multiarray._reconstruct")]
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """The dict a checkpoint file holds, unpickled as data only (see above)."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)|but got (.+)", str(e))  # torch's text names what it refused
+            detail = f" (it names {(found.group(1) or found.group(2)).strip()})" if found else ""
+            raise ValueError(f"{path} is not a prefixtune checkpoint: it holds objects other than tensors and plain "
+                             f"data, which are not loaded (they could run code){detail}") from None
 
 
 @dataclass
@@ -37,7 +62,7 @@ class Checkpoint:
         path = Path(run_dir) / CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
-        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+        return cls(**load_checkpoint_file(path))
 
     def has_best(self) -> bool:
         return self.best["state"] is not None

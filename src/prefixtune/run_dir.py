@@ -14,6 +14,7 @@ import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+from .atomic import remove_stale_temps
 from .checkpoint import CHECKPOINT, Checkpoint
 from .data import DATA_ENV, resolve_data_dir
 from .train_config import TrainConfig
@@ -46,11 +47,22 @@ def holds_users_run(out_dir: Path) -> bool:
     return (out_dir / USERS_SUMMARY).is_file() or any((out_dir / USERS_STORE).glob("*/*.safetensors"))
 
 
+def run_files() -> list[str]:
+    """The files a run, single or many-users, writes into OUT_DIR itself (a many-users job's store aside)."""
+    return [CHECKPOINT, RESULT, TRAIN_CONFIG, USERS_SUMMARY, USERS_CSV, *sorted(set(EXPORT_FILES.values()))]
+
+
 def clear_run(out_dir: Path):
     """Remove what a run, single or many-users, wrote into OUT_DIR (--overwrite); anything else stays."""
-    for name in [CHECKPOINT, RESULT, TRAIN_CONFIG, USERS_SUMMARY, USERS_CSV, *set(EXPORT_FILES.values())]:
+    for name in run_files():
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / USERS_STORE, ignore_errors=True)
+
+
+def remove_stale_temps_of_run(out_dir: Path) -> list[Path]:
+    """When a run starts or resumes in OUT_DIR: remove the temporary files that a killed save of its files left
+    (atomic.py; a checkpoint's is 0.5-2 GB), which nothing else would ever remove. Only their pattern."""
+    return remove_stale_temps(out_dir, run_files())
 
 
 def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:

@@ -28,7 +28,8 @@ from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
 from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpoint_facts, clear_run, data_dir_of,
-                      data_provenance, describe_data, finished_result, given_options, resumed_config, saved_config)
+                      data_provenance, describe_data, finished_result, given_options, remove_stale_temps_of_run,
+                      resumed_config, saved_config)
 from .precision import FrozenBf16Step, bf16_available
 from .train_config import TrainConfig
 
@@ -172,6 +173,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         model, tokenizer = load_base_model(config.model)
     if replacing:
         clear_run(out_dir)
+    if accelerator.is_main_process:  # what a killed save of this run's files left (GBs, never renamed)
+        remove_stale_temps_of_run(out_dir)
     model.to(accelerator.device)
     spec = model_spec(model)
     method = build_method(config.method, model, tokenizer, spec, config)

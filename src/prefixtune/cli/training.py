@@ -192,7 +192,7 @@ def export(
         _fail(f"--out {out} is a folder; --format file writes one .safetensors file (--format hf|peft: a folder)")
     try:
         target = export_checkpoint(run_dir, out, which)
-    except OSError as e:
+    except (ValueError, OSError) as e:  # ValueError: a checkpoint that holds more than data (checkpoint.py)
         _fail(str(e))
     typer.echo(str(target))
 

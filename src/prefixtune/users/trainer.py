@@ -30,7 +30,7 @@ from ..models import load_base_model, model_name, model_spec, resolve_device
 from ..precision import FrozenBf16Step
 from ..prefix_file import PrefixFileError, save_prefix
 from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, clear_run, given_options,
-                       holds_single_run, holds_users_run, resumed_config, saved_config)
+                       holds_single_run, holds_users_run, remove_stale_temps_of_run, resumed_config, saved_config)
 from ..serve.tenants import tenant_dir_name
 from ..train import use_bf16
 from ..train_config import TrainConfig
@@ -143,6 +143,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         model, tokenizer = load_base_model(config.model)
     if replacing:  # nor does a model that fails to load
         clear_run(out)
+    remove_stale_temps_of_run(out)  # what a killed write of the job's files left
     names = check_users(config, train, reserved=(model_name(model),))
     model.to(device)
     spec = model_spec(model)
