@@ -31,11 +31,15 @@ def source_ids(tokenizer, family: str, text: str, template: str | None = None, m
 
 def encode_pair(tokenizer, family: str, source: str, target: str, template: str | None = None,
                 max_source_len: int = 512, max_target_len: int = 256) -> dict:
+    """The source and the target are user text (user_text.py): a target that spells `<|im_end|>` trains those
+    characters, never the control token (which serving never feeds for such text). Text without such a
+    spelling gives the ids plain tokenization gives; the end-of-text token is the one added here."""
     src = source_ids(tokenizer, family, source, template, max_source_len)
     if family == "decoder":
-        tgt = tokenizer(target, add_special_tokens=False)["input_ids"][: max_target_len - 1] + [tokenizer.eos_token_id]
+        tgt = user_text.encode(tokenizer, lambda guard: guard(target), add_special_tokens=False)
+        tgt = tgt[: max_target_len - 1] + [tokenizer.eos_token_id]
         return {"input_ids": src + tgt, "labels": [-100] * len(src) + tgt}
-    tgt = tokenizer(target)["input_ids"][:max_target_len]
+    tgt = user_text.encode(tokenizer, lambda guard: guard(target))[:max_target_len]  # with the tokenizer's </s>
     return {"input_ids": src, "labels": tgt}
 
 
