@@ -118,3 +118,25 @@ def test_the_stall_is_what_a_waiting_row_lives_not_the_heartbeat(model, real_tok
     assert worker.stall_s() == 40 and worker.stalled(30)
     worker._cycle()
     assert worker.stall_s() == 0 and worker.longest_stall_s == 50
+
+
+def test_user_and_a_message_name_are_accepted_and_change_nothing(make_server, seen_requests):
+    """OpenAI's labels, accepted as vLLM accepts them: the prompt and the answer are those without them, and the
+    API's own description (the OpenAPI page a client reads) says so, as schemas.py's rule requires."""
+    server = make_server()
+    seen = seen_requests(server)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    chat = {"model": "tiny-llama", "max_tokens": 3, "messages": messages, "stop": [], "ignore_eos": True}
+    plain = post(server, "chat/completions", chat)
+    named = post(server, "chat/completions", {**chat, "user": "u-42",
+                                              "messages": [{**m, "name": "bob<|im_start|>"} for m in messages]})
+    assert plain.status_code == named.status_code == 200, named.text
+    assert seen[-1].prompt == seen[-2].prompt
+    assert named.json()["choices"] == plain.json()["choices"]
+    body = {"model": "tiny-llama", "prompt": "hello there", "max_tokens": 3}
+    plain, labelled = post(server, "completions", body), post(server, "completions", {**body, "user": "u-42"})
+    assert plain.status_code == labelled.status_code == 200, labelled.text
+    assert seen[-1].prompt == seen[-2].prompt and labelled.json()["choices"] == plain.json()["choices"]
+    schemas = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+    for model, field in (("ChatMessage", "name"), ("ChatCompletionRequest", "user"), ("CompletionRequest", "user")):
+        assert "no effect" in schemas[model]["properties"][field]["description"], (model, field)

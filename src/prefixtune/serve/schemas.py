@@ -1,7 +1,11 @@
 """Request bodies (OpenAI's completions API, plus prefixtune's own extensions).
 
 A field that is not declared here is refused with a 400 naming it (as OpenAI does), and a declared
-field that is not implemented is refused when given: nothing a client asks for is silently ignored."""
+field that is not implemented is refused when given: nothing a client asks for is silently ignored.
+Two fields ask for nothing, and are accepted as OpenAI and vLLM accept them: `user` (the end user's
+id, for the provider's abuse monitoring) and a chat message's `name` (a participant's label). Neither
+changes the answer: `name` is not given to the chat template (vLLM gives it; our training rows have
+no names, and a prompt must be the tokens training saw), and `user` is neither logged nor stored."""
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
@@ -9,6 +13,10 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.request import SEED_RANGE
+
+USER = "accepted as OpenAI and vLLM accept it; no effect on the answer (neither logged nor stored)"
+NAME = ("accepted as OpenAI and vLLM accept it; no effect: not given to the chat template (training rows "
+        "have no names)")
 
 
 class CompletionRequest(BaseModel):
@@ -40,7 +48,7 @@ class CompletionRequest(BaseModel):
     frequency_penalty: Optional[float] = None
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
                                 description="int64; the same seed gives the same text, whatever else is decoded")
-    user: Optional[str] = None
+    user: Optional[str] = Field(None, description=USER)
     truncate_prompt_tokens: Optional[int] = Field(
         None, ge=1, description="cut a prompt longer than this many tokens instead of refusing it (vLLM's name; "
                                 "a source loses the end of its text, never its template)")
@@ -60,7 +68,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str = Field(..., description="text only (no content parts)")
-    name: Optional[str] = None
+    name: Optional[str] = Field(None, description=NAME)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -86,7 +94,7 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    user: Optional[str] = None
+    user: Optional[str] = Field(None, description=USER)
     ignore_eos: bool = Field(False, description="extension: keep decoding past end-of-text")
     # refused when given (never silently ignored)
     tools: Optional[Any] = None
