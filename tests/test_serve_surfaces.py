@@ -140,3 +140,31 @@ def test_user_and_a_message_name_are_accepted_and_change_nothing(make_server, se
     schemas = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
     for model, field in (("ChatMessage", "name"), ("ChatCompletionRequest", "user"), ("CompletionRequest", "user")):
         assert "no effect" in schemas[model]["properties"][field]["description"], (model, field)
+
+
+def test_the_queue_limit_counts_engine_rows_so_a_beam_search_is_its_beams(model, real_tokenizer, tmp_path):
+    """32 prompts of 8 beams are 256 rows of work: counted as one job each, --max-queue let 8 times that in."""
+    from prefixtune.serve.errors import QueueFull, ServeError
+
+    worker = EngineWorker(PrefixBank(model, real_tokenizer), ServeSettings(store_dir=tmp_path, dtype="fp32",
+                                                                           max_queue=10))
+    worker.alive = lambda: True  # no thread: the test steps the worker itself
+
+    def jobs(prompts: int, beams: int = 1):
+        return [Job(None, f"hello {i}", max_new_tokens=3, num_beams=beams, raw=True, ignore_eos=True,
+                    stop_at_newline=False) for i in range(prompts)]
+
+    worker.submit(jobs(1, beams=8))
+    assert worker.depth() == 8
+    with pytest.raises(QueueFull, match=r"8 engine rows are waiting \(at most 10\) and this request adds 3"):
+        worker.submit(jobs(3))
+    with pytest.raises(ServeError, match="decodes 16 engine rows") as refused:
+        worker.submit(jobs(2, beams=8))  # more than the queue ever holds: a 400, not a 429 to retry
+    assert refused.value.status == 400
+    worker.submit(jobs(2))
+    assert worker.depth() == 10
+    worker._cycle()  # admitted: the beam rows have no token until the search ends, the others have one
+    assert worker.depth() == 8
+    while worker.engine.has_work():
+        worker._cycle()
+    assert worker.depth() == 0 and worker._unstarted == 0

@@ -26,7 +26,7 @@ def serve(
                                                          "(also $PREFIXTUNE_API_KEYS='key:tenant,...')"),
     max_batch_size: int = typer.Option(SERVE["max_batch_size"], help="rows per decoding step (a beam request takes one per beam)"),
     max_batch_tokens: int = typer.Option(SERVE["max_batch_tokens"], help="prompt tokens prefilled in one step (bounds one step)"),
-    max_queue: int = typer.Option(SERVE["max_queue"], help="rows waiting to be decoded; beyond that: 429"),
+    max_queue: int = typer.Option(SERVE["max_queue"], help="engine rows waiting to be decoded (a beam search is num_beams rows); beyond that: 429"),
     request_timeout: float = typer.Option(SERVE["request_timeout_s"], help="seconds a completion may wait and decode; then 503"),
     max_upload_mb: float = typer.Option(SERVE["max_upload_bytes"] / MiB, help="largest prefix upload"),
     max_prefixes: int = typer.Option(SERVE["max_prefixes_per_tenant"], help="prefixes per tenant"),

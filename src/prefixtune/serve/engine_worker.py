@@ -34,7 +34,7 @@ from ..bank import PrefixBank, PrefixUnavailable
 from ..engine import Engine, Replicas, Request, make_engine
 from ..generation import stop_ids
 from .errors import QueueFull, ServeError, ShuttingDown
-from .jobs import Job, Result, WorkerHealth, resolve
+from .jobs import Job, Result, WorkerHealth, engine_rows, resolve
 from .prometheus import Metrics
 from .settings import ServeSettings
 
@@ -104,8 +104,10 @@ class EngineWorker(WorkerHealth):
             resolve(job, error=ShuttingDown())
 
     def depth(self) -> int:
-        """Rows waiting: not yet taken by the worker, or in the engine without a slot (no token yet)."""
-        return len(self._inbox) + self._unstarted
+        """Engine rows waiting: not yet taken by the worker, or in the engine without a token yet (a beam
+        search's rows until its text comes). A job is `engine_rows(job)` rows."""
+        with self._cond:  # the inbox is summed, not counted: never while another thread changes it
+            return sum(engine_rows(job) for job in self._inbox) + self._unstarted
 
     def pending(self) -> bool:
         return self._busy or bool(self._inbox)
@@ -124,12 +126,19 @@ class EngineWorker(WorkerHealth):
 
     # -- submitting (any thread) -------------------------------------------------------------
     def submit(self, jobs: list[Job]):
-        """Queue all of `jobs` or none of them."""
+        """Queue all of `jobs` or none of them. The queue limit counts engine rows (prompts x max(n, num_beams)):
+        32 prompts of 8 beams are 256 rows of work, not one request."""
+        rows, limit = sum(engine_rows(job) for job in jobs), self.settings.max_queue
+        if rows > limit:  # it would never fit: a 429 would be retried in vain
+            raise ServeError(400, "too_many_rows", f"this request decodes {rows} engine rows (prompts x max(n, "
+                                                   f"num_beams)); the server queues at most {limit} (--max-queue): "
+                                                   f"send fewer prompts, choices or beams")
         with self._cond:
             if not self.alive():
                 raise ShuttingDown()
-            if self.depth() + len(jobs) > self.settings.max_queue:
-                raise QueueFull(self.depth())
+            depth = self.depth()
+            if depth + rows > limit:
+                raise QueueFull(depth, rows, limit)
             now = self.clock()
             for job in jobs:
                 job.enqueued = now
@@ -209,7 +218,7 @@ class EngineWorker(WorkerHealth):
             self._count(job, "error")
             return
         self._live[request.request_id] = _Live(job)
-        self._unstarted += 1
+        self._unstarted += engine_rows(job)
 
     def _count(self, job: Job, outcome: str):
         if job.outcome is None:
@@ -281,7 +290,7 @@ class EngineWorker(WorkerHealth):
             job = live.job
             if event.token is not None:
                 if not live.tokens:
-                    self._unstarted -= 1
+                    self._unstarted -= engine_rows(job)
                 live.tokens.append(event.token)
                 if event.logprob is not None:
                     live.logprobs.append(event.logprob)
@@ -294,7 +303,7 @@ class EngineWorker(WorkerHealth):
             if event.finish_reason is not None:
                 del self._live[event.request_id]
                 if not live.tokens:
-                    self._unstarted -= 1
+                    self._unstarted -= engine_rows(job)
                 self._finish(live, event.finish_reason)
 
     def _finish(self, live: _Live, reason: str):

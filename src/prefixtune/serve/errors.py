@@ -25,8 +25,9 @@ class ServeError(Exception):
 
 
 class QueueFull(ServeError):
-    def __init__(self, depth: int):
-        super().__init__(429, "queue_full", f"server busy: {depth} rows are waiting; retry later")
+    def __init__(self, depth: int, rows: int, limit: int):
+        super().__init__(429, "queue_full", f"server busy: {depth} engine rows are waiting (at most {limit}) and this "
+                                            f"request adds {rows} (prompts x max(n, num_beams)); retry later")
 
 
 class ShuttingDown(ServeError):

@@ -52,6 +52,11 @@ class Job:
         self.future.cancel()
 
 
+def engine_rows(job: Job) -> int:
+    """The engine rows a job decodes as: a beam search is `num_beams` rows (n > 1 is a job per choice)."""
+    return max(1, job.num_beams)
+
+
 def resolve(job: Job, result=None, error: Exception | None = None) -> bool:
     try:
         if error is not None:

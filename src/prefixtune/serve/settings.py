@@ -13,7 +13,7 @@ class ServeSettings:
     model_name: str | None = None        # the base model's name in /v1/models; default: the model's own name
     max_batch_size: int = 32             # rows per decoding step (a beam request takes one per beam)
     max_batch_tokens: int = 2048         # prompt tokens prefilled in one step: bounds the prefill, one uninterrupted step
-    max_queue: int = 256                 # rows waiting for the worker; beyond that: 429
+    max_queue: int = 256                 # engine rows waiting (a beam search: num_beams); beyond: 429
     request_timeout_s: float = 120.0     # queueing + decoding; beyond that: 503
     max_upload_bytes: int = 16 * MiB     # one prefix file
     max_prefixes_per_tenant: int = 64
