@@ -379,6 +379,22 @@ def test_rates_from_another_study_replace_the_sweep_and_a_complete_plan_frees_th
 
 
 
+def test_a_study_at_another_studys_rates_records_where_they_came_from(tmp_path):
+    """Each line of a `--rates-from` study names the study whose sweep chose its rate (the runner's scale is
+    the one with_rates returns: it once took the scale before it, and the lines said nothing)."""
+    from prefixtune.experiments import main_table
+
+    source = tmp_path / "rates"
+    source.mkdir()
+    (source / "cells.jsonl").write_text("".join(json.dumps({"id": f"f{i}", "label": label, "lr": 1e-3,
+                                                            "tags": {"config": label}}) + "\n"
+                                                for i, label in enumerate(main_table.METHODS)))
+    run("main", tmp_path, "e2e", rates_from=source)
+    lines = lines_of(tmp_path / "main")
+    assert len(lines) == len(main_table.METHODS) and {line.get("rates_from") for line in lines} == {str(source)}
+    assert {line["lr"] for line in lines} == {1e-3}
+
+
 @contextlib.contextmanager
 def _held():
     yield False

@@ -286,18 +286,29 @@ def test_the_server_starts_on_the_store_and_serves_every_user_their_own_prefix(t
         server.stop()
 
 
-def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
+def invoke(*args):
+    """`prefixtune train ARGS` in this process (typer's runner): its exit code, stdout and stderr."""
     from typer.testing import CliRunner
 
     from prefixtune.cli import app
 
-    def invoke(*args):
-        return CliRunner().invoke(app, ["train", *map(str, args)])
+    return CliRunner().invoke(app, ["train", *map(str, args)])
 
-    rows = [{"user": u, "input": f"name : Place {i} | food : Thai", "output": f"Place {i} by {u}."}
-            for i in range(12) for u in ("ann", "bo b")]
-    data = tmp_path / "users.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+def user_rows(users, count: int) -> list[dict]:
+    """`count` E2E-like rows per user, each target naming its user."""
+    return [{"user": u, "input": f"name : Place {i} | food : Thai", "output": f"Place {i} by {u}."}
+            for i in range(count) for u in users]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
+    rows = user_rows(("ann", "bo b"), 12)
+    data = write_rows(tmp_path / "users.jsonl", rows)
     # refused before the model loads (the model path does not exist), one error line, nothing written
     clash = tmp_path / "clash.jsonl"
     clash.write_text("".join(json.dumps({**r, "user": r["user"].replace("ann", "bo-b")}) + "\n" for r in rows))
@@ -343,17 +354,7 @@ def test_a_bare_resume_finishes_a_many_users_job_with_its_options_and_runs_never
     another version"; with --user-field, a forgotten --max-steps retrained every user on the default schedule);
     a flag that contradicts them is refused; a single run and a many-users job never write into each other's
     directory without --overwrite."""
-    from typer.testing import CliRunner
-
-    from prefixtune.cli import app
-
-    def invoke(*args):
-        return CliRunner().invoke(app, ["train", *map(str, args)])
-
-    rows = [{"user": u, "input": f"name : Place {i} | food : Thai", "output": f"Place {i} by {u}."}
-            for i in range(8) for u in ("ann", "bob")]
-    data = tmp_path / "users.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_rows(tmp_path / "users.jsonl", user_rows(("ann", "bob"), 8))
     out = tmp_path / "run"
     first = invoke("-o", out, "--model", tiny_dir, "--data", data, "--user-field", "user", "--tenant", "acme",
                    "--max-steps", "2", "--method", "prefix-flat")

@@ -125,10 +125,11 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
         else:
             chosen = model or default_model(scale, t)
         loaded = models.get(chosen, (None, None))
-        ctx = Context(out_dir, s, chosen, data_dir, loaded[0], loaded[1], loader, run.command, progress)
         cells = study.make_cells(t, s)
         if rates_from is not None:
             s, cells = with_rates(s, cells, rates, rates_from)
+        # the cells run at this scale (with_rates's included): each line records `rates_from` from it
+        ctx = Context(out_dir, s, chosen, data_dir, loaded[0], loaded[1], loader, run.command, progress)
         ids = [c.id(s, chosen) for c in cells]
         if len(set(ids)) != len(ids):
             raise ValueError("two cells of the study have the same configuration")
