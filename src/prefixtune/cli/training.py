@@ -133,6 +133,7 @@ def _typed(ctx: typer.Context, options: dict) -> dict:
 def _train_users(ctx: typer.Context, options: dict, tenant: str, overwrite: bool, resume: bool) -> int:
     """--user-field: one prefix per user in one job (prefixtune.users), into OUTPUT_DIR/store for `serve --store`.
     --resume finishes the job in OUTPUT_DIR with its saved options (a flag that contradicts them is refused)."""
+    from ..run_dir import USERS_CSV
     from ..users import UsersConfig, check_users, load_user_pairs, resumed_users_config, train_users
 
     config, users = TrainConfig(**options), UsersConfig(tenant=tenant)
@@ -152,7 +153,7 @@ def _train_users(ctx: typer.Context, options: dict, tenant: str, overwrite: bool
                f"--max-prefixes {max(len(result.users), 64)}", err=True)
     summary = {k: v for k, v in result.to_json().items() if k != "users"}
     typer.echo(json.dumps({**summary, "users": len(result.users),
-                           "summary": str(Path(result.output_dir) / "users.csv")}))
+                           "summary": str(Path(result.output_dir) / USERS_CSV)}))
     return 0
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
+from ..run_dir import USERS_CSV, USERS_SUMMARY
 
 COLUMNS = ["user", "prefix", "examples", "dev_examples", "steps", "best_step", "best_dev_loss", "final_dev_loss",
            "last_train_loss", "stop_reason"]
@@ -55,9 +56,9 @@ def _cell(value) -> str:
 def write_summary(result: UsersResult, out: Path):
     """OUT/users.json (the whole result) and OUT/users.csv (one row per user), each written atomically."""
     rows = sorted(result.users, key=lambda r: r["user"])
-    atomic_write_bytes(out / "users.json", json.dumps({**result.to_json(), "users": rows}, indent=2).encode())
+    atomic_write_bytes(out / USERS_SUMMARY, json.dumps({**result.to_json(), "users": rows}, indent=2).encode())
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(out / "users.csv", text.getvalue().encode())
+    atomic_write_bytes(out / USERS_CSV, text.getvalue().encode())

@@ -40,12 +40,10 @@ from .result import UsersResult, write_summary
 from .state import UserState
 from .step import gradient_leaves, plan, run_passes, target_count
 
-STORE = USERS_STORE       # OUT/store: the prefix store `prefixtune serve --store` starts on
-
 
 def store_dir(output_dir: str | Path, tenant: str) -> Path:
     """Where the users' prefixes go: the store layout of serve/store.py (STORE/<tenant hash>/<name>.safetensors)."""
-    return Path(output_dir) / STORE / tenant_dir_name(tenant)
+    return Path(output_dir) / USERS_STORE / tenant_dir_name(tenant)
 
 
 def _check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
@@ -243,7 +241,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     bar.close()
     if halves is not None:
         halves.close()
-    result = UsersResult(str(out), str(out / STORE), users.tenant, rows, tokens / max(train_time, 1e-9),
+    result = UsersResult(str(out), str(out / USERS_STORE), users.tenant, rows, tokens / max(train_time, 1e-9),
                          train_time, tokens, padded, resident, state_bytes, per_user, dev_time, export_time)
     write_summary(result, out)
     return result
