@@ -168,3 +168,127 @@ def test_a_run_removes_the_temp_files_a_killed_save_left_and_nothing_else(killed
     assert result.exit_code == 0, result.output
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)
+
+
+def copy_run(tiny_dir, out, **kw) -> TrainConfig:
+    """An adapter run on the tiny model directory (export reloads the model by its name)."""
+    return TrainConfig(output_dir=str(out), model=str(tiny_dir), method="adapter", adapter_budget=0.01, max_steps=6,
+                       batch_size=4, eval_every=2, save_every=3, precision="fp32", lr=5e-3, **kw)
+
+
+def trained_now(at, into):
+    """on_step: keep the trained weights at step `at`, named as the method exports them (no `model.` wrapper)."""
+    def on_step(step, logs, module):
+        if step == at:
+            into.update({n.removeprefix("model."): p.detach().clone() for n, p in module.named_parameters()
+                         if p.requires_grad})
+    return on_step
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("method", ["adapter", "finetune-top2"])
+def test_a_copy_methods_checkpoint_holds_the_trained_weights_alone(method, tmp_path, tokenizer):
+    """adapter and finetune-top2 train a copy of the whole model: its frozen weights are not the run's to keep."""
+    config = TrainConfig(output_dir=str(tmp_path / "run"), method=method, max_steps=4, batch_size=4, eval_every=2,
+                         save_every=2, precision="fp32", lr=5e-3)
+    result = train(config, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
+    saved = load_checkpoint_file(tmp_path / "run" / CHECKPOINT)
+    module = result.method.module
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert len(trained) < len(module.state_dict())  # there is something frozen to leave out
+    for state in (saved["module"], saved["best"]["state"]):
+        assert set(state) == trained
+        assert sum(t.numel() for t in state.values()) == result.trainable_params
+
+
+def test_export_from_a_trimmed_checkpoint_is_the_runs_export(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from prefixtune.models import load_base_model
+    from prefixtune.train import export_checkpoint
+
+    at_six = {}
+    model, tokenizer = load_base_model(str(tiny_dir))
+    result = train(copy_run(tiny_dir, tmp_path / "run"), model, tokenizer, PAIRS, PAIRS[:4],
+                   on_step=trained_now(6, at_six), progress=False)
+    assert result.best_step is not None
+    best = export_checkpoint(tmp_path / "run", tmp_path / "best.safetensors", "best")
+    assert_same_tensors(load_file(best), load_file(result.prefix_file))
+    last = export_checkpoint(tmp_path / "run", tmp_path / "last.safetensors", "last")
+    assert_same_tensors(load_file(last), at_six)
+
+
+def test_an_older_full_state_checkpoint_still_exports_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):
+    """Checkpoints written before trimming hold every weight (module and best): they load as they always did."""
+    from safetensors.torch import load_file
+
+    import prefixtune.train as trainer
+    from prefixtune.models import load_base_model
+    from prefixtune.train import export_checkpoint
+
+    model, tokenizer = load_base_model(str(tiny_dir))
+    straight = train(copy_run(tiny_dir, tmp_path / "a"), model, tokenizer, PAIRS, PAIRS[:4], progress=False)
+    old = tmp_path / "b"
+    at_three = {}
+
+    def keep_3_kill_at_4(step, logs, module):
+        trained_now(3, at_three)(step, logs, module)
+        kill_at(4)(step, logs, module)
+    with monkeypatch.context() as patch:  # what train wrote before: the full state_dict
+        patch.setattr(trainer, "trained_state", lambda module: module.state_dict())
+        with pytest.raises(Killed):
+            train(copy_run(tiny_dir, old), *load_base_model(str(tiny_dir)), PAIRS, PAIRS[:4],
+                  on_step=keep_3_kill_at_4, progress=False)
+    saved = load_checkpoint_file(old / CHECKPOINT)
+    assert saved["step"] == 3 and "model.model.embed_tokens.weight" in saved["module"]
+    assert "model.model.embed_tokens.weight" in saved["best"]["state"]
+    exported = export_checkpoint(old, tmp_path / "old-last.safetensors", "last")
+    assert_same_tensors(load_file(exported), at_three)
+    resumed = train(copy_run(tiny_dir, old), *load_base_model(str(tiny_dir)), PAIRS, PAIRS[:4], resume=True,
+                    progress=False)
+    assert_same_tensors(load_file(resumed.prefix_file), load_file(straight.prefix_file))
+    assert [h["dev_loss"] for h in resumed.history] == [h["dev_loss"] for h in straight.history]
+    rewritten = load_checkpoint_file(old / CHECKPOINT)  # the resumed run keeps what trains, its old best too
+    assert "model.model.embed_tokens.weight" not in rewritten["module"]
+    assert "model.model.embed_tokens.weight" not in rewritten["best"]["state"]
+
+
+def test_a_state_that_does_not_fit_the_module_is_refused_before_anything_loads(tokenizer):
+    from prefixtune.checkpoint import load_trained_state, trained_state
+    from prefixtune.methods import build_method
+    from prefixtune.models import model_spec
+
+    def built(family, method):
+        model = tiny_model(family)
+        return build_method(method, model, tokenizer, model_spec(model), TrainConfig(method=method))
+
+    adapter = built("llama", "adapter").module
+    state = {n: t + 1 for n, t in trained_state(adapter).items()}
+    fresh = built("llama", "adapter").module
+    before = {n: t.clone() for n, t in fresh.state_dict().items()}
+    lacking = next(iter(state))
+    with pytest.raises(ValueError, match=rf"1 trained weights missing \({lacking}\)"):
+        load_trained_state(fresh, {n: t for n, t in state.items() if n != lacking})
+    with pytest.raises(ValueError, match=r"1 keys this module does not have \(model.extra.weight\)"):
+        load_trained_state(fresh, {**state, "model.extra.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match="trained weights missing"):  # another method's state
+        load_trained_state(fresh, trained_state(built("llama", "finetune-top2").module))
+    assert_same_tensors(fresh.state_dict(), before)  # a refused state changes nothing
+    load_trained_state(fresh, state)
+    assert_same_tensors(trained_state(fresh), state)
+
+    # full fine-tuning of a model with tied embeddings: the tied weight is kept under both its names
+    tied = built("gpt2", "finetune").module
+    with torch.no_grad():
+        tied.model.transformer.wte.weight.add_(1)
+    state = trained_state(tied)
+    assert "model.lm_head.weight" in state and "model.transformer.wte.weight" in state
+    fresh = built("gpt2", "finetune").module
+    load_trained_state(fresh, state)
+    assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight  # still tied
+    assert_same_tensors(fresh.state_dict(), tied.state_dict())

@@ -4,6 +4,12 @@ A checkpoint holds all a run needs to continue exactly (`train --resume`) or to 
 or last step later (`export`): the trained module's state, the optimiser and schedule, the step,
 the best step so far (with its state), the dev-loss history, the random generators and the config.
 
+A module's state here is its trained state (`trained_state`): the parameters that train, nothing frozen.
+For `adapter` and `finetune-top2` the module wraps a whole copy of the model, whose frozen weights are the
+base model's and come back from it when the method is built again; keeping them made a 0.1% adapter's
+checkpoint 1.08 GB (module and best state) for ~100K trained numbers. Checkpoints written before this
+hold the full state_dict; `load_trained_state` loads those unchanged.
+
 A checkpoint is loaded as data (`torch.load(weights_only=True)`): tensors, plain Python values and the
 numpy arrays of the random generators' state, nothing else. A run directory may be shared, and a
 pickle that names any other callable (os.system, ...) would run it on `export` or `--resume`: such a
@@ -18,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from torch import nn
 
 from .atomic import atomic_torch_save
 
@@ -41,9 +49,42 @@ def load_checkpoint_file(path: str | Path) -> dict:
                              f"data, which are not loaded (they could run code){detail}") from None
 
 
+def _trained_names(module: nn.Module) -> set[str]:
+    # every name of a trained parameter: a tied one (embeddings and lm_head) under each of its names
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict entries of `module`'s trained parameters (sharing their storage, as state_dict does).
+
+    No buffer is kept: no method trains one, and the frozen model's (rotary frequencies, ...) are built
+    with it. A tied weight is kept under each name; torch.save writes its storage once."""
+    names = _trained_names(module)
+    return {k: v for k, v in module.state_dict().items() if k in names}
+
+
+def load_trained_state(module: nn.Module, state: dict[str, torch.Tensor]):
+    """Put a trained state (or an older checkpoint's full state_dict) back into `module`.
+
+    Refused before anything is loaded: a key the module does not have, or a trained parameter the state
+    lacks (it would keep its fresh initial value silently)."""
+    unknown = sorted(set(state) - set(module.state_dict()))
+    lacking = sorted(_trained_names(module) - set(state))
+    if unknown or lacking:
+        said = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("keys this module does not have", unknown),
+                                   ("trained weights missing", lacking)) if keys]
+        raise ValueError(f"the saved state does not fit this {type(module).__name__}: {'; '.join(said)}; "
+                         f"was it saved by another method or model?")
+    try:
+        module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: torch names each
+        raise ValueError(f"the saved state does not fit this {type(module).__name__}: {e}") from None
+
+
 @dataclass
 class Checkpoint:
-    module: dict                 # the trained module's state_dict at `step`
+    module: dict                 # the module's trained state at `step` (older checkpoints: its full state_dict)
     optimizer: dict
     scheduler: dict
     step: int

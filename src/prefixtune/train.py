@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write_bytes
 from .cache import enable_gradient_checkpointing
-from .checkpoint import CHECKPOINT, Checkpoint
+from .checkpoint import CHECKPOINT, Checkpoint, load_trained_state, trained_state
 from .data import check_pairs, load_task, load_train_dev, sample_pairs, training_pairs
 from .data.collate import Collator, encode_example, length_grouped_batches
 from .data_parallel import threaded_halves
@@ -127,7 +127,7 @@ def _finished_run(config: TrainConfig, saved: dict, model, tokenizer) -> TrainRe
     if model is None:
         model, tokenizer = load_base_model(config.model)
     method = build_method(config.method, model, tokenizer, model_spec(model), config)
-    method.module.load_state_dict(Checkpoint.load(out_dir).state("best"))
+    load_trained_state(method.module, Checkpoint.load(out_dir).state("best"))
     known = {f.name for f in fields(TrainResult)}
     return TrainResult(**{k: v for k, v in saved.items() if k in known and k != "method"}, method=method)
 
@@ -212,16 +212,20 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             raise ValueError(f"{out_dir} holds a run started on {started} train and {ckpt.data.get('dev_pairs')} dev "
                              f"pairs, but its data now gives {now[0]} and {now[1]}: resume it on the data it started "
                              f"with (or start a new run with --overwrite)")
-        accelerator.unwrap_model(module).load_state_dict(ckpt.module)
+        load_trained_state(accelerator.unwrap_model(module), ckpt.module)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
         step, best, history = ckpt.step, ckpt.best, ckpt.history
+        if best["state"] is not None:  # an older checkpoint's best is a full state_dict: keep what trains
+            kept = trained_state(accelerator.unwrap_model(module)).keys()
+            best = {**best, "state": {k: v for k, v in best["state"].items() if k in kept}}
         _set_rng_state(ckpt.rng)
+        del ckpt  # else an older checkpoint's full state stays in memory all run
         accelerator.print(f"resumed from step {step} of {total_steps}")
 
     def save_checkpoint():
         if accelerator.is_main_process:
-            Checkpoint(accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+            Checkpoint(trained_state(accelerator.unwrap_model(module)), optimizer.state_dict(), scheduler.state_dict(),
                        step, best, history, _rng_state(), asdict(config), provenance).save(out_dir)
         accelerator.wait_for_everyone()
 
@@ -297,7 +301,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
                 logs["dev_loss"] = dev_loss()
                 if logs["dev_loss"] is not None and (best["loss"] is None or logs["dev_loss"] < best["loss"]):
                     best = {"loss": logs["dev_loss"], "step": step,
-                            "state": copy.deepcopy(accelerator.unwrap_model(module).state_dict())}
+                            "state": copy.deepcopy(trained_state(accelerator.unwrap_model(module)))}
                 history.append({k: v for k, v in logs.items()})
                 stopped_early = early_stop_due(history, best["step"], config.early_stop_patience)
             watch.step(accelerator, logs, history)  # trackers and loss_curve.png at each evaluation
@@ -318,7 +322,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     watch.finish(accelerator, history, best["step"])
     # Keep the best step: the exported prefix comes from the lowest dev loss seen.
     if best["state"] is not None:
-        accelerator.unwrap_model(module).load_state_dict(best["state"])
+        load_trained_state(accelerator.unwrap_model(module), best["state"])
     prefix_file = None
     if accelerator.is_main_process and config.export:
         prefix_file = str(method.export(out_dir / EXPORT_FILES[config.method],
@@ -342,7 +346,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, which:
     config = TrainConfig(**ckpt.config)
     model, tokenizer = load_base_model(config.model)
     method = build_method(config.method, model, tokenizer, model_spec(model), config)
-    method.module.load_state_dict(ckpt.state(which))
+    load_trained_state(method.module, ckpt.state(which))
     step = ckpt.best["step"] if which == "best" else ckpt.step
     return method.export(out or Path(run_dir) / EXPORT_FILES[config.method],
                          {**checkpoint_facts(ckpt), "exported_from_step": step})

@@ -27,7 +27,7 @@ def prefix_from_run(run_dir: Path, which: str = "best") -> tuple[ExportedPrefix,
     from ..methods.base import count_parameters
     from ..methods.prefix import PrefixMethod
     from ..models import load_base_model, model_name, model_spec
-    from ..checkpoint import Checkpoint
+    from ..checkpoint import Checkpoint, load_trained_state
     from ..train_config import TrainConfig
 
     ckpt = Checkpoint.load(run_dir)
@@ -38,7 +38,7 @@ def prefix_from_run(run_dir: Path, which: str = "best") -> tuple[ExportedPrefix,
     if not isinstance(method, PrefixMethod):
         raise ValueError(f"{run_dir} trained {config.method!r}, not a prefix: only prefixes export as folders")
     best = which == "best" and ckpt.has_best()
-    method.module.load_state_dict(ckpt.state(which))
+    load_trained_state(method.module, ckpt.state(which))
     base_params = count_parameters(model)
     from ..run_dir import checkpoint_facts
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint import trained_state
 from ..data.collate import length_grouped_batches
 from ..train import early_stop_due, lr_lambda
 from ..train_config import TrainConfig
@@ -109,7 +110,7 @@ class UserState:
         """Log a step's dev loss, keep the best state, and decide early stopping, as `train.train` does."""
         dev = logs.get("dev_loss")
         if dev is not None and (self.best["loss"] is None or dev < self.best["loss"]):
-            self.best = {"loss": dev, "step": self.step, "state": copy.deepcopy(self.module.state_dict())}
+            self.best = {"loss": dev, "step": self.step, "state": copy.deepcopy(trained_state(self.module))}
         self.history.append(logs)
         self.stopped_early = early_stop_due(self.history, self.best["step"], patience)
 

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_bytes
+from ..checkpoint import load_trained_state
 from ..data.collate import Collator, encode_example
 from ..data_parallel import threaded_halves
 from ..methods import build_method
@@ -194,7 +195,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         state_bytes = max(state_bytes, state.state_bytes())
         module = state.module
         if state.best["state"] is not None:  # the exported prefix is the user's lowest dev loss
-            module.load_state_dict(state.best["state"])
+            load_trained_state(module, state.best["state"])
         module.eval()
         with torch.no_grad():
             p = {g: t.detach().float().cpu() for g, t in module().items()}
