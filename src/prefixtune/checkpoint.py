@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from .atomic import atomic_torch_save
@@ -57,8 +56,8 @@ def _trained_names(module: nn.Module) -> set[str]:
 def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state_dict entries of `module`'s trained parameters (sharing their storage, as state_dict does).
 
-    No buffer is kept: no method trains one, and the frozen model's (rotary frequencies, ...) are built
-    with it. A tied weight is kept under each name; torch.save writes its storage once."""
+    No buffer is kept: no method trains one, and the frozen model's (rotary frequencies, BART's
+    final_logits_bias) are built with it. A tied weight is kept under each name; torch.save writes its storage once."""
     names = _trained_names(module)
     return {k: v for k, v in module.state_dict().items() if k in names}
 
