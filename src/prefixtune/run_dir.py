@@ -61,7 +61,7 @@ def clear_run(out_dir: Path):
 
 def remove_stale_temps_of_run(out_dir: Path) -> list[Path]:
     """When a run starts or resumes in OUT_DIR: remove the temporary files that a killed save of its files left
-    (atomic.py; a checkpoint's is 0.5-2 GB), which nothing else would ever remove. Only their pattern."""
+    (atomic.py; a `finetune` checkpoint's is ~2 GB), which nothing else would ever remove. Only their pattern."""
     return remove_stale_temps(out_dir, run_files())
 
 
