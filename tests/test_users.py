@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -227,6 +228,53 @@ def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
     result = train_users(cfg, llama, tokenizer, {"user0": train_pairs["user0"]}, dev_pairs, progress=False,
                          overwrite=True)
     assert [p.name for p in store_dir(result.output_dir, "default").iterdir()] == ["user0.safetensors"]
+
+
+REPLACE = "pass --overwrite to replace it"
+NOT_A_JOB = f"holds a single-prefix run (train without --user-field): {REPLACE}, or"
+# What OUT_DIR holds -> what starting a single run, a many-users job, and a many-users job with --resume refuse
+# (None: started there). With --overwrite each replaces what is there; a single run's --resume is checked in train.py.
+WHAT_A_RUN_REFUSES = {
+    "nothing": (None, None, None),
+    "an empty folder": (None, None, None),
+    "a finished run": (f"holds a finished run: {REPLACE}, or", NOT_A_JOB, NOT_A_JOB),
+    "an interrupted run": (f"holds an interrupted run: {REPLACE}, --resume to continue it, or", NOT_A_JOB, NOT_A_JOB),
+    "a many-users summary": (f"holds a many-users run (--user-field): {REPLACE}, or",
+                             f"holds a many-users run: {REPLACE}, --resume to finish it, or", None),
+    "a many-users prefix": (f"holds a many-users run (--user-field): {REPLACE}, or",
+                            f"holds a many-users run: {REPLACE}, --resume to finish it, or", None),
+}
+
+
+def occupy(out, holds: str):
+    files = {"a finished run": "result.json", "an interrupted run": "checkpoint.pt", "a many-users summary":
+             "users.json", "a many-users prefix": "store/tenant/user.safetensors"}
+    if holds != "nothing":
+        out.mkdir()
+    if holds in files:
+        (out / files[holds]).parent.mkdir(parents=True, exist_ok=True)
+        (out / files[holds]).write_text("{}")
+
+
+@pytest.mark.parametrize("holds", WHAT_A_RUN_REFUSES)
+def test_a_run_never_takes_a_directory_it_does_not_own_without_overwrite(tmp_path, holds):
+    """run_dir.check_output_dir, for a single run and a many-users job alike (users/trainer.py restated it)."""
+    from prefixtune.run_dir import check_output_dir
+
+    out = tmp_path / "out"
+    occupy(out, holds)
+    before = sorted(tmp_path.rglob("*"))
+    occupied = holds not in ("nothing", "an empty folder")
+    for (users, resume), refusal in zip(((False, False), (True, False), (True, True)), WHAT_A_RUN_REFUSES[holds]):
+        if refusal is None:
+            assert check_output_dir(out, resume, overwrite=False, users=users) is False
+        else:
+            with pytest.raises(FileExistsError, match=f"^{re.escape(f'{out} {refusal}')} choose another --output-dir$"):
+                check_output_dir(out, resume, overwrite=False, users=users)
+        assert check_output_dir(out, resume, overwrite=True, users=users) is occupied  # cleared once the model loads
+    assert check_output_dir(out, resume=True, overwrite=False) is False  # a single run's: train.py checks it
+    assert check_output_dir(out, resume=True, overwrite=True) is False
+    assert sorted(tmp_path.rglob("*")) == before  # it only checks: the caller clears
 
 
 def test_each_users_dev_rows_are_held_out_of_their_own_rows():

@@ -30,7 +30,7 @@ from ..models import load_base_model, model_name, model_spec, resolve_device
 from ..precision import FrozenBf16Step
 from ..prefix_file import PrefixFileError, save_prefix
 from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, clear_run, given_options,
-                       holds_single_run, holds_users_run, remove_stale_temps_of_run, resumed_config, saved_config)
+                       remove_stale_temps_of_run, resumed_config, saved_config)
 from ..serve.tenants import tenant_dir_name
 from ..train import use_bf16
 from ..train_config import TrainConfig
@@ -44,19 +44,6 @@ from .step import gradient_leaves, plan, run_passes, target_count
 def store_dir(output_dir: str | Path, tenant: str) -> Path:
     """Where the users' prefixes go: the store layout of serve/store.py (STORE/<tenant hash>/<name>.safetensors)."""
     return Path(output_dir) / USERS_STORE / tenant_dir_name(tenant)
-
-
-def _check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
-    """Never replace a run silently: a finished or interrupted many-users run needs `overwrite` (or `resume`), and
-    a single `train` run's directory is taken only with `overwrite`. Returns whether a run is to be cleared (once
-    the model has loaded: `run_dir.clear_run`)."""
-    if holds_single_run(out) and not overwrite:
-        raise FileExistsError(f"{out} holds a single-prefix run (train without --user-field): pass --overwrite to "
-                              "replace it, or choose another --output-dir")
-    if holds_users_run(out) and not (overwrite or resume):
-        raise FileExistsError(f"{out} holds a many-users run: pass --overwrite to replace it, --resume to finish "
-                              "it, or choose another --output-dir")
-    return overwrite and check_output_dir(out, resume=False, overwrite=True)
 
 
 def resumed_users_config(out: Path, given: dict, tenant: str | None, flags: bool = False
@@ -135,7 +122,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     dev = {str(user): examples for user, examples in (dev or {}).items()}
     check_users(config, train)
     out = Path(config.output_dir)
-    replacing = _check_output_dir(out, overwrite, resume)  # after the checks: bad input never clears a run
+    replacing = check_output_dir(out, resume, overwrite, users=True)  # after the checks: bad input never clears a run
     device = resolve_device(config.device)
     if model is None:
         model, tokenizer = load_base_model(config.model)
