@@ -417,6 +417,10 @@ def test_a_bare_resume_finishes_a_many_users_job_with_its_options_and_runs_never
     for flag, value, saved in (("--max-steps", "3", "2"), ("--tenant", "other", "'acme'")):
         refused = invoke("-o", out, "--resume", flag, value)
         assert refused.exit_code == 2 and f"with {flag} {saved}, not" in refused.stderr, refused.stderr
+    with pytest.raises(ValueError, match="with max_steps 2, not 3"):  # from Python: named as the option
+        train_users(TrainConfig(output_dir=str(out), max_steps=3), resume=True)
+    taken = invoke("-o", out, "--model", "/no/such/model", "--data", data, "--user-field", "user")
+    assert taken.exit_code == 2 and "holds a many-users run: pass --overwrite" in taken.stderr, taken.stderr  # first
     single = invoke("-o", out, "--model", tiny_dir, "--data", data, "--max-steps", "1")
     assert single.exit_code == 2 and "holds a many-users run (--user-field): pass --overwrite" in single.stderr
     with pytest.raises(ValueError, match="holds a many-users run"):

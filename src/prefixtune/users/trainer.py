@@ -98,18 +98,20 @@ def check_users(config: TrainConfig, train: dict, reserved: tuple[str, ...] = ()
 
 def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | None = None, dev: dict | None = None,
                 users: UsersConfig | None = None, progress: bool = True, overwrite: bool = False,
-                resume: bool = False) -> UsersResult:
+                resume: bool = False, given: dict | None = None, flags: bool = False) -> UsersResult:
     """Train one prefix per user in one job and write them into OUTPUT_DIR/store for `prefixtune serve`.
 
     `train` and `dev` map each user to their examples ((source, target) pairs, or chat conversations); without
-    them they are read from `config.data` with `config.user_field` (users/data.py). Every user is trained as `train.train` would
-    train their data alone with `config` (same seed, same batches, same schedule), and independently of
-    every other user. `resume` finishes a killed job: users already in the store (same rows, same options)
-    are kept, the others are trained.
+    them they are read from `config.data` with `config.user_field` (users/data.py). Every user is trained as
+    `train.train` would train their data alone with `config` (same seed, same batches, same schedule), and
+    independently of every other user. `resume` finishes a killed job with its saved options and tenant: users
+    already in the store (same rows, same options) are kept, the others are trained. The options set (`given`;
+    default: those of `config` that differ from the defaults) and `users.tenant` must agree with the saved ones
+    (`flags`: a refusal names them as command-line flags).
     """
     if resume:  # the job in OUTPUT_DIR as it was started (its options, its tenant), like `train`'s resume
-        resumed = resumed_users_config(Path(config.output_dir), given_options(config),
-                                       None if users is None else users.tenant)
+        resumed = resumed_users_config(Path(config.output_dir), given_options(config) if given is None else given,
+                                       None if users is None else users.tenant, flags)
         if resumed is not None:
             config, saved_users = resumed
             users = replace(users, tenant=saved_users.tenant) if users is not None else saved_users
