@@ -219,6 +219,20 @@ def test_a_killed_job_resumes_with_the_users_it_had_not_written(llama, tokenizer
     assert same_bytes(before["user1"], exported(again, "user1"))
 
 
+def test_a_resumed_job_keeps_its_saved_job_options_but_those_the_caller_set(llama, tokenizer, tmp_path):
+    """The saved UsersConfig, with what the caller set (the CLI's --tenant, a memory budget): a caller that names
+    its tenant does not put the job back to the default padding (which changes the users' prefixes' bits)."""
+    train_pairs, dev_pairs = user_data(2, 3)
+    cfg = config(tmp_path, "run", max_steps=1)
+    train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, users=UsersConfig(tenant="acme", pad_to=8),
+                progress=False)
+    (tmp_path / "run" / "users.json").unlink()
+    train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, users=UsersConfig(tenant="acme", resident_users=1),
+                progress=False, resume=True)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["users"]
+    assert (saved["tenant"], saved["pad_to"], saved["resident_users"]) == ("acme", 8, 1)
+
+
 def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
     train_pairs, dev_pairs = user_data(2, 3)
     cfg = config(tmp_path, "run", max_steps=1)

@@ -107,14 +107,15 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     independently of every other user. `resume` finishes a killed job with its saved options and tenant: users
     already in the store (same rows, same options) are kept, the others are trained. The options set (`given`;
     default: those of `config` that differ from the defaults) and `users.tenant` must agree with the saved ones
-    (`flags`: a refusal names them as command-line flags).
+    (`flags`: a refusal names them as command-line flags); what else `users` sets (a memory budget) is kept.
     """
     if resume:  # the job in OUTPUT_DIR as it was started (its options, its tenant), like `train`'s resume
         resumed = resumed_users_config(Path(config.output_dir), given_options(config) if given is None else given,
                                        None if users is None else users.tenant, flags)
         if resumed is not None:
-            config, saved_users = resumed
-            users = replace(users, tenant=saved_users.tenant) if users is not None else saved_users
+            config, saved_users = resumed  # with the job options the caller set (a memory budget, say)
+            default = asdict(UsersConfig())
+            users = replace(saved_users, **{k: v for k, v in asdict(users or UsersConfig()).items() if v != default[k]})
     users = users or UsersConfig()
     if train is None:  # data before the model: a bad file fails in a second
         from .data import load_user_pairs
