@@ -104,9 +104,8 @@ def test_the_stall_is_what_a_waiting_row_lives_not_the_heartbeat(model, real_tok
     now = [1000.0]
     worker.clock = lambda: now[0]
     worker._beat = worker._advanced = now[0]
-    job = Job(None, "hello there", max_new_tokens=8, raw=True, ignore_eos=True, stop_at_newline=False)
-    job.enqueued = now[0]
-    worker._inbox.append(job)
+    worker.alive = lambda: True  # no thread: the test steps the worker itself
+    worker.submit([Job(None, "hello there", max_new_tokens=8, raw=True, ignore_eos=True, stop_at_newline=False)])
     now[0] += 50  # queued for 50 s (behind full slots, say), while the worker beats as often as it likes
     worker._heartbeat()
     assert worker.stall_s() == 50 and worker.longest_stall_s == 50
@@ -168,3 +167,71 @@ def test_the_queue_limit_counts_engine_rows_so_a_beam_search_is_its_beams(model,
     while worker.engine.has_work():
         worker._cycle()
     assert worker.depth() == 0 and worker._unstarted == 0
+
+
+def test_the_queue_depth_returns_to_zero_whatever_becomes_of_a_job(model, real_tokenizer, tmp_path, caplog):
+    """depth() is counted as jobs come and go, not summed at each submit: a job answered, cancelled while queued
+    or while decoding, timed out, refused, or failed with its engine leaves the count once, and --max-queue
+    still refuses exactly at its limit afterwards (a count that drifted would refuse too early or too late)."""
+    from prefixtune.serve.errors import QueueFull, ServeError
+
+    worker = EngineWorker(PrefixBank(model, real_tokenizer), ServeSettings(store_dir=tmp_path, dtype="fp32",
+                                                                           max_queue=6, max_prompt_tokens=16))
+    worker.alive = lambda: True  # no thread: the test steps the worker itself
+    now = [1000.0]
+    worker.clock = lambda: now[0]
+
+    def job(text: str = "hello there", bank_id: str | None = None, max_new_tokens: int = 8, **options) -> Job:
+        return Job(bank_id, text, max_new_tokens=max_new_tokens, raw=True, ignore_eos=True, stop_at_newline=False,
+                   **options)
+
+    def full_at_the_limit():
+        with pytest.raises(QueueFull, match=r"6 engine rows are waiting \(at most 6\) and this request adds 1"):
+            worker.submit([job()])
+
+    # beams decodes until the failure below: 32 tokens, ignore_eos
+    done, beams, gone, late = job(max_new_tokens=2), job(num_beams=2, max_new_tokens=32), job(), job(timeout_s=5.0)
+    too_long, no_prefix = job("word " * 40), job(bank_id="deleted")
+    worker.submit([done, beams, gone])
+    with pytest.raises(QueueFull):
+        worker.submit([late, too_long, no_prefix])  # 4 + 3 rows: all of them or none
+    assert worker.depth() == 4
+    worker.submit([late, too_long])
+    assert worker.depth() == 6  # the limit itself is let in
+    full_at_the_limit()
+    gone.cancel()  # its client left while it was queued
+    now[0] += 10   # `late` has waited past its timeout
+    worker._cycle_or_recover()  # taken: done and beams admitted, the others answered without decoding
+    assert worker.depth() == 2  # beams: no token until the search ends
+    for refused, status in ((late, 503), (too_long, 400)):
+        assert refused.future.exception().status == status
+    assert gone.future.cancelled()
+    worker.submit([no_prefix])
+    worker._cycle_or_recover()
+    assert no_prefix.future.exception().status == 404
+    while not done.future.done():
+        worker._cycle_or_recover()
+    assert len(done.future.result().tokens) == 2
+    running = job()
+    worker.submit([running])
+    worker._cycle_or_recover()
+    running.cancel()  # its client left while it decoded: the engine drops its row at the next step
+    worker._cycle_or_recover()
+    assert running.future.cancelled() and all(live.job is not running for live in worker._live.values())
+
+    def broken_step():
+        raise RuntimeError("a step failed")
+
+    failing = job()
+    worker.submit([failing])
+    worker.engine.step = broken_step  # the worker starts a clean engine and fails the rows that were running
+    worker._cycle_or_recover()
+    assert "engine worker error" in caplog.text
+    for failed in (beams, failing):
+        assert isinstance(failed.future.exception(), ServeError) and failed.future.exception().status == 500
+    assert worker.depth() == 0 and worker._queued == 0 and worker._unstarted == 0 and not worker._live
+    worker.submit([job() for _ in range(6)])
+    full_at_the_limit()
+    while worker._inbox or worker.engine.has_work():  # (an idle cycle waits for work: none would come)
+        worker._cycle_or_recover()
+    assert worker.depth() == 0

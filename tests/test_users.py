@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -218,6 +219,20 @@ def test_a_killed_job_resumes_with_the_users_it_had_not_written(llama, tokenizer
     assert same_bytes(before["user1"], exported(again, "user1"))
 
 
+def test_a_resumed_job_keeps_its_saved_job_options_but_those_the_caller_set(llama, tokenizer, tmp_path):
+    """The saved UsersConfig, with what the caller set (the CLI's --tenant, a memory budget): a caller that names
+    its tenant does not put the job back to the default padding (which changes the users' prefixes' bits)."""
+    train_pairs, dev_pairs = user_data(2, 3)
+    cfg = config(tmp_path, "run", max_steps=1)
+    train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, users=UsersConfig(tenant="acme", pad_to=8),
+                progress=False)
+    (tmp_path / "run" / "users.json").unlink()
+    train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, users=UsersConfig(tenant="acme", resident_users=1),
+                progress=False, resume=True)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["users"]
+    assert (saved["tenant"], saved["pad_to"], saved["resident_users"]) == ("acme", 8, 1)
+
+
 def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
     train_pairs, dev_pairs = user_data(2, 3)
     cfg = config(tmp_path, "run", max_steps=1)
@@ -227,6 +242,53 @@ def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
     result = train_users(cfg, llama, tokenizer, {"user0": train_pairs["user0"]}, dev_pairs, progress=False,
                          overwrite=True)
     assert [p.name for p in store_dir(result.output_dir, "default").iterdir()] == ["user0.safetensors"]
+
+
+REPLACE = "pass --overwrite to replace it"
+NOT_A_JOB = f"holds a single-prefix run (train without --user-field): {REPLACE}, or"
+# What OUT_DIR holds -> what starting a single run, a many-users job, and a many-users job with --resume refuse
+# (None: started there). With --overwrite each replaces what is there; a single run's --resume is checked in train.py.
+WHAT_A_RUN_REFUSES = {
+    "nothing": (None, None, None),
+    "an empty folder": (None, None, None),
+    "a finished run": (f"holds a finished run: {REPLACE}, or", NOT_A_JOB, NOT_A_JOB),
+    "an interrupted run": (f"holds an interrupted run: {REPLACE}, --resume to continue it, or", NOT_A_JOB, NOT_A_JOB),
+    "a many-users summary": (f"holds a many-users run (--user-field): {REPLACE}, or",
+                             f"holds a many-users run: {REPLACE}, --resume to finish it, or", None),
+    "a many-users prefix": (f"holds a many-users run (--user-field): {REPLACE}, or",
+                            f"holds a many-users run: {REPLACE}, --resume to finish it, or", None),
+}
+
+
+def occupy(out, holds: str):
+    files = {"a finished run": "result.json", "an interrupted run": "checkpoint.pt", "a many-users summary":
+             "users.json", "a many-users prefix": "store/tenant/user.safetensors"}
+    if holds != "nothing":
+        out.mkdir()
+    if holds in files:
+        (out / files[holds]).parent.mkdir(parents=True, exist_ok=True)
+        (out / files[holds]).write_text("{}")
+
+
+@pytest.mark.parametrize("holds", WHAT_A_RUN_REFUSES)
+def test_a_run_never_takes_a_directory_it_does_not_own_without_overwrite(tmp_path, holds):
+    """run_dir.check_output_dir, for a single run and a many-users job alike (users/trainer.py restated it)."""
+    from prefixtune.run_dir import check_output_dir
+
+    out = tmp_path / "out"
+    occupy(out, holds)
+    before = sorted(tmp_path.rglob("*"))
+    occupied = holds not in ("nothing", "an empty folder")
+    for (users, resume), refusal in zip(((False, False), (True, False), (True, True)), WHAT_A_RUN_REFUSES[holds]):
+        if refusal is None:
+            assert check_output_dir(out, resume, overwrite=False, users=users) is False
+        else:
+            with pytest.raises(FileExistsError, match=f"^{re.escape(f'{out} {refusal}')} choose another --output-dir$"):
+                check_output_dir(out, resume, overwrite=False, users=users)
+        assert check_output_dir(out, resume, overwrite=True, users=users) is occupied  # cleared once the model loads
+    assert check_output_dir(out, resume=True, overwrite=False) is False  # a single run's: train.py checks it
+    assert check_output_dir(out, resume=True, overwrite=True) is False
+    assert sorted(tmp_path.rglob("*")) == before  # it only checks: the caller clears
 
 
 def test_each_users_dev_rows_are_held_out_of_their_own_rows():
@@ -369,6 +431,10 @@ def test_a_bare_resume_finishes_a_many_users_job_with_its_options_and_runs_never
     for flag, value, saved in (("--max-steps", "3", "2"), ("--tenant", "other", "'acme'")):
         refused = invoke("-o", out, "--resume", flag, value)
         assert refused.exit_code == 2 and f"with {flag} {saved}, not" in refused.stderr, refused.stderr
+    with pytest.raises(ValueError, match="with max_steps 2, not 3"):  # from Python: named as the option
+        train_users(TrainConfig(output_dir=str(out), max_steps=3), resume=True)
+    taken = invoke("-o", out, "--model", "/no/such/model", "--data", data, "--user-field", "user")
+    assert taken.exit_code == 2 and "holds a many-users run: pass --overwrite" in taken.stderr, taken.stderr  # first
     single = invoke("-o", out, "--model", tiny_dir, "--data", data, "--max-steps", "1")
     assert single.exit_code == 2 and "holds a many-users run (--user-field): pass --overwrite" in single.stderr
     with pytest.raises(ValueError, match="holds a many-users run"):

@@ -65,23 +65,28 @@ def remove_stale_temps_of_run(out_dir: Path) -> list[Path]:
     return remove_stale_temps(out_dir, run_files())
 
 
-def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """Never silently replace a run: a finished or interrupted one needs --resume or --overwrite, and a many-users
-    job's directory (`--user-field`) is never taken by a single run without --overwrite. Returns whether OUT_DIR
-    holds a run that --overwrite replaces: the caller clears it (`clear_run`) once the model has loaded, so that
-    a model that fails to load leaves the old run as it was."""
-    if resume or not out_dir.is_dir():
+def check_output_dir(out_dir: Path, resume: bool, overwrite: bool, users: bool = False) -> bool:
+    """Never silently replace a run: a finished or interrupted one needs --resume or --overwrite, and a single run
+    and a many-users job (`users`: the run to start is one, `--user-field`) never take each other's directory without
+    --overwrite. Returns whether OUT_DIR holds a run that --overwrite replaces: the caller clears it (`clear_run`)
+    once the model has loaded, so that a model that fails to load leaves the old run as it was."""
+    if (resume and not users) or not out_dir.is_dir():  # (train.py refuses to resume a many-users job before this)
         return False
-    if (out_dir / RESULT).is_file():
-        state = "a finished run"
-    elif (out_dir / CHECKPOINT).is_file():
-        state = "an interrupted run"
+    if holds_single_run(out_dir):
+        if users:
+            state, keep = "a single-prefix run (train without --user-field)", ""
+        elif (out_dir / RESULT).is_file():
+            state, keep = "a finished run", ""
+        else:
+            state, keep = "an interrupted run", ", --resume to continue it"
     elif holds_users_run(out_dir):
-        state = "a many-users run (--user-field)"
+        if users and resume:  # the job to finish (replaced if --overwrite is given too)
+            return overwrite
+        state, keep = ("a many-users run", ", --resume to finish it") if users else \
+            ("a many-users run (--user-field)", "")
     else:
         return False
     if not overwrite:
-        keep = ", --resume to continue it" if state == "an interrupted run" else ""
         raise FileExistsError(f"{out_dir} holds {state}: pass --overwrite to replace it{keep}, "
                               f"or choose another --output-dir")
     return True

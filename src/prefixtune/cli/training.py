@@ -11,7 +11,7 @@ import typer
 from ..tracking import REPORT_TO_HELP
 from ..train_config import TrainConfig
 from .app import (DATA_FILE_HELP, DATA_HELP, SOURCE_FIELD_HELP, TARGET_FIELD_HELP, _device_option, _fail,
-                  _load_model, _task_options, app)
+                  _task_options, app)
 
 # Option defaults come from the config itself, so a default changes in one place.
 TRAIN = TrainConfig()
@@ -132,22 +132,17 @@ def _typed(ctx: typer.Context, options: dict) -> dict:
 
 def _train_users(ctx: typer.Context, options: dict, tenant: str, overwrite: bool, resume: bool) -> int:
     """--user-field: one prefix per user in one job (prefixtune.users), into OUTPUT_DIR/store for `serve --store`.
-    --resume finishes the job in OUTPUT_DIR with its saved options (a flag that contradicts them is refused)."""
+    --resume finishes the job in OUTPUT_DIR with its saved options and tenant: `train_users` reads them and refuses
+    a flag typed here that contradicts them. It reads the data (every row checked) before the model loads."""
     from ..run_dir import USERS_CSV
-    from ..users import UsersConfig, check_users, load_user_pairs, resumed_users_config, train_users
+    from ..users import UsersConfig, train_users
 
-    config, users = TrainConfig(**options), UsersConfig(tenant=tenant)
-    if resume:
-        if overwrite:
-            raise ValueError("--resume finishes the run in OUTPUT_DIR and --overwrite replaces it: give one")
-        typed_tenant = tenant if ctx.get_parameter_source("tenant").name not in ("DEFAULT", "DEFAULT_MAP") else None
-        resumed = resumed_users_config(Path(config.output_dir), _typed(ctx, options), typed_tenant, flags=True)
-        if resumed is not None:
-            config, users = resumed
-    train, dev = load_user_pairs(config)  # every row checked (file, line, field) before the model loads
-    check_users(config, train)            # and every user's prefix name
-    model, tokenizer = _load_model(config.model, config.device)
-    result = train_users(config, model, tokenizer, train, dev, users=users, overwrite=overwrite, resume=resume)
+    if resume and overwrite:
+        raise ValueError("--resume finishes the run in OUTPUT_DIR and --overwrite replaces it: give one")
+    typed_tenant = ctx.get_parameter_source("tenant").name not in ("DEFAULT", "DEFAULT_MAP")
+    users = UsersConfig(tenant=tenant) if typed_tenant or not resume else None  # None: the saved job's
+    result = train_users(TrainConfig(**options), users=users, overwrite=overwrite, resume=resume,
+                         given=_typed(ctx, options) if resume else None, flags=True)
     typer.echo(result.table())
     typer.echo(f"serve them: PREFIXTUNE_API_KEYS=KEY:{result.tenant} prefixtune serve --store {result.store} "
                f"--max-prefixes {max(len(result.users), 64)}", err=True)

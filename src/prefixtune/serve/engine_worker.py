@@ -72,6 +72,7 @@ class EngineWorker(WorkerHealth):
         self.metrics = metrics or Metrics()
         self.engine = self._new_engine()
         self._inbox: deque[Job] = deque()
+        self._queued = 0                # the inbox's rows, counted as jobs come and go: `submit` never sums the queue
         self._live: dict[str, _Live] = {}
         self._unstarted = 0             # admitted to the engine, no token yet: still queued, for `depth`
         self._cond = threading.Condition()
@@ -100,14 +101,15 @@ class EngineWorker(WorkerHealth):
         with self._cond:
             pending = list(self._inbox) + [live.job for live in self._live.values()]
             self._inbox.clear()
+            self._queued = 0
         for job in pending:
             resolve(job, error=ShuttingDown())
 
     def depth(self) -> int:
         """Engine rows waiting: not yet taken by the worker, or in the engine without a token yet (a beam
-        search's rows until its text comes). A job is `engine_rows(job)` rows."""
-        with self._cond:  # the inbox is summed, not counted: never while another thread changes it
-            return sum(engine_rows(job) for job in self._inbox) + self._unstarted
+        search's rows until its text comes). A job is `engine_rows(job)` rows. Two counts, kept as jobs come
+        and go: reading them needs no lock."""
+        return self._queued + self._unstarted
 
     def pending(self) -> bool:
         return self._busy or bool(self._inbox)
@@ -143,6 +145,7 @@ class EngineWorker(WorkerHealth):
             for job in jobs:
                 job.enqueued = now
                 self._inbox.append(job)
+            self._queued += rows
             self._cond.notify_all()
 
     # -- the worker --------------------------------------------------------------------------
@@ -151,18 +154,21 @@ class EngineWorker(WorkerHealth):
                  self.engine.path, self.engine.dtype, self.engine.max_batch, self.engine.max_len,
                  self.settings.replicas)
         while not self._stopping:
-            try:
-                self._cycle()
-            except Exception as e:  # never let the worker die: fail the running rows, start a clean engine
-                log.exception("engine worker error")
-                if isinstance(self.engine, Replicas):
-                    self.engine.close()
-                self.engine = self._new_engine()  # first, so a client told of the failure finds a clean engine
-                self._fail_running(e)
-            finally:
-                self._heartbeat()
+            self._cycle_or_recover()
         self._busy = False
         log.info("engine worker stopped")
+
+    def _cycle_or_recover(self):
+        try:
+            self._cycle()
+        except Exception as e:  # never let the worker die: fail the running rows, start a clean engine
+            log.exception("engine worker error")
+            if isinstance(self.engine, Replicas):
+                self.engine.close()
+            self.engine = self._new_engine()  # first, so a client told of the failure finds a clean engine
+            self._fail_running(e)
+        finally:
+            self._heartbeat()
 
     def _cycle(self):
         with self._cond:
@@ -179,6 +185,7 @@ class EngineWorker(WorkerHealth):
                 if not self._inbox:
                     break
                 job = self._inbox.popleft()
+                self._queued -= engine_rows(job)
             self._admit(job)
             if self.engine.num_running and self.clock() - started > ADMIT_BUDGET_S:
                 break

@@ -31,7 +31,7 @@ from ..models import load_base_model, model_name, model_spec, resolve_device
 from ..precision import FrozenBf16Step
 from ..prefix_file import PrefixFileError, save_prefix
 from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, clear_run, given_options,
-                       holds_single_run, holds_users_run, remove_stale_temps_of_run, resumed_config, saved_config)
+                       remove_stale_temps_of_run, resumed_config, saved_config)
 from ..serve.tenants import tenant_dir_name
 from ..train import use_bf16
 from ..train_config import TrainConfig
@@ -45,19 +45,6 @@ from .step import gradient_leaves, plan, run_passes, target_count
 def store_dir(output_dir: str | Path, tenant: str) -> Path:
     """Where the users' prefixes go: the store layout of serve/store.py (STORE/<tenant hash>/<name>.safetensors)."""
     return Path(output_dir) / USERS_STORE / tenant_dir_name(tenant)
-
-
-def _check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
-    """Never replace a run silently: a finished or interrupted many-users run needs `overwrite` (or `resume`), and
-    a single `train` run's directory is taken only with `overwrite`. Returns whether a run is to be cleared (once
-    the model has loaded: `run_dir.clear_run`)."""
-    if holds_single_run(out) and not overwrite:
-        raise FileExistsError(f"{out} holds a single-prefix run (train without --user-field): pass --overwrite to "
-                              "replace it, or choose another --output-dir")
-    if holds_users_run(out) and not (overwrite or resume):
-        raise FileExistsError(f"{out} holds a many-users run: pass --overwrite to replace it, --resume to finish "
-                              "it, or choose another --output-dir")
-    return overwrite and check_output_dir(out, resume=False, overwrite=True)
 
 
 def resumed_users_config(out: Path, given: dict, tenant: str | None, flags: bool = False
@@ -112,21 +99,24 @@ def check_users(config: TrainConfig, train: dict, reserved: tuple[str, ...] = ()
 
 def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | None = None, dev: dict | None = None,
                 users: UsersConfig | None = None, progress: bool = True, overwrite: bool = False,
-                resume: bool = False) -> UsersResult:
+                resume: bool = False, given: dict | None = None, flags: bool = False) -> UsersResult:
     """Train one prefix per user in one job and write them into OUTPUT_DIR/store for `prefixtune serve`.
 
     `train` and `dev` map each user to their examples ((source, target) pairs, or chat conversations); without
-    them they are read from `config.data` with `config.user_field` (users/data.py). Every user is trained as `train.train` would
-    train their data alone with `config` (same seed, same batches, same schedule), and independently of
-    every other user. `resume` finishes a killed job: users already in the store (same rows, same options)
-    are kept, the others are trained.
+    them they are read from `config.data` with `config.user_field` (users/data.py). Every user is trained as
+    `train.train` would train their data alone with `config` (same seed, same batches, same schedule), and
+    independently of every other user. `resume` finishes a killed job with its saved options and tenant: users
+    already in the store (same rows, same options) are kept, the others are trained. The options set (`given`;
+    default: those of `config` that differ from the defaults) and `users.tenant` must agree with the saved ones
+    (`flags`: a refusal names them as command-line flags); what else `users` sets (a memory budget) is kept.
     """
     if resume:  # the job in OUTPUT_DIR as it was started (its options, its tenant), like `train`'s resume
-        resumed = resumed_users_config(Path(config.output_dir), given_options(config),
-                                       None if users is None else users.tenant)
+        resumed = resumed_users_config(Path(config.output_dir), given_options(config) if given is None else given,
+                                       None if users is None else users.tenant, flags)
         if resumed is not None:
-            config, saved_users = resumed
-            users = replace(users, tenant=saved_users.tenant) if users is not None else saved_users
+            config, saved_users = resumed  # with the job options the caller set (a memory budget, say)
+            default = asdict(UsersConfig())
+            users = replace(saved_users, **{k: v for k, v in asdict(users or UsersConfig()).items() if v != default[k]})
     users = users or UsersConfig()
     if train is None:  # data before the model: a bad file fails in a second
         from .data import load_user_pairs
@@ -136,7 +126,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     dev = {str(user): examples for user, examples in (dev or {}).items()}
     check_users(config, train)
     out = Path(config.output_dir)
-    replacing = _check_output_dir(out, overwrite, resume)  # after the checks: bad input never clears a run
+    replacing = check_output_dir(out, resume, overwrite, users=True)  # after the checks: bad input never clears a run
     device = resolve_device(config.device)
     if model is None:
         model, tokenizer = load_base_model(config.model)
