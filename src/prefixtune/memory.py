@@ -1,13 +1,13 @@
-"""Giving a long process's memory back between units of work: a study's cells, a many-users job's users.
+"""Giving a long process's memory back between a study's cells (its runner, and a Ray worker between tasks).
 
 Two things keep a finished cell's memory (measured in docs/experiments.md, "Memory between cells"):
 
 * reference cycles. An exception caught deep inside training keeps its traceback, whose frames keep
   `train`'s frame and with it the cell's model copy, gradients, optimizer and best state (pyparsing does
-  this when matplotlib is first imported to draw the loss curve). Only Python's full collection frees
-  them, and it runs rarely in a process holding a model's millions of objects.
+  this when matplotlib is first imported to draw the loss curve). Only a full collection frees them, and
+  Python runs one rarely in a process holding a model's hundreds of thousands of objects.
 * glibc's heap. Tensors under the mmap threshold (which grows to 32 MB) are carved from the heap, and
-  free() keeps their pages: after a fine-tuning cell the process stays at that cell's peak.
+  free() keeps their pages: after a fine-tuning cell the process keeps most of that cell's peak.
 """
 from __future__ import annotations
 
