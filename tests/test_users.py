@@ -145,6 +145,33 @@ def test_the_frozen_model_never_changes(llama, tokenizer, tmp_path):
     assert not any(p.requires_grad or p.grad is not None for p in llama.parameters())
 
 
+def test_an_exported_users_state_is_freed_before_the_next_user_starts(llama, tokenizer, tmp_path, monkeypatch):
+    """One resident user at a time means one: nothing keeps an exported user's module and AdamW (the budget
+    counts them no more). Without the collector: a reference cycle would hide a leak from the test."""
+    import gc
+    import weakref
+
+    from prefixtune.users.state import UserState
+
+    create, states, alive_at_start = UserState.create.__func__, [], []
+
+    def tracked(cls, *args, **kwargs):
+        alive_at_start.append(sum(ref() is not None for ref in states))
+        state = create(cls, *args, **kwargs)
+        states.append(weakref.ref(state))
+        return state
+
+    monkeypatch.setattr(UserState, "create", classmethod(tracked))
+    train_pairs, dev_pairs = user_data(3, 4)
+    gc.disable()
+    try:
+        train_users(config(tmp_path, "one"), llama, tokenizer, train_pairs, dev_pairs,
+                    UsersConfig(resident_users=1), progress=False)
+    finally:
+        gc.enable()
+    assert alive_at_start == [0, 0, 0] and all(ref() is None for ref in states)
+
+
 def test_a_thousand_users_in_one_job(llama, tokenizer, tmp_path):
     from prefixtune.bank import PrefixBank
     from prefixtune.serve import PrefixStore, ServeSettings

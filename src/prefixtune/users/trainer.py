@@ -228,6 +228,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
             export(state)
         export_time += time.perf_counter() - start
         active = [s for s in active if not s.done]
+        state = None  # the loops' last user: once exported, it would stay resident (past the budget) a round more
         bar.set_postfix(resident=len(active), tok_s=f"{tokens / max(train_time, 1e-9):.0f}")
     bar.close()
     if halves is not None:
