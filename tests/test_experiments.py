@@ -255,6 +255,67 @@ def test_short_sweep_cells_only_measure_dev_loss(tmp_path, monkeypatch):
     assert len(finals) == 5 and all(l["metrics"]["test"] for l in finals)
 
 
+def test_a_finished_cells_trained_module_is_gone_before_the_next_cell_trains(tmp_path, monkeypatch):
+    """Even when the cell left it in a reference cycle and no automatic collection runs: pyparsing's caught
+    exceptions do this on matplotlib's first import (the loss curve), their tracebacks holding `train`'s frame,
+    and a process holding a model runs its full collection rarely (memory.py)."""
+    import gc
+    import weakref
+
+    from prefixtune import tracking
+    from prefixtune import train as train_module
+
+    real_curve, real_train = tracking.write_loss_curve, train_module.train
+
+    def curve_after_a_caught_exception(*args, **kwargs):
+        try:
+            raise ValueError("caught deep inside training")
+        except ValueError as e:
+            kept = e  # noqa: F841  its traceback holds this frame (and train's), this frame holds it: a cycle
+        return real_curve(*args, **kwargs)
+
+    trained, alive_at_start = [], []
+
+    def train(*args, **kwargs):
+        alive_at_start.append(sum(ref() is not None for ref in trained))
+        result = real_train(*args, **kwargs)
+        trained.append(weakref.ref(result.method.module))
+        return result
+
+    monkeypatch.setattr(tracking, "write_loss_curve", curve_after_a_caught_exception)
+    monkeypatch.setattr(train_module, "train", train)
+    gc.disable()
+    try:
+        run("main", tmp_path, "e2e")
+    finally:
+        gc.enable()
+    assert len(trained) == 5  # prefix, finetune, FT-top2 and two adapters: each cell's own module
+    assert alive_at_start == [0] * 5 and all(ref() is None for ref in trained)
+
+
+def test_release_memory_frees_cycles_and_is_safe_to_call_anywhere():
+    import gc
+    import weakref
+
+    from prefixtune.memory import release_memory
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    ref = weakref.ref(a)
+    del a, b
+    gc.disable()
+    try:
+        assert ref() is not None
+        release_memory()
+        assert ref() is None
+        release_memory()  # again: nothing to free is fine
+    finally:
+        gc.enable()
+
+
 def test_two_workers_never_run_the_same_cell(tmp_path):
     from prefixtune.experiments.runner import claim
 

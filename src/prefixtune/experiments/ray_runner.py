@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_write_bytes
+from ..memory import release_memory
 from .cell import Cell, Scale
 from .runner import CELLS_FILE, CellStore, Context, Loader, line_files, run_cell
 
@@ -76,6 +77,7 @@ def run_cell_task(task: CellTask, cell: Cell, cell_id: str, model_and_tokenizer=
     line = run_cell(cell, ctx, cell_id)
     files = {rel: (scratch / rel).read_bytes() for rel in line_files(line)}
     shutil.rmtree(scratch, ignore_errors=True)
+    release_memory()  # a worker process runs task after task: each starts on the last one's peak otherwise
     return line, files
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..data import Record, load_task, sample_pairs, training_pairs
 from ..atomic import atomic_write_bytes
+from ..memory import release_memory
 from ..tracking import CURVE_FILE
 from .cell import Cell, Scale
 
@@ -283,6 +284,7 @@ def run_cells(planner: Callable[[dict], list[Cell]], ctx: Context, desc: str, po
                                         f"lr={cell.params.get('lr', '-')}")
                     store.append(run_cell(cell, ctx, cell_id))
                     (locks / f"{cell_id}.lock").unlink(missing_ok=True)  # a late opener sees the line and skips
+                    release_memory()  # else the next cell starts on this one's peak (memory.py)
                     ran = True
                     break
             if not ran:
