@@ -341,21 +341,113 @@ def test_bank_generate_runs_on_the_engine_and_equals_each_row_alone(tokenizer, m
     assert greedy == [bank.tokenizer.decode(s, skip_special_tokens=True).split("\n")[0].strip() for s in want]
 
 
-def test_a_model_with_adapters_is_not_decoded_by_the_lean_llama_step(tokenizer):
+def with_adapters(model, width: int = 4):
+    """`model` with a bottleneck adapter after every attention and MLP output projection (as the adapter
+    baselines train it), its up projections random so that the adapters change the output."""
+    from prefixtune.architectures import adapter_sites
+    from prefixtune.methods.adapter import WithAdapter
+
+    torch.manual_seed(5)
+    for parent, attr in adapter_sites(model):
+        wrapped = WithAdapter(getattr(parent, attr), model.config.hidden_size, width)
+        for linear in (wrapped.adapter.down, wrapped.adapter.up):
+            torch.nn.init.normal_(linear.weight, std=0.5)
+            torch.nn.init.normal_(linear.bias, std=0.5)
+        setattr(parent, attr, wrapped)
+    return model
+
+
+def test_a_model_with_adapters_decodes_on_the_lean_step_as_the_hf_forward_does(tokenizer):
+    """The adapter baselines decode on the lean Llama step: each row's greedy and beam tokens equal the
+    oracle's (the row alone, recomputed through the HF forward, adapters and all), in a continuous batch
+    with prefixes, and so do its log-probabilities at every step; without its adapters the model decodes
+    otherwise (so they are not skipped)."""
+    from prefixtune.engine import llama_fast
+    from prefixtune.engine.offline import decode_ids
+
+    plain = tiny_model("llama", seed=4)
+    p1, p2 = prefixes(plain, tokenizer, lengths=(2, 5))
+    seqs = ids(tokenizer, SOURCES)
+    rows = [p1, None, p2, p1, p2]
+    plain_tokens = [alone(plain, tokenizer, s, p, 8) for s, p in zip(seqs, rows)]
+    model = with_adapters(plain)
+    assert llama_fast.supports(model)
+    engine = Engine(model, tokenizer, max_batch=3, max_len=64, dtype="fp32")
+    assert engine.path == "llama_fast"
+    outs = engine.generate([Request(s, prefix=p, max_tokens=8, ignore_eos=True, logprobs=True, top_logprobs=5)
+                            for s, p in zip(seqs, rows)])
+    want = [alone(model, tokenizer, s, p, 8) for s, p in zip(seqs, rows)]
+    assert [o.choices[0].token_ids for o in outs] == want
+    assert want != plain_tokens
+    spec = model_spec(model)
+    cache.install(model)
+    for out, s, p in zip(outs, seqs, rows):  # every step's top log-probabilities, as the HF forward gives them
+        choice, start = out.choices[0], 0 if p is None else next(iter(p.values())).shape[0]
+        x = torch.tensor([s + choice.token_ids[:-1]])
+        with torch.no_grad():
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x), position_ids=position_ids(
+                torch.ones_like(x), start), prefix_kv=None if p is None else prefix_kv_from_groups([p], spec)).logits
+        hf = torch.log_softmax(logits[0, len(s) - 1:].float(), -1)
+        for step, top in enumerate(choice.top_logprobs):
+            ids_, values = zip(*top)
+            assert torch.allclose(torch.tensor(values), hf[step, list(ids_)], atol=1e-4), step
+            assert list(ids_) == hf[step].topk(5).indices.tolist()
+    beam = DecodingConfig(max_new_tokens=6, stop_at_newline=False, num_beams=3, length_penalty=0.7, dtype="fp32")
+    assert decode_ids(model, tokenizer, seqs, rows, beam, batch_size=2) == [
+        reference(model, tokenizer, s, p, beam) for s, p in zip(seqs, rows)]
+
+
+def test_adapter_rows_in_bf16_get_the_bits_they_get_alone(tokenizer):
+    """bf16 on the lean step with adapters: a row decodes the same tokens beside other rows as alone (the
+    adapters' matmuls are packed and row-invariant like the projections')."""
+    from prefixtune.precision import bf16_available
+
+    if not bf16_available(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    model = with_adapters(tiny_model("llama", seed=6))
+    p1, p2 = prefixes(model, tokenizer, lengths=(3, 4))
+    seqs = ids(tokenizer, SOURCES)
+    rows = [p1, None, p2, p1, p2]
+    engine = Engine(model, tokenizer, max_batch=4, max_len=64, dtype="bf16")
+    assert engine.path == "llama_fast"
+    requests = [Request(s, prefix=p, max_tokens=10, ignore_eos=True) for s, p in zip(seqs, rows)]
+    batched = [o.choices[0].token_ids for o in engine.generate(requests)]
+    solo = Engine(model, tokenizer, max_batch=4, max_len=64, dtype="bf16")
+    assert batched == [solo.generate([Request(s, prefix=p, max_tokens=10, ignore_eos=True)])[0].choices[0].token_ids
+                       for s, p in zip(seqs, rows)]
+
+
+def test_a_model_changed_otherwise_is_decoded_on_the_hf_forward(tokenizer):
+    """The lean step reads weights directly: a wrapper it does not know, an adapter after a projection it
+    fuses (q), or a hook, would be decoded without the change, so such models take the HF path and decode
+    what the model computes."""
     from prefixtune.engine import llama_fast
     from prefixtune.methods.adapter import WithAdapter
 
-    model = tiny_model("llama", seed=4)
-    assert llama_fast.supports(model)
-    layer = model.model.layers[0]
-    layer.mlp.down_proj = WithAdapter(layer.mlp.down_proj, model.config.hidden_size, 4)
-    torch.nn.init.normal_(layer.mlp.down_proj.adapter.up.weight, std=0.5)  # an adapter that changes the output
-    assert not llama_fast.supports(model)
-    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
-    assert engine.path == "hf"
+    class Scaled(torch.nn.Module):  # a wrapper the lean step cannot know
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 3 * self.inner(x)
+
     seq = ids(tokenizer, SOURCES[:1])[0]
-    out = engine.generate([Request(seq, max_tokens=6)])[0].choices[0].token_ids
-    assert out == alone(model, tokenizer, seq, None, 6)
+    for change in ("wrapper", "fused site", "hook"):
+        model = tiny_model("llama", seed=4)
+        layer = model.model.layers[0]
+        if change == "wrapper":
+            layer.mlp.down_proj = Scaled(layer.mlp.down_proj)
+        elif change == "fused site":
+            layer.self_attn.q_proj = WithAdapter(layer.self_attn.q_proj, 32, 4)
+            torch.nn.init.normal_(layer.self_attn.q_proj.adapter.up.weight, std=0.5)
+        else:
+            layer.mlp.register_forward_hook(lambda module, args, out: out * 3)
+        assert not llama_fast.supports(model), change
+        engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+        assert engine.path == "hf", change
+        out = engine.generate([Request(seq, max_tokens=6)])[0].choices[0].token_ids
+        assert out == alone(model, tokenizer, seq, None, 6), change
 
 
 def test_offline_decoding_from_two_threads_at_once_gives_each_its_own_rows(tokenizer):

@@ -48,18 +48,34 @@ def supports(model) -> bool:
 
 
 def _unmodified(model) -> bool:
-    """The step reads the projections' weights directly: a model whose layers were changed (adapters
-    wrapped around a projection, hooks) would be decoded without the change, so it takes the HF path."""
+    """The step reads the projections' weights directly, so it decodes only what it knows: plain Linears,
+    and output projections (o, down) followed by a bottleneck adapter (`_adapter_of`). A model changed
+    otherwise (another wrapper, a hook) would be decoded without the change, so it takes the HF path."""
     try:
         layers = model.model.layers
     except AttributeError:
         return False
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
-        for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+        for proj in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
             if type(proj) is not torch.nn.Linear:
                 return False
+        for proj in (a.o_proj, m.down_proj):
+            if type(proj) is not torch.nn.Linear and _adapter_of(proj) is None:
+                return False
     return not any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
+
+
+def _adapter_of(proj):
+    """(the Linear, the adapter) of a projection followed by a Houlsby bottleneck adapter, h + up(relu(down h))
+    (methods/adapter.py's WithAdapter, which says so with `residual_relu_bottleneck`); else None. So the
+    adapter baselines decode here too: SmolLM2 with adapter-0.1%, beam 5, one thread, took 1.46x the CPU time
+    on the HF forward in bf16 and 1.08x in fp32 (benchmarks/decode_adapter.py)."""
+    if not getattr(type(proj), "residual_relu_bottleneck", False):
+        return None
+    inner, adapter = proj.inner, proj.adapter
+    plain = all(type(x) is torch.nn.Linear for x in (inner, adapter.down, adapter.up))
+    return (inner, adapter) if plain and inner.bias is None else None
 
 
 class _Linear:
@@ -67,8 +83,8 @@ class _Linear:
     F.linear at two rows or more, 1.5-2x faster at 32-64 rows on one AVX512/AMX core (measured here),
     and row-invariant (`rows_independent`: a row's bits are the same at 2..2,100 rows, measured)."""
 
-    def __init__(self, weight: torch.Tensor, batch_hint: int):
-        self.weight, self.packed = weight, None
+    def __init__(self, weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None = None, relu: bool = False):
+        self.weight, self.packed, self.bias, self.relu = weight, None, bias, relu
         if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
@@ -78,13 +94,15 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
+            act = "relu" if self.relu else "none"  # fused into the matmul's epilogue, as the bias
             if x.shape[0] == 1:
                 # oneDNN runs one row on another kernel, whose sums differ in the last bit (SmolLM2's
                 # down projection, K=1536: ~10% of rows, measured); 2..64 rows all agree. So one row
                 # runs as two, and a row decoded alone gets the bits it gets in any batch.
-                return torch.ops.mkldnn._linear_pointwise(x.repeat(2, 1), self.packed, None, "none", [], "")[:1]
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return F.linear(x, self.weight)
+                return torch.ops.mkldnn._linear_pointwise(x.repeat(2, 1), self.packed, self.bias, act, [], "")[:1]
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, act, [], "")
+        y = F.linear(x, self.weight, self.bias)
+        return y.relu_() if self.relu else y
 
     @property
     def rows_independent(self) -> bool:
@@ -96,6 +114,23 @@ class _Linear:
         if len(bounds) == 1 or self.rows_independent or not exact:
             return self(x)
         return torch.cat([self(x[a:b]) for a, b in bounds])
+
+
+class _Bottleneck:
+    """An adapter after an output projection, y + up(relu(down y)) as `Adapter.forward` (methods/adapter.py),
+    on `_Linear`s (packed and row-invariant in bf16, as the projections; bias and relu fused)."""
+
+    def __init__(self, down: _Linear, up: _Linear):
+        self.down, self.up = down, up
+
+    def __call__(self, y: torch.Tensor, bounds=None, exact: bool = True) -> torch.Tensor:
+        if bounds is None:
+            return y + self.up(self.down(y))
+        return y + self.up.segments(self.down.segments(y, bounds, exact), bounds, exact)
+
+
+def _after(adapter, y, bounds=None, exact=True):
+    return y if adapter is None else adapter(y, bounds, exact)
 
 
 def _rms_norm(x, weight, eps):
@@ -120,16 +155,25 @@ class LlamaFast:
         def w(t):
             return t.detach().to(dtype).contiguous()
 
+        def linear(module, relu=False):
+            return _Linear(w(module.weight), hint, None if module.bias is None else w(module.bias), relu)
+
+        def output(proj):  # an output projection, and the adapter after it (None: a plain Linear)
+            inner, adapter = _adapter_of(proj) or (proj, None)
+            return linear(inner), None if adapter is None else _Bottleneck(linear(adapter.down, relu=True),
+                                                                          linear(adapter.up))
+
         self.layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
+            (o, o_adapter), (down, down_adapter) = output(a.o_proj), output(m.down_proj)
             self.layers.append(SimpleNamespace(
                 ln1=w(layer.input_layernorm.weight), eps1=layer.input_layernorm.variance_epsilon,
                 qkv=_Linear(torch.cat([w(a.q_proj.weight), w(a.k_proj.weight), w(a.v_proj.weight)]), hint),
-                o=_Linear(w(a.o_proj.weight), hint),
+                o=o, o_adapter=o_adapter,
                 ln2=w(layer.post_attention_layernorm.weight), eps2=layer.post_attention_layernorm.variance_epsilon,
                 gate_up=_Linear(torch.cat([w(m.gate_proj.weight), w(m.up_proj.weight)]), hint),
-                down=_Linear(w(m.down_proj.weight), hint)))
+                down=down, down_adapter=down_adapter))
         self.embed = w(model.model.embed_tokens.weight)
         self.norm, self.norm_eps = w(model.model.norm.weight), model.model.norm.variance_epsilon
         self.lm_head = _Linear(w(model.lm_head.weight), hint)
@@ -155,7 +199,8 @@ class LlamaFast:
         x = _rms_norm(h, layer.ln2, layer.eps2)
         gu = layer.gate_up(x) if bounds is None else layer.gate_up.segments(x, bounds, self.exact)
         act = F.silu(gu[:, : self.inter]).mul_(gu[:, self.inter:])
-        return h.add_(layer.down(act) if bounds is None else layer.down.segments(act, bounds, self.exact))
+        out = layer.down(act) if bounds is None else layer.down.segments(act, bounds, self.exact)
+        return h.add_(_after(layer.down_adapter, out, bounds, self.exact))
 
     @torch.no_grad()
     def prefill(self, batch: list[tuple[int, torch.Tensor | None, list[int]]], totals: list[int] | None = None
@@ -206,7 +251,8 @@ class LlamaFast:
                     values = values[:, None].expand(shape).reshape(self.heads, t, self.head_dim)
                 o = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=self.scale)
                 outs.append(o[0].transpose(0, 1).reshape(n, self.q_dim))
-            h.add_(layer.o.segments(torch.cat(outs) if len(outs) > 1 else outs[0], bounds, self.exact))
+            out = layer.o.segments(torch.cat(outs) if len(outs) > 1 else outs[0], bounds, self.exact)
+            h.add_(_after(layer.o_adapter, out, bounds, self.exact))
             h = self._mlp(layer, h, bounds)
         last = torch.tensor([b - 1 for _, b in bounds])
         h = _rms_norm(h[last], self.norm, self.norm_eps)
@@ -236,7 +282,8 @@ class LlamaFast:
             q = qkv[:, : self.q_dim].view(b, self.kv_heads, self.rep, self.head_dim)
             keys, values = kv.padded(i, blocks, b, span)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-            h.add_(layer.o(o.reshape(b, self.q_dim)))  # h is the step's own (the embedding lookup copies)
+            # h is the step's own (the embedding lookup copies)
+            h.add_(_after(layer.o_adapter, layer.o(o.reshape(b, self.q_dim))))
             h = self._mlp(layer, h)
         h = _rms_norm(h, self.norm, self.norm_eps)
         return self.lm_head(h).float()

@@ -34,6 +34,10 @@ class Adapter(nn.Module):
 class WithAdapter(nn.Module):
     """A frozen output projection followed by an adapter."""
 
+    # the lean Llama decoding step reads `inner` and `adapter` and computes h + up(relu(down h)) itself
+    # (engine/llama_fast.py): change Adapter.forward and that step together (tests/test_engine.py compares)
+    residual_relu_bottleneck = True
+
     def __init__(self, inner: nn.Module, dim: int, width: int):
         super().__init__()
         self.inner = inner
