@@ -169,10 +169,152 @@ def test_the_queue_limit_counts_engine_rows_so_a_beam_search_is_its_beams(model,
     assert worker.depth() == 0 and worker._unstarted == 0
 
 
+def test_a_model_named_with_slashes_is_retrieved(make_server, prefixes, tmp_path):
+    """A base model is named by its hub id or local path: GET /v1/models/{model} takes the slashes too."""
+    for i, name in enumerate(("HuggingFaceTB/SmolLM2-135M", "/models/Llama-3.1-8B")):
+        server = make_server(store=tmp_path / f"store{i}", model_name=name)
+        assert upload(server, "alice", "e2e", prefixes[0]).status_code == 201
+        r = httpx.get(f"{server.url}/v1/models/{name}", headers=auth("alice"))  # as the openai client sends it
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == name and r.json()["parent"] is None
+        prefix = httpx.get(f"{server.url}/v1/models/e2e", headers=auth("alice")).json()
+        assert prefix["id"] == "e2e" and prefix["root"] == name
+        missing = httpx.get(f"{server.url}/v1/models/{name.strip('/')}/e2e", headers=auth("alice"))
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+        assert httpx.get(f"{server.url}/v1/models", headers=auth("alice")).json()["data"][0]["id"] == name
+
+
+def test_stream_options_are_strict_and_only_with_stream(make_server):
+    """stream_options is checked as every field is: a non-boolean include_usage, an unknown option, an option not
+    implemented, or stream_options without stream: true is a 400 (as OpenAI and vLLM), never a guess."""
+    server = make_server()
+    bodies = {"completions": {"model": "tiny-llama", "prompt": "hi", "max_tokens": 2},
+              "chat/completions": {"model": "tiny-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}}
+    for path, body in bodies.items():
+        for options, stream, wanted in (({"include_usage": "no"}, True, "stream_options.include_usage: Input should be "
+                                                                        "a valid boolean"),
+                                        ({"include_usage": 1}, True, "stream_options.include_usage"),
+                                        ({"include_usage": True, "bogus": 1}, True, "unknown parameter "
+                                                                                    "'stream_options.bogus'"),
+                                        ({"continuous_usage_stats": True}, True, "continuous_usage_stats"),
+                                        ({"include_usage": True}, False, "only allowed with stream: true"),
+                                        ({}, False, "only allowed with stream: true")):
+            r = post(server, path, {**body, "stream": stream, "stream_options": options})
+            assert r.status_code == 400, (path, options, r.text)
+            assert wanted in r.json()["error"]["message"], (path, options, r.text)
+        for options, usage in (({"include_usage": True}, True), ({"include_usage": False}, False), ({}, False),
+                               (None, False), ({"include_usage": True, "continuous_usage_stats": False}, True)):
+            r = post(server, path, {**body, "stream": True, "stream_options": options})
+            assert r.status_code == 200, (path, options, r.text)
+            assert ('"usage"' in r.text) == usage, (path, options, r.text)
+        assert post(server, path, {**body, "stream_options": None}).status_code == 200  # null: not given
+
+
+def _reshaped(good: bytes, length: int, width: int) -> bytes:
+    """A prefix file, checksum and all, whose one tensor is `length` x `width` (fp16 zeros)."""
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import save
+
+    from prefixtune.prefix_file import _digest
+
+    metadata = json.loads(good[8: 8 + struct.unpack("<Q", good[:8])[0]])["__metadata__"]
+    tensors = {"prefix.decoder": torch.zeros(length, width, dtype=torch.float16)}
+    return save(tensors, metadata={**metadata, "dtype": "float16", "sha256": _digest(tensors)})
+
+
+def test_an_oversized_prefix_is_refused_from_its_header_before_its_tensors_load(model, real_tokenizer, prefixes,
+                                                                                 tmp_path, monkeypatch):
+    """The length limit and the model's widths are checked from the safetensors header: a 16 MB file of 130,000
+    virtual tokens used to be loaded, checksummed and widened to fp32 (~74 MB) before its length was read."""
+    import tracemalloc
+
+    import safetensors.torch
+
+    from prefixtune.serve import PrefixStore
+    from prefixtune.serve.errors import ServeError
+
+    store = PrefixStore(PrefixBank(model, real_tokenizer), ServeSettings(store_dir=tmp_path, dtype="fp32"), ["alice"])
+    width, limit = 64, store.settings.max_prefix_len
+    long, wide = _reshaped(prefixes[0], limit + 1, width), _reshaped(prefixes[0], 4, width * 1024)
+    huge = _reshaped(prefixes[0], 16 * 2**20 // 2 // width - 200, width)  # 16 MB, as the review's upload
+    load = safetensors.torch.load
+
+    def never(data):
+        raise AssertionError("the tensors were loaded")
+
+    monkeypatch.setattr(safetensors.torch, "load", never)
+    for data, code, message in ((long, "prefix_too_long", f"prefix 'p' has {limit + 1} virtual tokens; the limit is "
+                                                          f"{limit}"),
+                                (huge, "prefix_too_long", "prefix 'p' has 130872 virtual tokens; the limit is"),
+                                (wide, "invalid_prefix", "prefix 'p': tensor widths {'decoder': 65536} do not match "
+                                                         "the model's {'decoder': 64}")):
+        with pytest.raises(ServeError) as refused:
+            store.put("alice", "p", data)
+        assert (refused.value.status, refused.value.code) == (400, code) and message in refused.value.message
+    monkeypatch.setattr(safetensors.torch, "load", load)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ServeError, match="130872 virtual tokens"):
+            store.put("alice", "p", huge)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(huge) / 16, f"refusing a {len(huge)}-byte upload allocated {peak} bytes"
+    assert store.put("alice", "p", _reshaped(prefixes[0], limit, width))[1]  # the limit itself is let in
+    assert store.list("alice")[0].prefix_len == limit
+
+
+def test_a_tenant_that_fills_the_queue_locks_no_other_tenant_out(model, real_tokenizer, tmp_path):
+    """--max-queue is shared fairly: alice's rows fill the queue, yet bob (under his share) is admitted and gets his
+    first token at the next step; alice past her share gets the 429, naming it; and tenants within their shares
+    take the queue to at most twice --max-queue."""
+    from prefixtune.serve.errors import QueueFull
+
+    worker = EngineWorker(PrefixBank(model, real_tokenizer), ServeSettings(store_dir=tmp_path, dtype="fp32",
+                                                                           max_queue=8, max_batch_size=2))
+    worker.alive = lambda: True  # no thread: the test steps the worker itself
+
+    def jobs(tenant: str, prompts: int, max_new_tokens: int = 64) -> list[Job]:
+        return [Job(None, f"hello {i}", max_new_tokens=max_new_tokens, raw=True, ignore_eos=True, stop_at_newline=False,
+                    tenant=tenant) for i in range(prompts)]
+
+    alice = jobs("alice", 8)
+    worker.submit(alice)
+    with pytest.raises(QueueFull, match=r"your rows waiting \(8\) .* fair share of the queue, 8 rows \(8 shared by 1"):
+        worker.submit(jobs("alice", 1))
+    bob = jobs("bob", 1, max_new_tokens=2)
+    worker.submit(bob)  # the queue is full, but bob has none of it
+    assert worker.depth() == 9 and worker.waiting("alice") == 8 and worker.waiting("bob") == 1
+    with pytest.raises(QueueFull, match=r"your rows waiting \(8\) .* fair share of the queue, 4 rows \(8 shared by 2") \
+            as refused:
+        worker.submit(jobs("alice", 1))
+    assert refused.value.status == 429
+    for tenant, rows in (("carol", 2), ("dave", 2), ("erin", 1), ("frank", 1), ("grace", 1)):
+        worker.submit(jobs(tenant, rows))  # each within its share (8 // tenants waiting)
+    assert worker.depth() == 16
+    with pytest.raises(QueueFull, match="within their fair shares may take it to at most 16"):
+        worker.submit(jobs("heidi", 1))  # within her share, but the queue is at its bound
+    assert worker.depth() == 16
+    cycles = 0
+    while not bob[0].future.done():
+        worker._cycle()
+        cycles += 1
+    assert cycles <= 4, "bob waited behind alice's rows"
+    assert not any(job.future.done() for job in alice)  # served while alice's rows still fill the queue
+    while worker.engine.has_work():
+        worker._cycle()
+    assert len(bob[0].future.result().tokens) == 2 and all(job.future.done() for job in alice)
+    assert worker.depth() == 0 and worker._waiting == {}
+
+
 def test_the_queue_depth_returns_to_zero_whatever_becomes_of_a_job(model, real_tokenizer, tmp_path, caplog):
     """depth() is counted as jobs come and go, not summed at each submit: a job answered, cancelled while queued
     or while decoding, timed out, refused, or failed with its engine leaves the count once, and --max-queue
-    still refuses exactly at its limit afterwards (a count that drifted would refuse too early or too late)."""
+    still refuses exactly at its limit afterwards (a count that drifted would refuse too early or too late).
+    So do the tenants' counts (their fair shares): one that drifted would refuse or admit a tenant wrongly."""
     from prefixtune.serve.errors import QueueFull, ServeError
 
     worker = EngineWorker(PrefixBank(model, real_tokenizer), ServeSettings(store_dir=tmp_path, dtype="fp32",
@@ -181,28 +323,34 @@ def test_the_queue_depth_returns_to_zero_whatever_becomes_of_a_job(model, real_t
     now = [1000.0]
     worker.clock = lambda: now[0]
 
-    def job(text: str = "hello there", bank_id: str | None = None, max_new_tokens: int = 8, **options) -> Job:
+    def job(text: str = "hello there", bank_id: str | None = None, max_new_tokens: int = 8, tenant: str = "alice",
+            **options) -> Job:
         return Job(bank_id, text, max_new_tokens=max_new_tokens, raw=True, ignore_eos=True, stop_at_newline=False,
-                   **options)
+                   tenant=tenant, **options)
 
     def full_at_the_limit():
         with pytest.raises(QueueFull, match=r"6 engine rows are waiting \(at most 6\) and this request adds 1"):
             worker.submit([job()])
 
     # beams decodes until the failure below: 32 tokens, ignore_eos
-    done, beams, gone, late = job(max_new_tokens=2), job(num_beams=2, max_new_tokens=32), job(), job(timeout_s=5.0)
-    too_long, no_prefix = job("word " * 40), job(bank_id="deleted")
-    worker.submit([done, beams, gone])
+    done, gone, too_long = job(max_new_tokens=2), job(), job("word " * 40)
+    beams, late, no_prefix = job(num_beams=2, max_new_tokens=32, tenant="bob"), job(timeout_s=5.0, tenant="bob"), \
+        job(bank_id="deleted", tenant="bob")
+    worker.submit([done, gone])
+    worker.submit([beams])
     with pytest.raises(QueueFull):
-        worker.submit([late, too_long, no_prefix])  # 4 + 3 rows: all of them or none
+        worker.submit([late, no_prefix, job(tenant="bob")])  # 4 + 3 rows: all of them or none
     assert worker.depth() == 4
-    worker.submit([late, too_long])
+    worker.submit([late])
+    worker.submit([too_long])
     assert worker.depth() == 6  # the limit itself is let in
+    assert worker._waiting == {"alice": 3, "bob": 3}
     full_at_the_limit()
     gone.cancel()  # its client left while it was queued
     now[0] += 10   # `late` has waited past its timeout
     worker._cycle_or_recover()  # taken: done and beams admitted, the others answered without decoding
     assert worker.depth() == 2  # beams: no token until the search ends
+    assert worker._waiting == {"bob": 2}
     for refused, status in ((late, 503), (too_long, 400)):
         assert refused.future.exception().status == status
     assert gone.future.cancelled()
@@ -230,8 +378,9 @@ def test_the_queue_depth_returns_to_zero_whatever_becomes_of_a_job(model, real_t
     for failed in (beams, failing):
         assert isinstance(failed.future.exception(), ServeError) and failed.future.exception().status == 500
     assert worker.depth() == 0 and worker._queued == 0 and worker._unstarted == 0 and not worker._live
+    assert worker._waiting == {}
     worker.submit([job() for _ in range(6)])
     full_at_the_limit()
     while worker._inbox or worker.engine.has_work():  # (an idle cycle waits for work: none would come)
         worker._cycle_or_recover()
-    assert worker.depth() == 0
+    assert worker.depth() == 0 and worker._waiting == {}

@@ -38,6 +38,10 @@ class PrefixFileError(ValueError):
     """A prefix file is missing, corrupt, or does not fit the base model."""
 
 
+class PrefixTooLong(PrefixFileError):
+    """A prefix file holds more virtual tokens than the reader allows."""
+
+
 @dataclass
 class ExportedPrefix:
     p: dict[str, torch.Tensor]  # group -> (len, width)
@@ -95,10 +99,7 @@ def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str,
     p = {name[len(TENSOR_PREFIX):]: t for name, t in tensors.items() if name.startswith(TENSOR_PREFIX)}
     if not p:
         raise PrefixFileError(f"{source}: holds no prefix tensors")
-    if any(t.dim() != 2 for t in p.values()) or len({t.shape[0] for t in p.values()}) != 1:
-        shapes = {g: list(t.shape) for g, t in p.items()}
-        raise PrefixFileError(f"{source}: prefix tensors have inconsistent shapes {shapes}; "
-                              "each must be (length, width), all of one length")
+    _check_shapes({g: list(t.shape) for g, t in p.items()}, source)
     declared = metadata.get("dtype", "float32")
     for group, t in p.items():
         dtype = str(t.dtype).replace("torch.", "")
@@ -111,6 +112,35 @@ def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str,
     exported = ExportedPrefix(p={g: t.float() for g, t in p.items()}, metadata=dict(metadata))
     check_prefix(exported, spec, source)
     return exported
+
+
+def _check_shapes(shapes: dict[str, list[int]], source: str):
+    if any(len(shape) != 2 for shape in shapes.values()) or len({shape[0] for shape in shapes.values()}) != 1:
+        raise PrefixFileError(f"{source}: prefix tensors have inconsistent shapes {shapes}; "
+                              "each must be (length, width), all of one length")
+
+
+def _check_declared_shapes(header: dict, spec: ModelSpec | None, max_prefix_len: int | None, source: str):
+    """The checks of a prefix's shapes, read from the safetensors header before any tensor is loaded: an upload
+    of 130,000 virtual tokens is refused for its length, not after costing several times its size in copies.
+    A malformed entry is left to safetensors' own checks (it refuses it without loading anything)."""
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            return
+        if name.startswith(TENSOR_PREFIX):
+            shapes[name[len(TENSOR_PREFIX):]] = shape
+    if not shapes:
+        return  # _parse refuses it: no prefix tensors
+    _check_shapes(shapes, source)
+    length = next(iter(shapes.values()))[0]
+    if max_prefix_len is not None and length > max_prefix_len:
+        raise PrefixTooLong(f"{source} has {length} virtual tokens; the limit is {max_prefix_len}")
+    if spec is not None:
+        _check_fits(header["__metadata__"], {g: shape[1] for g, shape in shapes.items()}, spec, source)
 
 
 def source_template(metadata: dict, source: str = "prefix") -> str | None:
@@ -159,23 +189,27 @@ def readable_metadata(metadata: dict) -> dict:
 
 def check_compatible(exported: ExportedPrefix, spec: ModelSpec, source: str = "prefix"):
     """Refuse a prefix made for another model, naming what differs."""
-    theirs = exported.metadata.get("fingerprint")
+    _check_fits(exported.metadata, {g: t.shape[1] for g, t in exported.p.items()}, spec, source)
+
+
+def _check_fits(metadata: dict, widths: dict[str, int], spec: ModelSpec, source: str):
+    """check_compatible on a prefix's metadata and its tensors' widths (group -> width), loaded or declared."""
+    theirs = metadata.get("fingerprint")
     if theirs != spec.fingerprint():
         try:
-            made_for = json.loads(exported.metadata.get("model_spec", "{}"))
+            made_for = json.loads(metadata.get("model_spec", "{}"))
         except json.JSONDecodeError:
             made_for = {}
         made_for = made_for if isinstance(made_for, dict) else {}
         diffs = [f"{k}: prefix {made_for.get(k)!r} vs model {v!r}" for k, v in spec.__dict__.items()
                  if made_for.get(k) != v]
         raise PrefixFileError(
-            f"{source}: made for base model {exported.metadata.get('base_model')!r} with a different shape "
+            f"{source}: made for base model {metadata.get('base_model')!r} with a different shape "
             f"({'; '.join(diffs) or 'fingerprint differs'}); it cannot be used with this model"
         )
     expected = {g: group_width(spec, n) for g, n in groups_of(spec).items()}
-    got = {g: t.shape[1] for g, t in exported.p.items()}
-    if got != expected:
-        raise PrefixFileError(f"{source}: tensor widths {got} do not match the model's {expected}")
+    if widths != expected:
+        raise PrefixFileError(f"{source}: tensor widths {widths} do not match the model's {expected}")
 
 
 def load_prefix(path, spec: ModelSpec | None = None) -> ExportedPrefix:
@@ -213,19 +247,27 @@ def safetensors_header(data: bytes) -> dict:
     return header
 
 
-def load_prefix_bytes(data: bytes, spec: ModelSpec | None = None, source: str = "upload") -> ExportedPrefix:
-    """Validate a prefix held in memory (server uploads, and files via load_prefix)."""
+def load_prefix_bytes(data: bytes, spec: ModelSpec | None = None, source: str = "upload",
+                      max_prefix_len: int | None = None) -> ExportedPrefix:
+    """Validate a prefix held in memory (server uploads, and files via load_prefix). Its shapes (the length
+    within `max_prefix_len`, the widths `spec`'s) are checked from the header, before its tensors are loaded."""
     import struct
 
     from safetensors.torch import load
 
+    invalid = (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError, struct.error)
     try:
         header = safetensors_header(data)
-        tensors = load(data)  # checks the header's entries and the data's extent
         metadata = header.get("__metadata__")
         if metadata is not None and not (isinstance(metadata, dict)
                                          and all(isinstance(v, str) for v in metadata.values())):
             raise ValueError("__metadata__ is not an object of strings")
-    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError, struct.error) as e:
+    except invalid as e:
+        raise PrefixFileError(f"{source}: not a valid safetensors file ({e})") from None
+    if metadata and metadata.get("format") == FORMAT:  # (any other file is refused by _parse, as it says)
+        _check_declared_shapes(header, spec, max_prefix_len, source)
+    try:
+        tensors = load(data)  # checks the header's entries and the data's extent
+    except invalid as e:
         raise PrefixFileError(f"{source}: not a valid safetensors file ({e})") from None
     return _parse(tensors, metadata, source, spec)

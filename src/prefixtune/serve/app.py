@@ -150,15 +150,18 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise ServeError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes")
-        body = bytearray()
+        chunks, size = [], 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
+            size += len(chunk)
+            if size > limit:
                 raise ServeError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)  # the one copy the store parses (a bytearray needs another: safetensors takes bytes)
+        del chunks
         if not body:
             raise ServeError(400, "empty_upload", "empty upload: send the .safetensors file as the request body")
         overwrite = request.headers.get("if-none-match", "").strip() != "*"
-        info, created = await run_in_threadpool(store.put, tenant, name, bytes(body), overwrite)
+        info, created = await run_in_threadpool(store.put, tenant, name, body, overwrite)
         return JSONResponse(info.as_dict(), status_code=201 if created else 200)
 
     @app.get("/v1/prefixes", tags=["prefixes"], summary="The caller's prefixes")
@@ -187,7 +190,9 @@ def create_app(model, tokenizer, settings: ServeSettings, keys: KeyRing, bank: P
     async def list_models(tenant: str = Depends(tenant_of)):
         return {"object": "list", "data": [base_card()] + [prefix_card(i, tenant) for i in store.list(tenant)]}
 
-    @app.get("/v1/models/{model}", tags=["openai"], summary="The base model or one of the caller's prefixes")
+    # `path`: a base model's name is a hub id or a local path ("HuggingFaceTB/SmolLM2-135M"), slashes and all. No
+    # other route lies under /v1/models/ for it to shadow.
+    @app.get("/v1/models/{model:path}", tags=["openai"], summary="The base model or one of the caller's prefixes")
     async def get_model(model: str, tenant: str = Depends(tenant_of)):
         if model == base_name:
             return base_card()

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..data.chat import chat_prompt_ids
 
-from .completions import Completions, Finisher, Stops, choice_jobs, decoding_controls, sse, sse_stream
+from .completions import Completions, Finisher, Stops, choice_jobs, decoding_controls, sse, sse_stream, wants_usage
 from .errors import ServeError
 from .logprobs import chat_logprobs
 from .rows import Flight
@@ -54,6 +54,7 @@ class ChatCompletions:
                                                       "characters", "messages")
         if req.top_logprobs is not None and not req.logprobs:
             raise ServeError(400, "invalid_request", "top_logprobs needs logprobs: true", "top_logprobs")
+        wants_usage(req)
 
     async def __call__(self, req: ChatCompletionRequest, request: Request, tenant: str):
         settings = self.settings
@@ -111,4 +112,4 @@ class ChatCompletions:
         # OpenAI's first chunk of a choice: the role
         head = [chunk(k, {"role": "assistant", "content": ""}) for k in range(len(flight.jobs))]
         return sse_stream(flight, head, chunk_of,
-                          usage_chunk if (req.stream_options or {}).get("include_usage") else None)
+                          usage_chunk if wants_usage(req) else None)

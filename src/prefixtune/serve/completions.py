@@ -115,6 +115,20 @@ def decoding_controls(req, logprobs: int | None) -> tuple[int, dict]:
     return n, controls
 
 
+def wants_usage(req) -> bool:
+    """Whether a streamed completions or chat request asks for the usage chunk; refuses stream_options that
+    would be ignored: without `stream: true` (as OpenAI and vLLM refuse them), or asking for what is not done."""
+    options = req.stream_options
+    if options is None:
+        return False
+    if not req.stream:
+        raise ServeError(400, "invalid_request", "stream_options is only allowed with stream: true", "stream_options")
+    if options.continuous_usage_stats:
+        raise ServeError(400, "unsupported", "stream_options.continuous_usage_stats (usage in every chunk) is not "
+                                             "supported: include_usage gives it once, at the end", "stream_options")
+    return bool(options.include_usage)
+
+
 def _choice_seed(seed: int, j: int) -> int:
     """Choice j's seed, back in the int64 range (engine.Request takes it; the engine seeds mod 2**64)."""
     return (seed + j - SEED_RANGE[0]) % 2**64 + SEED_RANGE[0]
@@ -136,6 +150,7 @@ def choice_jobs(bank_id, prompts: list, n: int, controls: dict, **fields) -> lis
 def plan(req: CompletionRequest, settings: ServeSettings, resolve) -> CompletionPlan:
     """Refuse what decoding cannot honour, check the limits; `resolve(model)` -> bank id or None."""
     n, controls = decoding_controls(req, req.logprobs)
+    wants_usage(req)
     if req.suffix is not None:
         raise ServeError(400, "unsupported", "suffix is not supported", "suffix")
     if req.logit_bias is not None:  # as chat: refused, never ignored
@@ -266,4 +281,4 @@ class Completions:
                         "choices": [], "usage": usage})
 
         return sse_stream(flight, head, chunk_of,
-                          usage_chunk if (req.stream_options or {}).get("include_usage") else None)
+                          usage_chunk if wants_usage(req) else None)

@@ -75,6 +75,8 @@ class EngineWorker(WorkerHealth):
         self._queued = 0                # the inbox's rows, counted as jobs come and go: `submit` never sums the queue
         self._live: dict[str, _Live] = {}
         self._unstarted = 0             # admitted to the engine, no token yet: still queued, for `depth`
+        # depth() by tenant (queued + unstarted; tenants with rows waiting only), changed under the lock: fair shares
+        self._waiting: dict[str | None, int] = {}
         self._cond = threading.Condition()
         self._init_health()
         self._newlines: set[int] | None = None
@@ -102,6 +104,7 @@ class EngineWorker(WorkerHealth):
             pending = list(self._inbox) + [live.job for live in self._live.values()]
             self._inbox.clear()
             self._queued = 0
+            self._waiting.clear()
         for job in pending:
             resolve(job, error=ShuttingDown())
 
@@ -110,6 +113,10 @@ class EngineWorker(WorkerHealth):
         search's rows until its text comes). A job is `engine_rows(job)` rows. Two counts, kept as jobs come
         and go: reading them needs no lock."""
         return self._queued + self._unstarted
+
+    def waiting(self, tenant: str | None) -> int:
+        """The tenant's share of `depth`: its engine rows queued or admitted without a token yet."""
+        return self._waiting.get(tenant, 0)
 
     def pending(self) -> bool:
         return self._busy or bool(self._inbox)
@@ -129,7 +136,7 @@ class EngineWorker(WorkerHealth):
     # -- submitting (any thread) -------------------------------------------------------------
     def submit(self, jobs: list[Job]):
         """Queue all of `jobs` or none of them. The queue limit counts engine rows (prompts x max(n, num_beams)):
-        32 prompts of 8 beams are 256 rows of work, not one request."""
+        32 prompts of 8 beams are 256 rows of work, not one request. The jobs are one tenant's (one request)."""
         rows, limit = sum(engine_rows(job) for job in jobs), self.settings.max_queue
         if rows > limit:  # it would never fit: a 429 would be retried in vain
             raise ServeError(400, "too_many_rows", f"this request decodes {rows} engine rows (prompts x max(n, "
@@ -138,15 +145,42 @@ class EngineWorker(WorkerHealth):
         with self._cond:
             if not self.alive():
                 raise ShuttingDown()
-            depth = self.depth()
-            if depth + rows > limit:
-                raise QueueFull(depth, rows, limit)
+            self._check_room(jobs[0].tenant if jobs else None, rows, limit)
             now = self.clock()
             for job in jobs:
                 job.enqueued = now
                 self._inbox.append(job)
+                self._count_waiting(job, +1)
             self._queued += rows
             self._cond.notify_all()
+
+    def _check_room(self, tenant: str | None, rows: int, limit: int):
+        """Under the lock. A full queue refuses only the tenants over their fair share of it: a tenant whose rows
+        fill the queue would otherwise lock every other tenant out with 429s, though the engine would give a
+        newcomer its first token at the next step. The share is --max-queue over the tenants with rows waiting
+        (this one counted); tenants within their share may take the queue to at most twice --max-queue."""
+        depth = self.depth()
+        if depth + rows <= limit:
+            return
+        own, tenants = self.waiting(tenant), len(self._waiting) + (tenant not in self._waiting)
+        share = limit // tenants
+        if own + rows <= share and depth + rows <= 2 * limit:
+            return
+        raise QueueFull(depth, rows, limit, own=own, share=share, tenants=tenants)
+
+    def _count_waiting(self, job: Job, sign: int):
+        """Under the lock: the job's rows start (+1) or stop (-1) waiting, in its tenant's count."""
+        left = self._waiting.get(job.tenant, 0) + sign * engine_rows(job)
+        if left > 0:
+            self._waiting[job.tenant] = left
+        else:  # only tenants with rows waiting are counted: they divide the queue
+            self._waiting.pop(job.tenant, None)
+
+    def _stop_waiting(self, job: Job):
+        """The job's rows, admitted to the engine, got their first token or left without one."""
+        self._unstarted -= engine_rows(job)
+        with self._cond:
+            self._count_waiting(job, -1)
 
     # -- the worker --------------------------------------------------------------------------
     def _run(self):
@@ -186,27 +220,30 @@ class EngineWorker(WorkerHealth):
                     break
                 job = self._inbox.popleft()
                 self._queued -= engine_rows(job)
-            self._admit(job)
+            if not self._admit(job):  # answered without decoding: its rows wait no more
+                with self._cond:
+                    self._count_waiting(job, -1)
             if self.engine.num_running and self.clock() - started > ADMIT_BUDGET_S:
                 break
         self._cancel_given_up()
         if self.engine.has_work():
             self._step()
 
-    def _admit(self, job: Job):
+    def _admit(self, job: Job) -> bool:
+        """Add the job's row to the engine; False when it was answered instead."""
         try:
             seq = self._prepare(job)
             if seq is None:  # answered already (gave up, timed out, deleted prefix, bad prompt)
-                return
+                return False
             try:
                 prefix = None if job.bank_id is None else self.bank.get(job.bank_id)
             except KeyError:
                 resolve(job, error=ServeError(404, "model_not_found", "the prefix was deleted before decoding"))
-                return
+                return False
             except PrefixUnavailable as e:
                 resolve(job, error=ServeError(500, "prefix_unavailable", str(e)))
                 self._count(job, "error")
-                return
+                return False
             left = job.deadline - self.clock()
             request = Request(seq, prefix=prefix, max_tokens=job.max_new_tokens, temperature=job.temperature,
                               top_p=job.top_p, top_k=job.top_k, seed=job.seed, stop=list(job.stop_strings),
@@ -218,14 +255,15 @@ class EngineWorker(WorkerHealth):
             self.engine.add_request(request)
         except ValueError as e:  # the engine's own checks: prompt + prefix + max_tokens over its slots, ...
             resolve(job, error=ServeError(400, "invalid_request", str(e)))
-            return
+            return False
         except Exception as e:
             log.exception("admitting a row failed")
             resolve(job, error=ServeError(500, "server_error", f"could not start decoding ({type(e).__name__})"))
             self._count(job, "error")
-            return
+            return False
         self._live[request.request_id] = _Live(job)
         self._unstarted += engine_rows(job)
+        return True
 
     def _count(self, job: Job, outcome: str):
         if job.outcome is None:
@@ -297,7 +335,7 @@ class EngineWorker(WorkerHealth):
             job = live.job
             if event.token is not None:
                 if not live.tokens:
-                    self._unstarted -= engine_rows(job)
+                    self._stop_waiting(job)
                 live.tokens.append(event.token)
                 if event.logprob is not None:
                     live.logprobs.append(event.logprob)
@@ -310,7 +348,7 @@ class EngineWorker(WorkerHealth):
             if event.finish_reason is not None:
                 del self._live[event.request_id]
                 if not live.tokens:
-                    self._unstarted -= engine_rows(job)
+                    self._stop_waiting(job)
                 self._finish(live, event.finish_reason)
 
     def _finish(self, live: _Live, reason: str):
@@ -330,7 +368,8 @@ class EngineWorker(WorkerHealth):
 
     def _fail_running(self, error: Exception):
         for live in self._live.values():
+            if not live.tokens:
+                self._stop_waiting(live.job)
             resolve(live.job, error=ServeError(500, "decode_error", f"decoding failed ({type(error).__name__})"))
             self._count(live.job, "error")
         self._live.clear()
-        self._unstarted = 0

@@ -25,9 +25,15 @@ class ServeError(Exception):
 
 
 class QueueFull(ServeError):
-    def __init__(self, depth: int, rows: int, limit: int):
+    """The queue is full for this tenant: over `limit`, and either over its fair `share` (`own` rows waiting, the
+    queue divided among `tenants`) or over twice `limit`, the bound on all tenants within their shares."""
+
+    def __init__(self, depth: int, rows: int, limit: int, own: int = 0, share: int = 0, tenants: int = 1):
+        why = f"your rows waiting ({own}) and this request's would pass your fair share of the queue, {share} rows " \
+              f"({limit} shared by {tenants} tenant(s) with rows waiting)" if own + rows > share else \
+              f"the tenants within their fair shares may take it to at most {2 * limit}"
         super().__init__(429, "queue_full", f"server busy: {depth} engine rows are waiting (at most {limit}) and this "
-                                            f"request adds {rows} (prompts x max(n, num_beams)); retry later")
+                                            f"request adds {rows} (prompts x max(n, num_beams)); {why}; retry later")
 
 
 class ShuttingDown(ServeError):

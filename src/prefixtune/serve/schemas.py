@@ -19,6 +19,16 @@ NAME = ("accepted as OpenAI and vLLM accept it; no effect: not given to the chat
         "have no names)")
 
 
+class StreamOptions(BaseModel):
+    """`stream_options` (with `stream: true` only, as OpenAI and vLLM): what a stream reports beside its text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # an unknown option is a 400, never ignored
+
+    include_usage: Optional[bool] = Field(None, description="true: a last chunk with the usage (`choices: []`)")
+    continuous_usage_stats: Optional[bool] = Field(
+        None, description="vLLM's usage in every chunk: refused when true (not implemented), never ignored")
+
+
 class CompletionRequest(BaseModel):
     """`POST /v1/completions`, as OpenAI defines it. `model` names one of the caller's prefixes, or the
     base model (no prefix). Decoding is greedy unless `temperature` > 0 (sampling), or beam search with
@@ -40,7 +50,7 @@ class CompletionRequest(BaseModel):
         None, description='absent: stop at a newline (prefixtune\'s default); "\\n" in the list: the same; '
                           "other strings cut the text at their first occurrence; [] : only end-of-text stops")
     stream: bool = False
-    stream_options: Optional[dict] = None
+    stream_options: Optional[StreamOptions] = None
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20, description="each token's logprob and the k most likely")
     suffix: Optional[str] = None
@@ -89,7 +99,7 @@ class ChatCompletionRequest(BaseModel):
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="int64")
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
-    stream_options: Optional[dict] = None
+    stream_options: Optional[StreamOptions] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     presence_penalty: Optional[float] = None

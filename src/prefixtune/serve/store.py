@@ -32,7 +32,7 @@ from ..bank import PrefixBank, PrefixUnavailable
 from ..interop.folders import files_to_prefix_bytes, read_archive
 from ..atomic import atomic_write_bytes
 from ..exported import read_header
-from ..prefix_file import FORMAT, TENSOR_PREFIX, PrefixFileError, load_prefix_bytes
+from ..prefix_file import FORMAT, TENSOR_PREFIX, PrefixFileError, PrefixTooLong, load_prefix_bytes
 from .settings import ServeSettings
 from .errors import ServeError
 from .tenants import NAME_PATTERN, tenant_dir_name, valid_name
@@ -160,8 +160,11 @@ class PrefixStore:
 
     # -- operations --------------------------------------------------------------------------
     def _validate(self, data: bytes, name: str):
-        try:
-            prefix = load_prefix_bytes(data, self.bank.spec, source=f"prefix {name!r}")
+        try:  # the length and widths from the header: an oversized file is refused before its tensors load
+            prefix = load_prefix_bytes(data, self.bank.spec, source=f"prefix {name!r}",
+                                       max_prefix_len=self.settings.max_prefix_len)
+        except PrefixTooLong as e:
+            raise ServeError(400, "prefix_too_long", str(e)) from None
         except PrefixFileError as e:  # prefix_file.check_prefix: the same rules as the CLI and the bank
             raise ServeError(400, "invalid_prefix", str(e)) from None
         except Exception as e:  # anything a hostile file could still provoke is the file's fault
@@ -171,9 +174,6 @@ class PrefixStore:
         if len(base) > MAX_NAME_CHARS:  # it is stored, listed and echoed: a name, not a payload
             raise ServeError(400, "invalid_prefix", f"prefix {name!r}: its base_model metadata is {len(base)} "
                                                     f"characters; the limit is {MAX_NAME_CHARS}")
-        if prefix.prefix_len > self.settings.max_prefix_len:
-            raise ServeError(400, "prefix_too_long", f"prefix {name!r} has {prefix.prefix_len} virtual tokens; "
-                                                    f"the limit is {self.settings.max_prefix_len}")
         return prefix
 
     def _unpack(self, data: bytes, name: str) -> bytes:
