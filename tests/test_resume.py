@@ -292,3 +292,23 @@ def test_a_state_that_does_not_fit_the_module_is_refused_before_anything_loads(t
     load_trained_state(fresh, state)
     assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight  # still tied
     assert_same_tensors(fresh.state_dict(), tied.state_dict())
+
+
+def test_data_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
+    """A run saves its local --data absolute (so it resumes from any directory); a config saved with a relative
+    path by an earlier version still resumes from its own directory, given the path either way."""
+    from prefixtune.run_dir import resumed_config, with_local_paths
+
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "rows.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    monkeypatch.chdir(start)
+    saved = with_local_paths(TrainConfig(output_dir=str(tmp_path / "run"), data="rows.jsonl", dev_data="hub/ds"))
+    assert (saved.data, saved.dev_data) == (str(start / "rows.jsonl"), "hub/ds")  # a hub dataset id as given
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "train_config.json").write_text(json.dumps({"data": "rows.jsonl", "max_steps": 2}))
+    for given in ("rows.jsonl", str(start / "rows.jsonl"), "./rows.jsonl"):
+        assert resumed_config(old, {"data": given}).data == "rows.jsonl"
+    with pytest.raises(ValueError, match="with data 'rows.jsonl', not 'other.jsonl'"):
+        resumed_config(old, {"data": "other.jsonl"})

@@ -161,3 +161,24 @@ def test_a_reused_cell_brings_its_curve(tmp_path):
     store = CellStore(tmp_path / "study" / "cells.jsonl")
     assert copy_reused(store, lambda done: ["abc"], {"abc": line}, source) == 1
     assert (tmp_path / "study" / "curves" / "abc.png").read_bytes() == (source / "curves" / "abc.png").read_bytes()
+
+
+def test_a_many_users_job_logs_each_users_losses_and_checks_its_tracker(tokenizer, tmp_path):
+    """--report-to with --user-field: checked as a single run's, and each user's losses reach the tracker."""
+    from prefixtune.users import train_users
+
+    with pytest.raises(ValueError, match="unknown tracker 'nosuchtracker'"):
+        train_users(TrainConfig(output_dir=str(tmp_path / "bad"), report_to="nosuchtracker"),
+                    train={"ann": PAIRS[:4]})
+    assert not (tmp_path / "bad").exists()
+    pytest.importorskip("tensorboard")
+    config = TrainConfig(output_dir=str(tmp_path / "users"), method="prefix-flat", max_steps=4, batch_size=2,
+                         eval_every=2, prefix_len=3, lr=5e-3, precision="fp32", report_to="tensorboard")
+    result = train_users(config, tiny_model("llama"), tokenizer, {"ann": PAIRS[:6], "bob": PAIRS[6:10]},
+                         {"ann": PAIRS[10:12], "bob": PAIRS[12:14]}, progress=False)
+    logged = scalars(tmp_path / "users" / LOG_DIR / PROJECT)
+    rows = {r["user"]: r for r in result.users}
+    for user in ("ann", "bob"):
+        assert [step for step, _ in logged[f"train/loss/{user}"]] == [2, 4]
+        assert [step for step, _ in logged[f"dev/loss/{user}"]] == [2, 4]
+        assert logged[f"dev/loss/{user}"][-1][1] == pytest.approx(rows[user]["final_dev_loss"], rel=1e-6)

@@ -540,3 +540,77 @@ def test_on_two_threads_users_stay_independent_to_the_bit_and_equal_alone_runs(l
         test_a_user_trained_jointly_equals_that_user_trained_alone_by_train(
             llama, tokenizer, tmp_path / "alone", "prefix", 0.0)))
     assert runs > 0
+
+
+def test_a_resume_removes_from_the_store_the_users_no_longer_in_the_data(llama, tokenizer, tmp_path, capsys):
+    """A user removed from the data is no longer served after --resume (a deletion request is honoured); only the
+    job's own files go: another tenant's, and a file written with other options, stay."""
+    import shutil
+
+    train_pairs, dev_pairs = user_data(3, 3)
+    cfg = config(tmp_path, "run", method="prefix-flat", max_steps=1)
+    first = train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    prefixes = store_dir(first.output_dir, "default")
+    other_tenant = store_dir(first.output_dir, "acme")
+    other_tenant.mkdir()
+    shutil.copy(prefixes / "user1.safetensors", other_tenant / "user1.safetensors")
+    foreign = train_users(config(tmp_path, "other", method="prefix-flat", max_steps=2), llama, tokenizer,
+                          {"dave": train_pairs["user0"]}, progress=False)  # another job's user, other options
+    shutil.copy(store_dir(foreign.output_dir, "default") / "dave.safetensors", prefixes / "dave.safetensors")
+    capsys.readouterr()
+    kept = {u: exported(first, u) for u in ("user0", "user2")}
+    without = {u: p for u, p in train_pairs.items() if u != "user1"}
+    resumed = train_users(cfg, llama, tokenizer, without, dev_pairs, resume=True)
+    assert "removed from the store, no longer in the data: user1" in capsys.readouterr().err
+    assert resumed.removed_users == ["user1"]
+    assert sorted(p.name for p in prefixes.iterdir()) == ["dave.safetensors", "user0.safetensors",
+                                                          "user2.safetensors"]
+    assert all(same_bytes(kept[u], exported(resumed, u)) for u in kept)  # the others kept as they were
+    assert (other_tenant / "user1.safetensors").is_file()
+    summary = json.loads((tmp_path / "run" / "users.json").read_text())
+    assert summary["removed_users"] == ["user1"] and [r["user"] for r in summary["users"]] == ["user0", "user2"]
+
+
+def test_train_refuses_a_user_field_and_points_to_train_users(tmp_path):
+    """train.train trains one prefix: with a user field it would mix every user's rows into it."""
+    data = write_rows(tmp_path / "users.jsonl", user_rows(("ann", "bob"), 4))
+    config = TrainConfig(output_dir=str(tmp_path / "out"), model="/no/such/model", data=str(data), user_field="user")
+    with pytest.raises(ValueError, match=r"one prefix per user: call prefixtune\.users\.train_users"):
+        train(config, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_job_started_with_a_relative_data_path_resumes_from_any_directory(tmp_path, tiny_dir, monkeypatch):
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    write_rows(start / "users.jsonl", user_rows(("ann", "bob"), 4))
+    out = tmp_path / "run"
+    monkeypatch.chdir(start)
+    first = invoke("-o", out, "--model", tiny_dir, "--data", "users.jsonl", "--user-field", "user",
+                   "--max-steps", "1", "--method", "prefix-flat")
+    assert first.exit_code == 0, (first.output, first.exception)
+    assert json.loads((out / "train_config.json").read_text())["data"] == str(start / "users.jsonl")
+    bob = store_dir(out, "default") / "bob.safetensors"
+    written = contents(bob)
+    monkeypatch.chdir(elsewhere)
+    for extra in ((), ("--data", start / "users.jsonl")):
+        bob.unlink()  # as if killed before bob was written
+        resumed = invoke("-o", out, "--resume", *extra)
+        assert resumed.exit_code == 0, (resumed.output, resumed.exception)
+        assert contents(bob) == written
+    refused = invoke("-o", out, "--resume", "--data", "users.jsonl")  # another file: elsewhere/users.jsonl
+    assert refused.exit_code == 2 and "with --data" in refused.stderr, refused.stderr
+
+
+def test_early_stop_patience_from_the_command_line(tmp_path, tiny_dir):
+    """--early-stop-patience (docs/users.md names it) reaches both a single run and a many-users job."""
+    data = write_rows(tmp_path / "users.jsonl", user_rows(("ann", "bob"), 4))
+    common = ("--model", tiny_dir, "--data", data, "--max-steps", "2", "--method", "prefix-flat",
+              "--early-stop-patience", "3")
+    for name, extra in (("single", ()), ("users", ("--user-field", "user"))):
+        result = invoke("-o", tmp_path / name, *common, *extra)
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert json.loads((tmp_path / name / "train_config.json").read_text())["early_stop_patience"] == 3
+    refused = invoke("-o", tmp_path / "bad", *common[:-1], "-1")
+    assert refused.exit_code == 2 and "early_stop_patience must be >= 0" in refused.stderr, refused.stderr

@@ -158,8 +158,26 @@ def saved_config(out_dir: str | Path) -> dict | None:
     return None
 
 
+# Options naming local files or folders: saved absolute where they exist (`local_path`), compared as the paths
+# they resolve to, so that a run resumes from any directory, and an older config's relative path from its own.
+PATH_OPTIONS = ("data_dir", "data", "dev_data")
+
+
+def local_path(value: str | None) -> str | None:
+    """A data option as a run saves it: an existing local file or folder made absolute; anything else (a hub
+    dataset id, a missing file that loading refuses) as given."""
+    if value is None or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def with_local_paths(config: TrainConfig) -> TrainConfig:
+    """`config` as a new run saves it: its local data files absolute (`local_path`)."""
+    return replace(config, data=local_path(config.data), dev_data=local_path(config.dev_data))
+
+
 def _same(name: str, saved, given) -> bool:
-    if name == "data_dir" and saved is not None and given is not None:
+    if name in PATH_OPTIONS and saved is not None and given is not None:
         return Path(saved).expanduser().resolve() == Path(given).expanduser().resolve()
     if name == "task_options":  # only the options given must agree
         return all((saved or {}).get(k) == v for k, v in (given or {}).items())

@@ -5,8 +5,8 @@ one asked for is installed (before any model loads), starts it, and says what to
 evaluation. The curve (`loss_curve.png` in the run directory) needs no tracker.
 
 Keys logged at every evaluation: `train/loss` (mean over the steps since the previous evaluation),
-`dev/loss`, `train/lr`, `train/tokens_per_s`; a many-user trainer adds `dev/loss/<user>` through
-`log_user_dev_losses`.
+`dev/loss`, `train/lr`, `train/tokens_per_s`. A many-users job (`UsersLog`) logs `train/loss/<user>` and
+`dev/loss/<user>` at each of that user's evaluations, at the user's own step.
 """
 from __future__ import annotations
 
@@ -137,6 +137,37 @@ class TrainingLog:
             for tracker in accelerator.trackers:
                 tracker.finish()
         return path
+
+
+class UsersLog(TrainingLog):
+    """What `train_users` calls to be watched. It trains without an Accelerator, so one is made for the trackers
+    alone (none without a tracker: a job without one is as it was). No loss curve: one per user would be noise."""
+
+    def __init__(self, report_to: str | None, out_dir: str | Path, run_config: dict | None = None):
+        super().__init__(report_to, out_dir, run_config)
+        self.accelerator = None
+
+    def start(self, cpu: bool):
+        if self.trackers:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=cpu, **self.accelerator_kwargs())
+            self._start(self.accelerator)
+
+    def evaluation(self, user: str, logs: dict):
+        """At one user's dev evaluation (`logs`: their history entry): their mean train loss since the previous
+        one and their dev loss, at their own step."""
+        if self.accelerator is None:
+            return
+        if logs.get("train_loss") is not None:
+            self.accelerator.log({f"train/loss/{user}": logs["train_loss"]}, step=logs["step"])
+        if logs.get("dev_loss") is not None:
+            log_user_dev_losses(self.accelerator, logs["step"], {user: logs["dev_loss"]})
+
+    def close(self):
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 def write_loss_curve(history: list[dict], best_step: int | None, path: str | Path, title: str = "") -> Path | None:

@@ -29,7 +29,7 @@ from .models import load_base_model, model_spec, resolve_device
 from .tracking import TrainingLog
 from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpoint_facts, clear_run, data_dir_of,
                       data_provenance, describe_data, finished_result, given_options, remove_stale_temps_of_run,
-                      resumed_config, saved_config)
+                      resumed_config, saved_config, with_local_paths)
 from .precision import FrozenBf16Step, bf16_available
 from .train_config import TrainConfig
 
@@ -145,6 +145,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
 
     if config.method not in EXPORT_FILES:
         raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(EXPORT_FILES)}")
+    if config.user_field is not None:  # else one prefix would train on every user's rows mixed
+        raise ValueError(f"user_field {config.user_field!r} trains one prefix per user: call "
+                         f"prefixtune.users.train_users(config, ...), not train.train (which trains one prefix)")
     out_dir = Path(config.output_dir)
     saved = saved_config(out_dir) if resume else None
     resuming = saved is not None  # resume=True in an empty directory starts the run
@@ -156,6 +159,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         finished = finished_result(out_dir)
         if finished is not None:
             return _finished_run(config, finished, model, tokenizer)
+    else:  # saved with its data files absolute: --resume from another directory finds them
+        config = with_local_paths(config)
     watch = TrainingLog(config.report_to, out_dir, asdict(config))  # a missing tracker fails before data or model load
     from_api = train_pairs is not None
     if from_api:

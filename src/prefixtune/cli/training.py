@@ -43,6 +43,8 @@ def train(
     weight_decay: float = typer.Option(TRAIN.weight_decay),
     grad_clip: float = typer.Option(TRAIN.grad_clip),
     eval_every: int = typer.Option(TRAIN.eval_every),
+    early_stop_patience: int = typer.Option(TRAIN.early_stop_patience, help="stop after this many dev evaluations "
+                                            "without a new best dev loss (0: never); with --user-field, per user"),
     dev_size: int = typer.Option(TRAIN.dev_size),
     save_every: int = typer.Option(TRAIN.save_every),
     precision: str = typer.Option(TRAIN.precision, help="auto | bf16 | fp32"),
@@ -84,7 +86,8 @@ def train(
         task_options=_task_options(train_from, subset, scheme), train_size=train_size, seed=seed, method=method,
         prefix_len=prefix_len, mlp_dim=mlp_dim, prefix_dropout=prefix_dropout, init=init, lr=lr,
         batch_size=batch_size, max_steps=max_steps, epochs=epochs, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, dev_size=dev_size,
+        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
+        early_stop_patience=early_stop_patience, dev_size=dev_size,
         save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
         template=template, adapter_budget=adapter_budget, device=device, report_to=report_to, data=data,
         dev_data=dev_data, dev_fraction=dev_fraction, source_field=source_field, target_field=target_field,

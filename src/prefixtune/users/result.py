@@ -30,6 +30,7 @@ class UsersResult:
     budget_bytes_per_user: int = 0     # what the resident budget assumed (the above plus a gradient)
     dev_seconds: float = 0.0     # the users' dev losses
     export_seconds: float = 0.0  # writing the users' prefixes into the store
+    removed_users: list = field(default_factory=list)  # --resume: users no longer in the data, deleted from the store
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -40,6 +40,7 @@ class UserState:
     history: list = field(default_factory=list)
     stopped_early: bool = False
     last_loss: float | None = None
+    train_losses: list = field(default_factory=list)  # since the last dev evaluation: its mean is logged
     _epoch: int | None = None
     _batches: list = field(default_factory=list)
 
@@ -109,6 +110,8 @@ class UserState:
     def record(self, logs: dict, patience: int):
         """Log a step's dev loss, keep the best state, and decide early stopping, as `train.train` does."""
         dev = logs.get("dev_loss")
+        if self.train_losses:  # as train.py's history: the mean train loss since the previous evaluation
+            logs["train_loss"], self.train_losses = sum(self.train_losses) / len(self.train_losses), []
         if dev is not None and (self.best["loss"] is None or dev < self.best["loss"]):
             self.best = {"loss": dev, "step": self.step, "state": copy.deepcopy(trained_state(self.module))}
         self.history.append(logs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, replace
@@ -31,8 +32,9 @@ from ..models import load_base_model, model_name, model_spec, resolve_device
 from ..precision import FrozenBf16Step
 from ..prefix_file import PrefixFileError, save_prefix
 from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, clear_run, given_options,
-                       remove_stale_temps_of_run, resumed_config, saved_config)
+                       remove_stale_temps_of_run, resumed_config, saved_config, with_local_paths)
 from ..serve.tenants import tenant_dir_name
+from ..tracking import UsersLog
 from ..train import use_bf16
 from ..train_config import TrainConfig
 from .config import METHODS, UsersConfig
@@ -69,9 +71,9 @@ def _data_digest(train: list, dev: list) -> str:
     return hashlib.sha256(json.dumps([train, dev], default=str).encode()).hexdigest()
 
 
-def _finished(path: Path, user: str, digest: str, config: TrainConfig) -> dict | None:
-    """The summary row of a user an earlier run of this job exported, when their file says it was trained on the
-    same rows with the same options; else None (they are trained again: each user's training is deterministic)."""
+def _job_file(path: Path, config: TrainConfig) -> dict | None:
+    """The metadata of a user's prefix that this job wrote (its user, the digest of their rows, the job's options),
+    or None: a file written otherwise (an upload, another job, another version) is not this job's."""
     try:
         meta = json.loads(read_header(path)[0].get("train_config") or "{}") if path.is_file() else {}
     except (PrefixFileError, json.JSONDecodeError):
@@ -79,8 +81,29 @@ def _finished(path: Path, user: str, digest: str, config: TrainConfig) -> dict |
     # where the job runs and on what device are no options of its users (run_dir.NOT_THE_RUN): a moved job keeps them
     wanted = {k: v for k, v in json.loads(json.dumps(asdict(config), sort_keys=True, default=str)).items()
               if k not in NOT_THE_RUN}
-    same = meta.get("user") == user and meta.get("data_digest") == digest
-    return meta.get("summary") if same and all(meta.get(k) == v for k, v in wanted.items()) else None
+    ours = isinstance(meta, dict) and "user" in meta and "data_digest" in meta
+    return meta if ours and all(meta.get(k) == v for k, v in wanted.items()) else None
+
+
+def _finished(path: Path, user: str, digest: str, config: TrainConfig) -> dict | None:
+    """The summary row of a user an earlier run of this job exported, when their file says it was trained on the
+    same rows with the same options; else None (they are trained again: each user's training is deterministic)."""
+    meta = _job_file(path, config)
+    same = meta is not None and meta.get("user") == user and meta.get("data_digest") == digest
+    return meta.get("summary") if same else None
+
+
+def remove_departed_users(prefixes: Path, config: TrainConfig, users) -> list[str]:
+    """On resume: delete from the store the prefixes this job wrote for users no longer in its data (a user is
+    removed by removing their prefix: what `serve --store` serves is what is in the store). Returns their users.
+    Only this job's files (`_job_file`); each goes in one unlink, so the store never holds half a file."""
+    removed = []
+    for path in sorted(prefixes.glob("*.safetensors")):
+        meta = _job_file(path, config)
+        if meta is not None and str(meta["user"]) not in users:
+            path.unlink()
+            removed.append(str(meta["user"]))
+    return removed
 
 
 def check_users(config: TrainConfig, train: dict, reserved: tuple[str, ...] = ()) -> dict[str, str]:
@@ -106,10 +129,12 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     them they are read from `config.data` with `config.user_field` (users/data.py). Every user is trained as
     `train.train` would train their data alone with `config` (same seed, same batches, same schedule), and
     independently of every other user. `resume` finishes a killed job with its saved options and tenant: users
-    already in the store (same rows, same options) are kept, the others are trained. The options set (`given`;
+    already in the store (same rows, same options) are kept, the others are trained, and the prefixes of users no
+    longer in the data are deleted from the store (`UsersResult.removed_users`). The options set (`given`;
     default: those of `config` that differ from the defaults) and `users.tenant` must agree with the saved ones
     (`flags`: a refusal names them as command-line flags); what else `users` sets (a memory budget) is kept.
     """
+    resumed = None
     if resume:  # the job in OUTPUT_DIR as it was started (its options, its tenant), like `train`'s resume
         resumed = resumed_users_config(Path(config.output_dir), given_options(config) if given is None else given,
                                        None if users is None else users.tenant, flags)
@@ -117,7 +142,11 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
             config, saved_users = resumed  # with the job options the caller set (a memory budget, say)
             default = asdict(UsersConfig())
             users = replace(saved_users, **{k: v for k, v in asdict(users or UsersConfig()).items() if v != default[k]})
+    if resumed is None:  # saved with its data files absolute: --resume from another directory finds them
+        config = with_local_paths(config)
     users = users or UsersConfig()
+    # a missing tracker fails before data or model load
+    watch = UsersLog(config.report_to, config.output_dir, {**asdict(config), "tenant": users.tenant})
     if train is None:  # data before the model: a bad file fails in a second
         from .data import load_user_pairs
 
@@ -134,6 +163,9 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         clear_run(out)
     remove_stale_temps_of_run(out)  # what a killed write of the job's files left
     names = check_users(config, train, reserved=(model_name(model),))
+    removed = remove_departed_users(store_dir(out, users.tenant), config, set(train)) if resume else []
+    if removed and progress:
+        tqdm.write(f"removed from the store, no longer in the data: {', '.join(removed)}", file=sys.stderr)
     model.to(device)
     spec = model_spec(model)
     # Every user starts from the module a lone run with this seed starts from, and from its RNG state.
@@ -179,6 +211,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     tokens = padded = 0
     train_time = dev_time = export_time = 0.0
     bar = tqdm(total=len(train), initial=len(rows), disable=not progress, desc="users", dynamic_ncols=True)
+    watch.start(cpu=device.type == "cpu")
 
     def export(state: UserState):
         nonlocal state_bytes
@@ -223,6 +256,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
             state = active[i]
             state.record({"step": state.step, "loss": state.last_loss, "lr": state.scheduler.get_last_lr()[0],
                           "dev_loss": dev_losses.get(i)}, config.early_stop_patience)
+            watch.evaluation(state.user, state.history[-1])
         start = time.perf_counter()
         for state in [s for s in active if s.done]:
             export(state)
@@ -233,8 +267,9 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     bar.close()
     if halves is not None:
         halves.close()
+    watch.close()
     result = UsersResult(str(out), str(out / USERS_STORE), users.tenant, rows, tokens / max(train_time, 1e-9),
-                         train_time, tokens, padded, resident, state_bytes, per_user, dev_time, export_time)
+                         train_time, tokens, padded, resident, state_bytes, per_user, dev_time, export_time, removed)
     write_summary(result, out)
     return result
 
@@ -250,6 +285,7 @@ def _train_round(active: list[UserState], batches: dict, model, spec, collate, d
     for i, state in enumerate(active):
         state.step_with(prefixes[i], leaves[i], config.grad_clip)
         state.last_loss = sums[i][0] / max(sums[i][1], 1)
+        state.train_losses.append(state.last_loss)
     tokens = sum(len(e["input_ids"]) + (len(e["labels"]) if spec.family != "decoder" else 0)
                  for batch in batches.values() for e in batch)
     return tokens, sum(sum(key) * len(group) for key, groups in passes for _, group in groups)
