@@ -7,7 +7,7 @@ import json
 import pytest
 
 from prefixtune.data import DataFileError, load_records, split_dev, training_pairs
-from prefixtune.data.chat import Conversation, chat_prompt_ids, encode_chat, encode_chat_prompt
+from prefixtune.data.chat import ChatRowTooLong, Conversation, chat_prompt_ids, encode_chat, encode_chat_prompt
 from prefixtune.data.collate import encode_example
 
 ROWS = [{"source": f"name : Place {i} | food : Thai", "target": f"Place {i} serves Thai food.", "user": f"u{i % 3}"}
@@ -184,8 +184,41 @@ def test_chat_loss_is_on_assistant_turns_only_and_user_text_stays_text(chat_toke
 def test_chat_rows_are_cut_at_max_len_and_need_a_chat_template(chat_tokenizer, tokenizer):
     example = encode_chat(chat_tokenizer, Conversation.of(CHAT), max_len=12)
     assert len(example["input_ids"]) == len(example["labels"]) == 12
+    assert chat_tokenizer.decode(example["input_ids"]).endswith("The Eagle.<|im_end|>\n")  # the last turn stays
     with pytest.raises(ValueError, match="chat template"):
         encode_chat(tokenizer, Conversation.of(CHAT))  # the byte tokenizer has none
+
+
+def test_a_long_chat_row_keeps_its_last_assistant_turn_and_loses_its_oldest_history(chat_tokenizer):
+    """Cut at its start, a long conversation kept no assistant token: it trained nothing (loss 0 or nan)."""
+    tok = chat_tokenizer
+    long = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " ".join(["word"] * 400)},
+            {"role": "assistant", "content": "Short answer."}]
+    example = encode_example(tok, "decoder", Conversation.of(long), max_source_len=16, max_target_len=8)
+    assert len(example["input_ids"]) == 24
+    trained = [i for i, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tok.decode(trained) == "Short answer.<|im_end|>\n"
+    assert tok.decode(example["input_ids"]).endswith("word<|im_end|>\n<|im_start|>assistant\nShort answer.<|im_end|>\n")
+    with pytest.raises(ChatRowTooLong, match="last assistant turn alone is 5 tokens, over max_target_len 4"):
+        encode_example(tok, "decoder", Conversation.of(long), max_source_len=16, max_target_len=4)
+    assert encode_example(tok, "decoder", Conversation.of(CHAT), max_source_len=48, max_target_len=1) == \
+        encode_example(tok, "decoder", Conversation.of(CHAT))  # a row within the budget is whole, as before
+
+
+def test_jsonl_numbers_and_booleans_train_as_written_and_users_are_strings_or_integers(tmp_path):
+    """Arrow types a column once: targets 1 and 2.5 were '1.0' and '2.5', a big integer '1.2345678901234567e+19',
+    true 'True', users 1 and 2.5 the prefixes '1.0' and '2.5'."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"user": 7, "input": 1, "output": 1}\n{"user": "7", "input": "b", "output": 2.5}\n'
+                    '{"user": 12345678901234567890, "input": true, "output": [12345678901234567890, 1e5]}\n')
+    assert simple(load_records(path, user_field="user")) == [
+        ("1", ["1"], "7"), ("b", ["2.5"], "7"), ("true", ["12345678901234567890", "1e5"], "12345678901234567890")]
+    assert all(type(r.source) is str and type(r.meta["user"]) is str for r in load_records(path, user_field="user"))
+    for user in ("2.5", "1.0", "true", "[1]"):
+        path.write_text(f'{{"user": 1, "input": "a", "output": "x"}}\n{{"user": {user}, "input": "b", "output": "y"}}\n')
+        with pytest.raises(DataFileError, match=rf"d.jsonl: line 2: field 'user' \(the user\) is .*a user is a string "
+                                                rf"or an integer"):
+            load_records(path, user_field="user")
 
 
 def test_the_decoding_prompt_is_the_training_rows_start(chat_tokenizer):

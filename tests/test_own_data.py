@@ -173,3 +173,52 @@ def test_chat_rows_train_and_decode_through_the_chat_template(tiny_dir, tmp_path
     rows = [json.loads(line) for line in (run / "eval-chat" / "outputs.jsonl").read_text().splitlines()]
     assert [r["references"] for r in rows] == [[c["messages"][1]["content"]] for c in CHATS]
     assert rows[0]["source"] == "Describe The Eagle."
+
+
+STRICT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                   "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def strict_tokenizer_only(tiny_dir, tmp_path):
+    """A model folder holding only a tokenizer whose chat template refuses a system message (as Gemma's does):
+    loading the model would fail, so an error about a row proves the rows were encoded before it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "strict")
+    return tmp_path / "strict"
+
+
+def test_a_chat_row_the_template_refuses_or_too_long_for_its_turn_is_refused_before_the_model(
+        strict_tokenizer_only, tmp_path):
+    """The template's TemplateError was a traceback after the model loaded; a row cut before its assistant turn
+    trained nothing (loss 0.0, or nan alone). Both are one error line naming the row, and a later user's bad
+    row stops a many-users job before any user trains."""
+    users = [{"user": ("ann", "bob")[i % 2], **chat} for i, chat in enumerate(CHATS)]
+    system = {"user": "cy", "messages": [{"role": "system", "content": "be nice"}, *CHATS[0]["messages"]]}
+    long = {"user": "cy", "messages": [CHATS[0]["messages"][0], {"role": "assistant", "content": "word " * 50}]}
+    cases = ((system, [], "refuses this conversation: System role not supported"),
+             (long, ["--max-source-len", 8, "--max-target-len", 16],
+              "its last assistant turn alone is 53 tokens, over max_target_len 16: raise --max-target-len"))
+    for row, limits, message in cases:
+        data = write_jsonl(tmp_path / "chat.jsonl", users + [row])
+        for job in ([], ["--user-field", "user"]):
+            run = tmp_path / "run"
+            line = error_line(invoke("train", "-o", run, "--model", strict_tokenizer_only, "--data", data,
+                                     "--method", "prefix-flat", *limits, *job))
+            assert f"{data}: line 7: " in line and message in line, line
+            assert not run.exists()
+
+
+def test_dev_size_0_means_no_dev_rows(tmp_path):
+    from prefixtune.train import TrainConfig, load_pairs
+    from prefixtune.users.data import load_user_pairs
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{**r, "user": "ann"} for r in ROWS])
+    train, dev = load_pairs(TrainConfig(data=str(data), dev_size=0))  # was "train size must be positive, got 0"
+    assert len(train) == 11 and dev == []
+    train, dev = load_user_pairs(TrainConfig(data=str(data), dev_size=0, user_field="user"))
+    assert len(train["ann"]) == 11 and dev == {"ann": []}

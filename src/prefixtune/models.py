@@ -220,6 +220,26 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
     return freeze(model), prepare_tokenizer(tokenizer)
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The tokenizer `load_base_model` returns, without the weights (to check rows before the model loads).
+    A model it cannot find this quickly (a hub id not in the cache) is loaded whole, whose errors say why."""
+    from transformers import AutoTokenizer
+
+    name = str(name_or_path)
+    try:
+        with _quiet_loading():
+            if name in EMBEDDED and (cache_dir() / "models" / name / "config.json").is_file():
+                return prepare_tokenizer(AutoTokenizer.from_pretrained(cache_dir() / "models" / name))
+            if name in EMBEDDED or name.endswith(".gguf"):
+                gguf = embedded_gguf(name) if name in EMBEDDED else Path(name)
+                return prepare_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+            path = Path(name).expanduser()
+            return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name,
+                                                                   local_files_only=True))
+    except (OSError, ValueError):
+        return load_base_model(name)[1]
+
+
 def _rope_frequencies_in_fp32(model):
     """transformers casts every buffer to the load dtype, RoPE's inverse frequencies too: loaded in bf16,
     a model rotates by rounded angles, and decodes otherwise than the same model loaded in fp32 and

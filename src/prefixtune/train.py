@@ -22,7 +22,7 @@ from .atomic import atomic_write_bytes
 from .cache import enable_gradient_checkpointing
 from .checkpoint import CHECKPOINT, Checkpoint, load_trained_state, trained_state
 from .data import check_pairs, load_task, load_train_dev, sample_pairs, training_pairs
-from .data.collate import Collator, encode_example, length_grouped_batches
+from .data.collate import Collator, check_chat_examples, encode_example, length_grouped_batches
 from .data_parallel import threaded_halves
 from .methods import EXPORT_FILES, build_method
 from .models import load_base_model, model_spec, resolve_device
@@ -111,13 +111,15 @@ def load_records_of(config: TrainConfig):
 
 
 def load_pairs(config: TrainConfig):
-    """(train pairs, dev pairs) for the config's data or task, with the low-data sampler applied."""
+    """(train pairs, dev pairs) for the config's data or task, with the low-data sampler applied (dev_size 0: no
+    dev pairs, so no dev loss). Chat rows are encoded once here, before the model loads, to refuse a bad one."""
     train_records, dev_records = load_records_of(config)
     train = sample_pairs(training_pairs(train_records), config.train_size, config.seed)
-    dev = sample_pairs(training_pairs(dev_records), config.dev_size, config.seed)
+    dev = sample_pairs(training_pairs(dev_records), config.dev_size, config.seed) if config.dev_size else []
     if not train:
         where = config.data if config.data else f"the {config.task} train split in {data_dir_of(config)}"
         raise ValueError(f"no training examples: {where} is empty")
+    check_chat_examples(config.model, train + dev, config.max_source_len, config.max_target_len)
     return train, dev
 
 

@@ -51,6 +51,11 @@ def train(
     gradient_checkpointing: bool = typer.Option(TRAIN.gradient_checkpointing, "--gradient-checkpointing",
                                                 help="recompute activations in backward (less memory)"),
     template: Optional[str] = typer.Option(TRAIN.template, help='source template, default "{source}\\n" (decoder-only)'),
+    max_source_len: int = typer.Option(TRAIN.max_source_len, help="source tokens kept (a longer source loses its "
+                                                                 "end); a chat row's budget is both lengths"),
+    max_target_len: int = typer.Option(TRAIN.max_target_len, help="target tokens kept (a longer target loses its "
+                                                                 "end); a chat row over budget keeps its last "
+                                                                 "assistant turn whole, up to this"),
     adapter_budget: float = typer.Option(TRAIN.adapter_budget, help="adapter: fraction of the model's parameters (0.001, 0.03)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in OUTPUT_DIR with its saved options "
                                                         "(a flag that contradicts them is refused)"),
@@ -89,7 +94,8 @@ def train(
         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
         early_stop_patience=early_stop_patience, dev_size=dev_size,
         save_every=save_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
-        template=template, adapter_budget=adapter_budget, device=device, report_to=report_to, data=data,
+        template=template, max_source_len=max_source_len, max_target_len=max_target_len,
+        adapter_budget=adapter_budget, device=device, report_to=report_to, data=data,
         dev_data=dev_data, dev_fraction=dev_fraction, source_field=source_field, target_field=target_field,
         user_field=user_field)
     try:

@@ -10,11 +10,16 @@ from (serve/chat.py): one tokenization for training and serving. An assistant tu
 that rendering the conversation up to that turn adds after the generation prompt, tokenized on
 its own as the model writes it: its content and the template's end-of-turn tokens, so the prefix
 learns where to stop.
+
+A conversation longer than the budget (max_source_len + max_target_len tokens) loses its oldest tokens, never
+its last assistant turn: the row keeps the budget's last tokens up to the end of that turn, as decoding keeps a
+chat prompt's last tokens (`encode_chat_prompt`). A last assistant turn longer than max_target_len in such a
+row is refused (`ChatRowTooLong`), so no row trains on no target.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import user_text
 
@@ -28,16 +33,23 @@ class Conversation:
     """One chat row as a training example (what `training_pairs` yields for it instead of a pair)."""
 
     messages: tuple  # ((role, content), ...)
+    where: str = field(default="", compare=False, repr=False)  # "FILE: line N", for errors; not part of the row
 
     @classmethod
-    def of(cls, messages: list[dict]) -> "Conversation":
-        return cls(tuple((m["role"], m["content"]) for m in messages))
+    def of(cls, messages: list[dict], where: str = "") -> "Conversation":
+        return cls(tuple((m["role"], m["content"]) for m in messages), where)
 
 
-def encode_chat(tokenizer, conversation: Conversation, max_len: int = 1024) -> dict:
+class ChatRowTooLong(ValueError):
+    """A conversation over the length budget whose last assistant turn alone is over max_target_len."""
+
+
+def encode_chat(tokenizer, conversation: Conversation, max_len: int = 1024, max_target_len: int | None = None) -> dict:
     """{"input_ids", "labels"} of a conversation; labels are -100 outside assistant turns.
 
-    A conversation longer than `max_len` tokens keeps its start (the end is cut, as a target is).
+    A conversation longer than `max_len` tokens keeps its last `max_len` tokens up to the end of its last
+    assistant turn (the oldest history is cut); that turn must then fit in `max_target_len` (default `max_len`),
+    else `ChatRowTooLong`.
     """
     _check_template(tokenizer)
     marked = _marked(conversation.messages)
@@ -57,12 +69,24 @@ def encode_chat(tokenizer, conversation: Conversation, max_len: int = 1024) -> d
     cuts.append(len(full))
     trained.append(False)
     contents = [content for _, content in conversation.messages]
-    input_ids, labels = [], []
+    input_ids, labels, last_turn = [], [], (0, 0)
     for start, end, is_turn in zip(cuts, cuts[1:], trained):
         ids = _encode(tokenizer, full[start:end], contents) if end > start else []
+        if is_turn:
+            last_turn = (len(input_ids), len(input_ids) + len(ids))
         input_ids += ids
         labels += ids if is_turn else [-100] * len(ids)
-    return {"input_ids": input_ids[:max_len], "labels": labels[:max_len]}
+    if len(input_ids) <= max_len:
+        return {"input_ids": input_ids, "labels": labels}
+    turn_len, end = last_turn[1] - last_turn[0], last_turn[1]
+    limit = min(max_target_len or max_len, max_len)
+    if turn_len > limit:
+        raise ChatRowTooLong(f"the conversation is {len(input_ids)} tokens, over the budget of {max_len} "
+                             f"(max_source_len + max_target_len), and its last assistant turn alone is {turn_len} "
+                             f"tokens, over max_target_len {limit}: raise --max-target-len to at least {turn_len}, "
+                             f"or shorten the turn")
+    start = max(end - max_len, 0)  # the history's oldest tokens go; what follows the last turn trains nothing
+    return {"input_ids": input_ids[start:end], "labels": labels[start:end]}
 
 
 def chat_prompt_ids(tokenizer, messages) -> list[int]:

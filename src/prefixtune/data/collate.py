@@ -8,6 +8,7 @@ import torch
 from .. import user_text
 from ..templates import fill_template
 from .chat import Conversation, encode_chat
+from .files import DataFileError
 
 DEFAULT_TEMPLATES = {"decoder": "{source}\n", "encoder-decoder": "{source}"}
 
@@ -49,9 +50,32 @@ def encode_example(tokenizer, family: str, example, template: str | None = None,
     if isinstance(example, Conversation):
         if family != "decoder":
             raise ValueError("chat rows train decoder-only models (the chat template writes one token stream)")
-        return encode_chat(tokenizer, example, max_source_len + max_target_len)
+        return encode_chat(tokenizer, example, max_source_len + max_target_len, max_target_len)
     source, target = example
     return encode_pair(tokenizer, family, source, target, template, max_source_len, max_target_len)
+
+
+def check_chat_examples(model: str, examples, max_source_len: int, max_target_len: int):
+    """Encode every chat row of `examples` with `model`'s tokenizer (loaded alone, no weights), before the model
+    loads: a conversation its chat template refuses (jinja2's TemplateError: a system message or roles that do
+    not alternate, say) or one too long to keep its last assistant turn is a DataFileError naming its row.
+    A (source, target) pair always keeps its eos target token: nothing to check."""
+    from jinja2 import TemplateError
+
+    from ..models import load_tokenizer
+
+    chats = [e for e in examples if isinstance(e, Conversation)]
+    if not chats:
+        return
+    tokenizer = load_tokenizer(model)
+    for chat in chats:
+        at = chat.where or "a chat row"
+        try:
+            encode_chat(tokenizer, chat, max_source_len + max_target_len, max_target_len)
+        except TemplateError as e:
+            raise DataFileError(f"{at}: the chat template of {model} refuses this conversation: {e}") from None
+        except ValueError as e:  # too long, no chat template, a template that cannot be split into turns
+            raise DataFileError(f"{at}: {e}") from None
 
 
 class Collator:

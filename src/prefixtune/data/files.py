@@ -43,7 +43,8 @@ def load_records(path, *, source_field: str | None = None, target_field: str | N
     `path` is a .jsonl/.json, .csv, .tsv or .parquet file, a folder written by `save_to_disk`
     (its `split` when it holds several), a folder of data files, or a hub dataset id (`split` of it).
     `meta["line"]` is the row's 1-based line in a text file (the row number otherwise);
-    `meta["user"]` is `str(row[user_field])` when `user_field` is given.
+    `meta["user"]` is the row's `user_field` as text when `user_field` is given: a string or an integer (7 and
+    "7" are one user, as in a CSV file); any other value is refused. A chat row's `meta["where"]` is "FILE: line N".
     """
     rows, where = read_rows(path, split)
     name = str(path)
@@ -61,15 +62,13 @@ def load_records(path, *, source_field: str | None = None, target_field: str | N
         at = f"{name}: {where(i)}"
         if chat:
             record = _chat_record(at, row.get(messages_field), messages_field)
+            record.meta["where"] = at  # its conversation's errors name it (checked against the chat template later)
         else:
             source = _text(at, row.get(source_field), source_field, "source")
             record = Record(source, _references(at, row.get(target_field), target_field))
         record.meta["line"] = _number(where(i))
         if user_field is not None:
-            user = row.get(user_field)
-            if user is None or str(user).strip() == "":
-                raise DataFileError(f"{at}: field {user_field!r} (the user) is missing or empty")
-            record.meta["user"] = str(user)
+            record.meta["user"] = _user(at, row.get(user_field), user_field)
         records.append(record)
     return records
 
@@ -154,10 +153,48 @@ def _read_file(path: Path):
     if suffix == ".jsonl":
         lines = _jsonl_lines(path)
         if len(lines) == len(rows):
-            return rows, lambda i: f"line {lines[i]}"
+            return _as_written(path, rows), lambda i: f"line {lines[i]}"
     if suffix in (".csv", ".tsv"):  # the header is line 1
         return rows, lambda i: f"line {i + 2}"
     return rows, _rows
+
+
+class JsonScalar(str):
+    """A JSON number, true or false as the line writes it. Arrow gives a column one type: targets 1 and 2.5
+    would train as '1.0' and '2.5', 12345678901234567890 as '1.2345678901234567e+19', true as 'True'."""
+
+    @property
+    def integer(self) -> bool:
+        return self.lstrip("-").isdigit()
+
+
+def _as_written(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows with each top-level number, true and false as written in the file (JsonScalar); strings, lists
+    of them and objects (chat messages) as `datasets` read them."""
+    scalar = lambda text: JsonScalar(text)  # noqa: E731
+    with open(path, encoding="utf-8-sig") as f:
+        raw = [json.loads(line, parse_int=scalar, parse_float=scalar, parse_constant=scalar)
+               for line in f if line.strip()]
+    written = lambda v: JsonScalar(json.dumps(v)) if isinstance(v, bool) else v  # noqa: E731
+    for row, line in zip(rows, raw):
+        for key, value in line.items():
+            if isinstance(value, (bool, JsonScalar)):
+                row[key] = written(value)
+            elif isinstance(value, list) and all(isinstance(v, (str, bool, JsonScalar)) for v in value):
+                row[key] = [written(v) for v in value]
+    return rows
+
+
+def _user(at: str, value, field: str) -> str:
+    """A row's user as text: a string, or an integer (a float would name users '1.0'; true is no name)."""
+    if isinstance(value, JsonScalar) and value.integer or isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (JsonScalar, bool, float)) or not isinstance(value, (str, type(None))):
+        shown = value if isinstance(value, JsonScalar) else repr(value)  # as the line writes it
+        raise DataFileError(f"{at}: field {field!r} (the user) is {shown}: a user is a string or an integer")
+    if value is None or value.strip() == "":
+        raise DataFileError(f"{at}: field {field!r} (the user) is missing or empty")
+    return value
 
 
 def _text_columns(path: Path, delimiter: str) -> dict:
@@ -308,7 +345,7 @@ def _text(at: str, value, field: str, what: str) -> str:
         raise DataFileError(f"{at}: field {field!r} (the {what}) is missing")
     if isinstance(value, (dict, list)):
         raise DataFileError(f"{at}: field {field!r} (the {what}) is a {type(value).__name__}, not text")
-    return value if isinstance(value, str) else str(value)
+    return str(value)  # a JsonScalar as written; a plain str
 
 
 def _references(at: str, value, field: str) -> list[str]:

@@ -73,7 +73,7 @@ def training_pairs(records: list[Record]) -> list:
     pairs: list = []
     for r in records:
         if "messages" in r.meta:
-            pairs.append(Conversation.of(r.meta["messages"]))
+            pairs.append(Conversation.of(r.meta["messages"], r.meta.get("where", "")))
         else:
             pairs += [(r.source, ref) for ref in r.references]
     return pairs

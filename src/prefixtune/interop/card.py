@@ -18,7 +18,7 @@ DATASETS = {"e2e": "tuetschek/e2e_nlg", "webnlg": "web_nlg", "dart": "Yale-LILY/
 TASK_TYPES = {"xsum": "summarization"}
 FILES = {"peft": "`adapter_config.json`, `adapter_model.safetensors` (PEFT PREFIX_TUNING)",
          "prefixtune": "`prefix.safetensors`"}
-FLAGS_SKIPPED = {"output_dir", "data_dir", "task_options", "max_source_len", "max_target_len", "export"}
+FLAGS_SKIPPED = {"output_dir", "data_dir", "task_options", "export"}
 
 
 def train_config_of(exported: ExportedPrefix) -> dict:

@@ -7,6 +7,7 @@ the same examples.
 """
 from __future__ import annotations
 
+from ..data.collate import check_chat_examples
 from ..data.files import load_records, split_dev
 from ..data.records import Record, sample_pairs, training_pairs
 
@@ -21,12 +22,13 @@ def group_by_user(records: list[Record]) -> dict[str, list[Record]]:
 
 def user_examples(train: dict[str, list[Record]], dev: dict[str, list[Record]] | None, config) -> tuple[dict, dict]:
     """(train, dev): user -> examples (pairs, or chat conversations). Without `dev`, each user's dev rows
-    are `config.dev_fraction` of their own rows, held out by `config.seed`."""
+    are `config.dev_fraction` of their own rows, held out by `config.seed`; `config.dev_size` 0: none."""
     if dev is None:
         split = {user: split_dev(records, config.dev_fraction, config.seed) for user, records in train.items()}
         train, dev = {u: s[0] for u, s in split.items()}, {u: s[1] for u, s in split.items()}
     return ({u: sample_pairs(training_pairs(r), config.train_size, config.seed) for u, r in train.items()},
-            {u: sample_pairs(training_pairs(dev.get(u, [])), config.dev_size, config.seed) for u in train})
+            {u: sample_pairs(training_pairs(dev.get(u, [])), config.dev_size, config.seed) if config.dev_size else []
+             for u in train})
 
 
 def load_user_pairs(config) -> tuple[dict, dict]:
@@ -39,4 +41,8 @@ def load_user_pairs(config) -> tuple[dict, dict]:
         unknown = [user for user in dev if user not in train]
         if unknown:
             raise ValueError(f"{config.dev_data}: user {unknown[0]!r} has dev rows but no training rows in {config.data}")
-    return user_examples(train, dev, config)
+    train, dev = user_examples(train, dev, config)
+    # every user's chat rows against the chat template, before the model loads and before any user trains
+    check_chat_examples(config.model, [e for examples in (*train.values(), *dev.values()) for e in examples],
+                        config.max_source_len, config.max_target_len)
+    return train, dev
