@@ -171,11 +171,13 @@ class JsonScalar(str):
 def _as_written(path: Path, rows: list[dict]) -> list[dict]:
     """The rows with each top-level number, true and false as written in the file (JsonScalar); strings, lists
     of them and objects (chat messages) as `datasets` read them."""
-    scalar = lambda text: JsonScalar(text)  # noqa: E731
     with open(path, encoding="utf-8-sig") as f:
-        raw = [json.loads(line, parse_int=scalar, parse_float=scalar, parse_constant=scalar)
+        raw = [json.loads(line, parse_int=JsonScalar, parse_float=JsonScalar, parse_constant=JsonScalar)
                for line in f if line.strip()]
-    written = lambda v: JsonScalar(json.dumps(v)) if isinstance(v, bool) else v  # noqa: E731
+
+    def written(v):
+        return JsonScalar(json.dumps(v)) if isinstance(v, bool) else v
+
     for row, line in zip(rows, raw):
         for key, value in line.items():
             if isinstance(value, (bool, JsonScalar)):
