@@ -90,12 +90,15 @@ def save_prefix(path, p, spec, base_model, train_config=None, dtype=torch.float3
     return Path(path)
 
 
-def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str, spec: ModelSpec | None) -> ExportedPrefix:
+def _check_format(metadata: dict | None, source: str):
     if metadata and metadata.get("format") == "prefixtune.weights/1":
         raise PrefixFileError(f"{source}: holds {metadata.get('method')} weights, not a prefix (prefixtune generate "
                               f"and eval decode with it; a PrefixBank and the server take prefixes only)")
     if not metadata or metadata.get("format") != FORMAT:
         raise PrefixFileError(f"{source}: not a prefixtune prefix file (missing or unknown 'format' metadata)")
+
+
+def _parse(tensors: dict[str, torch.Tensor], metadata: dict | None, source: str, spec: ModelSpec | None) -> ExportedPrefix:
     p = {name[len(TENSOR_PREFIX):]: t for name, t in tensors.items() if name.startswith(TENSOR_PREFIX)}
     if not p:
         raise PrefixFileError(f"{source}: holds no prefix tensors")
@@ -264,8 +267,8 @@ def load_prefix_bytes(data: bytes, spec: ModelSpec | None = None, source: str = 
             raise ValueError("__metadata__ is not an object of strings")
     except invalid as e:
         raise PrefixFileError(f"{source}: not a valid safetensors file ({e})") from None
-    if metadata and metadata.get("format") == FORMAT:  # (any other file is refused by _parse, as it says)
-        _check_declared_shapes(header, spec, max_prefix_len, source)
+    _check_format(metadata, source)  # from the header too: another file's tensors are never loaded
+    _check_declared_shapes(header, spec, max_prefix_len, source)
     try:
         tensors = load(data)  # checks the header's entries and the data's extent
     except invalid as e:
