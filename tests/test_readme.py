@@ -138,7 +138,8 @@ def test_readme_own_data_runs_as_written(tmp_path, data_dir):
                                         clone, scratch)
     assert code == 0, f"README step failed (exit {code}); stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}"
 
-    assert re.search(r'"data": "/[^"]*/mine\.jsonl"', stdout)  # saved absolute (resume from any directory)
+    # the data path is saved absolute (resume from any directory)
+    assert re.search(r'"data": "/[^"]*/mine\.jsonl"', stdout), [l for l in stdout.splitlines() if '"data"' in l]
     assert (clone / "runs" / "mine" / "prefix.safetensors").is_file()
     outputs = [json.loads(line) for line in (clone / "runs/mine/eval-mine-test/outputs.jsonl").read_text().splitlines()]
     assert len(outputs) == 20 and max(len(row["references"]) for row in outputs) > 1  # grouped references
