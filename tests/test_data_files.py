@@ -115,6 +115,23 @@ def test_bad_input_names_the_file_the_line_and_the_field(tmp_path, name):
     assert str(raised.value).startswith(f"{path}: ")
 
 
+def test_errors_name_a_file_in_the_working_directory_as_typed(tmp_path, monkeypatch):
+    """A run saves its data path absolute (to resume from anywhere); errors still say "bad.jsonl: line 1", as the
+    user typed it, for a file in the working directory, and the whole path for one elsewhere."""
+    (tmp_path / "here").mkdir()
+    bad = tmp_path / "here" / "bad.jsonl"
+    bad.write_text('{"input": "name[Aromi]", "output": ""}\n')
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(DataFileError) as raised:
+        load_records(bad.resolve())
+    assert str(raised.value) == "bad.jsonl: line 1: field 'output' (the target) is empty"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(DataFileError) as raised:
+        load_records(bad.resolve())
+    assert str(raised.value).startswith(f"{bad.resolve()}: line 1")
+
+
 def test_columnar_files_name_the_row(tmp_path):
     import datasets
 

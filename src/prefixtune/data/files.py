@@ -36,6 +36,19 @@ class DataFileError(ValueError):
     """Bad input in a data file; the message names the file, the line (or row) and the field."""
 
 
+def as_typed(path):
+    """A local path inside the working directory, relative to it: a run saves its data files absolute (to resume
+    from anywhere), and errors should name a file as the user typed it ("mine.jsonl: line 7: ..."). Anything
+    else (another directory, a hub dataset id) unchanged."""
+    local = Path(path)
+    if local.is_absolute():
+        try:
+            return local.relative_to(Path.cwd())
+        except ValueError:
+            pass
+    return path
+
+
 def load_records(path, *, source_field: str | None = None, target_field: str | None = None,
                  user_field: str | None = None, split: str = "train", messages_field: str = "messages") -> list[Record]:
     """Every row of `path` as a `Record(source, references, meta)`, checked.
@@ -46,6 +59,7 @@ def load_records(path, *, source_field: str | None = None, target_field: str | N
     `meta["user"]` is the row's `user_field` as text when `user_field` is given: a string or an integer (7 and
     "7" are one user, as in a CSV file); any other value is refused. A chat row's `meta["where"]` is "FILE: line N".
     """
+    path = as_typed(path)
     rows, where = read_rows(path, split)
     name = str(path)
     if not rows:
@@ -77,6 +91,7 @@ def load_sources(path, *, source_field: str | None = None, split: str = "train",
                  messages_field: str = "messages") -> list:
     """The inputs of a data file, for decoding: each row's source text, or a chat row's `Conversation` (decoded
     from its messages before the last assistant turn). Targets are not needed here."""
+    path = as_typed(path)
     rows, where = read_rows(path, split)
     name = str(path)
     if not rows:
