@@ -119,6 +119,8 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_its_extra(tmp_path, 
     assert not (tmp_path / "run").exists()  # nothing half-written
     assert "tensorboard" not in check_trackers("all") and "wandb" not in check_trackers("all")
     assert check_trackers("none") == check_trackers(None) == check_trackers("") == []
+    # names are case-insensitive ("TensorBoard" is tensorboard), "none" as well
+    assert check_trackers("None") == check_trackers("NONE") == []
 
 
 def test_every_tracker_names_an_extra_that_installs_it():

@@ -49,7 +49,7 @@ def _installed(name: str) -> bool:
 def check_trackers(report_to: str | None) -> list[str]:
     """The tracker names in `report_to` ("tensorboard,wandb", "all", "none"); ValueError for an unknown one or
     one that is not installed, naming the extra to install. Call it before loading a model."""
-    names = [n.strip().lower() for n in (report_to or "").split(",") if n.strip() not in ("", "none")]
+    names = [n.strip().lower() for n in (report_to or "").split(",") if n.strip().lower() not in ("", "none")]
     if not names:
         return []
     if names == ["all"]:  # HF Trainer's meaning: every tracker that is installed

@@ -109,6 +109,8 @@ def experiment(
     from ..experiments import run_experiment
     from ..experiments.ray_runner import CellDied
 
+    if threads is not None and threads < 1:  # else torch's RuntimeError, as a traceback
+        _fail(f"--threads must be >= 1, got {threads}")
     if threads:
         import torch
 

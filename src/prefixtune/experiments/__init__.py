@@ -8,6 +8,7 @@ Studies: lowdata, prefix-length, init, ablation, extrapolation, main (see docs/e
 """
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -97,8 +98,8 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
     study = STUDIES[name]
     if scale == "converged" and name not in CONVERGED:
         raise ValueError(f"study {name!r} has no converged scale; it runs for {', '.join(CONVERGED)}")
-    if epochs is not None and not epochs > 0:
-        raise ValueError(f"--epochs must be > 0, got {epochs}")
+    if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
+        raise ValueError(f"--epochs must be a number > 0, got {epochs}")
     if ray and not report_only:  # before anything loads: a missing Ray is one line naming the extra
         from .ray_runner import require_ray
 
@@ -113,6 +114,7 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
                                                       epochs, reuse_from, rates_from))
     models: dict = {}
     ran = 0
+    plan_ids: set = set()  # every cell this command plans (sweeps included): --report-only checks the store holds them
     for t in tasks:
         from ..models import model_name as name_of
 
@@ -154,15 +156,33 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
         ran += len(done) - before
         sweep_cells, finals, groups = sweep.plan(cells, s, done, chosen)
         run.planned[t] = len(cells)
+        plan_ids |= {c.id(s, chosen) for c in sweep_cells + finals}
         lines = [done[i] for i in (c.id(s, chosen) for c in finals) if i in done]
         if groups:
             run.sweeps[t] = sweep.sweep_rows(groups, s, done, chosen)
         run.contexts[t], run.lines[t] = ctx, lines
+    if report_only and not any(run.lines.values()):
+        refuse_other_settings(CellStore(out_dir / CELLS_FILE).load(), name, tasks, plan_ids, out_dir, run.command)
     run.retried = {i: line["attempts"] for i, line in CellStore(out_dir / CELLS_FILE).load().items()
                    if line.get("attempts", 1) > 1}
     report = study.write_report(run)
     return {"report": str(report), "cells": sum(len(v) for v in run.lines.values()), "ran": ran,
             "planned": sum(run.planned.values()), "retried": len(run.retried)}
+
+
+def refuse_other_settings(lines: dict[str, dict], name: str, tasks: list[str], plan_ids: set, out_dir: Path,
+                          command: str):
+    """ValueError when `--report-only` finds none of its plan's final cells but the study's cells run with other
+    settings (another --epochs, --rates-from, --scale or --model): its report would say 0 cells and ask for a re-run."""
+    theirs = [line for line in lines.values()
+              if line.get("study") == name and line.get("task") in tasks and line["id"] not in plan_ids]
+    if not theirs:
+        return
+    settings = sorted({", ".join(f"{k} {line[k]}" for k in ("scale", "scale_epochs", "rates_from", "model")
+                                 if line.get(k) is not None) for line in theirs})
+    raise ValueError(f"--report-only: {out_dir / CELLS_FILE} holds {len(theirs)} cells of {name} but none of "
+                     f"`{command}`; they were run with other settings ({'; '.join(settings)}): give the options "
+                     f"they were run with (the command at the top of {out_dir / 'report.md'}); report.md is unchanged")
 
 
 def chosen_rates(lines: dict[str, dict], source) -> dict[str, float]:
