@@ -564,3 +564,15 @@ def test_cli_experiment_refuses_bad_numbers_in_one_line(tmp_path, args, message)
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_table1_without_any_source_cells_is_an_error_not_a_report_of_dashes(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    monkeypatch.chdir(tmp_path)  # no reports/main-* here: e.g. run from another directory
+    result = CliRunner().invoke(app, ["experiment", "table1", "--out", str(tmp_path / "table1")])
+    assert result.exit_code == 2, result.output
+    assert "no finished cells in reports/main-e2e-10epochs" in result.output
+    assert not (tmp_path / "table1").exists()

@@ -134,6 +134,9 @@ def write_summary(out: str | Path = "reports/table1", sources: dict[str, str] | 
     out = Path(out)
     sources = dict(SOURCES if sources is None else sources)
     per_dataset = {task: final_lines(Path(path)) for task, path in sources.items()}
+    if not any(per_dataset.values()):  # e.g. run from another directory: not a report of dashes and "no dataset yet"
+        raise FileNotFoundError(f"table1: no finished cells in {', '.join(map(str, sources.values()))} (relative to "
+                                f"{Path.cwd()}): run it from the folder that holds the main studies' reports")
     verdicts = average_claims(per_dataset) + [extrapolation_claim(per_dataset.get("webnlg", []))]
     command = "prefixtune experiment table1 --out " + str(out)
     reading = out / R.READING
