@@ -115,6 +115,15 @@ def experiment(
         import torch
 
         torch.set_num_threads(threads)
+    if name == "table1":  # it reads the main studies' reports as they are: a study's options change nothing
+        given = [flag for flag, value in (("--task", task), ("--model", model), ("--data-dir", data_dir),
+                                          ("--epochs", epochs), ("--reuse-from", reuse_from),
+                                          ("--rates-from", rates_from), ("--ray", ray)) if value is not None]
+        if scale != "cpu":
+            given.insert(0, "--scale")
+        if given:
+            _fail(f"table1 summarises the converged main studies' reports and runs nothing: {', '.join(given)} "
+                  f"do not apply (regenerate a study with its own command, then table1)")
     try:
         if name == "table1":
             from ..experiments.table1 import write_summary

@@ -82,9 +82,25 @@ def extrapolation_claim(lines: list[dict]) -> R.Verdict:
 
 
 def final_lines(directory: Path) -> list[dict]:
-    """A study's finished final cells (not its learning-rate sweep), in file order."""
+    """A study's finished final cells (not its learning-rate sweep), in file order: one per method. A method with
+    two (cells of other settings left in the folder, say) is refused: averaged into one cell, they would move a
+    Table 1 number silently."""
     done = CellStore(directory / CELLS_FILE).load()
-    return [line for line in done.values() if not line.get("tags", {}).get("sweep")]
+    lines = [line for line in done.values() if not line.get("tags", {}).get("sweep")]
+    by_label: dict = {}
+    for line in lines:
+        by_label.setdefault(line.get("label"), []).append(line)
+    for label, group in by_label.items():
+        if len(group) > 1:
+            cells = "; ".join(f"{line['id']} ({_settings(line)})" for line in group)
+            raise ValueError(f"{directory / CELLS_FILE}: {len(group)} final cells of {label}: {cells}. Table 1 takes "
+                             f"one per method: move the cells of other settings out of the folder")
+    return lines
+
+
+def _settings(line: dict) -> str:
+    return ", ".join(f"{k} {line[k]}" for k in ("scale", "scale_epochs", "rates_from", "model", "lr")
+                     if line.get(k) is not None) or "no settings recorded"
 
 
 def average_claims(per_dataset: dict[str, list[dict]]) -> list[R.Verdict]:
