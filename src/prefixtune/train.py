@@ -110,7 +110,7 @@ def load_records_of(config: TrainConfig):
                       **{k: v for k, v in config.task_options.items() if k != "train_from"}))
 
 
-def load_pairs(config: TrainConfig):
+def load_pairs(config: TrainConfig, tokenizer=None):
     """(train pairs, dev pairs) for the config's data or task, with the low-data sampler applied (dev_size 0: no
     dev pairs, so no dev loss). Chat rows are encoded once here, before the model loads, to refuse a bad one."""
     train_records, dev_records = load_records_of(config)
@@ -119,7 +119,7 @@ def load_pairs(config: TrainConfig):
     if not train:
         where = config.data if config.data else f"the {config.task} train split in {data_dir_of(config)}"
         raise ValueError(f"no training examples: {where} is empty")
-    check_chat_examples(config.model, train + dev, config.max_source_len, config.max_target_len)
+    check_chat_examples(config.model, train + dev, config.max_source_len, config.max_target_len, tokenizer)
     return train, dev
 
 
@@ -171,7 +171,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         if not train_pairs:
             raise ValueError("no training examples: train_pairs is empty")
     else:  # data before the model and before --overwrite clears a run: bad rows change nothing
-        train_pairs, dev_pairs = load_pairs(config)
+        train_pairs, dev_pairs = load_pairs(config, tokenizer)  # a caller's tokenizer checks its chat rows
     replacing = check_output_dir(out_dir, resume, overwrite)  # refused here; an old run is cleared once the model loads
     provenance = data_provenance(config, from_api, len(train_pairs), len(dev_pairs or []))
     accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu", **watch.accelerator_kwargs())

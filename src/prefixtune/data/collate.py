@@ -55,9 +55,9 @@ def encode_example(tokenizer, family: str, example, template: str | None = None,
     return encode_pair(tokenizer, family, source, target, template, max_source_len, max_target_len)
 
 
-def check_chat_examples(model: str, examples, max_source_len: int, max_target_len: int):
-    """Encode every chat row of `examples` with `model`'s tokenizer (loaded alone, no weights), before the model
-    loads: a conversation its chat template refuses (jinja2's TemplateError: a system message or roles that do
+def check_chat_examples(model: str, examples, max_source_len: int, max_target_len: int, tokenizer=None):
+    """Encode every chat row of `examples` with `tokenizer` (the caller's, else `model`'s, loaded alone, no
+    weights), before the model loads: a conversation its chat template refuses (jinja2's TemplateError: a system message or roles that do
     not alternate, say) or one too long to keep its last assistant turn is a DataFileError naming its row.
     A (source, target) pair always keeps its eos target token: nothing to check."""
     from jinja2 import TemplateError
@@ -67,7 +67,7 @@ def check_chat_examples(model: str, examples, max_source_len: int, max_target_le
     chats = [e for e in examples if isinstance(e, Conversation)]
     if not chats:
         return
-    tokenizer = load_tokenizer(model)
+    tokenizer = tokenizer or load_tokenizer(model)
     for chat in chats:
         at = chat.where or "a chat row"
         try:

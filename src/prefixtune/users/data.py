@@ -31,7 +31,7 @@ def user_examples(train: dict[str, list[Record]], dev: dict[str, list[Record]] |
              for u in train})
 
 
-def load_user_pairs(config) -> tuple[dict, dict]:
+def load_user_pairs(config, tokenizer=None) -> tuple[dict, dict]:
     """(train, dev), each user -> examples, from `config.data` (and `config.dev_data`) with `config.user_field`."""
     fields = dict(source_field=config.source_field, target_field=config.target_field, user_field=config.user_field)
     train = group_by_user(load_records(config.data, **fields))
@@ -44,5 +44,5 @@ def load_user_pairs(config) -> tuple[dict, dict]:
     train, dev = user_examples(train, dev, config)
     # every user's chat rows against the chat template, before the model loads and before any user trains
     check_chat_examples(config.model, [e for examples in (*train.values(), *dev.values()) for e in examples],
-                        config.max_source_len, config.max_target_len)
+                        config.max_source_len, config.max_target_len, tokenizer)
     return train, dev

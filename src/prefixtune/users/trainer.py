@@ -150,7 +150,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     if train is None:  # data before the model: a bad file fails in a second
         from .data import load_user_pairs
 
-        train, dev = load_user_pairs(config)
+        train, dev = load_user_pairs(config, tokenizer)
     train = {str(user): examples for user, examples in train.items()}
     dev = {str(user): examples for user, examples in (dev or {}).items()}
     check_users(config, train)
