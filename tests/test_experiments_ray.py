@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,13 +102,51 @@ def test_a_study_on_local_ray_equals_todays_workers(local_ray, tmp_path, monkeyp
     assert sorted(attempts) == [1] * 5 + [2] and result["retried"] == 1
     report = (out / "report.md").read_text()
     assert "1 cell(s) ran again after their Ray task died" in report
-    assert not (out / ".work").exists()  # tasks work in their node's scratch space; the driver writes OUT
+    # tasks work in their node's scratch space; the driver writes OUT (its cell locks are gone once a line is in)
+    assert not (out / ".work").exists() or not any((out / ".work").iterdir())
 
     # resume: the final cells' lines are lost; only they run again
     kept = [json.dumps(l, sort_keys=True) for l in lines_of(out) if l["train_size"] == 6]
     (out / "cells.jsonl").write_text("\n".join(kept) + "\n")
     again = run_lowdata_with_a_sweep(out, monkeypatch, ray=True)
     assert again["ran"] == 2
+    assert_same_cells(tmp_path / "workers", out)
+
+
+def test_a_cell_that_a_worker_beside_the_driver_holds_is_waited_for_not_run_twice(local_ray, tmp_path, monkeypatch):
+    from prefixtune.experiments import ray_runner
+    from prefixtune.experiments.runner import CellStore, claim, line_files
+
+    run_lowdata_with_a_sweep(tmp_path / "workers", monkeypatch)
+    theirs = by_id(tmp_path / "workers")
+    sweep_ids = sorted(i for i, line in theirs.items() if line["train_size"] == 6)  # the sweep's cells
+    held_id = sweep_ids[0]  # its configuration's final cell needs it: the driver must wait for this one
+    out = tmp_path / "ray"
+    monkeypatch.setattr(ray_runner, "POLL_S", 0.2)
+    holding = threading.Event()
+
+    def worker():  # a `prefixtune experiment` worker on the same study: it holds the cell, runs it, writes it
+        with claim(out / ".work" / f"{held_id}.lock") as mine:
+            assert mine
+            holding.set()
+            store = CellStore(out / "cells.jsonl")
+            deadline = time.monotonic() + 600
+            while not set(sweep_ids[1:]) <= set(store.load()) and time.monotonic() < deadline:
+                time.sleep(0.1)  # the driver runs the other sweep cells meanwhile
+            for rel in line_files(theirs[held_id]):
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_bytes((tmp_path / "workers" / rel).read_bytes())
+            store.append(theirs[held_id])
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    holding.wait()
+    result = run_lowdata_with_a_sweep(out, monkeypatch, ray=True)
+    thread.join()
+    ids = [line["id"] for line in lines_of(out)]
+    assert sorted(ids) == sorted(theirs)  # every cell once: the held one was not run a second time
+    assert "attempts" not in by_id(out)[held_id]  # its line is the worker's, not a Ray task's
+    assert result["cells"] == 4
     assert_same_cells(tmp_path / "workers", out)
 
 

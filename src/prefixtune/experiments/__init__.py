@@ -147,7 +147,8 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
             if ray:
                 from .ray_runner import run_cells_on_ray
 
-                run_cells_on_ray(planner, ctx, f"{name} {t}", None if ray is True else ray, cpus_per_cell=threads)
+                run_cells_on_ray(planner, ctx, f"{name} {t}", None if ray is True else ray, cpus_per_cell=threads,
+                                 complete=complete)
             else:
                 run_cells(planner, ctx, f"{name} {t}", complete=complete)
             if ctx.model is not None:

@@ -2,9 +2,11 @@
 
 The driver (the process that runs the command) plans the cells, submits every runnable one as a Ray
 task asking for the CPUs or the GPU it needs, and appends each finished cell's line to
-`cells.jsonl` itself as tasks finish: the store has one writer, so nothing depends on file locks,
-which a cluster's shared file system does not reliably honour. A learning-rate sweep makes the plan
-grow as its cells finish, so the driver asks the planner again after every finished cell.
+`cells.jsonl` itself as tasks finish: the nodes never write to OUT, so nothing depends on a cluster's
+shared file system honouring locks. A learning-rate sweep makes the plan grow as its cells finish, so
+the driver asks the planner again after every finished cell. It claims each cell's lock in OUT/.work
+before submitting it, as today's workers do, so workers (or a second driver) on the same study and
+machine run none of its cells twice; a cell another process holds is waited for, not run.
 
 A task runs the same `run_cell` as today's workers, in a scratch directory on its node, and returns
 the line with the files the line names (hypotheses, loss curve); the driver writes them under OUT,
@@ -15,9 +17,11 @@ the error is raised.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,9 +29,10 @@ from typing import Callable
 from ..atomic import atomic_write_bytes
 from ..memory import release_memory
 from .cell import Cell, Scale
-from .runner import CELLS_FILE, CellStore, Context, Loader, line_files, run_cell
+from .runner import CELLS_FILE, CellStore, Context, Loader, claim, line_files, run_cell
 
 RAY_EXTRA = "pip install 'prefixtune[ray]'"
+POLL_S = 20.0  # how often a driver looks again at cells that another process holds
 
 
 class CellDied(RuntimeError):
@@ -82,8 +87,12 @@ def run_cell_task(task: CellTask, cell: Cell, cell_id: str, model_and_tokenizer=
 
 
 def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: str, address: str | None = None,
-                     retries: int = 2, cpus_per_cell: int = 1, gpus_per_cell: float | None = None) -> dict:
+                     retries: int = 2, cpus_per_cell: int = 1, gpus_per_cell: float | None = None,
+                     complete: Callable[[dict], bool] = lambda done: False) -> dict:
     """Run the plan's unfinished cells as Ray tasks until the plan has none left; returns every finished line by id.
+
+    Cells that another process has claimed (a worker beside the driver) are not run: the driver waits for
+    their lines, which may add cells to the plan, unless `complete(done)` says the plan can no longer grow.
 
     `address`: "local" (a new Ray on this machine), a running cluster ("auto", "HOST:6379", "ray://HOST:10001"),
     or None (`ray.init()`'s own choice); a Ray this process has already started is used as it is.
@@ -109,38 +118,68 @@ def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: 
     task = CellTask(ctx.scale, ctx.model_name, ctx.data_dir, ctx.loader, cpus_per_cell)
     model_ref = ray.put((ctx.model, ctx.tokenizer)) if ctx.model is not None else None
     store = CellStore(ctx.out_dir / CELLS_FILE)
+    locks = ctx.out_dir / ".work"
     done = store.load()
     running: dict = {}  # ObjectRef -> (cell id, cell, attempt)
+    held: dict[str, contextlib.ExitStack] = {}  # cell id -> its claimed lock, held until its line is written
     failure: BaseException | None = None
 
     def submit(cell_id: str, cell: Cell, attempt: int):
         running[remote.remote(task, cell, cell_id, model_ref)] = (cell_id, cell, attempt)
 
+    def take(cell_id: str) -> bool:
+        lock = contextlib.ExitStack()
+        if not lock.enter_context(claim(locks / f"{cell_id}.lock")):
+            lock.close()
+            return False
+        held[cell_id] = lock
+        return True
+
+    def release(cell_id: str, finished: bool):
+        if finished:  # a late opener sees the line and skips, as with today's workers
+            (locks / f"{cell_id}.lock").unlink(missing_ok=True)
+        held.pop(cell_id).close()
+
     try:
         with tqdm(desc=desc, unit="cell", dynamic_ncols=True, disable=not ctx.progress) as bar:
             while True:
+                done = store.load()  # workers beside the driver append too
+                elsewhere = 0  # planned cells that another process holds
                 if failure is None:  # after a failure no new cell starts; the running ones are still recorded
                     planned = {c.id(ctx.scale, ctx.model_name): c for c in planner(done)}
-                    busy = {cell_id for cell_id, _, _ in running.values()}
                     for cell_id, cell in planned.items():
-                        if cell_id not in done and cell_id not in busy:
+                        if cell_id in done or cell_id in held:
+                            continue
+                        if not take(cell_id):
+                            elsewhere += 1
+                        elif cell_id in store.load():  # it finished meanwhile
+                            release(cell_id, finished=True)
+                        else:
                             submit(cell_id, cell, 1)
                     bar.total, bar.n = len(planned), sum(i in done for i in planned)
                     bar.refresh()
                 if not running:
-                    break
-                [ref], _ = ray.wait(list(running), num_returns=1)
+                    if not elsewhere or complete(done):
+                        break
+                    time.sleep(POLL_S)
+                    continue
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S if elsewhere else None)
+                if not ready:
+                    continue
+                ref = ready[0]
                 cell_id, cell, attempt = running.pop(ref)
                 try:
                     line, files = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:  # the cell raised: the same error would come again
                     failure = failure or e.as_instanceof_cause()
+                    release(cell_id, finished=False)
                     continue
                 except ray.exceptions.RayError as e:  # its worker process or node died
                     if attempt > retries:
                         why = (str(e).strip().splitlines() or [""])[0][:300]
                         failure = failure or CellDied(f"cell {cell_id} ({cell.label}) died {attempt} times; "
                                                       f"last: {type(e).__name__}: {why}")
+                        release(cell_id, finished=False)
                     else:  # on stderr, with the progress bar: stdout carries the command's JSON
                         bar.write(f"cell {cell_id} ({cell.label}): its task died ({type(e).__name__}); "
                                   f"retry {attempt} of {retries}", file=sys.stderr)
@@ -151,11 +190,14 @@ def run_cells_on_ray(planner: Callable[[dict], list[Cell]], ctx: Context, desc: 
                 line["attempts"] = attempt
                 store.append(line)
                 done[cell_id] = line
+                release(cell_id, finished=True)
     finally:
         for ref in running:  # interrupted: the cluster's tasks stop with the driver
             ray.cancel(ref, force=True)
+        for cell_id in list(held):
+            release(cell_id, finished=False)
         if started_here:
             ray.shutdown()
     if failure is not None:
         raise failure
-    return done
+    return store.load()
