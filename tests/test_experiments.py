@@ -579,6 +579,29 @@ def test_report_only_with_other_settings_than_the_cells_refuses_and_keeps_the_re
     assert run_experiment("init", "e2e", "tiny", other, report_only=True, progress=False)["cells"] == 0
 
 
+def test_a_report_regenerated_without_reuse_from_still_prints_the_command_that_made_it(tmp_path):
+    """Cells copied by `--reuse-from` record where they came from, so `--report-only` (or a rerun) without the
+    option prints the command the study was made by; with the source gone, the command that runs as typed."""
+    import shlex
+    import shutil
+
+    source = tmp_path / "source"
+    assert run("init", source, "e2e")["ran"] > 0
+    made = run("init", tmp_path / "copy", "e2e", reuse_from=source / "init")
+    assert made["ran"] == 0 and made["cells"] > 0  # every cell copied, none run
+    lines = lines_of(tmp_path / "copy" / "init")
+    assert {line["reused_from"] for line in lines} == {str(source / "init")}
+    flag = f"--reuse-from {shlex.quote(str(source / 'init'))}"
+    report = tmp_path / "copy" / "init" / "report.md"
+    assert flag in report.read_text()
+    report.write_text("stale\n")
+    run("init", tmp_path / "copy", "e2e", report_only=True)
+    assert flag in report.read_text()
+    shutil.rmtree(source)  # the printed command must run as typed: a --reuse-from that holds nothing would fail
+    run("init", tmp_path / "copy", "e2e", report_only=True)
+    assert "--reuse-from" not in report.read_text()
+
+
 @pytest.mark.parametrize("args,message", [(["--epochs", "inf"], "--epochs must be a number > 0"),
                                           (["--threads", "-1"], "--threads must be >= 1")])
 def test_cli_experiment_refuses_bad_numbers_in_one_line(tmp_path, args, message):

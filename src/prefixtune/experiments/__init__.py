@@ -110,8 +110,10 @@ def run_experiment(name: str, task: str | None = None, scale: str = "cpu", out: 
     rates = chosen_rates(CellStore(Path(rates_from) / CELLS_FILE).load(), rates_from) if rates_from is not None else {}
     if reuse_from is not None and not reused:
         raise ValueError(f"--reuse-from {str(reuse_from)!r} holds no finished cells ({CELLS_FILE})")
+    # the printed command is the one that made the study: its copied cells name the --reuse-from it was run with
+    shown_reuse = reuse_from if reuse_from is not None else recorded_reuse(out_dir, name, tasks)
     run = StudyRun(name, scale, out_dir, command_line(name, ",".join(tasks), scale, out_dir, model, data_dir,
-                                                      epochs, reuse_from, rates_from))
+                                                      epochs, shown_reuse, rates_from))
     models: dict = {}
     ran = 0
     plan_ids: set = set()  # every cell this command plans (sweeps included): --report-only checks the store holds them
@@ -186,6 +188,17 @@ def refuse_other_settings(lines: dict[str, dict], name: str, tasks: list[str], p
                      f"they were run with (the command at the top of {out_dir / 'report.md'}); report.md is unchanged")
 
 
+def recorded_reuse(out_dir: Path, name: str, tasks: list[str]) -> str | None:
+    """The `--reuse-from` that the study's copied cells came from (`copy_reused` stamps them), when it is one
+    directory that still holds cells, else None: a rerun or `--report-only` without the option prints it."""
+    sources = {line["reused_from"] for line in CellStore(out_dir / CELLS_FILE).load().values()
+               if line.get("reused_from") and line.get("study") == name and line.get("task") in tasks}
+    if len(sources) != 1:
+        return None
+    source = sources.pop()
+    return source if (Path(source) / CELLS_FILE).is_file() else None
+
+
 def chosen_rates(lines: dict[str, dict], source) -> dict[str, float]:
     """label -> learning rate of another study's final cells (its sweep's choices); one rate per label."""
     rates: dict[str, set] = {}
@@ -211,8 +224,9 @@ def with_rates(scale: Scale, cells: list[Cell], rates: dict[str, float], source)
 
 def copy_reused(store: CellStore, planned_ids, reused: dict[str, dict], source: Path) -> int:
     """Append to `store` every line of `reused` (from study directory `source`) whose id the plan holds and the
-    store lacks, with its hypothesis files and loss curve. The plan grows as lines arrive (a finished sweep adds
-    its final cells), so `planned_ids(done)` is asked again until nothing new is found. Returns the lines copied."""
+    store lacks, with its hypothesis files and loss curve; each copy records `reused_from`. The plan grows as
+    lines arrive (a finished sweep adds its final cells), so `planned_ids(done)` is asked again until nothing
+    new is found. Returns the lines copied."""
     from ..atomic import atomic_write_bytes
 
     copied = 0
@@ -224,7 +238,7 @@ def copy_reused(store: CellStore, planned_ids, reused: dict[str, dict], source: 
         for i in new:
             for rel in line_files(reused[i]):
                 atomic_write_bytes(store.path.parent / rel, (source / rel).read_bytes())
-            store.append(reused[i])
+            store.append({**reused[i], "reused_from": str(source)})
         copied += len(new)
 
 
