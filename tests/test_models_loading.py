@@ -39,6 +39,24 @@ def test_paths_that_do_not_exist_fail_without_the_hub():
             models.load_base_model(name)
 
 
+def test_the_tokenizer_alone_reads_a_name_as_the_model_loader_does_without_loading_weights(tiny_dir, monkeypatch):
+    """`load_tokenizer` (rows are checked before the model loads) resolves a name with `load_base_model`'s one
+    resolver: the same tokenizer for an embedded name and a directory, the same error for a missing path, and
+    no weights loaded."""
+    wanted = {name: models.load_base_model(name)[1] for name in ("smollm2-135m", str(tiny_dir))}
+    monkeypatch.setattr(models, "_load_hub_or_dir", lambda *a, **k: pytest.fail("loaded the weights"))
+    monkeypatch.setattr(models, "_from_gguf", lambda *a, **k: pytest.fail("loaded the weights"))
+    text = "name : The Eagle | Type : coffee shop<|im_end|>"
+    for name, want in wanted.items():
+        got = models.load_tokenizer(name)
+        assert got(text)["input_ids"] == want(text)["input_ids"] and got.pad_token_id == want.pad_token_id
+        assert got.padding_side == want.padding_side == "left"
+    for name, message in (("./no-such-model", "model directory not found"), ("/no/such.gguf", "GGUF file not found"),
+                          (str(tiny_dir / "config.json"), "is a file, not a model")):
+        with pytest.raises(FileNotFoundError, match=message):
+            models.load_tokenizer(name)
+
+
 def test_hub_id_in_offline_mode_fails_at_once(monkeypatch):
     from huggingface_hub import constants
 

@@ -167,6 +167,39 @@ def _load_hub_or_dir(name: str, dtype, local_only: bool):
     return model, AutoTokenizer.from_pretrained(name, local_files_only=local_only)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model name leads: "dir" (a model directory, an embedded model's converted copy included), "gguf"
+    (a GGUF file; `convert_to`: where to save its safetensors copy) or "hub" (a hub id)."""
+
+    kind: str
+    where: str
+    convert_to: Path | None = None
+
+
+def resolve_model(name: str) -> ModelSource:
+    """The one reading of a model name, for the weights and the tokenizer alike; a missing local file or
+    directory is a FileNotFoundError naming it."""
+    if name in EMBEDDED:
+        converted = cache_dir() / "models" / name
+        if (converted / "config.json").is_file():
+            return ModelSource("dir", str(converted))
+        return ModelSource("gguf", str(embedded_gguf(name)), converted)
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {name}")
+        return ModelSource("gguf", name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise FileNotFoundError(f"model {name!r} is a file, not a model: give an embedded name "
+                                f"({', '.join(sorted(EMBEDDED))}), a model directory, a .gguf file or a hub id")
+    if path.is_dir() or _looks_like_path(name):
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {name}; embedded models: {sorted(EMBEDDED)}")
+        return ModelSource("dir", str(path))
+    return ModelSource("hub", name)
+
+
 def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None):
     """Load (model, tokenizer), frozen: eval mode, no gradients.
 
@@ -178,31 +211,16 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
     `device`: a torch device or one of `DEVICES` (`auto` picks cuda, mps, then cpu).
     """
     name = str(name_or_path)
-    if name in EMBEDDED:
-        converted = cache_dir() / "models" / name
-        if (converted / "config.json").is_file():
-            with _quiet_loading():
-                model, tokenizer = _load_dir(converted, dtype)
-        else:
-            model, tokenizer = _from_gguf(embedded_gguf(name), converted)
-        model.config._name_or_path = name
-    elif name.endswith(".gguf"):
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {name}")
-        model, tokenizer = _from_gguf(path, None)
-    elif Path(name).expanduser().is_file():
-        raise FileNotFoundError(f"model {name!r} is a file, not a model: give an embedded name "
-                                f"({', '.join(sorted(EMBEDDED))}), a model directory, a .gguf file or a hub id")
-    elif Path(name).expanduser().is_dir() or _looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory not found: {name}; embedded models: {sorted(EMBEDDED)}")
+    source = resolve_model(name)
+    if source.kind == "gguf":
+        model, tokenizer = _from_gguf(Path(source.where), source.convert_to)
+    elif source.kind == "dir":
         try:
             with _quiet_loading():
-                model, tokenizer = _load_hub_or_dir(str(path), dtype, local_only=True)
+                model, tokenizer = _load_hub_or_dir(source.where, dtype, local_only=True)
         except (OSError, ValueError) as e:  # no config.json, no weights, an unknown model_type
-            raise FileNotFoundError(f"cannot load model directory {name!r}: {str(e).splitlines()[0]}") from None
+            shown = source.where if name in EMBEDDED else name  # a broken converted copy: its path
+            raise FileNotFoundError(f"cannot load model directory {shown!r}: {str(e).splitlines()[0]}") from None
     else:  # a hub id: the local cache first (no network), else a quick reachability check, then download
         try:
             with _quiet_loading():
@@ -213,6 +231,8 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
                 model, tokenizer = _load_hub_or_dir(name, dtype, local_only=False)
             except OSError as e:
                 raise FileNotFoundError(f"cannot load model {name!r} from the hub: {str(e).splitlines()[0]}") from None
+    if name in EMBEDDED:
+        model.config._name_or_path = name
     model = model.to(dtype=dtype)
     _rope_frequencies_in_fp32(model)
     if device:
@@ -222,20 +242,17 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     """The tokenizer `load_base_model` returns, without the weights (to check rows before the model loads).
-    A model it cannot find this quickly (a hub id not in the cache) is loaded whole, whose errors say why."""
+    A hub id not in the local cache is loaded whole, whose errors say why (and which downloads it once)."""
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
+    source = resolve_model(name)
     try:
         with _quiet_loading():
-            if name in EMBEDDED and (cache_dir() / "models" / name / "config.json").is_file():
-                return prepare_tokenizer(AutoTokenizer.from_pretrained(cache_dir() / "models" / name))
-            if name in EMBEDDED or name.endswith(".gguf"):
-                gguf = embedded_gguf(name) if name in EMBEDDED else Path(name)
+            if source.kind == "gguf":
+                gguf = Path(source.where)
                 return prepare_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-            path = Path(name).expanduser()
-            return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name,
-                                                                   local_files_only=True))
+            return prepare_tokenizer(AutoTokenizer.from_pretrained(source.where, local_files_only=True))
     except (OSError, ValueError):
         return load_base_model(name)[1]
 
@@ -257,13 +274,6 @@ def _rope_frequencies_in_fp32(model):
         for name in ("inv_freq", "original_inv_freq"):
             if name in module._buffers and name in fresh._buffers:
                 module._buffers[name] = fresh._buffers[name].to(inv_freq.device)
-
-
-def _load_dir(path: Path, dtype):
-    from transformers import AutoConfig, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(path)
-    return _model_class(config).from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
 
 
 def freeze(model):
