@@ -224,3 +224,23 @@ def test_a_checkpoint_is_fsynced_before_it_takes_the_name(tmp_path, monkeypatch)
     assert [e[0] for e in events] == ["fsync", "replace"] and events[0][1] == events[1][1]  # the temp file's bytes
     assert torch.load(tmp_path / "checkpoint.pt")["step"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("change", ["int64", "float64", "3-d", "1-d", "two lengths"])
+def test_an_in_memory_prefix_is_checked_as_a_file_is(exported, tokenizer, change):
+    """bank.add(ExportedPrefix) goes through check_prefix: a tensor no prefix file may hold is refused there too,
+    not decoded (an int64 prefix decoded as if it were zeros)."""
+    from prefixtune.bank import PrefixBank
+    from prefixtune.prefix_file import ExportedPrefix
+
+    path, _, spec = exported
+    good = load_prefix(path, spec)
+    p = good.p["decoder"]
+    bad = {"int64": {"decoder": p.long()}, "float64": {"decoder": p.double()},
+           "3-d": {"decoder": p.unsqueeze(-1)}, "1-d": {"decoder": p[0]},
+           "two lengths": {"decoder": p, "extra": p[:2]}}[change]
+    bank = PrefixBank(tiny_model("llama"), tokenizer)
+    bank.add("good", good)
+    with pytest.raises(PrefixFileError, match="float32, float16 or bfloat16|inconsistent shapes"):
+        bank.add("bad", ExportedPrefix(bad, good.metadata))
+    assert bank.ids() == ["good"]
