@@ -773,3 +773,26 @@ def test_export_writes_only_into_a_new_empty_or_earlier_export_folder(tmp_path):
     assert again.exit_code == 0, again.output
     fresh = run(app, ["export", str(source), "--format", "hf", "--out", str(tmp_path / "new")])
     assert fresh.exit_code == 0 and (tmp_path / "new" / "prefix.safetensors").is_file()
+
+
+def test_an_export_in_the_other_format_replaces_the_earlier_one(tmp_path):
+    """export --format peft over an earlier --format hf export (or the reverse) leaves one prefix in the folder:
+    the old prefix.safetensors was read first by load_any (generate, bank), the old adapter by PEFT and push."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    model = tiny_model("llama")
+    spec = model_spec(model)
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    first.write_bytes(prefix_to_bytes(our_prefix(model, seed=1).p, spec, "tiny-llama"))
+    second.write_bytes(prefix_to_bytes(our_prefix(model, seed=2).p, spec, "tiny-llama"))
+    out = tmp_path / "out"
+    run = CliRunner().invoke
+    assert run(app, ["export", str(first), "--format", "hf", "--out", str(out)]).exit_code == 0
+    assert run(app, ["export", str(second), "--format", "peft", "--out", str(out)]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert torch.equal(load_any(out, spec).p["decoder"], load_any(second).p["decoder"])
+    assert run(app, ["export", str(first), "--format", "hf", "--out", str(out)]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "prefix.safetensors"]
+    assert torch.equal(load_any(out).p["decoder"], load_any(first).p["decoder"])
