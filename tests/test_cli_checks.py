@@ -91,3 +91,19 @@ def test_export_refuses_a_misspelt_which_instead_of_exporting_the_last_step(tmp_
 
 def test_a_model_that_cannot_load_is_one_line():
     assert "model directory not found" in error_line(invoke("generate", "--model", NO_MODEL, "x"))
+
+
+def test_generate_refuses_options_it_would_ignore(tmp_path):
+    """Arguments and --input-file together read only the arguments; --source-field on a text file and --raw on chat
+    rows did nothing: each is refused before the model is loaded."""
+    text = tmp_path / "in.txt"
+    text.write_text("one\ntwo\n")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert "not both" in error_line(invoke("generate", "--model", NO_MODEL, "--input-file", text, "three"))
+    assert "not both" in error_line(invoke("generate", "--model", NO_MODEL, "--input-file", text, "-", stdin="x\n"))
+    assert "--source-field applies to a data --input-file" in error_line(
+        invoke("generate", "--model", NO_MODEL, "--input-file", text, "--source-field", "input"))
+    assert "--source-field applies" in error_line(invoke("generate", "--model", NO_MODEL, "--source-field", "q", "x"))
+    assert "--raw applies to text inputs" in error_line(
+        invoke("generate", "--model", NO_MODEL, "--input-file", chats, "--raw"))

@@ -68,7 +68,12 @@ def generate(
     from ..generation import DecodingConfig
     from ..models import resolve_device
 
-    if input_file is not None and _is_data_file(input_file) and not (inputs and inputs != ["-"]):
+    if input_file is not None and inputs:  # one source of inputs: the other would be silently ignored
+        _fail("give inputs as arguments (or '-': stdin) or with --input-file, not both")
+    data_file = input_file is not None and _is_data_file(input_file)
+    if source_field is not None and not data_file:
+        _fail("--source-field applies to a data --input-file (.jsonl, .json, .csv, .tsv, .parquet, a dataset folder)")
+    if data_file:
         from ..data.files import load_sources
 
         try:
@@ -85,6 +90,8 @@ def generate(
         resolve_device(device)
     except ValueError as e:  # PrefixFileError is a ValueError
         _fail(str(e))
+    if raw and texts and not isinstance(texts[0], str):
+        _fail("--raw applies to text inputs; chat rows are always written with the model's chat template")
     base, tokenizer = _load_model(model, device)
     try:
         decoder = ExportDecoder(base, tokenizer, path, kind)
