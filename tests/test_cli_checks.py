@@ -107,3 +107,10 @@ def test_generate_refuses_options_it_would_ignore(tmp_path):
     assert "--source-field applies" in error_line(invoke("generate", "--model", NO_MODEL, "--source-field", "q", "x"))
     assert "--raw applies to text inputs" in error_line(
         invoke("generate", "--model", NO_MODEL, "--input-file", chats, "--raw"))
+
+
+def test_eval_refuses_a_limit_below_one(tmp_path):
+    """eval --limit -1 decoded and scored all items but the last (Python's every[:-1]); --limit 0 none of them."""
+    for limit in ("0", "-1"):
+        assert "--limit must be >= 1" in error_line(invoke("eval", "--model", NO_MODEL, "--prefix",
+                                                           tmp_path / "p.safetensors", "--limit", limit))

@@ -155,6 +155,8 @@ def eval_cmd(
         _fail("--source-field and --target-field apply to --data FILE, which is missing")
     task = task or "e2e"
     try:  # data, file and options before the model
+        if limit is not None and limit < 1:  # every[:-1] would quietly drop the last item, every[:0] all of them
+            raise ValueError("--limit must be >= 1")
         every = load_task(task, split, data_dir, **_task_options(None, subset, scheme))
         records = every[:limit]
         path, kind = check_export(prefix)
