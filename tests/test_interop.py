@@ -796,3 +796,20 @@ def test_an_export_in_the_other_format_replaces_the_earlier_one(tmp_path):
     assert run(app, ["export", str(first), "--format", "hf", "--out", str(out)]).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "prefix.safetensors"]
     assert torch.equal(load_any(out).p["decoder"], load_any(first).p["decoder"])
+
+
+def test_info_describes_a_peft_adapter_folder(tmp_path):
+    """A PEFT folder works wherever a prefix file does (README): `info` read the folder as a safetensors file
+    and failed with 'not a valid safetensors file (No such device)'."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    save_pretrained(our_prefix(tiny_model("llama"), seed=1), tmp_path / "adapter", fmt="peft")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "adapter")])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["prefix_len"] == 4 and info["shapes"] == {"prompt_embeddings": [4, 64]} and info["params"] == 256
+    assert info["peft_config"]["task_type"] == "CAUSAL_LM"
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"broken")
+    assert "not a valid safetensors file" in _cli_error("info", tmp_path / "adapter")

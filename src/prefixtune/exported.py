@@ -64,6 +64,13 @@ def read_metadata(path: Path) -> dict:
 
 def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
     """(metadata, tensor shapes) of an exported file, checked; a prefix's shapes are per attention group."""
+    if path.is_dir():  # a PEFT adapter folder (find_export): described from its own files, no base model needed
+        from .interop.peft import TENSOR, read_folder
+
+        config, _ = read_folder(path)  # the tensor checked against the config
+        metadata = {"format": "peft PREFIX_TUNING adapter", "base_model": config.get("base_model_name_or_path") or "",
+                    "prefix_len": str(config["num_virtual_tokens"]), "peft_config": json.dumps(config)}
+        return metadata, {TENSOR: [config["num_virtual_tokens"], config["num_layers"] * 2 * config["token_dim"]]}
     metadata, shapes = read_header(path)
     if metadata.get("format") == WEIGHTS_FORMAT:
         return metadata, shapes
