@@ -244,3 +244,21 @@ def test_an_in_memory_prefix_is_checked_as_a_file_is(exported, tokenizer, change
     with pytest.raises(PrefixFileError, match="float32, float16 or bfloat16|inconsistent shapes"):
         bank.add("bad", ExportedPrefix(bad, good.metadata))
     assert bank.ids() == ["good"]
+
+
+def test_weights_of_another_shape_are_a_prefix_file_error(tmp_path, tokenizer):
+    """A weights file whose tensors do not fit its method (fingerprint equal) raised RuntimeError from
+    load_state_dict, a traceback out of `generate`; it is a PrefixFileError naming the file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from prefixtune.exported import load_weights
+
+    model = tiny_model("llama")
+    meta = {"format": "prefixtune.weights/1", "method": "finetune", "base_model": "tiny-llama",
+            "fingerprint": model_spec(model).fingerprint(), "train_config": json.dumps({"method": "finetune"})}
+    path = tmp_path / "w.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(path), metadata=meta)
+    with pytest.raises(PrefixFileError, match="size mismatch for model.embed_tokens.weight"):
+        load_weights(path, model, tokenizer)

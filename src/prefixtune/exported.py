@@ -130,7 +130,11 @@ def load_weights(path, model, tokenizer) -> Method:
     saved = json.loads(meta.get("train_config") or "{}")
     config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
     method = build_method(meta["method"], model, tokenizer, spec, config)
-    method.load_export(load_file(str(path)))
+    try:
+        method.load_export(load_file(str(path)))
+    except (KeyError, RuntimeError) as e:  # a tensor missing, or of another shape than its method's
+        raise PrefixFileError(f"{path}: its {meta['method']} weights do not fit the method its metadata describes "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[-1].strip()[:200]})") from None
     return method
 
 
