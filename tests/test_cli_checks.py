@@ -114,3 +114,14 @@ def test_eval_refuses_a_limit_below_one(tmp_path):
     for limit in ("0", "-1"):
         assert "--limit must be >= 1" in error_line(invoke("eval", "--model", NO_MODEL, "--prefix",
                                                            tmp_path / "p.safetensors", "--limit", limit))
+
+
+def test_a_run_dir_with_a_broken_train_config_is_named(tmp_path):
+    """find_export read train_config.json bare: `generate` printed only json's message, `info` a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, message in (('{"method": "prefix",', "train_config.json: unreadable"),
+                          ("[1]", "train_config.json: holds a JSON list")):
+        (run / "train_config.json").write_text(text)
+        assert message in error_line(invoke("generate", "--model", NO_MODEL, "--prefix", run, "x"))
+        assert message in error_line(invoke("info", run))

@@ -33,7 +33,12 @@ def find_export(path) -> Path:
     names = list(dict.fromkeys(EXPORT_FILES.values()))
     config = path / "train_config.json"
     if config.is_file():
-        saved = json.loads(config.read_text())
+        try:
+            saved = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PrefixFileError(f"{config}: unreadable ({e})") from None
+        if not isinstance(saved, dict):
+            raise PrefixFileError(f"{config}: holds a JSON {type(saved).__name__}, not a training config")
         if isinstance(saved.get("users"), dict):  # `train --user-field`: a prefix per user, in its store
             store = path / "store"
             raise PrefixFileError(f"{path} holds a many-users run: each user's prefix is in {store}/<tenant hash>/ "
