@@ -813,3 +813,13 @@ def test_info_describes_a_peft_adapter_folder(tmp_path):
     assert info["peft_config"]["task_type"] == "CAUSAL_LM"
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"broken")
     assert "not a valid safetensors file" in _cli_error("info", tmp_path / "adapter")
+
+
+def test_a_lossy_peft_export_card_states_what_the_folder_holds(tmp_path):
+    """--format peft --allow-lossy ships the decoder group only; its card claimed all three groups' parameters."""
+    exported = our_prefix(tiny_model("bart"), seed=1)
+    save_pretrained(exported, tmp_path / "lossy", fmt="peft", allow_lossy=True)
+    card = (tmp_path / "lossy" / "README.md").read_text()
+    shipped = exported.p["decoder"]
+    assert f"| parameters | {shipped.numel():,} |" in card
+    assert f"| attention groups | decoder {tuple(shipped.shape)} |" in card
