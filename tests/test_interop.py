@@ -823,3 +823,17 @@ def test_a_lossy_peft_export_card_states_what_the_folder_holds(tmp_path):
     shipped = exported.p["decoder"]
     assert f"| parameters | {shipped.numel():,} |" in card
     assert f"| attention groups | decoder {tuple(shipped.shape)} |" in card
+
+
+def test_a_lossy_peft_export_card_gives_no_command_that_refuses_the_folder(tmp_path):
+    """Its card told users to `prefixtune generate --prefix` / `bank.add` / upload the folder, which prefixtune
+    refuses (it imports CAUSAL_LM adapters only)."""
+    model = tiny_model("bart")
+    save_pretrained(our_prefix(model, seed=1), tmp_path / "lossy", fmt="peft", allow_lossy=True)
+    card = (tmp_path / "lossy" / "README.md").read_text()
+    assert "prefixtune generate" not in card and "bank.add" not in card and "/v1/prefixes" not in card
+    assert "prefixtune does not read this folder back" in card
+    with pytest.raises(PrefixFileError, match="CAUSAL_LM"):
+        load_any(tmp_path / "lossy", model_spec(model))
+    save_pretrained(our_prefix(tiny_model("llama"), seed=1), tmp_path / "llama", fmt="peft")
+    assert "prefixtune generate" in (tmp_path / "llama" / "README.md").read_text()
