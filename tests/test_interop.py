@@ -837,3 +837,13 @@ def test_a_lossy_peft_export_card_gives_no_command_that_refuses_the_folder(tmp_p
         load_any(tmp_path / "lossy", model_spec(model))
     save_pretrained(our_prefix(tiny_model("llama"), seed=1), tmp_path / "llama", fmt="peft")
     assert "prefixtune generate" in (tmp_path / "llama" / "README.md").read_text()
+
+
+def test_export_of_a_prefix_file_refuses_which_last(tmp_path):
+    """--which last on a prefix file (no checkpoint, no steps) was silently ignored: the file was exported as is."""
+    model = tiny_model("llama")
+    source = tmp_path / "p.safetensors"
+    source.write_bytes(prefix_to_bytes(our_prefix(model, seed=1).p, model_spec(model), "tiny-llama"))
+    assert "--which last applies to a training directory" in _cli_error(
+        "export", source, "--format", "hf", "--which", "last", "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -81,6 +81,9 @@ def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "bes
     if source.is_dir() and (source / CHECKPOINT).is_file():
         exported, card = prefix_from_run(source, which)
     else:
+        if which != "best":  # a prefix file or folder holds one prefix: no step to choose
+            raise ValueError(f"--which {which} applies to a training directory (with {CHECKPOINT}); "
+                             f"{source} is a prefix")
         exported, card = load_any(source), {}
     card["scores"] = find_scores(source if source.is_dir() else source.parent)
     save_pretrained(exported, out, FORMATS[fmt], allow_lossy, name=out.resolve().name, **card)
