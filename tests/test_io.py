@@ -262,3 +262,15 @@ def test_weights_of_another_shape_are_a_prefix_file_error(tmp_path, tokenizer):
     save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(path), metadata=meta)
     with pytest.raises(PrefixFileError, match="size mismatch for model.embed_tokens.weight"):
         load_weights(path, model, tokenizer)
+
+
+def test_bank_generate_refuses_prefix_ids_of_another_length(exported, tokenizer):
+    """generate(3 inputs, 2 prefix ids) returned 2 outputs: zip dropped the third input silently."""
+    from prefixtune.bank import PrefixBank
+
+    path, _, spec = exported
+    bank = PrefixBank(tiny_model("llama"), tokenizer)
+    bank.add("a", path)
+    with pytest.raises(ValueError, match="3 inputs but 2 prefix ids"):
+        bank.generate(["one", "two", "three"], ["a", None], max_new_tokens=2)
+    assert len(bank.generate(["one", "two"], ["a", None], max_new_tokens=2)) == 2
