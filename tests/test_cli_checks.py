@@ -125,3 +125,10 @@ def test_a_run_dir_with_a_broken_train_config_is_named(tmp_path):
         (run / "train_config.json").write_text(text)
         assert message in error_line(invoke("generate", "--model", NO_MODEL, "--prefix", run, "x"))
         assert message in error_line(invoke("info", run))
+
+
+def test_generate_and_eval_refuse_a_batch_size_below_one(tmp_path):
+    """--batch-size 0 or -3 decoded one input at a time, silently."""
+    assert "--batch-size must be >= 1" in error_line(invoke("generate", "--model", NO_MODEL, "--batch-size", "0", "x"))
+    assert "--batch-size must be >= 1" in error_line(invoke("eval", "--model", NO_MODEL, "--prefix",
+                                                            tmp_path / "p.safetensors", "--batch-size", "-3"))

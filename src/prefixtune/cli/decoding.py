@@ -31,6 +31,11 @@ def _read_inputs(inputs: list[str], input_file: Optional[Path]) -> list[str]:
     _fail("no inputs: give them as arguments, with --input-file, or on stdin")
 
 
+def _check_batch_size(batch_size: int):
+    if batch_size < 1:  # the engine would quietly decode one input at a time
+        raise ValueError("--batch-size must be >= 1")
+
+
 def _is_data_file(path: Path) -> bool:
     """A data file (JSONL, CSV/TSV, Parquet, a dataset folder) rather than plain text, one input per line."""
     from ..data.files import FORMATS
@@ -83,6 +88,7 @@ def generate(
     else:
         texts = _read_inputs(inputs or [], input_file)
     try:  # everything that can be checked without the model, before loading it
+        _check_batch_size(batch_size)
         config = DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams, stop_at_newline=stop_at_newline,
                                 no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
                                 dtype=dtype)
@@ -157,6 +163,7 @@ def eval_cmd(
     try:  # data, file and options before the model
         if limit is not None and limit < 1:  # every[:-1] would quietly drop the last item, every[:0] all of them
             raise ValueError("--limit must be >= 1")
+        _check_batch_size(batch_size)
         every = load_task(task, split, data_dir, **_task_options(None, subset, scheme))
         records = every[:limit]
         path, kind = check_export(prefix)
@@ -209,6 +216,7 @@ def _eval_data(data, source_field, target_field, split, prefix, model, limit, ou
         every = load_records(data, source_field=source_field, target_field=target_field, split=split)
         if limit is not None and limit < 1:
             raise ValueError("--limit must be >= 1")
+        _check_batch_size(batch_size)
         records = every[:limit]
         path, kind = check_export(prefix)
         config = decoding_config(**decoding)
