@@ -847,3 +847,18 @@ def test_export_of_a_prefix_file_refuses_which_last(tmp_path):
     assert "--which last applies to a training directory" in _cli_error(
         "export", source, "--format", "hf", "--which", "last", "--out", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_import_of_an_adapter_naming_no_base_model_records_the_model_it_was_checked_against(tiny_dir, tmp_path):
+    """The file's base_model was "", so its card said `prefixtune generate --model unknown` (and `info` showed "")."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    save_pretrained(our_prefix(tiny_model("llama"), seed=1), tmp_path / "adapter", fmt="peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    result = CliRunner().invoke(app, ["import", str(tmp_path / "adapter"), "--model", str(tiny_dir),
+                                      "-o", str(tmp_path / "p.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert load_any(tmp_path / "p.safetensors").metadata["base_model"] == str(tiny_dir)

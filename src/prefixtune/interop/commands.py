@@ -121,7 +121,7 @@ def import_cmd(
         _fail(f"cannot load base model {name!r} named by {said}: {type(e).__name__}: "
               f"{str(e).splitlines()[0][:200] if str(e) else ''}; pass --model MODEL")
     try:
-        exported = peft.load_peft(peft_dir, model_spec(base))
+        exported = peft.load_peft(peft_dir, model_spec(base), base_model=name)  # when the adapter names none
         atomic_write_bytes(output, to_bytes(exported))
     except (PrefixFileError, OSError) as e:
         _fail(str(e))
