@@ -91,3 +91,44 @@ def test_export_refuses_a_misspelt_which_instead_of_exporting_the_last_step(tmp_
 
 def test_a_model_that_cannot_load_is_one_line():
     assert "model directory not found" in error_line(invoke("generate", "--model", NO_MODEL, "x"))
+
+
+def test_generate_refuses_options_it_would_ignore(tmp_path):
+    """Arguments and --input-file together read only the arguments; --source-field on a text file and --raw on chat
+    rows did nothing: each is refused before the model is loaded."""
+    text = tmp_path / "in.txt"
+    text.write_text("one\ntwo\n")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert "not both" in error_line(invoke("generate", "--model", NO_MODEL, "--input-file", text, "three"))
+    assert "not both" in error_line(invoke("generate", "--model", NO_MODEL, "--input-file", text, "-", stdin="x\n"))
+    assert "--source-field applies to a data --input-file" in error_line(
+        invoke("generate", "--model", NO_MODEL, "--input-file", text, "--source-field", "input"))
+    assert "--source-field applies" in error_line(invoke("generate", "--model", NO_MODEL, "--source-field", "q", "x"))
+    assert "--raw applies to text inputs" in error_line(
+        invoke("generate", "--model", NO_MODEL, "--input-file", chats, "--raw"))
+
+
+def test_eval_refuses_a_limit_below_one(tmp_path):
+    """eval --limit -1 decoded and scored all items but the last (Python's every[:-1]); --limit 0 none of them."""
+    for limit in ("0", "-1"):
+        assert "--limit must be >= 1" in error_line(invoke("eval", "--model", NO_MODEL, "--prefix",
+                                                           tmp_path / "p.safetensors", "--limit", limit))
+
+
+def test_a_run_dir_with_a_broken_train_config_is_named(tmp_path):
+    """find_export read train_config.json bare: `generate` printed only json's message, `info` a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, message in (('{"method": "prefix",', "train_config.json: unreadable"),
+                          ("[1]", "train_config.json: holds a JSON list")):
+        (run / "train_config.json").write_text(text)
+        assert message in error_line(invoke("generate", "--model", NO_MODEL, "--prefix", run, "x"))
+        assert message in error_line(invoke("info", run))
+
+
+def test_generate_and_eval_refuse_a_batch_size_below_one(tmp_path):
+    """--batch-size 0 or -3 decoded one input at a time, silently."""
+    assert "--batch-size must be >= 1" in error_line(invoke("generate", "--model", NO_MODEL, "--batch-size", "0", "x"))
+    assert "--batch-size must be >= 1" in error_line(invoke("eval", "--model", NO_MODEL, "--prefix",
+                                                            tmp_path / "p.safetensors", "--batch-size", "-3"))

@@ -773,3 +773,92 @@ def test_export_writes_only_into_a_new_empty_or_earlier_export_folder(tmp_path):
     assert again.exit_code == 0, again.output
     fresh = run(app, ["export", str(source), "--format", "hf", "--out", str(tmp_path / "new")])
     assert fresh.exit_code == 0 and (tmp_path / "new" / "prefix.safetensors").is_file()
+
+
+def test_an_export_in_the_other_format_replaces_the_earlier_one(tmp_path):
+    """export --format peft over an earlier --format hf export (or the reverse) leaves one prefix in the folder:
+    the old prefix.safetensors was read first by load_any (generate, bank), the old adapter by PEFT and push."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    model = tiny_model("llama")
+    spec = model_spec(model)
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    first.write_bytes(prefix_to_bytes(our_prefix(model, seed=1).p, spec, "tiny-llama"))
+    second.write_bytes(prefix_to_bytes(our_prefix(model, seed=2).p, spec, "tiny-llama"))
+    out = tmp_path / "out"
+    run = CliRunner().invoke
+    assert run(app, ["export", str(first), "--format", "hf", "--out", str(out)]).exit_code == 0
+    assert run(app, ["export", str(second), "--format", "peft", "--out", str(out)]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert torch.equal(load_any(out, spec).p["decoder"], load_any(second).p["decoder"])
+    assert run(app, ["export", str(first), "--format", "hf", "--out", str(out)]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "prefix.safetensors"]
+    assert torch.equal(load_any(out).p["decoder"], load_any(first).p["decoder"])
+
+
+def test_info_describes_a_peft_adapter_folder(tmp_path):
+    """A PEFT folder works wherever a prefix file does (README): `info` read the folder as a safetensors file
+    and failed with 'not a valid safetensors file (No such device)'."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    save_pretrained(our_prefix(tiny_model("llama"), seed=1), tmp_path / "adapter", fmt="peft")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "adapter")])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["prefix_len"] == 4 and info["shapes"] == {"prompt_embeddings": [4, 64]} and info["params"] == 256
+    assert info["peft_config"]["task_type"] == "CAUSAL_LM"
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"broken")
+    assert "not a valid safetensors file" in _cli_error("info", tmp_path / "adapter")
+
+
+def test_a_lossy_peft_export_card_states_what_the_folder_holds(tmp_path):
+    """--format peft --allow-lossy ships the decoder group only; its card claimed all three groups' parameters."""
+    exported = our_prefix(tiny_model("bart"), seed=1)
+    save_pretrained(exported, tmp_path / "lossy", fmt="peft", allow_lossy=True)
+    card = (tmp_path / "lossy" / "README.md").read_text()
+    shipped = exported.p["decoder"]
+    assert f"| parameters | {shipped.numel():,} |" in card
+    assert f"| attention groups | decoder {tuple(shipped.shape)} |" in card
+
+
+def test_a_lossy_peft_export_card_gives_no_command_that_refuses_the_folder(tmp_path):
+    """Its card told users to `prefixtune generate --prefix` / `bank.add` / upload the folder, which prefixtune
+    refuses (it imports CAUSAL_LM adapters only)."""
+    model = tiny_model("bart")
+    save_pretrained(our_prefix(model, seed=1), tmp_path / "lossy", fmt="peft", allow_lossy=True)
+    card = (tmp_path / "lossy" / "README.md").read_text()
+    assert "prefixtune generate" not in card and "bank.add" not in card and "/v1/prefixes" not in card
+    assert "prefixtune does not read this folder back" in card
+    with pytest.raises(PrefixFileError, match="CAUSAL_LM"):
+        load_any(tmp_path / "lossy", model_spec(model))
+    save_pretrained(our_prefix(tiny_model("llama"), seed=1), tmp_path / "llama", fmt="peft")
+    assert "prefixtune generate" in (tmp_path / "llama" / "README.md").read_text()
+
+
+def test_export_of_a_prefix_file_refuses_which_last(tmp_path):
+    """--which last on a prefix file (no checkpoint, no steps) was silently ignored: the file was exported as is."""
+    model = tiny_model("llama")
+    source = tmp_path / "p.safetensors"
+    source.write_bytes(prefix_to_bytes(our_prefix(model, seed=1).p, model_spec(model), "tiny-llama"))
+    assert "--which last applies to a training directory" in _cli_error(
+        "export", source, "--format", "hf", "--which", "last", "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_of_an_adapter_naming_no_base_model_records_the_model_it_was_checked_against(tiny_dir, tmp_path):
+    """The file's base_model was "", so its card said `prefixtune generate --model unknown` (and `info` showed "")."""
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    save_pretrained(our_prefix(tiny_model("llama"), seed=1), tmp_path / "adapter", fmt="peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    result = CliRunner().invoke(app, ["import", str(tmp_path / "adapter"), "--model", str(tiny_dir),
+                                      "-o", str(tmp_path / "p.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert load_any(tmp_path / "p.safetensors").metadata["base_model"] == str(tiny_dir)

@@ -224,3 +224,53 @@ def test_a_checkpoint_is_fsynced_before_it_takes_the_name(tmp_path, monkeypatch)
     assert [e[0] for e in events] == ["fsync", "replace"] and events[0][1] == events[1][1]  # the temp file's bytes
     assert torch.load(tmp_path / "checkpoint.pt")["step"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("change", ["int64", "float64", "3-d", "1-d", "two lengths"])
+def test_an_in_memory_prefix_is_checked_as_a_file_is(exported, tokenizer, change):
+    """bank.add(ExportedPrefix) goes through check_prefix: a tensor no prefix file may hold is refused there too,
+    not decoded (an int64 prefix decoded as if it were zeros)."""
+    from prefixtune.bank import PrefixBank
+    from prefixtune.prefix_file import ExportedPrefix
+
+    path, _, spec = exported
+    good = load_prefix(path, spec)
+    p = good.p["decoder"]
+    bad = {"int64": {"decoder": p.long()}, "float64": {"decoder": p.double()},
+           "3-d": {"decoder": p.unsqueeze(-1)}, "1-d": {"decoder": p[0]},
+           "two lengths": {"decoder": p, "extra": p[:2]}}[change]
+    bank = PrefixBank(tiny_model("llama"), tokenizer)
+    bank.add("good", good)
+    with pytest.raises(PrefixFileError, match="float32, float16 or bfloat16|inconsistent shapes"):
+        bank.add("bad", ExportedPrefix(bad, good.metadata))
+    assert bank.ids() == ["good"]
+
+
+def test_weights_of_another_shape_are_a_prefix_file_error(tmp_path, tokenizer):
+    """A weights file whose tensors do not fit its method (fingerprint equal) raised RuntimeError from
+    load_state_dict, a traceback out of `generate`; it is a PrefixFileError naming the file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from prefixtune.exported import load_weights
+
+    model = tiny_model("llama")
+    meta = {"format": "prefixtune.weights/1", "method": "finetune", "base_model": "tiny-llama",
+            "fingerprint": model_spec(model).fingerprint(), "train_config": json.dumps({"method": "finetune"})}
+    path = tmp_path / "w.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(path), metadata=meta)
+    with pytest.raises(PrefixFileError, match="size mismatch for model.embed_tokens.weight"):
+        load_weights(path, model, tokenizer)
+
+
+def test_bank_generate_refuses_prefix_ids_of_another_length(exported, tokenizer):
+    """generate(3 inputs, 2 prefix ids) returned 2 outputs: zip dropped the third input silently."""
+    from prefixtune.bank import PrefixBank
+
+    path, _, spec = exported
+    bank = PrefixBank(tiny_model("llama"), tokenizer)
+    bank.add("a", path)
+    with pytest.raises(ValueError, match="3 inputs but 2 prefix ids"):
+        bank.generate(["one", "two", "three"], ["a", None], max_new_tokens=2)
+    assert len(bank.generate(["one", "two"], ["a", None], max_new_tokens=2)) == 2

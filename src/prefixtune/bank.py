@@ -235,6 +235,8 @@ class PrefixBank:
         config = config or DecodingConfig(**decoding)
         if prefix_ids is None or isinstance(prefix_ids, str):
             prefix_ids = [prefix_ids] * len(inputs)
+        if len(prefix_ids) != len(inputs):  # zip would drop the rows beyond the shorter list
+            raise ValueError(f"{len(inputs)} inputs but {len(prefix_ids)} prefix ids")
         encoded = [self.encode(t, pid, raw) for t, pid in zip(inputs, prefix_ids)]
         return [self._text(seq, config) for seq in self.decode_encoded(encoded, prefix_ids, config, batch_size,
                                                                        progress)]

@@ -33,7 +33,12 @@ def find_export(path) -> Path:
     names = list(dict.fromkeys(EXPORT_FILES.values()))
     config = path / "train_config.json"
     if config.is_file():
-        saved = json.loads(config.read_text())
+        try:
+            saved = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PrefixFileError(f"{config}: unreadable ({e})") from None
+        if not isinstance(saved, dict):
+            raise PrefixFileError(f"{config}: holds a JSON {type(saved).__name__}, not a training config")
         if isinstance(saved.get("users"), dict):  # `train --user-field`: a prefix per user, in its store
             store = path / "store"
             raise PrefixFileError(f"{path} holds a many-users run: each user's prefix is in {store}/<tenant hash>/ "
@@ -64,6 +69,13 @@ def read_metadata(path: Path) -> dict:
 
 def describe(path: Path) -> tuple[dict, dict[str, list[int]]]:
     """(metadata, tensor shapes) of an exported file, checked; a prefix's shapes are per attention group."""
+    if path.is_dir():  # a PEFT adapter folder (find_export): described from its own files, no base model needed
+        from .interop.peft import TENSOR, read_folder
+
+        config, _ = read_folder(path)  # the tensor checked against the config
+        metadata = {"format": "peft PREFIX_TUNING adapter", "base_model": config.get("base_model_name_or_path") or "",
+                    "prefix_len": str(config["num_virtual_tokens"]), "peft_config": json.dumps(config)}
+        return metadata, {TENSOR: [config["num_virtual_tokens"], config["num_layers"] * 2 * config["token_dim"]]}
     metadata, shapes = read_header(path)
     if metadata.get("format") == WEIGHTS_FORMAT:
         return metadata, shapes
@@ -123,7 +135,11 @@ def load_weights(path, model, tokenizer) -> Method:
     saved = json.loads(meta.get("train_config") or "{}")
     config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
     method = build_method(meta["method"], model, tokenizer, spec, config)
-    method.load_export(load_file(str(path)))
+    try:
+        method.load_export(load_file(str(path)))
+    except (KeyError, RuntimeError) as e:  # a tensor missing, or of another shape than its method's
+        raise PrefixFileError(f"{path}: its {meta['method']} weights do not fit the method its metadata describes "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[-1].strip()[:200]})") from None
     return method
 
 

@@ -165,10 +165,17 @@ def source_template(metadata: dict, source: str = "prefix") -> str | None:
 
 def check_prefix(exported: ExportedPrefix, spec: ModelSpec | None = None, source: str = "prefix"):
     """The one check of a prefix's contents, whether it comes from a file, an upload or memory:
-    at least one virtual token, finite values, a template that is data (templates.py), and with
-    `spec`, a fit to that base model."""
-    if not exported.p or exported.prefix_len < 1:
+    (length, width) tensors of one length, at least one virtual token, a dtype a file may hold, finite
+    values, a template that is data (templates.py), and with `spec`, a fit to that base model."""
+    if not exported.p:
         raise PrefixFileError(f"{source}: holds 0 virtual tokens")
+    _check_shapes({g: list(t.shape) for g, t in exported.p.items()}, source)  # an in-memory prefix too
+    if exported.prefix_len < 1:
+        raise PrefixFileError(f"{source}: holds 0 virtual tokens")
+    for group, t in exported.p.items():
+        if t.dtype not in DTYPES:
+            raise PrefixFileError(f"{source}: tensor {group!r} is {str(t.dtype).replace('torch.', '')}; "
+                                  "a prefix is float32, float16 or bfloat16")
     if not all(torch.isfinite(t).all() for t in exported.p.values()):
         raise PrefixFileError(f"{source}: holds NaN or infinite values")
     source_template(exported.metadata, source)

@@ -31,6 +31,11 @@ def _read_inputs(inputs: list[str], input_file: Optional[Path]) -> list[str]:
     _fail("no inputs: give them as arguments, with --input-file, or on stdin")
 
 
+def _check_batch_size(batch_size: int):
+    if batch_size < 1:  # the engine would quietly decode one input at a time
+        raise ValueError("--batch-size must be >= 1")
+
+
 def _is_data_file(path: Path) -> bool:
     """A data file (JSONL, CSV/TSV, Parquet, a dataset folder) rather than plain text, one input per line."""
     from ..data.files import FORMATS
@@ -68,7 +73,12 @@ def generate(
     from ..generation import DecodingConfig
     from ..models import resolve_device
 
-    if input_file is not None and _is_data_file(input_file) and not (inputs and inputs != ["-"]):
+    if input_file is not None and inputs:  # one source of inputs: the other would be silently ignored
+        _fail("give inputs as arguments (or '-': stdin) or with --input-file, not both")
+    data_file = input_file is not None and _is_data_file(input_file)
+    if source_field is not None and not data_file:
+        _fail("--source-field applies to a data --input-file (.jsonl, .json, .csv, .tsv, .parquet, a dataset folder)")
+    if data_file:
         from ..data.files import load_sources
 
         try:
@@ -78,6 +88,7 @@ def generate(
     else:
         texts = _read_inputs(inputs or [], input_file)
     try:  # everything that can be checked without the model, before loading it
+        _check_batch_size(batch_size)
         config = DecodingConfig(max_new_tokens=max_new_tokens, num_beams=beams, stop_at_newline=stop_at_newline,
                                 no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
                                 dtype=dtype)
@@ -85,6 +96,8 @@ def generate(
         resolve_device(device)
     except ValueError as e:  # PrefixFileError is a ValueError
         _fail(str(e))
+    if raw and texts and not isinstance(texts[0], str):
+        _fail("--raw applies to text inputs; chat rows are always written with the model's chat template")
     base, tokenizer = _load_model(model, device)
     try:
         decoder = ExportDecoder(base, tokenizer, path, kind)
@@ -148,6 +161,9 @@ def eval_cmd(
         _fail("--source-field and --target-field apply to --data FILE, which is missing")
     task = task or "e2e"
     try:  # data, file and options before the model
+        if limit is not None and limit < 1:  # every[:-1] would quietly drop the last item, every[:0] all of them
+            raise ValueError("--limit must be >= 1")
+        _check_batch_size(batch_size)
         every = load_task(task, split, data_dir, **_task_options(None, subset, scheme))
         records = every[:limit]
         path, kind = check_export(prefix)
@@ -200,6 +216,7 @@ def _eval_data(data, source_field, target_field, split, prefix, model, limit, ou
         every = load_records(data, source_field=source_field, target_field=target_field, split=split)
         if limit is not None and limit < 1:
             raise ValueError("--limit must be >= 1")
+        _check_batch_size(batch_size)
         records = every[:limit]
         path, kind = check_export(prefix)
         config = decoding_config(**decoding)

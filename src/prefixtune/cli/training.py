@@ -203,7 +203,8 @@ def export(
 
 
 @app.command()
-def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file, or a training directory")):
+def info(prefix: Path = typer.Argument(..., help="an exported .safetensors file, a training directory, or a prefix "
+                                                  "folder (HF-style or PEFT)")):
     """Show an exported prefix's (or another method's weights') metadata and shapes."""
     from ..exported import describe, find_export, training_summary
     from ..prefix_file import PrefixFileError, readable_metadata

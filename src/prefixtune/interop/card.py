@@ -184,8 +184,26 @@ def model_card(exported: ExportedPrefix, name: str = "prefix", fmt: str = "prefi
         lines.append("Trained with PEFT (PREFIX_TUNING) and imported with `prefixtune import`.")
     else:
         lines.append("Training command not recorded.")
-    lines += ["", "## Use it", "", *_usage(name, fmt, exported.metadata.get("base_model") or base)]
+    lossy = fmt == "peft" and _family(exported) == "encoder-decoder"
+    lines += ["", "## Use it", "", *(_lossy_usage() if lossy else
+                                     _usage(name, fmt, exported.metadata.get("base_model") or base))]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _family(exported: ExportedPrefix) -> str | None:
+    try:
+        return json.loads(exported.metadata.get("model_spec") or "{}").get("family")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _lossy_usage() -> list[str]:
+    """A seq2seq PEFT export (`--allow-lossy`): prefixtune does not read it back (peft.peft_to_bytes refuses it)."""
+    return ["A lossy export for PEFT: PEFT's encoder-decoder prefix carries only the decoder self-attention "
+            "prefix (the encoder and cross-attention prefixes were dropped) and maps decoder layers its own way, "
+            "so its outputs differ from the prefixtune prefix's. prefixtune does not read this folder back: "
+            "decode with the original prefixtune prefix.", "",
+            "With PEFT: `PeftModel.from_pretrained(base_model, PREFIX_DIR)`."]
 
 
 def _usage(name: str, fmt: str, base: str) -> list[str]:

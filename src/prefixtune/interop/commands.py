@@ -81,6 +81,9 @@ def export_folder(source: Path, out: Optional[Path], fmt: str, which: str = "bes
     if source.is_dir() and (source / CHECKPOINT).is_file():
         exported, card = prefix_from_run(source, which)
     else:
+        if which != "best":  # a prefix file or folder holds one prefix: no step to choose
+            raise ValueError(f"--which {which} applies to a training directory (with {CHECKPOINT}); "
+                             f"{source} is a prefix")
         exported, card = load_any(source), {}
     card["scores"] = find_scores(source if source.is_dir() else source.parent)
     save_pretrained(exported, out, FORMATS[fmt], allow_lossy, name=out.resolve().name, **card)
@@ -118,7 +121,7 @@ def import_cmd(
         _fail(f"cannot load base model {name!r} named by {said}: {type(e).__name__}: "
               f"{str(e).splitlines()[0][:200] if str(e) else ''}; pass --model MODEL")
     try:
-        exported = peft.load_peft(peft_dir, model_spec(base))
+        exported = peft.load_peft(peft_dir, model_spec(base), base_model=name)  # when the adapter names none
         atomic_write_bytes(output, to_bytes(exported))
     except (PrefixFileError, OSError) as e:
         _fail(str(e))

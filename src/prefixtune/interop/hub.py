@@ -55,11 +55,17 @@ def save_pretrained(exported: ExportedPrefix, directory, fmt: str = "prefixtune"
     directory = Path(directory)
     if fmt == "peft":
         peft.save_peft(exported, spec_of(exported), directory, allow_lossy)
+        stale = [PREFIX_FILE]
+        # the card states what the folder holds: a lossy (seq2seq) export ships the decoder group alone
+        exported = ExportedPrefix({"decoder": exported.p["decoder"]}, exported.metadata)
     elif fmt == "prefixtune":
         atomic_write_bytes(directory / PREFIX_FILE, to_bytes(exported))
+        stale = [peft.CONFIG_FILE, peft.WEIGHTS_FILE]
     else:
         raise ValueError(f"format must be prefixtune or peft, got {fmt!r}")
     save_card(exported, directory, fmt, **card)
+    for name in stale:  # an earlier export in the other format: left, it would be read (or pushed) instead
+        (directory / name).unlink(missing_ok=True)
     return directory
 
 

@@ -201,9 +201,10 @@ def check_base_model(config: dict, names: tuple[str, ...], source: str = "PEFT a
 
 
 def peft_to_bytes(config: dict, weights: bytes, spec: ModelSpec, source: str = "PEFT adapter",
-                  max_prefix_len: int | None = None) -> bytes:
+                  max_prefix_len: int | None = None, base_model: str = "") -> bytes:
     """A PEFT PREFIX_TUNING adapter (its config and weight bytes) as a prefixtune prefix file for `spec`,
-    kept in the adapter's dtype (an fp16 upload is not stored twice as large)."""
+    kept in the adapter's dtype (an fp16 upload is not stored twice as large). `base_model`: the name
+    recorded when the adapter names none (the model it was checked against)."""
     p = check_adapter(config, weights, source, max_prefix_len)
     if spec.family != "decoder" or config.get("task_type") == "SEQ_2_SEQ_LM" or \
             config.get("num_transformer_submodules", 1) != 1:
@@ -217,16 +218,17 @@ def peft_to_bytes(config: dict, weights: bytes, spec: ModelSpec, source: str = "
         raise PrefixFileError(f"{source}: made for another model shape ({'; '.join(diffs)}); "
                               f"it cannot be used with this {spec.model_type} model")
     named = config.get("base_model_name_or_path")
-    base = embedded_name(named) or named or ""
+    base = embedded_name(named) or named or base_model
     facts = {"imported_from": "peft", "peft_config": {k: config.get(k) for k in (
         "task_type", "num_virtual_tokens", "prefix_projection", "peft_version")}}
     dtype = p.dtype if p.dtype in DTYPES else torch.float32
     return prefix_to_bytes({"decoder": p}, spec, base, facts, dtype=dtype)
 
 
-def from_peft(config: dict, weights: bytes, spec: ModelSpec, source: str = "PEFT adapter") -> ExportedPrefix:
+def from_peft(config: dict, weights: bytes, spec: ModelSpec, source: str = "PEFT adapter",
+              base_model: str = "") -> ExportedPrefix:
     """A PEFT PREFIX_TUNING adapter as a prefixtune prefix for `spec`, validated as any prefix file is."""
-    return load_prefix_bytes(peft_to_bytes(config, weights, spec, source), spec, source)
+    return load_prefix_bytes(peft_to_bytes(config, weights, spec, source, base_model=base_model), spec, source)
 
 
 def _no_constant(name: str):
@@ -279,14 +281,14 @@ def _depth(text: str) -> int:
     return deepest
 
 
-def load_peft(folder, spec: ModelSpec | None) -> ExportedPrefix:
+def load_peft(folder, spec: ModelSpec | None, base_model: str = "") -> ExportedPrefix:
     """Read a PEFT adapter folder as a prefixtune prefix for the model `spec` describes."""
     folder = Path(folder)
     source = str(folder)
     if spec is None:
         raise PrefixFileError(f"{source}: a PEFT adapter holds no model shapes of its own; read it against a base "
                               "model (prefixtune import PEFT_DIR --model MODEL -o prefix.safetensors)")
-    return from_peft(*read_folder(folder), spec, source)
+    return from_peft(*read_folder(folder), spec, source, base_model)
 
 
 def read_folder(folder) -> tuple[dict, bytes]:
