@@ -306,3 +306,17 @@ def test_dart_scores_and_skipped_model_metrics():
     skipped = [n for n in notes if "skipped" in n]
     assert len(skipped) == 3 - len({"BERTScore", "MoverScore", "BLEURT"} & set(s))
     assert all(n.count("\n") == 0 and " skipped: " in n for n in skipped)
+
+
+def test_webnlg_and_dart_scorers_refuse_a_count_mismatch_even_when_skipping():
+    # called directly (not through `score`), a mismatch used to crash with an IndexError (more hypotheses)
+    # or score BLEU/METEOR on the first items only (fewer hypotheses) when metrics may be skipped
+    from prefixtune.metrics.dart import score_dart
+    from prefixtune.metrics.webnlg import score_webnlg
+
+    for scorer in (score_webnlg, lambda h, r, skipped: score_dart(h, r, model_metrics=False, skipped=skipped)):
+        for hyps, refs in ((["a b", "c d", "e f"], [["a b"], ["c d"]]), (["a b"], [["a b"], ["c d"]])):
+            with pytest.raises(MetricsError, match="hypotheses but"):
+                scorer(hyps, refs, skipped=[])
+    with pytest.raises(MetricsError, match="meta entries"):
+        score_webnlg(["a b", "c d"], [["a b"], ["c d"]], meta=[{"seen": True}], skipped=[])

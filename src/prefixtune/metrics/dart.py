@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import attempt
+from .errors import MetricsError, attempt
 from .java import java_executable, meteor_session
 from .multibleu import multi_bleu
 from .optional import model_based_scores
@@ -37,6 +37,8 @@ def normalize(text: str) -> str:
 def score_dart(hypotheses: list[str], references: list[list[str]], notes: list[str] | None = None,
                model_metrics: bool = True, skipped: list[str] | None = None) -> dict[str, float]:
     """`skipped`: a list that receives a line per metric that cannot score the data (None: raise instead)."""
+    if len(hypotheses) != len(references):  # bad input for every metric: never skipped, never truncated
+        raise MetricsError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
     if skipped is None:
         java_executable()
     hyps = [normalize(h) for h in hypotheses]

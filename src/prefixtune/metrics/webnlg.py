@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .errors import attempt
+from .errors import MetricsError, attempt
 from .java import java_executable, meteor_session
 from .multibleu import multi_bleu
 from .ter import ter_from_statistics, ter_statistics
@@ -67,6 +67,10 @@ def _seen_flags(meta: list[dict] | None, n: int) -> list[bool] | None:
 def score_webnlg(hypotheses: list[str], references: list[list[str]], meta: list[dict] | None = None,
                  skipped: list[str] | None = None) -> dict[str, float]:
     """`skipped`: a list that receives a line per metric that cannot score the data (None: raise instead)."""
+    if len(hypotheses) != len(references):  # bad input for every metric: never skipped, never truncated
+        raise MetricsError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
+    if meta is not None and len(meta) != len(hypotheses):
+        raise MetricsError(f"{len(meta)} meta entries for {len(hypotheses)} hypotheses")
     if skipped is None:
         java_executable()
     hyps = [normalize_hypothesis(h) for h in hypotheses]
