@@ -595,3 +595,18 @@ def test_virtual_tokens_prefilled_in_chunks_equal_one_piece_and_the_lean_step_de
         Request(seqs[0], prefix_embeds=torch.zeros(spec.hidden_size))
     with pytest.raises(ValueError, match="infix=True needs a prefix"):
         Request(seqs[0], infix=True)
+
+
+def test_a_request_the_step_could_not_decode_is_refused_at_add_not_in_the_batch(tokenizer):
+    """A request whose decoding would raise inside `step` (which ends every row of the batch) is a ValueError
+    naming the parameter at `add_request`, and the rows already running are untouched."""
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    seq = ids(tokenizer, ["hello there"])[0]
+    engine.add_request(Request(seq, max_tokens=4, ignore_eos=True, request_id="ok"))
+    with pytest.raises(ValueError, match="top_logprobs"):
+        engine.add_request(Request(seq, max_tokens=4, logprobs=True, top_logprobs=301))
+    events = run(engine, {0: []})
+    assert tokens_of(events["ok"]) == alone(model, tokenizer, seq, None, 4)
+    out = engine.generate([Request(seq, max_tokens=2, logprobs=True, top_logprobs=300)])  # the whole vocabulary
+    assert len(out[0].choices[0].top_logprobs[0]) == 300

@@ -138,6 +138,9 @@ class Engine:
         if self.kv is not None and length + len(request.prompt) + request.max_tokens > self.max_len:
             raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
                              f"({request.max_tokens}) exceeds the engine's max_len {self.max_len}")
+        # checked here, not in the step: a step that raises ends every row of the batch, not just this one
+        if request.top_logprobs > self.spec.vocab_size:
+            raise ValueError(f"top_logprobs ({request.top_logprobs}) exceeds the vocabulary ({self.spec.vocab_size})")
         if request.beams > self.max_batch:
             raise ValueError(f"beams ({request.beams}) exceeds the engine's max_batch {self.max_batch}")
         deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
