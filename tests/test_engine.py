@@ -606,6 +606,9 @@ def test_a_request_the_step_could_not_decode_is_refused_at_add_not_in_the_batch(
     engine.add_request(Request(seq, max_tokens=4, ignore_eos=True, request_id="ok"))
     with pytest.raises(ValueError, match="top_logprobs"):
         engine.add_request(Request(seq, max_tokens=4, logprobs=True, top_logprobs=301))
+    for bad in (300, -1):  # an IndexError in the step; -1 silently read the embedding table's last row
+        with pytest.raises(ValueError, match="prompt token ids"):
+            engine.add_request(Request(seq + [bad], max_tokens=4))
     events = run(engine, {0: []})
     assert tokens_of(events["ok"]) == alone(model, tokenizer, seq, None, 4)
     out = engine.generate([Request(seq, max_tokens=2, logprobs=True, top_logprobs=300)])  # the whole vocabulary

@@ -79,6 +79,7 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch, self.max_len = max_batch, max_len
         self.eos = eos_ids(tokenizer)
+        self.embeddings = model.get_input_embeddings().num_embeddings  # a prompt's ids index this table
         self.kv = None
         if self.spec.family == "encoder-decoder":
             self.backend, self.path = RowWise(self._in_dtype(model), self.spec, self.dtype), "rowwise"
@@ -139,6 +140,9 @@ class Engine:
             raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
                              f"({request.max_tokens}) exceeds the engine's max_len {self.max_len}")
         # checked here, not in the step: a step that raises ends every row of the batch, not just this one
+        outside = [t for t in request.prompt if not 0 <= t < self.embeddings]  # -1 would read the last row
+        if outside:
+            raise ValueError(f"prompt token ids must lie in [0, {self.embeddings}), got {outside[:5]}")
         if request.top_logprobs > self.spec.vocab_size:
             raise ValueError(f"top_logprobs ({request.top_logprobs}) exceeds the vocabulary ({self.spec.vocab_size})")
         if request.beams > self.max_batch:
