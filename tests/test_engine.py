@@ -613,3 +613,18 @@ def test_a_request_the_step_could_not_decode_is_refused_at_add_not_in_the_batch(
     assert tokens_of(events["ok"]) == alone(model, tokenizer, seq, None, 4)
     out = engine.generate([Request(seq, max_tokens=2, logprobs=True, top_logprobs=300)])  # the whole vocabulary
     assert len(out[0].choices[0].top_logprobs[0]) == 300
+
+
+def test_a_row_past_the_models_positions_is_refused_at_add_not_in_the_batch(tokenizer):
+    """GPT-2's learned positions end at n_positions (256 here): an engine built longer took the row and its step
+    raised an IndexError, ending the row beside it too."""
+    model = tiny_model("gpt2", seed=1)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=512, dtype="fp32")
+    seq = ids(tokenizer, ["hello there"])[0]
+    engine.add_request(Request(seq, max_tokens=4, ignore_eos=True, request_id="ok"))
+    with pytest.raises(ValueError, match="max_tokens .*256 positions"):
+        engine.add_request(Request([5] * 200, max_tokens=100, ignore_eos=True))
+    events = run(engine, {0: []})
+    assert tokens_of(events["ok"]) == alone(model, tokenizer, seq, None, 4)
+    out = engine.generate([Request([5] * 200, max_tokens=56, ignore_eos=True)])  # exactly the 256 positions
+    assert len(out[0].choices[0].token_ids) == 56

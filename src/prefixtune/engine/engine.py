@@ -57,6 +57,15 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return names[dtype]
 
 
+def learned_positions(model) -> int | None:
+    """Rows of a model's learned position table (GPT-2's `wpe`, OPT's `embed_positions`), the positions a
+    row may take; None where positions are computed (RoPE: no table to run past)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("wpe", "embed_positions") and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - getattr(module, "offset", 0)
+    return None
+
+
 class Engine:
     """`max_batch` running rows of at most `max_len` entries (KV blocks of `block_size` entries, taken
     as rows need them: nothing is preallocated); `dtype` "auto" (bf16 where the CPU computes it
@@ -80,6 +89,7 @@ class Engine:
         self.max_batch, self.max_len = max_batch, max_len
         self.eos = eos_ids(tokenizer)
         self.embeddings = model.get_input_embeddings().num_embeddings  # a prompt's ids index this table
+        self.positions = learned_positions(model)  # a row past them would raise in the step (RoPE has no table)
         self.kv = None
         if self.spec.family == "encoder-decoder":
             self.backend, self.path = RowWise(self._in_dtype(model), self.spec, self.dtype), "rowwise"
@@ -136,9 +146,12 @@ class Engine:
 
     def add_request(self, request: Request) -> str:
         prefix, length = self._prefix(request)
-        if self.kv is not None and length + len(request.prompt) + request.max_tokens > self.max_len:
-            raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
-                             f"({request.max_tokens}) exceeds the engine's max_len {self.max_len}")
+        total = length + len(request.prompt) + request.max_tokens
+        for limit, what in ((self.max_len, f"the engine's max_len {self.max_len}"),
+                            (self.positions, f"the model's {self.positions} positions")):
+            if self.kv is not None and limit is not None and total > limit:
+                raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
+                                 f"({request.max_tokens}) exceeds {what}")
         # checked here, not in the step: a step that raises ends every row of the batch, not just this one
         outside = [t for t in request.prompt if not 0 <= t < self.embeddings]  # -1 would read the last row
         if outside:
