@@ -628,3 +628,23 @@ def test_a_row_past_the_models_positions_is_refused_at_add_not_in_the_batch(toke
     assert tokens_of(events["ok"]) == alone(model, tokenizer, seq, None, 4)
     out = engine.generate([Request([5] * 200, max_tokens=56, ignore_eos=True)])  # exactly the 256 positions
     assert len(out[0].choices[0].token_ids) == 56
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 2.5), ("top_logprobs", 2.0), ("no_repeat_ngram_size", 1.5), ("beams", 2.0),  # raised in the step
+    ("max_tokens", 2.5), ("n", 2.0), ("seed", 1.5),
+    ("temperature", float("nan")), ("temperature", float("inf")), ("length_penalty", float("nan")),  # garbage
+    ("repetition_penalty", float("inf")), ("top_p", "0.5"), ("timeout_s", float("nan")),  # NaN: never timed out
+    ("stop", [5])])
+def test_a_parameter_of_the_wrong_type_or_not_finite_is_a_value_error_naming_it(field, value):
+    name = "stop strings" if field == "stop" else field
+    with pytest.raises(ValueError, match=name):
+        Request([5, 6], **{"temperature": 1.0, "seed": 1, field: value})
+
+
+def test_numeric_parameters_of_other_integer_and_real_types_are_taken():
+    import numpy as np
+
+    r = Request([5, 6], max_tokens=np.int64(3), top_k=np.int32(2), seed=np.int64(7), temperature=np.float32(0.5),
+                timeout_s=float("inf"))
+    assert type(r.max_tokens) is int and type(r.top_k) is int and type(r.seed) is int and r.temperature == 0.5
