@@ -648,3 +648,17 @@ def test_numeric_parameters_of_other_integer_and_real_types_are_taken():
     r = Request([5, 6], max_tokens=np.int64(3), top_k=np.int32(2), seed=np.int64(7), temperature=np.float32(0.5),
                 timeout_s=float("inf"))
     assert type(r.max_tokens) is int and type(r.top_k) is int and type(r.seed) is int and r.temperature == 0.5
+
+
+def test_an_encoder_decoder_row_past_the_models_positions_is_refused_at_add(tokenizer):
+    """BART's learned positions (256 here) bound the encoder's prompt and the decoder's tokens alike: past them
+    the row's step raised an IndexError, ending the row beside it."""
+    model = tiny_model("bart", seed=1)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=512, dtype="fp32")
+    engine.add_request(Request([5] * 10, max_tokens=4, ignore_eos=True, request_id="ok"))
+    for prompt, max_tokens in ((257, 4), (10, 257)):
+        with pytest.raises(ValueError, match="256 positions"):
+            engine.add_request(Request([5] * prompt, max_tokens=max_tokens, ignore_eos=True))
+    assert len(tokens_of(run(engine, {0: []})["ok"])) == 4
+    out = engine.generate([Request([5] * 256, max_tokens=256, ignore_eos=True)])  # exactly the positions
+    assert len(out[0].choices[0].token_ids) == 256

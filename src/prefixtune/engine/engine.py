@@ -152,6 +152,11 @@ class Engine:
             if self.kv is not None and limit is not None and total > limit:
                 raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
                                  f"({request.max_tokens}) exceeds {what}")
+        # an encoder-decoder's encoder reads the prompt (after any virtual tokens), its decoder takes max_tokens
+        encoded = len(request.prompt) + (0 if request.prefix_embeds is None else len(request.prefix_embeds))
+        if self.kv is None and self.positions and max(encoded, request.max_tokens) > self.positions:
+            raise ValueError(f"prompt ({encoded}) or max_tokens ({request.max_tokens}) exceeds the model's "
+                             f"{self.positions} positions")
         # checked here, not in the step: a step that raises ends every row of the batch, not just this one
         outside = [t for t in request.prompt if not 0 <= t < self.embeddings]  # -1 would read the last row
         if outside:
