@@ -662,3 +662,25 @@ def test_an_encoder_decoder_row_past_the_models_positions_is_refused_at_add(toke
     assert len(tokens_of(run(engine, {0: []})["ok"])) == 4
     out = engine.generate([Request([5] * 256, max_tokens=256, ignore_eos=True)])  # exactly the positions
     assert len(out[0].choices[0].token_ids) == 256
+
+
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_a_prefix_not_shaped_length_by_width_is_refused_at_add(family, tokenizer):
+    """A prefix of one group per (length, width) tensor: a batched (1, length, width) one, or a 1-D one, was taken
+    and raised in the step's prefill, ending the row beside it."""
+    from prefixtune.prefix import group_width, groups_of
+
+    model = tiny_model(family, seed=1)
+    spec = model_spec(model)
+    widths = {g: group_width(spec, n) for g, n in groups_of(spec).items()}
+    engine = Engine(model, tokenizer, max_batch=2, max_len=512, dtype="fp32")
+    engine.add_request(Request([5, 6], max_tokens=3, ignore_eos=True, request_id="ok"))
+    bad = [{g: torch.zeros(1, 4, w) for g, w in widths.items()}, {g: torch.zeros(w) for g, w in widths.items()}]
+    if len(widths) > 1:  # groups of different lengths
+        bad.append({g: torch.zeros(4 + i, w) for i, (g, w) in enumerate(widths.items())})
+    for prefix in bad:
+        with pytest.raises(ValueError, match="length, width"):
+            engine.add_request(Request([5, 6], prefix=prefix, max_tokens=3))
+    with pytest.raises(ValueError, match="got Tensor"):  # P itself, not its groups
+        engine.add_request(Request([5, 6], prefix=torch.zeros(4, next(iter(widths.values()))), max_tokens=3))
+    assert len(tokens_of(run(engine, {0: []})["ok"])) == 3

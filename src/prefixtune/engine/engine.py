@@ -122,12 +122,18 @@ class Engine:
         p, length = None, 0
         if prefix is not None:
             groups = getattr(prefix, "p", prefix)
+            if not isinstance(groups, dict):
+                raise ValueError(f"a prefix is an ExportedPrefix or its P per group ({{'decoder': P}}), got "
+                                 f"{type(groups).__name__}")
             expected = {g: group_width(self.spec, n) for g, n in groups_of(self.spec).items()
                         if not request.infix or g == "decoder"}  # an infix is a decoder self-attention prefix
+            kind = "infix" if request.infix else "prefix"
+            shapes = {g: tuple(t.shape) for g, t in groups.items()}  # else the step raises, ending every row
+            if any(len(shape) != 2 for shape in shapes.values()) or len({s[0] for s in shapes.values()}) > 1:
+                raise ValueError(f"a {kind} is (length, width) per group, one length for all: got shapes {shapes}")
             got = {g: t.shape[-1] for g, t in groups.items()}
             if got != expected:
-                raise ValueError(f"{'infix' if request.infix else 'prefix'} widths {got} do not fit this model "
-                                 f"({expected})")
+                raise ValueError(f"{kind} widths {got} do not fit this model ({expected})")
             length = next(iter(groups.values())).shape[0]
             # paged: the KV writes the decoder group into blocks once, shared by every row using it
             p = groups["decoder"] if self.kv is not None else {g: t.to(self.device) for g, t in groups.items()}
