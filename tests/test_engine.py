@@ -684,3 +684,32 @@ def test_a_prefix_not_shaped_length_by_width_is_refused_at_add(family, tokenizer
     with pytest.raises(ValueError, match="got Tensor"):  # P itself, not its groups
         engine.add_request(Request([5, 6], prefix=torch.zeros(4, next(iter(widths.values()))), max_tokens=3))
     assert len(tokens_of(run(engine, {0: []})["ok"])) == 3
+
+
+def test_a_request_id_names_one_live_request(tokenizer):
+    """Two live requests under one id shared their events: each output got both rows' tokens, interleaved."""
+    from prefixtune.engine import Replicas
+
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, tokenizer, max_batch=4, max_len=64, dtype="fp32")
+    a, b = ids(tokenizer, ["hello there", "q"])
+    with pytest.raises(ValueError, match="unique"):
+        engine.generate([Request(a, max_tokens=3, request_id="x"), Request(b, max_tokens=3, request_id="x")])
+    assert not engine.has_work()
+    engine.add_request(Request(a, max_tokens=3, ignore_eos=True, request_id="x", n=2, temperature=1.0, seed=1))
+    with pytest.raises(ValueError, match="'x' is in use"):
+        engine.add_request(Request(b, max_tokens=3, request_id="x"))
+    events = run(engine, {0: []})
+    assert sorted(e.index for e in events["x"] if e.finished) == [0, 1]
+    # finished (or cancelled), an id may be used again
+    engine.add_request(Request(b, max_tokens=30, beams=2, request_id="x"))
+    run(engine, {0: []}, cancel_at={1: ["x"]})
+    out = engine.generate([Request(b, max_tokens=3, ignore_eos=True, request_id="x")])
+    assert out[0].choices[0].token_ids == alone(model, tokenizer, b, None, 3)
+    replicas = Replicas(model, tokenizer, replicas=2, max_batch=4, max_len=64, dtype="fp32")
+    try:
+        replicas.add_request(Request(a, max_tokens=3, request_id="y"))
+        with pytest.raises(ValueError, match="'y' is in use"):  # it would go to the other replica
+            replicas.add_request(Request(b, max_tokens=3, request_id="y"))
+    finally:
+        replicas.close()

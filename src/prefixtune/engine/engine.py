@@ -28,6 +28,7 @@ The ablations' virtual tokens (`Request.prefix_embeds`, `Request.infix`) decode 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import torch
@@ -107,6 +108,9 @@ class Engine:
         paged = self.kv is not None
         self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=paged, chunked=paged,
                                    tenant_step_rows=tenant_step_rows)
+        # request id -> its choices not finished: an id names one live request (its events, cancel)
+        self._live: dict[str, int] = {}
+        self._live_lock = threading.Lock()
         self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0,
                       "max_step_prefill_tokens": 0}
 
@@ -180,6 +184,10 @@ class Engine:
             stop = StopState(request, self.tokenizer, self.eos)
             group = BeamGroup(request, stop.stop_ids) if request.beams > 1 else None
             rows.append(Row(request, i, stop, prefix, length, generator, deadline, beam=group))
+        with self._live_lock:
+            if request.request_id in self._live:  # two would share events and cancels: vLLM refuses it too
+                raise ValueError(f"request_id {request.request_id!r} is in use by a request not finished")
+            self._live[request.request_id] = request.n
         self.scheduler.submit(rows)
         return request.request_id
 
@@ -306,6 +314,12 @@ class Engine:
                                                         sum(len(ids) for _, ids, _ in work))
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
+        with self._live_lock:
+            for event in events:
+                if event.finished and event.request_id in self._live:  # each choice ends once (a beam group: once)
+                    self._live[event.request_id] -= 1
+                    if not self._live[event.request_id]:
+                        del self._live[event.request_id]
         return events
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:
@@ -313,6 +327,9 @@ class Engine:
 
         Not for an engine that a server is stepping: this call steps it itself.
         """
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) < len(ids):  # refused before any is queued
+            raise ValueError(f"request ids must be unique, got {ids}")
         outputs = {}
         for r in requests:
             self.add_request(r)

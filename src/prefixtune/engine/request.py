@@ -26,7 +26,8 @@ class Request:
     lie in SEED_RANGE (int64), so two seeds never share a generator state.
     A row stops at `max_tokens` tokens, at a stop token (`stop_token_ids`, and the tokenizer's
     end-of-text unless `ignore_eos`; the stop token is not part of the output) or when its text
-    contains a stop string (the text is cut before it). `timeout_s` counts from `add_request`.
+    contains a stop string (the text is cut before it). `timeout_s` counts from `add_request`. `request_id`
+    (default: a fresh one) names one request until its last choice ends: an engine refuses it while in use.
     `beams` > 1: beam search with `length_penalty` (engine/beam.py), greedy and one choice only; the
     output comes whole when the search ends. `no_repeat_ngram_size` and `repetition_penalty`: HF's
     controls against loops, over the generated tokens only (sampling.repetition_controls).
