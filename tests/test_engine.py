@@ -713,3 +713,13 @@ def test_a_request_id_names_one_live_request(tokenizer):
             replicas.add_request(Request(b, max_tokens=3, request_id="y"))
     finally:
         replicas.close()
+
+
+@pytest.mark.parametrize("setting", [{"max_prefill_tokens": 0}, {"max_prefill_tokens": -5}, {"max_batch": 0},
+                                     {"max_batch": 2.5}, {"max_len": 0}, {"block_size": 0}, {"tenant_step_rows": -1}])
+def test_an_engine_sized_below_one_row_is_a_value_error_naming_the_setting(setting, tokenizer):
+    """max_prefill_tokens 0 built an engine that never admitted a row (generate never returned); the others
+    raised in a step (or a ZeroDivisionError at build)."""
+    model = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        Engine(model, tokenizer, **{"max_batch": 2, "max_len": 64, "dtype": "fp32", **setting})

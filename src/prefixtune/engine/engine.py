@@ -28,6 +28,7 @@ The ablations' virtual tokens (`Request.prefix_embeds`, `Request.infix`) decode 
 from __future__ import annotations
 
 import copy
+import numbers
 import threading
 import time
 
@@ -82,6 +83,12 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
                  fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16,
                  tenant_step_rows: int = 4, shares: Engine | None = None):
+        # max_prefill_tokens 0 admitted nothing, ever (generate never returned); others raised in a step
+        sizes = (("max_batch", max_batch, 1), ("max_len", max_len, 1), ("max_prefill_tokens", max_prefill_tokens, 1),
+                 ("block_size", block_size, 1), ("tenant_step_rows", tenant_step_rows, 0))
+        for name, value, least in sizes:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.shares = shares  # an engine over the same model whose weights this one reads (replicas.py)
         self.spec = model_spec(model)
         self.tokenizer = tokenizer
