@@ -595,3 +595,131 @@ def test_virtual_tokens_prefilled_in_chunks_equal_one_piece_and_the_lean_step_de
         Request(seqs[0], prefix_embeds=torch.zeros(spec.hidden_size))
     with pytest.raises(ValueError, match="infix=True needs a prefix"):
         Request(seqs[0], infix=True)
+
+
+def test_a_request_the_step_could_not_decode_is_refused_at_add_not_in_the_batch(tokenizer):
+    """A request whose decoding would raise inside `step` (which ends every row of the batch) is a ValueError
+    naming the parameter at `add_request`, and the rows already running are untouched."""
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, dtype="fp32")
+    seq = ids(tokenizer, ["hello there"])[0]
+    engine.add_request(Request(seq, max_tokens=4, ignore_eos=True, request_id="ok"))
+    with pytest.raises(ValueError, match="top_logprobs"):
+        engine.add_request(Request(seq, max_tokens=4, logprobs=True, top_logprobs=301))
+    for bad in (300, -1):  # an IndexError in the step; -1 silently read the embedding table's last row
+        with pytest.raises(ValueError, match="prompt token ids"):
+            engine.add_request(Request(seq + [bad], max_tokens=4))
+    events = run(engine, {0: []})
+    assert tokens_of(events["ok"]) == alone(model, tokenizer, seq, None, 4)
+    out = engine.generate([Request(seq, max_tokens=2, logprobs=True, top_logprobs=300)])  # the whole vocabulary
+    assert len(out[0].choices[0].top_logprobs[0]) == 300
+
+
+def test_a_row_past_the_models_positions_is_refused_at_add_not_in_the_batch(tokenizer):
+    """GPT-2's learned positions end at n_positions (256 here): an engine built longer took the row and its step
+    raised an IndexError, ending the row beside it too."""
+    model = tiny_model("gpt2", seed=1)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=512, dtype="fp32")
+    seq = ids(tokenizer, ["hello there"])[0]
+    engine.add_request(Request(seq, max_tokens=4, ignore_eos=True, request_id="ok"))
+    with pytest.raises(ValueError, match="max_tokens .*256 positions"):
+        engine.add_request(Request([5] * 200, max_tokens=100, ignore_eos=True))
+    events = run(engine, {0: []})
+    assert tokens_of(events["ok"]) == alone(model, tokenizer, seq, None, 4)
+    out = engine.generate([Request([5] * 200, max_tokens=56, ignore_eos=True)])  # exactly the 256 positions
+    assert len(out[0].choices[0].token_ids) == 56
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 2.5), ("top_logprobs", 2.0), ("no_repeat_ngram_size", 1.5), ("beams", 2.0),  # raised in the step
+    ("max_tokens", 2.5), ("n", 2.0), ("seed", 1.5),
+    ("temperature", float("nan")), ("temperature", float("inf")), ("length_penalty", float("nan")),  # garbage
+    ("repetition_penalty", float("inf")), ("top_p", "0.5"), ("timeout_s", float("nan")),  # NaN: never timed out
+    ("stop", [5])])
+def test_a_parameter_of_the_wrong_type_or_not_finite_is_a_value_error_naming_it(field, value):
+    name = "stop strings" if field == "stop" else field
+    with pytest.raises(ValueError, match=name):
+        Request([5, 6], **{"temperature": 1.0, "seed": 1, field: value})
+
+
+def test_numeric_parameters_of_other_integer_and_real_types_are_taken():
+    import numpy as np
+
+    r = Request([5, 6], max_tokens=np.int64(3), top_k=np.int32(2), seed=np.int64(7), temperature=np.float32(0.5),
+                timeout_s=float("inf"))
+    assert type(r.max_tokens) is int and type(r.top_k) is int and type(r.seed) is int and r.temperature == 0.5
+
+
+def test_an_encoder_decoder_row_past_the_models_positions_is_refused_at_add(tokenizer):
+    """BART's learned positions (256 here) bound the encoder's prompt and the decoder's tokens alike: past them
+    the row's step raised an IndexError, ending the row beside it."""
+    model = tiny_model("bart", seed=1)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=512, dtype="fp32")
+    engine.add_request(Request([5] * 10, max_tokens=4, ignore_eos=True, request_id="ok"))
+    for prompt, max_tokens in ((257, 4), (10, 257)):
+        with pytest.raises(ValueError, match="256 positions"):
+            engine.add_request(Request([5] * prompt, max_tokens=max_tokens, ignore_eos=True))
+    assert len(tokens_of(run(engine, {0: []})["ok"])) == 4
+    out = engine.generate([Request([5] * 256, max_tokens=256, ignore_eos=True)])  # exactly the positions
+    assert len(out[0].choices[0].token_ids) == 256
+
+
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_a_prefix_not_shaped_length_by_width_is_refused_at_add(family, tokenizer):
+    """A prefix of one group per (length, width) tensor: a batched (1, length, width) one, or a 1-D one, was taken
+    and raised in the step's prefill, ending the row beside it."""
+    from prefixtune.prefix import group_width, groups_of
+
+    model = tiny_model(family, seed=1)
+    spec = model_spec(model)
+    widths = {g: group_width(spec, n) for g, n in groups_of(spec).items()}
+    engine = Engine(model, tokenizer, max_batch=2, max_len=512, dtype="fp32")
+    engine.add_request(Request([5, 6], max_tokens=3, ignore_eos=True, request_id="ok"))
+    bad = [{g: torch.zeros(1, 4, w) for g, w in widths.items()}, {g: torch.zeros(w) for g, w in widths.items()}]
+    if len(widths) > 1:  # groups of different lengths
+        bad.append({g: torch.zeros(4 + i, w) for i, (g, w) in enumerate(widths.items())})
+    for prefix in bad:
+        with pytest.raises(ValueError, match="length, width"):
+            engine.add_request(Request([5, 6], prefix=prefix, max_tokens=3))
+    with pytest.raises(ValueError, match="got Tensor"):  # P itself, not its groups
+        engine.add_request(Request([5, 6], prefix=torch.zeros(4, next(iter(widths.values()))), max_tokens=3))
+    assert len(tokens_of(run(engine, {0: []})["ok"])) == 3
+
+
+def test_a_request_id_names_one_live_request(tokenizer):
+    """Two live requests under one id shared their events: each output got both rows' tokens, interleaved."""
+    from prefixtune.engine import Replicas
+
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, tokenizer, max_batch=4, max_len=64, dtype="fp32")
+    a, b = ids(tokenizer, ["hello there", "q"])
+    with pytest.raises(ValueError, match="unique"):
+        engine.generate([Request(a, max_tokens=3, request_id="x"), Request(b, max_tokens=3, request_id="x")])
+    assert not engine.has_work()
+    engine.add_request(Request(a, max_tokens=3, ignore_eos=True, request_id="x", n=2, temperature=1.0, seed=1))
+    with pytest.raises(ValueError, match="'x' is in use"):
+        engine.add_request(Request(b, max_tokens=3, request_id="x"))
+    events = run(engine, {0: []})
+    assert sorted(e.index for e in events["x"] if e.finished) == [0, 1]
+    # finished (or cancelled), an id may be used again
+    engine.add_request(Request(b, max_tokens=30, beams=2, request_id="x"))
+    run(engine, {0: []}, cancel_at={1: ["x"]})
+    out = engine.generate([Request(b, max_tokens=3, ignore_eos=True, request_id="x")])
+    assert out[0].choices[0].token_ids == alone(model, tokenizer, b, None, 3)
+    replicas = Replicas(model, tokenizer, replicas=2, max_batch=4, max_len=64, dtype="fp32")
+    try:
+        replicas.add_request(Request(a, max_tokens=3, request_id="y"))
+        with pytest.raises(ValueError, match="'y' is in use"):  # it would go to the other replica
+            replicas.add_request(Request(b, max_tokens=3, request_id="y"))
+    finally:
+        replicas.close()
+
+
+@pytest.mark.parametrize("setting", [{"max_prefill_tokens": 0}, {"max_prefill_tokens": -5}, {"max_batch": 0},
+                                     {"max_batch": 2.5}, {"max_len": 0}, {"block_size": 0}, {"tenant_step_rows": -1}])
+def test_an_engine_sized_below_one_row_is_a_value_error_naming_the_setting(setting, tokenizer):
+    """max_prefill_tokens 0 built an engine that never admitted a row (generate never returned); the others
+    raised in a step (or a ZeroDivisionError at build)."""
+    model = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        Engine(model, tokenizer, **{"max_batch": 2, "max_len": 64, "dtype": "fp32", **setting})

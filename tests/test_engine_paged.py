@@ -52,6 +52,25 @@ def test_rows_with_one_prefix_share_its_full_blocks_and_free_theirs_when_they_le
     assert kv.blocks_in_use == 1
 
 
+def test_the_prefix_lru_never_drops_a_prefix_a_row_still_shares():
+    """Past the LRU's size the oldest prefix went whatever its use: a running row's prefix was dropped, and the
+    next row using it wrote a copy of its blocks instead of sharing them."""
+    kv = _kv(cached_prefixes=1)
+    p, q, r = _prefix(10), _prefix(10, seed=1), _prefix(10, seed=2)
+    kv.attach_prefix(0, p)                               # row 0 runs with p: two full blocks shared
+    kv.attach_prefix(1, q)                               # over the LRU's size, but p is in use: it stays
+    kv.release(1)
+    kv.attach_prefix(2, p)
+    assert kv.tables[2][:2] == kv.tables[0][:2]          # shared, not written again
+    assert list(kv.prefixes) == [id(p)]                  # q, which no row uses, went instead
+    assert kv.blocks_in_use == 3 + 2                     # p cached once, a copied last block per row
+    kv.release(0)
+    kv.release(2)
+    kv.attach_prefix(3, r)                               # nothing in use: back to the LRU's size
+    kv.release(3)
+    assert list(kv.prefixes) == [id(r)] and kv.blocks_in_use == 3
+
+
 def test_fork_shares_full_blocks_and_copies_only_the_last():
     kv = _kv()
     kv.reserve(0, 10)

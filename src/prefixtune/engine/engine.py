@@ -28,6 +28,8 @@ The ablations' virtual tokens (`Request.prefix_embeds`, `Request.infix`) decode 
 from __future__ import annotations
 
 import copy
+import numbers
+import threading
 import time
 
 import torch
@@ -57,6 +59,15 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return names[dtype]
 
 
+def learned_positions(model) -> int | None:
+    """Rows of a model's learned position table (GPT-2's `wpe`, OPT's `embed_positions`), the positions a
+    row may take; None where positions are computed (RoPE: no table to run past)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("wpe", "embed_positions") and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - getattr(module, "offset", 0)
+    return None
+
+
 class Engine:
     """`max_batch` running rows of at most `max_len` entries (KV blocks of `block_size` entries, taken
     as rows need them: nothing is preallocated); `dtype` "auto" (bf16 where the CPU computes it
@@ -72,6 +83,12 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024, dtype="auto",
                  fast: bool = True, exact: bool = True, max_prefill_tokens: int = 2048, block_size: int = 16,
                  tenant_step_rows: int = 4, shares: Engine | None = None):
+        # max_prefill_tokens 0 admitted nothing, ever (generate never returned); others raised in a step
+        sizes = (("max_batch", max_batch, 1), ("max_len", max_len, 1), ("max_prefill_tokens", max_prefill_tokens, 1),
+                 ("block_size", block_size, 1), ("tenant_step_rows", tenant_step_rows, 0))
+        for name, value, least in sizes:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.shares = shares  # an engine over the same model whose weights this one reads (replicas.py)
         self.spec = model_spec(model)
         self.tokenizer = tokenizer
@@ -79,6 +96,8 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch, self.max_len = max_batch, max_len
         self.eos = eos_ids(tokenizer)
+        self.embeddings = model.get_input_embeddings().num_embeddings  # a prompt's ids index this table
+        self.positions = learned_positions(model)  # a row past them would raise in the step (RoPE has no table)
         self.kv = None
         if self.spec.family == "encoder-decoder":
             self.backend, self.path = RowWise(self._in_dtype(model), self.spec, self.dtype), "rowwise"
@@ -96,6 +115,9 @@ class Engine:
         paged = self.kv is not None
         self.scheduler = Scheduler(max_batch, max_prefill_tokens, preemptive=paged, chunked=paged,
                                    tenant_step_rows=tenant_step_rows)
+        # request id -> its choices not finished: an id names one live request (its events, cancel)
+        self._live: dict[str, int] = {}
+        self._live_lock = threading.Lock()
         self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "max_running": 0,
                       "max_step_prefill_tokens": 0}
 
@@ -111,12 +133,18 @@ class Engine:
         p, length = None, 0
         if prefix is not None:
             groups = getattr(prefix, "p", prefix)
+            if not isinstance(groups, dict):
+                raise ValueError(f"a prefix is an ExportedPrefix or its P per group ({{'decoder': P}}), got "
+                                 f"{type(groups).__name__}")
             expected = {g: group_width(self.spec, n) for g, n in groups_of(self.spec).items()
                         if not request.infix or g == "decoder"}  # an infix is a decoder self-attention prefix
+            kind = "infix" if request.infix else "prefix"
+            shapes = {g: tuple(t.shape) for g, t in groups.items()}  # else the step raises, ending every row
+            if any(len(shape) != 2 for shape in shapes.values()) or len({s[0] for s in shapes.values()}) > 1:
+                raise ValueError(f"a {kind} is (length, width) per group, one length for all: got shapes {shapes}")
             got = {g: t.shape[-1] for g, t in groups.items()}
             if got != expected:
-                raise ValueError(f"{'infix' if request.infix else 'prefix'} widths {got} do not fit this model "
-                                 f"({expected})")
+                raise ValueError(f"{kind} widths {got} do not fit this model ({expected})")
             length = next(iter(groups.values())).shape[0]
             # paged: the KV writes the decoder group into blocks once, shared by every row using it
             p = groups["decoder"] if self.kv is not None else {g: t.to(self.device) for g, t in groups.items()}
@@ -135,9 +163,23 @@ class Engine:
 
     def add_request(self, request: Request) -> str:
         prefix, length = self._prefix(request)
-        if self.kv is not None and length + len(request.prompt) + request.max_tokens > self.max_len:
-            raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
-                             f"({request.max_tokens}) exceeds the engine's max_len {self.max_len}")
+        total = length + len(request.prompt) + request.max_tokens
+        for limit, what in ((self.max_len, f"the engine's max_len {self.max_len}"),
+                            (self.positions, f"the model's {self.positions} positions")):
+            if self.kv is not None and limit is not None and total > limit:
+                raise ValueError(f"prefix ({length}) + prompt ({len(request.prompt)}) + max_tokens "
+                                 f"({request.max_tokens}) exceeds {what}")
+        # an encoder-decoder's encoder reads the prompt (after any virtual tokens), its decoder takes max_tokens
+        encoded = len(request.prompt) + (0 if request.prefix_embeds is None else len(request.prefix_embeds))
+        if self.kv is None and self.positions and max(encoded, request.max_tokens) > self.positions:
+            raise ValueError(f"prompt ({encoded}) or max_tokens ({request.max_tokens}) exceeds the model's "
+                             f"{self.positions} positions")
+        # checked here, not in the step: a step that raises ends every row of the batch, not just this one
+        outside = [t for t in request.prompt if not 0 <= t < self.embeddings]  # -1 would read the last row
+        if outside:
+            raise ValueError(f"prompt token ids must lie in [0, {self.embeddings}), got {outside[:5]}")
+        if request.top_logprobs > self.spec.vocab_size:
+            raise ValueError(f"top_logprobs ({request.top_logprobs}) exceeds the vocabulary ({self.spec.vocab_size})")
         if request.beams > self.max_batch:
             raise ValueError(f"beams ({request.beams}) exceeds the engine's max_batch {self.max_batch}")
         deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
@@ -149,6 +191,10 @@ class Engine:
             stop = StopState(request, self.tokenizer, self.eos)
             group = BeamGroup(request, stop.stop_ids) if request.beams > 1 else None
             rows.append(Row(request, i, stop, prefix, length, generator, deadline, beam=group))
+        with self._live_lock:
+            if request.request_id in self._live:  # two would share events and cancels: vLLM refuses it too
+                raise ValueError(f"request_id {request.request_id!r} is in use by a request not finished")
+            self._live[request.request_id] = request.n
         self.scheduler.submit(rows)
         return request.request_id
 
@@ -275,6 +321,12 @@ class Engine:
                                                         sum(len(ids) for _, ids, _ in work))
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
+        with self._live_lock:
+            for event in events:
+                if event.finished and event.request_id in self._live:  # each choice ends once (a beam group: once)
+                    self._live[event.request_id] -= 1
+                    if not self._live[event.request_id]:
+                        del self._live[event.request_id]
         return events
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:
@@ -282,6 +334,9 @@ class Engine:
 
         Not for an engine that a server is stepping: this call steps it itself.
         """
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) < len(ids):  # refused before any is queued
+            raise ValueError(f"request ids must be unique, got {ids}")
         outputs = {}
         for r in requests:
             self.add_request(r)

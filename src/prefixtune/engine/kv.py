@@ -10,7 +10,7 @@ padding of a decode step's batched read (`padded`).
 
 A prefix's keys/values (post-RoPE, as a cache holds them) are written once into blocks of their own
 and kept in a small LRU keyed by the prefix tensor's identity (the entry holds the tensor, so the id
-stays its own). A row using the prefix references its full blocks (a refcount each) and copies only
+stays its own; a prefix a row still shares is never the one dropped). A row using the prefix references its full blocks (a refcount each) and copies only
 its partly-filled last block, since the row's own tokens follow there. `fork` shares a row's full
 blocks the same way (copy-on-write: a full block is never written again). A block returns to the
 free list when nothing references it: no row and no cached prefix.
@@ -78,10 +78,14 @@ class PagedKV:
         self.refs += [0] * (new - old)
         self.free = list(range(new - 1, old - 1, -1)) + self.free
 
+    def _unused_prefix(self, keep: int | None = None) -> int | None:
+        """The least recently used cached prefix that no row shares (its blocks held by the cache alone)."""
+        return next((key for key, (_, blocks, _) in self.prefixes.items()
+                     if key != keep and all(self.refs[b] == 1 for b in blocks)), None)
+
     def _alloc(self) -> int:
         while not self.free:
-            unused = next((key for key, (_, blocks, _) in self.prefixes.items()
-                           if all(self.refs[b] == 1 for b in blocks)), None)
+            unused = self._unused_prefix()
             if unused is not None and self.num_blocks >= self.max_blocks:
                 self._drop_prefix(unused)  # at the cap: a cached prefix no row uses gives its blocks back
             else:
@@ -124,8 +128,6 @@ class PagedKV:
                 self.buffer[:, :, :, b, : part.shape[3]] = part
             cached = (key, blocks, length)
             self.prefixes[id(key)] = cached
-            while len(self.prefixes) > self.cached_prefixes:
-                self._drop_prefix(next(iter(self.prefixes)))
         self.prefixes.move_to_end(id(key))
         _, blocks, length = cached
         full, tail = divmod(length, self.block_size)
@@ -137,6 +139,13 @@ class PagedKV:
             self._copy_block(blocks[full], own, tail)
             table = table + [own]
         self.tables[slot], self.lengths[slot] = table, length
+        # over the LRU's size, drop the oldest prefixes no row shares: a running row's prefix stays, so the next
+        # row using it shares its blocks instead of writing a copy (in use: at most one per row, max_batch)
+        while len(self.prefixes) > self.cached_prefixes:
+            unused = self._unused_prefix(keep=id(key))
+            if unused is None:
+                break
+            self._drop_prefix(unused)
 
     def _drop_prefix(self, key_id: int):
         _, blocks, _ = self.prefixes.pop(key_id)

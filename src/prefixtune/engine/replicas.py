@@ -89,6 +89,8 @@ class Replicas:
             raise ValueError(f"beams ({request.beams}) exceeds a replica's max_batch {self.per_replica} "
                              f"(max_batch {self.max_batch} over {len(self.engines)} replicas)")
         with self._lock:
+            if request.request_id in self._where:  # each replica checks its own; this checks across them
+                raise ValueError(f"request_id {request.request_id!r} is in use by a request not finished")
             i = min(range(len(self.engines)), key=lambda j: self._rows[j])
             self.engines[i].add_request(request)
             self._rows[i] += rows

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +26,8 @@ class Request:
     lie in SEED_RANGE (int64), so two seeds never share a generator state.
     A row stops at `max_tokens` tokens, at a stop token (`stop_token_ids`, and the tokenizer's
     end-of-text unless `ignore_eos`; the stop token is not part of the output) or when its text
-    contains a stop string (the text is cut before it). `timeout_s` counts from `add_request`.
+    contains a stop string (the text is cut before it). `timeout_s` counts from `add_request`. `request_id`
+    (default: a fresh one) names one request until its last choice ends: an engine refuses it while in use.
     `beams` > 1: beam search with `length_penalty` (engine/beam.py), greedy and one choice only; the
     output comes whole when the search ends. `no_repeat_ngram_size` and `repetition_penalty`: HF's
     controls against loops, over the generated tokens only (sampling.repetition_controls).
@@ -64,6 +67,23 @@ class Request:
         self.prompt = [int(t) for t in self.prompt]
         if not self.prompt:
             raise ValueError("a request needs at least one prompt token")
+        # types first: a float count or a NaN reaches the step, whose error would end every row of the batch
+        # (topk, slicing) or which would decode garbage without a word (NaN temperature, NaN timeout: never)
+        for name in ("max_tokens", "n", "top_k", "top_logprobs", "beams", "no_repeat_ngram_size", "seed"):
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty", "timeout_s"):
+            value = getattr(self, name)
+            if value is None and name == "timeout_s":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or (
+                    math.isinf(value) and name != "timeout_s"):
+                raise ValueError(f"{name} must be a {'number' if name == 'timeout_s' else 'finite number'}, "
+                                 f"got {value!r}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.n < 1:
@@ -78,8 +98,8 @@ class Request:
             raise ValueError("top_k and top_logprobs must be >= 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if self.beams < 1:
             raise ValueError(f"beams must be >= 1, got {self.beams}")
         if self.beams > 1 and (not self.greedy or self.n > 1 or self.logprobs or self.top_logprobs):
