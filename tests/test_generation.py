@@ -139,6 +139,8 @@ def test_bank_generate_keeps_order_and_checks_ids(tokenizer, tmp_path):
     assert mixed == alone
     with pytest.raises(KeyError, match="nope"):
         bank.generate(["x"], ["nope"])
+    with pytest.raises(ValueError, match=r"as config or as keywords \(num_beams\), not both"):
+        bank.generate(["x"], None, DecodingConfig(max_new_tokens=2), num_beams=5)  # num_beams was dropped
     bank.remove("one")
     assert bank.ids() == ["two"]
 

@@ -232,6 +232,8 @@ class PrefixBank:
         `raw=True` feeds the inputs as they are (e.g. a chat prompt) instead of the prefix's template.
         `batch_size` inputs decode at once (continuous batching); output order is the input order.
         """
+        if config is not None and decoding:  # one would be silently dropped
+            raise ValueError(f"give decoding settings as config or as keywords ({', '.join(decoding)}), not both")
         config = config or DecodingConfig(**decoding)
         if prefix_ids is None or isinstance(prefix_ids, str):
             prefix_ids = [prefix_ids] * len(inputs)

@@ -1,8 +1,8 @@
-"""Prefix folders and archives: wherever a prefix file is accepted, these are too.
+"""Prefix folders and archives: a folder is accepted wherever a prefix file is; an archive is a server upload.
 
 A folder is either ours, HF-style (`prefix.safetensors` + `README.md`), or a PEFT
 PREFIX_TUNING adapter (`adapter_config.json` + `adapter_model.safetensors`). An
-archive (zip or tar, as a server upload) holds the files of one of those folders.
+archive (zip or tar, uploaded to the server) holds the files of one of those folders.
 Everything ends up as a prefixtune prefix file and goes through the same checks.
 """
 from __future__ import annotations
