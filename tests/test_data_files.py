@@ -222,6 +222,19 @@ def test_a_long_chat_row_keeps_its_last_assistant_turn_and_loses_its_oldest_hist
         encode_example(tok, "decoder", Conversation.of(CHAT))  # a row within the budget is whole, as before
 
 
+def test_jsonl_blank_lines_beside_a_column_of_mixed_types(tmp_path):
+    """Users 7 and "7" are one user, and blank lines are skipped: both at once failed as 'malformed JSONL'
+    (datasets' reader of a mixed-type column parses every line, a blank one included)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"user": 7, "input": 1, "output": "x"}\n\n{"user": "7", "input": "b", "output": "y"}\n\n')
+    records = load_records(path, user_field="user")
+    assert simple(records) == [("1", ["x"], "7"), ("b", ["y"], "7")]
+    assert [r.meta["line"] for r in records] == [1, 3]
+    path.write_text('{"user": 7, "input": "a", "output": "x"}\n\n{"user": "7", "input": "b" "output": "y"}\n')
+    with pytest.raises(DataFileError, match=r"d.jsonl: line 3: malformed JSON"):
+        load_records(path, user_field="user")
+
+
 def test_jsonl_numbers_and_booleans_train_as_written_and_users_are_strings_or_integers(tmp_path):
     """Arrow types a column once: targets 1 and 2.5 were '1.0' and '2.5', a big integer '1.2345678901234567e+19',
     true 'True', users 1 and 2.5 the prefixes '1.0' and '2.5'."""

@@ -158,7 +158,7 @@ def _read_file(path: Path):
     if builder == "csv":
         options = {**options, **_text_columns(path, options.get("delimiter", ","))}
     try:
-        rows = _build(builder, str(path), options)
+        rows = _build(builder, str(path), options, blank_lines_out=suffix == ".jsonl")
     except Exception as e:  # datasets wraps the parser's error (pyarrow, pandas) in its own
         if suffix in (".csv", ".tsv") and len(_jsonl_lines(path)) == 1:
             raise DataFileError(f"{path}: line 2: empty: no rows after the header") from None
@@ -246,12 +246,21 @@ def _folder_csv_options(path: Path) -> dict:
     return {"na_filter": False, **options[0]}
 
 
-def _build(builder: str, data_file: str, options: dict) -> list[dict]:
-    """The rows of one file, read by `datasets` into a scratch cache that is removed afterwards."""
+def _build(builder: str, data_file: str, options: dict, blank_lines_out: bool = False) -> list[dict]:
+    """The rows of one file, read by `datasets` into a scratch cache that is removed afterwards. `blank_lines_out`
+    (JSONL): a copy without blank lines is read, since datasets' reader of a column of mixed types (users 7 and
+    "7") parses every line and fails on a blank one; the rows are the same, and lines are counted on the file."""
     import datasets
 
     cache = tempfile.mkdtemp(prefix="prefixtune-data-")
     try:
+        if blank_lines_out:
+            with open(data_file, "rb") as f:
+                lines = f.read().splitlines(keepends=True)
+            if any(not line.strip() for line in lines):
+                data_file = str(Path(cache) / "rows.jsonl")
+                with open(data_file, "wb") as f:
+                    f.writelines(line if line.endswith(b"\n") else line + b"\n" for line in lines if line.strip())
         return datasets.load_dataset(builder, data_files=data_file, split="train", cache_dir=cache,
                                      **options).to_list()
     finally:
