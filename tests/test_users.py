@@ -395,6 +395,16 @@ def write_rows(path, rows):
     return path
 
 
+def test_train_user_field_refuses_torchrun(tmp_path, monkeypatch):
+    """docs/users.md: --user-field does not run under torchrun. It ran: every process trained every user into
+    the same store. Refused, before the data and the model load, with one error line."""
+    data = write_rows(tmp_path / "users.jsonl", user_rows(("ann", "bo"), 2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("-o", tmp_path / "run", "--model", "/no/such/model", "--data", data, "--user-field", "user")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "not under torchrun (WORLD_SIZE=2)" in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_train_user_field_from_the_command_line(tmp_path, tiny_dir):
     rows = user_rows(("ann", "bo b"), 12)
     data = write_rows(tmp_path / "users.jsonl", rows)

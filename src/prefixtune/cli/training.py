@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -148,6 +149,10 @@ def _train_users(ctx: typer.Context, options: dict, tenant: str, overwrite: bool
 
     if resume and overwrite:
         raise ValueError("--resume finishes the run in OUTPUT_DIR and --overwrite replaces it: give one")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "0", "1"):  # each process would train every user into the same store
+        raise ValueError(f"--user-field trains in one process, not under torchrun (WORLD_SIZE={world}): "
+                         "run it as a plain `prefixtune train`")
     typed_tenant = ctx.get_parameter_source("tenant").name not in ("DEFAULT", "DEFAULT_MAP")
     users = UsersConfig(tenant=tenant) if typed_tenant or not resume else None  # None: the saved job's
     result = train_users(TrainConfig(**options), users=users, overwrite=overwrite, resume=resume,
