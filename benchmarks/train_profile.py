@@ -19,6 +19,7 @@ threads (data_parallel.ThreadedHalves), so reparam, forward and backward are one
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 import torch
@@ -128,6 +129,11 @@ def main():
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                                              max_name_column_width=40, max_shapes_column_width=60))
+    if args.json:  # the phase breakdown as one line, as every benchmark's --json ends
+        print(json.dumps({"method": args.method, "steps": args.steps, "batch_size": args.batch_size, "bf16": bf16,
+                          "threads": torch.get_num_threads(), "halves": halves is not None,
+                          "tokens_per_s": tokens / total, "ms_per_step": 1000 * total / args.steps,
+                          "phases_ms_per_step": {k: 1000 * v / args.steps for k, v in phases.items()}}))
 
 
 if __name__ == "__main__":
