@@ -75,6 +75,14 @@ def test_train_checks_data_and_output_dir_before_the_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_infinite_epochs_and_lr_before_the_model(tmp_path):
+    # --epochs inf was an OverflowError traceback once the model loaded; --lr inf trained every step on NaN
+    for flag, message in (("--epochs", "epochs must be > 0 and finite"), ("--lr", "lr must be > 0 and finite")):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, flag, "inf"))
+        assert message in line, (flag, line)
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_refuses_a_misspelt_which_instead_of_exporting_the_last_step(tmp_path):
     import pytest
 

@@ -1,6 +1,7 @@
 """`TrainConfig`: every training option with its default, in one place (the CLI takes its defaults from here)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .models import DEFAULT_MODEL
@@ -60,10 +61,10 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "early_stop_patience", "dev_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.epochs < math.inf:  # inf: no step count (an OverflowError once the model loaded)
+            raise ValueError(f"epochs must be > 0 and finite, got {self.epochs}")
+        if self.lr is not None and not 0 < self.lr < math.inf:  # inf: every weight NaN after one step
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.prefix_dropout < 1:
             raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
         if self.precision not in ("auto", "bf16", "fp32"):
