@@ -65,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0 and finite, got {self.epochs}")
         if self.lr is not None and not 0 < self.lr < math.inf:  # inf: every weight NaN after one step
             raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        if not 0 <= self.grad_clip < math.inf:  # 0: no clipping; a negative norm flips every gradient (ascent)
+            raise ValueError(f"grad_clip must be >= 0 and finite (0: no clipping), got {self.grad_clip}")
         if not 0 <= self.prefix_dropout < 1:
             raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
         if self.precision not in ("auto", "bf16", "fp32"):
