@@ -223,7 +223,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         with torch.no_grad():
             p = {g: t.detach().float().cpu() for g, t in module().items()}
         final = state.history[-1].get("dev_loss") if state.history else None
-        stop = "early_stop" if state.stopped_early else ("step_limit" if config.max_steps else "epoch_limit")
+        stop = ("diverged" if state.diverged else "early_stop" if state.stopped_early
+                else "step_limit" if config.max_steps else "epoch_limit")
         row = {"user": state.user, "prefix": state.name, "examples": len(state.examples),
                "dev_examples": len(state.dev_examples), "steps": state.step, "best_step": state.best["step"],
                "best_dev_loss": state.best["loss"], "final_dev_loss": final, "last_train_loss": state.last_loss,
@@ -247,7 +248,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
                                                    frozen, halves)
         train_time += time.perf_counter() - start
         tokens, padded = tokens + round_tokens, padded + round_padded
-        due = [i for i, state in enumerate(active) if state.eval_due(config.eval_every)]
+        due = [i for i, state in enumerate(active) if not state.diverged and state.eval_due(config.eval_every)]
         start = time.perf_counter()
         dev_losses = _dev_losses({i: active[i] for i in due}, model, spec, collate, device, bf16, users, config,
                                 frozen)
@@ -286,6 +287,7 @@ def _train_round(active: list[UserState], batches: dict, model, spec, collate, d
         state.step_with(prefixes[i], leaves[i], config.grad_clip)
         state.last_loss = sums[i][0] / max(sums[i][1], 1)
         state.train_losses.append(state.last_loss)
+        state.check_finite()
     tokens = sum(len(e["input_ids"]) + (len(e["labels"]) if spec.family != "decoder" else 0)
                  for batch in batches.values() for e in batch)
     return tokens, sum(sum(key) * len(group) for key, groups in passes for _, group in groups)
