@@ -85,6 +85,14 @@ def test_train_refuses_infinite_epochs_and_lr_before_the_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_an_adapter_budget_that_is_no_fraction_before_the_model(tmp_path):
+    # inf was an OverflowError traceback once the model loaded; nan "cannot convert float NaN to integer"
+    for value in ("inf", "nan", "0"):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--method", "adapter",
+                                 "--adapter-budget", value))
+        assert "adapter_budget must be a fraction > 0" in line, (value, line)
+
+
 def test_train_refuses_a_negative_or_nan_grad_clip(tmp_path):
     # clip_grad_norm_ with a negative norm scales every gradient by a negative factor: the loss went up
     # (tiny gpt2, 20 steps: 5.696 -> 5.714 with -1, -> 5.664 with 1); NaN made every weight NaN

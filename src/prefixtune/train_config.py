@@ -71,6 +71,9 @@ class TrainConfig:
             raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if not 0 < self.adapter_budget < math.inf:  # inf was an OverflowError traceback, NaN a cryptic line
+            raise ValueError(f"adapter_budget must be a fraction > 0 of the model's parameters, got "
+                             f"{self.adapter_budget}")
         if self.template is not None:
             check_template(self.template)
         if not 0 <= self.dev_fraction < 1:
