@@ -278,7 +278,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
 def _train_round(active: list[UserState], batches: dict, model, spec, collate, device, bf16: bool,
                  users: UsersConfig, config: TrainConfig, frozen, halves=None) -> tuple[int, int]:
     """Every resident user takes one step on their own batch; returns (tokens, padded tokens) computed."""
-    prefixes = {i: state.prefix(device, bf16) for i, state in enumerate(active)}
+    prefixes = {i: state.prefix(device) for i, state in enumerate(active)}
     leaves = {i: gradient_leaves(p) for i, p in prefixes.items()}
     normalisers = {i: sum(target_count(e, spec.family) for e in batch) for i, batch in batches.items()}
     passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
@@ -301,7 +301,7 @@ def _dev_losses(states: dict, model, spec, collate, device, bf16, users: UsersCo
         return {}
     for state in states.values():
         state.module.eval()
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # P in float32, as train.py's dev loss
         prefixes = {i: states[i].module() for i in batches}
     for state in states.values():
         state.module.train()
