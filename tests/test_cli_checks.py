@@ -93,6 +93,16 @@ def test_train_refuses_an_adapter_budget_that_is_no_fraction_before_the_model(tm
         assert "adapter_budget must be a fraction > 0" in line, (value, line)
 
 
+def test_early_stopping_without_a_dev_loss_during_training_is_refused(tmp_path):
+    # it was ignored silently: --eval-every 0 measures the dev loss at the end only, --dev-size 0 never
+    for flags in (("--eval-every", "0"), ("--dev-size", "0"), ("--data", tmp_path / "d.jsonl", "--user-field", "u",
+                                                               "--eval-every", "0")):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--early-stop-patience", "2",
+                                 *flags))
+        assert "early_stop_patience 2 needs a dev loss during training" in line, (flags, line)
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_refuses_a_negative_or_nan_grad_clip(tmp_path):
     # clip_grad_norm_ with a negative norm scales every gradient by a negative factor: the loss went up
     # (tiny gpt2, 20 steps: 5.696 -> 5.714 with -1, -> 5.664 with 1); NaN made every weight NaN

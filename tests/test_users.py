@@ -196,7 +196,8 @@ def test_a_thousand_users_in_one_job(llama, tokenizer, tmp_path):
     from prefixtune.serve import PrefixStore, ServeSettings
 
     train_pairs, dev_pairs = user_data(1000, 3, dev=1)
-    result = train_users(config(tmp_path, "many", method="prefix-flat", max_steps=2, eval_every=0), llama,
+    result = train_users(config(tmp_path, "many", method="prefix-flat", max_steps=2, eval_every=0,
+                                early_stop_patience=0), llama,
                          tokenizer, train_pairs, dev_pairs, progress=False)
     assert len(result.users) == 1000 and result.resident_users == 1000
     assert all(r["steps"] == 2 and r["best_step"] == 2 and r["best_dev_loss"] > 0 for r in result.users)

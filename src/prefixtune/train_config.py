@@ -82,3 +82,11 @@ class TrainConfig:
     def prefix_config(self) -> PrefixConfig:
         return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",
                             dropout=self.prefix_dropout, init=self.init)
+
+
+def check_early_stopping(config: TrainConfig):
+    """Early stopping needs dev losses while training: without them the option was ignored silently. Checked when a
+    run starts, not in __post_init__: a saved run's config must still load to be exported or resumed."""
+    if config.early_stop_patience and not (config.eval_every and config.dev_size):
+        raise ValueError(f"early_stop_patience {config.early_stop_patience} needs a dev loss during training: "
+                         f"eval_every >= 1 and dev_size >= 1 (got {config.eval_every} and {config.dev_size})")

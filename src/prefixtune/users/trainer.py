@@ -36,7 +36,7 @@ from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, cl
 from ..serve.tenants import tenant_dir_name
 from ..tracking import UsersLog
 from ..train import use_bf16
-from ..train_config import TrainConfig
+from ..train_config import TrainConfig, check_early_stopping
 from .config import METHODS, UsersConfig
 from .names import prefix_names
 from .result import UsersResult, write_summary
@@ -144,6 +144,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
             users = replace(saved_users, **{k: v for k, v in asdict(users or UsersConfig()).items() if v != default[k]})
     if resumed is None:  # saved with its data files absolute: --resume from another directory finds them
         config = with_local_paths(config)
+        check_early_stopping(config)
     users = users or UsersConfig()
     # a missing tracker fails before data or model load
     watch = UsersLog(config.report_to, config.output_dir, {**asdict(config), "tenant": users.tenant})
