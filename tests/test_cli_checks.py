@@ -6,6 +6,8 @@ import json
 
 from conftest import error_line, invoke
 
+from prefixtune.train_config import TrainConfig
+
 NO_MODEL = "/no/such/model-dir"  # loading it would fail: an error about anything else proves the order
 
 
@@ -73,6 +75,41 @@ def test_train_checks_data_and_output_dir_before_the_model(tmp_path):
         line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, flag, value))
         assert message in line, (flag, line)
     assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_infinite_epochs_and_lr_before_the_model(tmp_path):
+    # --epochs inf was an OverflowError traceback once the model loaded; --lr inf trained every step on NaN
+    for flag, message in (("--epochs", "epochs must be > 0 and finite"), ("--lr", "lr must be > 0 and finite")):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, flag, "inf"))
+        assert message in line, (flag, line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_an_adapter_budget_that_is_no_fraction_before_the_model(tmp_path):
+    # inf was an OverflowError traceback once the model loaded; nan "cannot convert float NaN to integer"
+    for value in ("inf", "nan", "0"):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--method", "adapter",
+                                 "--adapter-budget", value))
+        assert "adapter_budget must be a fraction > 0" in line, (value, line)
+
+
+def test_early_stopping_without_a_dev_loss_during_training_is_refused(tmp_path):
+    # it was ignored silently: --eval-every 0 measures the dev loss at the end only, --dev-size 0 never
+    for flags in (("--eval-every", "0"), ("--dev-size", "0"), ("--data", tmp_path / "d.jsonl", "--user-field", "u",
+                                                               "--eval-every", "0")):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--early-stop-patience", "2",
+                                 *flags))
+        assert "early_stop_patience 2 needs a dev loss during training" in line, (flags, line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_negative_or_nan_grad_clip(tmp_path):
+    # clip_grad_norm_ with a negative norm scales every gradient by a negative factor: the loss went up
+    # (tiny gpt2, 20 steps: 5.696 -> 5.714 with -1, -> 5.664 with 1); NaN made every weight NaN
+    for value in ("-1", "nan"):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--grad-clip", value))
+        assert "grad_clip must be >= 0" in line, (value, line)
+    assert TrainConfig(grad_clip=0).grad_clip == 0  # 0: no clipping, as documented
 
 
 def test_export_refuses_a_misspelt_which_instead_of_exporting_the_last_step(tmp_path):

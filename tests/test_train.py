@@ -171,3 +171,28 @@ def test_a_run_is_never_replaced_silently(tokenizer, tmp_path):
     result = train(other, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False, overwrite=True)
     assert result.steps == 2 and not (out / "prefix.safetensors").exists()  # the old run's export is gone
     assert (out / "prompt-embeddings.safetensors").is_file()
+
+
+
+def _poison_at(at):
+    """on_step: every trained weight NaN after step `at`, so step at+1's loss is NaN (a run that diverges)."""
+    def poison(step, logs, module):
+        if step == at:
+            with torch.no_grad():
+                for p in module.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+    return poison
+
+
+def test_a_diverged_run_stops_and_keeps_its_best_step(tokenizer, tmp_path):
+    # it trained every later step on NaN; without a dev loss it wrote NaN weights as its result, exit code 0
+    cfg = config(tmp_path / "a", method="finetune", max_steps=6, eval_every=0, save_every=0, prefix_dropout=0.0)
+    with pytest.raises(ValueError, match=r"diverged: the loss is not finite \(nan on this process\) at step 3"):
+        train(cfg, tiny_model("llama"), tokenizer, PAIRS, [], progress=False, on_step=_poison_at(2))
+    assert not (tmp_path / "a" / "run" / "finetuned-model.safetensors").exists()
+    # with a best step measured before it, the run stops there and exports that step
+    cfg = config(tmp_path / "b", max_steps=6, eval_every=1, save_every=0)
+    result = train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False, on_step=_poison_at(3))
+    assert (result.stop_reason, result.steps) == ("diverged", 4) and result.best_step <= 3
+    assert all(torch.isfinite(t).all() for t in load_file(result.prefix_file).values())

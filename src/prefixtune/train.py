@@ -31,7 +31,7 @@ from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpo
                       data_provenance, describe_data, finished_result, given_options, remove_stale_temps_of_run,
                       resumed_config, saved_config, with_local_paths)
 from .precision import FrozenBf16Step, bf16_available
-from .train_config import TrainConfig
+from .train_config import TrainConfig, check_early_stopping
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
 
@@ -51,7 +51,7 @@ class TrainResult:
     history: list = field(default_factory=list)
     train_seconds: float = 0.0           # optimiser steps only
     padded_tokens: int = 0               # positions computed, padding included (this process)
-    stop_reason: str = "step_limit"      # early_stop | epoch_limit | step_limit
+    stop_reason: str = "step_limit"      # early_stop | epoch_limit | step_limit | diverged (a non-finite loss)
     epochs_run: float = 0.0              # optimiser steps / steps per epoch
     # the trained method, to decode with; not in result.json
     method: object = field(default=None, repr=False, compare=False, metadata={"json": False})
@@ -163,6 +163,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             return _finished_run(config, finished, model, tokenizer)
     else:  # saved with its data files absolute: --resume from another directory finds them
         config = with_local_paths(config)
+        check_early_stopping(config)
     watch = TrainingLog(config.report_to, out_dir, asdict(config))  # a missing tracker fails before data or model load
     from_api = train_pairs is not None
     if from_api:
@@ -265,6 +266,10 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     halves = (threaded_halves(accelerator.device, *method.loss_modules())
               if world == 1 and sum(p.numel() for p in trained) < all_weights / 4 else None)
 
+    def non_finite(loss_value: float) -> bool:  # on any process: all stop at the same step (else they would hang)
+        bad = torch.tensor(float(not math.isfinite(loss_value)), device=accelerator.device)
+        return bool((accelerator.reduce(bad, "sum") if world > 1 else bad).item())
+
     def loss_of(batch):  # autocast is per thread: entered by the thread that runs the loss
         with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
             return method.loss(module, batch)
@@ -275,6 +280,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     train_time = 0.0  # optimiser steps only: dev evaluation and checkpoints are not throughput
     train_cpu_time = 0.0  # the same steps in this process's CPU time (fair on a shared machine)
     stopped_early = early_stop_due(history, best["step"], config.early_stop_patience)
+    diverged = False
     while step < total_steps and not stopped_early:
         epoch, offset = divmod(step, steps_per_epoch)
         batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed * 100003 + epoch)
@@ -297,6 +303,14 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_value = loss.item()  # also waits for an accelerator to finish the step
+            if non_finite(loss_value):  # every later step would train on NaN: stop, keeping the best step
+                if best["state"] is None:  # else the export would be NaN weights
+                    bar.close()
+                    raise ValueError(f"training diverged: the loss is not finite ({loss_value} on this process) at "
+                                     f"step {step}, before any dev loss was measured; lower --lr (or try --precision "
+                                     f"fp32)")
+                diverged = stopped_early = True
+                break
             train_time += time.perf_counter() - step_start
             train_cpu_time += time.process_time() - step_cpu_start
             tokens += int(batch["attention_mask"].sum()) + int(batch.get("decoder_attention_mask", torch.zeros(1)).sum())
@@ -306,7 +320,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
                     "tokens_per_s": tokens * world / train_time}
             if config.eval_every and step % config.eval_every == 0 or step == total_steps:
                 logs["dev_loss"] = dev_loss()
-                if logs["dev_loss"] is not None and (best["loss"] is None or logs["dev_loss"] < best["loss"]):
+                if (logs["dev_loss"] is not None and math.isfinite(logs["dev_loss"])  # never a NaN/inf step as best
+                        and (best["loss"] is None or logs["dev_loss"] < best["loss"])):
                     best = {"loss": logs["dev_loss"], "step": step,
                             "state": copy.deepcopy(trained_state(accelerator.unwrap_model(module)))}
                 history.append({k: v for k, v in logs.items()})
@@ -324,7 +339,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
         halves.close()
     elapsed = max(train_time, 1e-9)
     final_dev = history[-1].get("dev_loss") if history else None
-    stop_reason = "early_stop" if stopped_early else ("step_limit" if config.max_steps else "epoch_limit")
+    stop_reason = ("diverged" if diverged else "early_stop" if stopped_early
+                   else "step_limit" if config.max_steps else "epoch_limit")
     save_checkpoint()
     watch.finish(accelerator, history, best["step"])
     # Keep the best step: the exported prefix comes from the lowest dev loss seen.

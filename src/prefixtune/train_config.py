@@ -1,6 +1,7 @@
 """`TrainConfig`: every training option with its default, in one place (the CLI takes its defaults from here)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .models import DEFAULT_MODEL
@@ -60,14 +61,19 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "early_stop_patience", "dev_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.epochs < math.inf:  # inf: no step count (an OverflowError once the model loaded)
+            raise ValueError(f"epochs must be > 0 and finite, got {self.epochs}")
+        if self.lr is not None and not 0 < self.lr < math.inf:  # inf: every weight NaN after one step
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        if not 0 <= self.grad_clip < math.inf:  # 0: no clipping; a negative norm flips every gradient (ascent)
+            raise ValueError(f"grad_clip must be >= 0 and finite (0: no clipping), got {self.grad_clip}")
         if not 0 <= self.prefix_dropout < 1:
             raise ValueError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if not 0 < self.adapter_budget < math.inf:  # inf was an OverflowError traceback, NaN a cryptic line
+            raise ValueError(f"adapter_budget must be a fraction > 0 of the model's parameters, got "
+                             f"{self.adapter_budget}")
         if self.template is not None:
             check_template(self.template)
         if not 0 <= self.dev_fraction < 1:
@@ -76,3 +82,11 @@ class TrainConfig:
     def prefix_config(self) -> PrefixConfig:
         return PrefixConfig(prefix_len=self.prefix_len, mlp_dim=self.mlp_dim, reparam=self.method != "prefix-flat",
                             dropout=self.prefix_dropout, init=self.init)
+
+
+def check_early_stopping(config: TrainConfig):
+    """Early stopping needs dev losses while training: without them the option was ignored silently. Checked when a
+    run starts, not in __post_init__: a saved run's config must still load to be exported or resumed."""
+    if config.early_stop_patience and not (config.eval_every and config.dev_size):
+        raise ValueError(f"early_stop_patience {config.early_stop_patience} needs a dev loss during training: "
+                         f"eval_every >= 1 and dev_size >= 1 (got {config.eval_every} and {config.dev_size})")

@@ -39,6 +39,7 @@ class UserState:
     best: dict = field(default_factory=lambda: {"loss": None, "step": None, "state": None})
     history: list = field(default_factory=list)
     stopped_early: bool = False
+    diverged: bool = False             # a non-finite training loss: stopped there, the best step kept
     last_loss: float | None = None
     train_losses: list = field(default_factory=list)  # since the last dev evaluation: its mean is logged
     _epoch: int | None = None
@@ -60,7 +61,7 @@ class UserState:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps or self.stopped_early
+        return self.step >= self.total_steps or self.stopped_early or self.diverged
 
     def next_batch(self) -> list[dict]:
         """This user's batch for their next step: `train.train`'s length-grouped batches of their data alone."""
@@ -70,9 +71,11 @@ class UserState:
                                                                        seed=self.seed * 100003 + epoch)
         return [self.examples[i] for i in self._batches[offset]]
 
-    def prefix(self, device: torch.device, bf16: bool) -> dict[str, torch.Tensor]:
-        """P for this step, under the user's own generator (dropout) and the job's autocast."""
-        with self._own_rng(device), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+    def prefix(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """P for this step, under the user's own generator (dropout). In float32 even in a bf16 job, as
+        `methods.prefix.PrefixMethod.loss` computes it: through a bf16 MLP, a user's prefix differed from the one
+        `train` gives their rows alone by 0.3-0.7% of the largest |P| (tiny Llama, 6 steps), 6e-8 in float32."""
+        with self._own_rng(device), torch.autocast(device.type, enabled=False):
             return self.module()
 
     def step_with(self, p: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor], grad_clip: float):
@@ -87,6 +90,16 @@ class UserState:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+
+    def check_finite(self):
+        """As `train.train`: a NaN/inf training loss stops this user, keeping their best step; with none, one error
+        (else their prefix would be written to the store, and served, with weights that give NaN)."""
+        if math.isfinite(self.last_loss):
+            return
+        if self.best["state"] is None:
+            raise ValueError(f"user {self.user!r}: training diverged: the loss is {self.last_loss} at step "
+                             f"{self.step}, before any dev loss was measured; lower --lr (or try --precision fp32)")
+        self.diverged = True
 
     @contextlib.contextmanager
     def _own_rng(self, device: torch.device):
@@ -112,7 +125,7 @@ class UserState:
         dev = logs.get("dev_loss")
         if self.train_losses:  # as train.py's history: the mean train loss since the previous evaluation
             logs["train_loss"], self.train_losses = sum(self.train_losses) / len(self.train_losses), []
-        if dev is not None and (self.best["loss"] is None or dev < self.best["loss"]):
+        if dev is not None and math.isfinite(dev) and (self.best["loss"] is None or dev < self.best["loss"]):
             self.best = {"loss": dev, "step": self.step, "state": copy.deepcopy(trained_state(self.module))}
         self.history.append(logs)
         self.stopped_early = early_stop_due(self.history, self.best["step"], patience)

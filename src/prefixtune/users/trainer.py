@@ -36,7 +36,7 @@ from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, cl
 from ..serve.tenants import tenant_dir_name
 from ..tracking import UsersLog
 from ..train import use_bf16
-from ..train_config import TrainConfig
+from ..train_config import TrainConfig, check_early_stopping
 from .config import METHODS, UsersConfig
 from .names import prefix_names
 from .result import UsersResult, write_summary
@@ -144,6 +144,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
             users = replace(saved_users, **{k: v for k, v in asdict(users or UsersConfig()).items() if v != default[k]})
     if resumed is None:  # saved with its data files absolute: --resume from another directory finds them
         config = with_local_paths(config)
+        check_early_stopping(config)
     users = users or UsersConfig()
     # a missing tracker fails before data or model load
     watch = UsersLog(config.report_to, config.output_dir, {**asdict(config), "tenant": users.tenant})
@@ -223,7 +224,8 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         with torch.no_grad():
             p = {g: t.detach().float().cpu() for g, t in module().items()}
         final = state.history[-1].get("dev_loss") if state.history else None
-        stop = "early_stop" if state.stopped_early else ("step_limit" if config.max_steps else "epoch_limit")
+        stop = ("diverged" if state.diverged else "early_stop" if state.stopped_early
+                else "step_limit" if config.max_steps else "epoch_limit")
         row = {"user": state.user, "prefix": state.name, "examples": len(state.examples),
                "dev_examples": len(state.dev_examples), "steps": state.step, "best_step": state.best["step"],
                "best_dev_loss": state.best["loss"], "final_dev_loss": final, "last_train_loss": state.last_loss,
@@ -247,7 +249,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
                                                    frozen, halves)
         train_time += time.perf_counter() - start
         tokens, padded = tokens + round_tokens, padded + round_padded
-        due = [i for i, state in enumerate(active) if state.eval_due(config.eval_every)]
+        due = [i for i, state in enumerate(active) if not state.diverged and state.eval_due(config.eval_every)]
         start = time.perf_counter()
         dev_losses = _dev_losses({i: active[i] for i in due}, model, spec, collate, device, bf16, users, config,
                                 frozen)
@@ -277,7 +279,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
 def _train_round(active: list[UserState], batches: dict, model, spec, collate, device, bf16: bool,
                  users: UsersConfig, config: TrainConfig, frozen, halves=None) -> tuple[int, int]:
     """Every resident user takes one step on their own batch; returns (tokens, padded tokens) computed."""
-    prefixes = {i: state.prefix(device, bf16) for i, state in enumerate(active)}
+    prefixes = {i: state.prefix(device) for i, state in enumerate(active)}
     leaves = {i: gradient_leaves(p) for i, p in prefixes.items()}
     normalisers = {i: sum(target_count(e, spec.family) for e in batch) for i, batch in batches.items()}
     passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
@@ -286,6 +288,7 @@ def _train_round(active: list[UserState], batches: dict, model, spec, collate, d
         state.step_with(prefixes[i], leaves[i], config.grad_clip)
         state.last_loss = sums[i][0] / max(sums[i][1], 1)
         state.train_losses.append(state.last_loss)
+        state.check_finite()
     tokens = sum(len(e["input_ids"]) + (len(e["labels"]) if spec.family != "decoder" else 0)
                  for batch in batches.values() for e in batch)
     return tokens, sum(sum(key) * len(group) for key, groups in passes for _, group in groups)
@@ -299,7 +302,7 @@ def _dev_losses(states: dict, model, spec, collate, device, bf16, users: UsersCo
         return {}
     for state in states.values():
         state.module.eval()
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # P in float32, as train.py's dev loss
         prefixes = {i: states[i].module() for i in batches}
     for state in states.values():
         state.module.train()
