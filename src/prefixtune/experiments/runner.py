@@ -181,7 +181,7 @@ def run_cell(cell: Cell, ctx: Context, cell_id: str) -> dict:
     train_s = time.perf_counter() - started
 
     decoding = DecodingConfig(max_new_tokens=scale.max_new_tokens, num_beams=scale.beams,
-                              length_penalty=scale.length_penalty)
+                              length_penalty=scale.length_penalty, dtype=scale.decode_dtype)
     metrics, hyp_files, primary, test_sizes = {}, {}, {}, {}
     decode_start = time.perf_counter()
     decoded = {}  # loader options -> the scale's own decoding of the whole split (for a subset's comparison)
