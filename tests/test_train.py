@@ -196,3 +196,33 @@ def test_a_diverged_run_stops_and_keeps_its_best_step(tokenizer, tmp_path):
     result = train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False, on_step=_poison_at(3))
     assert (result.stop_reason, result.steps) == ("diverged", 4) and result.best_step <= 3
     assert all(torch.isfinite(t).all() for t in load_file(result.prefix_file).values())
+
+
+LONG_PAIRS = [(f"name : Place{i} | " + "food : Thai | " * 30, "It serves Thai food. " * 15) for i in range(8)]
+
+
+def test_lengths_past_gpt2s_learned_positions_are_refused_before_training(tokenizer, tmp_path):
+    """GPT-2's positions end at n_positions (256 here): a row of prefix + source + target past them was an
+    IndexError out of the forward (a traceback out of `prefixtune train`). The configured lengths that cannot fit
+    are refused, naming the limit and the flags, before any file is written; lengths that fit exactly train."""
+    from prefixtune.users import train_users
+
+    cfg = config(tmp_path / "a", prefix_len=10, max_source_len=200, max_target_len=50)  # 260 > 256
+    with pytest.raises(ValueError, match=r"--prefix-len 10 \+ --max-source-len 200 \+ --max-target-len 50 = 260 "
+                                         r"positions .* tiny-gpt2 has 256 learned positions"):
+        train(cfg, tiny_model("gpt2"), tokenizer, LONG_PAIRS, LONG_PAIRS[:2], progress=False)
+    with pytest.raises(ValueError, match="256 learned positions"):  # the many-users job too
+        train_users(config(tmp_path / "u", prefix_len=10, max_source_len=200, max_target_len=50), tiny_model("gpt2"),
+                    tokenizer, {"a": LONG_PAIRS[:4], "b": LONG_PAIRS[4:]}, progress=False)
+    assert not (tmp_path / "a" / "run").exists() and not (tmp_path / "u" / "run").exists()
+    for method, prefix_len in (("prefix", 6), ("embedding-only", 6), ("finetune-top2", 10)):  # exactly 256
+        virtual = prefix_len if method != "finetune-top2" else 0
+        fits = config(tmp_path / method, method=method, prefix_len=prefix_len, max_source_len=200 - virtual,
+                      max_target_len=56, max_steps=1, eval_every=0, save_every=0)
+        assert train(fits, tiny_model("gpt2"), tokenizer, LONG_PAIRS, LONG_PAIRS[:2], progress=False).steps == 1
+    # an encoder-decoder model: the encoder reads the source, the decoder the target, each within 256
+    bart = config(tmp_path / "bart", prefix_len=10, max_source_len=256, max_target_len=256, max_steps=1,
+                  eval_every=0, save_every=0)
+    assert train(bart, tiny_model("bart"), tokenizer, LONG_PAIRS, LONG_PAIRS[:2], progress=False).steps == 1
+    with pytest.raises(ValueError, match="--max-source-len 257 = 257 positions"):
+        train(config(tmp_path / "b2", max_source_len=257), tiny_model("bart"), tokenizer, LONG_PAIRS, progress=False)

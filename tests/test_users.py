@@ -33,7 +33,8 @@ def user_data(users: int, examples: int, seed: int = 0, dev: int = 2):
 
 def config(tmp_path, name, **overrides):
     options = dict(output_dir=str(tmp_path / name), method="prefix", mlp_dim=16, batch_size=3, max_steps=6,
-                   eval_every=2, early_stop_patience=1, lr=5e-3)
+                   eval_every=2, early_stop_patience=1, lr=5e-3,
+                   max_source_len=128, max_target_len=64)  # within the tiny GPT-2's 256 positions, with the prefix
     return TrainConfig(**{**options, **overrides})
 
 

@@ -31,7 +31,7 @@ from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpo
                       data_provenance, describe_data, finished_result, given_options, remove_stale_temps_of_run,
                       resumed_config, saved_config, with_local_paths)
 from .precision import FrozenBf16Step, bf16_available
-from .train_config import TrainConfig, check_early_stopping
+from .train_config import TrainConfig, check_early_stopping, check_positions
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
 
@@ -179,6 +179,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     set_seed(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model)
+    check_positions(config, model)  # before an old run is cleared: a row past GPT-2's positions was an IndexError
     if replacing:
         clear_run(out_dir)
     if accelerator.is_main_process:  # what a killed save of this run's files left (GBs, never renamed)

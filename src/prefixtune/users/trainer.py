@@ -36,7 +36,7 @@ from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, cl
 from ..serve.tenants import tenant_dir_name
 from ..tracking import UsersLog
 from ..train import use_bf16
-from ..train_config import TrainConfig, check_early_stopping
+from ..train_config import TrainConfig, check_early_stopping, check_positions
 from .config import METHODS, UsersConfig
 from .names import prefix_names
 from .result import UsersResult, write_summary
@@ -160,6 +160,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     device = resolve_device(config.device)
     if model is None:
         model, tokenizer = load_base_model(config.model)
+    check_positions(config, model)  # nor do lengths past the model's learned positions
     if replacing:  # nor does a model that fails to load
         clear_run(out)
     remove_stale_temps_of_run(out)  # what a killed write of the job's files left
