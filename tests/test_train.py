@@ -20,8 +20,9 @@ PAIRS = [(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food.") for i, 
 
 
 def config(tmp_path, **kw):
+    dropout = 0.1 if kw.get("method", "prefix") in ("prefix", "prefix-flat", "infix") else 0.0  # the others: none
     base = dict(output_dir=str(tmp_path / "run"), max_steps=6, batch_size=4, lr=5e-3, prefix_len=3, mlp_dim=16,
-                eval_every=2, save_every=3, seed=7, prefix_dropout=0.1, precision="fp32")
+                eval_every=2, save_every=3, seed=7, prefix_dropout=dropout, precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -167,7 +168,7 @@ def test_a_run_is_never_replaced_silently(tokenizer, tmp_path):
     (out / "result.json").unlink()  # as after a kill: a checkpoint, no result
     with pytest.raises(FileExistsError, match="holds an interrupted run"):
         train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
-    other = replace(cfg, method="embedding-only")
+    other = replace(cfg, method="embedding-only", prefix_dropout=0.0)  # embedding-only has no prefix dropout
     result = train(other, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False, overwrite=True)
     assert result.steps == 2 and not (out / "prefix.safetensors").exists()  # the old run's export is gone
     assert (out / "prompt-embeddings.safetensors").is_file()
@@ -187,7 +188,7 @@ def _poison_at(at):
 
 def test_a_diverged_run_stops_and_keeps_its_best_step(tokenizer, tmp_path):
     # it trained every later step on NaN; without a dev loss it wrote NaN weights as its result, exit code 0
-    cfg = config(tmp_path / "a", method="finetune", max_steps=6, eval_every=0, save_every=0, prefix_dropout=0.0)
+    cfg = config(tmp_path / "a", method="finetune", max_steps=6, eval_every=0, save_every=0)
     with pytest.raises(ValueError, match=r"diverged: the loss is not finite \(nan on this process\) at step 3"):
         train(cfg, tiny_model("llama"), tokenizer, PAIRS, [], progress=False, on_step=_poison_at(2))
     assert not (tmp_path / "a" / "run" / "finetuned-model.safetensors").exists()

@@ -31,7 +31,7 @@ from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpo
                       data_provenance, describe_data, finished_result, given_options, remove_stale_temps_of_run,
                       resumed_config, saved_config, with_local_paths)
 from .precision import FrozenBf16Step, bf16_available
-from .train_config import TrainConfig, check_early_stopping, check_positions
+from .train_config import TrainConfig, check_early_stopping, check_method_options, check_positions
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
 
@@ -164,6 +164,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     else:  # saved with its data files absolute: --resume from another directory finds them
         config = with_local_paths(config)
         check_early_stopping(config)
+        check_method_options(config)
     watch = TrainingLog(config.report_to, out_dir, asdict(config))  # a missing tracker fails before data or model load
     from_api = train_pairs is not None
     if from_api:

@@ -92,6 +92,25 @@ def check_early_stopping(config: TrainConfig):
                          f"eval_every >= 1 and dev_size >= 1 (got {config.eval_every} and {config.dev_size})")
 
 
+# The options only some methods read: a prefix's dropout (on P, through the MLP or not: prefix, prefix-flat, infix)
+# and its initialisation (those and embedding-only's virtual tokens). The others have no prefix to apply them to.
+PREFIX_OPTIONS = {"prefix_dropout": ("prefix", "prefix-flat", "infix"),
+                  "init": ("prefix", "prefix-flat", "infix", "embedding-only")}
+
+
+def check_method_options(config: TrainConfig):
+    """A prefix option set (away from its default) for a method without a prefix (finetune, finetune-top2,
+    adapter) was accepted and ignored silently, and written in train_config.json as if it had applied. Checked
+    when a run starts, as `check_early_stopping`: a saved run's config must still load to be exported or resumed."""
+    defaults = TrainConfig.__dataclass_fields__
+    for name, methods in PREFIX_OPTIONS.items():
+        value = getattr(config, name)
+        if value != defaults[name].default and config.method not in methods:
+            raise ValueError(f"--{name.replace('_', '-')} ({name}={value!r}) applies to the methods "
+                             f"{', '.join(methods)}; method {config.method!r} has no prefix to apply it to: leave it "
+                             f"at its default ({defaults[name].default!r})")
+
+
 # Methods whose k = prefix_len virtual tokens take positions 0..k-1 before x, in a decoder-only model; in an
 # encoder-decoder model only embedding-only's (in front of the encoder input) do.
 VIRTUAL_POSITIONS = {"decoder": ("prefix", "prefix-flat", "infix", "embedding-only"),
