@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -227,3 +228,30 @@ def test_lengths_past_gpt2s_learned_positions_are_refused_before_training(tokeni
     assert train(bart, tiny_model("bart"), tokenizer, LONG_PAIRS, LONG_PAIRS[:2], progress=False).steps == 1
     with pytest.raises(ValueError, match="--max-source-len 257 = 257 positions"):
         train(config(tmp_path / "b2", max_source_len=257), tiny_model("bart"), tokenizer, LONG_PAIRS, progress=False)
+
+
+def test_a_non_finite_dev_loss_is_null_in_result_json(tokenizer, tmp_path, monkeypatch):
+    """result.json is standard JSON: a dev loss that is NaN (as a bf16 overflow on a dev row gives; never the
+    best step) was written `NaN`, which no JSON reader but Python's takes. Now null; finite losses stay numbers."""
+    import prefixtune.methods.prefix as prefix_method
+
+    lm_loss, dev_calls = prefix_method.lm_loss, []
+
+    def nan_after_the_first_dev_loss(*args):
+        loss, n = lm_loss(*args)
+        if not torch.is_grad_enabled():  # a dev batch (4 dev pairs: one batch an evaluation)
+            dev_calls.append(1)
+            loss = loss if len(dev_calls) == 1 else loss * float("nan")
+        return loss, n
+
+    monkeypatch.setattr(prefix_method, "lm_loss", nan_after_the_first_dev_loss)
+    result = train(config(tmp_path, max_steps=4, eval_every=2, save_every=0), tiny_model("llama"), tokenizer, PAIRS,
+                   PAIRS[:4], progress=False)
+    assert result.best_step == 2 and math.isnan(result.final_dev_loss)  # the API keeps the float
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    saved = json.loads((tmp_path / "run" / "result.json").read_text(), parse_constant=refuse)
+    assert saved["final_dev_loss"] is None and [h["dev_loss"] for h in saved["history"]][1] is None
+    assert saved["best_dev_loss"] == result.best_dev_loss and isinstance(saved["history"][0]["dev_loss"], float)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import finite_json
 from .atomic import atomic_write_bytes
 from .cache import enable_gradient_checkpointing
 from .checkpoint import CHECKPOINT, Checkpoint, load_trained_state, trained_state
@@ -360,7 +361,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
                          train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3), method,
                          train_cpu_seconds=train_cpu_time)
     if accelerator.is_main_process:
-        atomic_write_bytes(out_dir / RESULT, json.dumps(result.to_json(), indent=2).encode())
+        # a non-finite dev loss in the history is null (json.dumps would write NaN, which is no JSON)
+        atomic_write_bytes(out_dir / RESULT, finite_json.dumps(result.to_json(), indent=2).encode())
     return result
 
 

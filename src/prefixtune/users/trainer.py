@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_bytes
+from ..finite_json import finite
 from ..checkpoint import load_trained_state
 from ..data.collate import Collator, encode_example
 from ..data_parallel import threaded_halves
@@ -227,10 +228,11 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         final = state.history[-1].get("dev_loss") if state.history else None
         stop = ("diverged" if state.diverged else "early_stop" if state.stopped_early
                 else "step_limit" if config.max_steps else "epoch_limit")
-        row = {"user": state.user, "prefix": state.name, "examples": len(state.examples),
+        # a diverged user's last training loss (and a dev loss measured after it) is NaN: None, as JSON's null
+        row = finite({"user": state.user, "prefix": state.name, "examples": len(state.examples),
                "dev_examples": len(state.dev_examples), "steps": state.step, "best_step": state.best["step"],
                "best_dev_loss": state.best["loss"], "final_dev_loss": final, "last_train_loss": state.last_loss,
-               "stop_reason": stop}
+               "stop_reason": stop})
         save_prefix(prefixes / f"{state.name}.safetensors", p, spec, model_name(model),
                     {**asdict(config), "user": state.user, "best_step": state.best["step"],
                      "best_dev_loss": state.best["loss"], "base_params": base_params, "summary": row,
