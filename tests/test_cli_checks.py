@@ -77,6 +77,24 @@ def test_train_checks_data_and_output_dir_before_the_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_prefix_options_for_a_method_without_a_prefix(tmp_path):
+    """--init and --prefix-dropout were accepted by finetune, finetune-top2 and adapter and ignored silently (and
+    written in train_config.json as if applied): refused before data or model load, naming the option and the
+    methods that use it. At their defaults they are no error; the methods with a prefix take them."""
+    for method, flag, value in (("adapter", "--init", "words:table-to-text:"), ("finetune", "--prefix-dropout", "0.2"),
+                                ("finetune-top2", "--init", "words:x"), ("embedding-only", "--prefix-dropout", "0.1")):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--method", method, flag, value))
+        assert f"{flag} (" in line and f"method {method!r} has no prefix" in line, line
+    assert "applies to the methods prefix, prefix-flat, infix, embedding-only;" in error_line(
+        invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, "--method", "adapter", "--init", "words:x"))
+    assert not (tmp_path / "run").exists()
+    for args in (("--method", "adapter", "--init", "random", "--prefix-dropout", "0"),  # the defaults, typed
+                 ("--method", "infix", "--init", "words:x", "--prefix-dropout", "0.1"),
+                 ("--method", "embedding-only", "--init", "words:x")):
+        line = error_line(invoke("train", "-o", tmp_path / "run", "--model", NO_MODEL, *args))
+        assert "has no prefix" not in line and NO_MODEL in line, (args, line)
+
+
 def test_train_refuses_infinite_epochs_and_lr_before_the_model(tmp_path):
     # --epochs inf was an OverflowError traceback once the model loaded; --lr inf trained every step on NaN
     for flag, message in (("--epochs", "epochs must be > 0 and finite"), ("--lr", "lr must be > 0 and finite")):

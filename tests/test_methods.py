@@ -22,7 +22,8 @@ NEW = ["embedding-only", "infix", "finetune", "finetune-top2", "adapter"]
 
 def config(tmp_path, method, **kw):
     base = dict(output_dir=str(tmp_path / method), method=method, max_steps=2, batch_size=4, lr=1e-2,
-                prefix_len=3, mlp_dim=16, eval_every=0, save_every=0, seed=3, precision="fp32")
+                prefix_len=3, mlp_dim=16, eval_every=0, save_every=0, seed=3, precision="fp32",
+                max_source_len=128, max_target_len=64)  # within the tiny GPT-2's 256 positions, with the prefix
     base.update(kw)
     return TrainConfig(**base)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,8 +21,9 @@ PAIRS = [(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food.") for i, 
 
 
 def config(tmp_path, **kw):
+    dropout = 0.1 if kw.get("method", "prefix") in ("prefix", "prefix-flat", "infix") else 0.0  # the others: none
     base = dict(output_dir=str(tmp_path / "run"), max_steps=6, batch_size=4, lr=5e-3, prefix_len=3, mlp_dim=16,
-                eval_every=2, save_every=3, seed=7, prefix_dropout=0.1, precision="fp32")
+                eval_every=2, save_every=3, seed=7, prefix_dropout=dropout, precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -167,7 +169,7 @@ def test_a_run_is_never_replaced_silently(tokenizer, tmp_path):
     (out / "result.json").unlink()  # as after a kill: a checkpoint, no result
     with pytest.raises(FileExistsError, match="holds an interrupted run"):
         train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False)
-    other = replace(cfg, method="embedding-only")
+    other = replace(cfg, method="embedding-only", prefix_dropout=0.0)  # embedding-only has no prefix dropout
     result = train(other, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False, overwrite=True)
     assert result.steps == 2 and not (out / "prefix.safetensors").exists()  # the old run's export is gone
     assert (out / "prompt-embeddings.safetensors").is_file()
@@ -187,7 +189,7 @@ def _poison_at(at):
 
 def test_a_diverged_run_stops_and_keeps_its_best_step(tokenizer, tmp_path):
     # it trained every later step on NaN; without a dev loss it wrote NaN weights as its result, exit code 0
-    cfg = config(tmp_path / "a", method="finetune", max_steps=6, eval_every=0, save_every=0, prefix_dropout=0.0)
+    cfg = config(tmp_path / "a", method="finetune", max_steps=6, eval_every=0, save_every=0)
     with pytest.raises(ValueError, match=r"diverged: the loss is not finite \(nan on this process\) at step 3"):
         train(cfg, tiny_model("llama"), tokenizer, PAIRS, [], progress=False, on_step=_poison_at(2))
     assert not (tmp_path / "a" / "run" / "finetuned-model.safetensors").exists()
@@ -196,3 +198,60 @@ def test_a_diverged_run_stops_and_keeps_its_best_step(tokenizer, tmp_path):
     result = train(cfg, tiny_model("llama"), tokenizer, PAIRS, PAIRS[:4], progress=False, on_step=_poison_at(3))
     assert (result.stop_reason, result.steps) == ("diverged", 4) and result.best_step <= 3
     assert all(torch.isfinite(t).all() for t in load_file(result.prefix_file).values())
+
+
+LONG_PAIRS = [(f"name : Place{i} | " + "food : Thai | " * 30, "It serves Thai food. " * 15) for i in range(8)]
+
+
+def test_lengths_past_gpt2s_learned_positions_are_refused_before_training(tokenizer, tmp_path):
+    """GPT-2's positions end at n_positions (256 here): a row of prefix + source + target past them was an
+    IndexError out of the forward (a traceback out of `prefixtune train`). The configured lengths that cannot fit
+    are refused, naming the limit and the flags, before any file is written; lengths that fit exactly train."""
+    from prefixtune.users import train_users
+
+    cfg = config(tmp_path / "a", prefix_len=10, max_source_len=200, max_target_len=50)  # 260 > 256
+    with pytest.raises(ValueError, match=r"--prefix-len 10 \+ --max-source-len 200 \+ --max-target-len 50 = 260 "
+                                         r"positions .* tiny-gpt2 has 256 learned positions"):
+        train(cfg, tiny_model("gpt2"), tokenizer, LONG_PAIRS, LONG_PAIRS[:2], progress=False)
+    with pytest.raises(ValueError, match="256 learned positions"):  # the many-users job too
+        train_users(config(tmp_path / "u", prefix_len=10, max_source_len=200, max_target_len=50), tiny_model("gpt2"),
+                    tokenizer, {"a": LONG_PAIRS[:4], "b": LONG_PAIRS[4:]}, progress=False)
+    assert not (tmp_path / "a" / "run").exists() and not (tmp_path / "u" / "run").exists()
+    for method, prefix_len in (("prefix", 6), ("embedding-only", 6), ("finetune-top2", 10)):  # exactly 256
+        virtual = prefix_len if method != "finetune-top2" else 0
+        fits = config(tmp_path / method, method=method, prefix_len=prefix_len, max_source_len=200 - virtual,
+                      max_target_len=56, max_steps=1, eval_every=0, save_every=0)
+        assert train(fits, tiny_model("gpt2"), tokenizer, LONG_PAIRS, LONG_PAIRS[:2], progress=False).steps == 1
+    # an encoder-decoder model: the encoder reads the source, the decoder the target, each within 256
+    bart = config(tmp_path / "bart", prefix_len=10, max_source_len=256, max_target_len=256, max_steps=1,
+                  eval_every=0, save_every=0)
+    assert train(bart, tiny_model("bart"), tokenizer, LONG_PAIRS, LONG_PAIRS[:2], progress=False).steps == 1
+    with pytest.raises(ValueError, match="--max-source-len 257 = 257 positions"):
+        train(config(tmp_path / "b2", max_source_len=257), tiny_model("bart"), tokenizer, LONG_PAIRS, progress=False)
+
+
+def test_a_non_finite_dev_loss_is_null_in_result_json(tokenizer, tmp_path, monkeypatch):
+    """result.json is standard JSON: a dev loss that is NaN (as a bf16 overflow on a dev row gives; never the
+    best step) was written `NaN`, which no JSON reader but Python's takes. Now null; finite losses stay numbers."""
+    import prefixtune.methods.prefix as prefix_method
+
+    lm_loss, dev_calls = prefix_method.lm_loss, []
+
+    def nan_after_the_first_dev_loss(*args):
+        loss, n = lm_loss(*args)
+        if not torch.is_grad_enabled():  # a dev batch (4 dev pairs: one batch an evaluation)
+            dev_calls.append(1)
+            loss = loss if len(dev_calls) == 1 else loss * float("nan")
+        return loss, n
+
+    monkeypatch.setattr(prefix_method, "lm_loss", nan_after_the_first_dev_loss)
+    result = train(config(tmp_path, max_steps=4, eval_every=2, save_every=0), tiny_model("llama"), tokenizer, PAIRS,
+                   PAIRS[:4], progress=False)
+    assert result.best_step == 2 and math.isnan(result.final_dev_loss)  # the API keeps the float
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    saved = json.loads((tmp_path / "run" / "result.json").read_text(), parse_constant=refuse)
+    assert saved["final_dev_loss"] is None and [h["dev_loss"] for h in saved["history"]][1] is None
+    assert saved["best_dev_loss"] == result.best_dev_loss and isinstance(saved["history"][0]["dev_loss"], float)

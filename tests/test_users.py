@@ -33,7 +33,8 @@ def user_data(users: int, examples: int, seed: int = 0, dev: int = 2):
 
 def config(tmp_path, name, **overrides):
     options = dict(output_dir=str(tmp_path / name), method="prefix", mlp_dim=16, batch_size=3, max_steps=6,
-                   eval_every=2, early_stop_patience=1, lr=5e-3)
+                   eval_every=2, early_stop_patience=1, lr=5e-3,
+                   max_source_len=128, max_target_len=64)  # within the tiny GPT-2's 256 positions, with the prefix
     return TrainConfig(**{**options, **overrides})
 
 
@@ -672,3 +673,43 @@ def test_a_user_whose_training_diverges_stops_at_their_best_step_and_no_other_us
     assert same_bytes(exported(result, "user0"), exported(clean, "user0"))
     with pytest.raises(ValueError, match="user 'user1': training diverged: the loss is nan at step 3"):
         train_users(config(tmp_path, "nodev", **cfg), llama, tokenizer, train_pairs, {}, progress=False)
+
+
+def strict_json(text: str):
+    """JSON as the standard has it: Python's json reads NaN and Infinity, which other readers refuse."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_users_non_finite_loss_is_written_as_null_not_nan(llama, tokenizer, tmp_path, monkeypatch):
+    """A user whose loss diverged has a NaN last training loss: users.json held `NaN` (not JSON: a JavaScript or
+    jq reader refuses the file), users.csv `nan`, and their prefix's metadata `NaN`. Now null, an empty cell."""
+    import csv
+
+    from prefixtune.exported import read_header
+    from prefixtune.users.state import UserState
+
+    train_pairs, dev_pairs = user_data(2, 6)
+    step_with = UserState.step_with
+
+    def poisoned(self, *args):
+        step_with(self, *args)
+        if self.user == "user1" and self.step == 2:
+            with torch.no_grad():
+                for p in self.module.parameters():
+                    p.fill_(float("nan"))
+
+    monkeypatch.setattr(UserState, "step_with", poisoned)
+    cfg = config(tmp_path, "nan", precision="fp32", max_steps=4, eval_every=1, early_stop_patience=0)
+    result = train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    out = tmp_path / "nan"
+    rows = {r["user"]: r for r in strict_json((out / "users.json").read_text())["users"]}
+    assert rows["user1"]["stop_reason"] == "diverged" and rows["user1"]["last_train_loss"] is None
+    assert rows["user1"]["final_dev_loss"] is None  # measured on the NaN weights after step 2
+    assert isinstance(rows["user0"]["last_train_loss"], float)  # a finite loss stays a number
+    assert {r["user"]: r for r in result.users}["user1"]["last_train_loss"] is None
+    csv_rows = {r["user"]: r for r in csv.DictReader((out / "users.csv").read_text().splitlines())}
+    assert csv_rows["user1"]["last_train_loss"] == "" and csv_rows["user0"]["last_train_loss"] not in ("", "nan")
+    meta = read_header(store_dir(out, result.tenant) / f"{prefix_name('user1')}.safetensors")[0]
+    assert strict_json(meta["train_config"])["summary"]["last_train_loss"] is None

@@ -55,6 +55,15 @@ def model_spec(model) -> ModelSpec:
                      shapes.head_dim, shapes.hidden_size, cfg.vocab_size)
 
 
+def learned_positions(model) -> int | None:
+    """Rows of a model's learned position table (GPT-2's `wpe`, OPT's and BART's `embed_positions`), the
+    positions a row may take; None where positions are computed (RoPE, T5's relative bias: no table to run past)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("wpe", "embed_positions") and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - getattr(module, "offset", 0)
+    return None
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PREFIXTUNE_CACHE", Path.home() / ".cache" / "prefixtune"))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from . import finite_json
 from .atomic import atomic_write_bytes
 from .models import ModelSpec
 from .prefix import LAYOUT, group_width, groups_of
@@ -78,7 +79,7 @@ def prefix_to_bytes(p: dict[str, torch.Tensor], spec: ModelSpec, base_model: str
         "layout": LAYOUT,
         "groups": json.dumps(groups_of(spec)),
         "dtype": str(dtype).replace("torch.", ""),
-        "train_config": json.dumps(train_config or {}, sort_keys=True, default=str),
+        "train_config": finite_json.dumps(train_config or {}, sort_keys=True, default=str),  # NaN: null
         "sha256": _digest(tensors),
     }
     return save(tensors, metadata=metadata)

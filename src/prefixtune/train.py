@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import finite_json
 from .atomic import atomic_write_bytes
 from .cache import enable_gradient_checkpointing
 from .checkpoint import CHECKPOINT, Checkpoint, load_trained_state, trained_state
@@ -31,7 +32,7 @@ from .run_dir import (RESULT, TRAIN_CONFIG, USERS_KEY, check_output_dir, checkpo
                       data_provenance, describe_data, finished_result, given_options, remove_stale_temps_of_run,
                       resumed_config, saved_config, with_local_paths)
 from .precision import FrozenBf16Step, bf16_available
-from .train_config import TrainConfig, check_early_stopping
+from .train_config import TrainConfig, check_early_stopping, check_method_options, check_positions
 
 PREFIX_FILE = EXPORT_FILES["prefix"]
 
@@ -164,6 +165,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     else:  # saved with its data files absolute: --resume from another directory finds them
         config = with_local_paths(config)
         check_early_stopping(config)
+        check_method_options(config)
     watch = TrainingLog(config.report_to, out_dir, asdict(config))  # a missing tracker fails before data or model load
     from_api = train_pairs is not None
     if from_api:
@@ -179,6 +181,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
     set_seed(config.seed)
     if model is None:
         model, tokenizer = load_base_model(config.model)
+    check_positions(config, model)  # before an old run is cleared: a row past GPT-2's positions was an IndexError
     if replacing:
         clear_run(out_dir)
     if accelerator.is_main_process:  # what a killed save of this run's files left (GBs, never renamed)
@@ -358,7 +361,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, train_pairs=None, dev
                          train_time, padded_tokens, stop_reason, round(step / steps_per_epoch, 3), method,
                          train_cpu_seconds=train_cpu_time)
     if accelerator.is_main_process:
-        atomic_write_bytes(out_dir / RESULT, json.dumps(result.to_json(), indent=2).encode())
+        # a non-finite dev loss in the history is null (json.dumps would write NaN, which is no JSON)
+        atomic_write_bytes(out_dir / RESULT, finite_json.dumps(result.to_json(), indent=2).encode())
     return result
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, learned_positions, model_name, model_spec
 from .prefix import PrefixConfig
 from .templates import check_template
 
@@ -90,3 +90,58 @@ def check_early_stopping(config: TrainConfig):
     if config.early_stop_patience and not (config.eval_every and config.dev_size):
         raise ValueError(f"early_stop_patience {config.early_stop_patience} needs a dev loss during training: "
                          f"eval_every >= 1 and dev_size >= 1 (got {config.eval_every} and {config.dev_size})")
+
+
+# The options only some methods read: a prefix's dropout (on P, through the MLP or not: prefix, prefix-flat, infix)
+# and its initialisation (those and embedding-only's virtual tokens). The others have no prefix to apply them to.
+PREFIX_OPTIONS = {"prefix_dropout": ("prefix", "prefix-flat", "infix"),
+                  "init": ("prefix", "prefix-flat", "infix", "embedding-only")}
+
+
+def check_method_options(config: TrainConfig):
+    """A prefix option set (away from its default) for a method without a prefix (finetune, finetune-top2,
+    adapter) was accepted and ignored silently, and written in train_config.json as if it had applied. Checked
+    when a run starts, as `check_early_stopping`: a saved run's config must still load to be exported or resumed."""
+    defaults = TrainConfig.__dataclass_fields__
+    for name, methods in PREFIX_OPTIONS.items():
+        value = getattr(config, name)
+        if value != defaults[name].default and config.method not in methods:
+            raise ValueError(f"--{name.replace('_', '-')} ({name}={value!r}) applies to the methods "
+                             f"{', '.join(methods)}; method {config.method!r} has no prefix to apply it to: leave it "
+                             f"at its default ({defaults[name].default!r})")
+
+
+# Methods whose k = prefix_len virtual tokens take positions 0..k-1 before x, in a decoder-only model; in an
+# encoder-decoder model only embedding-only's (in front of the encoder input) do.
+VIRTUAL_POSITIONS = {"decoder": ("prefix", "prefix-flat", "infix", "embedding-only"),
+                     "encoder-decoder": ("embedding-only",)}
+
+
+def check_positions(config: TrainConfig, model):
+    """A model with a learned position table (GPT-2, OPT, BART) has no position past its last row: a training row
+    of prefix + source + target beyond it was an IndexError from inside the forward, after the model loaded and
+    the run started. Refused here, from the configured maximum lengths (what a row can reach whatever the data),
+    naming the flags to lower. Models with computed positions (RoPE, T5's relative bias) have no such limit."""
+    positions = learned_positions(model)
+    if positions is None:
+        return
+    family, name = model_spec(model).family, model_name(model)
+    virtual = config.prefix_len if config.method in VIRTUAL_POSITIONS[family] else 0
+    if family == "decoder":  # one token stream: [virtual; source; target]
+        parts = [("--max-source-len", config.max_source_len), ("--max-target-len", config.max_target_len)]
+    else:  # the encoder reads [virtual; source], the decoder the target
+        parts = [("--max-source-len", config.max_source_len)]
+        if config.max_target_len > positions:
+            raise ValueError(f"--max-target-len {config.max_target_len} exceeds the {positions} learned positions of "
+                             f"{name}'s decoder (its position table): lower --max-target-len to at most "
+                             f"{positions}")
+    if virtual:
+        parts.insert(0, ("--prefix-len", virtual))
+    total = sum(n for _, n in parts)
+    if total > positions:
+        flags = [flag for flag, _ in parts]
+        lower = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
+        spelled = " + ".join(f"{flag} {n}" for flag, n in parts)
+        raise ValueError(f"{spelled} = {total} positions a training row may take, but {name} has "
+                         f"{positions} learned positions (its position table): lower {lower} so that "
+                         f"{'they sum' if len(flags) > 1 else 'it comes'} to at most {positions}")

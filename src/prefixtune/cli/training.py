@@ -34,8 +34,9 @@ def train(
     seed: int = typer.Option(TRAIN.seed),
     prefix_len: int = typer.Option(TRAIN.prefix_len),
     mlp_dim: int = typer.Option(TRAIN.mlp_dim, help="d': width of P' and the MLP"),
-    prefix_dropout: float = typer.Option(TRAIN.prefix_dropout),
-    init: str = typer.Option(TRAIN.init, help='random | words:"table-to-text:"'),
+    prefix_dropout: float = typer.Option(TRAIN.prefix_dropout, help="dropout on P (prefix, prefix-flat, infix)"),
+    init: str = typer.Option(TRAIN.init, help='random | words:"table-to-text:" (prefix, prefix-flat, infix, '
+                                              'embedding-only)'),
     lr: Optional[float] = typer.Option(TRAIN.lr, help="default: the method's (prefix 5e-4, prefix-flat 5e-3)"),
     batch_size: int = typer.Option(TRAIN.batch_size),
     max_steps: Optional[int] = typer.Option(TRAIN.max_steps, help="default: --epochs epochs"),

@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from ..models import model_spec
+from ..models import learned_positions, model_spec
 from ..prefix import group_width, groups_of
 from . import llama_fast, sampling
 from .beam import BeamGroup
@@ -57,15 +57,6 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     if dtype not in names:
         raise ValueError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
     return names[dtype]
-
-
-def learned_positions(model) -> int | None:
-    """Rows of a model's learned position table (GPT-2's `wpe`, OPT's `embed_positions`), the positions a
-    row may take; None where positions are computed (RoPE: no table to run past)."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("wpe", "embed_positions") and isinstance(module, torch.nn.Embedding):
-            return module.num_embeddings - getattr(module, "offset", 0)
-    return None
 
 
 class Engine:

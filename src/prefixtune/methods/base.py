@@ -96,17 +96,17 @@ def _clean(text: str, config) -> str:
 
 def save_weights(path, tensors: dict[str, torch.Tensor], method: Method, metadata: dict):
     """Write trained weights (safetensors, atomically) with the method, base model and config as metadata."""
-    import json
     from pathlib import Path
 
     from safetensors.torch import save
 
+    from .. import finite_json
     from ..atomic import atomic_write_bytes
     from ..models import model_name
 
     tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
     meta = {"format": "prefixtune.weights/1", "method": method.name, "base_model": model_name(method.model),
             "fingerprint": method.spec.fingerprint(),
-            "train_config": json.dumps(metadata or {}, sort_keys=True, default=str)}
+            "train_config": finite_json.dumps(metadata or {}, sort_keys=True, default=str)}  # NaN: null
     atomic_write_bytes(path, save(tensors, metadata=meta))
     return Path(path)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import finite_json
 from ..atomic import atomic_write_bytes
 from ..run_dir import USERS_CSV, USERS_SUMMARY
 
@@ -55,9 +55,10 @@ def _cell(value) -> str:
 
 
 def write_summary(result: UsersResult, out: Path):
-    """OUT/users.json (the whole result) and OUT/users.csv (one row per user), each written atomically."""
-    rows = sorted(result.users, key=lambda r: r["user"])
-    atomic_write_bytes(out / USERS_SUMMARY, json.dumps({**result.to_json(), "users": rows}, indent=2).encode())
+    """OUT/users.json (the whole result) and OUT/users.csv (one row per user), each written atomically. A
+    non-finite number (a diverged user's NaN loss) is null in the JSON (`NaN` is no JSON), an empty CSV cell."""
+    rows = finite_json.finite(sorted(result.users, key=lambda r: r["user"]))
+    atomic_write_bytes(out / USERS_SUMMARY, finite_json.dumps({**result.to_json(), "users": rows}, indent=2).encode())
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

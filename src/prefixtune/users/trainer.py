@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_bytes
+from ..finite_json import finite
 from ..checkpoint import load_trained_state
 from ..data.collate import Collator, encode_example
 from ..data_parallel import threaded_halves
@@ -36,7 +37,7 @@ from ..run_dir import (NOT_THE_RUN, USERS_KEY, USERS_STORE, check_output_dir, cl
 from ..serve.tenants import tenant_dir_name
 from ..tracking import UsersLog
 from ..train import use_bf16
-from ..train_config import TrainConfig, check_early_stopping
+from ..train_config import TrainConfig, check_early_stopping, check_positions
 from .config import METHODS, UsersConfig
 from .names import prefix_names
 from .result import UsersResult, write_summary
@@ -160,6 +161,7 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
     device = resolve_device(config.device)
     if model is None:
         model, tokenizer = load_base_model(config.model)
+    check_positions(config, model)  # nor do lengths past the model's learned positions
     if replacing:  # nor does a model that fails to load
         clear_run(out)
     remove_stale_temps_of_run(out)  # what a killed write of the job's files left
@@ -226,10 +228,11 @@ def train_users(config: TrainConfig, model=None, tokenizer=None, train: dict | N
         final = state.history[-1].get("dev_loss") if state.history else None
         stop = ("diverged" if state.diverged else "early_stop" if state.stopped_early
                 else "step_limit" if config.max_steps else "epoch_limit")
-        row = {"user": state.user, "prefix": state.name, "examples": len(state.examples),
+        # a diverged user's last training loss (and a dev loss measured after it) is NaN: None, as JSON's null
+        row = finite({"user": state.user, "prefix": state.name, "examples": len(state.examples),
                "dev_examples": len(state.dev_examples), "steps": state.step, "best_step": state.best["step"],
                "best_dev_loss": state.best["loss"], "final_dev_loss": final, "last_train_loss": state.last_loss,
-               "stop_reason": stop}
+               "stop_reason": stop})
         save_prefix(prefixes / f"{state.name}.safetensors", p, spec, model_name(model),
                     {**asdict(config), "user": state.user, "best_step": state.best["step"],
                      "best_dev_loss": state.best["loss"], "base_params": base_params, "summary": row,
