@@ -109,3 +109,12 @@ def test_an_unknown_scale_or_an_empty_folder_is_one_error_line(tmp_path):
     assert "no finished study" in error_line(invoke("experiment", "personalization", "--out", tmp_path / "q",
                                                     "--report-only"))
     assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("option", [["--task", "e2e"], ["--epochs", "3"], ["--reuse-from", "reports/lowdata"],
+                                    ["--rates-from", "reports/lowdata"], ["--ray", "local"]])
+def test_an_option_of_the_grid_studies_is_refused_not_ignored(tmp_path, option):
+    # the study has no tasks, epochs, cells or Ray tasks: these options used to be dropped, and the study ran
+    line = error_line(invoke("experiment", "personalization", "--scale", "tiny", "--out", tmp_path / "p", *option))
+    assert option[0] in line and "do not apply" in line
+    assert not (tmp_path / "p").exists()
