@@ -118,3 +118,25 @@ def test_an_option_of_the_grid_studies_is_refused_not_ignored(tmp_path, option):
     line = error_line(invoke("experiment", "personalization", "--scale", "tiny", "--out", tmp_path / "p", *option))
     assert option[0] in line and "do not apply" in line
     assert not (tmp_path / "p").exists()
+
+
+def test_a_wrong_model_is_one_error_line_and_nothing_is_written(tmp_path, data_root):
+    # it used to write OUT/.work, start a `prefixtune train` process and exit 1 with that process's output
+    line = error_line(invoke("experiment", "personalization", "--scale", "tiny", "--out", tmp_path / "p",
+                             "--model", tmp_path / "no-such-model", "--data-dir", data_root))
+    assert "model directory not found" in line and "no-such-model" in line
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_failed_training_process_is_one_error_line_and_leaves_no_work(tmp_path, tiny_dir, data_root, monkeypatch):
+    from types import SimpleNamespace
+
+    def failing_run(*args, **kw):  # as benchmarks/train_many.py's `run` reports a process that failed
+        raise SystemExit("error: train --data x.jsonl failed:\nTraceback (most recent call last):\n"
+                         "error: the loss is nan at step 1\npeak_rss_kb 1234\n")
+
+    monkeypatch.setattr(personalization, "train_many_module", lambda: SimpleNamespace(run=failing_run))
+    line = error_line(invoke("experiment", "personalization", "--scale", "tiny", "--out", tmp_path / "p",
+                             "--model", tiny_dir, "--data-dir", data_root))
+    assert line.endswith("failed: the loss is nan at step 1"), line
+    assert not (tmp_path / "p").exists()

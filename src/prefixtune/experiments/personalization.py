@@ -129,8 +129,19 @@ def train_all(scale: PScale, model: str, users: list[str], work: Path, threads: 
     extra = ["--init", scale.init, "--overwrite"] + (["--lr", str(scale.lr)] if scale.lr is not None else [])
     separate = {}
 
+    def process(what, *run_args, **options):
+        """`many.run`, whose failure (a `sys.exit` with the command and the process's output) becomes one line."""
+        try:
+            return many.run(args, *run_args, **options)
+        except SystemExit as e:
+            lines = [line for line in str(e.code).splitlines()[1:] if line.strip()
+                     and not line.startswith("peak_rss_kb ")]
+            errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+            raise RuntimeError(f"the {what} (prefixtune train) failed: "
+                               f"{(errors or lines or ['no output'])[-1]}") from None
+
     def run_separate(user):
-        one = many.run(args, str(work / f"{user}.jsonl"), None, work / "separate" / user, *extra)
+        one = process(f"separate run of {user}", str(work / f"{user}.jsonl"), None, work / "separate" / user, *extra)
         done = json.loads((work / "separate" / user / "result.json").read_text())
         separate[user] = {"wall_s": round(one["wall_s"], 2), "peak_rss_mib": one["peak_rss_mib"],
                           **{k: done.get(k) for k in ("train_seconds", "tokens_per_s", "steps")}}
@@ -138,13 +149,13 @@ def train_all(scale: PScale, model: str, users: list[str], work: Path, threads: 
 
     for user in users[: len(users) // 2]:
         run_separate(user)
-    joint = many.run(args, str(work / "users.jsonl"), None, work / "joint", "--user-field", "user", *extra)
+    joint = process("joint job", str(work / "users.jsonl"), None, work / "joint", "--user-field", "user", *extra)
     summary = json.loads((work / "joint" / "users.json").read_text())
     log(f"joint: {len(users)} users in {joint['wall_s']:.1f}s")
     for user in users[len(users) // 2:]:
         run_separate(user)
-    shared = many.run(args, str(work / "users.jsonl"), None, work / "shared", *extra,
-                      steps=scale.steps * len(users))
+    shared = process("shared prefix", str(work / "users.jsonl"), None, work / "shared", *extra,
+                     steps=scale.steps * len(users))
     log(f"shared: {shared['wall_s']:.1f}s")
     store = joint_store(work)
     diffs = {u: many.max_rel_diff(store / f"{u}.safetensors", work / "separate" / u / "prefix.safetensors")
@@ -232,17 +243,28 @@ def run(scale: str = "cpu", out: str | Path | None = None, model: str | None = N
     train, tests = users_and_tests(s, data_dir)  # the data before anything trains: a missing folder fails at once
     users = list(train)
     results["data"] = {u: {"train_pairs": len(train[u]), "test_entries": len(tests[u])} for u in users}
+    if "serving" in results:
+        return {"report": str(write_personalization_report(out, results)), **headline(results)}
+    from ..models import load_base_model
+
+    # and the model, before anything is written: a wrong --model is one error, not a failed training process
+    loaded, tokenizer = load_base_model(model_name)
     if "training" not in results:
+        created = not out.exists()
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        write_user_files(train, work)
-        results["training"] = train_all(s, model_name, users, work, threads, log)
+        try:
+            write_user_files(train, work)
+            results["training"] = train_all(s, model_name, users, work, threads, log)
+        except Exception:  # a training process failed: no half-trained work left (a re-run starts it again anyway)
+            shutil.rmtree(work, ignore_errors=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            raise
         save()
     if "heatmap" not in results or "serving" not in results:
         from ..bank import PrefixBank
-        from ..models import load_base_model
 
-        loaded, tokenizer = load_base_model(model_name)
         bank = PrefixBank(loaded, tokenizer)
         store = joint_store(work)
         for user in users:
