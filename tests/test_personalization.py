@@ -140,3 +140,46 @@ def test_a_failed_training_process_is_one_error_line_and_leaves_no_work(tmp_path
                              "--model", tiny_dir, "--data-dir", data_root))
     assert line.endswith("failed: the loss is nan at step 1"), line
     assert not (tmp_path / "p").exists()
+
+
+def unserved_copy(study, tmp_path):
+    """A copy of the study as a run killed while serving leaves it: results.json without the serving stage."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(study[0], out)
+    results = json.loads((out / RESULTS).read_text())
+    del results["serving"]
+    (out / RESULTS).write_text(json.dumps(results))
+    return out
+
+
+def trains_again(*args, **kw):
+    raise RuntimeError("trains again")
+
+
+def test_a_killed_run_of_other_settings_leaves_no_stages_the_work_does_not_hold(study, tmp_path, tiny_dir, data_root,
+                                                                                monkeypatch):
+    out = unserved_copy(study, tmp_path)
+
+    def killed(*args, **kw):  # the other run is killed while it trains (its work already wiped)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(personalization, "train_all", killed)
+    with pytest.raises(KeyboardInterrupt):  # another model (the same one by another path): starts again
+        personalization.run("tiny", out, str(tiny_dir) + "/.", data_root, progress=False)
+    # results.json used to keep the first run's stages, so a re-run of it served the killed run's work as its own
+    assert "training" not in json.loads((out / RESULTS).read_text())
+    monkeypatch.setattr(personalization, "train_all", trains_again)
+    with pytest.raises(RuntimeError, match="trains again"):
+        personalization.run("tiny", out, str(tiny_dir), data_root, progress=False)
+
+
+def test_a_study_whose_work_folder_is_gone_trains_again(study, tmp_path, tiny_dir, data_root, monkeypatch):
+    import shutil
+
+    out = unserved_copy(study, tmp_path)
+    shutil.rmtree(out / ".work")  # it used to stop with "No such file or directory: OUT/.work/joint/store"
+    monkeypatch.setattr(personalization, "train_all", trains_again)
+    with pytest.raises(RuntimeError, match="trains again"):
+        personalization.run("tiny", out, str(tiny_dir), data_root, progress=False)

@@ -175,6 +175,13 @@ def train_all(scale: PScale, model: str, users: list[str], work: Path, threads: 
     }
 
 
+def trained_prefixes(work: Path, users: list[str]) -> bool:
+    """Whether `work` holds what the training stage wrote: every user's prefix in the joint store, the shared one."""
+    stores = [p for p in (work / "joint" / "store").iterdir() if p.is_dir()] if (work / "joint" / "store").is_dir() else []
+    return (len(stores) == 1 and all((stores[0] / f"{u}.safetensors").is_file() for u in users)
+            and (work / "shared" / "prefix.safetensors").is_file())
+
+
 def joint_store(work: Path) -> Path:
     """The joint job's tenant folder of prefixes (its only one)."""
     return next(p for p in (work / "joint" / "store").iterdir() if p.is_dir())
@@ -249,17 +256,23 @@ def run(scale: str = "cpu", out: str | Path | None = None, model: str | None = N
 
     # and the model, before anything is written: a wrong --model is one error, not a failed training process
     loaded, tokenizer = load_base_model(model_name)
+    if "training" in results and not trained_prefixes(work, users):  # OUT/.work removed: its stages cannot resume
+        log(f"{work}: the trained prefixes are not there; training again")
+        results = {k: v for k, v in results.items() if k not in ("training", "heatmap")}
+    if "heatmap" in results and not (out / OUTPUTS).is_file():
+        del results["heatmap"]
     if "training" not in results:
         created = not out.exists()
+        # before the work is wiped: a killed run of other settings must not leave results.json naming stages
+        # that the work no longer holds (a re-run with those settings would serve these prefixes as its own)
+        save()
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
             write_user_files(train, work)
             results["training"] = train_all(s, model_name, users, work, threads, log)
         except Exception:  # a training process failed: no half-trained work left (a re-run starts it again anyway)
-            shutil.rmtree(work, ignore_errors=True)
-            if created and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
+            shutil.rmtree(out if created else work, ignore_errors=True)
             raise
         save()
     if "heatmap" not in results or "serving" not in results:
