@@ -183,3 +183,11 @@ def test_a_study_whose_work_folder_is_gone_trains_again(study, tmp_path, tiny_di
     monkeypatch.setattr(personalization, "train_all", trains_again)
     with pytest.raises(RuntimeError, match="trains again"):
         personalization.run("tiny", out, str(tiny_dir), data_root, progress=False)
+
+
+def test_an_out_that_is_a_file_is_one_error_line(tmp_path, tiny_dir, data_root):
+    (tmp_path / "notes.txt").write_text("mine")  # it used to be a NotADirectoryError traceback, once the data loaded
+    line = error_line(invoke("experiment", "personalization", "--scale", "tiny", "--out", tmp_path / "notes.txt",
+                             "--model", tiny_dir, "--data-dir", data_root))
+    assert "notes.txt" in line and "is a file" in line
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -230,6 +230,8 @@ def run(scale: str = "cpu", out: str | Path | None = None, model: str | None = N
         raise ValueError(f"study {NAME!r} has the scales {', '.join(SCALES)}; not {scale!r}")
     s = SCALES[scale]
     out = Path(out or Path("reports") / NAME)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file: give the study's folder")
     work = out / ".work"
     results_file = out / RESULTS
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
