@@ -41,8 +41,9 @@ def test_each_user_trains_only_on_its_own_categorys_rows(study, data_root):
     for summary in results["training"]["joint"]["users"]:
         assert summary["examples"] == sum(row["user"] == summary["user"] for row in rows) == SCALES["tiny"].train_size
         assert summary["steps"] == SCALES["tiny"].steps
-    # the joint job's prefix of a user is the one a separate run on that user's rows alone trains
-    assert results["training"]["max_rel_diff_joint_vs_separate"] < 1e-2
+    # the joint job's prefix of a user is the one a separate run on that user's rows alone trains: within 1e-5 of
+    # the largest |P| on the tiny model, as docs/users.md states (measured about 1e-7)
+    assert results["training"]["max_rel_diff_joint_vs_separate"] < 1e-5
     assert set(results["training"]["separate"]["runs"]) == set(users)
 
 
