@@ -124,6 +124,13 @@ def experiment(
         if given:
             _fail(f"table1 summarises the converged main studies' reports and runs nothing: {', '.join(given)} "
                   f"do not apply (regenerate a study with its own command, then table1)")
+    if name == "personalization":  # one study of its own (WebNLG categories as users), not a grid of cells
+        given = [flag for flag, value in (("--task", task), ("--epochs", epochs), ("--reuse-from", reuse_from),
+                                          ("--rates-from", rates_from), ("--ray", ray)) if value is not None]
+        if given:
+            _fail(f"personalization takes --scale, --out, --model, --data-dir, --threads and --report-only: "
+                  f"{', '.join(given)} do not apply (its users are WebNLG's categories; its stages resume from "
+                  f"OUT/results.json)")
     try:
         if name == "table1":
             from ..experiments.table1 import write_summary

@@ -129,8 +129,19 @@ def train_all(scale: PScale, model: str, users: list[str], work: Path, threads: 
     extra = ["--init", scale.init, "--overwrite"] + (["--lr", str(scale.lr)] if scale.lr is not None else [])
     separate = {}
 
+    def process(what, *run_args, **options):
+        """`many.run`, whose failure (a `sys.exit` with the command and the process's output) becomes one line."""
+        try:
+            return many.run(args, *run_args, **options)
+        except SystemExit as e:
+            lines = [line for line in str(e.code).splitlines()[1:] if line.strip()
+                     and not line.startswith("peak_rss_kb ")]
+            errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+            raise RuntimeError(f"the {what} (prefixtune train) failed: "
+                               f"{(errors or lines or ['no output'])[-1]}") from None
+
     def run_separate(user):
-        one = many.run(args, str(work / f"{user}.jsonl"), None, work / "separate" / user, *extra)
+        one = process(f"separate run of {user}", str(work / f"{user}.jsonl"), None, work / "separate" / user, *extra)
         done = json.loads((work / "separate" / user / "result.json").read_text())
         separate[user] = {"wall_s": round(one["wall_s"], 2), "peak_rss_mib": one["peak_rss_mib"],
                           **{k: done.get(k) for k in ("train_seconds", "tokens_per_s", "steps")}}
@@ -138,13 +149,13 @@ def train_all(scale: PScale, model: str, users: list[str], work: Path, threads: 
 
     for user in users[: len(users) // 2]:
         run_separate(user)
-    joint = many.run(args, str(work / "users.jsonl"), None, work / "joint", "--user-field", "user", *extra)
+    joint = process("joint job", str(work / "users.jsonl"), None, work / "joint", "--user-field", "user", *extra)
     summary = json.loads((work / "joint" / "users.json").read_text())
     log(f"joint: {len(users)} users in {joint['wall_s']:.1f}s")
     for user in users[len(users) // 2:]:
         run_separate(user)
-    shared = many.run(args, str(work / "users.jsonl"), None, work / "shared", *extra,
-                      steps=scale.steps * len(users))
+    shared = process("shared prefix", str(work / "users.jsonl"), None, work / "shared", *extra,
+                     steps=scale.steps * len(users))
     log(f"shared: {shared['wall_s']:.1f}s")
     store = joint_store(work)
     diffs = {u: many.max_rel_diff(store / f"{u}.safetensors", work / "separate" / u / "prefix.safetensors")
@@ -162,6 +173,13 @@ def train_all(scale: PScale, model: str, users: list[str], work: Path, threads: 
         "max_rel_diff_joint_vs_separate": max(diffs.values()),
         "threads": threads,
     }
+
+
+def trained_prefixes(work: Path, users: list[str]) -> bool:
+    """Whether `work` holds what the training stage wrote: every user's prefix in the joint store, the shared one."""
+    stores = [p for p in (work / "joint" / "store").iterdir() if p.is_dir()] if (work / "joint" / "store").is_dir() else []
+    return (len(stores) == 1 and all((stores[0] / f"{u}.safetensors").is_file() for u in users)
+            and (work / "shared" / "prefix.safetensors").is_file())
 
 
 def joint_store(work: Path) -> Path:
@@ -212,6 +230,8 @@ def run(scale: str = "cpu", out: str | Path | None = None, model: str | None = N
         raise ValueError(f"study {NAME!r} has the scales {', '.join(SCALES)}; not {scale!r}")
     s = SCALES[scale]
     out = Path(out or Path("reports") / NAME)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file: give the study's folder")
     work = out / ".work"
     results_file = out / RESULTS
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
@@ -232,17 +252,34 @@ def run(scale: str = "cpu", out: str | Path | None = None, model: str | None = N
     train, tests = users_and_tests(s, data_dir)  # the data before anything trains: a missing folder fails at once
     users = list(train)
     results["data"] = {u: {"train_pairs": len(train[u]), "test_entries": len(tests[u])} for u in users}
+    if "serving" in results:
+        return {"report": str(write_personalization_report(out, results)), **headline(results)}
+    from ..models import load_base_model
+
+    # and the model, before anything is written: a wrong --model is one error, not a failed training process
+    loaded, tokenizer = load_base_model(model_name)
+    if "training" in results and not trained_prefixes(work, users):  # OUT/.work removed: its stages cannot resume
+        log(f"{work}: the trained prefixes are not there; training again")
+        results = {k: v for k, v in results.items() if k not in ("training", "heatmap")}
+    if "heatmap" in results and not (out / OUTPUTS).is_file():
+        del results["heatmap"]
     if "training" not in results:
+        created = not out.exists()
+        # before the work is wiped: a killed run of other settings must not leave results.json naming stages
+        # that the work no longer holds (a re-run with those settings would serve these prefixes as its own)
+        save()
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        write_user_files(train, work)
-        results["training"] = train_all(s, model_name, users, work, threads, log)
+        try:
+            write_user_files(train, work)
+            results["training"] = train_all(s, model_name, users, work, threads, log)
+        except Exception:  # a training process failed: no half-trained work left (a re-run starts it again anyway)
+            shutil.rmtree(out if created else work, ignore_errors=True)
+            raise
         save()
     if "heatmap" not in results or "serving" not in results:
         from ..bank import PrefixBank
-        from ..models import load_base_model
 
-        loaded, tokenizer = load_base_model(model_name)
         bank = PrefixBank(loaded, tokenizer)
         store = joint_store(work)
         for user in users:
