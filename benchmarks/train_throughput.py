@@ -104,6 +104,17 @@ def worker_ours(args, model, tokenizer, train_pairs, dev_pairs, method="prefix")
             "train_seconds": result.train_seconds, "cpu_seconds": cpu_seconds}
 
 
+def peft_batches(examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` shuffled batches, a new shuffle each epoch, as many steps as ours takes (its trainer goes on
+    into further epochs too): one epoch alone would stop PEFT early (200 rows / 8 = 25 of 30 steps)."""
+    rng, batches = random.Random(seed), []
+    while len(batches) < steps:
+        order = list(range(examples))
+        rng.shuffle(order)
+        batches += [order[i:i + batch_size] for i in range(0, examples, batch_size)]
+    return batches[:steps]
+
+
 def worker_peft(args, model, tokenizer, train_pairs, dev_pairs, autocast: bool):
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -122,9 +133,7 @@ def worker_peft(args, model, tokenizer, train_pairs, dev_pairs, autocast: bool):
         labels = torch.tensor([e["labels"] + [-100] * (longest - len(e["labels"])) for e in batch])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    order = list(range(len(examples)))
-    random.Random(args.seed).shuffle(order)
-    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)][: args.steps]
+    batches = peft_batches(len(examples), args.batch_size, args.steps, args.seed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (args.steps - s) / args.steps))
