@@ -39,7 +39,8 @@ def main():
     model, tokenizer = load_base_model(args.model)
     bank = PrefixBank(model, tokenizer)
     bank.add("e2e", args.prefix)
-    result = {"model": args.model, "prefix": str(args.prefix), "test_mrs": len(records), "threads": args.threads}
+    result = {"model": args.model, "prefix": str(args.prefix), "test_mrs": len(records),
+              "threads": torch.get_num_threads()}
     outputs = {}
     for dtype in ("fp32", "bf16"):
         config = DecodingConfig(max_new_tokens=args.max_new_tokens, dtype=dtype)

@@ -428,7 +428,8 @@ def ratio(a, b):
 
 
 def main(argv=None):
-    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads of each server (1: steady on a shared CPU)")
+    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads of each server (1: steady on a shared CPU)",
+                          min_threads=1)
     ap.add_argument("--prefixes", type=int, default=1000)
     ap.add_argument("--tenants", type=int, default=100)
     ap.add_argument("--prefix-len", type=int, default=10)

@@ -305,7 +305,7 @@ def vllm_model_dir(model_name: str) -> Path:
 
 
 def main(argv=None):
-    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads (1: steady on a shared CPU)")
+    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads (1: steady on a shared CPU; 0: PyTorch's default)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--prefix-len", type=int, default=10)
@@ -325,7 +325,9 @@ def main(argv=None):
     ap.add_argument("--hf-reference", action="store_true",
                     help="also time plain transformers generate (no prefix), one batch against one at a time")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # what ran (and what the two-core rounds restore)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' notes on PEFT's cache arguments
     began = time.perf_counter()
     load_before = os.getloadavg()

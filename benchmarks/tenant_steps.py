@@ -78,7 +78,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=40, help="CPU seconds of greedy arrivals per condition")
     parser.add_argument("--rate", type=float, default=0.8, help="greedy requests per CPU second (~2 rows alone)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # what ran, for the JSON
     from prefixtune.models import load_base_model
     from serve_mixed import e2e_inputs
 

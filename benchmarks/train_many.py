@@ -149,7 +149,7 @@ def max_rel_diff(a_file: Path, b_file: Path) -> float:
 
 
 def main():
-    parser = benchmark_parser(__doc__, threads=1, threads_help="threads of every training process")
+    parser = benchmark_parser(__doc__, threads=1, threads_help="threads of every training process", min_threads=1)
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--examples", type=int, default=200, help="training rows per user")
     parser.add_argument("--dev", type=int, default=20, help="dev rows per user")

@@ -18,3 +18,62 @@ def test_train_throughput_peft_takes_as_many_steps_as_ours():
     assert sorted(i for b in batches[:25] for i in b) == list(range(200))  # the first epoch: every row once
     assert batches[25:] != batches[:5]  # a new shuffle for the next epoch
     assert len(peft_batches(200, 8, 3, seed=1)) == 3
+
+
+SCRIPTS = ("decode_adapter", "decode_dtype_quality", "decode_throughput", "serve_load", "serve_mixed", "tenant_steps",
+           "train_many", "train_profile", "train_throughput")
+
+
+def run_main(monkeypatch, script: str, *argv: str):
+    """The script's main() on these arguments, as `python benchmarks/SCRIPT.py ARGV` would run it."""
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    return module.main()
+
+
+def usage_error(monkeypatch, capsys, script: str, *argv: str) -> str:
+    import pytest
+
+    extra = ("--prefix", "p.safetensors") if script == "decode_dtype_quality" else ()  # its required flag
+    with pytest.raises(SystemExit) as exit_:
+        run_main(monkeypatch, script, *extra, *argv)
+    assert exit_.value.code == 2, (script, argv)  # argparse's usage error, before any model loads
+    return capsys.readouterr().err
+
+
+def test_negative_threads_are_a_usage_error(monkeypatch, capsys):
+    # torch.set_num_threads(-1) raised a RuntimeError traceback (in the scripts that set it)
+    for script in SCRIPTS:
+        err = usage_error(monkeypatch, capsys, script, "--threads", "-1")
+        assert "argument --threads: must be >= " in err and "got -1" in err, script
+    for script in ("serve_load", "train_many"):  # their threads are other processes': 0 means nothing there
+        assert "--threads: must be >= 1, got 0" in usage_error(monkeypatch, capsys, script, "--threads", "0"), script
+
+
+class Loaded(Exception):
+    """Raised in place of loading the model: the arguments were taken."""
+
+
+def test_threads_0_means_pytorchs_default(monkeypatch):
+    # tenant_steps and serve_mixed called torch.set_num_threads(0): a RuntimeError traceback
+    import pytest
+    import torch
+
+    import prefixtune.models
+    import serve_mixed
+
+    def load(*a, **k):
+        raise Loaded
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(prefixtune.models, "load_base_model", load)
+    monkeypatch.setattr(serve_mixed, "load_base_model", load)
+    try:
+        for script in ("tenant_steps", "serve_mixed"):
+            with pytest.raises(Loaded):
+                run_main(monkeypatch, script, "--threads", "0")
+            assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
