@@ -11,15 +11,16 @@ sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without inst
 DEFAULT_DATA = os.environ.get("PREFIXTUNE_DATA") or str(HERE.parent.parent / "shared" / "data")
 
 
-def at_least(minimum: int, kind=int):
-    """An argparse type: a number >= `minimum`, else a usage error (not a traceback at the first use)."""
+def at_least(minimum: float, kind=int, exclusive: bool = False):
+    """An argparse type: a number >= `minimum` (> with `exclusive`), else a usage error, not a traceback at its
+    first use (some came only after the whole run: a division by zero rounds)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        if not (value > minimum if exclusive else value >= minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if exclusive else '>='} {minimum}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

@@ -16,15 +16,15 @@ import time
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def main():
     parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--prefix", required=True, help="a trained E2E prefix file")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N test MRs (default: all)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=at_least(1), default=None, help="only the first N test MRs (default: all)")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, benchmark_parser
+from common import DEFAULT_DATA, at_least, benchmark_parser
 
 
 def write_jsonl(path: Path, rows: list[dict]):
@@ -150,19 +150,22 @@ def max_rel_diff(a_file: Path, b_file: Path) -> float:
 
 def main():
     parser = benchmark_parser(__doc__, threads=1, threads_help="threads of every training process", min_threads=1)
-    parser.add_argument("--users", type=int, default=10)
-    parser.add_argument("--examples", type=int, default=200, help="training rows per user")
-    parser.add_argument("--dev", type=int, default=20, help="dev rows per user")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per user")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--users", type=at_least(1), default=10)
+    parser.add_argument("--examples", type=at_least(1), default=200, help="training rows per user")
+    parser.add_argument("--dev", type=at_least(1), default=20, help="dev rows per user")
+    parser.add_argument("--steps", type=at_least(1), default=2, help="optimizer steps per user")
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--method", default="prefix", help="prefix (the paper's MLP) | prefix-flat")
     parser.add_argument("--seed", type=int, default=0, help="which E2E pairs each user gets")
     parser.add_argument("--work-dir", default=None, help="default: a temporary directory")
-    parser.add_argument("--memory-users", type=int, default=0,
+    parser.add_argument("--memory-users", type=at_least(0), default=0,
                         help="also measure memory per user: a job of this many users against one of half as many "
                              "(prefix-flat; and 16 against 8 with the MLP). 0: skip")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurement")
     args = parser.parse_args()
+    if args.memory_users == 1 or (args.memory_only and not args.memory_users):
+        parser.error("--memory-users must be 2 or more (a job of N users against one of N/2)"
+                     + (", and --memory-only needs it" if args.memory_only else ""))
     if args.data_dir == DEFAULT_DATA:
         os.environ.setdefault("PREFIXTUNE_DATA", args.data_dir)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="train-many-"))

@@ -24,15 +24,15 @@ import time
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def main():
     parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--method", default="prefix")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=25, help="operator table rows")
+    parser.add_argument("--steps", type=at_least(1), default=20, help="timed steps (after 3 warm-up steps)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--rows", type=at_least(1), default=25, help="operator table rows")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-halves", action="store_true", help="with 2+ threads: one pass, not two threaded halves")

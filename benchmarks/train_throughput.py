@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 2.0, n: int = 2048) -> tuple[float, float]:
@@ -201,11 +201,11 @@ def run_worker(args):
 
 def main():
     parser = benchmark_parser(__doc__, threads_help="torch threads per run (0: PyTorch's default)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-size", type=int, default=200)
-    parser.add_argument("--dev-size", type=int, default=64)
+    parser.add_argument("--steps", type=at_least(1), default=30)
+    parser.add_argument("--rounds", type=at_least(1), default=2)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--train-size", type=at_least(1), default=200)
+    parser.add_argument("--dev-size", type=at_least(1), default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--precision", default="auto")

@@ -77,3 +77,40 @@ def test_threads_0_means_pytorchs_default(monkeypatch):
             assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+BAD_ARGUMENTS = [  # each was a traceback (some only after the whole run), or a run that measured nothing
+    ("train_throughput", "--rounds", "0"),  # ZeroDivisionError once the (zero) rounds were done
+    ("train_throughput", "--steps", "0"),
+    ("train_profile", "--steps", "0"),  # ZeroDivisionError after the warm-up steps
+    ("decode_throughput", "--batch-size", "0"),  # range() step 0, after loading the model
+    ("decode_throughput", "--rounds", "0"),
+    ("decode_adapter", "--rounds", "0"),
+    ("decode_adapter", "--dtypes", "fp16"),  # ValueError from DecodingConfig, after loading the model
+    ("decode_dtype_quality", "--limit", "0"),
+    ("serve_mixed", "--rounds", "0"),  # ZeroDivisionError after loading the model
+    ("serve_mixed", "--requests", "0"),
+    ("tenant_steps", "--rate", "0"),
+    ("tenant_steps", "--seconds", "-1"),
+    ("train_many", "--steps", "0"),
+    ("train_many", "--memory-only"),  # a job of 0 users, which failed in its subprocess
+    ("train_many", "--memory-users", "1"),
+    ("serve_load", "--seconds", "0"),
+    ("serve_load", "--min-tokens", "64", "--max-tokens", "8"),
+    ("serve_load", "--tenants", "20", "--prefixes", "10"),  # tenants with no prefix: an IndexError mid-load
+    ("serve_load", "--tenants", "1", "--phases", "saturation,beam"),  # the beam phase takes two tenants
+]
+
+
+def test_bad_arguments_are_usage_errors(monkeypatch, capsys):
+    for script, *argv in BAD_ARGUMENTS:
+        err = usage_error(monkeypatch, capsys, script, *argv)
+        assert f"{script}.py: error: " in err and "Traceback" not in err, (script, argv, err)
+
+
+def test_tenant_steps_refuses_a_phase_with_no_arrival():
+    import pytest
+    from tenant_steps import condition
+
+    with pytest.raises(SystemExit, match="no greedy request arrives"):
+        condition(None, None, [[1]], 0, 4, seconds=0.01, rate=0.01)
