@@ -14,7 +14,10 @@ With --threads 2 or more the step is train.py's at that thread count: the batch'
 threads (data_parallel.ThreadedHalves), so reparam, forward and backward are one phase, "halves"
 (their wall time, both threads at once); --no-halves times one pass on all the threads instead.
 
-    python benchmarks/train_profile.py [--method prefix] [--steps 20] [--rows 25] [--threads 1] [--no-halves]
+    python benchmarks/train_profile.py [--method prefix] [--steps 20] [--rows 25] [--threads 1] [--no-halves] [--json]
+
+Keys of `--json` (the phase breakdown, after the tables): `method`, `steps`, `batch_size`, `bf16`, `threads`,
+`halves`, `tokens_per_s`, `ms_per_step`, `phases_ms_per_step` (phase -> ms per step).
 """
 from __future__ import annotations
 
