@@ -16,18 +16,23 @@ import time
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def main():
     parser = benchmark_parser(__doc__, threads=1)
-    parser.add_argument("--inputs", type=int, default=12)
-    parser.add_argument("--beams", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=40)
-    parser.add_argument("--budget", type=float, default=0.001)
+    parser.add_argument("--inputs", type=at_least(1), default=12)
+    parser.add_argument("--beams", type=at_least(1), default=5)
+    parser.add_argument("--new-tokens", type=at_least(1), default=40)
+    parser.add_argument("--budget", type=at_least(0, float, exclusive=True), default=0.001)
     parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=at_least(1), default=2)
     args = parser.parse_args()
+    from prefixtune.generation import DTYPES
+
+    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {unknown}; choose from {','.join(DTYPES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -16,15 +16,15 @@ import time
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def main():
     parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--prefix", required=True, help="a trained E2E prefix file")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N test MRs (default: all)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=at_least(1), default=None, help="only the first N test MRs (default: all)")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -39,7 +39,8 @@ def main():
     model, tokenizer = load_base_model(args.model)
     bank = PrefixBank(model, tokenizer)
     bank.add("e2e", args.prefix)
-    result = {"model": args.model, "prefix": str(args.prefix), "test_mrs": len(records), "threads": args.threads}
+    result = {"model": args.model, "prefix": str(args.prefix), "test_mrs": len(records),
+              "threads": torch.get_num_threads()}
     outputs = {}
     for dtype in ("fp32", "bf16"):
         config = DecodingConfig(max_new_tokens=args.max_new_tokens, dtype=dtype)

@@ -15,16 +15,16 @@ import time
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def main():
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--inputs", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=40)
-    parser.add_argument("--prefix-len", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--inputs", type=at_least(1), default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--new-tokens", type=at_least(1), default=40)
+    parser.add_argument("--prefix-len", type=at_least(1), default=10)
+    parser.add_argument("--rounds", type=at_least(1), default=2)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import HERE, benchmark_parser
+from common import HERE, at_least, benchmark_parser
 
 REPO = HERE.parent
 RATE_FRACTIONS = (0.4, 0.7, 1.0)
@@ -428,22 +428,24 @@ def ratio(a, b):
 
 
 def main(argv=None):
-    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads of each server (1: steady on a shared CPU)")
-    ap.add_argument("--prefixes", type=int, default=1000)
-    ap.add_argument("--tenants", type=int, default=100)
-    ap.add_argument("--prefix-len", type=int, default=10)
-    ap.add_argument("--seconds", type=float, default=60, help="length of each closed-loop and open-loop phase")
-    ap.add_argument("--min-tokens", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--clients", type=int, default=64, help="closed-loop clients (2 x the default max batch size)")
-    ap.add_argument("--resident", type=int, default=256, help="--max-resident-prefixes of the load runs")
-    ap.add_argument("--rss-prefixes", type=int, default=10_000)
-    ap.add_argument("--rss-resident", type=int, default=64)
-    ap.add_argument("--beam-clients", type=int, default=2, help="the beam tenant's closed-loop clients (beam 5)")
-    ap.add_argument("--beam-rounds", type=int, default=2, help="alternations of alone / beside the beam tenant")
-    ap.add_argument("--beam-phase-fraction", type=float, default=0.4,
+    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads of each server (1: steady on a shared CPU)",
+                          min_threads=1)
+    ap.add_argument("--prefixes", type=at_least(1), default=1000)
+    ap.add_argument("--tenants", type=at_least(1), default=100)
+    ap.add_argument("--prefix-len", type=at_least(1), default=10)
+    ap.add_argument("--seconds", type=at_least(0, float, exclusive=True), default=60,
+                    help="length of each closed-loop and open-loop phase")
+    ap.add_argument("--min-tokens", type=at_least(1), default=8)
+    ap.add_argument("--max-tokens", type=at_least(1), default=128)
+    ap.add_argument("--clients", type=at_least(1), default=64, help="closed-loop clients (2 x the default max batch size)")
+    ap.add_argument("--resident", type=at_least(1), default=256, help="--max-resident-prefixes of the load runs")
+    ap.add_argument("--rss-prefixes", type=at_least(1), default=10_000)
+    ap.add_argument("--rss-resident", type=at_least(1), default=64)
+    ap.add_argument("--beam-clients", type=at_least(1), default=2, help="the beam tenant's closed-loop clients (beam 5)")
+    ap.add_argument("--beam-rounds", type=at_least(1), default=2, help="alternations of alone / beside the beam tenant")
+    ap.add_argument("--beam-phase-fraction", type=at_least(0, float, exclusive=True), default=0.4,
                     help="the greedy tenant's rate in the beam phase, x saturation")
-    ap.add_argument("--beam-rate", type=float, default=None,
+    ap.add_argument("--beam-rate", type=at_least(0, float, exclusive=True), default=None,
                     help="the greedy tenant's rate in the beam phase, req/s (default: --beam-phase-fraction x the "
                          "saturation rate, which then needs the saturation phase)")
     ap.add_argument("--phases", default=",".join(PHASES),
@@ -461,6 +463,12 @@ def main(argv=None):
         ap.error(f"--phases: unknown {sorted(unknown)}; choose from {','.join(PHASES)}")
     if ("rates" in args.phases or ("beam" in args.phases and not args.beam_rate)) and "saturation" not in args.phases:
         ap.error("--phases: rates, and beam without --beam-rate, need the saturation phase")
+    if args.min_tokens > args.max_tokens:
+        ap.error(f"--min-tokens {args.min_tokens} is above --max-tokens {args.max_tokens}")
+    if args.tenants > args.prefixes:  # a tenant with no prefix could not send a request
+        ap.error(f"--tenants {args.tenants} is above --prefixes {args.prefixes}: every tenant needs a prefix")
+    if "beam" in args.phases and args.tenants < 2:
+        ap.error("the beam phase needs --tenants 2 or more (a greedy tenant and a beam tenant)")
     began = time.perf_counter()
     load_before = os.getloadavg()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print

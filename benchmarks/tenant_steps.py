@@ -24,13 +24,12 @@ import time
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def condition(model, tokenizer, prompts, beam_clients: int, step_rows: int, seconds: float, rate: float) -> dict:
     from prefixtune.engine import Engine, Request
 
-    engine = Engine(model, tokenizer, max_batch=32, max_len=512, tenant_step_rows=step_rows)
     rng, beam_rng = random.Random(0), random.Random(1)
     arrivals, t = [], 0.0
     while True:
@@ -38,6 +37,10 @@ def condition(model, tokenizer, prompts, beam_clients: int, step_rows: int, seco
         if t > seconds:
             break
         arrivals.append(t)
+    if not arrivals:  # else an IndexError at the percentiles
+        raise SystemExit(f"error: no greedy request arrives in --seconds {seconds:g} at --rate {rate:g}; "
+                         f"give more of either")
+    engine = Engine(model, tokenizer, max_batch=32, max_len=512, tenant_step_rows=step_rows)
 
     def greedy():
         return Request(rng.choice(prompts), max_tokens=rng.randint(8, 128), ignore_eos=True, tenant="greedy")
@@ -75,10 +78,12 @@ def condition(model, tokenizer, prompts, beam_clients: int, step_rows: int, seco
 
 def main():
     parser = benchmark_parser(__doc__, threads=1)
-    parser.add_argument("--seconds", type=float, default=40, help="CPU seconds of greedy arrivals per condition")
-    parser.add_argument("--rate", type=float, default=0.8, help="greedy requests per CPU second (~2 rows alone)")
+    parser.add_argument("--seconds", type=at_least(0, float, exclusive=True), default=40, help="CPU seconds of greedy arrivals per condition")
+    parser.add_argument("--rate", type=at_least(0, float, exclusive=True), default=0.8, help="greedy requests per CPU second (~2 rows alone)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # what ran, for the JSON
     from prefixtune.models import load_base_model
     from serve_mixed import e2e_inputs
 

@@ -5,7 +5,9 @@ out as that user's dev rows) are trained twice, the same steps of the same batch
   joint     one `prefixtune train --data users.jsonl --user-field user` process: one model load
   separate  one `prefixtune train --data userK.jsonl` process per user, each loading the model
 Both are whole CLI processes measured by wall clock in this run, with the same threads: half the separate
-runs, then the joint job, then the other half. Tokens/s is given with model loading (tokens / wall clock of the processes) and without
+runs, then the joint job, then the other half; and by the CPU time of those processes
+(`ratio_vs_separate_runs_cpu`, steadier than the wall clock when other jobs share the machine). Tokens/s is given
+with model loading (tokens / wall clock of the processes) and without
 (tokens / seconds of training steps, as each run reports them). Each user's exported prefix from the
 joint job is compared with the one from their separate run.
 
@@ -17,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, benchmark_parser
+from common import DEFAULT_DATA, at_least, benchmark_parser
 
 
 def write_jsonl(path: Path, rows: list[dict]):
@@ -68,21 +71,31 @@ PEAK_RSS = ("import resource, runpy, sys\nsys.argv[0] = 'prefixtune'\ntry:\n"
 
 
 def run(args, data: str, dev: str | None, out: Path, *extra, steps: int | None = None) -> dict:
-    """One `prefixtune train` process: its wall clock, peak memory and the last JSON line it printed."""
+    """One `prefixtune train` process: its wall clock, CPU time, peak memory and the last JSON line it printed."""
     command = [sys.executable, "-c", PEAK_RSS, "train", "--data", data, "-o", str(out),
                "--model", args.model, "--max-steps", str(steps or args.steps), "--batch-size", str(args.batch_size),
                "--eval-every", "0", "--save-every", "0", "--seed", "1", *extra]
     command += ["--dev-data", dev] if dev else ["--dev-fraction", "0"]
     if "--method" not in extra:
         command += ["--method", args.method]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
-    wall = time.perf_counter() - start
+    done, wall, cpu = timed_child(command, child_env(args))
     if done.returncode:
         sys.exit(f"error: {' '.join(command[3:])} failed:\n{done.stderr[-3000:]}")
     peak = [line for line in done.stderr.splitlines() if line.startswith("peak_rss_kb ")]
-    return {"wall_s": wall, "printed": json.loads(done.stdout.strip().splitlines()[-1]),
+    return {"wall_s": wall, "cpu_s": cpu, "printed": json.loads(done.stdout.strip().splitlines()[-1]),
             "peak_rss_mib": int(peak[-1].split()[1]) / 1024 if peak else None}
+
+
+def timed_child(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run a process to its end: (its result, wall-clock seconds, its CPU seconds: user + system, its own threads
+    and the children it waited for)."""
+    def children_cpu():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    start, cpu_start = time.perf_counter(), children_cpu()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    return done, time.perf_counter() - start, children_cpu() - cpu_start
 
 
 MEMORY_JOB = """
@@ -149,20 +162,23 @@ def max_rel_diff(a_file: Path, b_file: Path) -> float:
 
 
 def main():
-    parser = benchmark_parser(__doc__, threads=1, threads_help="threads of every training process")
-    parser.add_argument("--users", type=int, default=10)
-    parser.add_argument("--examples", type=int, default=200, help="training rows per user")
-    parser.add_argument("--dev", type=int, default=20, help="dev rows per user")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per user")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = benchmark_parser(__doc__, threads=1, threads_help="threads of every training process", min_threads=1)
+    parser.add_argument("--users", type=at_least(1), default=10)
+    parser.add_argument("--examples", type=at_least(1), default=200, help="training rows per user")
+    parser.add_argument("--dev", type=at_least(1), default=20, help="dev rows per user")
+    parser.add_argument("--steps", type=at_least(1), default=2, help="optimizer steps per user")
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--method", default="prefix", help="prefix (the paper's MLP) | prefix-flat")
     parser.add_argument("--seed", type=int, default=0, help="which E2E pairs each user gets")
     parser.add_argument("--work-dir", default=None, help="default: a temporary directory")
-    parser.add_argument("--memory-users", type=int, default=0,
+    parser.add_argument("--memory-users", type=at_least(0), default=0,
                         help="also measure memory per user: a job of this many users against one of half as many "
                              "(prefix-flat; and 16 against 8 with the MLP). 0: skip")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurement")
     args = parser.parse_args()
+    if args.memory_users == 1 or (args.memory_only and not args.memory_users):
+        parser.error("--memory-users must be 2 or more (a job of N users against one of N/2)"
+                     + (", and --memory-only needs it" if args.memory_only else ""))
     if args.data_dir == DEFAULT_DATA:
         os.environ.setdefault("PREFIXTUNE_DATA", args.data_dir)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="train-many-"))
@@ -199,6 +215,7 @@ def main():
     separate = [separate[name] for name in names]
 
     sep_wall = sum(r["wall_s"] for r in separate)
+    sep_cpu = sum(r["cpu_s"] for r in separate)
     sep_train = sum(r["result"]["train_seconds"] for r in separate)
     sep_tokens = sum(r["result"]["tokens_per_s"] * r["result"]["train_seconds"] for r in separate)
     store = Path(summary["store"]) / next(p.name for p in Path(summary["store"]).iterdir())
@@ -208,14 +225,16 @@ def main():
         "users": args.users, "examples_per_user": args.examples, "dev_per_user": args.dev,
         "steps_per_user": args.steps, "batch_size": args.batch_size, "method": args.method,
         "threads": args.threads, "model": args.model,
-        "joint": {"wall_s": round(joint["wall_s"], 2), "train_s": round(summary["train_seconds"], 2),
+        "joint": {"wall_s": round(joint["wall_s"], 2), "cpu_s": round(joint["cpu_s"], 2),
+                  "train_s": round(summary["train_seconds"], 2),
                   "dev_loss_s": round(summary["dev_seconds"], 2), "export_s": round(summary["export_seconds"], 2),
                   "tokens": summary["tokens"], "padded_tokens": summary["padded_tokens"],
                   "tokens_per_s_with_load": round(summary["tokens"] / joint["wall_s"], 1),
                   "tokens_per_s_training": round(summary["tokens_per_s"], 1),
                   "resident_users": summary["resident_users"], "peak_rss_mib": round(joint["peak_rss_mib"]),
                   "state_bytes_per_user": summary["state_bytes_per_user"]},
-        "separate": {"wall_s": round(sep_wall, 2), "train_s": round(sep_train, 2), "tokens": round(sep_tokens),
+        "separate": {"wall_s": round(sep_wall, 2), "cpu_s": round(sep_cpu, 2), "train_s": round(sep_train, 2),
+                     "tokens": round(sep_tokens),
                      "padded_tokens": sum(r["result"]["padded_tokens"] for r in separate),
                      "tokens_per_s_with_load": round(sep_tokens / sep_wall, 1),
                      "tokens_per_s_training": round(sep_tokens / sep_train, 1),
@@ -225,6 +244,7 @@ def main():
                                                     for r in separate]},
         "startup_and_load_s": round(load_s, 2),
         "ratio_vs_separate_runs": round(sep_wall / joint["wall_s"], 3),
+        "ratio_vs_separate_runs_cpu": round(sep_cpu / joint["cpu_s"], 3),
         "ratio_training_only": round(sep_train / summary["train_seconds"], 3),
         "same_steps": all(rows[n]["steps"] == r["result"]["steps"] for n, r in zip(names, separate)),
         "max_rel_diff_vs_separate": max(diffs),
@@ -233,7 +253,8 @@ def main():
     outside_joint = joint["wall_s"] - summary["train_seconds"]
     outside_sep = sep_wall - sep_train
     print(f"wall clock: joint {joint['wall_s']:.1f}s, separate {sep_wall:.1f}s: "
-          f"ratio_vs_separate_runs {result['ratio_vs_separate_runs']:.2f}")
+          f"ratio_vs_separate_runs {result['ratio_vs_separate_runs']:.2f}; CPU time: joint {joint['cpu_s']:.1f}s, "
+          f"separate {sep_cpu:.1f}s: ratio_vs_separate_runs_cpu {result['ratio_vs_separate_runs_cpu']:.2f}")
     print(f"where the time goes: training steps joint {summary['train_seconds']:.1f}s vs separate {sep_train:.1f}s "
           f"(ratio {result['ratio_training_only']:.2f}); everything else (start, imports, model load, init, dev loss, "
           f"export, checkpoints) joint {outside_joint:.1f}s once vs separate {outside_sep:.1f}s "

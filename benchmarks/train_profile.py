@@ -14,7 +14,10 @@ With --threads 2 or more the step is train.py's at that thread count: the batch'
 threads (data_parallel.ThreadedHalves), so reparam, forward and backward are one phase, "halves"
 (their wall time, both threads at once); --no-halves times one pass on all the threads instead.
 
-    python benchmarks/train_profile.py [--method prefix] [--steps 20] [--rows 25] [--threads 1] [--no-halves]
+    python benchmarks/train_profile.py [--method prefix] [--steps 20] [--rows 25] [--threads 1] [--no-halves] [--json]
+
+Keys of `--json` (the phase breakdown, after the tables): `method`, `steps`, `batch_size`, `bf16`, `threads`,
+`halves`, `tokens_per_s`, `ms_per_step`, `phases_ms_per_step` (phase -> ms per step).
 """
 from __future__ import annotations
 
@@ -24,15 +27,15 @@ import time
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def main():
     parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--method", default="prefix")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=25, help="operator table rows")
+    parser.add_argument("--steps", type=at_least(1), default=20, help="timed steps (after 3 warm-up steps)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--rows", type=at_least(1), default=25, help="operator table rows")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-halves", action="store_true", help="with 2+ threads: one pass, not two threaded halves")

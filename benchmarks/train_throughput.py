@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import benchmark_parser
+from common import at_least, benchmark_parser
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 2.0, n: int = 2048) -> tuple[float, float]:
@@ -104,6 +104,17 @@ def worker_ours(args, model, tokenizer, train_pairs, dev_pairs, method="prefix")
             "train_seconds": result.train_seconds, "cpu_seconds": cpu_seconds}
 
 
+def peft_batches(examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` shuffled batches, a new shuffle each epoch, as many steps as ours takes (its trainer goes on
+    into further epochs too): one epoch alone would stop PEFT early (200 rows / 8 = 25 of 30 steps)."""
+    rng, batches = random.Random(seed), []
+    while len(batches) < steps:
+        order = list(range(examples))
+        rng.shuffle(order)
+        batches += [order[i:i + batch_size] for i in range(0, examples, batch_size)]
+    return batches[:steps]
+
+
 def worker_peft(args, model, tokenizer, train_pairs, dev_pairs, autocast: bool):
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -122,9 +133,7 @@ def worker_peft(args, model, tokenizer, train_pairs, dev_pairs, autocast: bool):
         labels = torch.tensor([e["labels"] + [-100] * (longest - len(e["labels"])) for e in batch])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    order = list(range(len(examples)))
-    random.Random(args.seed).shuffle(order)
-    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)][: args.steps]
+    batches = peft_batches(len(examples), args.batch_size, args.steps, args.seed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (args.steps - s) / args.steps))
@@ -192,11 +201,11 @@ def run_worker(args):
 
 def main():
     parser = benchmark_parser(__doc__, threads_help="torch threads per run (0: PyTorch's default)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-size", type=int, default=200)
-    parser.add_argument("--dev-size", type=int, default=64)
+    parser.add_argument("--steps", type=at_least(1), default=30)
+    parser.add_argument("--rounds", type=at_least(1), default=2)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--train-size", type=at_least(1), default=200)
+    parser.add_argument("--dev-size", type=at_least(1), default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--precision", default="auto")
