@@ -63,6 +63,8 @@ class Scale:
         d["test_size"] = "whole split" if self.test_size is None else self.test_size
         d["decoding"] = "greedy" if self.beams == 1 else f"beam {self.beams}"
         d.pop("beams")
+        if self.decode_dtype == "model":  # as in the id: the reports of cells decoded in the model's dtype stand
+            d.pop("decode_dtype")
         d["seeds"] = ", ".join(map(str, self.seeds))
         d["lr"] = ", ".join(f"{m} {v:g}" for m, v in self.lr.items()) or "each method's default"
         if self.rates_from:
