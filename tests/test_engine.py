@@ -723,3 +723,21 @@ def test_an_engine_sized_below_one_row_is_a_value_error_naming_the_setting(setti
     model = tiny_model("llama", seed=1)
     with pytest.raises(ValueError, match=next(iter(setting))):
         Engine(model, tokenizer, **{"max_batch": 2, "max_len": 64, "dtype": "fp32", **setting})
+
+
+def test_a_packed_bf16_matmul_gives_each_row_its_own_bits_past_32_rows():
+    """The lean step's premise: a row's bf16 bits do not depend on how many rows share its matmul. On an
+    AVX10.1/AMX Xeon oneDNN broke it from 33 rows (a prefill's tokens), so a mixed batch's first token
+    differed from the row decoded alone; `_Linear` now runs more than ROW_BLOCK rows in blocks."""
+    from prefixtune.engine.llama_fast import _Linear
+    from prefixtune.precision import bf16_available
+
+    if not bf16_available(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    torch.manual_seed(0)
+    linear = _Linear((torch.randn(960, 576) * 0.05).bfloat16(), 32)  # SmolLM2's fused q/k/v shape
+    assert linear.rows_independent
+    x = torch.randn(100, 576).bfloat16()
+    alone = torch.cat([linear(x[r: r + 1]) for r in range(len(x))])
+    for rows in (2, 32, 33, 40, 64, 100):
+        assert torch.equal(linear(x[:rows]), alone[:rows]), rows

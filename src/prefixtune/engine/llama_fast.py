@@ -78,10 +78,17 @@ def _adapter_of(proj):
     return (inner, adapter) if plain and inner.bias is None else None
 
 
+# Rows per packed matmul call. oneDNN's bf16 kernels give a row the same bits at 2..32 rows on every CPU
+# measured; past 32 rows it depends on the CPU: the same at 2..2,100 rows on a Sapphire Rapids-class AMX core,
+# but on an AVX10.1/AMX core other bits for some rows at 33..512 rows (every SmolLM2 weight shape, one thread).
+ROW_BLOCK = 32
+
+
 class _Linear:
     """y = x @ W.T. bf16 weights are reordered once into oneDNN's blocked layout: bit-identical to
     F.linear at two rows or more, 1.5-2x faster at 32-64 rows on one AVX512/AMX core (measured here),
-    and row-invariant (`rows_independent`: a row's bits are the same at 2..2,100 rows, measured)."""
+    and row-invariant (`rows_independent`: a row's bits are the same at any number of rows: one row runs
+    as two, and more than ROW_BLOCK rows run in blocks of ROW_BLOCK)."""
 
     def __init__(self, weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None = None, relu: bool = False):
         self.weight, self.packed, self.bias, self.relu = weight, None, bias, relu
@@ -95,6 +102,8 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             act = "relu" if self.relu else "none"  # fused into the matmul's epilogue, as the bias
+            if x.shape[0] > ROW_BLOCK:  # a prefill's tokens: in blocks whose bits every CPU measured keeps
+                return torch.cat([self(x[r: r + ROW_BLOCK]) for r in range(0, x.shape[0], ROW_BLOCK)])
             if x.shape[0] == 1:
                 # oneDNN runs one row on another kernel, whose sums differ in the last bit (SmolLM2's
                 # down projection, K=1536: ~10% of rows, measured); 2..64 rows all agree. So one row
