@@ -647,15 +647,10 @@ def test_early_stop_patience_from_the_command_line(tmp_path, tiny_dir):
     assert refused.exit_code == 2 and "early_stop_patience must be >= 0" in refused.stderr, refused.stderr
 
 
-def test_a_user_whose_training_diverges_stops_at_their_best_step_and_no_other_user_changes(llama, tokenizer,
-                                                                                          tmp_path, monkeypatch):
-    # a NaN/inf loss trained every later step on NaN and wrote to the store (and so served) a prefix that gives
-    # NaN, its NaN dev loss as the best; user1's weights are made NaN after their step 2 (as a diverging rate would)
+def poison_user1_after_step_2(monkeypatch):
+    """user1's weights turn NaN after their step 2, as a diverging rate would make them."""
     from prefixtune.users.state import UserState
 
-    train_pairs, dev_pairs = user_data(2, 6)
-    cfg = dict(precision="fp32", max_steps=4, eval_every=1, early_stop_patience=0)
-    clean = train_users(config(tmp_path, "clean", **cfg), llama, tokenizer, train_pairs, dev_pairs, progress=False)
     step_with = UserState.step_with
 
     def poisoned(self, *args):
@@ -666,6 +661,16 @@ def test_a_user_whose_training_diverges_stops_at_their_best_step_and_no_other_us
                     p.fill_(float("nan"))
 
     monkeypatch.setattr(UserState, "step_with", poisoned)
+
+
+def test_a_user_whose_training_diverges_stops_at_their_best_step_and_no_other_user_changes(llama, tokenizer,
+                                                                                          tmp_path, monkeypatch):
+    # a NaN/inf loss trained every later step on NaN and wrote to the store (and so served) a prefix that gives
+    # NaN, its NaN dev loss as the best; user1's weights are made NaN after their step 2 (as a diverging rate would)
+    train_pairs, dev_pairs = user_data(2, 6)
+    cfg = dict(precision="fp32", max_steps=4, eval_every=1, early_stop_patience=0)
+    clean = train_users(config(tmp_path, "clean", **cfg), llama, tokenizer, train_pairs, dev_pairs, progress=False)
+    poison_user1_after_step_2(monkeypatch)
     result = train_users(config(tmp_path, "nan", **cfg), llama, tokenizer, train_pairs, dev_pairs, progress=False)
     row = {r["user"]: r for r in result.users}["user1"]
     assert (row["stop_reason"], row["steps"]) == ("diverged", 3) and row["best_step"] <= 2
@@ -688,19 +693,9 @@ def test_a_diverged_users_non_finite_loss_is_written_as_null_not_nan(llama, toke
     import csv
 
     from prefixtune.exported import read_header
-    from prefixtune.users.state import UserState
 
     train_pairs, dev_pairs = user_data(2, 6)
-    step_with = UserState.step_with
-
-    def poisoned(self, *args):
-        step_with(self, *args)
-        if self.user == "user1" and self.step == 2:
-            with torch.no_grad():
-                for p in self.module.parameters():
-                    p.fill_(float("nan"))
-
-    monkeypatch.setattr(UserState, "step_with", poisoned)
+    poison_user1_after_step_2(monkeypatch)
     cfg = config(tmp_path, "nan", precision="fp32", max_steps=4, eval_every=1, early_stop_patience=0)
     result = train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, progress=False)
     out = tmp_path / "nan"
