@@ -79,7 +79,7 @@ def _adapter_of(proj):
 
 
 # Rows per packed matmul call. oneDNN's bf16 kernels give a row the same bits at 2..32 rows on every CPU
-# measured; past 32 rows it depends on the CPU: the same at 2..2,100 rows on a Sapphire Rapids-class AMX core,
+# measured; past 32 rows it depends on the CPU: the same at 2..2,100 rows on the AMX core first measured,
 # but on an AVX10.1/AMX core other bits for some rows at 33..512 rows (every SmolLM2 weight shape, one thread).
 ROW_BLOCK = 32
 
