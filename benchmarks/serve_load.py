@@ -41,7 +41,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -107,16 +106,12 @@ def server_env(threads: int) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(threads)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`prefixtune serve` in a subprocess, up when /health answers 200; stopped (terminate, then kill) on exit."""
 
     def __init__(self, args, store: Path, keys_file: Path, resident: int, work: Path):
+        from prefixtune.serve.server import free_port, popen_tied_to_parent
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "prefixtune.cli", "serve", "--model", args.model, "--store", str(store),
@@ -124,8 +119,8 @@ class Server:
                "--log-level", "warning", "--max-queue", "100000", "--request-timeout", "3600",
                "--max-prefixes", "100000", "--tenant-quota-mb", "100000", "--max-resident-prefixes", str(resident)]
         self.log = open(work / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(cmd, env=server_env(args.threads), stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=REPO)
+        self.proc = popen_tied_to_parent(cmd, env=server_env(args.threads), stdout=self.log,
+                                         stderr=subprocess.STDOUT, cwd=REPO)  # no orphan if this run is killed
 
     def __enter__(self):
         import httpx

@@ -219,8 +219,10 @@ class VLLMPeer:
         if threads > 1:  # the whole machine: vLLM's own thread settings (VLLM_CPU_OMP_THREADS_BIND=auto)
             env.pop("OMP_NUM_THREADS")
         self.log = open(Path(self.work.name) / "vllm.log", "w")
-        self.proc = subprocess.Popen([python, str(HERE / "vllm_peer.py"), str(job)], env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        from prefixtune.serve.server import popen_tied_to_parent  # no vLLM left running if this run is killed
+
+        self.proc = popen_tied_to_parent([python, str(HERE / "vllm_peer.py"), str(job)], env=env, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         self.startup_s = self._read()["startup_s"]
         self._settle()
         self.batch_walls, self.batch_cpus, self.sequential_walls, self.tokens = [], [], [], None

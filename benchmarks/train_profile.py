@@ -28,15 +28,16 @@ import time
 import torch
 
 from common import at_least, benchmark_parser
+from prefixtune.methods import METHODS, build_method
 
 
 def main():
     parser = benchmark_parser(__doc__, threads=1)
-    parser.add_argument("--method", default="prefix")
+    parser.add_argument("--method", default="prefix", choices=sorted(METHODS))
     parser.add_argument("--steps", type=at_least(1), default=20, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--rows", type=at_least(1), default=25, help="operator table rows")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-halves", action="store_true", help="with 2+ threads: one pass, not two threaded halves")
     args = parser.parse_args()
@@ -45,7 +46,6 @@ def main():
 
     from prefixtune.data import load_task, sample_pairs, training_pairs
     from prefixtune.data.collate import Collator, encode_pair, length_grouped_batches
-    from prefixtune.methods import build_method
     from prefixtune.models import load_base_model, model_spec
     from prefixtune.data_parallel import ThreadedHalves
     from prefixtune.precision import FrozenBf16Step

@@ -83,6 +83,8 @@ BAD_ARGUMENTS = [  # each was a traceback (some only after the whole run), or a 
     ("train_throughput", "--rounds", "0"),  # ZeroDivisionError once the (zero) rounds were done
     ("train_throughput", "--steps", "0"),
     ("train_profile", "--steps", "0"),  # ZeroDivisionError after the warm-up steps
+    ("train_profile", "--method", "lora"),  # ValueError from build_method, after loading the model
+    ("train_profile", "--precision", "fp16"),  # ValueError from TrainConfig, after loading the model
     ("decode_throughput", "--batch-size", "0"),  # range() step 0, after loading the model
     ("decode_throughput", "--rounds", "0"),
     ("decode_adapter", "--rounds", "0"),

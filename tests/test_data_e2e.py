@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import ByteTokenizer
 from prefixtune.data import load_task, sample_pairs, training_pairs
 from prefixtune.data.collate import Collator, encode_pair, length_grouped_batches
 from prefixtune.data.e2e import linearize_mr
@@ -107,6 +108,26 @@ def test_a_pair_that_spells_control_tokens_trains_their_text(real_tokenizer, fam
     assert not special & set(target) and not special & set(source)
     assert tok.decode(target) == FORGED
     assert "<|im_end|>" in tok.convert_ids_to_tokens(tok("a<|im_end|>")["input_ids"])  # plain tokenization parses it
+
+
+class EosTokenizer(ByteTokenizer):
+    """Adds </s> as BART's and T5's tokenizers do."""
+
+    def __call__(self, text, add_special_tokens=True, **kw):
+        ids = super().__call__(text, add_special_tokens)["input_ids"]
+        return {"input_ids": ids + [self.eos_token_id] if add_special_tokens else ids}
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder-decoder"])
+def test_an_over_long_target_keeps_its_end_of_text(family):
+    """A target cut to max_target_len still ends in </s>: without it the model never learns to stop on long rows
+    (the encoder-decoder path cut it off)."""
+    tok = EosTokenizer()
+    ex = encode_pair(tok, family, "name : X", "y" * 50, max_target_len=10)
+    target = [i for i in ex["labels"] if i != -100]
+    assert target == tok("y" * 9, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    short = encode_pair(tok, family, "name : X", "yy", max_target_len=10)  # short targets: unchanged
+    assert [i for i in short["labels"] if i != -100] == tok("yy", add_special_tokens=False)["input_ids"] + [1]
 
 
 @pytest.mark.parametrize("task", ["e2e", "webnlg"])

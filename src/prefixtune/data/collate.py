@@ -40,8 +40,10 @@ def encode_pair(tokenizer, family: str, source: str, target: str, template: str 
         tgt = user_text.encode(tokenizer, lambda guard: guard(target), add_special_tokens=False)
         tgt = tgt[: max_target_len - 1] + [tokenizer.eos_token_id]
         return {"input_ids": src + tgt, "labels": [-100] * len(src) + tgt}
-    tgt = user_text.encode(tokenizer, lambda guard: guard(target))[:max_target_len]  # with the tokenizer's </s>
-    return {"input_ids": src, "labels": tgt}
+    tgt = user_text.encode(tokenizer, lambda guard: guard(target))  # with the tokenizer's </s> (BART, T5)
+    if len(tgt) > max_target_len and tgt[-1] == tokenizer.eos_token_id:  # cut the text, keep the end (as decoders)
+        tgt = tgt[: max_target_len - 1] + tgt[-1:]
+    return {"input_ids": src, "labels": tgt[:max_target_len]}
 
 
 def encode_example(tokenizer, family: str, example, template: str | None = None, max_source_len: int = 512,
@@ -59,7 +61,7 @@ def check_chat_examples(model: str, examples, max_source_len: int, max_target_le
     """Encode every chat row of `examples` with `tokenizer` (the caller's, else `model`'s, loaded alone, no
     weights), before the model loads: a conversation its chat template refuses (jinja2's TemplateError: a system message or roles that do
     not alternate, say) or one too long to keep its last assistant turn is a DataFileError naming its row.
-    A (source, target) pair always keeps its eos target token: nothing to check."""
+    A (source, target) pair always keeps its end-of-text target token: nothing to check."""
     from jinja2 import TemplateError
 
     from ..models import load_tokenizer

@@ -100,12 +100,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent():  # runs in the child between fork and exec
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def popen_tied_to_parent(command: list, **kwargs):
+    """subprocess.Popen whose child gets SIGTERM when its parent dies, even by SIGKILL (Linux; elsewhere a plain
+    Popen). A killed study or benchmark then leaves no server behind holding a port and gigabytes of memory."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None, **kwargs)
+
+
 @contextmanager
 def serve_process(args: list, env: dict, log_file: Path, timeout_s: float = 600.0):
     """`prefixtune serve ARGS` in a subprocess on 127.0.0.1 (a free `--port` is added), its output in
     `log_file`; yields (process, base URL) once /health answers 200, and stops it on exit (terminate, then
-    kill). A process that exits first, or a server not up in `timeout_s`, raises RuntimeError with the
-    tail of its output. For tests, benchmarks and studies that need a real server process."""
+    kill), or when this process is killed. A process that exits first, or a server not up in `timeout_s`,
+    raises RuntimeError with the tail of its output. For tests, benchmarks and studies that need a real server process."""
     import subprocess
     import sys
 
@@ -114,7 +130,7 @@ def serve_process(args: list, env: dict, log_file: Path, timeout_s: float = 600.
     port = free_port()
     command = [sys.executable, "-m", "prefixtune.cli", "serve", *map(str, args), "--port", str(port)]
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = popen_tied_to_parent(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
