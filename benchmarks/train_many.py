@@ -107,7 +107,8 @@ from prefixtune.users import UsersConfig, train_users
 users, rows, method, out, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 train = {f"u{k:04d}": [(f"user {k} row {r}", f"hello {k}") for r in range(rows)] for k in range(users)}
 config = TrainConfig(output_dir=out, model=model, method=method, max_steps=1, eval_every=0)
-result = train_users(config, *load_base_model(model), train, users=UsersConfig(max_tokens_per_forward=512, share_passes=True),
+result = train_users(config, *load_base_model(model), train,
+                     users=UsersConfig(max_tokens_per_forward=512, share_passes=True),
                      progress=False, overwrite=True)
 print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "resident_users": result.resident_users, "state_bytes_per_user": result.state_bytes_per_user}))
