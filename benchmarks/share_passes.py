@@ -28,7 +28,6 @@ def main():
     parser.add_argument("--users", type=at_least(0), default=10, help="users of the timed job (0: no timing)")
     parser.add_argument("--examples", type=at_least(1), default=200, help="rows per user of the timed job")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import torch
     from safetensors.torch import load_file
 

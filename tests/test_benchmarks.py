@@ -20,8 +20,8 @@ def test_train_throughput_peft_takes_as_many_steps_as_ours():
     assert len(peft_batches(200, 8, 3, seed=1)) == 3
 
 
-SCRIPTS = ("decode_adapter", "decode_dtype_quality", "decode_throughput", "serve_load", "serve_mixed", "tenant_steps",
-           "train_many", "train_profile", "train_throughput")
+SCRIPTS = ("decode_adapter", "decode_dtype_quality", "decode_throughput", "serve_load", "serve_mixed", "share_passes",
+           "tenant_steps", "train_many", "train_profile", "train_throughput")
 
 
 def run_main(monkeypatch, script: str, *argv: str):
