@@ -12,6 +12,7 @@ with model loading (tokens / wall clock of the processes) and without
 joint job is compared with the one from their separate run.
 
     python benchmarks/train_many.py --users 10 --examples 200 --steps 2 --threads 1 --json
+    python benchmarks/train_many.py --users 2 --examples 50 --steps 1 --precision fp32 --json  # the prefixes, no bf16
     python benchmarks/train_many.py --memory-only --memory-users 400 --json   # memory per user
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ def run(args, data: str, dev: str | None, out: Path, *extra, steps: int | None =
     """One `prefixtune train` process: its wall clock, CPU time, peak memory and the last JSON line it printed."""
     command = [sys.executable, "-c", PEAK_RSS, "train", "--data", data, "-o", str(out),
                "--model", args.model, "--max-steps", str(steps or args.steps), "--batch-size", str(args.batch_size),
-               "--eval-every", "0", "--save-every", "0", "--seed", "1", *extra]
+               "--eval-every", "0", "--save-every", "0", "--seed", "1", "--precision", args.precision, *extra]
     command += ["--dev-data", dev] if dev else ["--dev-fraction", "0"]
     if "--method" not in extra:
         command += ["--method", args.method]
@@ -106,7 +107,8 @@ from prefixtune.users import UsersConfig, train_users
 users, rows, method, out, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 train = {f"u{k:04d}": [(f"user {k} row {r}", f"hello {k}") for r in range(rows)] for k in range(users)}
 config = TrainConfig(output_dir=out, model=model, method=method, max_steps=1, eval_every=0)
-result = train_users(config, *load_base_model(model), train, users=UsersConfig(max_tokens_per_forward=512),
+result = train_users(config, *load_base_model(model), train,
+                     users=UsersConfig(max_tokens_per_forward=512, share_passes=True),
                      progress=False, overwrite=True)
 print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "resident_users": result.resident_users, "state_bytes_per_user": result.state_bytes_per_user}))
@@ -115,8 +117,8 @@ print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 
 def memory_per_user(args, work: Path) -> dict:
     """Peak memory of a job of N users against one of N/2, one step each, through the Python API with forward
-    passes of 512 padded tokens that both jobs fill: the difference is the extra users' state (parameters,
-    AdamW, gradients), not activations."""
+    passes of 512 padded tokens that both jobs fill (users packed: share_passes): the difference is the extra
+    users' state (parameters, AdamW, gradients), not activations."""
     found = {}
     for method, many, rows in (("prefix-flat", args.memory_users, 1), ("prefix", 16, 4)):
         jobs = {}
@@ -169,6 +171,8 @@ def main():
     parser.add_argument("--steps", type=at_least(1), default=2, help="optimizer steps per user")
     parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--method", default="prefix", help="prefix (the paper's MLP) | prefix-flat")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="every training process's --precision (auto: bf16 where the CPU has it)")
     parser.add_argument("--seed", type=int, default=0, help="which E2E pairs each user gets")
     parser.add_argument("--work-dir", default=None, help="default: a temporary directory")
     parser.add_argument("--memory-users", type=at_least(0), default=0,
@@ -224,6 +228,7 @@ def main():
     result = {
         "users": args.users, "examples_per_user": args.examples, "dev_per_user": args.dev,
         "steps_per_user": args.steps, "batch_size": args.batch_size, "method": args.method,
+        "precision": args.precision,
         "threads": args.threads, "model": args.model,
         "joint": {"wall_s": round(joint["wall_s"], 2), "cpu_s": round(joint["cpu_s"], 2),
                   "train_s": round(summary["train_seconds"], 2),

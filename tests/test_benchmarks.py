@@ -20,8 +20,8 @@ def test_train_throughput_peft_takes_as_many_steps_as_ours():
     assert len(peft_batches(200, 8, 3, seed=1)) == 3
 
 
-SCRIPTS = ("decode_adapter", "decode_dtype_quality", "decode_throughput", "serve_load", "serve_mixed", "tenant_steps",
-           "train_many", "train_profile", "train_throughput")
+SCRIPTS = ("decode_adapter", "decode_dtype_quality", "decode_throughput", "serve_load", "serve_mixed", "share_passes",
+           "tenant_steps", "train_many", "train_profile", "train_throughput")
 
 
 def run_main(monkeypatch, script: str, *argv: str):
@@ -97,6 +97,7 @@ BAD_ARGUMENTS = [  # each was a traceback (some only after the whole run), or a 
     ("train_many", "--steps", "0"),
     ("train_many", "--memory-only"),  # a job of 0 users, which failed in its subprocess
     ("train_many", "--memory-users", "1"),
+    ("train_many", "--precision", "fp16"),
     ("serve_load", "--seconds", "0"),
     ("serve_load", "--min-tokens", "64", "--max-tokens", "8"),
     ("serve_load", "--tenants", "20", "--prefixes", "10"),  # tenants with no prefix: an IndexError mid-load
@@ -126,10 +127,12 @@ def test_train_many_compares_the_processes_cpu_time_too(tiny_dir, data_dir, tmp_
 
     done = subprocess.run([sys.executable, str(BENCHMARKS / "train_many.py"), "--model", str(tiny_dir),
                            "--data-dir", str(data_dir), "--users", "2", "--examples", "8", "--dev", "2", "--steps",
-                           "1", "--batch-size", "4", "--work-dir", str(tmp_path), "--json"],
+                           "1", "--batch-size", "4", "--precision", "fp32", "--work-dir", str(tmp_path), "--json"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["joint"]["cpu_s"] > 0 and out["separate"]["cpu_s"] > 0
     assert out["ratio_vs_separate_runs_cpu"] > 0 and out["ratio_vs_separate_runs"] > 0
     assert out["same_steps"] is True and out["users"] == 2
+    # --precision reaches every training process: in fp32 the joint job's prefixes are the lone runs' (1e-5)
+    assert out["precision"] == "fp32" and out["max_rel_diff_vs_separate"] < 1e-5

@@ -74,6 +74,56 @@ def test_changing_one_users_data_leaves_every_other_users_prefix_bit_identical(l
     assert same_bytes(exported(first, "user4"), exported(alone, "user4"))
 
 
+def row_variant_linears(model):
+    """Forward hooks that make every nn.Linear of `model` add 1e-3 x the rows of its call to its output: a kernel
+    whose result for a row depends on how many rows the call holds (as this CPU's bf16 AMX matmuls do, by
+    rounding). Returns the hooks' handles."""
+    def hook(module, inputs, output):
+        rows = 1
+        for n in inputs[0].shape[:-1]:
+            rows *= n
+        return output + 1e-3 * rows
+
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_one_user_per_pass_keeps_users_apart_even_on_kernels_that_depend_on_the_row_count(llama, tokenizer,
+                                                                                          tmp_path):
+    """By default a forward pass holds one user's rows only: on a kernel whose rows' results depend on the rows of
+    the call, another user's data changing still changes no bit of a user's prefix. With `share_passes` (users
+    packed into passes) it does: the control, which shows the kernel is row-variant enough to matter."""
+    train_pairs, dev_pairs = user_data(2, 6, seed=3)
+    changed = {**train_pairs, "user1": train_pairs["user1"] * 2}  # user1: twice the rows, in every pass they share
+    handles = row_variant_linears(llama)
+    try:
+        def user0(name, pairs, **options):
+            result = train_users(config(tmp_path, name, precision="fp32"), llama, tokenizer, pairs, dev_pairs,
+                                 users=UsersConfig(**options), progress=False)
+            return exported(result, "user0")
+
+        assert same_bytes(user0("apart", train_pairs), user0("apart-changed", changed))
+        assert not same_bytes(user0("shared", train_pairs, share_passes=True),
+                              user0("shared-changed", changed, share_passes=True))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_a_pass_holds_one_user_unless_passes_are_shared():
+    from prefixtune.users.step import plan
+
+    row = lambda n: {"input_ids": [1] * n, "labels": [1] * n}
+    batches = {0: [row(5), row(20), row(3)], 1: [row(7), row(30)], 2: [row(40)]}
+    apart = plan(batches, "decoder", 16, 4096)
+    assert [(key, [u for u, _ in groups]) for key, groups in apart] == [
+        ((16,), [0]), ((16,), [1]), ((32,), [0]), ((32,), [1]), ((48,), [2])]
+    assert [len(rows) for _, groups in apart for _, rows in groups] == [2, 1, 1, 1, 1]
+    shared = plan(batches, "decoder", 16, 4096, share_passes=True)
+    assert [(key, [u for u, _ in groups]) for key, groups in shared] == [((16,), [0, 1]), ((32,), [0, 1]), ((48,), [2])]
+    # a user's rows alone may exceed max_tokens, as before
+    assert [(key, [u for u, _ in g]) for key, g in plan(batches, "decoder", 16, 16)][0] == ((16,), [0])
+
+
 # A user trained in the joint job against `train.train` on that user's data alone, same seed and batches, in
 # fp32. The one difference is the padding: train pads a batch to its longest row, the joint job pads each row to
 # a multiple of 16, which changes the order of some sums in the backward pass (measured: 1e-7 relative on
@@ -279,6 +329,25 @@ def test_a_resumed_job_keeps_its_saved_job_options_but_those_the_caller_set(llam
                 progress=False, resume=True)
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["users"]
     assert (saved["tenant"], saved["pad_to"], saved["resident_users"]) == ("acme", 8, 1)
+    assert saved["share_passes"] is False
+
+
+def test_share_passes_is_saved_and_resumed_and_an_older_job_without_it_resumes(llama, tokenizer, tmp_path):
+    from prefixtune.users import resumed_users_config
+
+    train_pairs, dev_pairs = user_data(2, 3)
+    cfg = config(tmp_path, "run", max_steps=1)
+    train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, users=UsersConfig(share_passes=True), progress=False)
+    (tmp_path / "run" / "users.json").unlink()
+    train_users(cfg, llama, tokenizer, train_pairs, dev_pairs, users=UsersConfig(resident_users=1), progress=False,
+                resume=True)
+    path = tmp_path / "run" / "train_config.json"
+    saved = json.loads(path.read_text())
+    assert (saved["users"]["share_passes"], saved["users"]["resident_users"]) == (True, 1)
+    del saved["users"]["share_passes"]  # a job saved before the option: one user per pass, the default
+    path.write_text(json.dumps(saved))
+    _, users = resumed_users_config(tmp_path / "run", {}, None)
+    assert users.share_passes is False and users.resident_users == 1
 
 
 def test_a_finished_job_is_not_replaced_silently(llama, tokenizer, tmp_path):
@@ -569,7 +638,9 @@ def test_on_two_threads_users_stay_independent_to_the_bit_and_equal_alone_runs(l
         test_changing_one_users_data_leaves_every_other_users_prefix_bit_identical(
             llama, tokenizer, tmp_path / "bits", "prefix", "auto"),
         test_a_user_trained_jointly_equals_that_user_trained_alone_by_train(
-            llama, tokenizer, tmp_path / "alone", "prefix", 0.0)))
+            llama, tokenizer, tmp_path / "alone", "prefix", 0.0),
+        test_one_user_per_pass_keeps_users_apart_even_on_kernels_that_depend_on_the_row_count(
+            llama, tokenizer, tmp_path / "row-variant")))
     assert runs > 0
 
 

@@ -125,7 +125,7 @@ def train_all(scale: PScale, model: str, users: list[str], work: Path, threads: 
     """The joint job, the separate runs (half before it, half after, as train_many does) and the shared prefix."""
     many = train_many_module()
     args = SimpleNamespace(model=model, steps=scale.steps, batch_size=scale.batch_size, method=scale.method,
-                           threads=threads)
+                           threads=threads, precision="auto")  # train_many's options that `run` reads
     extra = ["--init", scale.init, "--overwrite"] + (["--lr", str(scale.lr)] if scale.lr is not None else [])
     separate = {}
 

@@ -17,6 +17,11 @@ class UsersConfig:
     pad_to: int = 16                     # rows are padded to a multiple of this (see step.py: why)
     max_tokens_per_forward: int = 4096   # padded tokens in one forward/backward: bounds activation memory
                                          # (about 1 MB a token on SmolLM2-135M); fewer, fuller passes train faster
+    share_passes: bool = False           # False: a forward pass holds one user's rows only, so no user's numbers
+                                         # depend on another's, on any kernel. True: users are packed into
+                                         # fewer, fuller passes (faster where passes are costly, e.g. GPUs); the
+                                         # isolation then holds only with kernels whose result for a row does not
+                                         # depend on the row count of the call (not bf16 with AMX: docs/users.md)
 
     def __post_init__(self):
         if not valid_name(self.tenant):

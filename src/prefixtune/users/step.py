@@ -1,14 +1,21 @@
-"""One joint step: many users' rows in as few forward passes as memory allows, each row attending to its
-own user's prefix, and each user's loss normalised by their own target tokens.
+"""One joint step: many users' rows in forward passes, each row attending to its own user's prefix, and each
+user's loss normalised by their own target tokens.
+
+By default (`UsersConfig.share_passes` False) a forward pass holds one user's rows only: what a user's rows
+compute cannot depend on another user's rows, on any kernel, so changing one user's data changes no bit of
+another user's prefix (tests/test_users.py, also on a simulated kernel whose rows depend on the rows of the
+call). With `share_passes` users' rows are packed into fewer, fuller passes (up to `max_tokens_per_forward`
+padded tokens): faster where a pass costs much more than its rows (GPUs), and isolated only where the kernels
+give a row the same bits at any row count. On the CPU here they do in fp32, and not in bf16 with AMX (SmolLM2:
+14 of 384 rows of the q projection round differently in a 768-row call; another user in the pass moved a user's
+gradient of P by 1.6-2.7% and their prefix by 5-11% of max|P| after 2 steps; docs/users.md).
 
 Rows are padded to their own length rounded up to `pad_to`, and one forward holds rows of one padded
-length. Why: on CPU (measured here with SmolLM2, fp32 and bf16) a row's forward does not depend on its
-batch companions or on how far it is padded, but its backward is bit-identical only at the same padded
-length: the kernels block their sums over the sequence by its length. A row's padded length that depends
-on the row alone makes every user's gradients independent of the other users in the job, to the bit
-(tests/test_users.py changes one user's data and compares every other user's prefix byte for byte).
-For the same reason a user's rows of one length are never split across two forwards, and their
-gradients are summed over the forwards in a fixed order (ascending length).
+length. Why: on CPU (measured here with SmolLM2, fp32 and bf16) a row's backward is bit-identical only at the
+same padded length: the kernels block their sums over the sequence by its length. A row's padded length that
+depends on the row alone keeps a user's numbers independent of the other users' rows. For the same reason a
+user's rows of one length are never split across two forwards, and their gradients are summed over the
+forwards in a fixed order (ascending length).
 
 Each user's P is computed once per step and its gradient gathered in float32 over the forwards
 (`gradient_leaves`); it then goes back through the user's MLP (if any) once, as in a step of `train.train`.
@@ -40,11 +47,13 @@ def target_count(example: dict, family: str) -> int:
     return sum(1 for t in labels if t != -100)
 
 
-def plan(batches: dict[int, list[dict]], family: str, pad_to: int, max_tokens: int) -> list[tuple[tuple, list]]:
-    """Forward passes for one step: [(padded key, [(user, rows), ...])], ascending by length.
+def plan(batches: dict[int, list[dict]], family: str, pad_to: int, max_tokens: int,
+         share_passes: bool = False) -> list[tuple[tuple, list]]:
+    """Forward passes for one step: [(padded key, [(user, rows), ...])], ascending by length, then in user order.
 
-    A user's rows of one padded length stay together; a pass holds at most `max_tokens` padded tokens
-    unless one user's rows alone need more."""
+    A user's rows of one padded length stay together in one pass. By default a pass holds one user only
+    (`UsersConfig.share_passes` False). With `share_passes` users of one padded length are packed into a pass of
+    at most `max_tokens` padded tokens (unless one user's rows alone need more)."""
     buckets: dict[tuple, list] = {}
     for user, batch in batches.items():
         by_key: dict[tuple, list] = {}
@@ -54,6 +63,9 @@ def plan(batches: dict[int, list[dict]], family: str, pad_to: int, max_tokens: i
             buckets.setdefault(key, []).append((user, rows))
     passes = []
     for key in sorted(buckets):
+        if not share_passes:
+            passes.extend((key, [group]) for group in buckets[key])
+            continue
         per_row, current, tokens = sum(key), [], 0
         for user, rows in buckets[key]:
             if current and tokens + per_row * len(rows) > max_tokens:
@@ -127,24 +139,30 @@ def run_passes(model, spec, passes, prefixes: dict, collate, device, bf16: bool,
     sum over users of (their token losses / their normaliser) into the `prefixes` tensors' `.grad`: a user's
     gradient is the mean over their own tokens, whatever else is in the pass. Without, nothing is
     backpropagated (dev loss). With `halves` (a `data_parallel.ThreadedHalves`, as train.py makes with 2+
-    torch threads) every training pass runs on its worker threads, split into two pieces of whole users: a
-    user's rows still run together at their padded length on one single-threaded worker, whoever shares
-    the pass, so their gradient stays independent of the other users, to the bit."""
-    sums: dict = {}
-    for key, groups in passes:
+    torch threads) the training passes run on its two single-threaded worker threads, two at a time: a pass
+    of several users (`share_passes`) is split into two pieces of whole users, a pass of one user runs whole,
+    and consecutive pieces run concurrently. A user's rows still run together at their padded length on one
+    single-threaded worker, and the results are summed in the passes' order, so every gradient is the one
+    the passes give run one after another on one thread, to the bit."""
+    if halves is not None and normalisers:
+        pieces = [(key, part) for key, groups in passes
+                  for part in (split_users(groups) if len(groups) > 1 else [groups])]
         with frozen:
-            if halves is not None and normalisers:
-                pieces = list(halves.map(lambda part: _run_pass(model, spec, key, part, prefixes, collate, device,
-                                                                bf16, normalisers), split_users(groups)))
-            else:
-                pieces = [_run_pass(model, spec, key, groups, prefixes, collate, device, bf16, normalisers)]
-        for piece_sums, grads in pieces:  # fixed order: passes ascending, then the pieces of a pass in order
-            for user, (total, count) in piece_sums.items():
-                before, n = sums.get(user, (0.0, 0))
-                sums[user] = (before + total, n + count)
-            for user, by_group in (grads or {}).items():
-                for g, d in by_group.items():
-                    leaf = prefixes[user][g]
-                    if d is not None:
-                        leaf.grad = d if leaf.grad is None else leaf.grad + d
+            results = halves.map(lambda piece: _run_pass(model, spec, piece[0], piece[1], prefixes, collate, device,
+                                                         bf16, normalisers), pieces)
+    else:
+        results = []
+        for key, groups in passes:
+            with frozen:
+                results.append(_run_pass(model, spec, key, groups, prefixes, collate, device, bf16, normalisers))
+    sums: dict = {}
+    for piece_sums, grads in results:  # fixed order: passes ascending, then the pieces of a pass in order
+        for user, (total, count) in piece_sums.items():
+            before, n = sums.get(user, (0.0, 0))
+            sums[user] = (before + total, n + count)
+        for user, by_group in (grads or {}).items():
+            for g, d in by_group.items():
+                leaf = prefixes[user][g]
+                if d is not None:
+                    leaf.grad = d if leaf.grad is None else leaf.grad + d
     return sums

@@ -285,7 +285,7 @@ def _train_round(active: list[UserState], batches: dict, model, spec, collate, d
     prefixes = {i: state.prefix(device) for i, state in enumerate(active)}
     leaves = {i: gradient_leaves(p) for i, p in prefixes.items()}
     normalisers = {i: sum(target_count(e, spec.family) for e in batch) for i, batch in batches.items()}
-    passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
+    passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward, users.share_passes)
     sums = run_passes(model, spec, passes, leaves, collate, device, bf16, normalisers, frozen, halves)
     for i, state in enumerate(active):
         state.step_with(prefixes[i], leaves[i], config.grad_clip)
@@ -309,6 +309,6 @@ def _dev_losses(states: dict, model, spec, collate, device, bf16, users: UsersCo
         prefixes = {i: states[i].module() for i in batches}
     for state in states.values():
         state.module.train()
-    passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward)
+    passes = plan(batches, spec.family, users.pad_to, users.max_tokens_per_forward, users.share_passes)
     sums = run_passes(model, spec, passes, prefixes, collate, device, bf16, frozen=frozen)
     return {i: total / max(n, 1) for i, (total, n) in sums.items()}
