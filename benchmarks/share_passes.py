@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from common import DEFAULT_DATA, at_least, benchmark_parser
+from train_many import max_rel_diff
 
 
 def main():
@@ -29,7 +30,6 @@ def main():
     parser.add_argument("--examples", type=at_least(1), default=200, help="rows per user of the timed job")
     args = parser.parse_args()
     import torch
-    from safetensors.torch import load_file
 
     from prefixtune.data import load_task, training_pairs
     from prefixtune.models import load_base_model
@@ -49,8 +49,8 @@ def main():
                              batch_size=args.batch_size, eval_every=0, seed=1, precision=args.precision)
         return train_users(config, model, tokenizer, train, users=UsersConfig(share_passes=share), progress=False)
 
-    def prefix_of(result, user):
-        return load_file(store_dir(result.output_dir, result.tenant) / f"{prefix_name(user)}.safetensors")
+    def prefix_of(result, user) -> Path:
+        return store_dir(result.output_dir, result.tenant) / f"{prefix_name(user)}.safetensors"
 
     n = args.isolation_examples
     a, b, b_other = pairs[:n], pairs[n:2 * n], pairs[2 * n:3 * n]
@@ -59,12 +59,10 @@ def main():
     for share in (False, True):
         first = prefix_of(job(f"iso-{share}-b", {"A": a, "B": b}, share), "A")
         second = prefix_of(job(f"iso-{share}-b2", {"A": a, "B": b_other}, share), "A")
-        diff = max(((first[k].float() - second[k].float()).abs().max() / first[k].float().abs().max()).item()
-                   for k in first)
-        report[f"share_passes_{share}".lower()] = {
-            "a_identical": all(torch.equal(first[k], second[k]) for k in first), "a_max_rel_diff": diff}
-        print(f"share_passes={share}: A's prefix identical {report[f'share_passes_{share}'.lower()]['a_identical']}"
-              f" (max diff {diff:.3g} of max|P|)", file=sys.stderr)
+        diff = max_rel_diff(second, first)  # of the first job's max|P|; 0 exactly when every value is equal
+        report[f"share_passes_{share}".lower()] = {"a_identical": diff == 0, "a_max_rel_diff": diff}
+        print(f"share_passes={share}: A's prefix identical {diff == 0} (max diff {diff:.3g} of max|P|)",
+              file=sys.stderr)
     if args.users:
         k = args.examples
         train = {f"user{u:02d}": pairs[u * k:(u + 1) * k] for u in range(args.users)}
